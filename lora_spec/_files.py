@@ -1,0 +1,33 @@
+"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; on success it is renamed onto `target`, else removed.
+
+    The temporary file lives in the target's folder so that the final rename stays on one
+    file system, where it is atomic.
+    """
+    target = Path(target)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(descriptor)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `target` through `atomic_path`."""
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(data)

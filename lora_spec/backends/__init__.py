@@ -1,0 +1,1 @@
+"""Framework backends: each translates layouts and calls into the reference's conventions."""

@@ -1,0 +1,254 @@
+"""`LoRAConfig`: the hyper-parameters of one adapter, with PEFT's semantics and file format."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+INIT_METHODS = ("kaiming", "gaussian")
+BIAS_MODES = ("none", "all", "lora_only")
+
+# PEFT's `init_lora_weights` values that we implement, and ours in return.
+_PEFT_INIT = {True: "kaiming", "gaussian": "gaussian"}
+
+# PEFT fields that describe the run, not the math: read and ignored.
+_PEFT_METADATA = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "fan_in_fan_out",
+}
+# PEFT fields whose value is inert unless another field enables a feature we refuse anyway.
+_PEFT_INERT = {"megatron_core", "qalora_group_size"}
+
+
+def _is_off(value: Any) -> bool:
+    """True when a PEFT field's value leaves the feature it controls switched off."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
+
+
+def _pattern_key(patterns: Mapping[str, Any], module_path: str) -> str | None:
+    """PEFT's rule for `rank_pattern`/`alpha_pattern`: the first key that matches the path's end."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None
+
+
+def matches_module(module_path: str, names: str | Sequence[str]) -> bool:
+    """PEFT's `target_modules` rule.
+
+    A string is a regular expression that must match the whole dotted path; a list of names
+    matches a path equal to a name or ending with `.` + name.
+    """
+    if isinstance(names, str):
+        return re.fullmatch(names, module_path) is not None
+    return any(module_path == name or module_path.endswith("." + name) for name in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Hyper-parameters of a LoRA adapter.
+
+    Args:
+        r: rank of the update, an int >= 1.
+        alpha: numerator of the scaling; defaults to `r` (scaling 1).
+        dropout: probability of zeroing an input of the low-rank path, in [0, 1).
+        use_rslora: scale by `alpha / sqrt(r)` instead of `alpha / r`.
+        init: "kaiming" (A kaiming-uniform, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
+        bias: which biases train: "none", "all", or "lora_only" (those of adapted layers).
+        target_modules: names or a full-match regular expression selecting modules to adapt
+            (PEFT's rule, see `matches_module`); None lets the backend pick.
+        exclude_modules: names or a regular expression of modules never adapted.
+        modules_to_save: modules trained fully and stored in the adapter file (e.g. a head).
+        rank_pattern: per-module override of `r`, keyed by a pattern matching the path's end.
+        alpha_pattern: per-module override of `alpha`, same keys.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    bias: str = "none"
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.r))
+        _check_alpha("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} is invalid: use a probability in [0, 1).")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora={self.use_rslora!r} is invalid: use True or False.")
+        if self.init not in INIT_METHODS:
+            raise ValueError(f"init={self.init!r} is invalid: use one of {', '.join(map(repr, INIT_METHODS))}.")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias={self.bias!r} is invalid: use one of {', '.join(map(repr, BIAS_MODES))}.")
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            object.__setattr__(self, name, _module_names(name, getattr(self, name), allow_regex=name != "modules_to_save"))
+        for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, Mapping):
+                raise ValueError(f"{name}={patterns!r} is invalid: use a dict from module pattern to value.")
+            for key, value in patterns.items():
+                _check_regex(f"{name} key", key)
+                check(f"{name}[{key!r}]", value)
+            object.__setattr__(self, name, dict(patterns))
+
+    @property
+    def scaling(self) -> float:
+        """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA: the factor applied to `B @ A`."""
+        return scaling(self.alpha, self.r, self.use_rslora)
+
+    def rank_for(self, module_path: str) -> int:
+        """The rank of the module at `module_path`, after `rank_pattern`."""
+        key = _pattern_key(self.rank_pattern, module_path)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, module_path: str) -> float:
+        """The alpha of the module at `module_path`, after `alpha_pattern`."""
+        key = _pattern_key(self.alpha_pattern, module_path)
+        return self.alpha if key is None else float(self.alpha_pattern[key])
+
+    def scaling_for(self, module_path: str) -> float:
+        """The scaling of the module at `module_path`, after both patterns."""
+        return scaling(self.alpha_for(module_path), self.rank_for(module_path), self.use_rslora)
+
+    def is_target(self, module_path: str) -> bool:
+        """Whether `module_path` is selected by `target_modules` and not excluded.
+
+        `target_modules` must be set (backends resolve `None` to their default first).
+        """
+        if self.target_modules is None:
+            raise ValueError("target_modules is None: resolve the backend's default before matching.")
+        if self.exclude_modules is not None and matches_module(module_path, self.exclude_modules):
+            return False
+        if self.modules_to_save and any(_is_inside(module_path, name) for name in self.modules_to_save):
+            return False
+        return matches_module(module_path, self.target_modules)
+
+    def is_module_to_save(self, module_path: str) -> bool:
+        """Whether `module_path` is one of `modules_to_save` (PEFT's suffix rule)."""
+        return bool(self.modules_to_save) and matches_module(module_path, self.modules_to_save)
+
+    def replace(self, **changes: Any) -> LoRAConfig:
+        """A copy with `changes` applied; unknown names raise `ValueError` listing the fields."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            fields = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {fields}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_peft_dict(self, target_modules: Sequence[str] | None = None, fan_in_fan_out: bool = False) -> dict[str, Any]:
+        """PEFT's `adapter_config.json` content.
+
+        `target_modules` is the resolved list of module names that were adapted; PEFT writes a
+        list, so a regular expression is replaced by what it matched.
+        """
+        targets = list(target_modules) if target_modules is not None else self.target_modules
+        if isinstance(targets, tuple):
+            targets = list(targets)
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "exclude_modules": list(self.exclude_modules) if isinstance(self.exclude_modules, tuple) else self.exclude_modules,
+            "use_rslora": self.use_rslora,
+            "bias": self.bias,
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "fan_in_fan_out": fan_in_fan_out,
+            "inference_mode": True,
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, peft: Mapping[str, Any]) -> LoRAConfig:
+        """Read PEFT's `adapter_config.json` content.
+
+        A field for a feature we do not implement (DoRA, `layers_to_transform`, another
+        `init_lora_weights`, ...) raises `ValueError` naming it: silently dropping it would
+        change the math.
+        """
+        if peft.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"peft_type={peft['peft_type']!r} is not supported: only LoRA adapters (peft_type 'LORA') load here.")
+        known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "bias",
+                 "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern"}
+        for name, value in peft.items():
+            if name not in known and name not in _PEFT_METADATA and name not in _PEFT_INERT and not _is_off(value):
+                raise ValueError(f"adapter config field {name}={value!r} is not supported by lora_spec: "
+                                 "retrain the adapter without it.")
+        init = peft.get("init_lora_weights", True)
+        if not (init is True or init == "gaussian"):
+            raise ValueError(f"adapter config field init_lora_weights={init!r} is not supported: "
+                             "use true (kaiming) or 'gaussian'.")
+        target_modules = peft.get("target_modules")
+        return cls(
+            r=peft.get("r", 8),
+            alpha=peft.get("lora_alpha", 8),
+            dropout=peft.get("lora_dropout", 0.0),
+            use_rslora=peft.get("use_rslora", False),
+            init=_PEFT_INIT[init],
+            bias=peft.get("bias", "none"),
+            target_modules=target_modules,
+            exclude_modules=peft.get("exclude_modules"),
+            modules_to_save=peft.get("modules_to_save"),
+            rank_pattern=peft.get("rank_pattern") or {},
+            alpha_pattern=peft.get("alpha_pattern") or {},
+        )
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """`s = alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _is_inside(module_path: str, name: str) -> bool:
+    """PEFT keeps adapters out of `modules_to_save` and everything below them."""
+    return re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", module_path) is not None
+
+
+def _check_rank(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field}={value!r} is invalid: use an integer >= 1.")
+
+
+def _check_alpha(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{field}={value!r} is invalid: use a finite number > 0.")
+
+
+def _check_regex(field: str, pattern: Any) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{field} {pattern!r} is invalid: use a non-empty string.")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{field} {pattern!r} is not a valid regular expression ({error}): fix or escape it.") from None
+
+
+def _module_names(field: str, value: Any, allow_regex: bool) -> str | tuple[str, ...] | None:
+    """Normalise a list of module names to a tuple (hashable, immutable); check a regex compiles."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not allow_regex:
+            return (value,)
+        _check_regex(field, value)
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    kinds = "a list of module names or a regular expression" if allow_regex else "a list of module names"
+    raise ValueError(f"{field}={value!r} is invalid: use {kinds}.")

@@ -1,0 +1,64 @@
+"""Which modules an adapter wraps: PEFT's matching rule and our default, shared by the backends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from lora_spec.config import LoRAConfig
+
+ADAPTABLE_KINDS = ("linear", "embedding", "conv2d")
+
+# Attention projections the LoRA paper adapts (query and value), under the names of common
+# architectures: Llama/OPT, BERT, GPT-2 (fused qkv), T5, DistilBERT, Falcon/Bloom, MPT, Phi.
+ATTENTION_TARGETS = ("q_proj", "v_proj", "query", "value", "c_attn", "q", "v", "q_lin", "v_lin",
+                     "query_key_value", "Wqkv", "qkv_proj")
+ALL_LINEAR = "all-linear"
+
+
+class ModuleInfo(NamedTuple):
+    """One module of a model, as a backend describes it: path, kind and class name."""
+
+    path: str
+    kind: str  # one of ADAPTABLE_KINDS, or "other"
+    type_name: str
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def default_targets(modules: Sequence[ModuleInfo]) -> tuple[str, ...]:
+    """The attention projections if the model has recognisable ones, else every linear but the head.
+
+    The output head is the last linear module in definition order: adapting it would let the
+    adapter re-learn the classifier that `modules_to_save` usually covers.
+    """
+    linear = [m.path for m in modules if m.kind == "linear"]
+    attention = sorted({_leaf(path) for path in linear} & set(ATTENTION_TARGETS))
+    if attention:
+        return tuple(attention)
+    return tuple(linear[:-1])
+
+
+def select_targets(modules: Sequence[ModuleInfo], config: LoRAConfig) -> tuple[LoRAConfig, list[ModuleInfo]]:
+    """Resolve the config's targets against `modules` and return `(resolved config, matches)`.
+
+    `target_modules=None` (or PEFT's "all-linear") becomes an explicit list. A target that
+    matches nothing, or matches a module of a kind we cannot adapt, raises `ValueError`.
+    """
+    if config.target_modules is None:
+        config = config.replace(target_modules=default_targets(modules))
+    elif config.target_modules == ALL_LINEAR:
+        config = config.replace(target_modules=tuple(m.path for m in modules if m.kind == "linear")[:-1])
+    matches = [m for m in modules if m.path and config.is_target(m.path)]
+    unsupported = [m for m in matches if m.kind not in ADAPTABLE_KINDS]
+    if unsupported:
+        bad = unsupported[0]
+        raise ValueError(f"target module {bad.path!r} is a {bad.type_name}, which LoRA cannot wrap: target its "
+                         f"linear, embedding or conv2d children instead.")
+    if not matches:
+        names = sorted({_leaf(m.path) for m in modules if m.kind in ADAPTABLE_KINDS})
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module: the model's adaptable "
+                         f"modules are named {', '.join(names) or '(none)'}.")
+    return config, matches
