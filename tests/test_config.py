@@ -1,0 +1,131 @@
+"""LoRAConfig: validation, PEFT's matching and pattern rules, and adapter_config.json round trips."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lora_spec import LoRAConfig, matches_module
+
+
+def test_alpha_defaults_to_r_so_scaling_is_one():
+    assert LoRAConfig(r=16).alpha == 16 and LoRAConfig(r=16).scaling == 1.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", 0, "r=0 is invalid: use an integer >= 1."),
+    ("r", 2.5, "r=2.5 is invalid: use an integer >= 1."),
+    ("r", True, "r=True is invalid"),
+    ("alpha", -1.0, "alpha=-1.0 is invalid: use a finite number > 0."),
+    ("alpha", math.inf, "alpha=inf is invalid"),
+    ("dropout", 1.0, "dropout=1.0 is invalid: use a probability in [0, 1)."),
+    ("dropout", -0.1, "dropout=-0.1 is invalid"),
+    ("use_rslora", "yes", "use_rslora='yes' is invalid: use True or False."),
+    ("init", "pissa", "init='pissa' is invalid: use one of 'kaiming', 'gaussian'."),
+    ("bias", "some", "bias='some' is invalid: use one of 'none', 'all', 'lora_only'."),
+    ("target_modules", [], "target_modules=[] is invalid"),
+    ("target_modules", "(unclosed", "target_modules '(unclosed' is not a valid regular expression"),
+    ("modules_to_save", [1], "modules_to_save=[1] is invalid: use a list of module names."),
+    ("rank_pattern", {"q": 0}, "rank_pattern['q']=0 is invalid: use an integer >= 1."),
+    ("alpha_pattern", {"q": "x"}, "alpha_pattern['q']='x' is invalid"),
+    ("rank_pattern", ["q"], "rank_pattern=['q'] is invalid: use a dict"),
+])
+def test_bad_values_raise_one_line_value_error_naming_field_and_fix(field, value, message):
+    with pytest.raises(ValueError) as error:
+        LoRAConfig(**{field: value})
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_replace_refuses_unknown_fields_listing_the_known_ones():
+    with pytest.raises(ValueError, match="unknown LoRAConfig field 'rank': use one of r, alpha"):
+        LoRAConfig().replace(rank=4)
+
+
+@pytest.mark.parametrize("path, names, expected", [
+    ("encoder.layer.0.attention.self.query", ["query"], True),
+    ("query", ["query"], True),
+    ("encoder.layer.0.attention.self.query_proj", ["query"], False),
+    ("model.subquery", ["query"], False),
+    ("encoder.layer.0.attention.self.query", ["self.query"], True),
+    ("encoder.layer.0.attention.self.query", r".*\.(query|value)", True),
+    ("encoder.layer.0.attention.self.key", r".*\.(query|value)", False),
+    ("encoder.layer.0.attention.self.query", "query", False),  # a string must match the whole path
+])
+def test_target_matching_follows_peft(path, names, expected):
+    assert matches_module(path, names) is expected
+
+
+def test_rank_and_alpha_patterns_override_per_module_and_set_its_scaling():
+    config = LoRAConfig(r=8, alpha=16, rank_pattern={"query": 4, r"layer\.1\..*value": 2}, alpha_pattern={"value": 4})
+    assert (config.rank_for("a.layer.0.query"), config.alpha_for("a.layer.0.query")) == (4, 16)
+    assert (config.rank_for("a.layer.1.x.value"), config.alpha_for("a.layer.1.x.value")) == (2, 4)
+    assert (config.rank_for("a.layer.0.value"), config.alpha_for("a.layer.0.value")) == (8, 4)
+    assert config.scaling_for("a.layer.0.query") == 4.0
+    assert config.scaling_for("a.layer.0.dense") == 2.0
+    assert LoRAConfig(r=4, alpha=8, use_rslora=True, rank_pattern={"q": 16}).scaling_for("m.q") == 2.0
+
+
+def test_is_target_honours_exclusions_and_keeps_adapters_out_of_modules_to_save():
+    config = LoRAConfig(target_modules=["dense", "query"], exclude_modules=["output.dense"],
+                        modules_to_save=["classifier"])
+    assert config.is_target("encoder.attention.dense")
+    assert not config.is_target("encoder.output.dense")
+    assert not config.is_target("classifier.dense")
+    assert config.is_module_to_save("model.classifier")
+
+
+def test_round_trip_through_our_peft_dict_keeps_every_field():
+    config = LoRAConfig(r=4, alpha=12.0, dropout=0.1, use_rslora=True, init="gaussian", bias="lora_only",
+                        target_modules=("q", "v"), modules_to_save=("classifier",), rank_pattern={"q": 2},
+                        alpha_pattern={"v": 3.0})
+    assert LoRAConfig.from_peft_dict(json.loads(json.dumps(config.to_peft_dict()))) == config
+
+
+def test_peft_dict_writes_the_resolved_target_list():
+    written = LoRAConfig(target_modules=r".*\.q").to_peft_dict(target_modules=["q"])
+    assert written["target_modules"] == ["q"] and written["peft_type"] == "LORA"
+    assert written["init_lora_weights"] is True and written["lora_alpha"] == 8
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("layers_to_transform", [0, 1]), ("init_lora_weights", "pissa"),
+    ("init_lora_weights", False), ("lora_bias", True), ("layer_replication", [[0, 2]]),
+    ("peft_type", "IA3"), ("some_future_field", {"enabled": True}),
+])
+def test_unsupported_peft_features_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        LoRAConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value})
+
+
+def test_config_written_by_peft_itself_reads_back_with_the_same_math(tmp_path):
+    peft = pytest.importorskip("peft")
+    peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"], use_rslora=True,
+                    init_lora_weights="gaussian", modules_to_save=["classifier"], rank_pattern={"value": 2},
+                    alpha_pattern={"query": 8}, bias="all").save_pretrained(tmp_path)
+    config = LoRAConfig.from_peft_dict(json.loads((tmp_path / "adapter_config.json").read_text()))
+    assert (config.r, config.alpha, config.dropout, config.use_rslora, config.init, config.bias) == (
+        4, 16, 0.05, True, "gaussian", "all")
+    assert set(config.target_modules) == {"query", "value"} and config.modules_to_save == ("classifier",)
+    assert config.scaling_for("encoder.value") == 16 / math.sqrt(2)
+    assert config.scaling_for("encoder.query") == 8 / 2
+
+
+def test_peft_reads_our_config_with_the_same_values(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = LoRAConfig(r=4, alpha=6.0, dropout=0.1, target_modules=("q", "v"), rank_pattern={"v": 2})
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config.to_peft_dict()))
+    theirs = peft.LoraConfig.from_pretrained(tmp_path)
+    assert (theirs.r, theirs.lora_alpha, theirs.lora_dropout, set(theirs.target_modules), theirs.rank_pattern) == (
+        4, 6.0, 0.1, {"q", "v"}, {"v": 2})
+
+
+@given(st.sampled_from(["q", "v", "k"]), st.sampled_from(["", "model.", "model.layers.3.attn."]))
+def test_our_rank_pattern_lookup_agrees_with_peft(leaf, prefix):
+    other = pytest.importorskip("peft.utils.other")
+    patterns = {"q": 2, r"layers\.3\.attn\.v": 3}
+    config = LoRAConfig(r=8, rank_pattern=patterns)
+    key = other.get_pattern_key(list(patterns), prefix + leaf)
+    assert config.rank_for(prefix + leaf) == patterns.get(key, 8)

@@ -1,0 +1,61 @@
+"""Target selection shared by the backends: defaults, PEFT's rule, and errors that list the names."""
+
+import pytest
+
+from lora_spec import LoRAConfig
+from lora_spec.targets import ModuleInfo, select_targets
+
+BERT_LIKE = [
+    ModuleInfo("", "other", "BertModel"),
+    ModuleInfo("embeddings.word_embeddings", "embedding", "Embedding"),
+    ModuleInfo("encoder.layer.0.attention.self", "other", "BertSelfAttention"),
+    ModuleInfo("encoder.layer.0.attention.self.query", "linear", "Linear"),
+    ModuleInfo("encoder.layer.0.attention.self.key", "linear", "Linear"),
+    ModuleInfo("encoder.layer.0.attention.self.value", "linear", "Linear"),
+    ModuleInfo("encoder.layer.0.output.dense", "linear", "Linear"),
+    ModuleInfo("classifier", "linear", "Linear"),
+]
+MLP = [ModuleInfo(f"layers.{i}", "linear", "Linear") for i in range(4)] + [ModuleInfo("act", "other", "GELU")]
+
+
+def _paths(matches):
+    return [m.path for m in matches]
+
+
+def test_default_targets_are_the_attention_query_and_value_projections():
+    config, matches = select_targets(BERT_LIKE, LoRAConfig())
+    assert config.target_modules == ("query", "value")
+    assert _paths(matches) == ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
+
+
+def test_default_without_attention_is_every_linear_but_the_output_head():
+    config, matches = select_targets(MLP, LoRAConfig())
+    assert _paths(matches) == ["layers.0", "layers.1", "layers.2"]
+
+
+def test_all_linear_excludes_the_output_head_like_peft():
+    _, matches = select_targets(BERT_LIKE, LoRAConfig(target_modules="all-linear"))
+    assert "classifier" not in _paths(matches) and len(matches) == 4
+
+
+def test_regex_targets_can_select_embeddings():
+    _, matches = select_targets(BERT_LIKE, LoRAConfig(target_modules=r".*word_embeddings"))
+    assert _paths(matches) == ["embeddings.word_embeddings"]
+
+
+def test_modules_to_save_are_never_adapted():
+    _, matches = select_targets(BERT_LIKE, LoRAConfig(target_modules=["classifier", "query"],
+                                                      modules_to_save=["classifier"]))
+    assert _paths(matches) == ["encoder.layer.0.attention.self.query"]
+
+
+def test_a_target_that_matches_nothing_lists_the_names_that_exist():
+    with pytest.raises(ValueError, match=r"target_modules=\('q_proj',\) matched no module: the model's adaptable "
+                                         r"modules are named classifier, dense, key, query, value, word_embeddings\."):
+        select_targets(BERT_LIKE, LoRAConfig(target_modules=["q_proj"]))
+
+
+def test_a_target_of_an_unsupported_kind_is_refused_with_its_type():
+    with pytest.raises(ValueError, match="'encoder.layer.0.attention.self' is a BertSelfAttention, which LoRA "
+                                         "cannot wrap"):
+        select_targets(BERT_LIKE, LoRAConfig(target_modules=["self"]))
