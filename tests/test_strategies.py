@@ -1,0 +1,37 @@
+"""The shared strategies produce what their names promise."""
+
+import numpy as np
+from hypothesis import given
+
+from lora_spec import reference
+from tests import strategies
+
+
+@given(strategies.linear_cases())
+def test_linear_cases_have_agreeing_shapes_and_one_dtype(case):
+    out_features, in_features = case.W.shape
+    assert case.x.shape[-1] == in_features and case.A.shape[1] == in_features
+    assert case.B.shape == (out_features, case.A.shape[0])
+    assert case.b is None or case.b.shape == (out_features,)
+    arrays = [a for a in (case.x, case.W, case.b, case.A, case.B, case.dropout_mask) if a is not None]
+    assert {a.dtype for a in arrays} == {case.dtype}
+
+
+@given(strategies.linear_cases())
+def test_dropout_masks_hold_zero_or_one_common_inverse_keep_probability(case):
+    if case.dropout_mask is not None:
+        assert case.dropout_mask.shape == case.x.shape
+        kept = np.unique(case.dropout_mask[case.dropout_mask != 0])
+        assert len(kept) <= 1 and (len(kept) == 0 or kept[0] >= 1)
+
+
+@given(strategies.conv2d_cases())
+def test_conv2d_cases_give_a_non_empty_output_and_a_rank_divisible_by_groups(case):
+    assert case.A.shape[0] % case.groups == 0 and case.B.shape[1] * case.groups == case.A.shape[0]
+    y = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry)
+    assert y.shape[:2] == (case.x.shape[0], case.W.shape[0]) and min(y.shape[2:]) >= 1
+
+
+@given(strategies.embedding_cases())
+def test_embedding_ids_index_the_table(case):
+    assert case.ids.min() >= 0 and case.ids.max() < case.W.shape[0] == case.A.shape[1]
