@@ -1,0 +1,246 @@
+"""Whole-model LoRA for PyTorch: apply, merge, unmerge, merge_and_unload, disable_adapters, counts."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from lora_spec.backends.torch_layers import LoRALayer, is_conv1d, lora_layer_for, make_lora_layer
+from lora_spec.config import LoRAConfig
+from lora_spec.targets import ModuleInfo, select_targets
+
+CONFIG_ATTRIBUTE = "lora_config"
+_KINDS = {"LoRALinear": "linear", "LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}
+
+
+class ModulesToSave(nn.Module):
+    """A module trained fully: `trained_module`, a trainable copy of the frozen `original_module`.
+
+    Stored whole in the adapter file (PEFT's `modules_to_save`); `disable_adapters` runs the original.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.trained_module = copy.deepcopy(original_module)
+        self.trained_module.requires_grad_(True)
+        self.adapter_enabled = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.trained_module if self.adapter_enabled else self.original_module
+        return module(*args, **kwargs)
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, LoRALayer):
+        return _KINDS[type(module).__name__]
+    layer = lora_layer_for(module)
+    return "other" if layer is None else _KINDS[layer.__name__]
+
+
+def describe_modules(model: nn.Module) -> list[ModuleInfo]:
+    """Every module of `model` as the core's target matching sees it; LoRA internals are hidden."""
+    infos, hidden = [], ()
+    for path, module in model.named_modules():
+        if hidden and path.startswith(hidden):
+            continue
+        if isinstance(module, (LoRALayer, ModulesToSave)):
+            hidden = tuple(f"{path}.{name}" for name, _ in module.named_children())
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        type_name = type(module.base_layer if isinstance(module, LoRALayer) else original).__name__
+        infos.append(ModuleInfo(path, _kind(original), type_name))
+    return infos
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """`(path, layer)` for every LoRA layer of `model`."""
+    return ((path, module) for path, module in model.named_modules() if isinstance(module, LoRALayer))
+
+
+def _modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    return ((path, module) for path, module in model.named_modules() if isinstance(module, ModulesToSave))
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+
+
+def resolve_config(config: LoRAConfig | None, overrides: dict[str, Any]) -> LoRAConfig:
+    """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names."""
+    if config is not None and not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
+                        "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
+    if config is not None:
+        return config.replace(**overrides)
+    fields = [field.name for field in dataclasses.fields(LoRAConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {', '.join(fields)}.")
+    # Built from scratch so that alpha defaults to the given r, as LoRAConfig(r=...) does.
+    return LoRAConfig(**overrides)
+
+
+def plan(model: nn.Module, config: LoRAConfig,
+         require_modules_to_save: bool = True) -> tuple[LoRAConfig, list[str], list[str]]:
+    """`(config with resolved targets, paths to adapt, paths of modules_to_save)`, touching nothing.
+
+    An entry of `modules_to_save` that matches nothing raises, unless `require_modules_to_save`
+    is False (PEFT's files list task heads such as "classifier" and "score" whether or not the
+    model has them).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    modules = describe_modules(model)
+    config, matches = select_targets(modules, config)
+    save_paths = [m.path for m in modules if m.path and config.is_module_to_save(m.path)]
+    for name in (config.modules_to_save or ()) if require_modules_to_save else ():
+        if not any(path == name or path.endswith("." + name) for path in save_paths):
+            raise ValueError(f"modules_to_save entry {name!r} matched no module: use a module name of the model "
+                             f"such as {', '.join(sorted({m.path.rsplit('.', 1)[-1] for m in modules if m.path})[:8])}.")
+    return config, [m.path for m in matches], save_paths
+
+
+def apply(model: nn.Module, config: LoRAConfig | None = None, **overrides: Any) -> nn.Module:
+    """Wrap the targeted modules of `model` with LoRA in place and freeze the rest; returns `model`.
+
+    `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`). Modules that
+    are already LoRA layers are kept as they are, so applying twice does not wrap twice.
+    Trainable afterwards: every `lora_A`/`lora_B`, the copies of `modules_to_save`, and the
+    biases that `config.bias` names ("all": every bias; "lora_only": those of adapted layers).
+    """
+    return wrap(model, *plan(model, resolve_config(config, overrides)))
+
+
+def wrap(model: nn.Module, config: LoRAConfig, target_paths: list[str], save_paths: list[str]) -> nn.Module:
+    """`apply` for targets already resolved by `plan`."""
+    for path in target_paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoRALayer):
+            _replace(model, path, make_lora_layer(module, path, config))
+    for path in save_paths:
+        if not isinstance(model.get_submodule(path), ModulesToSave):
+            _replace(model, path, ModulesToSave(model.get_submodule(path)))
+    _set_trainable(model, config.bias)
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    return model
+
+
+def _set_trainable(model: nn.Module, bias: str) -> None:
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    for _, wrapper in _modules_to_save(model):
+        wrapper.trained_module.requires_grad_(True)
+    if bias == "all":
+        for name, parameter in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                parameter.requires_grad_(True)
+
+
+def config_of(model: nn.Module) -> LoRAConfig:
+    """The resolved config `apply` stored on `model`; ValueError when LoRA was never applied."""
+    config = getattr(model, CONFIG_ATTRIBUTE, None)
+    if not isinstance(config, LoRAConfig):
+        raise ValueError("this model has no LoRA adapter: call lora_spec.torch.apply(model) first.")
+    return config
+
+
+def uses_fan_in_fan_out(model: nn.Module) -> bool:
+    """Whether an adapted layer is a Conv1D, whose weight is `(in, out)` (PEFT's `fan_in_fan_out`)."""
+    return any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight (undo with `unmerge`); returns `model`.
+
+    All or nothing: when one merged weight would hold NaN or inf, the layers merged so far are
+    restored and ValueError names the module.
+    """
+    config_of(model)
+    merged_now = []
+    for path, layer in lora_layers(model):
+        if layer.merged:
+            continue
+        try:
+            layer.merge()
+        except ValueError as error:
+            for done in merged_now:
+                done.unmerge()
+            raise ValueError(f"module {path!r}: {error}") from None
+        merged_now.append(layer)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every merged base weight bit for bit; returns `model`."""
+    config_of(model)
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the adapters for good and return `model` made of plain torch layers, no LoRA code left.
+
+    `modules_to_save` are replaced by their trained copies. Validated before any change: on NaN
+    or inf, ValueError and the model is untouched.
+    """
+    merge(model)
+    for path, layer in list(lora_layers(model)):
+        _replace(model, path, layer.merged_base_layer())
+    for path, wrapper in list(_modules_to_save(model)):
+        _replace(model, path, wrapper.trained_module)
+    delattr(model, CONFIG_ATTRIBUTE)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block: LoRA branches off, original `modules_to_save`.
+
+    Merged layers are unmerged for the block and merged again after it (both exact).
+    """
+    config_of(model)
+    switches = [module for _, module in lora_layers(model)] + [module for _, module in _modules_to_save(model)]
+    was_merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    for layer in was_merged:
+        layer.unmerge()
+    for module in switches:
+        module.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for module in switches:
+            module.adapter_enabled = True
+        for layer in was_merged:
+            layer.merge()
+
+
+class TrainableParameters(NamedTuple):
+    """Parameter counts; `str()` prints like PEFT's `print_trainable_parameters`."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """How many parameters train, out of all (shared parameters counted once)."""
+    parameters = list(model.parameters())
+    return TrainableParameters(sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
