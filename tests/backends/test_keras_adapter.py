@@ -1,0 +1,201 @@
+"""Keras adapter files: PEFT's format, round trips, refusals, and adapters moving to and from PyTorch and PEFT."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tensorflow")
+
+import lora_spec.keras as lora  # noqa: E402
+from lora_spec import safetensors_io  # noqa: E402
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
+
+SEQUENCE, VOCABULARY, WIDTH = 5, 10, 8
+IDS = np.random.default_rng(0).integers(0, VOCABULARY, (3, SEQUENCE))
+TARGETS = dict(target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"], r=4, alpha=8)
+
+
+def exact_gelu(x):
+    # torch.nn.GELU is the exact erf form; Keras's default is the tanh approximation.
+    return keras.activations.gelu(x, approximate=False)
+
+
+def keras_base(seed=0) -> keras.Model:
+    """Module paths `embed`, `encoder.fc1`, `encoder.fc2`, `norm`, `head`: those of `TorchNet`."""
+    keras.utils.set_random_seed(seed)
+    encoder = keras.Sequential([keras.Input((SEQUENCE, WIDTH)),
+                                keras.layers.Dense(16, activation=exact_gelu, name="fc1"),
+                                keras.layers.Dense(16, name="fc2")], name="encoder")
+    ids = keras.Input((SEQUENCE,), dtype="int32")
+    hidden = encoder(keras.layers.Embedding(VOCABULARY, WIDTH, name="embed")(ids))
+    hidden = keras.layers.LayerNormalization(epsilon=1e-5, name="norm")(hidden)
+    return keras.Model(ids, keras.layers.Dense(3, name="head")(hidden))
+
+
+def randomize(model, seed=1):
+    """Non-zero adapters, biases and saved modules, so that every tensor shows in the outputs."""
+    rng = np.random.default_rng(seed)
+    for weight in model.trainable_weights:
+        weight.assign(rng.standard_normal(weight.shape) * 0.3)
+    return model
+
+
+def test_saved_keys_and_config_follow_peft(tmp_path):
+    lora.save_adapter(lora.apply(keras_base(), **TARGETS, bias="lora_only"), tmp_path)
+    tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
+    assert {key: value.shape for key, value in tensors.items()} == {
+        "base_model.model.embed.lora_embedding_A": (4, VOCABULARY),
+        "base_model.model.embed.lora_embedding_B": (WIDTH, 4),
+        "base_model.model.encoder.fc1.lora_A.weight": (4, WIDTH),
+        "base_model.model.encoder.fc1.lora_B.weight": (16, 4),
+        "base_model.model.encoder.fc1.base_layer.bias": (16,),
+        "base_model.model.encoder.fc2.lora_A.weight": (4, 16),
+        "base_model.model.encoder.fc2.lora_B.weight": (16, 4),
+        "base_model.model.encoder.fc2.base_layer.bias": (16,),
+        "base_model.model.head.weight": (3, 16),
+        "base_model.model.head.bias": (3,),
+    }
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["bias"]) == ("LORA", 4, 8, "lora_only")
+    assert sorted(config["target_modules"]) == ["embed", "encoder.fc1", "encoder.fc2"]
+    assert config["modules_to_save"] == ["head"]
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_save_then_load_reproduces_the_adapted_model(tmp_path, bias):
+    model = randomize(lora.apply(keras_base(), **TARGETS, bias=bias))
+    lora.save_adapter(model, tmp_path)
+    loaded = lora.load_adapter(keras_base(), tmp_path)
+    np.testing.assert_array_equal(loaded(IDS), model(IDS))
+    assert lora.trainable_parameters(loaded) == lora.trainable_parameters(model)
+
+
+def test_adapter_of_a_model_reloaded_from_a_keras_file_keeps_per_layer_ranks(tmp_path):
+    model = randomize(lora.apply(keras_base(), target_modules=["fc1", "fc2"], r=4, rank_pattern={"fc2": 2}))
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras", custom_objects={"exact_gelu": exact_gelu})
+    lora.save_adapter(restored, tmp_path / "adapter")
+    loaded = lora.load_adapter(keras_base(), tmp_path / "adapter")
+    assert [layer.r for _, layer in lora.lora_layers(loaded)] == [4, 2]
+    np.testing.assert_array_equal(loaded(IDS), model(IDS))
+
+
+def test_loading_into_an_adapted_model_swaps_the_weights(tmp_path):
+    model = randomize(lora.apply(keras_base(), **TARGETS))
+    lora.save_adapter(model, tmp_path)
+    other = randomize(lora.apply(keras_base(), **TARGETS), seed=5)
+    assert lora.load_adapter(other, tmp_path) is other
+    np.testing.assert_array_equal(other(IDS), model(IDS))
+
+
+def _weights(model):
+    return [w.numpy().copy() for w in model.weights]
+
+
+@pytest.mark.parametrize(("target", "overrides", "message"), [
+    ("adapted", dict(r=2), r"layer 'embed' has an adapter with r=2, .* call unload\(model\)"),
+    ("base", dict(target_modules=["fc1"]), r"adapter key base_model.model.embed.lora_embedding_A names no LoRA target"),
+])
+def test_a_file_that_does_not_fit_is_refused_and_the_model_is_untouched(tmp_path, target, overrides, message):
+    lora.save_adapter(randomize(lora.apply(keras_base(), **TARGETS)), tmp_path)
+    model = lora.apply(keras_base(), **{**TARGETS, **overrides}) if target == "adapted" else keras_base()
+    if target == "base":
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **overrides}))
+    before = _weights(model)
+    with pytest.raises(ValueError, match=message):
+        lora.load_adapter(model, tmp_path)
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)
+    assert len(list(lora.lora_layers(model))) == (3 if target == "adapted" else 0)
+
+
+def test_a_shape_mismatch_names_the_tensor(tmp_path):
+    lora.save_adapter(lora.apply(keras_base(), **TARGETS), tmp_path)
+    narrower = keras.Sequential([keras.Input((SEQUENCE,), dtype="int32"), keras.layers.Embedding(VOCABULARY, 4, name="embed"),
+                                 keras.layers.Dense(16, name="fc1"), keras.layers.Dense(16, name="fc2"),
+                                 keras.layers.Dense(3, name="head")])
+    with pytest.raises(ValueError, match=r"adapter tensor B of 'embed' has shape \(8, 4\), but this model needs \(4, 4\)"):
+        lora.load_adapter(narrower, tmp_path)
+
+
+def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="adapter directory .* does not exist"):
+        lora.load_adapter(keras_base(), tmp_path / "missing")
+    with pytest.raises(ValueError, match="this model has no LoRA adapter: call lora_spec.keras.apply"):
+        lora.save_adapter(keras_base(), tmp_path)
+
+
+# -- PyTorch ------------------------------------------------------------------------------------
+
+
+def _torch_net(torch):
+    nn = torch.nn
+
+    class TorchNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCABULARY, WIDTH)
+            self.encoder = nn.Sequential(collections.OrderedDict(
+                fc1=nn.Linear(WIDTH, 16), act=nn.GELU(), fc2=nn.Linear(16, 16)))
+            self.norm = nn.LayerNorm(16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(self.norm(self.encoder(self.embed(ids))))
+
+    return TorchNet
+
+
+def torch_twin(torch, model: keras.Model):
+    """The PyTorch model with `model`'s base weights (Dense kernels transposed)."""
+    net = _torch_net(torch)().eval()
+    layers = dict(lora.named_layers(model))
+    with torch.no_grad():
+        net.embed.weight.copy_(torch.tensor(layers["embed"].embeddings.numpy()))
+        for path in ("encoder.fc1", "encoder.fc2", "head"):
+            linear = net.get_submodule(path)
+            linear.weight.copy_(torch.tensor(layers[path].kernel.numpy().T))
+            linear.bias.copy_(torch.tensor(layers[path].bias.numpy()))
+        net.norm.weight.copy_(torch.tensor(layers["norm"].gamma.numpy()))
+        net.norm.bias.copy_(torch.tensor(layers["norm"].beta.numpy()))
+    return net
+
+
+def _torch_outputs(torch, net):
+    with torch.no_grad():
+        return net(torch.tensor(IDS)).numpy()
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_adapter_trained_in_pytorch_runs_in_keras_with_the_same_outputs(tmp_path, bias):
+    torch = pytest.importorskip("torch")
+    lora_torch = pytest.importorskip("lora_spec.torch")
+    base = keras_base()
+    net = lora_torch.apply(torch_twin(torch, base), **TARGETS, bias=bias)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    lora_torch.save_adapter(net, tmp_path)
+    keras_model = lora.load_adapter(base, tmp_path)
+    np.testing.assert_allclose(keras_model(IDS), _torch_outputs(torch, net.eval()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_adapter_trained_in_keras_runs_in_pytorch_and_peft_with_the_same_outputs(tmp_path, bias):
+    torch = pytest.importorskip("torch")
+    lora_torch = pytest.importorskip("lora_spec.torch")
+    peft = pytest.importorskip("peft")
+    model = randomize(lora.apply(keras_base(), **TARGETS, bias=bias))
+    lora.save_adapter(model, tmp_path)
+    expected = model(IDS).numpy()
+    net = lora_torch.load_adapter(torch_twin(torch, keras_base()), tmp_path)
+    np.testing.assert_allclose(_torch_outputs(torch, net.eval()), expected, rtol=0, atol=1e-5)
+    peft_net = peft.PeftModel.from_pretrained(torch_twin(torch, keras_base()), str(tmp_path))
+    np.testing.assert_allclose(_torch_outputs(torch, peft_net.eval()), expected, rtol=0, atol=1e-5)
