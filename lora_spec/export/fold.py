@@ -1,0 +1,139 @@
+"""The fold rules: a matched branch's `scale * A @ B` goes into the base weight, the branch goes away.
+
+One rule per base product. The rules only translate layouts; the merge itself is the reference's
+(`lora_spec.reference.merge`: computed in at least float32, cast back to the weight's dtype once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from lora_spec import reference
+from lora_spec.export.graph import Graph, attribute
+from lora_spec.export.patterns import Factor, LoRABranch
+
+ReadTensor = Callable[[str], np.ndarray]
+
+
+class FoldRule:
+    """Folding shared by the MatMul and Gemm rules; subclasses say how their node stores the weight."""
+
+    op_type: str
+
+    def check(self, graph: Graph, branch: LoRABranch) -> str | None:
+        """The reason this branch cannot be folded, or None."""
+        if graph.initializers[branch.weight].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+            return "the base weight is not a float tensor"
+        return None
+
+    def weight_is_out_in(self, node: onnx.NodeProto) -> bool:
+        """True when the node's weight is stored `(out, in)` like the reference's, else `(in, out)`."""
+        raise NotImplementedError
+
+    def alpha(self, node: onnx.NodeProto) -> float:
+        """The factor the node applies to its product."""
+        return 1.0
+
+    def to_reference(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+        return weight if self.weight_is_out_in(node) else weight.T
+
+    def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
+                      lora_b: np.ndarray) -> np.ndarray:
+        """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`."""
+        merged = reference.merge(self.to_reference(branch.base, weight), lora_a, lora_b,
+                                 branch.scale / self.alpha(branch.base))
+        return merged if self.weight_is_out_in(branch.base) else merged.T
+
+    def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
+        """Point the base at the initializer that will hold the merged weight and delete the branch.
+
+        Returns that initializer's name: a copy when anything else reads the original weight.
+        """
+        target = branch.weight
+        if graph.initializer_readers(target) > 1:
+            target = graph.copy_initializer(target, f"{target}.merged")
+        if branch.base.input[1] != target:
+            graph.replace_input(branch.base, 1, target)
+        weight_type = graph.initializers[target].data_type
+        graph.bypass(branch.add, branch.base_output)
+        output = branch.add.output[0]
+        cast = graph.only_reader(output)
+        # Exporters cast the LoRA sum back to the layer's dtype; on the base output alone that is a no-op.
+        if cast is not None and cast.op_type == "Cast" and attribute(cast, "to") == weight_type:
+            graph.bypass(cast, output)
+        return target
+
+
+class MatMulFold(FoldRule):
+    """`x @ W` with `W (in, out)`."""
+
+    op_type = "MatMul"
+
+    def weight_is_out_in(self, node: onnx.NodeProto) -> bool:
+        return False
+
+
+class GemmFold(FoldRule):
+    """`alpha * x @ op(W) + beta * C`, `op(W) = W.T` when `transB=1` (then `W (out, in)`)."""
+
+    op_type = "Gemm"
+
+    def weight_is_out_in(self, node: onnx.NodeProto) -> bool:
+        return bool(attribute(node, "transB", 0))
+
+    def alpha(self, node: onnx.NodeProto) -> float:
+        return float(attribute(node, "alpha", 1.0))
+
+    def check(self, graph: Graph, branch: LoRABranch) -> str | None:
+        if self.alpha(branch.base) == 0:
+            return "the base Gemm has alpha=0"
+        return super().check(graph, branch)
+
+
+RULES = {rule.op_type: rule for rule in (MatMulFold(), GemmFold())}
+
+
+def reference_factors(lora_a: Factor, lora_b: Factor, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
+    """A `(r, in)` and B `(out, r)` in the reference layout, from how the products read them."""
+    stored_a, stored_b = read_tensor(lora_a.initializer), read_tensor(lora_b.initializer)
+    return (stored_a if lora_a.transposed else stored_a.T), (stored_b if lora_b.transposed else stored_b.T)
+
+
+@dataclasses.dataclass
+class Fold:
+    """A branch folded in the graph; `target` receives `merged_weight()` when the model is written."""
+
+    branch: LoRABranch
+    rule: FoldRule
+    target: str
+
+    @property
+    def name(self) -> str:
+        return self.branch.name
+
+    def describe(self) -> str:
+        branch = self.branch
+        return (f"{self.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
+                f"{branch.lora_b.initializer}" + ("" if self.target == branch.weight else f" (copied to {self.target})"))
+
+    def merged_weight(self, read_tensor: ReadTensor) -> np.ndarray:
+        lora_a, lora_b = reference_factors(self.branch.lora_a, self.branch.lora_b, read_tensor)
+        return self.rule.merged_weight(self.branch, read_tensor(self.branch.weight), lora_a, lora_b)
+
+
+def fold_branches(graph: Graph, branches: list[LoRABranch]) -> tuple[list[Fold], list[str]]:
+    """Fold every branch a rule accepts; returns the folds and the reasons for the rest."""
+    folds, refusals = [], []
+    for branch in branches:
+        rule = RULES[branch.base.op_type]
+        reason = rule.check(graph, branch)
+        if reason:
+            refusals.append(f"{branch.name}: {reason}")
+            continue
+        folds.append(Fold(branch, rule, rule.rewrite(graph, branch)))
+    return folds, refusals

@@ -1,0 +1,225 @@
+"""The graph walker: who produces and who reads each tensor, constants, shapes, and safe edits.
+
+Exporters share initializers (the TorchScript exporter stores equal tensors once and hands them
+out through `Identity` nodes; the dynamo exporter reuses one scale and equal matrices), so every
+question about an initializer is asked through `Identity` chains, and an initializer that
+anything else reads is copied before it is changed.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of `node`'s attribute `name`, or `default` when it is not set."""
+    for item in node.attribute:
+        if item.name == name:
+            return onnx.helper.get_attribute_value(item)
+    return default
+
+
+class Graph:
+    """An index over one `onnx.GraphProto`: producers, consumers, initializers and inferred shapes.
+
+    Edits (`replace_input`, `remove`, `copy_initializer`) keep the index current, so matches found
+    after an edit see the edited graph. The nodes live in `self.nodes` (standalone copies, so that
+    identity comparisons are reliable) until `finish` writes them back in their original order.
+    """
+
+    def __init__(self, model: onnx.ModelProto, read_tensor: Callable[[str], np.ndarray]) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.read_tensor = read_tensor
+        self.initializers = {tensor.name: tensor for tensor in self.graph.initializer}
+        self.graph_outputs = {output.name for output in self.graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+        self.nodes = []
+        for original in self.graph.node:
+            node = onnx.NodeProto()
+            node.CopyFrom(original)
+            self.nodes.append(node)
+            self._index(node)
+        self._removed: set[int] = set()
+        self.shapes = _inferred_shapes(model)
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        for output in node.output:
+            if output:
+                self.producer[output] = node
+        for name in (*node.input, *_subgraph_inputs(node)):
+            if name:
+                self.consumers[name].append(node)
+
+    def readers(self, tensor: str) -> int:
+        """How many node inputs and graph outputs read `tensor`."""
+        return len(self.consumers.get(tensor, ())) + (tensor in self.graph_outputs)
+
+    def only_reader(self, tensor: str) -> onnx.NodeProto | None:
+        """The one node reading `tensor`'s values, or None when several do or it is a graph output.
+
+        `Shape` nodes read only the dims, which folding never changes, so they do not count.
+        """
+        readers = [node for node in self.consumers.get(tensor, ()) if node.op_type != "Shape"]
+        return readers[0] if len(readers) == 1 and tensor not in self.graph_outputs else None
+
+    def initializer_behind(self, tensor: str) -> str | None:
+        """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed."""
+        while tensor not in self.initializers:
+            node = self.producer.get(tensor)
+            if node is None or node.op_type != "Identity":
+                return None
+            tensor = node.input[0]
+        return tensor
+
+    def constant(self, tensor: str) -> np.ndarray | None:
+        """The value of a small constant (initializer or `Constant` node, through `Identity`), else None."""
+        name = self.initializer_behind(tensor)
+        if name is not None:
+            return np.asarray(self.read_tensor(name))
+        while tensor in self.producer and self.producer[tensor].op_type == "Identity":
+            tensor = self.producer[tensor].input[0]
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "Constant":
+            return None
+        for item in node.attribute:
+            if item.name == "value":
+                return numpy_helper.to_array(item.t)
+            if item.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                return np.asarray(onnx.helper.get_attribute_value(item))
+        return None
+
+    def initializer_readers(self, name: str) -> int:
+        """Readers of initializer `name`, counting through every `Identity` that forwards it."""
+        total, pending = 0, [name]
+        while pending:
+            tensor = pending.pop()
+            total += tensor in self.graph_outputs
+            for node in self.consumers.get(tensor, ()):
+                if node.op_type == "Identity":
+                    pending.append(node.output[0])
+                else:
+                    total += 1
+        return total
+
+    def shape(self, tensor: str) -> list[int | str | None] | None:
+        """Inferred dims of `tensor` (ints, symbolic names or None), or None when unknown."""
+        if tensor in self.initializers:
+            return list(self.initializers[tensor].dims)
+        return self.shapes.get(tensor)
+
+    def copy_initializer(self, name: str, new_name_hint: str) -> str:
+        """Add a copy of initializer `name`'s metadata under a fresh name; its data is written later."""
+        new_name = self.fresh_name(new_name_hint)
+        copy = onnx.TensorProto()
+        copy.CopyFrom(self.initializers[name])
+        copy.name = new_name
+        self.graph.initializer.append(copy)
+        self.initializers[new_name] = self.graph.initializer[-1]
+        return new_name
+
+    def fresh_name(self, hint: str) -> str:
+        taken = set(self.initializers) | set(self.producer) | {value.name for value in self.graph.input}
+        name, counter = hint, 1
+        while name in taken:
+            name, counter = f"{hint}_{counter}", counter + 1
+        return name
+
+    def replace_input(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
+        """Make `node` read `tensor` at input `index`."""
+        old = node.input[index]
+        self.consumers[old] = [reader for reader in self.consumers[old] if reader is not node]
+        node.input[index] = tensor
+        self.consumers[tensor].append(node)
+
+    def rename_output(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
+        """Let `node` produce `tensor` (a name whose old producer has been removed)."""
+        del self.producer[node.output[index]]
+        node.output[index] = tensor
+        self.producer[tensor] = node
+
+    def bypass(self, node: onnx.NodeProto, replacement: str) -> None:
+        """Remove single-output `node`, whose input `replacement` no other node reads.
+
+        `replacement`'s producer takes over the name of `node`'s output, so every reader (graph
+        outputs and subgraphs included) keeps reading the same name.
+        """
+        output = node.output[0]
+        self._detach(node)
+        producer = self.producer[replacement]
+        self.rename_output(producer, list(producer.output).index(replacement), output)
+        self._remove_orphans(node.input)
+
+    def remove(self, nodes: Iterable[onnx.NodeProto]) -> None:
+        """Delete `nodes`, then every producer left without a reader, and unread initializers."""
+        for node in nodes:
+            self._detach(node)
+            self._remove_orphans(node.input)
+
+    def _detach(self, node: onnx.NodeProto) -> None:
+        self._removed.add(id(node))
+        for output in node.output:
+            if self.producer.get(output) is node:
+                del self.producer[output]
+        for name in node.input:
+            if name:
+                self.consumers[name] = [reader for reader in self.consumers[name] if reader is not node]
+
+    def _remove_orphans(self, tensors: Iterable[str]) -> None:
+        pending = [name for name in tensors if name]
+        while pending:
+            producer = self.producer.get(pending.pop())
+            if producer is not None and not any(self.readers(output) for output in producer.output if output):
+                self._detach(producer)
+                pending.extend(name for name in producer.input if name)
+        self._drop_unread_initializers()
+
+    def finish(self) -> None:
+        """Write the surviving nodes back into the graph, in their original order."""
+        kept = [node for node in self.nodes if id(node) not in self._removed]
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+        self.nodes = list(kept)
+        self._removed.clear()
+        stale = [value for value in self.graph.value_info if value.name not in self.producer]
+        for value in stale:
+            self.graph.value_info.remove(value)
+
+    def _drop_unread_initializers(self) -> None:
+        unread = [tensor for tensor in self.graph.initializer if not self.readers(tensor.name)]
+        for tensor in unread:
+            self.graph.initializer.remove(tensor)
+            del self.initializers[tensor.name]
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Shapes by ONNX inference with data propagation (which follows Keras' Shape->Concat->Reshape)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - an unknown op or a bad shape only costs us the shapes
+        return {}
+    shapes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                                  for dim in value.type.tensor_type.shape.dim]
+    return shapes
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names the subgraphs of `node` (If, Loop, Scan) read, so that their producers count as read."""
+    names = []
+    for item in node.attribute:
+        for graph in (*([item.g] if item.type == onnx.AttributeProto.GRAPH else []), *item.graphs):
+            for inner in graph.node:
+                names.extend(inner.input)
+                names.extend(_subgraph_inputs(inner))
+    return names

@@ -1,0 +1,285 @@
+"""`merge_onnx`: fold a model's LoRA branches (and adapter files) into its base weights, verified."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lora_spec.export import verify as checks
+from lora_spec.export.fold import Fold, fold_branches
+from lora_spec.export.graph import Graph
+from lora_spec.export.model_io import (
+    ExportError,
+    NoLoRABranchError,
+    TensorSource,
+    data_path_for,
+    load_graph,
+    staged_model,
+)
+from lora_spec.export.patterns import find_branches
+
+VERIFY_MODES = ("auto", "full", "layers", "off")
+# "auto" runs both models in onnxruntime up to this size of weights; above it (or when three
+# copies would not fit in half the free memory) each folded layer is checked on its own.
+FULL_VERIFY_LIMIT = 2**30
+HALF_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+class VerificationError(ExportError):
+    """The merged model's outputs differ from the original's by more than the tolerance."""
+
+    exit_code = 4
+
+
+@dataclasses.dataclass
+class MergeResult:
+    """What `merge_onnx` did: the folds, the adapter matches, the check, and the written path."""
+
+    output: Path | None
+    folds: list[str]
+    adapter_matches: list[tuple[str, str]]
+    refused: list[str]
+    verification: checks.Verification | None
+
+    def describe(self) -> str:
+        lines = [f"fold {line}" for line in self.folds]
+        lines += [f"adapter {path} -> {node}" for path, node in self.adapter_matches]
+        lines += [f"not folded: {reason}" for reason in self.refused]
+        if self.verification is not None:
+            lines.append(self.verification.describe())
+        if self.output is not None:
+            lines.append(f"wrote {self.output}")
+        return "\n".join(lines)
+
+
+def default_output(model: Path) -> Path:
+    """`<name>.merged.onnx` beside `model`."""
+    return model.with_name(f"{model.stem}.merged.onnx" if model.suffix == ".onnx" else f"{model.name}.merged.onnx")
+
+
+def parse_adapter(spec: str) -> tuple[str, float]:
+    """`DIR[:WEIGHT]` -> `(DIR, WEIGHT)`; only a suffix that parses as a number is a weight, so paths may hold ':'."""
+    head, separator, tail = spec.rpartition(":")
+    if separator and head:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return spec, 1.0
+        if not math.isfinite(weight):
+            raise ExportError(f"adapter weight {tail!r} in {spec!r} is not finite: use a number such as {head}:0.5.")
+        return head, weight
+    return spec, 1.0
+
+
+def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
+               adapters: Sequence[tuple[str | os.PathLike, float] | str] = (), allow_partial: bool = False,
+               verify: str | bool = "auto", tolerance: float | None = None,
+               input_shapes: Mapping[str, Sequence[int]] | None = None, dry_run: bool = False,
+               progress: bool = True, seed: int = 0) -> MergeResult:
+    """Fold the LoRA branches of the ONNX model at `model` into its base weights; write `output`.
+
+    `output` defaults to `<name>.merged.onnx` beside the input (external data, if the input has
+    any, goes to `<output>.data`); the input is never modified and nothing is left on disk on
+    failure. `adapters` are PEFT adapter directories, each `(dir, weight)` or `"DIR[:WEIGHT]"`,
+    merged into the base weights by module path. `verify` is "auto" (onnxruntime on both models
+    when they fit in memory, else each folded layer in NumPy), "full", "layers" or "off" (False);
+    `tolerance` bounds max |difference| / max |output| (default 1e-4, 1e-2 for float16/bfloat16
+    weights). `input_shapes` fixes the dims of graph inputs for verification. With `dry_run`,
+    nothing is written and the result lists what would be merged.
+
+    Raises `ExportError` (a ValueError) with a one-line message; `NoLoRABranchError` when there is
+    nothing to merge, `VerificationError` when the check fails.
+    """
+    source_path = Path(model)
+    verify_mode = _verify_mode(verify)
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"tolerance must be a positive number, got {tolerance!r}: e.g. 1e-4.")
+    target = Path(output) if output is not None else default_output(source_path)
+    onnx_model = load_graph(source_path)
+    source = TensorSource(onnx_model, source_path)
+    if not dry_run:
+        _check_output(source_path, target, source)
+    shapes = _input_shapes(onnx_model, input_shapes or {})
+    adapter_plan = _plan_adapters(onnx_model, source, adapters, allow_partial)
+
+    graph = Graph(onnx_model, source.read)
+    branches, refused = find_branches(graph)
+    folds, not_folded = fold_branches(graph, branches)
+    refused += not_folded
+    values = _fold_values(folds, source.read)
+    values.update(_adapter_values(graph, adapter_plan, {fold.branch.base.name for fold in folds}))
+    if not values:
+        reason = f" ({refused[0]})" if refused else ""
+        raise NoLoRABranchError(f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
+                                "unmerged, or pass --adapter DIR to merge adapter files.")
+    result = MergeResult(None, [fold.describe() for fold in folds],
+                         list(adapter_plan.matched) if adapter_plan else [], refused, None)
+    if dry_run:
+        return result
+    graph.finish()
+
+    mode = _resolve_mode(verify_mode, source)
+    rng = np.random.default_rng(seed)
+    tolerance = tolerance or _default_tolerance(graph, values)
+    layer_differences: list[float] = []
+    if mode == "layers":
+        values = _with_layer_checks(values, folds, source.read, rng, layer_differences)
+    with staged_model(onnx_model, source, values, target, _progress_bar(progress)) as staged:
+        _check_written(staged)
+        if mode == "full":
+            difference = checks.compare_models(source_path, staged, checks.random_inputs(graph, shapes, rng))
+        else:
+            difference = max(layer_differences, default=0.0)
+        if mode != "off":
+            result.verification = checks.Verification(mode, difference, tolerance)
+            if not result.verification.passed:
+                raise VerificationError(f"the merged model differs from {source_path} by {difference:.3g} of its "
+                                        f"largest output, above the tolerance {tolerance:g}: nothing was written; "
+                                        "check the model, or raise --tolerance if this precision is expected.")
+    result.output = target
+    return result
+
+
+def _verify_mode(verify: str | bool) -> str:
+    if verify is True or verify is False:
+        return "auto" if verify else "off"
+    if verify not in VERIFY_MODES:
+        raise ExportError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}.")
+    return verify
+
+
+def _resolve_mode(mode: str, source: TensorSource) -> str:
+    if mode != "auto":
+        return mode
+    weights = source.total_bytes()
+    return "full" if weights <= FULL_VERIFY_LIMIT and 3 * weights <= _available_memory() / 2 else "layers"
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _check_output(source_path: Path, target: Path, source: TensorSource) -> None:
+    resolved = target.resolve()
+    if resolved == source_path.resolve():
+        raise ExportError(f"output {target} is the input model: choose another path with -o; the input is never "
+                          "modified.")
+    if data_path_for(target).resolve() in source.data_files:
+        raise ExportError(f"output data {data_path_for(target)} is the input's external data: choose another -o.")
+    if not resolved.parent.is_dir():
+        raise ExportError(f"output folder {target.parent} does not exist: create it or choose another -o.")
+
+
+def _input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = {value.name: len(value.type.tensor_type.shape.dim) for value in model.graph.input
+              if value.name not in initializers}
+    checked = {}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ExportError(f"--input-shape names {name!r}, which is not an input of the model: its inputs are "
+                              f"{', '.join(inputs) or 'none'}.")
+        dims = tuple(int(dim) for dim in dims)
+        if len(dims) != inputs[name] or any(dim <= 0 for dim in dims):
+            raise ExportError(f"--input-shape {name}={','.join(map(str, dims))} does not fit: the input has "
+                              f"{inputs[name]} dims, each a positive size.")
+        checked[name] = dims
+    return checked
+
+
+def _plan_adapters(model: onnx.ModelProto, source: TensorSource, adapters, allow_partial: bool):
+    if not adapters:
+        return None
+    specs = [parse_adapter(spec) if isinstance(spec, str) else (spec[0], float(spec[1])) for spec in adapters]
+    try:
+        from lora_spec.export.adapter_merge import plan_adapter_merge
+    except ImportError:
+        raise ExportError("merging adapter files needs lora_spec.export.adapter_merge, which this installation "
+                          "lacks: update lora-spec.") from None
+    try:
+        return plan_adapter_merge(model, source.read, specs, allow_partial=allow_partial)
+    except ExportError:
+        raise
+    except ValueError as error:
+        raise ExportError(str(error).splitlines()[0]) from None
+
+
+def _fold_values(folds: list[Fold], read_tensor) -> dict[str, Callable[[], np.ndarray]]:
+    return {fold.target: (lambda fold=fold: fold.merged_weight(read_tensor)) for fold in folds}
+
+
+def _adapter_values(graph: Graph, plan, folded_nodes: set[str]) -> dict[str, Callable[[], np.ndarray]]:
+    """Point each updated node at its own weight (copied when shared) and return the new values."""
+    if plan is None:
+        return {}
+    nodes = {node.name: node for node in graph.nodes if node.name}
+    values = {}
+    for update in plan.updates:
+        node = nodes.get(update.node_name)
+        if node is None or update.input_index >= len(node.input):
+            raise ExportError(f"adapter update names node {update.node_name!r} input {update.input_index}, "
+                              "which the graph does not have.")
+        if update.node_name in folded_nodes:
+            raise ExportError(f"node {update.node_name!r} has a LoRA branch in the graph and an adapter update: "
+                              "merge one of them first.")
+        weight = graph.initializer_behind(node.input[update.input_index])
+        if weight is None:
+            raise ExportError(f"input {update.input_index} of node {update.node_name!r} is not an initializer.")
+        value = np.asarray(update.value)
+        if value.dtype.kind == "f" and not np.isfinite(value.astype(np.float32)).all():
+            raise ExportError(f"the adapter update of {update.node_name!r} has NaN or inf values: fix the adapter.")
+        target = weight
+        if graph.initializer_readers(weight) > 1 or weight in values:
+            target = graph.copy_initializer(weight, f"{weight}.merged")
+        if node.input[update.input_index] != target:
+            graph.replace_input(node, update.input_index, target)
+        values[target] = lambda value=value: value
+    return values
+
+
+def _default_tolerance(graph: Graph, values: Mapping[str, object]) -> float:
+    half = any(graph.initializers[name].data_type in HALF_PRECISION for name in values)
+    return 1e-2 if half else 1e-4
+
+
+def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences: list[float]):
+    """`values` whose fold computations also check the folded layer against its branch."""
+    checked = dict(values)
+    for fold in folds:
+        def compute(fold=fold):
+            merged = fold.merged_weight(read_tensor)
+            differences.append(checks.layer_difference(fold, merged, read_tensor, rng))
+            return merged
+        checked[fold.target] = compute
+    return checked
+
+
+def _check_written(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the merged model fails onnx.checker ({str(error).splitlines()[0]}): nothing was "
+                          "written; please report this with the model.") from None
+
+
+def _progress_bar(enabled: bool):
+    def bar(items, **options):
+        if not enabled:
+            return items
+        from tqdm import tqdm
+
+        return tqdm(items, disable=None, leave=False, **options)
+    return bar

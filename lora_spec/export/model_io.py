@@ -1,0 +1,219 @@
+"""Reading only the graph and the tensors being changed, and writing the merged model atomically.
+
+A model with external data is never loaded whole: the graph is read without its data, a tensor
+is read from its data file only when it changes, and the output's data file is built by copying
+the input's ranges (in the kernel where it can: `os.copy_file_range`) and writing the changed
+tensors at their places. Tensors of deleted LoRA branches are dropped from the output's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from lora_spec._files import atomic_path
+
+ALIGNMENT = 4096
+COPY_CHUNK = 64 * 2**20
+
+
+class ExportError(ValueError):
+    """A bad input to `merge_onnx`; the message is one line, `exit_code` the command's status."""
+
+    exit_code = 1
+
+
+class NoLoRABranchError(ExportError):
+    """The graph has no LoRA branch to fold (and no adapter was given)."""
+
+    exit_code = 3
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    """The model at `path` without its external data; one-line errors for missing or corrupt files."""
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist or is not a file: pass the path of an .onnx model.")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path} is not a readable ONNX model ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else 'corrupt or truncated'}): "
+                          "check that the file is complete and was written by an ONNX exporter.") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise ExportError(f"{path} is not an ONNX model (no graph nodes): pass an .onnx file written by an exporter.")
+    return model
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def numpy_dtype(tensor: onnx.TensorProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def byte_size(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64)) * numpy_dtype(tensor).itemsize
+
+
+class TensorSource:
+    """Reads the input model's initializers by name: inline ones from the proto, external ones from disk.
+
+    Holds references to the input's tensors as loaded, so reads see the input even after the
+    graph has been edited; every external reference is checked up front (inside the model's
+    folder, file present, range within the file).
+    """
+
+    def __init__(self, model: onnx.ModelProto, model_path: Path) -> None:
+        self.folder = model_path.resolve().parent
+        self.tensors = {tensor.name: tensor for tensor in model.graph.initializer}
+        self.external: dict[str, tuple[Path, int, int]] = {}
+        for tensor in model.graph.initializer:
+            if is_external(tensor):
+                self.external[tensor.name] = self._locate(tensor, model_path)
+
+    @property
+    def has_external_data(self) -> bool:
+        return bool(self.external)
+
+    @property
+    def data_files(self) -> set[Path]:
+        return {location for location, _, _ in self.external.values()}
+
+    def total_bytes(self) -> int:
+        return sum(byte_size(tensor) for tensor in self.tensors.values())
+
+    def _locate(self, tensor: onnx.TensorProto, model_path: Path) -> tuple[Path, int, int]:
+        fields = _external_fields(tensor)
+        location = fields.get("location", "")
+        path = (self.folder / location).resolve()
+        if not location or Path(location).is_absolute() or not path.is_relative_to(self.folder):
+            raise ExportError(f"tensor {tensor.name!r} of {model_path} points to external data {location!r} outside "
+                              f"the model's folder {self.folder}: keep the data file beside the model.")
+        if not path.is_file():
+            raise ExportError(f"external data {location!r} of {model_path} (tensor {tensor.name!r}) is missing: "
+                              f"put it in {self.folder}.")
+        offset = int(fields.get("offset", 0))
+        length = int(fields.get("length", byte_size(tensor)))
+        if length != byte_size(tensor) or offset + length > path.stat().st_size:
+            raise ExportError(f"external data {location!r} of {model_path} is truncated or does not match tensor "
+                              f"{tensor.name!r} (needs bytes {offset}..{offset + byte_size(tensor)}, file has "
+                              f"{path.stat().st_size}): re-export the model.")
+        return path, offset, length
+
+    def read(self, name: str) -> np.ndarray:
+        """The input's tensor `name` (external data read from disk, only this tensor)."""
+        tensor = self.tensors[name]
+        if name not in self.external:
+            return numpy_helper.to_array(tensor)
+        path, offset, _ = self.external[name]
+        values = np.fromfile(path, dtype=numpy_dtype(tensor), count=int(np.prod(tensor.dims, dtype=np.int64)),
+                             offset=offset)
+        return values.reshape(tuple(tensor.dims))
+
+
+def _copy_range(source: Path, offset: int, length: int, target) -> None:
+    """Append bytes `offset..offset+length` of `source` to the open file `target`, without holding them."""
+    target.flush()
+    with open(source, "rb", buffering=0) as reader:
+        position, end = offset, offset + length
+        while position < end:
+            size = min(end - position, COPY_CHUNK)
+            try:
+                copied = os.copy_file_range(reader.fileno(), target.fileno(), size, position)
+            except OSError:  # file systems or kernels without it: plain reads and writes
+                copied = 0
+            if not copied:
+                reader.seek(position)
+                copied = os.write(target.fileno(), reader.read(size))
+            if not copied:
+                raise ExportError(f"external data {source} ended at byte {position}, before {end}: re-export the model.")
+            position += copied
+    target.seek(0, os.SEEK_END)
+
+
+def _as_stored(tensor: onnx.TensorProto, value: np.ndarray) -> np.ndarray:
+    dtype = numpy_dtype(tensor)
+    if value.dtype != dtype or value.shape != tuple(tensor.dims):
+        raise ExportError(f"new value of {tensor.name!r} is {value.dtype}{list(value.shape)}, but the tensor is "
+                          f"{dtype}{list(tensor.dims)}: the update does not fit the base weight.")
+    return np.ascontiguousarray(value)
+
+
+def _set_location(tensor: onnx.TensorProto, location: str, offset: int | None = None,
+                  length: int | None = None) -> None:
+    fields = _external_fields(tensor)
+    fields["location"] = location
+    if offset is not None:
+        fields.update(offset=str(offset), length=str(length))
+    fields.pop("checksum", None)
+    del tensor.external_data[:]
+    for key, value in fields.items():
+        tensor.external_data.add(key=key, value=value)
+
+
+def _write_data(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
+                data_path: Path, progress) -> None:
+    """Write every external (or new external) tensor of `model` into `data_path`, in input order."""
+    external = [tensor for tensor in model.graph.initializer if is_external(tensor)]
+    external.sort(key=lambda tensor: source.external.get(tensor.name, (Path(), 0, 0))[:2])
+    with open(data_path, "wb") as target:
+        for tensor in progress(external, desc="writing tensors", unit="tensor"):
+            padding = -target.tell() % ALIGNMENT
+            target.write(b"\0" * padding)
+            offset = target.tell()
+            if tensor.name in values:
+                target.write(_as_stored(tensor, values[tensor.name]()).reshape(-1).view(np.uint8))
+            else:
+                path, source_offset, length = source.external[tensor.name]
+                _copy_range(path, source_offset, length, target)
+            _set_location(tensor, data_path.name, offset, target.tell() - offset)
+
+
+def _write_inline(model: onnx.ModelProto, values: Mapping[str, Callable[[], np.ndarray]], progress) -> None:
+    inline = {tensor.name: tensor for tensor in model.graph.initializer if not is_external(tensor)}
+    # Every new value first: a value may be computed from a tensor that another one replaces.
+    computed = {name: _as_stored(inline[name], compute())
+                for name, compute in progress(list(values.items()), desc="merging", unit="weight") if name in inline}
+    for name, value in computed.items():
+        inline[name].CopyFrom(numpy_helper.from_array(value, name))
+
+
+@contextlib.contextmanager
+def staged_model(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
+                 target: Path, progress) -> Iterator[Path]:
+    """Write `model` with the new tensor `values` to temporary files beside `target`; yield the .onnx.
+
+    The body checks the staged files; when it returns, the data file is renamed into place first
+    and the .onnx last, so no reader ever sees a model pointing at missing or partial data. When
+    it raises, both temporary files are removed and nothing is renamed.
+    """
+    external = source.has_external_data
+    with atomic_path(target) as staged_onnx, \
+            (atomic_path(data_path_for(target)) if external else contextlib.nullcontext()) as staged_data:
+        if external:
+            _write_data(model, source, values, staged_data, progress)
+        _write_inline(model, values, progress)
+        staged_onnx.write_bytes(model.SerializeToString())
+        yield staged_onnx
+        if external:
+            for tensor in model.graph.initializer:
+                if is_external(tensor):
+                    _set_location(tensor, data_path_for(target).name)
+            staged_onnx.write_bytes(model.SerializeToString())
+
+
+def data_path_for(target: Path) -> Path:
+    """`<name>.onnx.data` beside `target`."""
+    return target.with_name(target.name + ".data")

@@ -1,0 +1,245 @@
+"""Matching LoRA branches: `base(x) + scale * ((x @ A) @ B)` in the forms exporters emit.
+
+A match starts at an `Add`. One side must lead back to the base product (`MatMul` or `Gemm` on
+an initializer), possibly through a bias `Add` and the `Reshape`s Keras/tf2onnx wraps around
+3-D products; the other side to exactly two products on initializers (the low-rank A then B),
+possibly through `Mul`/`Div` by scalar constants (anywhere on the branch), `Cast`s between float
+types, inference-mode `Dropout`, `Identity` and `Reshape`s that keep the last dimension. Both
+sides must read the same activation. Every tensor between the products and the `Add` must have
+no other reader, or deleting the branch (or changing the base weight) would change it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+
+from lora_spec.export.graph import FLOAT_TYPES, Graph, attribute
+
+BASE_OPS = ("MatMul", "Gemm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Factor:
+    """One low-rank matrix: the initializer a product reads, and whether the product transposes it."""
+
+    initializer: str
+    transposed: bool
+
+
+@dataclasses.dataclass
+class LoRABranch:
+    """A matched LoRA branch: the joining `Add`, the base product, and the branch's factors.
+
+    `lora_a` maps the input features to the rank and `lora_b` the rank to the output features;
+    `scale` is the product of the branch's constant multipliers (Gemm `alpha`s included).
+    `base_output` is the `Add`'s input coming from the base side.
+    """
+
+    add: onnx.NodeProto
+    base: onnx.NodeProto
+    weight: str
+    lora_a: Factor
+    lora_b: Factor
+    scale: float
+    base_output: str
+
+    @property
+    def name(self) -> str:
+        return self.base.name or self.base.output[0]
+
+
+def find_branches(graph: Graph) -> tuple[list[LoRABranch], list[str]]:
+    """Every LoRA branch of `graph`, and the reasons near-matches were refused (for the user)."""
+    branches, refusals = [], []
+    for node in graph.nodes:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        reasons = []
+        for base_side in (0, 1):
+            found = match(graph, node, node.input[base_side], node.input[1 - base_side])
+            if isinstance(found, LoRABranch):
+                branches.append(found)
+                break
+            if found:
+                reasons.append(found)
+        else:
+            refusals.extend(f"{node.name or node.output[0]}: {reason}" for reason in reasons)
+    return branches, refusals
+
+
+def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -> LoRABranch | str | None:
+    """The branch joined by `add`, the reason it is refused, or None when it is not LoRA-shaped."""
+    chain = _low_rank_chain(graph, branch_side, add)
+    if chain is None:
+        return None
+    factors, scale, branch_input = chain
+    base = _base_product(graph, base_side, add)
+    if base is None:
+        return "the other input of the Add is not a MatMul/Gemm on an initializer read only by it"
+    if isinstance(base, str):
+        return base
+    weight = graph.initializer_behind(base.input[1])
+    base_input = activation_source(graph, base.input[0], transposed=base.op_type == "Gemm"
+                                   and bool(attribute(base, "transA", 0)))
+    if base_input != activation_source(graph, branch_input):
+        return "the LoRA branch and the base product read different inputs"
+    lora_a, lora_b = factors
+    reason = _shape_mismatch(graph, base, weight, lora_a, lora_b)
+    if reason:
+        return reason
+    if not np.isfinite(scale):
+        return f"the branch's scale is {scale}"
+    return LoRABranch(add=add, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale,
+                      base_output=base_side)
+
+
+def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
+    """Walk back from `tensor` over two products on initializers: `(factors, scale, input)` or None."""
+    factors: list[Factor] = []
+    scale = 1.0
+    while len(factors) < 2:
+        if graph.only_reader(tensor) is not reader:
+            return None
+        node = graph.producer.get(tensor)
+        if node is None:
+            return None
+        step = _passthrough_input(graph, node)
+        if step is None:
+            step = _scaling(graph, node)
+            if step is not None:
+                factor_scale, step = step
+                scale *= factor_scale
+        if step is None:
+            product = _product(graph, node)
+            if product is None:
+                return None
+            factor, alpha, step = product
+            factors.insert(0, factor)
+            scale *= alpha
+        tensor, reader = step, node
+    return factors, scale, tensor
+
+
+def _base_product(graph: Graph, tensor: str, reader: onnx.NodeProto) -> onnx.NodeProto | str | None:
+    """The MatMul/Gemm behind the base side, through a bias `Add`, `Identity` and `Reshape`s."""
+    while True:
+        if graph.only_reader(tensor) is not reader:
+            return None
+        node = graph.producer.get(tensor)
+        if node is None:
+            return None
+        if node.op_type in BASE_OPS and graph.initializer_behind(node.input[1]) is not None:
+            if node.op_type == "MatMul" and len(graph.initializers[graph.initializer_behind(node.input[1])].dims) != 2:
+                return "the base MatMul's weight is not a matrix"
+            return node
+        if node.op_type == "Add":
+            constant_sides = [index for index in (0, 1) if graph.initializer_behind(node.input[index]) is not None]
+            if len(constant_sides) != 1:
+                return None
+            tensor, reader = node.input[1 - constant_sides[0]], node
+            continue
+        following = _passthrough_input(graph, node, casts=False)
+        if following is None:
+            return None
+        tensor, reader = following, node
+
+
+def _passthrough_input(graph: Graph, node: onnx.NodeProto, casts: bool = True) -> str | None:
+    """The input of a node that does not change the rows' values, else None."""
+    op = node.op_type
+    if op == "Identity":
+        return node.input[0]
+    if op == "Cast" and casts and attribute(node, "to") in FLOAT_TYPES:
+        return node.input[0]
+    if op == "Dropout" and _inference_dropout(graph, node):
+        return node.input[0]
+    if op == "Reshape" and _keeps_last_dim(graph, node.input[0], node.output[0]):
+        return node.input[0]
+    return None
+
+
+def _inference_dropout(graph: Graph, node: onnx.NodeProto) -> bool:
+    mask_read = len(node.output) > 1 and node.output[1] and graph.readers(node.output[1])
+    if mask_read:
+        return False
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    training = graph.constant(node.input[2])
+    return training is not None and not bool(np.asarray(training).any())
+
+
+def _keeps_last_dim(graph: Graph, source: str, target: str) -> bool:
+    """True when a reshape only regroups leading dims: it then acts on whole rows."""
+    before, after = graph.shape(source), graph.shape(target)
+    if not before or not after:
+        return False
+    return isinstance(before[-1], int) and before[-1] > 0 and before[-1] == after[-1]
+
+
+def _scaling(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | None:
+    """`(factor, other input)` of a `Mul` or `Div` by a scalar constant, else None."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    sides = (1,) if node.op_type == "Div" else (1, 0)
+    for side in sides:
+        value = graph.constant(node.input[side])
+        if value is not None and value.size == 1 and value.dtype.kind == "f":
+            factor = float(value.reshape(()))
+            if node.op_type == "Div":
+                factor = 1.0 / factor if factor else float("inf")
+            return factor, node.input[1 - side]
+    return None
+
+
+def _product(graph: Graph, node: onnx.NodeProto) -> tuple[Factor, float, str] | None:
+    """`(factor, alpha, activation input)` of a MatMul or Gemm by a matrix initializer, else None."""
+    if node.op_type not in BASE_OPS:
+        return None
+    weight = graph.initializer_behind(node.input[1])
+    if weight is None or len(graph.initializers[weight].dims) != 2:
+        return None
+    if node.op_type == "MatMul":
+        return Factor(weight, transposed=False), 1.0, node.input[0]
+    if attribute(node, "transA", 0) or (len(node.input) > 2 and node.input[2]):
+        return None
+    return Factor(weight, transposed=bool(attribute(node, "transB", 0))), float(attribute(node, "alpha", 1.0)), \
+        node.input[0]
+
+
+def activation_source(graph: Graph, tensor: str, transposed: bool = False) -> tuple[str, bool]:
+    """The tensor whose rows `tensor` holds, looking through no-op nodes and 2-D transposes."""
+    while tensor in graph.producer:
+        node = graph.producer[tensor]
+        if node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [1, 0]:
+            tensor, transposed = node.input[0], not transposed
+            continue
+        following = None if transposed else _passthrough_input(graph, node)
+        if following is None:
+            break
+        tensor = following
+    return tensor, transposed
+
+
+def matrix_dims(graph: Graph, factor: Factor) -> tuple[int, int]:
+    """`(in, out)` of the map a product applies with `factor`."""
+    rows, columns = graph.initializers[factor.initializer].dims
+    return (columns, rows) if factor.transposed else (rows, columns)
+
+
+def base_dims(graph: Graph, base: onnx.NodeProto, weight: str) -> tuple[int, int]:
+    """`(in, out)` of the base product."""
+    transposed = base.op_type == "Gemm" and bool(attribute(base, "transB", 0))
+    return matrix_dims(graph, Factor(weight, transposed))
+
+
+def _shape_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, lora_a: Factor, lora_b: Factor) -> str | None:
+    features_in, features_out = base_dims(graph, base, weight)
+    a_in, rank = matrix_dims(graph, lora_a)
+    b_rank, b_out = matrix_dims(graph, lora_b)
+    if (a_in, rank, b_out) != (features_in, b_rank, features_out):
+        return (f"LoRA factors map {a_in}->{rank} and {b_rank}->{b_out} but the base weight maps "
+                f"{features_in}->{features_out}")
+    return None

@@ -1,0 +1,124 @@
+"""Checking a merge: original against merged in onnxruntime, or each folded layer on its own.
+
+Both report the largest absolute difference relative to the largest absolute expected output,
+so one tolerance fits models of any output scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lora_spec.export.fold import Fold, reference_factors
+from lora_spec.export.graph import Graph, attribute
+
+DEFAULT_DYNAMIC_SIZE = 2
+# Integer inputs reach an embedding's indices through these without changing values.
+_INDEX_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+
+
+@dataclasses.dataclass
+class Verification:
+    """How a merge was checked and the largest relative difference found."""
+
+    mode: str
+    max_relative_difference: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_relative_difference <= self.tolerance
+
+    def describe(self) -> str:
+        what = "original vs merged in onnxruntime" if self.mode == "full" else "each folded layer in NumPy"
+        return (f"verified {what}: max |difference| / max |output| = {self.max_relative_difference:.3g} "
+                f"(tolerance {self.tolerance:g})")
+
+
+def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
+    """`max |actual - expected| / max |expected|`; inf when anything is not finite."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if not (np.isfinite(actual).all() and np.isfinite(expected).all()):
+        return float("inf") if not np.array_equal(actual, expected, equal_nan=True) else 0.0
+    scale = float(np.max(np.abs(expected), initial=0.0)) or 1.0
+    return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
+
+
+def layer_difference(fold: Fold, merged: np.ndarray, read_tensor: Callable[[str], np.ndarray],
+                     rng: np.random.Generator, rows: int = 8) -> float:
+    """The folded node's output with `merged` against base + branch, on random rows."""
+    node, rule = fold.branch.base, fold.rule
+    lora_a, lora_b = reference_factors(fold.branch.lora_a, fold.branch.lora_b, read_tensor)
+    compute = np.promote_types(merged.dtype, np.float32)
+    weight = rule.to_reference(node, read_tensor(fold.branch.weight)).astype(compute)
+    x = rng.standard_normal((rows, weight.shape[1])).astype(compute)
+    alpha = rule.alpha(node)
+    expected = alpha * (x @ weight.T) + fold.branch.scale * ((x @ lora_a.astype(compute).T) @ lora_b.astype(compute).T)
+    actual = alpha * (x @ rule.to_reference(node, merged).astype(compute).T)
+    return relative_difference(actual, expected)
+
+
+def _embedding_sizes(graph: Graph) -> dict[str, int]:
+    """For each graph input, the smallest table it indexes through `Gather` (token ids, positions)."""
+    sizes: dict[str, int] = {}
+    for value in graph.graph.input:
+        pending, seen = [value.name], set()
+        while pending:
+            tensor = pending.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for node in graph.consumers.get(tensor, ()):
+                if node.op_type in _INDEX_PASSTHROUGH and node.input[0] == tensor:
+                    pending.append(node.output[0])
+                elif node.op_type == "Gather" and node.input[1] == tensor:
+                    table = graph.initializer_behind(node.input[0])
+                    if table is not None:
+                        dims = graph.initializers[table].dims
+                        size = dims[attribute(node, "axis", 0) % len(dims)]
+                        sizes[value.name] = min(size, sizes.get(value.name, size))
+    return sizes
+
+
+def random_inputs(graph: Graph, input_shapes: Mapping[str, tuple[int, ...]], rng: np.random.Generator
+                  ) -> dict[str, np.ndarray]:
+    """One random feed per graph input: dynamic dims small, token ids within their embedding's range."""
+    tables = _embedding_sizes(graph)
+    feeds = {}
+    for value in graph.graph.input:
+        if value.name in graph.initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        shape = input_shapes.get(value.name) or tuple(
+            dim.dim_value if dim.HasField("dim_value") else DEFAULT_DYNAMIC_SIZE for dim in tensor_type.shape.dim)
+        if dtype.kind == "f":
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu" and value.name in tables:
+            feeds[value.name] = rng.integers(0, tables[value.name], shape).astype(dtype)
+        else:  # masks and flags: all ones keeps every position attended
+            feeds[value.name] = np.ones(shape, dtype)
+    return feeds
+
+
+def session(path: Path):
+    """An onnxruntime CPU session that does not busy-wait between runs."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray]) -> float:
+    """The largest relative difference over the float outputs of the two models on `feeds`."""
+    expected = session(original).run(None, dict(feeds))
+    actual = session(merged).run(None, dict(feeds))
+    differences = [relative_difference(got, want) for got, want in zip(actual, expected)
+                   if np.asarray(want).dtype.kind == "f"]
+    return max(differences, default=0.0)
