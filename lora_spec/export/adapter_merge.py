@@ -1,0 +1,538 @@
+"""Plan the merge of PEFT-format adapter directories into the base weights of an ONNX graph.
+
+`plan_adapter_merge` reads adapters (ours or PEFT's), finds the graph weight of every adapted
+module and returns the new weights; it never touches the model or the files. A module path
+such as `encoder.layer.0.attention.self.query` is found, for each compute node that reads a
+weight initializer (`MatMul`, `Gemm`, `Gather` on axis 0, 2-D `Conv`), through:
+
+- the initializer's name when the exporter kept the parameter's (`<path>.weight`);
+- a TorchScript node name (`/encoder/layer.0/attention/self/query/MatMul`);
+- the dynamo exporter's metadata (`pkg.torch.onnx.name_scopes`, else `namespace`);
+- Keras/tf2onnx scopes (`functional_1/block_1/hidden_1/MatMul` for `block.hidden`: the root
+  model's scope first, then each layer name, possibly with TensorFlow's `_N` uniquifier);
+- else a unique module whose path ends with the adapter's path, or the reverse (an adapter
+  trained on `BertForSequenceClassification` merged into an exported `BertModel`).
+
+The weight may reach its node through `Identity`, `Cast` and `Transpose` nodes. The delta
+`s * B @ A` of the reference, `(out, in)`, is laid out like the node's operand (MatMul and Gemm
+`transB=0` read `W.T`; Gemm's `alpha` multiplies the operand, so the delta is divided by it),
+then like the initializer behind any `Transpose`.
+
+Several adapters merge as `W' = W + sum_k weight_k * delta_k`, in at least float32, cast once to
+the initializer's dtype. Full tensors stored in an adapter (`modules_to_save`, trained biases)
+replace the base tensor as they are: an adapter's weight scales only its low-rank deltas, a
+full tensor may come from one adapter with a non-zero weight only, and deltas of other adapters
+are added on top of it. An adapter with weight 0 contributes nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from numbers import Real
+
+import numpy as np
+import onnx
+
+from lora_spec import reference
+from lora_spec.adapter_io import AdapterWeights, load_adapter_dir
+from lora_spec.config import LoRAConfig
+
+_KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "Gather": "embedding", "Conv": "conv2d"}
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0, "Conv": 1}
+_WEIGHT_RANK = {"linear": 2, "embedding": 2, "conv2d": 4}
+_DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_delta_weight,
+           "conv2d": reference.conv2d_delta_weight}
+# Nodes a weight may pass through on its way from the initializer to the node that reads it.
+_FORWARDING_OPS = ("Identity", "Cast", "Transpose")
+_TF_UNIQUIFIER = r"(_\d+)?"
+
+
+@dataclasses.dataclass
+class WeightUpdate:
+    """A new weight for one input of one node.
+
+    `node_name` is the node that reads the weight initializer, directly or through `Identity`
+    nodes: the `MatMul`/`Gemm`/`Gather`/`Conv` itself, or the `Transpose`/`Cast` in front of
+    it. `value` is the whole new tensor in the initializer's dtype and layout (bfloat16 in the
+    representation `read_tensor` returned: `ml_dtypes.bfloat16` or uint16 bit patterns).
+    """
+
+    node_name: str
+    input_index: int
+    value: np.ndarray
+
+
+@dataclasses.dataclass
+class AdapterMergePlan:
+    """The updates to write, which adapter keys matched which compute nodes, and which matched none."""
+
+    updates: list[WeightUpdate]
+    matched: list[tuple[str, str]]
+    unmatched: list[str]
+
+
+class AdapterMergeError(ValueError):
+    """An adapter that cannot be merged into the graph; the message says which key or file and why."""
+
+
+@dataclasses.dataclass
+class _Location:
+    """Where a tensor is read: the reading node's input and the initializer behind it."""
+
+    consumer: str
+    input_index: int
+    initializer: onnx.TensorProto
+    perm: tuple[int, ...]  # the reading compute node sees `initializer.transpose(perm)`
+
+    def from_operand(self, operand: np.ndarray) -> np.ndarray:
+        """A tensor laid out like the compute node's operand, laid out like the initializer."""
+        return np.transpose(operand, np.argsort(self.perm))
+
+    @property
+    def operand_shape(self) -> tuple[int, ...]:
+        return tuple(int(self.initializer.dims[axis]) for axis in self.perm)
+
+
+@dataclasses.dataclass
+class _WeightSite:
+    """A compute node reading a weight initializer, with the module paths its names suggest."""
+
+    node: onnx.NodeProto
+    kind: str
+    weight: _Location
+    transposed: bool  # the operand is the reference layout transposed: `(in, out)`
+    factor: float  # Gemm's alpha: the node multiplies its operand by it
+    paths: set[str]
+    tf_scopes: list[list[str]]
+
+    def reference_shape(self) -> tuple[int, ...]:
+        shape = self.weight.operand_shape
+        return shape[::-1] if self.transposed else shape
+
+    def to_initializer(self, reference_value: np.ndarray) -> np.ndarray:
+        """A weight in the reference layout (delta or full), as the initializer must hold it."""
+        operand = reference_value.T if self.transposed else reference_value
+        return self.weight.from_operand(operand / self.factor)
+
+
+class _Graph:
+    """The main graph's initializers, producers and consumers, for tracing weights to their readers."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.nodes = list(graph.node)
+        self.producers = {output: node for node in graph.node for output in node.output}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                self.consumers.setdefault(name, []).append((node, index))
+
+    def trace(self, node: onnx.NodeProto, index: int) -> _Location | None:
+        """The initializer behind `node.input[index]`, through Identity, Cast and Transpose nodes."""
+        consumer, consumer_index, name, perm = node, index, node.input[index], None
+        while name not in self.initializers:
+            producer = self.producers.get(name)
+            if producer is None or producer.op_type not in _FORWARDING_OPS or not producer.input:
+                return None
+            if producer.op_type == "Transpose":
+                step = _attribute(producer, "perm", None)
+                perm = (tuple(step) if step is not None else None, perm)
+            if producer.op_type != "Identity":
+                consumer, consumer_index = producer, 0
+            name = producer.input[0]
+        tensor = self.initializers[name]
+        return _Location(consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)))
+
+    def readers(self, name: str) -> list[_Location]:
+        """Every node input that reads initializer `name`, directly or through Identity nodes."""
+        tensor, found, pending = self.initializers[name], [], [name]
+        while pending:
+            for node, index in self.consumers.get(pending.pop(), []):
+                if node.op_type == "Identity":
+                    pending.append(node.output[0])
+                else:
+                    found.append(_Location(node.name, index, tensor, tuple(range(len(tensor.dims)))))
+        return found
+
+
+def _compose(perms, rank: int) -> tuple[int, ...]:
+    """Fold the nested `(inner, outer)` Transpose perms collected by `_Graph.trace` into one."""
+    total = tuple(range(rank))
+    while perms is not None:
+        step, perms = perms
+        step = step if step is not None else tuple(reversed(range(rank)))
+        total = tuple(total[axis] for axis in step)
+    return total
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def _torch_paths(node: onnx.NodeProto, initializer_name: str) -> set[str]:
+    """Module paths named by a PyTorch exporter: kept parameter names, node names, dynamo metadata."""
+    paths = set()
+    if "/" not in initializer_name and initializer_name.endswith(".weight"):
+        paths.add(initializer_name[:-len(".weight")])
+    if node.name.startswith("/"):
+        paths.add(".".join(node.name.split("/")[1:-1]))
+    metadata = {entry.key: entry.value for entry in node.metadata_props}
+    scopes = _literal_list(metadata.get("pkg.torch.onnx.name_scopes"))
+    if len(scopes) >= 2:
+        paths.add(str(scopes[-2]))
+    elif "namespace" in metadata:
+        modules = [part.split(": ")[0] for part in metadata["namespace"].split("/")[:-1]]
+        if modules:
+            paths.add(modules[-1].strip())
+    paths.discard("")
+    return paths
+
+
+def _literal_list(text: str | None) -> list:
+    try:
+        value = ast.literal_eval(text) if text else []
+    except (ValueError, SyntaxError):
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _tf_scopes(*names: str) -> list[list[str]]:
+    """TensorFlow scope components of tf2onnx names (`model_1/dense_1/MatMul`), without `:0`."""
+    return [name.split(":")[0].split("/") for name in names if "/" in name and not name.startswith("/")]
+
+
+def _weight_sites(graph: _Graph) -> list[_WeightSite]:
+    sites = []
+    for node in graph.nodes:
+        kind = _KIND_OF_OP.get(node.op_type)
+        if kind is None or len(node.input) <= _WEIGHT_INPUT[node.op_type]:
+            continue
+        if node.op_type == "Gather" and _attribute(node, "axis", 0) != 0:
+            continue
+        location = graph.trace(node, _WEIGHT_INPUT[node.op_type])
+        if location is None or len(location.initializer.dims) != _WEIGHT_RANK[kind]:
+            continue
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transB", 0))
+        sites.append(_WeightSite(
+            node=node, kind=kind, weight=location, transposed=transposed,
+            factor=float(_attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0,
+            paths=_torch_paths(node, location.initializer.name),
+            tf_scopes=_tf_scopes(node.name, location.initializer.name)))
+    return sites
+
+
+def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:
+    """How many of `parts` matched with a TensorFlow `_N` suffix, or None if `scope` is not theirs.
+
+    The first component is the root model's scope; a Keras module path starts below it, and
+    something (the op) must follow the layer's scope.
+    """
+    body = scope[1:]
+    if len(body) <= len(parts):
+        return None
+    score = 0
+    for component, part in zip(body, parts):
+        if component == part:
+            continue
+        if not re.fullmatch(re.escape(part) + _TF_UNIQUIFIER, component):
+            return None
+        score += 1
+    return score
+
+
+def _find_sites(path: str, sites: Iterable[_WeightSite]) -> list[_WeightSite]:
+    """The sites of the module at `path`: exact names first, then Keras scopes, then a unique suffix.
+
+    With TensorFlow's uniquifier a layer `dense_1` may appear as `dense_1_2` while `dense`
+    appears as `dense_1`: the reading with the most suffixed components wins, since every
+    layer scope of an exported Keras graph carries one.
+    """
+    sites = list(sites)
+    exact = [site for site in sites if path in site.paths]
+    if exact:
+        return exact
+    parts = path.split(".")
+    scored = [(score, site) for site in sites for score in
+              [max((s for s in (_tf_match_score(scope, parts) for scope in site.tf_scopes) if s is not None),
+                   default=None)] if score is not None]
+    if scored:
+        best = max(score for score, _ in scored)
+        return [site for score, site in scored if score == best]
+    related: dict[str, list[_WeightSite]] = {}
+    for site in sites:
+        for other in site.paths:
+            if other.endswith("." + path) or path.endswith("." + other):
+                related.setdefault(other, []).append(site)
+    if len(related) == 1:
+        return next(iter(related.values()))
+    return []
+
+
+@dataclasses.dataclass
+class _Adapter:
+    directory: str
+    weight: float
+    config: LoRAConfig
+    fan_in_fan_out: bool
+    tensors: AdapterWeights
+
+
+def _load_adapter(directory: str | os.PathLike, weight: float) -> _Adapter:
+    try:
+        config, raw, tensors = load_adapter_dir(directory)
+    except ValueError as error:
+        raise AdapterMergeError(f"cannot read adapter {os.fspath(directory)}: {error}") from None
+    named = [(f"{path}.lora_A", pair[0]) for path, pair in tensors.lora.items()]
+    named += [(f"{path}.lora_B", pair[1]) for path, pair in tensors.lora.items()] + list(tensors.extra.items())
+    for name, value in named:
+        if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
+            raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} is not finite floating point "
+                                    "(NaN, inf or an integer dtype): the training diverged; re-train or re-save it.")
+    return _Adapter(os.fspath(directory), float(weight), config, bool(raw.get("fan_in_fan_out")), tensors)
+
+
+def _check_arguments(model, read_tensor, adapters) -> list[tuple[str | os.PathLike, float]]:
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model is a {type(model).__name__}: pass an onnx.ModelProto "
+                        "(onnx.load(path, load_external_data=False)).")
+    if not callable(read_tensor):
+        raise TypeError(f"read_tensor={read_tensor!r} is not callable: pass a function from initializer name "
+                        "to its NumPy values.")
+    if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Sequence) or not adapters:
+        raise TypeError(f"adapters={adapters!r} is invalid: pass a non-empty list of (directory, weight) pairs.")
+    checked = []
+    for entry in adapters:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))):
+            raise TypeError(f"adapter entry {entry!r} is invalid: use a (directory, weight) pair.")
+        directory, weight = entry
+        if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
+            raise ValueError(f"adapter {os.fspath(directory)} has weight {weight!r}: use a finite number.")
+        checked.append((directory, float(weight)))
+    return checked
+
+
+class _Accumulator:
+    """The new value of each changed input: a replaced base (full tensor) plus weighted deltas."""
+
+    def __init__(self, read_tensor: Callable[[str], np.ndarray]) -> None:
+        self.read_tensor = read_tensor
+        self.locations: dict[tuple[str, int], _Location] = {}
+        self.replacements: dict[tuple[str, int], tuple[np.ndarray, str]] = {}
+        self.deltas: dict[tuple[str, int], np.ndarray] = {}
+
+    def replace(self, location: _Location, value: np.ndarray, source: str) -> None:
+        key = (location.consumer, location.input_index)
+        if key in self.replacements and self.replacements[key][1] != source:
+            raise AdapterMergeError(f"two adapters replace the weight read by node {location.consumer!r} "
+                                    f"({self.replacements[key][1]} and {source}): give one of them weight 0.")
+        self.locations[key] = location
+        self.replacements[key] = (value, source)
+
+    def add(self, location: _Location, delta: np.ndarray) -> None:
+        key = (location.consumer, location.input_index)
+        self.locations[key] = location
+        self.deltas[key] = self.deltas.get(key, 0) + delta
+
+    def updates(self) -> list[WeightUpdate]:
+        updates, cache = [], {}
+        for key, location in self.locations.items():
+            name = location.initializer.name
+            if name not in cache:
+                cache[name] = self.read_tensor(name)
+            stored = cache[name]
+            if tuple(stored.shape) != tuple(location.initializer.dims):
+                raise AdapterMergeError(f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
+                                        f"declares {tuple(location.initializer.dims)}: fix the tensor reader.")
+            compute = _compute_dtype(location.initializer.data_type)
+            value = self.replacements[key][0] if key in self.replacements else _to_float(stored, compute)
+            updates.append(WeightUpdate(key[0], key[1], _like(value + self.deltas.get(key, 0), stored)))
+        return updates
+
+
+def _compute_dtype(data_type: int) -> np.dtype:
+    """At least float32, so half-precision weights are not rounded before the sum."""
+    return np.dtype(np.float64 if data_type == onnx.TensorProto.DOUBLE else np.float32)
+
+
+def _to_float(stored: np.ndarray, compute: np.dtype) -> np.ndarray:
+    if stored.dtype == np.uint16:  # bfloat16 bit patterns
+        return (stored.astype(np.uint32) << 16).view(np.float32).astype(compute)
+    return stored.astype(compute)
+
+
+def _like(value: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """`value` cast once to `stored`'s dtype, bfloat16 bit patterns rounded to nearest even."""
+    if stored.dtype == np.uint16:
+        import ml_dtypes
+
+        return value.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return value.astype(stored.dtype)
+
+
+def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> np.ndarray:
+    """`weight * s * B @ A` for `path`, laid out like the site's initializer."""
+    lora_a, lora_b = adapter.tensors.lora[path]
+    rank = adapter.config.rank_for(path)
+    if lora_a.shape[0] != rank:
+        raise AdapterMergeError(f"adapter {adapter.directory}: module {path} has rank {lora_a.shape[0]} in the "
+                                f"file but {rank} by its config: the files disagree, re-save the adapter.")
+    if not _fits(site, lora_a, lora_b):
+        raise AdapterMergeError(
+            f"adapter {adapter.directory}: module {path} has lora_A {lora_a.shape} and lora_B {lora_b.shape}, which "
+            f"do not fit the weight {site.reference_shape()} (reference layout) of node {site.node.name!r}: "
+            "the adapter was trained on another model.")
+    compute = _compute_dtype(site.weight.initializer.data_type)
+    scaling = adapter.config.scaling_for(path)
+    delta = _DELTAS[site.kind](lora_a.astype(compute), lora_b.astype(compute), scaling)
+    return site.to_initializer(adapter.weight * delta).astype(compute)
+
+
+def _fits(site: _WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
+    """Whether `A` and `B` make a delta of the site's shape (and, for a conv, of its groups)."""
+    expected = site.reference_shape()
+    if site.kind == "embedding":
+        return lora_a.ndim == lora_b.ndim == 2 and lora_b.shape[1] == lora_a.shape[0] and (
+            lora_a.shape[1], lora_b.shape[0]) == expected
+    if site.kind == "linear":
+        return lora_a.ndim == lora_b.ndim == 2 and lora_b.shape[1] == lora_a.shape[0] and (
+            lora_b.shape[0], lora_a.shape[1]) == expected
+    groups = int(_attribute(site.node, "group", 1))
+    return (lora_a.ndim == lora_b.ndim == 4 and lora_b.shape[2:] == (1, 1) and lora_b.shape[1] * groups == lora_a.shape[0]
+            and (lora_b.shape[0], *lora_a.shape[1:]) == expected)
+
+
+def _bias_location(graph: _Graph, site: _WeightSite) -> tuple[_Location, float] | None:
+    """The bias of a site's module and the factor its node multiplies it by (Gemm's beta)."""
+    node = site.node
+    if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
+        location = graph.trace(node, 2)
+        beta = float(_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        return (location, beta) if location is not None else None
+    if node.op_type == "MatMul":
+        for consumer, index in graph.consumers.get(node.output[0], []):
+            location = graph.trace(consumer, 1 - index) if consumer.op_type == "Add" and index < 2 else None
+            if location is not None and len(location.initializer.dims) == 1:
+                return location, 1.0
+    return None
+
+
+def _check_full_shape(adapter: _Adapter, key: str, value: np.ndarray, expected: tuple[int, ...], node: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise AdapterMergeError(f"adapter {adapter.directory}: tensor {key} has shape {tuple(value.shape)} but the "
+                                f"graph's tensor read by node {node!r} is {tuple(expected)}: the adapter was trained "
+                                "on another model.")
+
+
+def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adapter, key: str,
+                         value: np.ndarray) -> list[tuple[_Location, np.ndarray, str]]:
+    """`(location, value in the initializer's layout, compute node)` for a full tensor `<path>.<param>`.
+
+    An initializer named `key` is the parameter as the exporter kept it, in its own layout.
+    Otherwise `weight` is the module's weight in PyTorch's layout (`(out, in)`, or `(in, out)`
+    for `fan_in_fan_out` adapters of GPT-2's Conv1D) and `bias` the bias its node adds.
+    """
+    compute = np.promote_types(value.dtype, np.float32)
+    value = value.astype(compute)
+    if "/" not in key and key in graph.initializers:
+        readers = graph.readers(key)
+        for location in readers:
+            _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
+        return [(location, value, location.consumer) for location in readers]
+    path, _, param = key.rpartition(".")
+    targets = []
+    for site in _find_sites(path, sites):
+        if param == "weight":
+            full = value.T if site.kind == "linear" and adapter.fan_in_fan_out else value
+            _check_full_shape(adapter, key, full, site.reference_shape(), site.node.name)
+            targets.append((site.weight, site.to_initializer(full), site.node.name))
+        elif param == "bias" and (bias := _bias_location(graph, site)) is not None:
+            location, beta = bias
+            _check_full_shape(adapter, key, value, location.operand_shape, site.node.name)
+            targets.append((location, location.from_operand(value / beta), site.node.name))
+    return targets
+
+
+def _lora_kind(adapter: _Adapter, path: str) -> str:
+    if path in adapter.tensors.embeddings:
+        return "embedding"
+    return "conv2d" if adapter.tensors.lora[path][0].ndim == 4 else "linear"
+
+
+def _unique(items: Iterable) -> list:
+    return list(dict.fromkeys(items))
+
+
+def _unmatched_message(unmatched: list[str], total: int, sites: list[_WeightSite], fix: str) -> str:
+    shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+    names = sorted({path for site in sites for path in site.paths}
+                   | {"/".join(scope) for site in sites for scope in site.tf_scopes})
+    examples = ", ".join(names[:3]) or "(no weight initializer read by MatMul/Gemm/Gather/Conv)"
+    return (f"{len(unmatched)} of {total} adapter keys matched no weight of the graph: {shown}; the graph's weights "
+            f"belong to modules such as {examples}: {fix}.")
+
+
+def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.ndarray],
+                       adapters: Sequence[tuple[str | os.PathLike, float]],
+                       allow_partial: bool = False) -> AdapterMergePlan:
+    """The new base weights of `model` with `adapters` merged: `W + sum_k weight_k * delta_k`.
+
+    Args:
+        model: the graph, loaded without external data (`onnx.load(path, load_external_data=False)`).
+        read_tensor: returns the values of one initializer by name (external data included).
+        adapters: `(adapter directory, weight)` pairs, in PEFT's format (ours or PEFT's).
+        allow_partial: merge what matches instead of raising when some adapter keys match nothing.
+
+    Returns:
+        The updates (one per changed node input, deltas of every adapter accumulated), the
+        `(adapter key, compute node)` pairs matched, and the keys that matched nothing.
+
+    Raises:
+        AdapterMergeError: an unreadable adapter, a tensor with NaN/inf, shapes that do not fit
+            the graph, two adapters replacing the same full tensor, unmatched keys without
+            `allow_partial`, or nothing matched at all.
+    """
+    checked = _check_arguments(model, read_tensor, adapters)
+    loaded = [_load_adapter(directory, weight) for directory, weight in checked]
+    graph = _Graph(model)
+    sites = _weight_sites(graph)
+    accumulator = _Accumulator(read_tensor)
+    matched, unmatched, keys = [], [], []
+    for adapter in loaded:
+        for path in adapter.tensors.lora:
+            keys.append(path)
+            kind = _lora_kind(adapter, path)
+            found = _find_sites(path, [site for site in sites if site.kind == kind])
+            if not found:
+                unmatched.append(path)
+            for site in found:
+                delta = _delta(adapter, path, site)
+                matched.append((path, site.node.name))
+                if adapter.weight:
+                    accumulator.add(site.weight, delta)
+        for key, value in adapter.tensors.extra.items():
+            keys.append(key)
+            targets = _full_tensor_targets(graph, sites, adapter, key, value)
+            if not targets:
+                unmatched.append(key)
+            for location, full, node_name in targets:
+                matched.append((key, node_name))
+                if adapter.weight:
+                    accumulator.replace(location, full, f"{adapter.directory} ({key})")
+    unmatched, keys = _unique(unmatched), _unique(keys)
+    if not matched:
+        raise AdapterMergeError(_unmatched_message(unmatched, len(keys), sites,
+                                                   "nothing to merge; use adapters trained on this model"))
+    if unmatched and not allow_partial:
+        raise AdapterMergeError(_unmatched_message(
+            unmatched, len(keys), sites, "use adapters trained on this model, or pass allow_partial=True "
+            "(--allow-partial) to merge the keys that match"))
+    return AdapterMergePlan(updates=accumulator.updates(), matched=_unique(matched), unmatched=unmatched)
