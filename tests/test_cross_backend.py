@@ -1,0 +1,113 @@
+"""The project's promise: one random layer, adapter and input give the same numbers everywhere.
+
+Each example drives the same linear layer through the NumPy reference, the PyTorch backend, the
+Keras backend and onnxruntime (the PyTorch model exported with its LoRA branch, then folded by
+`merge_onnx`), and asserts that all four agree: outputs, and gradients for the two training
+backends. Everything runs in float32, the precision the frameworks train in.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from lora_spec import reference
+from tests import strategies
+from tests.numerics import assert_close
+
+torch = pytest.importorskip("torch")
+keras = pytest.importorskip("keras")
+onnxruntime = pytest.importorskip("onnxruntime")
+lora_torch = pytest.importorskip("lora_spec.torch")
+lora_keras = pytest.importorskip("lora_spec.keras")
+export = pytest.importorskip("lora_spec.export")
+
+# float32 products of up to MAX_FEATURES terms, compared across different summation orders
+FACTOR = 50
+
+
+def _lora_settings(case):
+    rank = case.A.shape[0]
+    return dict(r=rank, alpha=case.s * rank)
+
+
+def _torch_layer(case):
+    out_features, in_features = case.W.shape
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(in_features, out_features, bias=case.b is not None))
+    with torch.no_grad():
+        model.proj.weight.copy_(torch.from_numpy(case.W))
+        if case.b is not None:
+            model.proj.bias.copy_(torch.from_numpy(case.b))
+    lora_torch.apply(model, target_modules=["proj"], bias="all", **_lora_settings(case))
+    with torch.no_grad():
+        model.proj.lora_A.copy_(torch.from_numpy(case.A))
+        model.proj.lora_B.copy_(torch.from_numpy(case.B))
+    return model
+
+
+def _torch_run(case, grad_y):
+    model = _torch_layer(case)
+    x = torch.from_numpy(case.x).requires_grad_()
+    mask = None if case.dropout_mask is None else lora_torch.DropoutMask.from_reference(
+        torch.from_numpy(case.dropout_mask))
+    y = model.proj(x, dropout_mask=mask)
+    y.backward(torch.from_numpy(grad_y))
+    grads = {"dx": x.grad, "dA": model.proj.lora_A.grad, "dB": model.proj.lora_B.grad,
+             "db": None if case.b is None else model.proj.base_layer.bias.grad}
+    return y.detach().numpy(), {k: None if v is None else v.numpy() for k, v in grads.items()}
+
+
+def _keras_run(case, grad_y):
+    import tensorflow as tf
+
+    out_features, in_features = case.W.shape
+    layer = lora_keras.LoRADense(out_features, use_bias=case.b is not None, **_lora_settings(case))
+    layer.build((None, in_features))
+    layer.kernel.assign(case.W.T)
+    layer.lora_a.assign(case.A.T)
+    layer.lora_b.assign(case.B.T)
+    if case.b is not None:
+        layer.bias.assign(case.b)
+    x = tf.constant(case.x)
+    mask = None if case.dropout_mask is None else tf.constant(case.dropout_mask)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True, dropout_mask=mask)
+        loss = tf.reduce_sum(y * grad_y)
+    sources = [x, layer.lora_a, layer.lora_b] + ([layer.bias] if case.b is not None else [])
+    gradients = tape.gradient(loss, sources)
+    grads = {"dx": gradients[0].numpy(), "dA": gradients[1].numpy().T, "dB": gradients[2].numpy().T,
+             "db": gradients[3].numpy() if case.b is not None else None}
+    return y.numpy(), grads
+
+
+def _onnx_merged_run(case, tmp_path):
+    model = _torch_layer(case).eval()
+    path = tmp_path / "layer.onnx"
+    torch.onnx.export(model, (torch.from_numpy(case.x),), str(path), input_names=["x"], output_names=["y"],
+                      dynamo=False)
+    result = export.merge_onnx(path, tmp_path / "merged.onnx", verify="off", progress=False)
+    session = onnxruntime.InferenceSession(str(result.output), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": case.x})[0]
+
+
+@settings(max_examples=15)
+@given(strategies.linear_cases(dtype=np.float32), strategies.seeds)
+def test_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, seed):
+    grad_y = np.random.default_rng(seed).standard_normal(case.x.shape[:-1] + (case.W.shape[0],)).astype(np.float32)
+    expected_y = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s, case.dropout_mask)
+    expected = reference.backward(case.x, case.W, case.A, case.B, case.s, grad_y, case.dropout_mask)._asdict()
+    if case.b is None:
+        expected["db"] = None
+
+    for backend, run in (("torch", _torch_run), ("keras", _keras_run)):
+        y, grads = run(case, grad_y)
+        assert_close(y, expected_y, np.float32, factor=FACTOR), backend
+        for name, value in expected.items():
+            if value is None:
+                assert grads[name] is None, (backend, name)
+            else:
+                assert_close(grads[name], value, np.float32, factor=FACTOR)
+
+    no_dropout_y = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s)
+    assert_close(_onnx_merged_run(case, tmp_path_factory.mktemp("onnx")), no_dropout_y, np.float32, factor=FACTOR)
