@@ -169,3 +169,150 @@ def conv2d_cases(draw, dtype=None, dropout: bool = True, max_groups: int = MAX_G
         s=draw(scales), stride=stride, padding=padding, dilation=dilation, groups=groups,
         dropout_mask=draw(dropout_masks(x.shape, dtype)) if dropout else None,
     )
+
+
+# --- ONNX graphs with LoRA branches (the exporter's tests) -------------------------------------------------------
+
+ONNX_OPSET = 17
+
+
+@dataclasses.dataclass
+class LoRAGraphCase:
+    """An ONNX graph of one or two LoRA layers on input `x`, and each output as the reference merges it.
+
+    `layout` records the drawn choices (base op, transposes, scale position, no-op nodes,
+    shared initializers) so that a failure says which form broke. `base_model` is the same
+    graph built without the LoRA branches.
+    """
+
+    model: object
+    base_model: object
+    x: np.ndarray
+    expected: list
+    layout: dict
+
+
+@st.composite
+def lora_graph_layouts(draw, three_d: bool) -> dict:
+    """The drawn form of a LoRA layer as exporters write it."""
+    base = "MatMul" if three_d and not draw(st.booleans()) else draw(st.sampled_from(["MatMul", "Gemm"]))
+    reshaped = three_d and base == "Gemm"  # Gemm is 2-D: Keras/tf2onnx-style Reshape around the products
+    product_ops = ["MatMul", "Gemm"] if reshaped or not three_d else ["MatMul"]
+    return dict(
+        base=base, reshaped=reshaped,
+        trans_b=draw(st.booleans()), alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
+        bias=draw(st.sampled_from(["gemm", "add_before", "add_after"] if base == "Gemm" else ["add_before", "add_after"])),
+        lora_a_op=draw(st.sampled_from(product_ops)), lora_b_op=draw(st.sampled_from(product_ops)),
+        lora_a_trans=draw(st.booleans()), lora_b_trans=draw(st.booleans()),
+        product_alpha=draw(st.sampled_from([1.0, 2.0])),
+        scale_at=draw(st.sampled_from(["after", "between", "before", "folded"])),
+        scale_op=draw(st.sampled_from(["Mul", "Div"])), scale_first=draw(st.booleans()),
+        add_base_first=draw(st.booleans()), cast=draw(st.booleans()), identity=draw(st.booleans()),
+        dropout=draw(st.booleans()), shared=draw(st.sampled_from([None, "direct", "identity"])),
+    )
+
+
+def _merged_forward(x, W, b, A, B, s):
+    from lora_spec import reference
+
+    merged = reference.merge(W.astype(np.float64), A.astype(np.float64), B.astype(np.float64), s)
+    y = x.astype(np.float64) @ merged.T
+    return y if b is None else y + b
+
+
+@st.composite
+def lora_graph_cases(draw) -> LoRAGraphCase:
+    """One layer `x @ W.T + b + s * (x @ A.T) @ B.T`, or two reading one input and one stored base weight."""
+    case = draw(linear_cases(dtype=np.float32, dropout=False))
+    three_d = case.x.ndim == 3
+    layout = draw(lora_graph_layouts(three_d))
+    x = case.x
+    if layout["base"] == "Gemm" and not layout["reshaped"]:
+        x = x.reshape(-1, x.shape[-1])
+    b = case.b if case.b is not None else np.zeros(case.W.shape[0], np.float32)
+    layers = [(case.W, b, case.A, case.B, case.s)]
+    if layout["shared"]:
+        # Same base weight stored once; the second adapter's B is all zeros, as at initialisation.
+        layers.append((case.W, b, case.A[::-1].copy(), np.zeros_like(case.B), case.s))
+    model = _lora_graph(x, layers, layout, lora=True)
+    base_model = _lora_graph(x, layers, layout, lora=False)
+    expected = [_merged_forward(x, *layer) for layer in layers]
+    return LoRAGraphCase(model=model, base_model=base_model, x=x, expected=expected, layout=layout)
+
+
+def _lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, initializers, outputs = [], {}, []
+
+    def constant(name, value, dtype=np.float32):
+        initializers[name] = numpy_helper.from_array(np.asarray(value, dtype), name)
+        return name
+
+    def node(op, inputs, name, **attributes):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attributes))
+        return name
+
+    def product(op, tensor, matrix, trans, alpha, name):
+        """`tensor @ matrix` as MatMul, or Gemm storing `matrix` transposed when `trans`."""
+        if op == "MatMul":
+            return node("MatMul", [tensor, constant(f"{name}.weight", matrix)], name)
+        stored = (matrix.T if trans else matrix) / alpha
+        return node("Gemm", [tensor, constant(f"{name}.weight", stored)], name, transB=int(trans), alpha=alpha)
+
+    features_in = x.shape[-1]
+    source = node("Identity", ["x"], "x_identity") if layout["identity"] else "x"
+    rows = node("Reshape", [source, constant("rows_shape", [-1, features_in], np.int64)], "x_rows") \
+        if layout["reshaped"] else source
+    for index, (W, b, A, B, s) in enumerate(layers):
+        prefix = f"layer{index}"
+        weight_name = "base.weight" if layout["shared"] else f"{prefix}.weight"
+        if layout["base"] == "MatMul":
+            stored = W.T
+        else:
+            stored = (W if layout["trans_b"] else W.T) / layout["alpha"]
+        constant(weight_name, stored)
+        weight_input = weight_name
+        if layout["shared"] == "identity":
+            weight_input = node("Identity", [weight_name], f"{prefix}.weight_identity")
+        inputs = [rows, weight_input] + ([constant(f"{prefix}.bias", b)] if layout["bias"] == "gemm" else [])
+        attributes = dict(transB=int(layout["trans_b"]), alpha=layout["alpha"]) if layout["base"] == "Gemm" else {}
+        base = node(layout["base"], inputs, f"{prefix}.base", **attributes)
+        if layout["bias"] == "add_before":
+            base = node("Add", [constant(f"{prefix}.bias", b), base], f"{prefix}.bias_add")
+        if lora:
+            scale = s if layout["scale_op"] == "Mul" else 1.0 / s
+            scale_name = constant("lora.scale" if layout["shared"] else f"{prefix}.scale", scale)
+
+            def scaled(tensor, name):
+                pair = [scale_name, tensor] if layout["scale_first"] and layout["scale_op"] == "Mul" else [tensor, scale_name]
+                return node(layout["scale_op"], pair, name)
+
+            branch = node("Cast", [rows], f"{prefix}.cast_in", to=TensorProto.FLOAT) if layout["cast"] else rows
+            if layout["dropout"]:
+                branch = node("Dropout", [branch], f"{prefix}.dropout")
+            if layout["scale_at"] == "before":
+                branch = scaled(branch, f"{prefix}.scale_before")
+            branch = product(layout["lora_a_op"], branch, A.T, layout["lora_a_trans"], layout["product_alpha"],
+                             f"{prefix}.lora_A")
+            if layout["scale_at"] == "between":
+                branch = scaled(branch, f"{prefix}.scale_between")
+            lora_b = B.T * s if layout["scale_at"] == "folded" else B.T
+            branch = product(layout["lora_b_op"], branch, lora_b, layout["lora_b_trans"], 1.0, f"{prefix}.lora_B")
+            if layout["scale_at"] == "after":
+                branch = scaled(branch, f"{prefix}.scale_after")
+            if layout["cast"]:
+                branch = node("Cast", [branch], f"{prefix}.cast_out", to=TensorProto.FLOAT)
+            pair = [base, branch] if layout["add_base_first"] else [branch, base]
+            base = node("Add", pair, f"{prefix}.lora_add")
+        if layout["bias"] == "add_after":
+            base = node("Add", [base, constant(f"{prefix}.bias", b)], f"{prefix}.bias_add")
+        if layout["reshaped"]:
+            base = node("Reshape", [base, constant(f"{prefix}.out_shape", [*x.shape[:-1], W.shape[0]], np.int64)],
+                        f"{prefix}.unrows")
+        outputs.append((node("Identity", [base], f"y{index}"), [*x.shape[:-1], W.shape[0]]))
+    graph = helper.make_graph(
+        nodes, "lora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs],
+        list(initializers.values()))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)

@@ -120,6 +120,14 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
             factors.insert(0, factor)
             scale *= alpha
         tensor, reader = step, node
+    # A scale applied to the input before A belongs to the branch only while nothing else reads it.
+    while graph.only_reader(tensor) is reader and tensor in graph.producer:
+        node = graph.producer[tensor]
+        scaling = _scaling(graph, node)
+        if scaling is None:
+            break
+        scale *= scaling[0]
+        tensor, reader = scaling[1], node
     return factors, scale, tensor
 
 

@@ -1,0 +1,43 @@
+"""Folding generated LoRA graphs: the merged graph computes the reference's merged forward, with the base's nodes."""
+
+import collections
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+from lora_spec.export import merge_onnx  # noqa: E402
+from lora_spec.export.verify import session  # noqa: E402
+from tests import strategies  # noqa: E402
+from tests.numerics import assert_close  # noqa: E402
+
+COMPUTE_OPS = ("MatMul", "Gemm", "Mul", "Div", "Add")
+
+
+def _merge(tmp_path_factory, case: strategies.LoRAGraphCase):
+    folder = tmp_path_factory.mktemp("fold")
+    onnx.save(case.model, folder / "model.onnx")
+    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
+    return result, folder / "model.merged.onnx"
+
+
+def _compute_ops(model) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node if node.op_type in COMPUTE_OPS)
+
+
+@given(strategies.lora_graph_cases())
+def test_merged_graph_computes_the_reference_merged_forward(tmp_path_factory, case):
+    result, merged = _merge(tmp_path_factory, case)
+    outputs = session(merged).run(None, {"x": case.x})
+    for output, expected in zip(outputs, case.expected, strict=True):
+        assert_close(output, expected, np.float32, factor=20)
+    assert result.verification.passed, case.layout
+
+
+@given(strategies.lora_graph_cases())
+def test_merged_graph_has_the_compute_nodes_of_the_base_model(tmp_path_factory, case):
+    _, merged = _merge(tmp_path_factory, case)
+    assert _compute_ops(onnx.load(merged)) == _compute_ops(case.base_model), case.layout
