@@ -31,7 +31,14 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def _plain_ops_required() -> bool:
     """Under tracing, export or compilation the graph must show the ordinary LoRA branch."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    # torch.compiler.is_exporting is newer than the oldest torch we support.
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting() or torch.onnx.is_in_onnx_export()
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Only when needed: a same-dtype `.to` still shows up as a node in exported graphs.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class LoRALayer(nn.Module):
@@ -169,8 +176,8 @@ class LoRALinear(LoRALayer):
             return linear_lora(x, self.weight_out_in(), self.base_layer.bias, self.lora_A, self.lora_B,
                                self.scaling, dropout_mask)
         result = self.base_layer(x)
-        hidden = F.linear(self._dropped(x.to(self.lora_A.dtype), dropout_mask), self.lora_A)
-        return result + (self.scaling * F.linear(hidden, self.lora_B)).to(result.dtype)
+        hidden = F.linear(self._dropped(_cast(x, self.lora_A.dtype), dropout_mask), self.lora_A)
+        return result + _cast(self.scaling * F.linear(hidden, self.lora_B), result.dtype)
 
 
 class LoRAEmbedding(LoRALayer):
@@ -199,7 +206,7 @@ class LoRAEmbedding(LoRALayer):
             return result
         # padding_idx as the base: the padding row of A gets no gradient, as in PEFT.
         rows = F.embedding(ids, self.lora_A.T, padding_idx=self.base_layer.padding_idx)
-        return result + (self.scaling * (rows @ self.lora_B.T)).to(result.dtype)
+        return result + _cast(self.scaling * (rows @ self.lora_B.T), result.dtype)
 
 
 class LoRAConv2d(LoRALayer):
@@ -232,11 +239,11 @@ class LoRAConv2d(LoRALayer):
         result = self.base_layer(x)
         if not self._lora_active():
             return result
-        dropped = self._dropped(x.to(self.lora_A.dtype), dropout_mask)
+        dropped = self._dropped(_cast(x, self.lora_A.dtype), dropout_mask)
         # The base's own conv call, so padding modes and geometry are exactly the base's.
         hidden = self.base_layer._conv_forward(dropped, self.lora_A, None)
         update = F.conv2d(hidden, self.lora_B, groups=self.base_layer.groups)
-        return result + (self.scaling * update).to(result.dtype)
+        return result + _cast(self.scaling * update, result.dtype)
 
 
 def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:

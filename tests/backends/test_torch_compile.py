@@ -41,3 +41,11 @@ def test_tracing_in_training_mode_records_plain_ops_not_the_fused_function():
     assert "LinearLoRAFunction" not in graph and "PythonOp" not in graph
     assert graph.count("aten::linear") == 6  # base, A and B of each adapted layer
     torch.testing.assert_close(traced(x), model(x))
+
+
+def test_export_in_training_mode_gives_the_standard_lora_branch():
+    model = small_model().train()
+    exported = torch.export.export(model, (torch.randn(5, 8),))
+    operations = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    branch = ["aten.linear.default", "aten.linear.default", "aten.linear.default", "aten.mul.Tensor", "aten.add.Tensor"]
+    assert operations == branch + ["aten.gelu.default"] + branch
