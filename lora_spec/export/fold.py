@@ -52,8 +52,12 @@ class FoldRule:
     def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
         """Point the base at the initializer that will hold the merged weight and delete the branch.
 
-        Returns that initializer's name: a copy when anything else reads the original weight.
+        Returns that initializer's name: a copy when anything else reads the original weight. A
+        base product that other nodes also read is first duplicated for this branch alone.
         """
+        if branch.base_shared:
+            branch.base_chain, branch.base_output = graph.duplicate_chain(branch.base_chain, before=branch.add)
+            branch.base = branch.base_chain[0]
         target = branch.weight
         if graph.initializer_readers(target) > 1:
             target = graph.copy_initializer(target, f"{target}.merged")

@@ -127,11 +127,33 @@ class Graph:
         return new_name
 
     def fresh_name(self, hint: str) -> str:
-        taken = set(self.initializers) | set(self.producer) | {value.name for value in self.graph.input}
+        taken = (set(self.initializers) | set(self.producer) | {value.name for value in self.graph.input}
+                 | {node.name for node in self.nodes})
         name, counter = hint, 1
         while name in taken:
             name, counter = f"{hint}_{counter}", counter + 1
         return name
+
+    def duplicate_chain(self, chain: list[onnx.NodeProto], before: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str]:
+        """Copies of the nodes of `chain` (each reading the previous one's output), placed before `before`.
+
+        Returns the copies and the last one's output; the originals stay for their other readers.
+        """
+        renamed: dict[str, str] = {}
+        copies = []
+        for original in chain:
+            node = onnx.NodeProto()
+            node.CopyFrom(original)
+            node.name = self.fresh_name(f"{original.name or original.op_type}.lora_merged")
+            for index, name in enumerate(node.input):
+                node.input[index] = renamed.get(name, name)
+            for index, name in enumerate(node.output):
+                renamed[name] = node.output[index] = self.fresh_name(f"{name}.lora_merged")
+            self._index(node)
+            copies.append(node)
+        position = next(index for index, node in enumerate(self.nodes) if node is before)
+        self.nodes[position:position] = copies
+        return copies, renamed[chain[-1].output[0]]
 
     def replace_input(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
         """Make `node` read `tensor` at input `index`."""

@@ -35,7 +35,9 @@ class LoRABranch:
 
     `lora_a` maps the input features to the rank and `lora_b` the rank to the output features;
     `scale` is the product of the branch's constant multipliers (Gemm `alpha`s included).
-    `base_output` is the `Add`'s input coming from the base side.
+    `base_output` is the `Add`'s input coming from the base side, `base_chain` the nodes from the
+    base product to it; `base_shared` says something else reads them (an exporter's common
+    subexpression elimination merges equal base products of layers that differ only in LoRA).
     """
 
     add: onnx.NodeProto
@@ -45,6 +47,8 @@ class LoRABranch:
     lora_b: Factor
     scale: float
     base_output: str
+    base_chain: list[onnx.NodeProto]
+    base_shared: bool
 
     @property
     def name(self) -> str:
@@ -76,11 +80,13 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     if chain is None:
         return None
     factors, scale, branch_input = chain
-    base = _base_product(graph, base_side, add)
-    if base is None:
-        return "the other input of the Add is not a MatMul/Gemm on an initializer read only by it"
-    if isinstance(base, str):
-        return base
+    base_chain = _base_chain(graph, base_side, add)
+    if base_chain is None:
+        return "the other input of the Add is not a MatMul/Gemm on an initializer"
+    if isinstance(base_chain, str):
+        return base_chain
+    base_chain, base_shared = base_chain
+    base = base_chain[0]
     weight = graph.initializer_behind(base.input[1])
     base_input = activation_source(graph, base.input[0], transposed=base.op_type == "Gemm"
                                    and bool(attribute(base, "transA", 0)))
@@ -93,7 +99,7 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     if not np.isfinite(scale):
         return f"the branch's scale is {scale}"
     return LoRABranch(add=add, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale,
-                      base_output=base_side)
+                      base_output=base_side, base_chain=base_chain, base_shared=base_shared)
 
 
 def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
@@ -131,18 +137,19 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
     return factors, scale, tensor
 
 
-def _base_product(graph: Graph, tensor: str, reader: onnx.NodeProto) -> onnx.NodeProto | str | None:
-    """The MatMul/Gemm behind the base side, through a bias `Add`, `Identity` and `Reshape`s."""
+def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
+    """`(nodes from the base MatMul/Gemm to tensor, read elsewhere?)`, through bias `Add`, `Identity`, `Reshape`."""
+    chain, shared = [], False
     while True:
-        if graph.only_reader(tensor) is not reader:
-            return None
+        shared = shared or graph.only_reader(tensor) is not reader
         node = graph.producer.get(tensor)
         if node is None:
             return None
+        chain.insert(0, node)
         if node.op_type in BASE_OPS and graph.initializer_behind(node.input[1]) is not None:
             if node.op_type == "MatMul" and len(graph.initializers[graph.initializer_behind(node.input[1])].dims) != 2:
                 return "the base MatMul's weight is not a matrix"
-            return node
+            return chain, shared
         if node.op_type == "Add":
             constant_sides = [index for index in (0, 1) if graph.initializer_behind(node.input[index]) is not None]
             if len(constant_sides) != 1:

@@ -1,0 +1,180 @@
+"""End to end from real exporters: PEFT and lora_spec.torch (TorchScript and dynamo), Keras LoRADense.
+
+Each model is exported with its LoRA branches, merged by `merge_onnx`, and run in onnxruntime:
+the output equals the framework's, and the merged graph has the compute nodes of the base model
+exported without LoRA.
+"""
+
+import collections
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from lora_spec.export import merge_onnx  # noqa: E402
+from lora_spec.export.verify import session  # noqa: E402
+from tests.numerics import assert_close  # noqa: E402
+
+COMPUTE_OPS = ("MatMul", "Gemm", "Mul", "Div", "Add")
+INPUT_SHAPES = {2: (3, 4), 3: (2, 5, 4)}
+
+
+def _compute_ops(path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(path).graph.node if node.op_type in COMPUTE_OPS)
+
+
+# --- PyTorch: PEFT and lora_spec.torch ---------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+class _MLP(torch.nn.Module):
+    """One MLP applied to a 2-D and a 3-D input, so one export covers both forms of each layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+
+    def forward(self, matrix, batch):
+        return self.mlp(matrix), self.mlp(batch)
+
+
+def _adapted(library: str, base: "torch.nn.Module") -> "torch.nn.Module":
+    model = copy.deepcopy(base)
+    if library == "peft":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=["mlp.0", "mlp.2"]))
+    else:
+        import lora_spec.torch as lora
+
+        lora.apply(model, r=2, alpha=6, target_modules=["mlp.0", "mlp.2"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the branch show in the output
+                parameter.normal_()
+    return model.eval()
+
+
+def _torch_export(model, inputs, path, dynamo: bool, output_names=("y2", "y3")) -> None:
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), input_names=["matrix", "batch"][:len(inputs)],
+                          output_names=list(output_names), dynamo=dynamo, **({} if dynamo else {"opset_version": 17}))
+
+
+@pytest.fixture(scope="module", params=[(library, dynamo) for library in ("peft", "lora_spec") for dynamo in (False, True)],
+                ids=lambda p: f"{p[0]}-{'dynamo' if p[1] else 'torchscript'}")
+def torch_export(request, tmp_path_factory):
+    """The adapted model exported with its LoRA branches, and the base model (TorchScript: same compute nodes)."""
+    library, dynamo = request.param
+    folder = tmp_path_factory.mktemp("torch")
+    base = _MLP().eval()
+    model = _adapted(library, base)
+    generator = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(INPUT_SHAPES[2], generator=generator), torch.randn(INPUT_SHAPES[3], generator=generator))
+    _torch_export(model, inputs, folder / "model.onnx", dynamo)
+    _torch_export(base, inputs, folder / "base.onnx", dynamo=False)
+    with torch.no_grad():
+        expected = [output.numpy() for output in model(*inputs)]
+    return folder, {"matrix": inputs[0].numpy(), "batch": inputs[1].numpy()}, expected
+
+
+def test_merged_torch_export_reproduces_the_adapted_model_on_2d_and_3d_inputs(torch_export):
+    folder, feeds, expected = torch_export
+    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
+    assert result.verification.passed
+    for output, want in zip(session(result.output).run(None, feeds), expected, strict=True):
+        assert_close(output, want, np.float32, factor=5)
+
+
+def test_merged_torch_export_has_the_compute_nodes_of_the_base_export(torch_export):
+    folder, _, _ = torch_export
+    result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
+    assert len(result.folds) == 4
+    assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
+
+
+class _TwinProjections(torch.nn.Module):
+    """Two projections of one input with equal base weights: exporters store the weight once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.query, self.value = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+        with torch.no_grad():
+            self.value.weight.copy_(self.query.weight)
+
+    def forward(self, x):
+        return self.query(x), self.value(x)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_layers_with_equal_base_weights_and_zero_b_merge_each_their_own_adapter(tmp_path, dynamo):
+    import lora_spec.torch as lora
+
+    model = lora.apply(_TwinProjections(), r=2, alpha=2, target_modules=["query", "value"]).eval()
+    with torch.no_grad():
+        model.query.lora_B.normal_()  # value's B stays all zeros, as exported right after initialisation
+    x = torch.randn(3, 4)
+    _torch_export(model, (x,), tmp_path / "twins.onnx", dynamo, output_names=("q", "v"))
+    result = merge_onnx(tmp_path / "twins.onnx", verify="full", progress=False)
+    query, value = session(result.output).run(None, {"matrix": x.numpy()})
+    with torch.no_grad():
+        expected_query, expected_value = model(x)
+    assert_close(query, expected_query.numpy(), np.float32, factor=5)
+    assert_close(value, expected_value.numpy(), np.float32, factor=5)
+    assert not np.allclose(query, value)
+
+
+# --- Keras: LoRADense exported with model.export(format="onnx") ---------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
+def keras_export(request, tmp_path_factory):
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("Keras's ONNX export needs the TensorFlow backend")
+    import lora_spec.keras as lora
+
+    dims = request.param
+    shape = INPUT_SHAPES[dims][1:]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
+    base(x)
+    folder = tmp_path_factory.mktemp("keras")
+    base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
+    model = keras.models.clone_model(base)
+    model.set_weights(base.get_weights())
+    lora.apply(model, r=2, alpha=6, target_modules=["hidden", "head"])
+    for variable in model.weights:
+        if "lora_b" in variable.path:
+            variable.assign(np.random.default_rng(2).standard_normal(variable.shape).astype(np.float32))
+    expected = np.asarray(model(x))
+    model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+    input_name = onnx.load(folder / "model.onnx").graph.input[0].name
+    return folder, {input_name: x}, expected
+
+
+def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
+    folder, feeds, expected = keras_export
+    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
+    assert result.verification.passed
+    assert_close(session(result.output).run(None, feeds)[0], expected, np.float32, factor=5)
+
+
+def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_export):
+    folder, _, _ = keras_export
+    result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
+    assert len(result.folds) == 2
+    assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
