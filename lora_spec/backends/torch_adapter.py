@@ -153,6 +153,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _check_extras(model, weights, save_paths)
     if getattr(model, CONFIG_ATTRIBUTE, None) is None:
         wrap(model, config, target_paths, save_paths)
+    else:
+        # The model keeps its structure (targets, saved modules, trainable biases); the math is the file's.
+        current = config_of(model)
+        config = config.replace(target_modules=current.target_modules, exclude_modules=current.exclude_modules,
+                                modules_to_save=current.modules_to_save, bias=current.bias)
+        setattr(model, CONFIG_ATTRIBUTE, config)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for module_path, (lora_a, lora_b) in weights.lora.items():

@@ -175,3 +175,14 @@ def test_save_adapter_on_a_model_without_lora_says_to_apply_first(tmp_path):
     with pytest.raises(ValueError, match="apply"):
         lora.save_adapter(fresh_base(), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_into_a_lora_model_takes_the_files_scaling_and_saves_it_again(tmp_path):
+    source = randomise(adapted(r=4, alpha=12, target_modules=["q_proj", "v_proj"])).eval()
+    lora.save_adapter(source, tmp_path / "source")
+    other_adapter = randomise(adapted(r=4, alpha=4, target_modules=["q_proj", "v_proj"]), seed=9)
+    model = lora.load_adapter(other_adapter, tmp_path / "source")
+    assert model.attention.q_proj.scaling == 3.0 and model.lora_config.alpha == 12
+    torch.testing.assert_close(model.eval()(*inputs()), source(*inputs()))
+    lora.save_adapter(model, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_alpha"] == 12

@@ -225,3 +225,17 @@ def test_merge_on_a_model_without_lora_says_to_apply_first():
 def test_apply_takes_a_config_or_keywords(config):
     model = lora.apply(TinyModel(), config) if config else lora.apply(TinyModel(), r=2, target_modules=["q_proj"])
     assert model.lora_config.r == 2 and model.lora_config.target_modules == ("q_proj",)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_train_float32_adapters(dtype):
+    torch.manual_seed(0)
+    model = lora.apply(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)).to(dtype), r=2).train()
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    out = model(torch.randn(4, 8, dtype=dtype))
+    assert out.dtype == dtype
+    out.float().square().sum().backward()
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    assert layer.lora_A.grad.abs().sum() > 0
