@@ -1,0 +1,75 @@
+"""The Keras layers on Keras's PyTorch backend, against the NumPy reference.
+
+`KERAS_BACKEND` is fixed when Keras is first imported, so the test runs this module as a script
+in a fresh interpreter with `KERAS_BACKEND=torch` and reads the JSON it prints.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _checks() -> dict:
+    import keras
+    import numpy as np
+
+    import lora_spec.keras as lora
+    from lora_spec import reference
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    mask = (rng.random(x.shape) > 0.3) / 0.7
+    layer = lora.LoRADense(5, r=2, alpha=6)
+    layer.build(x.shape)
+    layer.set_lora_weights(rng.standard_normal((2, 6)), rng.standard_normal((5, 2)))
+    A, B = layer.lora_weights()
+    W, b = layer.base_weight(), keras.ops.convert_to_numpy(layer.bias)
+    expected = {"forward": reference.forward(x, W, b, A, B, layer.scaling, mask),
+                "merged": reference.forward(x, W, b, A, B, layer.scaling)}
+    actual = {"forward": layer(x, dropout_mask=mask.astype(np.float32))}
+    kernel = keras.ops.convert_to_numpy(layer.kernel).copy()
+    layer.merge()
+    actual["merged"] = layer(x)
+    layer.unmerge()
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"),
+                              keras.layers.Dense(3, name="head")])
+    lora.apply(model, r=2)
+    weights = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
+    before = {name: keras.ops.convert_to_numpy(v).copy() for name, v in weights.items()}
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, rng.standard_normal((4, 3)), epochs=2, verbose=0)
+    return {
+        "backend": keras.backend.backend(),
+        "relative_errors": {name: float(np.max(np.abs(keras.ops.convert_to_numpy(actual[name]) - value))
+                                        / np.max(np.abs(value))) for name, value in expected.items()},
+        "unmerge_exact": bool(np.array_equal(keras.ops.convert_to_numpy(layer.kernel), kernel)),
+        "changed": sorted(name for name, v in weights.items()
+                          if not np.array_equal(before[name], keras.ops.convert_to_numpy(v))),
+    }
+
+
+def test_lora_dense_matches_the_reference_and_trains_on_keras_torch_backend():
+    pytest.importorskip("torch")
+    pytest.importorskip("keras")
+    environment = {**os.environ, "KERAS_BACKEND": "torch"}
+    completed = subprocess.run([sys.executable, __file__], cwd=ROOT, env=environment, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "torch"
+    assert result["relative_errors"]["forward"] < 2e-6 and result["relative_errors"]["merged"] < 2e-6
+    assert result["unmerge_exact"]
+    assert result["changed"] == ["fc1/lora_a", "fc1/lora_b"]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(_checks()))
