@@ -104,6 +104,13 @@ def plan(model: nn.Module, config: LoRAConfig,
         if not any(path == name or path.endswith("." + name) for path in save_paths):
             raise ValueError(f"modules_to_save entry {name!r} matched no module: use a module name of the model "
                              f"such as {', '.join(sorted({m.path.rsplit('.', 1)[-1] for m in modules if m.path})[:8])}.")
+    for match in matches:
+        module = model.get_submodule(match.path)
+        if not isinstance(module, LoRALayer):
+            try:
+                lora_layer_for(module).lora_shapes(module, config.rank_for(match.path))
+            except ValueError as error:
+                raise ValueError(f"module {match.path!r}: {error}") from None
     return config, [m.path for m in matches], save_paths
 
 

@@ -239,3 +239,10 @@ def test_half_precision_models_train_float32_adapters(dtype):
     out.float().square().sum().backward()
     assert layer.lora_A.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
     assert layer.lora_A.grad.abs().sum() > 0
+
+
+def test_a_rank_a_grouped_conv_cannot_take_is_refused_before_any_module_is_wrapped():
+    model = TinyModel()
+    with pytest.raises(ValueError, match=r"module 'conv': rank 3 is not a multiple of the conv's groups=2"):
+        lora.apply(model, r=3, target_modules=["q_proj", "conv"])
+    assert type(model.attention.q_proj) is nn.Linear and not hasattr(model, "lora_config")
