@@ -192,6 +192,12 @@ class LoRAGraphCase:
     layout: dict
 
 
+PLAIN_LORA_LAYOUT = dict(
+    base="MatMul", reshaped=False, trans_b=False, alpha=1.0, bias="add_before", lora_a_op="MatMul",
+    lora_b_op="MatMul", lora_a_trans=False, lora_b_trans=False, product_alpha=1.0, scale_at="after", scale_op="Mul",
+    scale_first=False, add_base_first=True, cast=False, identity=False, dropout=False, shared=None)
+
+
 @st.composite
 def lora_graph_layouts(draw, three_d: bool) -> dict:
     """The drawn form of a LoRA layer as exporters write it."""
@@ -234,13 +240,14 @@ def lora_graph_cases(draw) -> LoRAGraphCase:
     if layout["shared"]:
         # Same base weight stored once; the second adapter's B is all zeros, as at initialisation.
         layers.append((case.W, b, case.A[::-1].copy(), np.zeros_like(case.B), case.s))
-    model = _lora_graph(x, layers, layout, lora=True)
-    base_model = _lora_graph(x, layers, layout, lora=False)
+    model = lora_graph(x, layers, layout, lora=True)
+    base_model = lora_graph(x, layers, layout, lora=False)
     expected = [_merged_forward(x, *layer) for layer in layers]
     return LoRAGraphCase(model=model, base_model=base_model, x=x, expected=expected, layout=layout)
 
 
-def _lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
+def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
+    """An ONNX model of `layers` (each `(W, b, A, B, s)`) on an input shaped like `x`, in `layout`'s form."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, initializers, outputs = [], {}, []

@@ -34,7 +34,8 @@ class Verification:
         return self.max_relative_difference <= self.tolerance
 
     def describe(self) -> str:
-        what = "original vs merged in onnxruntime" if self.mode == "full" else "each folded layer in NumPy"
+        what = {"full": "original vs merged in onnxruntime", "layers": "each folded layer in NumPy",
+                "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy"}[self.mode]
         return (f"verified {what}: max |difference| / max |output| = {self.max_relative_difference:.3g} "
                 f"(tolerance {self.tolerance:g})")
 
@@ -122,3 +123,10 @@ def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray]
     differences = [relative_difference(got, want) for got, want in zip(actual, expected)
                    if np.asarray(want).dtype.kind == "f"]
     return max(differences, default=0.0)
+
+
+def non_finite_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> float:
+    """inf when the model at `path` returns NaN or inf on `feeds`, else 0."""
+    outputs = session(path).run(None, dict(feeds))
+    finite = all(np.isfinite(output).all() for output in outputs if np.asarray(output).dtype.kind == "f")
+    return 0.0 if finite else float("inf")

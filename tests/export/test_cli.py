@@ -1,0 +1,183 @@
+"""`lora-export`: every flag documented, one-line errors with distinct exit codes, nothing left on disk."""
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from lora_spec.export import cli, merge  # noqa: E402
+from tests import strategies  # noqa: E402
+
+RNG = np.random.default_rng(0)
+W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(5, 4), (5,), (2, 4), (5, 2)])
+X = RNG.standard_normal((3, 4)).astype(np.float32)
+
+
+def _save(folder, lora: bool = True, external: bool = False, name: str = "model.onnx"):
+    model = strategies.lora_graph(X, [(W, BIAS, A, B, 0.5)], strategies.PLAIN_LORA_LAYOUT, lora=lora)
+    path = folder / name
+    onnx.save(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
+              location=f"{name}.data", size_threshold=0)
+    return path
+
+
+def _snapshot(folder) -> dict:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in folder.rglob("*") if path.is_file()}
+
+
+def _run(capsys, *argv):
+    status = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for action in cli.build_parser()._actions:
+        for flag in action.option_strings:
+            assert flag in text
+    assert "exit status" in text
+
+
+def test_merge_writes_model_merged_onnx_beside_the_input_and_reports_the_check(tmp_path, capsys):
+    model = _save(tmp_path)
+    before = _snapshot(tmp_path)
+    status, out, err = _run(capsys, "--merge", model, "-q")
+    assert (status, out) == (0, "")
+    assert _snapshot(tmp_path)["model.onnx"] == before["model.onnx"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.merged.onnx", "model.onnx"]
+    status, out, _ = _run(capsys, "--merge", model, "-o", tmp_path / "again.onnx")
+    assert status == 0 and "verified original vs merged in onnxruntime" in out and "again.onnx" in out
+
+
+def test_dry_run_lists_the_folds_and_writes_nothing(tmp_path, capsys):
+    model = _save(tmp_path)
+    before = _snapshot(tmp_path)
+    status, out, _ = _run(capsys, "--merge", model, "--dry-run")
+    assert status == 0
+    assert "fold layer0.base" in out and "layer0.lora_A.weight" in out
+    assert _snapshot(tmp_path) == before
+
+
+def _corrupt(folder):
+    path = folder / "model.onnx"
+    path.write_text("this is a text file, not a model\n")
+    return path
+
+
+def _truncated(folder):
+    path = _save(folder)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _missing_data(folder):
+    path = _save(folder, external=True)
+    (folder / "model.onnx.data").unlink()
+    return path
+
+
+def _data_outside(folder):
+    inner = folder / "inner"
+    inner.mkdir()
+    path = _save(inner, external=True)
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../model.onnx.data"
+    (inner / "model.onnx.data").rename(folder / "model.onnx.data")
+    onnx.save(model, path)
+    return path
+
+
+def _short_data(folder):
+    path = _save(folder, external=True)
+    data = folder / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-8])
+    return path
+
+
+@pytest.mark.parametrize("make_model, message", [
+    (_corrupt, "is not a readable ONNX model"),
+    (_truncated, "is not a readable ONNX model"),
+    (_missing_data, "is missing"),
+    (_data_outside, "outside the model's folder"),
+    (_short_data, "truncated"),
+], ids=["not-onnx", "truncated", "external-data-missing", "external-data-outside-folder", "external-data-short"])
+def test_bad_model_files_fail_with_one_line_and_leave_nothing(tmp_path, capsys, make_model, message):
+    model = make_model(tmp_path)
+    before = _snapshot(tmp_path)
+    status, out, err = _run(capsys, "--merge", model)
+    assert status == 1 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-o", "{folder}/model.onnx"], "is the input model"),
+    (["-o", "{folder}/missing/out.onnx"], "does not exist"),
+    (["--tolerance", "-1"], "tolerance must be a positive number"),
+    (["--input-shape", "nothere=1,4"], "not an input of the model"),
+    (["--input-shape", "x=1,2,4"], "does not fit"),
+    (["--merge", "{folder}/absent.onnx"], "does not exist"),
+], ids=["output-is-input", "output-folder-missing", "negative-tolerance", "unknown-input", "wrong-rank",
+        "model-missing"])
+def test_bad_arguments_fail_with_one_line_and_leave_nothing(tmp_path, capsys, extra, message):
+    model = _save(tmp_path)
+    before = _snapshot(tmp_path)
+    status, _, err = _run(capsys, "--merge", model, *[item.format(folder=tmp_path) for item in extra])
+    assert status == 1
+    assert err.count("\n") == 1 and message in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_output_beside_the_input_data_is_refused(tmp_path, capsys):
+    model = _save(tmp_path, external=True, name="model.onnx")
+    (tmp_path / "other.onnx.data").write_bytes(b"")
+    model_data = onnx.load(model, load_external_data=False)
+    for tensor in model_data.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "other.onnx.data"
+    (tmp_path / "model.onnx.data").replace(tmp_path / "other.onnx.data")
+    onnx.save(model_data, model)
+    status, _, err = _run(capsys, "--merge", model, "-o", tmp_path / "other.onnx")
+    assert status == 1 and "is the input's external data" in err
+
+
+def test_a_graph_without_lora_exits_with_its_own_status(tmp_path, capsys):
+    model = _save(tmp_path, lora=False)
+    status, _, err = _run(capsys, "--merge", model)
+    assert status == 3 and "no LoRA branch found" in err and err.count("\n") == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_failed_verification_exits_4_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    model = _save(tmp_path)
+    monkeypatch.setattr(merge.checks, "compare_models", lambda *args: 0.5)
+    status, _, err = _run(capsys, "--merge", model)
+    assert status == 4 and "above the tolerance" in err and err.count("\n") == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_malformed_input_shape_is_an_argument_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--merge", str(_save(tmp_path)), "--input-shape", "x:3"])
+    assert exit_info.value.code == 2 and "NAME=DIMS" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_a_traceback(tmp_path):
+    model = _save(tmp_path, lora=False)
+    completed = subprocess.run([sys.executable, "-m", "lora_spec.export.cli", "--merge", str(model)],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 3 and "Traceback" not in completed.stderr

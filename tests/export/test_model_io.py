@@ -1,0 +1,109 @@
+"""External data and precision: only changed tensors are read, the layout is kept, half precision merges once."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from onnx import numpy_helper  # noqa: E402
+
+from lora_spec import reference  # noqa: E402
+from lora_spec.export import merge_onnx, model_io  # noqa: E402
+from lora_spec.export.verify import session  # noqa: E402
+from tests import strategies  # noqa: E402
+from tests.numerics import assert_close  # noqa: E402
+
+RNG = np.random.default_rng(0)
+W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(6, 8), (6,), (2, 8), (6, 2)])
+X = RNG.standard_normal((3, 8)).astype(np.float32)
+SCALE = 0.75
+
+
+def _external_model(folder, layout=None):
+    layout = dict(strategies.PLAIN_LORA_LAYOUT, **(layout or {}))
+    model = strategies.lora_graph(X, [(W, BIAS, A, B, SCALE), (W, BIAS, A, B, SCALE)], layout, lora=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+              size_threshold=0)
+    return path
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("verify", ["full", "layers"])
+def test_external_data_model_merges_into_its_own_data_file_and_leaves_the_input_untouched(tmp_path, verify):
+    path = _external_model(tmp_path)
+    digests = {name: _digest(tmp_path / name) for name in ("model.onnx", "model.onnx.data")}
+    result = merge_onnx(path, verify=verify, progress=False)
+    assert result.verification.mode == verify and result.verification.passed
+    assert {name: _digest(tmp_path / name) for name in digests} == digests
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.merged.onnx", "model.merged.onnx.data", "model.onnx", "model.onnx.data"]
+    merged = onnx.load(result.output, load_external_data=False)
+    locations = {entry.value for tensor in merged.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    assert locations == {"model.merged.onnx.data"}
+    expected = X @ reference.merge(W, A, B, SCALE).T + BIAS
+    for output in session(result.output).run(None, {"x": X}):
+        assert_close(output, expected, np.float32)
+
+
+def test_lora_tensors_are_dropped_from_the_written_data(tmp_path):
+    path = _external_model(tmp_path)
+    result = merge_onnx(path, verify="off", progress=False)
+    merged = onnx.load(result.output)  # loads the external data too
+    names = sorted(tensor.name for tensor in merged.graph.initializer)
+    assert not [name for name in names if "lora" in name]
+    stored = {tensor.name: numpy_helper.to_array(tensor) for tensor in merged.graph.initializer}
+    np.testing.assert_array_equal(stored["layer0.bias"], BIAS)
+
+
+def test_only_changed_tensors_are_read(tmp_path, monkeypatch):
+    path = _external_model(tmp_path)
+    read = []
+    original_read = model_io.TensorSource.read
+
+    def recording_read(self, name):
+        read.append(name)
+        return original_read(self, name)
+
+    monkeypatch.setattr(model_io.TensorSource, "read", recording_read)
+    merge_onnx(path, verify="layers", progress=False)
+    assert "layer0.bias" not in read and "layer1.bias" not in read
+    assert set(read) <= {"layer0.weight", "layer1.weight", "layer0.lora_A.weight", "layer0.lora_B.weight",
+                         "layer1.lora_A.weight", "layer1.lora_B.weight", "layer0.scale", "layer1.scale"}
+
+
+def test_external_weight_shared_by_two_layers_is_copied_not_changed_in_place(tmp_path):
+    path = _external_model(tmp_path, {"shared": "identity"})
+    result = merge_onnx(path, verify="full", progress=False)
+    merged = onnx.load(result.output)
+    weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in merged.graph.initializer
+               if tensor.name.startswith("base.weight")}
+    assert len(weights) == 2
+    for value in weights.values():
+        np.testing.assert_allclose(value, reference.merge(W, A, B, SCALE).T, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, data_type", [(np.float16, onnx.TensorProto.FLOAT16),
+                                              (ml_dtypes.bfloat16, onnx.TensorProto.BFLOAT16)],
+                         ids=["float16", "bfloat16"])
+def test_half_precision_weights_are_merged_in_float32_and_cast_once(tmp_path, dtype, data_type):
+    model = strategies.lora_graph(X, [(W, BIAS, A, B, SCALE)], strategies.PLAIN_LORA_LAYOUT, lora=True)
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(dtype), tensor.name))
+    onnx.save(model, tmp_path / "half.onnx")  # not runnable as is (mixed dtypes): merged without onnxruntime
+    result = merge_onnx(tmp_path / "half.onnx", verify="layers", progress=False)
+    assert result.verification.tolerance == 1e-2
+    merged = {tensor.name: tensor for tensor in onnx.load(result.output).graph.initializer}
+    weight = merged["layer0.weight"]
+    assert weight.data_type == data_type
+    expected = reference.merge(W.astype(dtype), A.astype(dtype), B.astype(dtype), SCALE)
+    np.testing.assert_array_equal(numpy_helper.to_array(weight).astype(np.float32), expected.T.astype(np.float32))
