@@ -186,3 +186,13 @@ def test_loading_into_a_lora_model_takes_the_files_scaling_and_saves_it_again(tm
     torch.testing.assert_close(model.eval()(*inputs()), source(*inputs()))
     lora.save_adapter(model, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_alpha"] == 12
+
+
+def test_a_peft_adapter_of_a_grouped_conv_gives_a_shape_error_naming_its_key(tmp_path):
+    # PEFT's grouped-conv A spans all input channels; ours is grouped like the base, so it merges exactly.
+    theirs = peft.get_peft_model(fresh_base(), peft.LoraConfig(r=4, target_modules=["conv"]))
+    theirs.save_pretrained(tmp_path)
+    model = fresh_base()
+    with pytest.raises(ValueError, match=r"base_model\.model\.conv\.lora_(A|B)\.weight has shape"):
+        lora.load_adapter(model, tmp_path)
+    assert type(model.conv) is nn.Conv2d
