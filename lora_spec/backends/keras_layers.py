@@ -251,7 +251,8 @@ class LoRALayer:
         unmerged = ops.convert_to_numpy(self._base_weight)
         lora_a, lora_b = self.lora_weights()
         weight = np.ascontiguousarray(self._to_reference(unmerged))
-        merged = reference.merge(weight, lora_a, lora_b, self.scaling, self.lora_kind)
+        with np.errstate(invalid="ignore", over="ignore"):  # a diverged adapter is reported just below
+            merged = reference.merge(weight, lora_a, lora_b, self.scaling, self.lora_kind)
         if not np.all(np.isfinite(merged)):
             raise ValueError("the merged weight would hold NaN or inf: the adapter diverged; nothing was merged.")
         self._base_weight.assign(self._from_reference(merged, unmerged.shape))

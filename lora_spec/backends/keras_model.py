@@ -164,13 +164,9 @@ def config_of(model: keras.layers.Layer) -> LoRAConfig:
     After a `.keras` round trip the model has its LoRA layers but not the Python attribute, so
     the config is rebuilt from them (their own r, alpha, dropout...; `modules_to_save` is lost).
     """
+    layers = _require_lora_layers(model)
     config = getattr(model, CONFIG_ATTRIBUTE, None)
-    if isinstance(config, LoRAConfig):
-        return config
-    layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError("this model has no LoRA adapter: call lora_spec.keras.apply(model) first.")
-    return _config_from_layers(layers)
+    return config if isinstance(config, LoRAConfig) else _config_from_layers(layers)
 
 
 def _config_from_layers(layers: list[tuple[str, LoRALayer]]) -> LoRAConfig:

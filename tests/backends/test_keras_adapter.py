@@ -128,6 +128,9 @@ def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
         lora.load_adapter(keras_base(), tmp_path / "missing")
     with pytest.raises(ValueError, match="this model has no LoRA adapter: call lora_spec.keras.apply"):
         lora.save_adapter(keras_base(), tmp_path)
+    with pytest.raises(TypeError, match="model must be a keras.Model or keras.layers.Layer, not str"):
+        lora.save_adapter("model.keras", tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- PyTorch ------------------------------------------------------------------------------------

@@ -190,6 +190,18 @@ def test_merge_resets_traced_predict_so_outputs_do_not_double_count():
     np.testing.assert_array_equal(model.predict(X, verbose=0), expected)
 
 
+def test_merge_is_all_or_nothing_when_an_adapter_diverged():
+    model = lora.apply(mlp(), r=4, target_modules=["fc1", "fc2"])
+    _randomize_adapters(model)
+    kernels = [layer.kernel.numpy().copy() for _, layer in lora.lora_layers(model)]
+    model.get_layer("encoder").get_layer("fc2").lora_b.assign(np.full((4, 16), np.inf))
+    with pytest.raises(ValueError, match="layer 'encoder.fc2': the merged weight would hold NaN or inf"):
+        lora.merge(model)
+    assert not any(layer.merged for _, layer in lora.lora_layers(model))
+    for kernel, (_, layer) in zip(kernels, lora.lora_layers(model)):
+        np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+
+
 def test_merge_and_unload_leaves_plain_dense_layers_with_merged_weights():
     model = lora.apply(mlp(), r=4, target_modules=["fc1", "fc2"])
     _randomize_adapters(model)
