@@ -42,12 +42,19 @@ class FoldRule:
     def to_reference(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
         return weight if self.weight_is_out_in(node) else weight.T
 
+    def node_product(self, node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """What the node computes from rows `x` with `weight`, bias left out."""
+        return self.alpha(node) * (x @ self.to_reference(node, weight).T)
+
     def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
                       lora_b: np.ndarray) -> np.ndarray:
         """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`."""
-        merged = reference.merge(self.to_reference(branch.base, weight), lora_a, lora_b,
-                                 branch.scale / self.alpha(branch.base))
-        return merged if self.weight_is_out_in(branch.base) else merged.T
+        scale = branch.scale / self.alpha(branch.base)
+        if self.weight_is_out_in(branch.base):
+            return reference.merge(weight, lora_a, lora_b, scale)
+        # (W.T + s B @ A).T == W + s A.T @ B.T: the reference's merge in the node's (in, out)
+        # layout, so the weight is never copied through a transpose.
+        return reference.merge(weight, lora_b.T, lora_a.T, scale)
 
     def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
         """Point the base at the initializer that will hold the merged weight and delete the branch.
@@ -125,9 +132,14 @@ class Fold:
         return (f"{self.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
                 f"{branch.lora_b.initializer}" + ("" if self.target == branch.weight else f" (copied to {self.target})"))
 
-    def merged_weight(self, read_tensor: ReadTensor) -> np.ndarray:
+    def merged_weight(self, read_tensor: ReadTensor, check: Callable[..., None] | None = None) -> np.ndarray:
+        """The target's new value; `check(fold, weight, lora_a, lora_b, merged)` sees every operand read once."""
         lora_a, lora_b = reference_factors(self.branch.lora_a, self.branch.lora_b, read_tensor)
-        return self.rule.merged_weight(self.branch, read_tensor(self.branch.weight), lora_a, lora_b)
+        weight = read_tensor(self.branch.weight)
+        merged = self.rule.merged_weight(self.branch, weight, lora_a, lora_b)
+        if check is not None:
+            check(self, weight, lora_a, lora_b, merged)
+        return merged
 
 
 def fold_branches(graph: Graph, branches: list[LoRABranch]) -> tuple[list[Fold], list[str]]:

@@ -269,13 +269,12 @@ def _default_tolerance(graph: Graph, values: Mapping[str, object]) -> float:
 
 def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences: list[float]):
     """`values` whose fold computations also check the folded layer against its branch."""
+    def check(fold, weight, lora_a, lora_b, merged):
+        differences.append(checks.layer_difference(fold, weight, lora_a, lora_b, merged, rng))
+
     checked = dict(values)
     for fold in folds:
-        def compute(fold=fold):
-            merged = fold.merged_weight(read_tensor)
-            differences.append(checks.layer_difference(fold, merged, read_tensor, rng))
-            return merged
-        checked[fold.target] = compute
+        checked[fold.target] = lambda fold=fold: fold.merged_weight(read_tensor, check)
     return checked
 
 

@@ -71,3 +71,15 @@ def test_token_model_merges_with_full_verification_and_input_shape_override(tmp_
 ], ids=["equal", "relative-to-largest-output", "all-zero", "nan"])
 def test_relative_difference_is_measured_against_the_largest_expected_output(actual, expected, difference):
     assert verify.relative_difference(np.array(actual), np.array(expected)) == pytest.approx(difference)
+
+
+@pytest.mark.parametrize("mode", ["full", "layers"])
+def test_a_wrong_merge_is_caught_by_either_verification_and_nothing_is_written(tmp_path, monkeypatch, mode):
+    from lora_spec.export import VerificationError
+    from lora_spec.export.fold import FoldRule
+
+    onnx.save(_token_model(), tmp_path / "tokens.onnx")
+    monkeypatch.setattr(FoldRule, "merged_weight", lambda self, branch, weight, lora_a, lora_b: weight)
+    with pytest.raises(VerificationError, match="above the tolerance"):
+        merge_onnx(tmp_path / "tokens.onnx", verify=mode, progress=False)
+    assert [path.name for path in tmp_path.iterdir()] == ["tokens.onnx"]
