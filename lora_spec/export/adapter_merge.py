@@ -50,6 +50,8 @@ _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_de
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
 _FORWARDING_OPS = ("Identity", "Cast", "Transpose")
 _TF_UNIQUIFIER = r"(_\d+)?"
+# PEFT saves the trained bias of an adapted layer under the layer it wraps: `<path>.base_layer.bias`.
+_PEFT_WRAPPER = ".base_layer"
 
 
 @dataclasses.dataclass
@@ -436,18 +438,21 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
                          value: np.ndarray) -> list[tuple[_Location, np.ndarray, str]]:
     """`(location, value in the initializer's layout, compute node)` for a full tensor `<path>.<param>`.
 
-    An initializer named `key` is the parameter as the exporter kept it, in its own layout.
+    An initializer named `<path>.<param>` is the parameter as the exporter kept it, in its own
+    layout.
     Otherwise `weight` is the module's weight in PyTorch's layout (`(out, in)`, or `(in, out)`
     for `fan_in_fan_out` adapters of GPT-2's Conv1D) and `bias` the bias its node adds.
     """
     compute = np.promote_types(value.dtype, np.float32)
     value = value.astype(compute)
-    if "/" not in key and key in graph.initializers:
-        readers = graph.readers(key)
+    path, _, param = key.rpartition(".")
+    path = path.removesuffix(_PEFT_WRAPPER)
+    parameter = f"{path}.{param}"
+    if parameter in graph.initializers:
+        readers = graph.readers(parameter)
         for location in readers:
             _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
         return [(location, value, location.consumer) for location in readers]
-    path, _, param = key.rpartition(".")
     targets = []
     for site in _find_sites(path, sites):
         if param == "weight":
