@@ -210,6 +210,24 @@ class LoRAConfig:
         )
 
 
+def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> LoRAConfig:
+    """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names.
+
+    The backends' `apply(model, config=None, **overrides)` convention.
+    """
+    if config is not None and not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
+                        "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
+    if config is not None:
+        return config.replace(**overrides)
+    fields = [field.name for field in dataclasses.fields(LoRAConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {', '.join(fields)}.")
+    # Built from scratch so that alpha defaults to the given r, as LoRAConfig(r=...) does.
+    return LoRAConfig(**overrides)
+
+
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """`s = alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r

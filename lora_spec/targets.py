@@ -62,3 +62,18 @@ def select_targets(modules: Sequence[ModuleInfo], config: LoRAConfig) -> tuple[L
         raise ValueError(f"target_modules={config.target_modules!r} matched no module: the model's adaptable "
                          f"modules are named {', '.join(names) or '(none)'}.")
     return config, matches
+
+
+def modules_to_save_paths(modules: Sequence[ModuleInfo], config: LoRAConfig, require: bool = True) -> list[str]:
+    """The paths of the modules `config.modules_to_save` names.
+
+    An entry that matches nothing raises `ValueError`, unless `require` is False (PEFT's files
+    list task heads such as "classifier" and "score" whether or not the model has them).
+    """
+    paths = [m.path for m in modules if m.path and config.is_module_to_save(m.path)]
+    for name in (config.modules_to_save or ()) if require else ():
+        if not any(path == name or path.endswith("." + name) for path in paths):
+            names = ", ".join(sorted({_leaf(m.path) for m in modules if m.path})[:8])
+            raise ValueError(f"modules_to_save entry {name!r} matched no module: use a module name of the model "
+                             f"such as {names}.")
+    return paths

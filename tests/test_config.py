@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_spec import LoRAConfig, matches_module
+from lora_spec.config import resolve_config
 
 
 def test_alpha_defaults_to_r_so_scaling_is_one():
@@ -129,3 +130,12 @@ def test_our_rank_pattern_lookup_agrees_with_peft(leaf, prefix):
     config = LoRAConfig(r=8, rank_pattern=patterns)
     key = other.get_pattern_key(list(patterns), prefix + leaf)
     assert config.rank_for(prefix + leaf) == patterns.get(key, 8)
+
+
+def test_resolve_config_applies_overrides_and_defaults_alpha_to_the_given_r():
+    assert resolve_config(None, {"r": 4}) == LoRAConfig(r=4, alpha=4)
+    assert resolve_config(LoRAConfig(r=2, alpha=8), {"dropout": 0.1}) == LoRAConfig(r=2, alpha=8, dropout=0.1)
+    with pytest.raises(ValueError, match="unknown LoRAConfig field 'rank': use one of r, alpha"):
+        resolve_config(None, {"rank": 4})
+    with pytest.raises(TypeError, match="config must be a lora_spec.LoRAConfig, not dict"):
+        resolve_config({"r": 4}, {})

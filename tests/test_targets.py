@@ -3,7 +3,7 @@
 import pytest
 
 from lora_spec import LoRAConfig
-from lora_spec.targets import ModuleInfo, select_targets
+from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 BERT_LIKE = [
     ModuleInfo("", "other", "BertModel"),
@@ -59,3 +59,12 @@ def test_a_target_of_an_unsupported_kind_is_refused_with_its_type():
     with pytest.raises(ValueError, match="'encoder.layer.0.attention.self' is a BertSelfAttention, which LoRA "
                                          "cannot wrap"):
         select_targets(BERT_LIKE, LoRAConfig(target_modules=["self"]))
+
+
+def test_modules_to_save_follow_the_suffix_rule_and_an_unmatched_entry_raises_unless_optional():
+    assert modules_to_save_paths(BERT_LIKE, LoRAConfig(modules_to_save=["classifier", "dense"])) == [
+        "encoder.layer.0.output.dense", "classifier"]
+    config = LoRAConfig(modules_to_save=["score"])
+    with pytest.raises(ValueError, match="modules_to_save entry 'score' matched no module: .* such as classifier"):
+        modules_to_save_paths(BERT_LIKE, config)
+    assert modules_to_save_paths(BERT_LIKE, config, require=False) == []
