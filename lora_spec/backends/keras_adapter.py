@@ -18,8 +18,7 @@ from keras import ops
 from lora_spec.adapter_io import PREFIX, AdapterWeights, load_adapter_dir, save_adapter_dir
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LoRAEmbedding, LoRALayer, reference_shapes
-from lora_spec.backends.keras_model import (CONFIG_ATTRIBUTE, adapt, config_of, lora_layers, named_layers, plan,
-                                            resolve_config)
+from lora_spec.backends.keras_model import CONFIG_ATTRIBUTE, adapt, config_of, lora_layers, named_layers, plan
 from lora_spec.config import LoRAConfig
 
 Layout = Callable[[np.ndarray, keras.layers.Layer], np.ndarray]
@@ -196,7 +195,7 @@ def load_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> keras.la
     if existing:
         if any(layer.merged for _, layer in existing):
             raise ValueError("the model's adapter is merged: call unmerge(model) before load_adapter.")
-        config = resolve_config(file_config, {})
+        config = file_config
         target_paths, save_paths = [p for p, _ in existing], _save_paths(model, file_config)
     else:
         config, target_paths, save_paths = plan(model, file_config, require_modules_to_save=False)

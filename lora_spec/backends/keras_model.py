@@ -8,7 +8,6 @@ becomes its LoRA subclass), so functional graphs, parents and `.keras` files kee
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Iterator
@@ -18,8 +17,8 @@ import keras
 
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LORA_LAYERS, LoRAEmbedding, LoRALayer, lora_arguments
-from lora_spec.config import LoRAConfig
-from lora_spec.targets import ModuleInfo, select_targets
+from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIG_ATTRIBUTE = "_lora_spec_config"
 
@@ -69,20 +68,6 @@ def describe_layers(model: keras.layers.Layer) -> list[ModuleInfo]:
     return infos
 
 
-def resolve_config(config: LoRAConfig | None, overrides: dict[str, Any]) -> LoRAConfig:
-    """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names."""
-    if config is not None and not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
-                        "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
-    if config is not None:
-        return config.replace(**overrides)
-    fields = [field.name for field in dataclasses.fields(LoRAConfig)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {', '.join(fields)}.")
-    return LoRAConfig(**overrides)
-
-
 def plan(model: keras.layers.Layer, config: LoRAConfig,
          require_modules_to_save: bool = True) -> tuple[LoRAConfig, list[str], list[str]]:
     """`(config with resolved targets, paths to adapt, paths of modules_to_save)`, touching nothing."""
@@ -90,12 +75,7 @@ def plan(model: keras.layers.Layer, config: LoRAConfig,
         raise TypeError(f"model must be a keras.Model or keras.layers.Layer, not {type(model).__name__}.")
     layers = describe_layers(model)
     config, matches = select_targets(layers, config)
-    save_paths = [m.path for m in layers if config.is_module_to_save(m.path)]
-    for name in (config.modules_to_save or ()) if require_modules_to_save else ():
-        if not any(path == name or path.endswith("." + name) for path in save_paths):
-            names = ", ".join(sorted({m.path.rsplit(".", 1)[-1] for m in layers})[:8])
-            raise ValueError(f"modules_to_save entry {name!r} matched no layer: use a layer name of the model "
-                             f"such as {names}.")
+    save_paths = modules_to_save_paths(layers, config, require_modules_to_save)
     by_path = dict(named_layers(model))
     for match in matches:
         if not by_path[match.path].built:

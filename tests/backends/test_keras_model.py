@@ -106,7 +106,7 @@ def test_subclassed_model_adapts_embeddings_and_attention_and_merges_exactly():
     ({"target_modules": ["missing"]}, ValueError, "target_modules=.*matched no module.*fc1, fc2, head"),
     ({"target_modules": ["norm"]}, ValueError, "'norm' is a LayerNormalization, which LoRA cannot wrap"),
     ({"target_modules": ["fc1"], "modules_to_save": ["classifier"]}, ValueError,
-     "modules_to_save entry 'classifier' matched no layer"),
+     "modules_to_save entry 'classifier' matched no module"),
     ({"rank": 4}, ValueError, "unknown LoRAConfig field 'rank'"),
     ({"r": 0}, ValueError, "r=0 is invalid"),
 ])
