@@ -71,7 +71,13 @@ class WeightUpdate:
 
 @dataclasses.dataclass
 class AdapterMergePlan:
-    """The updates to write, which adapter keys matched which compute nodes, and which matched none."""
+    """The updates to write, which adapter keys matched which nodes, and which matched none.
+
+    A key is a module path for a LoRA pair (`encoder.layer.0.attention.self.query`) and
+    `<module path>.<parameter>` for a full tensor (`classifier.weight`); `matched` pairs it with
+    the compute node that reads the weight (or, for a full tensor found by its initializer's
+    name, the node reading that initializer).
+    """
 
     updates: list[WeightUpdate]
     matched: list[tuple[str, str]]
@@ -313,7 +319,7 @@ def _check_arguments(model, read_tensor, adapters) -> list[tuple[str | os.PathLi
         raise TypeError(f"adapters={adapters!r} is invalid: pass a non-empty list of (directory, weight) pairs.")
     checked = []
     for entry in adapters:
-        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))):
             raise TypeError(f"adapter entry {entry!r} is invalid: use a (directory, weight) pair.")
         directory, weight = entry
         if isinstance(weight, bool) or not isinstance(weight, Real) or not math.isfinite(weight):
@@ -469,7 +475,12 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
 def _lora_kind(adapter: _Adapter, path: str) -> str:
     if path in adapter.tensors.embeddings:
         return "embedding"
-    return "conv2d" if adapter.tensors.lora[path][0].ndim == 4 else "linear"
+    dims = adapter.tensors.lora[path][0].ndim
+    if dims not in (2, 4):
+        raise AdapterMergeError(f"adapter {adapter.directory}: module {path} has a {dims}-D lora_A, which is neither a "
+                                "linear (2-D) nor a 2-D convolution (4-D) adapter: lora_spec merges linear, embedding "
+                                "and Conv2d adapters only.")
+    return "conv2d" if dims == 4 else "linear"
 
 
 def _unique(items: Iterable) -> list:

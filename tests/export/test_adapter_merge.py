@@ -305,7 +305,7 @@ def test_adapter_with_weight_zero_changes_nothing_but_is_matched(adapter):
 def test_two_adapters_on_one_node_accumulate_into_one_update(adapter, tmp_path):
     other = write_adapter(tmp_path / "other", {PATH: (LORA_A * 3, LORA_B)}, alpha=2.0)
     model = linear_model(WEIGHT, np.zeros(3), "gemm_trans_b")
-    (update,) = plan_for(model, [(adapter, 0.5), (other, -1.0)]).updates
+    (update,) = plan_for(model, [(adapter, 0.5), [str(other), -1]]).updates
     expected = WEIGHT + 0.5 * 2.0 * LORA_B @ LORA_A - 1.0 * 1.0 * LORA_B @ (LORA_A * 3)
     np.testing.assert_allclose(update.value, expected, rtol=1e-5, atol=1e-5)
 
@@ -436,6 +436,8 @@ def _corrupt(directory: Path, change) -> Path:
      r"module block.proj has lora_A \(2, 3\) and lora_B \(3, 2\), which do not fit the weight \(3, 4\)"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}, r=2, rank_pattern={"proj": 4}),
      "module block.proj has rank 2 in the file but 4 by its config"),
+    (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :, None], LORA_B)}),
+     "module block.proj has a 3-D lora_A, which is neither a linear"),
     (lambda d: write_adapter(d / "a", {}, extra={f"{PATH}.weight": WEIGHT.T}, r=1),
      rf"tensor {PATH}.weight has shape \(4, 3\) but the graph's tensor read by node 'n0' is \(3, 4\)"),
 ])
