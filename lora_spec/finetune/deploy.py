@@ -33,11 +33,15 @@ def export_onnx(model: torch.nn.Module, path: Path, example_ids: Sequence[Sequen
                           opset_version=OPSET, dynamo=False)
 
 
-def merge_onnx_file(source: Path, target: Path) -> None:
-    """Fold the LoRA branches of `source` into its base weights with lora-export, writing `target`."""
+def merge_onnx_file(source: Path, target: Path, progress: bool = True):
+    """Fold the LoRA branches of `source` into its base weights (`lora-export --merge`), writing `target`.
+
+    lora-export checks the merged graph against the original in onnxruntime before writing it;
+    its `MergeResult` says what was folded and by how much the outputs differ.
+    """
     from lora_spec.export import merge_onnx
 
-    merge_onnx(source, output=target)
+    return merge_onnx(source, output=target, progress=progress)
 
 
 def session(path: Path):

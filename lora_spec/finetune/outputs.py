@@ -43,6 +43,10 @@ def check_output_dir(output: str | os.PathLike) -> Path:
 def staged_output(output: Path) -> Iterator[Path]:
     """Yield an empty hidden folder beside `output`; on success it replaces `output`, else it is removed."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    # mkdtemp makes the folder private (0700); the finished output gets what mkdir would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         previous = None

@@ -44,9 +44,12 @@ class Prepared:
         return [self.token_ids[i] for i in indices]
 
 
+_STARTED = time.perf_counter()
+
+
 def log(message: str) -> None:
-    """Progress lines go to stderr, so stdout holds the results alone."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress lines, stamped with the seconds since start, go to stderr: stdout holds the results alone."""
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def load_data(options: FinetuneOptions) -> data_module.TextDataset:
@@ -154,7 +157,8 @@ def run(options: FinetuneOptions) -> report.Summary:
         log("exporting to ONNX and merging with lora-export")
         example = prepared.ids(prepared.validation_indices[:LATENCY_BATCH_SIZE])
         deploy.export_onnx(model, staging / "model.onnx", example, prepared.pad_id)
-        deploy.merge_onnx_file(staging / "model.onnx", staging / "model.merged.onnx")
+        merged = deploy.merge_onnx_file(staging / "model.onnx", staging / "model.merged.onnx", options.progress)
+        log(f"lora-export folded {len(merged.folds)} LoRA branches; {merged.verification.describe()}")
         base_onnx = staging / ".base.onnx"
         deploy.export_onnx(prepared.base, base_onnx, example, prepared.pad_id)
 
@@ -165,11 +169,10 @@ def run(options: FinetuneOptions) -> report.Summary:
                                     "merged": staging / "model.merged.onnx"}, example, prepared.pad_id)
         base_onnx.unlink()
 
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         summary = report.Summary(
             data=dataset.source + (f" (sampled from {prepared.sampled_from})" if prepared.sampled_from else ""),
             train_examples=len(prepared.train_indices), validation_examples=len(prepared.validation_indices),
-            trainable_parameters=trainable, head_parameters=sum(p.numel() for p in prepared.base.classifier.parameters()),
+            trainable_parameters=lora_torch.trainable_parameters(model).trainable, head_parameters=sum(p.numel() for p in prepared.base.classifier.parameters()),
             total_parameters=sum(p.numel() for p in prepared.base.parameters()),
             head_only_accuracy=head_accuracy, lora_accuracy=lora_accuracy,
             adapter_bytes=_files_bytes(staging / "adapter", ("*",)), model_bytes=_model_bytes(prepared),

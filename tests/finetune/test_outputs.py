@@ -33,6 +33,14 @@ def test_an_interrupted_run_leaves_the_previous_outputs_intact(tmp_path, interru
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
 
 
+def test_the_output_folder_gets_the_permissions_mkdir_would_give_it(tmp_path):
+    (tmp_path / "plain").mkdir()
+    output = tmp_path / "run"
+    with outputs.staged_output(output):
+        pass
+    assert output.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_a_new_output_folder_and_its_parents_are_created(tmp_path):
     output = outputs.check_output_dir(tmp_path / "a" / "b" / "run")
     with outputs.staged_output(output) as staging:
