@@ -69,6 +69,21 @@ class LoRALayer:
         Functional graphs, parents and optimisers keep pointing at the same layer, which is why
         `apply` converts in place instead of rebuilding the model.
         """
+        cls.check_adaptable(layer)
+        layer.__class__ = cls
+        # Keras binds call arguments with the signature it read at construction.
+        layer._call_signature = inspect.signature(layer.call)
+        layer.call_signature_parameters = list(layer._call_signature.parameters)
+        layer._tracker.unlock()
+        try:
+            layer._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+            layer._build_lora()
+        finally:
+            layer._tracker.lock()
+
+    @classmethod
+    def check_adaptable(cls, layer: keras.layers.Layer) -> None:
+        """Raise the reason `adapt_in_place` would refuse `layer`, before anything changes."""
         if type(layer) is not cls.base_class:
             raise TypeError(f"{cls.__name__} adapts a keras.layers.{cls.base_class.__name__}, not a "
                             f"{type(layer).__name__}.")
@@ -81,16 +96,6 @@ class LoRALayer:
         if layer.quantization_mode is not None:
             raise ValueError(f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA "
                              "to the float model.")
-        layer.__class__ = cls
-        # Keras binds call arguments with the signature it read at construction.
-        layer._call_signature = inspect.signature(layer.call)
-        layer.call_signature_parameters = list(layer._call_signature.parameters)
-        layer._tracker.unlock()
-        try:
-            layer._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
-            layer._build_lora()
-        finally:
-            layer._tracker.lock()
 
     def unload(self) -> keras.layers.Layer:
         """Drop the adapter and turn back, in place, into a plain `base_class` layer with the base weights."""
@@ -123,11 +128,7 @@ class LoRALayer:
         Rank and alpha come from `config` (default `LoRAConfig()`) for the layer's name, after
         `rank_pattern` and `alpha_pattern`.
         """
-        if type(layer) is not cls.base_class:
-            raise TypeError(f"{cls.__name__}.from_layer takes a keras.layers.{cls.base_class.__name__}, not a "
-                            f"{type(layer).__name__}.")
-        if not layer.built:
-            raise ValueError(f"layer {layer.name!r} is not built: call it on a batch or build it first.")
+        cls.check_adaptable(layer)
         config = config if config is not None else LoRAConfig()
         base_config = {k: v for k, v in layer.get_config().items() if k not in _KERAS_LORA_ARGUMENTS}
         adapted = cls.from_config({**base_config, **lora_arguments(config, layer.name)})

@@ -78,9 +78,9 @@ def plan(model: keras.layers.Layer, config: LoRAConfig,
     save_paths = modules_to_save_paths(layers, config, require_modules_to_save)
     by_path = dict(named_layers(model))
     for match in matches:
-        if not by_path[match.path].built:
-            raise ValueError(f"layer {match.path!r} is not built: build the model (model.build(input_shape) or "
-                             "call it on a batch) before adding LoRA.")
+        layer = by_path[match.path]
+        if not isinstance(layer, LoRALayer):
+            LORA_LAYERS[type(layer)].check_adaptable(layer)
     return config, [m.path for m in matches], save_paths
 
 

@@ -213,7 +213,7 @@ def test_from_dense_keeps_the_base_weights_and_starts_with_a_zero_update():
     assert (adapted.r, adapted.alpha, adapted.name, adapted.activation) == (3, 4, "proj", dense.activation)
     np.testing.assert_array_equal(adapted.kernel.numpy(), dense.kernel.numpy())
     np.testing.assert_array_equal(adapted(x), expected)
-    with pytest.raises(TypeError, match="takes a keras.layers.Dense, not a Conv1D"):
+    with pytest.raises(TypeError, match="LoRADense adapts a keras.layers.Dense, not a Conv1D"):
         LoRADense.from_dense(keras.layers.Conv1D(2, 1))
 
 

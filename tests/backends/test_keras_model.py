@@ -128,6 +128,14 @@ def test_apply_refuses_what_is_not_a_built_keras_model():
         lora.apply(unbuilt, target_modules=["fc"])
 
 
+def test_a_layer_with_keras_own_lora_is_refused_before_any_layer_changes():
+    model = mlp()
+    model.get_layer("encoder").get_layer("fc2").enable_lora(2)
+    with pytest.raises(ValueError, match="layer 'fc2' has Keras's own LoRA enabled: rebuild it without enable_lora"):
+        lora.apply(model, target_modules=["fc1", "fc2"])
+    assert not list(lora.lora_layers(model))
+
+
 def test_applying_twice_does_not_wrap_twice():
     model = lora.apply(mlp(), r=4, target_modules=["fc1"])
     lora_a = model.get_layer("encoder").get_layer("fc1").lora_a
