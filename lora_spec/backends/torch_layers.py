@@ -86,38 +86,43 @@ class LoRALayer(nn.Module):
         """`s * B @ A` in the base weight's layout, computed in `dtype` (default: the adapter's)."""
         raise NotImplementedError
 
-    def merge(self) -> None:
-        """Add the update to the base weight (in at least float32, cast once); no-op when merged.
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight plus the update, in at least float32 and cast once to the weight's dtype.
 
-        Raises ValueError, leaving the weight untouched, when the sum holds NaN or inf.
+        Raises ValueError when the sum holds NaN or inf; touches nothing.
         """
-        if self.merged:
-            return
         weight = self.base_layer.weight
         compute = torch.promote_types(weight.dtype, torch.float32)
         merged = (weight.detach().to(compute) + self.delta_weight(compute)).to(weight.dtype)
         if not bool(torch.isfinite(merged).all()):
             raise ValueError(f"merging the adapter into this {type(self.base_layer).__name__} gives NaN or inf "
                              f"weights in {weight.dtype}: check the adapter for overflow, or merge in a wider dtype.")
-        self._weight_before_merge = weight.detach().clone()
+        return merged
+
+    def merge(self, keep_original: bool = True) -> None:
+        """Write `merged_weight()` into the base weight; no-op when merged.
+
+        `keep_original` saves the weight for an exact `unmerge`; without it the merge is for good.
+        """
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        if keep_original:
+            self._weight_before_merge = self.base_layer.weight.detach().clone()
         with torch.no_grad():
-            weight.copy_(merged)
+            self.base_layer.weight.copy_(merged)
         self.merged = True
 
     def unmerge(self) -> None:
         """Restore the base weight saved by `merge`, bit for bit; no-op when not merged."""
         if not self.merged:
             return
+        if self._weight_before_merge is None:
+            raise ValueError("this layer was merged for good (keep_original=False): its base weight cannot be restored.")
         with torch.no_grad():
             self.base_layer.weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
         self.merged = False
-
-    def merged_base_layer(self) -> nn.Module:
-        """The base layer with the update merged in for good (the saved copy is dropped)."""
-        self.merge()
-        self._weight_before_merge = None
-        return self.base_layer
 
     def _lora_active(self) -> bool:
         return self.adapter_enabled and not self.merged

@@ -199,12 +199,21 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the adapters for good and return `model` made of plain torch layers, no LoRA code left.
 
-    `modules_to_save` are replaced by their trained copies. Validated before any change: on NaN
-    or inf, ValueError and the model is untouched.
+    `modules_to_save` are replaced by their trained copies. Every merged weight is checked before
+    any is written (on NaN or inf: ValueError, model untouched), and no copy of the base weights
+    is kept, so memory does not grow.
     """
-    merge(model)
-    for path, layer in list(lora_layers(model)):
-        _replace(model, path, layer.merged_base_layer())
+    config_of(model)
+    layers = list(lora_layers(model))
+    for path, layer in layers:
+        if not layer.merged:
+            try:
+                layer.merged_weight()
+            except ValueError as error:
+                raise ValueError(f"module {path!r}: {error}") from None
+    for path, layer in layers:
+        layer.merge(keep_original=False)
+        _replace(model, path, layer.base_layer)
     for path, wrapper in list(_modules_to_save(model)):
         _replace(model, path, wrapper.trained_module)
     delattr(model, CONFIG_ATTRIBUTE)

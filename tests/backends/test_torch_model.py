@@ -246,3 +246,15 @@ def test_a_rank_a_grouped_conv_cannot_take_is_refused_before_any_module_is_wrapp
     with pytest.raises(ValueError, match=r"module 'conv': rank 3 is not a multiple of the conv's groups=2"):
         lora.apply(model, r=3, target_modules=["q_proj", "conv"])
     assert type(model.attention.q_proj) is nn.Linear and not hasattr(model, "lora_config")
+
+
+def test_merge_and_unload_refuses_nan_before_writing_any_weight():
+    model = adapted(target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        model.attention.v_proj.lora_B[0, 0] = float("nan")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"module 'attention.v_proj'.*NaN or inf"):
+        lora.merge_and_unload(model)
+    assert isinstance(model.attention.q_proj, lora.LoRALinear) and not model.attention.q_proj.merged
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, weights[name], rtol=0, atol=0, equal_nan=True)
