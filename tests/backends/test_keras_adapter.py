@@ -202,3 +202,21 @@ def test_adapter_trained_in_keras_runs_in_pytorch_and_peft_with_the_same_outputs
     np.testing.assert_allclose(_torch_outputs(torch, net.eval()), expected, rtol=0, atol=1e-5)
     peft_net = peft.PeftModel.from_pretrained(torch_twin(torch, keras_base()), str(tmp_path))
     np.testing.assert_allclose(_torch_outputs(torch, peft_net.eval()), expected, rtol=0, atol=1e-5)
+
+
+def test_adapter_saved_by_peft_runs_in_keras_with_the_same_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = keras_base()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
+                             bias="lora_only", use_rslora=True)
+    net = peft.get_peft_model(torch_twin(torch, base), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    net.save_pretrained(str(tmp_path))
+    keras_model = lora.load_adapter(base, tmp_path)
+    assert dict(lora.lora_layers(keras_model))["encoder.fc1"].scaling == pytest.approx(4.0)
+    np.testing.assert_allclose(keras_model(IDS), _torch_outputs(torch, net.eval()), rtol=0, atol=1e-5)
