@@ -157,7 +157,14 @@ def _add_delta(W, A, B, s, layer: str, sign: int) -> np.ndarray:
     # At least float32, so half-precision weights are not rounded before the sum; cast back once.
     compute = np.promote_types(W.dtype, np.float32)
     delta = _DELTAS[layer](A.astype(compute), B.astype(compute), s)
-    return (W.astype(compute) + sign * delta).astype(W.dtype)
+    # In place on a copy of W: the same sums, but no extra full-size temporaries (exporting a
+    # multi-GB model merges one large weight after another).
+    merged = W.astype(compute)
+    if sign > 0:
+        merged += delta
+    else:
+        merged -= delta
+    return merged.astype(W.dtype, copy=False)
 
 
 def merge(W, A, B, s, layer: str = "linear") -> np.ndarray:

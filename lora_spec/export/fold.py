@@ -42,10 +42,6 @@ class FoldRule:
     def to_reference(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
         return weight if self.weight_is_out_in(node) else weight.T
 
-    def node_product(self, node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """What the node computes from rows `x` with `weight`, bias left out."""
-        return self.alpha(node) * (x @ self.to_reference(node, weight).T)
-
     def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
                       lora_b: np.ndarray) -> np.ndarray:
         """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`."""

@@ -41,3 +41,21 @@ def test_merged_graph_computes_the_reference_merged_forward(tmp_path_factory, ca
 def test_merged_graph_has_the_compute_nodes_of_the_base_model(tmp_path_factory, case):
     _, merged = _merge(tmp_path_factory, case)
     assert _compute_ops(onnx.load(merged)) == _compute_ops(case.base_model), case.layout
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sign", [+1, -1], ids=["merge", "unmerge"])
+def test_reference_merge_in_place_leaves_w_untouched_and_equals_the_plain_sum(dtype, sign):
+    """The exporter relies on the reference's merge for multi-GB weights; it must not modify W."""
+    from lora_spec import reference
+
+    rng = np.random.default_rng(0)
+    weight, lora_a, lora_b = (rng.standard_normal(shape).astype(dtype) for shape in [(6, 5), (2, 5), (6, 2)])
+    original = weight.copy()
+    compute = np.promote_types(dtype, np.float32)
+    delta = 0.5 * (lora_b.astype(compute) @ lora_a.astype(compute))
+    function = reference.merge if sign > 0 else reference.unmerge
+    result = function(weight, lora_a, lora_b, 0.5)
+    np.testing.assert_array_equal(weight, original)
+    np.testing.assert_array_equal(result, (weight.astype(compute) + sign * delta).astype(dtype))
+    assert result.dtype == dtype
