@@ -329,13 +329,17 @@ def _check_arguments(model, read_tensor, adapters) -> list[tuple[str | os.PathLi
 
 
 class _Accumulator:
-    """The new value of each changed input: a replaced base (full tensor) plus weighted deltas."""
+    """The new value of each changed input: a replaced base (full tensor) plus weighted deltas.
+
+    Deltas are computed only when the updates are built, one initializer at a time, so that
+    at most one base weight and one delta are held beside the finished updates.
+    """
 
     def __init__(self, read_tensor: Callable[[str], np.ndarray]) -> None:
         self.read_tensor = read_tensor
         self.locations: dict[tuple[str, int], _Location] = {}
         self.replacements: dict[tuple[str, int], tuple[np.ndarray, str]] = {}
-        self.deltas: dict[tuple[str, int], np.ndarray] = {}
+        self.deltas: dict[tuple[str, int], list[Callable[[], np.ndarray]]] = {}
 
     def replace(self, location: _Location, value: np.ndarray, source: str) -> None:
         key = (location.consumer, location.input_index)
@@ -345,24 +349,29 @@ class _Accumulator:
         self.locations[key] = location
         self.replacements[key] = (value, source)
 
-    def add(self, location: _Location, delta: np.ndarray) -> None:
+    def add(self, location: _Location, delta: Callable[[], np.ndarray]) -> None:
         key = (location.consumer, location.input_index)
         self.locations[key] = location
-        self.deltas[key] = self.deltas.get(key, 0) + delta
+        self.deltas.setdefault(key, []).append(delta)
 
     def updates(self) -> list[WeightUpdate]:
-        updates, cache = [], {}
+        by_initializer: dict[str, list[tuple[str, int]]] = {}
         for key, location in self.locations.items():
-            name = location.initializer.name
-            if name not in cache:
-                cache[name] = self.read_tensor(name)
-            stored = cache[name]
-            if tuple(stored.shape) != tuple(location.initializer.dims):
+            by_initializer.setdefault(location.initializer.name, []).append(key)
+        updates = []
+        for name, keys in by_initializer.items():
+            declared = tuple(self.locations[keys[0]].initializer.dims)
+            stored = self.read_tensor(name)
+            if tuple(stored.shape) != declared:
                 raise AdapterMergeError(f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
-                                        f"declares {tuple(location.initializer.dims)}: fix the tensor reader.")
-            compute = _compute_dtype(location.initializer.data_type)
-            value = self.replacements[key][0] if key in self.replacements else _to_float(stored, compute)
-            updates.append(WeightUpdate(key[0], key[1], _like(value + self.deltas.get(key, 0), stored)))
+                                        f"declares {declared}: fix the tensor reader.")
+            compute = _compute_dtype(self.locations[keys[0]].initializer.data_type)
+            for key in keys:
+                base = self.replacements[key][0] if key in self.replacements else _to_float(stored, compute)
+                value = base.astype(compute, copy=True)
+                for delta in self.deltas.get(key, []):
+                    value += delta()
+                updates.append(WeightUpdate(key[0], key[1], _like(value, stored)))
         return updates
 
 
@@ -386,8 +395,11 @@ def _like(value: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return value.astype(stored.dtype)
 
 
-def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> np.ndarray:
-    """`weight * s * B @ A` for `path`, laid out like the site's initializer."""
+def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> Callable[[], np.ndarray]:
+    """`weight * s * B @ A` for `path`, laid out like the site's initializer, computed when called.
+
+    The shapes and the rank are checked now, so that a bad adapter fails before anything is read.
+    """
     lora_a, lora_b = adapter.tensors.lora[path]
     rank = adapter.config.rank_for(path)
     if lora_a.shape[0] != rank:
@@ -400,8 +412,12 @@ def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> np.ndarray:
             "the adapter was trained on another model.")
     compute = _compute_dtype(site.weight.initializer.data_type)
     scaling = adapter.config.scaling_for(path)
-    delta = _DELTAS[site.kind](lora_a.astype(compute), lora_b.astype(compute), scaling)
-    return site.to_initializer(adapter.weight * delta).astype(compute)
+
+    def compute_delta() -> np.ndarray:
+        delta = _DELTAS[site.kind](lora_a.astype(compute), lora_b.astype(compute), scaling)
+        return site.to_initializer(adapter.weight * delta).astype(compute)
+
+    return compute_delta
 
 
 def _fits(site: _WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
