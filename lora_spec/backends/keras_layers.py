@@ -37,6 +37,13 @@ def _refuse_keras_lora(kwargs: dict[str, Any], layer: str) -> None:
         kwargs.pop(name, None)
 
 
+def _switch_class(layer: keras.layers.Layer, cls: type[keras.layers.Layer]) -> None:
+    layer.__class__ = cls
+    # Keras binds call arguments with the signature it read at construction.
+    layer._call_signature = inspect.signature(layer.call)
+    layer.call_signature_parameters = list(layer._call_signature.parameters)
+
+
 class LoRALayer:
     """What the three LoRA layers share: hyper-parameters, variables, dropout, merge state, saving.
 
@@ -70,10 +77,7 @@ class LoRALayer:
         `apply` converts in place instead of rebuilding the model.
         """
         cls.check_adaptable(layer)
-        layer.__class__ = cls
-        # Keras binds call arguments with the signature it read at construction.
-        layer._call_signature = inspect.signature(layer.call)
-        layer.call_signature_parameters = list(layer._call_signature.parameters)
+        _switch_class(layer, cls)
         layer._tracker.unlock()
         try:
             layer._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
@@ -115,10 +119,8 @@ class LoRALayer:
         for name in ("r", "alpha", "dropout", "use_rslora", "init", "train_bias", "merged", "_unmerged_weight",
                      "seed_generator"):
             self.__dict__.pop(name, None)
-        self.__class__ = self.base_class
-        self._call_signature = inspect.signature(self.call)
-        self.call_signature_parameters = list(self._call_signature.parameters)
-        self.trainable = self.trainable
+        # Trainability stays as it was (base weight frozen), as PEFT leaves requires_grad.
+        _switch_class(self, self.base_class)
         return self
 
     @classmethod

@@ -217,6 +217,7 @@ def test_merge_and_unload_leaves_plain_dense_layers_with_merged_weights():
     assert lora.merge_and_unload(model) is model
     assert set(_classes(model).values()) == {"Dense", "Sequential", "InputLayer", "LayerNormalization"}
     assert all("lora" not in v.path for v in model.weights)
+    assert model.trainable_weights == []  # the merged kernels stay frozen, as PEFT leaves them
     assert_close(model(X), expected, np.float32, factor=20)
     with pytest.raises(ValueError, match="this model has no LoRA adapter: call lora_spec.keras.apply"):
         lora.merge(model)
