@@ -266,3 +266,13 @@ def test_mixed_precision_training_keeps_float32_lora_weights():
     layer = model.get_layer("encoder").get_layer("fc1")
     assert layer.lora_a.dtype == "float32" and layer.compute_dtype == "bfloat16"
     assert np.all(np.isfinite(layer.lora_b.numpy())) and np.any(layer.lora_b.numpy() != 0)
+
+
+def test_subclassed_model_weights_file_loads_into_a_rebuilt_model_with_the_same_lora(tmp_path):
+    targets = dict(r=2, target_modules=["embed", "query", "value"])
+    model = lora.apply(attention_model(), **targets)
+    _randomize_adapters(model)
+    model.save_weights(tmp_path / "model.weights.h5")
+    rebuilt = lora.apply(attention_model(), **targets)
+    rebuilt.load_weights(tmp_path / "model.weights.h5")
+    np.testing.assert_array_equal(rebuilt(IDS), model(IDS))
