@@ -157,15 +157,21 @@ class _Graph:
         tensor = self.initializers[name]
         return _Location(consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)))
 
-    def readers(self, name: str) -> list[_Location]:
-        """Every node input that reads initializer `name`, directly or through Identity nodes."""
-        tensor, found, pending = self.initializers[name], [], [name]
+    def readers(self, tensor: str) -> list[tuple[onnx.NodeProto, _Location]]:
+        """Every node input that reads `tensor` (an initializer or an `Identity` of one), through Identity nodes."""
+        name = tensor
+        while name not in self.initializers:
+            producer = self.producers.get(name)
+            if producer is None or producer.op_type != "Identity":
+                return []
+            name = producer.input[0]
+        initializer, found, pending = self.initializers[name], [], [tensor]
         while pending:
             for node, index in self.consumers.get(pending.pop(), []):
                 if node.op_type == "Identity":
                     pending.append(node.output[0])
                 else:
-                    found.append(_Location(node.name, index, tensor, tuple(range(len(tensor.dims)))))
+                    found.append((node, _Location(node.name, index, initializer, tuple(range(len(initializer.dims))))))
         return found
 
 
@@ -186,23 +192,32 @@ def _attribute(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def _torch_paths(node: onnx.NodeProto, initializer_name: str) -> set[str]:
-    """Module paths named by a PyTorch exporter: kept parameter names, node names, dynamo metadata."""
-    paths = set()
-    if "/" not in initializer_name and initializer_name.endswith(".weight"):
-        paths.add(initializer_name[:-len(".weight")])
-    if node.name.startswith("/"):
-        paths.add(".".join(node.name.split("/")[1:-1]))
+def _node_module(node: onnx.NodeProto) -> str | None:
+    """The module that ran `node` as the node records it: dynamo metadata or a TorchScript name."""
     metadata = {entry.key: entry.value for entry in node.metadata_props}
     scopes = _literal_list(metadata.get("pkg.torch.onnx.name_scopes"))
     if len(scopes) >= 2:
-        paths.add(str(scopes[-2]))
-    elif "namespace" in metadata:
-        modules = [part.split(": ")[0] for part in metadata["namespace"].split("/")[:-1]]
-        if modules:
-            paths.add(modules[-1].strip())
-    paths.discard("")
-    return paths
+        return str(scopes[-2]) or None
+    if "namespace" in metadata:
+        modules = [part.split(": ")[0].strip() for part in metadata["namespace"].split("/")[:-1]]
+        return modules[-1] if modules and modules[-1] else None
+    if node.name.startswith("/"):
+        return ".".join(node.name.split("/")[1:-1]) or None
+    return None
+
+
+def _torch_paths(node: onnx.NodeProto, weight_names: Sequence[str]) -> set[str]:
+    """The module path a PyTorch exporter gives the node: its own record, else its weight's name.
+
+    The node's record wins because exporters store equal weights once, under the first
+    module's name: the second module's node then reads `0.weight` (dynamo) or an `Identity`
+    of it (TorchScript), and must not be merged with module `0`'s adapter.
+    """
+    module = _node_module(node)
+    if module is not None:
+        return {module}
+    kept = [name for name in weight_names if "/" not in name and name.endswith(".weight")]
+    return {kept[0][:-len(".weight")]} if kept else set()
 
 
 def _literal_list(text: str | None) -> list:
@@ -233,8 +248,8 @@ def _weight_sites(graph: _Graph) -> list[_WeightSite]:
         sites.append(_WeightSite(
             node=node, kind=kind, weight=location, transposed=transposed,
             factor=float(_attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0,
-            paths=_torch_paths(node, location.initializer.name),
-            tf_scopes=_tf_scopes(node.name, location.initializer.name)))
+            paths=_torch_paths(node, [node.input[_WEIGHT_INPUT[node.op_type]], location.initializer.name]),
+            tf_scopes=_tf_scopes(node.name) or _tf_scopes(location.initializer.name)))
     return sites
 
 
@@ -458,34 +473,38 @@ def _check_full_shape(adapter: _Adapter, key: str, value: np.ndarray, expected: 
 
 def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adapter, key: str,
                          value: np.ndarray) -> list[tuple[_Location, np.ndarray, str]]:
-    """`(location, value in the initializer's layout, compute node)` for a full tensor `<path>.<param>`.
+    """`(location, value in the initializer's layout, reading node)` for a full tensor `<path>.<param>`.
 
-    An initializer named `<path>.<param>` is the parameter as the exporter kept it, in its own
-    layout.
-    Otherwise `weight` is the module's weight in PyTorch's layout (`(out, in)`, or `(in, out)`
-    for `fan_in_fan_out` adapters of GPT-2's Conv1D) and `bias` the bias its node adds.
+    `weight` of a module with a compute node is its weight: as the initializer holds it when the
+    exporter kept the parameter's name, else in PyTorch's layout (`(out, in)`, or `(in, out)`
+    for `fan_in_fan_out` adapters of GPT-2's Conv1D). `bias` is the bias its node adds. Any other tensor (a LayerNorm's `weight`...) is found by the name the exporter kept,
+    in its own layout, at the nodes of that module only.
     """
-    compute = np.promote_types(value.dtype, np.float32)
-    value = value.astype(compute)
+    value = value.astype(np.promote_types(value.dtype, np.float32))
     path, _, param = key.rpartition(".")
     path = path.removesuffix(_PEFT_WRAPPER)
-    parameter = f"{path}.{param}"
-    if parameter in graph.initializers:
-        readers = graph.readers(parameter)
-        for location in readers:
-            _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
-        return [(location, value, location.consumer) for location in readers]
     targets = []
-    for site in _find_sites(path, sites):
-        if param == "weight":
+    for site in _find_sites(path, sites) if param in ("weight", "bias") else ():
+        if param == "weight" and f"{path}.weight" in (site.node.input[_WEIGHT_INPUT[site.node.op_type]],
+                                                      site.weight.initializer.name):
+            # The exporter kept the parameter as it is: the tensor is already in its layout.
+            _check_full_shape(adapter, key, value, tuple(site.weight.initializer.dims), site.node.name)
+            targets.append((site.weight, value, site.node.name))
+        elif param == "weight":
             full = value.T if site.kind == "linear" and adapter.fan_in_fan_out else value
             _check_full_shape(adapter, key, full, site.reference_shape(), site.node.name)
             targets.append((site.weight, site.to_initializer(full), site.node.name))
-        elif param == "bias" and (bias := _bias_location(graph, site)) is not None:
+        elif (bias := _bias_location(graph, site)) is not None:
             location, beta = bias
             _check_full_shape(adapter, key, value, location.operand_shape, site.node.name)
             targets.append((location, location.from_operand(value / beta), site.node.name))
-    return targets
+    if targets:
+        return targets
+    readers = [location for node, location in graph.readers(f"{path}.{param}")
+               if _node_module(node) in (None, path)]
+    for location in readers:
+        _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
+    return [(location, value, location.consumer) for location in readers]
 
 
 def _lora_kind(adapter: _Adapter, path: str) -> str:

@@ -97,6 +97,32 @@ def test_peft_adapter_with_patterns_head_and_biases_merges_into_exported_mlp(mlp
     assert_close(actual, merged(x).detach().numpy(), np.float32, factor=4)
 
 
+@pytest.fixture(scope="module")
+def twin_graphs(tmp_path_factory):
+    """An MLP whose layers `0` and `2` have equal weights, which exporters store once."""
+    folder = tmp_path_factory.mktemp("twins")
+    base = mlp()
+    base[2] = torch.nn.Linear(4, 4)
+    base[0] = torch.nn.Linear(4, 4)
+    base[2].load_state_dict(base[0].state_dict())
+    base[4] = torch.nn.Linear(4, 3)
+    inputs = {"2d": torch.randn(3, 4), "3d": torch.randn(2, 3, 4)}
+    graphs = {(exporter, rank): export(base, (x,), folder / f"{exporter}_{rank}.onnx", dynamo, ["x"])
+              for exporter, dynamo in EXPORTERS.items() for rank, x in inputs.items()}
+    return base, inputs, graphs
+
+
+@pytest.mark.parametrize("config", [dict(target_modules=["0"]), dict(target_modules=["4"], modules_to_save=["2"])],
+                         ids=["lora_on_first_twin", "second_twin_saved"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("rank", ["2d", "3d"])
+def test_layers_with_equal_base_weights_are_merged_separately(twin_graphs, tmp_path, config, exporter, rank):
+    base, inputs, graphs = twin_graphs
+    merged = peft_adapter(base, tmp_path / "peft", r=2, lora_alpha=2, **config)
+    actual = merged_output(graphs[exporter, rank], [(tmp_path / "peft", 1.0)], {"x": inputs[rank].numpy()})
+    assert_close(actual, merged(inputs[rank]).detach().numpy(), np.float32, factor=4)
+
+
 # --- a tiny BERT classifier: embeddings, attention, kept and anonymous weights --------------------------------
 
 class Classifier(torch.nn.Module):
