@@ -50,6 +50,15 @@ _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_de
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
 _FORWARDING_OPS = ("Identity", "Cast", "Transpose")
 _TF_UNIQUIFIER = r"(_\d+)?"
+# Inputs of normalization nodes holding a module's parameters, by PyTorch's parameter names.
+_NORMALIZATION_INPUTS = {
+    "LayerNormalization": {"weight": 1, "bias": 2},
+    "BatchNormalization": {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4},
+    "InstanceNormalization": {"weight": 1, "bias": 2},
+    "GroupNormalization": {"weight": 1, "bias": 2},
+    "SimplifiedLayerNormalization": {"weight": 1},
+    "RMSNormalization": {"weight": 1},
+}
 # PEFT saves the trained bias of an adapted layer under the layer it wraps: `<path>.base_layer.bias`.
 _PEFT_WRAPPER = ".base_layer"
 
@@ -477,8 +486,10 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
 
     `weight` of a module with a compute node is its weight: as the initializer holds it when the
     exporter kept the parameter's name, else in PyTorch's layout (`(out, in)`, or `(in, out)`
-    for `fan_in_fan_out` adapters of GPT-2's Conv1D). `bias` is the bias its node adds. Any other tensor (a LayerNorm's `weight`...) is found by the name the exporter kept,
-    in its own layout, at the nodes of that module only.
+    for `fan_in_fan_out` adapters of GPT-2's Conv1D). `bias` is the bias its node adds. A
+    normalization's parameters are inputs of the module's `LayerNormalization` (or other
+    normalization) node; any other tensor is found by the name the exporter kept, at the nodes
+    of that module only. Those are taken in their stored layout.
     """
     value = value.astype(np.promote_types(value.dtype, np.float32))
     path, _, param = key.rpartition(".")
@@ -500,8 +511,13 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
             targets.append((location, location.from_operand(value / beta), site.node.name))
     if targets:
         return targets
-    readers = [location for node, location in graph.readers(f"{path}.{param}")
-               if _node_module(node) in (None, path)]
+    readers = [location for node in graph.nodes if _node_module(node) == path
+               for index in [_NORMALIZATION_INPUTS.get(node.op_type, {}).get(param)]
+               if index is not None and index < len(node.input)
+               for location in [graph.trace(node, index)] if location is not None]
+    if not readers:
+        readers = [location for node, location in graph.readers(f"{path}.{param}")
+                   if _node_module(node) in (None, path)]
     for location in readers:
         _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
     return [(location, value, location.consumer) for location in readers]

@@ -169,7 +169,7 @@ def transformer_graphs(tmp_path_factory):
 
 PEFT_CONFIGS = {
     "bert": dict(r=2, lora_alpha=4, target_modules=["query", "value", "word_embeddings", "intermediate.dense"],
-                 modules_to_save=["classifier"]),
+                 modules_to_save=["classifier", "LayerNorm"]),
     "gpt2": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "wte"], fan_in_fan_out=True),
 }
 
