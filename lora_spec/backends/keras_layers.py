@@ -211,6 +211,11 @@ class LoRALayer:
             return
         weights = self._own_weights()
         stored = sorted(set(store.keys()) - {_MERGED_KEY})
+        if not stored:
+            # Keras keys a weights file by layer class, so a LoRA layer finds nothing in a file
+            # saved before LoRA was added.
+            raise ValueError(f"the file has no weights for LoRA layer {self.name!r}: it was saved without LoRA; "
+                             "load base weights before lora_spec.keras.apply, and adapters with load_adapter.")
         if stored != sorted(weights):
             raise ValueError(f"layer {self.name!r} holds variables {sorted(weights)} but the file has {stored}: "
                              "load the file into the model that saved it.")

@@ -276,3 +276,11 @@ def test_subclassed_model_weights_file_loads_into_a_rebuilt_model_with_the_same_
     rebuilt = lora.apply(attention_model(), **targets)
     rebuilt.load_weights(tmp_path / "model.weights.h5")
     np.testing.assert_array_equal(rebuilt(IDS), model(IDS))
+
+
+def test_a_weights_file_saved_before_lora_is_refused_with_what_to_do_instead(tmp_path):
+    mlp().save_weights(tmp_path / "base.weights.h5")
+    model = lora.apply(mlp(), r=4, target_modules=["fc1", "fc2"])
+    with pytest.raises(ValueError, match="the file has no weights for LoRA layer 'fc1': it was saved without LoRA; "
+                                         "load base weights before lora_spec.keras.apply"):
+        model.load_weights(tmp_path / "base.weights.h5")
