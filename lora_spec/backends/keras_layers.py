@@ -37,6 +37,11 @@ def _refuse_keras_lora(kwargs: dict[str, Any], layer: str) -> None:
         kwargs.pop(name, None)
 
 
+def _snapshot(variable: keras.Variable) -> np.ndarray:
+    """A copy of the variable's value that later assigns cannot change (some backends hand out views)."""
+    return np.array(ops.convert_to_numpy(variable), copy=True)
+
+
 def _switch_class(layer: keras.layers.Layer, cls: type[keras.layers.Layer]) -> None:
     layer.__class__ = cls
     # Keras binds call arguments with the signature it read at construction.
@@ -203,7 +208,7 @@ class LoRALayer:
             return
         for name, variable in self._own_weights().items():
             merged_base = self.merged and variable is self._base_weight
-            store[name] = self._unmerged_weight if merged_base else ops.convert_to_numpy(variable)
+            store[name] = self._unmerged_weight if merged_base else _snapshot(variable)
         store[_MERGED_KEY] = np.array(int(self.merged))
 
     def load_own_variables(self, store) -> None:
@@ -229,7 +234,7 @@ class LoRALayer:
 
     def lora_weights(self) -> tuple[np.ndarray, np.ndarray]:
         """`(A (r, in), B (out, r))` in the reference layout, as NumPy arrays."""
-        lora_a, lora_b = ops.convert_to_numpy(self.lora_a), ops.convert_to_numpy(self.lora_b)
+        lora_a, lora_b = _snapshot(self.lora_a), _snapshot(self.lora_b)
         # Contiguous, so NumPy's products sum in the same order as on arrays built in this layout.
         return np.ascontiguousarray(lora_a.reshape(-1, self.r).T), np.ascontiguousarray(lora_b.reshape(self.r, -1).T)
 
@@ -245,7 +250,7 @@ class LoRALayer:
 
     def base_weight(self) -> np.ndarray:
         """The unmerged base weight in the reference layout (`W (out, in)`; an embedding's table)."""
-        value = self._unmerged_weight if self.merged else ops.convert_to_numpy(self._base_weight)
+        value = self._unmerged_weight.copy() if self.merged else _snapshot(self._base_weight)
         return self._to_reference(value)
 
     def merge(self) -> None:
@@ -256,7 +261,7 @@ class LoRALayer:
         """
         if self.merged:
             return
-        unmerged = ops.convert_to_numpy(self._base_weight)
+        unmerged = _snapshot(self._base_weight)
         lora_a, lora_b = self.lora_weights()
         weight = np.ascontiguousarray(self._to_reference(unmerged))
         with np.errstate(invalid="ignore", over="ignore"):  # a diverged adapter is reported just below
