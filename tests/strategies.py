@@ -323,3 +323,52 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs],
         list(initializers.values()))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
+
+
+@dataclasses.dataclass
+class LoRAEmbeddingGraphCase:
+    """An ONNX embedding lookup with a LoRA branch, as exporters write it, and the reference's merged lookup."""
+
+    model: object
+    ids: np.ndarray
+    expected: np.ndarray
+    layout: dict
+
+
+@st.composite
+def lora_embedding_graph_cases(draw) -> LoRAEmbeddingGraphCase:
+    """`W[ids] + s * (A.T[ids] @ B.T)`: the base and the A table both `Gather`ed by the same ids."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_spec import reference
+
+    case = draw(embedding_cases(dtype=np.float32))
+    layout = dict(scale_at=draw(st.sampled_from(["after", "between", "folded"])), identity=draw(st.booleans()),
+                  lora_b_op=draw(st.sampled_from(["MatMul", "Gemm"])), add_base_first=draw(st.booleans()))
+    ids = case.ids.reshape(-1) if layout["lora_b_op"] == "Gemm" else case.ids  # Gemm needs 2-D rows
+    lora_b = (case.B.T * case.s if layout["scale_at"] == "folded" else case.B.T).astype(np.float32)
+    initializers = [numpy_helper.from_array(case.W, "table"), numpy_helper.from_array(case.A.T.copy(), "lora_A"),
+                    numpy_helper.from_array(lora_b, "lora_B"), numpy_helper.from_array(np.float32(case.s), "scale")]
+    table = "table"
+    nodes = []
+    if layout["identity"]:
+        nodes.append(helper.make_node("Identity", ["table"], ["table_identity"]))
+        table = "table_identity"
+    nodes += [helper.make_node("Gather", [table, "ids"], ["base"]), helper.make_node("Gather", ["lora_A", "ids"], ["rows"])]
+    hidden = "rows"
+    if layout["scale_at"] == "between":
+        nodes.append(helper.make_node("Mul", ["rows", "scale"], ["scaled_rows"]))
+        hidden = "scaled_rows"
+    nodes.append(helper.make_node(layout["lora_b_op"], [hidden, "lora_B"], ["update"]))
+    update = "update"
+    if layout["scale_at"] == "after":
+        nodes.append(helper.make_node("Mul", ["scale", "update"], ["scaled_update"]))
+        update = "scaled_update"
+    nodes.append(helper.make_node("Add", ["base", update] if layout["add_base_first"] else [update, "base"], ["y"]))
+    graph = helper.make_graph(nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*ids.shape, case.W.shape[1]])],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
+    merged = reference.merge(case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s,
+                             layer="embedding")
+    return LoRAEmbeddingGraphCase(model=model, ids=ids, expected=merged[ids], layout=layout)

@@ -14,7 +14,7 @@ import onnx
 
 from lora_spec import reference
 from lora_spec.export.graph import Graph, attribute
-from lora_spec.export.patterns import Factor, LoRABranch
+from lora_spec.export.patterns import WEIGHT_INPUT, Factor, LoRABranch
 
 ReadTensor = Callable[[str], np.ndarray]
 
@@ -64,8 +64,9 @@ class FoldRule:
         target = branch.weight
         if graph.initializer_readers(target) > 1:
             target = graph.copy_initializer(target, f"{target}.merged")
-        if branch.base.input[1] != target:
-            graph.replace_input(branch.base, 1, target)
+        weight_input = WEIGHT_INPUT[self.op_type]
+        if branch.base.input[weight_input] != target:
+            graph.replace_input(branch.base, weight_input, target)
         weight_type = graph.initializers[target].data_type
         graph.bypass(branch.add, branch.base_output)
         output = branch.add.output[0]
@@ -102,7 +103,17 @@ class GemmFold(FoldRule):
         return super().check(graph, branch)
 
 
-RULES = {rule.op_type: rule for rule in (MatMulFold(), GemmFold())}
+class GatherFold(MatMulFold):
+    """An embedding: `Gather(W, ids)` picks rows of `W (num, dim)`, a MatMul by one-hot ids.
+
+    The reference's embedding merge `W + s * (B @ A).T` is the linear merge in this `(in, out)`
+    layout, so the MatMul rule's arithmetic applies unchanged.
+    """
+
+    op_type = "Gather"
+
+
+RULES = {rule.op_type: rule for rule in (MatMulFold(), GemmFold(), GatherFold())}
 
 
 def reference_factors(lora_a: Factor, lora_b: Factor, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:

@@ -156,11 +156,12 @@ class Graph:
         return copies, renamed[chain[-1].output[0]]
 
     def replace_input(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
-        """Make `node` read `tensor` at input `index`."""
+        """Make `node` read `tensor` at input `index`; what fed the old input alone goes away."""
         old = node.input[index]
         self.consumers[old] = [reader for reader in self.consumers[old] if reader is not node]
         node.input[index] = tensor
         self.consumers[tensor].append(node)
+        self._remove_orphans([old])
 
     def rename_output(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
         """Let `node` produce `tensor` (a name whose old producer has been removed)."""

@@ -8,6 +8,8 @@ tensors at their places. Tensors of deleted LoRA branches are dropped from the o
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -165,16 +167,31 @@ def _set_location(tensor: onnx.TensorProto, location: str, offset: int | None = 
 
 def _write_data(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
                 data_path: Path, progress) -> None:
-    """Write every external (or new external) tensor of `model` into `data_path`, in input order."""
+    """Write every external (or new external) tensor of `model` into `data_path`, in input order.
+
+    The next new value is computed in a worker thread while the current one is written, so
+    merging and disk I/O overlap; at most two new values are held at once.
+    """
     external = [tensor for tensor in model.graph.initializer if is_external(tensor)]
     external.sort(key=lambda tensor: source.external.get(tensor.name, (Path(), 0, 0))[:2])
-    with open(data_path, "wb") as target:
+    upcoming = iter([tensor.name for tensor in external if tensor.name in values])
+    with open(data_path, "wb") as target, concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
+        computing = collections.deque()
+
+        def compute_next() -> None:
+            name = next(upcoming, None)
+            if name is not None:
+                computing.append(worker.submit(values[name]))
+
+        compute_next()
         for tensor in progress(external, desc="writing tensors", unit="tensor"):
-            padding = -target.tell() % ALIGNMENT
-            target.write(b"\0" * padding)
+            target.write(b"\0" * (-target.tell() % ALIGNMENT))
             offset = target.tell()
             if tensor.name in values:
-                target.write(_as_stored(tensor, values[tensor.name]()).reshape(-1).view(np.uint8))
+                value = computing.popleft().result()
+                compute_next()
+                target.write(_as_stored(tensor, value).reshape(-1).view(np.uint8))
+                del value
             else:
                 path, source_offset, length = source.external[tensor.name]
                 _copy_range(path, source_offset, length, target)

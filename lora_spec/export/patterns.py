@@ -1,11 +1,12 @@
 """Matching LoRA branches: `base(x) + scale * ((x @ A) @ B)` in the forms exporters emit.
 
 A match starts at an `Add`. One side must lead back to the base product (`MatMul` or `Gemm` on
-an initializer), possibly through a bias `Add` and the `Reshape`s Keras/tf2onnx wraps around
+an initializer, or for embeddings a `Gather` of rows of a table), possibly through a bias `Add` and the `Reshape`s Keras/tf2onnx wraps around
 3-D products; the other side to exactly two products on initializers (the low-rank A then B),
 possibly through `Mul`/`Div` by scalar constants (anywhere on the branch), `Cast`s between float
-types, inference-mode `Dropout`, `Identity` and `Reshape`s that keep the last dimension. Both
-sides must read the same activation. Every tensor between the products and the `Add` must have
+types, inference-mode `Dropout`, `Identity` and `Reshape`s that keep the last dimension (for an
+embedding, A is a `Gather` of the transposed A table by the same ids). Both sides must read the
+same activation. Every tensor between the products and the `Add` must have
 no other reader, or deleting the branch (or changing the base weight) would change it too.
 """
 
@@ -18,7 +19,10 @@ import onnx
 
 from lora_spec.export.graph import FLOAT_TYPES, Graph, attribute
 
-BASE_OPS = ("MatMul", "Gemm")
+BASE_OPS = ("MatMul", "Gemm", "Gather")
+# Which input of a base op holds the weight and which the activation (Gather: the table and the ids).
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
+ACTIVATION_INPUT = {"MatMul": 0, "Gemm": 0, "Gather": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Factor:
 
     initializer: str
     transposed: bool
+    gathered: bool = False  # an embedding's A: rows of `(num, r)` picked by ids, not a product
 
 
 @dataclasses.dataclass
@@ -87,12 +92,14 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
         return base_chain
     base_chain, base_shared = base_chain
     base = base_chain[0]
-    weight = graph.initializer_behind(base.input[1])
-    base_input = activation_source(graph, base.input[0], transposed=base.op_type == "Gemm"
-                                   and bool(attribute(base, "transA", 0)))
+    weight = graph.initializer_behind(base.input[WEIGHT_INPUT[base.op_type]])
+    base_input = activation_source(graph, base.input[ACTIVATION_INPUT[base.op_type]],
+                                   transposed=base.op_type == "Gemm" and bool(attribute(base, "transA", 0)))
     if base_input != activation_source(graph, branch_input):
         return "the LoRA branch and the base product read different inputs"
     lora_a, lora_b = factors
+    if lora_a.gathered != (base.op_type == "Gather"):
+        return "an embedding lookup and a matrix product are mixed in one branch"
     reason = _shape_mismatch(graph, base, weight, lora_a, lora_b)
     if reason:
         return reason
@@ -119,7 +126,7 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
                 factor_scale, step = step
                 scale *= factor_scale
         if step is None:
-            product = _product(graph, node)
+            product = _product(graph, node, lora_a=len(factors) == 1)
             if product is None:
                 return None
             factor, alpha, step = product
@@ -146,9 +153,12 @@ def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
         if node is None:
             return None
         chain.insert(0, node)
-        if node.op_type in BASE_OPS and graph.initializer_behind(node.input[1]) is not None:
-            if node.op_type == "MatMul" and len(graph.initializers[graph.initializer_behind(node.input[1])].dims) != 2:
-                return "the base MatMul's weight is not a matrix"
+        weight = graph.initializer_behind(node.input[WEIGHT_INPUT[node.op_type]]) if node.op_type in BASE_OPS else None
+        if weight is not None:
+            if len(graph.initializers[weight].dims) != 2:
+                return f"the base {node.op_type}'s weight is not a matrix"
+            if node.op_type == "Gather" and attribute(node, "axis", 0) != 0:
+                return "the base Gather does not pick rows of its table"
             return chain, shared
         if node.op_type == "Add":
             constant_sides = [index for index in (0, 1) if graph.initializer_behind(node.input[index]) is not None]
@@ -191,7 +201,8 @@ def _keeps_last_dim(graph: Graph, source: str, target: str) -> bool:
     before, after = graph.shape(source), graph.shape(target)
     if not before or not after:
         return False
-    return isinstance(before[-1], int) and before[-1] > 0 and before[-1] == after[-1]
+    # Equal sizes, or the same symbolic dim (shape inference names one unknown size once).
+    return bool(before[-1]) and before[-1] == after[-1]
 
 
 def _scaling(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | None:
@@ -209,13 +220,16 @@ def _scaling(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | None:
     return None
 
 
-def _product(graph: Graph, node: onnx.NodeProto) -> tuple[Factor, float, str] | None:
-    """`(factor, alpha, activation input)` of a MatMul or Gemm by a matrix initializer, else None."""
-    if node.op_type not in BASE_OPS:
+def _product(graph: Graph, node: onnx.NodeProto, lora_a: bool) -> tuple[Factor, float, str] | None:
+    """`(factor, alpha, activation input)` of a MatMul or Gemm by a matrix initializer (or, for A, a
+    Gather of its rows), else None."""
+    if node.op_type not in BASE_OPS or (node.op_type == "Gather" and (not lora_a or attribute(node, "axis", 0))):
         return None
-    weight = graph.initializer_behind(node.input[1])
+    weight = graph.initializer_behind(node.input[WEIGHT_INPUT[node.op_type]])
     if weight is None or len(graph.initializers[weight].dims) != 2:
         return None
+    if node.op_type == "Gather":
+        return Factor(weight, transposed=False, gathered=True), 1.0, node.input[1]
     if node.op_type == "MatMul":
         return Factor(weight, transposed=False), 1.0, node.input[0]
     if attribute(node, "transA", 0) or (len(node.input) > 2 and node.input[2]):

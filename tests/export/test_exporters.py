@@ -178,3 +178,33 @@ def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_expo
     result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
     assert len(result.folds) == 2
     assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
+
+
+class _TokenClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.proj = torch.nn.Embedding(11, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids))
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_peft_embedding_lora_folds_into_the_table(tmp_path, dynamo):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_TokenClassifier(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "proj"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "lora_embedding" in name:
+                parameter.normal_()
+    model.eval()
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    _torch_export(model, (ids,), tmp_path / "tokens.onnx", dynamo, output_names=("logits",))
+    result = merge_onnx(tmp_path / "tokens.onnx", verify="full", progress=False)
+    assert len(result.folds) == 2 and result.verification.passed
+    nodes = [node.op_type for node in onnx.load(result.output).graph.node]
+    assert nodes.count("Gather") == 1 and "Mul" not in nodes
+    with torch.no_grad():
+        expected = model(ids).numpy()
+    assert_close(session(result.output).run(None, {"matrix": ids.numpy()})[0], expected, np.float32, factor=5)

@@ -59,3 +59,13 @@ def test_reference_merge_in_place_leaves_w_untouched_and_equals_the_plain_sum(dt
     np.testing.assert_array_equal(weight, original)
     np.testing.assert_array_equal(result, (weight.astype(compute) + sign * delta).astype(dtype))
     assert result.dtype == dtype
+
+
+@given(strategies.lora_embedding_graph_cases())
+def test_merged_embedding_lookup_is_the_reference_merged_table(tmp_path_factory, case):
+    folder = tmp_path_factory.mktemp("embedding")
+    onnx.save(case.model, folder / "model.onnx")
+    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
+    merged = onnx.load(result.output)
+    assert [node.op_type for node in merged.graph.node] == ["Gather"], case.layout
+    assert_close(session(result.output).run(None, {"ids": case.ids})[0], case.expected, np.float32, factor=20)
