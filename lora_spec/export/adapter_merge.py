@@ -5,9 +5,10 @@ module and returns the new weights; it never touches the model or the files. A m
 such as `encoder.layer.0.attention.self.query` is found, for each compute node that reads a
 weight initializer (`MatMul`, `Gemm`, `Gather` on axis 0, 2-D `Conv`), through:
 
-- the initializer's name when the exporter kept the parameter's (`<path>.weight`);
-- a TorchScript node name (`/encoder/layer.0/attention/self/query/MatMul`);
-- the dynamo exporter's metadata (`pkg.torch.onnx.name_scopes`, else `namespace`);
+- the module the node records: the dynamo exporter's metadata (`pkg.torch.onnx.name_scopes`,
+  else `namespace`) or a TorchScript node name (`/encoder/layer.0/attention/self/query/MatMul`);
+  it wins over the weight's name, since exporters store equal weights once, under one name;
+- else the initializer's name when the exporter kept the parameter's (`<path>.weight`);
 - Keras/tf2onnx scopes (`functional_1/block_1/hidden_1/MatMul` for `block.hidden`: the root
   model's scope first, then each layer name, possibly with TensorFlow's `_N` uniquifier);
 - else a unique module whose path ends with the adapter's path, or the reverse (an adapter
@@ -61,6 +62,7 @@ _NORMALIZATION_INPUTS = {
 }
 # PEFT saves the trained bias of an adapted layer under the layer it wraps: `<path>.base_layer.bias`.
 _PEFT_WRAPPER = ".base_layer"
+_TRAINING_COUNTER = ".num_batches_tracked"
 
 
 @dataclasses.dataclass
@@ -131,6 +133,20 @@ class _WeightSite:
         shape = self.weight.operand_shape
         return shape[::-1] if self.transposed else shape
 
+    def check_unfolded(self, adapter: _Adapter, key: str) -> None:
+        """Refuse a conv weight the TorchScript exporter computed rather than kept.
+
+        A conv needs no transposed copy, so an anonymous `onnx::` weight behind a TorchScript
+        `Conv` is a BatchNorm folded into it: adding the delta there would skip the BatchNorm's
+        per-channel scale.
+        """
+        if self.node.op_type == "Conv" and self.node.name.startswith("/") and (
+                self.weight.initializer.name.startswith("onnx::")):
+            raise AdapterMergeError(
+                f"adapter {adapter.directory}: {key} targets node {self.node.name!r}, whose weight "
+                f"{self.weight.initializer.name} the exporter folded (a BatchNorm merged into the conv), so no exact "
+                "merge exists: export the base model with torch.onnx.export(..., do_constant_folding=False).")
+
     def to_initializer(self, reference_value: np.ndarray) -> np.ndarray:
         """A weight in the reference layout (delta or full), as the initializer must hold it."""
         operand = reference_value.T if self.transposed else reference_value
@@ -150,6 +166,15 @@ class _Graph:
             for index, name in enumerate(node.input):
                 self.consumers.setdefault(name, []).append((node, index))
 
+    def behind_identities(self, tensor: str) -> str | None:
+        """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed."""
+        while tensor not in self.initializers:
+            producer = self.producers.get(tensor)
+            if producer is None or producer.op_type != "Identity":
+                return None
+            tensor = producer.input[0]
+        return tensor
+
     def trace(self, node: onnx.NodeProto, index: int) -> _Location | None:
         """The initializer behind `node.input[index]`, through Identity, Cast and Transpose nodes."""
         consumer, consumer_index, name, perm = node, index, node.input[index], None
@@ -167,20 +192,18 @@ class _Graph:
         return _Location(consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)))
 
     def readers(self, tensor: str) -> list[tuple[onnx.NodeProto, _Location]]:
-        """Every node input that reads `tensor` (an initializer or an `Identity` of one), through Identity nodes."""
-        name = tensor
-        while name not in self.initializers:
-            producer = self.producers.get(name)
-            if producer is None or producer.op_type != "Identity":
-                return []
-            name = producer.input[0]
+        """The nodes reading `tensor` (an initializer or an `Identity` of one), through Identity nodes."""
+        name = self.behind_identities(tensor)
+        if name is None:
+            return []
         initializer, found, pending = self.initializers[name], [], [tensor]
+        same_layout = tuple(range(len(initializer.dims)))
         while pending:
             for node, index in self.consumers.get(pending.pop(), []):
                 if node.op_type == "Identity":
                     pending.append(node.output[0])
                 else:
-                    found.append((node, _Location(node.name, index, initializer, tuple(range(len(initializer.dims))))))
+                    found.append((node, _Location(node.name, index, initializer, same_layout)))
         return found
 
 
@@ -281,6 +304,11 @@ def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:
     return score
 
 
+def _tf_site_score(site: _WeightSite, parts: list[str]) -> int | None:
+    scores = [score for scope in site.tf_scopes if (score := _tf_match_score(scope, parts)) is not None]
+    return max(scores, default=None)
+
+
 def _find_sites(path: str, sites: Iterable[_WeightSite]) -> list[_WeightSite]:
     """The sites of the module at `path`: exact names first, then Keras scopes, then a unique suffix.
 
@@ -293,9 +321,7 @@ def _find_sites(path: str, sites: Iterable[_WeightSite]) -> list[_WeightSite]:
     if exact:
         return exact
     parts = path.split(".")
-    scored = [(score, site) for site in sites for score in
-              [max((s for s in (_tf_match_score(scope, parts) for scope in site.tf_scopes) if s is not None),
-                   default=None)] if score is not None]
+    scored = [(score, site) for site in sites if (score := _tf_site_score(site, parts)) is not None]
     if scored:
         best = max(score for score, _ in scored)
         return [site for score, site in scored if score == best]
@@ -323,12 +349,17 @@ def _load_adapter(directory: str | os.PathLike, weight: float) -> _Adapter:
         config, raw, tensors = load_adapter_dir(directory)
     except ValueError as error:
         raise AdapterMergeError(f"cannot read adapter {os.fspath(directory)}: {error}") from None
+    # A saved BatchNorm's step counter has no effect on inference and no tensor in the graph.
+    tensors.extra = {key: value for key, value in tensors.extra.items() if not key.endswith(_TRAINING_COUNTER)}
     named = [(f"{path}.lora_A", pair[0]) for path, pair in tensors.lora.items()]
     named += [(f"{path}.lora_B", pair[1]) for path, pair in tensors.lora.items()] + list(tensors.extra.items())
     for name, value in named:
-        if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
-            raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} is not finite floating point "
-                                    "(NaN, inf or an integer dtype): the training diverged; re-train or re-save it.")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} has dtype {value.dtype}, not a "
+                                    "floating point type: re-save the adapter with float weights.")
+        if not np.all(np.isfinite(value)):
+            raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} holds NaN or inf: the training "
+                                    "diverged; re-train the adapter or save an earlier checkpoint.")
     return _Adapter(os.fspath(directory), float(weight), config, bool(raw.get("fan_in_fan_out")), tensors)
 
 
@@ -424,6 +455,7 @@ def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> Callable[[], np.n
 
     The shapes and the rank are checked now, so that a bad adapter fails before anything is read.
     """
+    site.check_unfolded(adapter, path)
     lora_a, lora_b = adapter.tensors.lora[path]
     rank = adapter.config.rank_for(path)
     if lora_a.shape[0] != rank:
@@ -454,8 +486,8 @@ def _fits(site: _WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
         return lora_a.ndim == lora_b.ndim == 2 and lora_b.shape[1] == lora_a.shape[0] and (
             lora_b.shape[0], lora_a.shape[1]) == expected
     groups = int(_attribute(site.node, "group", 1))
-    return (lora_a.ndim == lora_b.ndim == 4 and lora_b.shape[2:] == (1, 1) and lora_b.shape[1] * groups == lora_a.shape[0]
-            and (lora_b.shape[0], *lora_a.shape[1:]) == expected)
+    return (lora_a.ndim == lora_b.ndim == 4 and lora_b.shape[2:] == (1, 1)
+            and lora_b.shape[1] * groups == lora_a.shape[0] and (lora_b.shape[0], *lora_a.shape[1:]) == expected)
 
 
 def _bias_location(graph: _Graph, site: _WeightSite) -> tuple[_Location, float] | None:
@@ -502,6 +534,7 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
             _check_full_shape(adapter, key, value, tuple(site.weight.initializer.dims), site.node.name)
             targets.append((site.weight, value, site.node.name))
         elif param == "weight":
+            site.check_unfolded(adapter, key)
             full = value.T if site.kind == "linear" and adapter.fan_in_fan_out else value
             _check_full_shape(adapter, key, full, site.reference_shape(), site.node.name)
             targets.append((site.weight, site.to_initializer(full), site.node.name))

@@ -125,7 +125,8 @@ def apply_plan(model: onnx.ModelProto, plan: AdapterMergePlan) -> onnx.ModelProt
             source = producers[source].input[0]
         name = f"{source}.merged{number}"
         if initializers[source].data_type == TensorProto.BFLOAT16 and update.value.dtype == np.uint16:
-            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, update.value.shape, update.value.tobytes(), raw=True)
+            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, update.value.shape, update.value.tobytes(),
+                                        raw=True)
         else:
             tensor = numpy_helper.from_array(update.value, name)
         merged.graph.initializer.append(tensor)
@@ -369,7 +370,8 @@ def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path):
     model = _model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x], "y0")
     directory = write_adapter(tmp_path / "a", {"dense": (LORA_A, LORA_B), "dense_1": (LORA_A, 2 * LORA_B)})
     plan = plan_for(model, [(directory, 1.0)])
-    assert sorted(plan.matched) == [("dense", "functional_1/dense_1/MatMul"), ("dense_1", "functional_1/dense_1_2/MatMul")]
+    assert sorted(plan.matched) == [("dense", "functional_1/dense_1/MatMul"),
+                                    ("dense_1", "functional_1/dense_1_2/MatMul")]
 
 
 @pytest.mark.parametrize("adapter_path, graph_path", [
@@ -391,6 +393,13 @@ def test_an_ambiguous_suffix_matches_nothing(tmp_path):
     directory = write_adapter(tmp_path / "a", {"query": (LORA_A, LORA_B), "layer.1.query": (LORA_A, LORA_B)})
     plan = plan_for(model, [(directory, 1.0)], allow_partial=True)
     assert plan.unmatched == ["query"] and plan.matched == [("layer.1.query", "n1")]
+
+
+def test_a_saved_batch_norm_step_counter_is_not_a_key_to_merge(tmp_path):
+    counter = {"bn.num_batches_tracked": np.array(7, np.int64)}
+    directory = write_adapter(tmp_path / "a", {PATH: (LORA_A, LORA_B)}, extra=counter)
+    plan = plan_for(linear_model(WEIGHT, np.zeros(3), "matmul"), [(directory, 1.0)])
+    assert plan.unmatched == [] and plan.matched == [(PATH, "n0")]
 
 
 def test_allow_partial_merges_what_matches_and_lists_the_rest(tmp_path):
@@ -431,11 +440,14 @@ def _corrupt(directory: Path, change) -> Path:
     (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}),
                         lambda a: (a / WEIGHTS_NAME).write_bytes(b"\x00" * 3)), "not a valid safetensors file"),
     (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / CONFIG_NAME).write_text(
-        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "use_dora": True}))), "use_dora=True is not supported"),
+        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "use_dora": True}))),
+     "use_dora=True is not supported"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :3], LORA_B)}),
      r"module block.proj has lora_A \(2, 3\) and lora_B \(3, 2\), which do not fit the weight \(3, 4\)"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}, r=2, rank_pattern={"proj": 4}),
      "module block.proj has rank 2 in the file but 4 by its config"),
+    (lambda d: write_adapter(d / "a", {PATH: (LORA_A.astype(np.int32), LORA_B)}),
+     f"tensor {PATH}.lora_A has dtype int32, not a floating point type"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :, None], LORA_B)}),
      "module block.proj has a 3-D lora_A, which is neither a linear"),
     (lambda d: write_adapter(d / "a", {}, extra={f"{PATH}.weight": WEIGHT.T}, r=1),
@@ -456,7 +468,7 @@ def test_non_finite_adapter_tensors_are_refused_by_name(tmp_path, bad):
     tensors, metadata = safetensors_io.load(directory / WEIGHTS_NAME)
     tensors[f"base_model.model.{PATH}.lora_B.weight"] = np.full_like(LORA_B, bad)
     safetensors_io.save(directory / WEIGHTS_NAME, tensors, metadata)
-    with pytest.raises(AdapterMergeError, match=f"tensor {PATH}.lora_B is not finite"):
+    with pytest.raises(AdapterMergeError, match=f"tensor {PATH}.lora_B holds NaN or inf"):
         plan_for(linear_model(WEIGHT, np.zeros(3), "matmul"), [(directory, 1.0)])
 
 

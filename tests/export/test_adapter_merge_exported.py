@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec.export.adapter_merge import plan_adapter_merge  # noqa: E402
+from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge  # noqa: E402
 
 EXPORTERS = {"torchscript": False, "dynamo": True}
 
@@ -121,6 +121,39 @@ def test_layers_with_equal_base_weights_are_merged_separately(twin_graphs, tmp_p
     merged = peft_adapter(base, tmp_path / "peft", r=2, lora_alpha=2, **config)
     actual = merged_output(graphs[exporter, rank], [(tmp_path / "peft", 1.0)], {"x": inputs[rank].numpy()})
     assert_close(actual, merged(inputs[rank]).detach().numpy(), np.float32, factor=4)
+
+
+def convolutions(batch_norm: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    norm = [torch.nn.BatchNorm2d(4)] if batch_norm else []
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), *norm, torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, (1, 2), stride=2))
+    if batch_norm:
+        with torch.no_grad():
+            model[1].running_var.uniform_(0.5, 2.0)
+            model[1].weight.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_peft_conv2d_adapter_merges_into_exported_convolutions(tmp_path, exporter):
+    base, x = convolutions(batch_norm=False), torch.randn(2, 3, 6, 6)
+    path = export(base, (x,), tmp_path / "conv.onnx", EXPORTERS[exporter], ["x"])
+    merged = peft_adapter(base, tmp_path / "peft", r=2, lora_alpha=3, target_modules=["0", "2"])
+    assert_close(merged_output(path, [(tmp_path / "peft", 1.0)], {"x": x.numpy()}), merged(x).detach().numpy(),
+                 np.float32, factor=4)
+
+
+@pytest.mark.parametrize("exporter, message", [
+    ("torchscript", r"targets node '/0/Conv', whose weight onnx::Conv_\d+ the exporter folded.*do_constant_folding"),
+    ("dynamo", "1 of 1 adapter keys matched no weight of the graph: 0;"),  # the fused node belongs to the BatchNorm
+])
+def test_a_conv_with_a_batch_norm_folded_into_it_is_never_merged(tmp_path, exporter, message):
+    base, x = convolutions(batch_norm=True), torch.randn(2, 3, 6, 6)
+    path = export(base, (x,), tmp_path / "conv.onnx", EXPORTERS[exporter], ["x"])
+    peft_adapter(base, tmp_path / "peft", r=2, lora_alpha=3, target_modules=["0"])
+    with pytest.raises(AdapterMergeError, match=message):
+        merged_output(path, [(tmp_path / "peft", 1.0)], {"x": x.numpy()})
 
 
 # --- a tiny BERT classifier: embeddings, attention, kept and anonymous weights --------------------------------
