@@ -22,6 +22,7 @@ def _checks() -> dict:
     import lora_spec.keras as lora
     from lora_spec import reference
 
+    keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 6)).astype(np.float32)
     mask = (rng.random(x.shape) > 0.3) / 0.7
@@ -38,7 +39,6 @@ def _checks() -> dict:
     actual["merged"] = layer(x)
     layer.unmerge()
 
-    keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"),
                               keras.layers.Dense(3, name="head")])
     lora.apply(model, r=2)
