@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora_spec import torch as lora_torch
 from lora_spec.finetune import data as data_module
 from lora_spec.finetune import deploy, model as model_module, outputs, report, train
 from lora_spec.finetune.model import HEAD, SentenceClassifier
@@ -67,15 +68,13 @@ def prepare(options: FinetuneOptions, seed: int) -> Prepared:
         dataset = dataset.subset(data_module.stratified_sample(dataset.labels, options.max_examples, seed))
     for name, count in dataset.class_counts().items():
         if count < 2:
-            raise ValueError(f"label {name!r} has {count} example in {dataset.source}: every label needs at least 2 "
+            raise ValueError(f"label {name!r} has {count} example{'s' * (count != 1)} in {dataset.source}: every label needs at least 2 "
                              "(one to train on, one to validate); add examples or drop the label.")
     train_indices, validation_indices = data_module.stratified_split(dataset.labels, options.validation_fraction, seed)
     model_dir = model_module.check_model_dir(options.model) if options.model else model_module.default_model_dir()
     torch.manual_seed(seed)
     tokenizer, base = model_module.load_pretrained(model_dir, len(dataset.label_names), options.pooling)
     base.requires_grad_(False)
-    from lora_spec import torch as lora_torch
-
     lora_model = lora_torch.apply(copy.deepcopy(base), r=options.r, alpha=options.alpha, dropout=options.dropout,
                                   target_modules=list(options.targets), modules_to_save=[HEAD])
     token_ids = model_module.tokenize(tokenizer, dataset.texts, options.max_length)
@@ -134,8 +133,6 @@ def _model_bytes(prepared: Prepared) -> int:
 
 def run(options: FinetuneOptions) -> report.Summary:
     """The whole job; outputs appear in `options.output` only once everything succeeded."""
-    from lora_spec import torch as lora_torch
-
     output = outputs.check_output_dir(options.output)
     prepared = prepare(options, options.seed)
     dataset = prepared.dataset
@@ -147,50 +144,51 @@ def run(options: FinetuneOptions) -> report.Summary:
         head_accuracy, head_losses = train_head_only(prepared, options, options.seed)
         log(f"head only: validation accuracy {100 * head_accuracy:.1f}%")
         lora_logits, lora_losses, train_seconds = train_lora(prepared, options, options.seed)
-        validation_labels = dataset.labels[prepared.validation_indices]
-        lora_accuracy = train.accuracy(lora_logits, validation_labels)
+        lora_accuracy = train.accuracy(lora_logits, dataset.labels[prepared.validation_indices])
         log(f"LoRA: validation accuracy {100 * lora_accuracy:.1f}% after {train_seconds:.0f} s of training")
-
-        model = prepared.lora_model
-        lora_torch.save_adapter(model, staging / "adapter")
+        lora_torch.save_adapter(prepared.lora_model, staging / "adapter")
         prepared.tokenizer.save_pretrained(staging / "tokenizer")
-        log("exporting to ONNX and merging with lora-export")
-        example = prepared.ids(prepared.validation_indices[:LATENCY_BATCH_SIZE])
-        deploy.export_onnx(model, staging / "model.onnx", example, prepared.pad_id)
-        merged = deploy.merge_onnx_file(staging / "model.onnx", staging / "model.merged.onnx", options.progress)
-        log(f"lora-export folded {len(merged.folds)} LoRA branches; {merged.verification.describe()}")
-        base_onnx = staging / ".base.onnx"
-        deploy.export_onnx(prepared.base, base_onnx, example, prepared.pad_id)
-
-        merged_logits = deploy.onnx_logits(staging / "model.merged.onnx", prepared.ids(prepared.validation_indices),
-                                           prepared.pad_id, EVALUATION_BATCH_SIZE)
-        log("timing the base, unmerged and merged ONNX models")
-        latency = deploy.latencies({"base": base_onnx, "unmerged": staging / "model.onnx",
-                                    "merged": staging / "model.merged.onnx"}, example, prepared.pad_id)
-        base_onnx.unlink()
-
+        deployment = deploy_onnx(prepared, options, staging, lora_logits)
         summary = report.Summary(
             data=dataset.source + (f" (sampled from {prepared.sampled_from})" if prepared.sampled_from else ""),
             train_examples=len(prepared.train_indices), validation_examples=len(prepared.validation_indices),
-            trainable_parameters=lora_torch.trainable_parameters(model).trainable, head_parameters=sum(p.numel() for p in prepared.base.classifier.parameters()),
+            trainable_parameters=lora_torch.trainable_parameters(prepared.lora_model).trainable,
+            head_parameters=sum(p.numel() for p in prepared.base.classifier.parameters()),
             total_parameters=sum(p.numel() for p in prepared.base.parameters()),
             head_only_accuracy=head_accuracy, lora_accuracy=lora_accuracy,
             adapter_bytes=_files_bytes(staging / "adapter", ("*",)), model_bytes=_model_bytes(prepared),
-            latency_batch_size=len(example), base_latency_s=latency["base"], unmerged_latency_s=latency["unmerged"],
-            merged_latency_s=latency["merged"],
-            matching_predictions=int(np.sum(merged_logits.argmax(-1) == lora_logits.argmax(-1))),
-            max_logit_difference=float(np.abs(merged_logits - lora_logits).max()), train_seconds=train_seconds)
-        report.plot_losses({"LoRA": lora_losses, "head only": head_losses},
-                           {"LoRA": _steps_per_epoch(prepared, options), "head only": _steps_per_epoch(prepared, options)},
-                           staging / "loss_curve.png")
+            train_seconds=train_seconds, **deployment)
+        report.plot_losses({"LoRA": lora_losses, "head only (frozen base)": head_losses},
+                           -(-len(prepared.train_indices) // options.batch_size), staging / "loss_curve.png")
         (staging / "summary.md").write_text(report.summary_table(summary) + "\n")
         metrics = dataclasses.asdict(summary) | {"options": _plain(options), "labels": list(dataset.label_names)}
         (staging / outputs.MARKER).write_text(json.dumps(metrics, indent=2) + "\n")
     return summary
 
 
-def _steps_per_epoch(prepared: Prepared, options: FinetuneOptions) -> int:
-    return -(-len(prepared.train_indices) // options.batch_size)
+def deploy_onnx(prepared: Prepared, options: FinetuneOptions, staging: Path, lora_logits: np.ndarray) -> dict:
+    """Export, merge, check the merged predictions against PyTorch's `lora_logits`, and time the models.
+
+    Writes `model.onnx` (LoRA branches in the graph) and `model.merged.onnx` into `staging`; the
+    base model (frozen encoder and the head-only baseline's head) is exported only to be timed.
+    Returns the deployment fields of `report.Summary`.
+    """
+    log("exporting to ONNX and merging with lora-export")
+    example = prepared.ids(prepared.validation_indices[:LATENCY_BATCH_SIZE])
+    unmerged, merged, base = staging / "model.onnx", staging / "model.merged.onnx", staging / ".base.onnx"
+    deploy.export_onnx(prepared.lora_model, unmerged, example, prepared.pad_id)
+    result = deploy.merge_onnx_file(unmerged, merged, options.progress)
+    log(f"lora-export folded {len(result.folds)} LoRA branches; {result.verification.describe()}")
+    deploy.export_onnx(prepared.base, base, example, prepared.pad_id)
+    merged_logits = deploy.onnx_logits(merged, prepared.ids(prepared.validation_indices), prepared.pad_id,
+                                       EVALUATION_BATCH_SIZE)
+    log("timing the base, unmerged and merged ONNX models")
+    latency = deploy.latencies({"base": base, "unmerged": unmerged, "merged": merged}, example, prepared.pad_id)
+    base.unlink()
+    return dict(latency_batch_size=len(example), base_latency_s=latency["base"],
+                unmerged_latency_s=latency["unmerged"], merged_latency_s=latency["merged"],
+                matching_predictions=int(np.sum(merged_logits.argmax(-1) == lora_logits.argmax(-1))),
+                max_logit_difference=float(np.abs(merged_logits - lora_logits).max()))
 
 
 def _plain(options: FinetuneOptions) -> dict:

@@ -75,28 +75,29 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(curves: dict[str, Sequence[float]], steps_per_epoch: dict[str, int], path: Path) -> None:
-    """Write a PNG of each training-loss curve against epochs (raw steps faint, a moving average bold)."""
+def plot_losses(curves: dict[str, Sequence[float]], steps_per_epoch: int, path: Path) -> None:
+    """Write a PNG with one panel per training-loss curve against epochs (raw steps faint, a moving average bold)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(7, 4.5))
-    for name, losses in curves.items():
+    figure, panels = pyplot.subplots(1, len(curves), figsize=(5 * len(curves), 4), sharey=True, squeeze=False)
+    for axes, (name, losses) in zip(panels[0], curves.items()):
         losses = np.asarray(losses, dtype=float)
-        epochs = np.arange(1, len(losses) + 1) / steps_per_epoch[name]
-        window = max(1, min(len(losses) // 20, steps_per_epoch[name]))
+        epochs = np.arange(1, len(losses) + 1) / steps_per_epoch
+        window = max(1, min(len(losses) // 20, steps_per_epoch))
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        line, = axes.plot(epochs[window - 1:], smooth, label=f"{name} (moving average of {window} steps)")
-        axes.plot(epochs, losses, color=line.get_color(), alpha=0.2, linewidth=0.7)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("training loss (cross-entropy)")
-    axes.set_yscale("log")
-    axes.grid(True, alpha=0.3)
-    axes.legend()
+        axes.plot(epochs, losses, color="tab:blue", alpha=0.25 if window > 1 else 1.0, linewidth=0.7, label="per step")
+        if window > 1:
+            axes.plot(epochs[window - 1:], smooth, color="tab:blue", label=f"moving average of {window} steps")
+        axes.set_title(name)
+        axes.set_xlabel("epoch")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    panels[0][0].set_ylabel("training loss (cross-entropy)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     pyplot.close(figure)
 
 

@@ -49,7 +49,8 @@ def train(batch_loss: Callable[[np.ndarray], torch.Tensor], parameters: Iterable
             schedule.step()
             losses.append(loss.item())
             seen += len(indices)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", examples_per_s=f"{seen / (time.perf_counter() - started):.0f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", examples_per_s=f"{seen / (time.perf_counter() - started):.0f}",
+                            refresh=False)
     return losses
 
 

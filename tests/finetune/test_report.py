@@ -52,5 +52,5 @@ def test_seeds_table_reports_mean_and_sample_standard_deviation():
 def test_loss_curve_is_written_as_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "loss_curve.png"
-    report.plot_losses({"LoRA": [1.1, 0.9, 0.7, 0.6] * 10, "head only": [1.0, 0.8] * 30}, {"LoRA": 4, "head only": 2}, path)
+    report.plot_losses({"LoRA": [1.1, 0.9, 0.7, 0.6] * 10, "head only": [1.0, 0.8] * 30}, 4, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
