@@ -372,3 +372,43 @@ def lora_embedding_graph_cases(draw) -> LoRAEmbeddingGraphCase:
     merged = reference.merge(case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s,
                              layer="embedding")
     return LoRAEmbeddingGraphCase(model=model, ids=ids, expected=merged[ids], layout=layout)
+
+
+@dataclasses.dataclass
+class LoRAConvGraphCase:
+    """An ONNX 2-D convolution with a LoRA branch (A: conv with the base's geometry, B: grouped 1x1)."""
+
+    model: object
+    x: np.ndarray
+    expected: np.ndarray
+
+
+@st.composite
+def lora_conv_graph_cases(draw) -> LoRAConvGraphCase:
+    """`conv(x, W) + b + s * conv1x1(conv(x, A), B)` from `conv2d_cases`, and the reference's merged conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_spec import reference
+
+    case = draw(conv2d_cases(dtype=np.float32, dropout=False))
+    geometry = dict(strides=list(case.stride), dilations=list(case.dilation), group=case.groups,
+                    pads=[*case.padding, *case.padding])
+    arrays = {"weight": case.W, "lora_A": case.A, "lora_B": case.B, "scale": np.float32(case.s)}
+    base_inputs = ["x", "weight"]
+    if case.b is not None:
+        arrays["bias"] = case.b
+        base_inputs.append("bias")
+    nodes = [helper.make_node("Conv", base_inputs, ["base"], kernel_shape=list(case.W.shape[2:]), **geometry),
+             helper.make_node("Conv", ["x", "lora_A"], ["low"], kernel_shape=list(case.A.shape[2:]), **geometry),
+             helper.make_node("Conv", ["low", "lora_B"], ["update"], kernel_shape=[1, 1], group=case.groups),
+             helper.make_node("Mul", ["update", "scale"], ["scaled"]),
+             helper.make_node("Add", ["base", "scaled"], ["y"])]
+    merged = reference.merge(case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s,
+                             layer="conv2d")
+    expected = reference.conv2d_forward(case.x.astype(np.float64), merged, case.b, case.A.astype(np.float64),
+                                        np.zeros(case.B.shape), 0.0, **case.geometry)
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(expected.shape))],
+                              [numpy_helper.from_array(np.asarray(value, np.float32), name) for name, value in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
+    return LoRAConvGraphCase(model=model, x=case.x, expected=expected)

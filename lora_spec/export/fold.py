@@ -42,6 +42,10 @@ class FoldRule:
     def to_reference(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
         return weight if self.weight_is_out_in(node) else weight.T
 
+    def reference_factors(self, branch: LoRABranch, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
+        """A `(r, in)` and B `(out, r)` in the reference layout, from how the products read them."""
+        return reference_factors(branch.lora_a, branch.lora_b, read_tensor)
+
     def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
                       lora_b: np.ndarray) -> np.ndarray:
         """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`."""
@@ -113,7 +117,23 @@ class GatherFold(MatMulFold):
     op_type = "Gather"
 
 
-RULES = {rule.op_type: rule for rule in (MatMulFold(), GemmFold(), GatherFold())}
+class ConvFold(FoldRule):
+    """A 2-D convolution: ONNX stores `W (out, in/groups, kh, kw)`, A and B as the reference does."""
+
+    op_type = "Conv"
+
+    def weight_is_out_in(self, node: onnx.NodeProto) -> bool:
+        return True
+
+    def reference_factors(self, branch: LoRABranch, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
+        return read_tensor(branch.lora_a.initializer), read_tensor(branch.lora_b.initializer)
+
+    def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
+                      lora_b: np.ndarray) -> np.ndarray:
+        return reference.merge(weight, lora_a, lora_b, branch.scale, layer="conv2d")
+
+
+RULES = {rule.op_type: rule for rule in (MatMulFold(), GemmFold(), GatherFold(), ConvFold())}
 
 
 def reference_factors(lora_a: Factor, lora_b: Factor, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +161,7 @@ class Fold:
 
     def merged_weight(self, read_tensor: ReadTensor, check: Callable[..., None] | None = None) -> np.ndarray:
         """The target's new value; `check(fold, weight, lora_a, lora_b, merged)` sees every operand read once."""
-        lora_a, lora_b = reference_factors(self.branch.lora_a, self.branch.lora_b, read_tensor)
+        lora_a, lora_b = self.rule.reference_factors(self.branch, read_tensor)
         weight = read_tensor(self.branch.weight)
         merged = self.rule.merged_weight(self.branch, weight, lora_a, lora_b)
         if check is not None:

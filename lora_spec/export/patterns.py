@@ -5,8 +5,9 @@ an initializer, or for embeddings a `Gather` of rows of a table), possibly throu
 3-D products; the other side to exactly two products on initializers (the low-rank A then B),
 possibly through `Mul`/`Div` by scalar constants (anywhere on the branch), `Cast`s between float
 types, inference-mode `Dropout`, `Identity` and `Reshape`s that keep the last dimension (for an
-embedding, A is a `Gather` of the transposed A table by the same ids). Both sides must read the
-same activation. Every tensor between the products and the `Add` must have
+embedding, A is a `Gather` of the transposed A table by the same ids; for a 2-D convolution, A
+is a `Conv` with the base's geometry and B a grouped 1x1 `Conv`). Both sides must read the same
+activation. Every tensor between the products and the `Add` must have
 no other reader, or deleting the branch (or changing the base weight) would change it too.
 """
 
@@ -19,10 +20,12 @@ import onnx
 
 from lora_spec.export.graph import FLOAT_TYPES, Graph, attribute
 
-BASE_OPS = ("MatMul", "Gemm", "Gather")
+BASE_OPS = ("MatMul", "Gemm", "Gather", "Conv")
 # Which input of a base op holds the weight and which the activation (Gather: the table and the ids).
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
-ACTIVATION_INPUT = {"MatMul": 0, "Gemm": 0, "Gather": 1}
+WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0, "Conv": 1}
+ACTIVATION_INPUT = {"MatMul": 0, "Gemm": 0, "Gather": 1, "Conv": 0}
+WEIGHT_RANK = {"MatMul": 2, "Gemm": 2, "Gather": 2, "Conv": 4}
+_CONV_GEOMETRY = (("strides", None), ("pads", None), ("dilations", None), ("group", 1), ("auto_pad", b"NOTSET"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Factor:
     initializer: str
     transposed: bool
     gathered: bool = False  # an embedding's A: rows of `(num, r)` picked by ids, not a product
+    conv: onnx.NodeProto | None = dataclasses.field(default=None, compare=False)  # the Conv applying it
 
 
 @dataclasses.dataclass
@@ -84,7 +88,7 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     chain = _low_rank_chain(graph, branch_side, add)
     if chain is None:
         return None
-    factors, scale, branch_input = chain
+    factors, scale, branch_input, reshaped = chain
     base_chain = _base_chain(graph, base_side, add)
     if base_chain is None:
         return "the other input of the Add is not a MatMul/Gemm on an initializer"
@@ -93,14 +97,19 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     base_chain, base_shared = base_chain
     base = base_chain[0]
     weight = graph.initializer_behind(base.input[WEIGHT_INPUT[base.op_type]])
-    base_input = activation_source(graph, base.input[ACTIVATION_INPUT[base.op_type]],
+    convolution = base.op_type == "Conv"
+    if (convolution and reshaped) or any((factor.conv is not None) != convolution for factor in factors):
+        return "a convolution and a matrix product are mixed in one branch"
+    # Reshapes keep rows (the last dim) but move channels: a convolution's input must be the same tensor.
+    base_input = activation_source(graph, base.input[ACTIVATION_INPUT[base.op_type]], reshapes=not convolution,
                                    transposed=base.op_type == "Gemm" and bool(attribute(base, "transA", 0)))
-    if base_input != activation_source(graph, branch_input):
+    if base_input != activation_source(graph, branch_input, reshapes=not convolution):
         return "the LoRA branch and the base product read different inputs"
     lora_a, lora_b = factors
     if lora_a.gathered != (base.op_type == "Gather"):
         return "an embedding lookup and a matrix product are mixed in one branch"
-    reason = _shape_mismatch(graph, base, weight, lora_a, lora_b)
+    reason = (_conv_mismatch(graph, base, weight, lora_a, lora_b) if convolution
+              else _shape_mismatch(graph, base, weight, lora_a, lora_b))
     if reason:
         return reason
     if not np.isfinite(scale):
@@ -112,7 +121,7 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
 def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
     """Walk back from `tensor` over two products on initializers: `(factors, scale, input)` or None."""
     factors: list[Factor] = []
-    scale = 1.0
+    scale, reshaped = 1.0, False
     while len(factors) < 2:
         if graph.only_reader(tensor) is not reader:
             return None
@@ -120,6 +129,7 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
         if node is None:
             return None
         step = _passthrough_input(graph, node)
+        reshaped = reshaped or (step is not None and node.op_type == "Reshape")
         if step is None:
             step = _scaling(graph, node)
             if step is not None:
@@ -141,7 +151,7 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
             break
         scale *= scaling[0]
         tensor, reader = scaling[1], node
-    return factors, scale, tensor
+    return factors, scale, tensor, reshaped
 
 
 def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
@@ -155,8 +165,8 @@ def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
         chain.insert(0, node)
         weight = graph.initializer_behind(node.input[WEIGHT_INPUT[node.op_type]]) if node.op_type in BASE_OPS else None
         if weight is not None:
-            if len(graph.initializers[weight].dims) != 2:
-                return f"the base {node.op_type}'s weight is not a matrix"
+            if len(graph.initializers[weight].dims) != WEIGHT_RANK[node.op_type]:
+                return f"the base {node.op_type}'s weight has {len(graph.initializers[weight].dims)} dims"
             if node.op_type == "Gather" and attribute(node, "axis", 0) != 0:
                 return "the base Gather does not pick rows of its table"
             return chain, shared
@@ -172,7 +182,7 @@ def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
         tensor, reader = following, node
 
 
-def _passthrough_input(graph: Graph, node: onnx.NodeProto, casts: bool = True) -> str | None:
+def _passthrough_input(graph: Graph, node: onnx.NodeProto, casts: bool = True, reshapes: bool = True) -> str | None:
     """The input of a node that does not change the rows' values, else None."""
     op = node.op_type
     if op == "Identity":
@@ -181,7 +191,7 @@ def _passthrough_input(graph: Graph, node: onnx.NodeProto, casts: bool = True) -
         return node.input[0]
     if op == "Dropout" and _inference_dropout(graph, node):
         return node.input[0]
-    if op == "Reshape" and _keeps_last_dim(graph, node.input[0], node.output[0]):
+    if op == "Reshape" and reshapes and _keeps_last_dim(graph, node.input[0], node.output[0]):
         return node.input[0]
     return None
 
@@ -226,8 +236,11 @@ def _product(graph: Graph, node: onnx.NodeProto, lora_a: bool) -> tuple[Factor, 
     if node.op_type not in BASE_OPS or (node.op_type == "Gather" and (not lora_a or attribute(node, "axis", 0))):
         return None
     weight = graph.initializer_behind(node.input[WEIGHT_INPUT[node.op_type]])
-    if weight is None or len(graph.initializers[weight].dims) != 2:
+    if weight is None or len(graph.initializers[weight].dims) != WEIGHT_RANK[node.op_type]:
         return None
+    if node.op_type == "Conv":
+        has_bias = len(node.input) > 2 and node.input[2]
+        return None if has_bias else (Factor(weight, transposed=False, conv=node), 1.0, node.input[0])
     if node.op_type == "Gather":
         return Factor(weight, transposed=False, gathered=True), 1.0, node.input[1]
     if node.op_type == "MatMul":
@@ -238,14 +251,14 @@ def _product(graph: Graph, node: onnx.NodeProto, lora_a: bool) -> tuple[Factor, 
         node.input[0]
 
 
-def activation_source(graph: Graph, tensor: str, transposed: bool = False) -> tuple[str, bool]:
+def activation_source(graph: Graph, tensor: str, transposed: bool = False, reshapes: bool = True) -> tuple[str, bool]:
     """The tensor whose rows `tensor` holds, looking through no-op nodes and 2-D transposes."""
     while tensor in graph.producer:
         node = graph.producer[tensor]
         if node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [1, 0]:
             tensor, transposed = node.input[0], not transposed
             continue
-        following = None if transposed else _passthrough_input(graph, node)
+        following = None if transposed else _passthrough_input(graph, node, reshapes=reshapes)
         if following is None:
             break
         tensor = following
@@ -271,4 +284,30 @@ def _shape_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, lora_a: Fac
     if (a_in, rank, b_out) != (features_in, b_rank, features_out):
         return (f"LoRA factors map {a_in}->{rank} and {b_rank}->{b_out} but the base weight maps "
                 f"{features_in}->{features_out}")
+    return None
+
+
+def _conv_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, lora_a: Factor, lora_b: Factor) -> str | None:
+    """Why A and B do not make an update that merges into the base conv, or None.
+
+    A must see exactly what the base sees (same strides, pads, dilations, groups) and B must be
+    a grouped 1x1 conv: then the update is block-diagonal per group, as the base's weight is.
+    """
+    for name, default in _CONV_GEOMETRY:
+        if attribute(lora_a.conv, name, default) != attribute(base, name, default):
+            return (f"the LoRA A conv's {name} ({attribute(lora_a.conv, name, default)}) differs from the base conv's "
+                    f"({attribute(base, name, default)}): its update cannot be merged")
+    groups = attribute(base, "group", 1)
+    pointwise = (list(graph.initializers[lora_b.initializer].dims[2:]) == [1, 1]
+                 and set(attribute(lora_b.conv, "strides", [1, 1])) == {1} and not any(attribute(lora_b.conv, "pads", []))
+                 and set(attribute(lora_b.conv, "dilations", [1, 1])) == {1}
+                 and attribute(lora_b.conv, "group", 1) == groups)
+    if not pointwise:
+        return "the LoRA B conv is not a plain 1x1 conv grouped like the base"
+    out_channels, in_per_group, *kernel = graph.initializers[weight].dims
+    rank, a_in, *a_kernel = graph.initializers[lora_a.initializer].dims
+    b_out, b_rank, _, _ = graph.initializers[lora_b.initializer].dims
+    if (a_in, a_kernel, b_out, b_rank * groups) != (in_per_group, kernel, out_channels, rank):
+        return (f"LoRA conv weights {[rank, a_in, *a_kernel]} and {[b_out, b_rank, 1, 1]} do not fit the base conv "
+                f"{[out_channels, in_per_group, *kernel]} with groups={groups}")
     return None

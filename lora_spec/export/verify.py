@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lora_spec import reference
 from lora_spec.export.fold import Fold
 from lora_spec.export.graph import Graph, attribute
 
@@ -59,6 +60,8 @@ def layer_difference(fold: Fold, weight: np.ndarray, lora_a: np.ndarray, lora_b:
     """
     node, rule = fold.branch.base, fold.rule
     compute = np.promote_types(merged.dtype, np.float32)
+    if node.op_type == "Conv":
+        return _conv_layer_difference(fold, weight, lora_a, lora_b, merged, rng, compute)
     picked = np.sort(rng.choice(lora_a.shape[1], min(features, lora_a.shape[1]), replace=False))
 
     def sliced(matrix: np.ndarray) -> np.ndarray:  # reference layout (out, in), picked inputs only
@@ -69,6 +72,22 @@ def layer_difference(fold: Fold, weight: np.ndarray, lora_a: np.ndarray, lora_b:
     branch = (x @ lora_a[:, picked].astype(compute).T) @ lora_b.astype(compute).T
     expected = alpha * (x @ sliced(weight).T) + fold.branch.scale * branch
     return relative_difference(alpha * (x @ sliced(merged).T), expected)
+
+
+def _conv_layer_difference(fold: Fold, weight, lora_a, lora_b, merged, rng, compute) -> float:
+    """The merged conv against base conv + LoRA convs on one small random image (no padding: the
+    update does not depend on it)."""
+    node = fold.branch.base
+    stride = tuple(attribute(node, "strides", [1, 1]))
+    dilation = tuple(attribute(node, "dilations", [1, 1]))
+    groups = attribute(node, "group", 1)
+    reach = [dilation[axis] * (weight.shape[2 + axis] - 1) + 1 + stride[axis] for axis in range(2)]
+    x = rng.standard_normal((1, weight.shape[1] * groups, *reach)).astype(compute)
+    geometry = dict(stride=stride, dilation=dilation, groups=groups)
+    weights = [array.astype(compute) for array in (weight, lora_a, lora_b, merged)]
+    expected = reference.conv2d_forward(x, weights[0], None, weights[1], weights[2], fold.branch.scale, **geometry)
+    actual = reference.conv2d_forward(x, weights[3], None, weights[1], np.zeros_like(weights[2]), 0.0, **geometry)
+    return relative_difference(actual, expected)
 
 
 def _embedding_sizes(graph: Graph) -> dict[str, int]:

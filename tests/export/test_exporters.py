@@ -44,15 +44,15 @@ class _MLP(torch.nn.Module):
         return self.mlp(matrix), self.mlp(batch)
 
 
-def _adapted(library: str, base: "torch.nn.Module") -> "torch.nn.Module":
+def _adapted(library: str, base: "torch.nn.Module", targets=("mlp.0", "mlp.2")) -> "torch.nn.Module":
     model = copy.deepcopy(base)
     if library == "peft":
         peft = pytest.importorskip("peft")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=["mlp.0", "mlp.2"]))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=list(targets)))
     else:
         import lora_spec.torch as lora
 
-        lora.apply(model, r=2, alpha=6, target_modules=["mlp.0", "mlp.2"])
+        lora.apply(model, r=2, alpha=6, target_modules=list(targets))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # B starts at zero: make the branch show in the output
@@ -208,3 +208,45 @@ def test_peft_embedding_lora_folds_into_the_table(tmp_path, dynamo):
     with torch.no_grad():
         expected = model(ids).numpy()
     assert_close(session(result.output).run(None, {"matrix": ids.numpy()})[0], expected, np.float32, factor=5)
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=groups)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("library", ["peft", "lora_spec"])
+def test_conv_lora_folds_into_the_conv_weight(tmp_path, library):
+    model = _adapted(library, _ConvNet(groups=1), targets=["conv"])
+    x = torch.randn(1, 4, 8, 8)
+    _torch_export(model, (x,), tmp_path / "conv.onnx", dynamo=False, output_names=("y",))
+    result = merge_onnx(tmp_path / "conv.onnx", verify="full", progress=False)
+    assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Conv"]
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert_close(session(result.output).run(None, {"matrix": x.numpy()})[0], expected, np.float32, factor=5)
+
+
+def _peft_conv(groups: int):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_ConvNet(groups), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    return model.eval()
+
+
+def test_peft_grouped_conv_lora_is_refused_with_the_reason(tmp_path):
+    from lora_spec.export import NoLoRABranchError
+
+    _torch_export(_peft_conv(groups=2), (torch.randn(1, 4, 8, 8),), tmp_path / "conv.onnx", dynamo=False,
+                  output_names=("y",))
+    with pytest.raises(NoLoRABranchError, match="A conv's group"):
+        merge_onnx(tmp_path / "conv.onnx", progress=False)
+    assert [path.name for path in tmp_path.iterdir()] == ["conv.onnx"]

@@ -69,3 +69,13 @@ def test_merged_embedding_lookup_is_the_reference_merged_table(tmp_path_factory,
     merged = onnx.load(result.output)
     assert [node.op_type for node in merged.graph.node] == ["Gather"], case.layout
     assert_close(session(result.output).run(None, {"ids": case.ids})[0], case.expected, np.float32, factor=20)
+
+
+@given(strategies.lora_conv_graph_cases())
+def test_merged_conv_is_the_reference_merged_conv(tmp_path_factory, case):
+    folder = tmp_path_factory.mktemp("conv")
+    onnx.save(case.model, folder / "model.onnx")
+    result = merge_onnx(folder / "model.onnx", verify="layers", progress=False)
+    assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Conv"]
+    assert result.verification.passed
+    assert_close(session(result.output).run(None, {"x": case.x})[0], case.expected, np.float32, factor=20)
