@@ -261,3 +261,21 @@ def test_weights_file_keeps_the_adapter_separate_and_restores_merge_state(tmp_pa
     np.testing.assert_array_equal(other(x), layer(x))
     other.unmerge()
     np.testing.assert_array_equal(other.kernel.numpy(), base)
+
+
+def test_every_dense_argument_works_as_in_dense():
+    arguments = dict(activation="relu", use_bias=True, kernel_initializer="ones", bias_initializer="ones",
+                     kernel_regularizer=keras.regularizers.L2(0.5), bias_regularizer=keras.regularizers.L1(0.25),
+                     activity_regularizer=keras.regularizers.L2(0.125), kernel_constraint="non_neg",
+                     bias_constraint="non_neg", name="proj")
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    dense, adapted = keras.layers.Dense(5, **arguments), LoRADense(5, r=2, train_bias=True, **arguments)
+    np.testing.assert_array_equal(adapted(x), dense(x))
+    # Keras regularizes trainable weights only: the frozen kernel's term is a constant and is left out.
+    activity, kernel, bias = (float(loss) for loss in dense.losses)
+    np.testing.assert_allclose([float(loss) for loss in adapted.losses], [activity, bias], rtol=1e-6)
+    config = adapted.get_config()
+    assert {k: config[k] for k in arguments} == {k: dense.get_config()[k] for k in arguments}
+    without_bias = LoRADense(5, r=2, use_bias=False)
+    without_bias.build((3, 4))
+    assert [v.name for v in without_bias.weights] == ["kernel", "lora_a", "lora_b"]
