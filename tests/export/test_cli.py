@@ -86,17 +86,22 @@ def _missing_data(folder):
     return path
 
 
-def _data_outside(folder):
-    inner = folder / "inner"
-    inner.mkdir()
-    path = _save(inner, external=True)
+def _point_data_to(path, location: str) -> None:
+    """Make every external tensor of the model at `path` read from `location` (relative to its folder)."""
     model = onnx.load(path, load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
-                entry.value = "../model.onnx.data"
-    (inner / "model.onnx.data").rename(folder / "model.onnx.data")
+                entry.value = location
     onnx.save(model, path)
+
+
+def _data_outside(folder):
+    inner = folder / "inner"
+    inner.mkdir()
+    path = _save(inner, external=True)
+    _point_data_to(path, "../model.onnx.data")
+    (inner / "model.onnx.data").rename(folder / "model.onnx.data")
     return path
 
 
@@ -143,14 +148,8 @@ def test_bad_arguments_fail_with_one_line_and_leave_nothing(tmp_path, capsys, ex
 
 def test_output_beside_the_input_data_is_refused(tmp_path, capsys):
     model = _save(tmp_path, external=True, name="model.onnx")
-    (tmp_path / "other.onnx.data").write_bytes(b"")
-    model_data = onnx.load(model, load_external_data=False)
-    for tensor in model_data.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "other.onnx.data"
+    _point_data_to(model, "other.onnx.data")
     (tmp_path / "model.onnx.data").replace(tmp_path / "other.onnx.data")
-    onnx.save(model_data, model)
     status, _, err = _run(capsys, "--merge", model, "-o", tmp_path / "other.onnx")
     assert status == 1 and "is the input's external data" in err
 

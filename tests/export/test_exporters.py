@@ -27,6 +27,20 @@ def _compute_ops(path) -> collections.Counter:
     return collections.Counter(node.op_type for node in onnx.load(path).graph.node if node.op_type in COMPUTE_OPS)
 
 
+def _assert_merge_reproduces(path, feeds, expected) -> None:
+    """Merged with full verification, the model's outputs equal the framework's `expected` ones."""
+    result = merge_onnx(path, verify="full", progress=False)
+    assert result.verification.passed
+    for output, want in zip(session(result.output).run(None, feeds), expected, strict=True):
+        assert_close(output, want, np.float32, factor=5)
+
+
+def _assert_folds_to_the_base_compute_nodes(folder, folds: int) -> None:
+    result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
+    assert len(result.folds) == folds
+    assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
+
+
 # --- PyTorch: PEFT and lora_spec.torch ---------------------------------------------------------------------------
 
 torch = pytest.importorskip("torch")
@@ -88,17 +102,11 @@ def torch_export(request, tmp_path_factory):
 
 def test_merged_torch_export_reproduces_the_adapted_model_on_2d_and_3d_inputs(torch_export):
     folder, feeds, expected = torch_export
-    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
-    assert result.verification.passed
-    for output, want in zip(session(result.output).run(None, feeds), expected, strict=True):
-        assert_close(output, want, np.float32, factor=5)
+    _assert_merge_reproduces(folder / "model.onnx", feeds, expected)
 
 
 def test_merged_torch_export_has_the_compute_nodes_of_the_base_export(torch_export):
-    folder, _, _ = torch_export
-    result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
-    assert len(result.folds) == 4
-    assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
+    _assert_folds_to_the_base_compute_nodes(torch_export[0], folds=4)
 
 
 class _TwinProjections(torch.nn.Module):
@@ -168,16 +176,11 @@ def keras_export(request, tmp_path_factory):
 
 def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
     folder, feeds, expected = keras_export
-    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
-    assert result.verification.passed
-    assert_close(session(result.output).run(None, feeds)[0], expected, np.float32, factor=5)
+    _assert_merge_reproduces(folder / "model.onnx", feeds, [expected])
 
 
 def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_export):
-    folder, _, _ = keras_export
-    result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
-    assert len(result.folds) == 2
-    assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
+    _assert_folds_to_the_base_compute_nodes(keras_export[0], folds=2)
 
 
 class _TokenClassifier(torch.nn.Module):
