@@ -8,6 +8,7 @@ between a Keras model and a PyTorch model whose module paths are the same.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -41,13 +42,24 @@ def _einsum_kernel_from_torch(value: np.ndarray, layer: keras.layers.Layer) -> n
     return keras_einsum.plan(layer.equation).from_reference(value, tuple(layer._kernel.shape))
 
 
+def _flattened(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
+    return value.reshape(-1)
+
+
+def _as_bias(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
+    return value.reshape(tuple(layer.bias.shape)) if value.size == math.prod(layer.bias.shape) else value
+
+
+_AS_IS = (None, _same, _same)
 _MATRIX = _transposed((1, 0))
 _NORMALIZATION = {"gamma": ("weight", _same, _same), "beta": ("bias", _same, _same),
                   "moving_mean": ("running_mean", _same, _same), "moving_variance": ("running_var", _same, _same)}
 # Keras variable name -> (PyTorch parameter name, to PyTorch's layout, back to Keras's), per layer class.
 _TORCH_NAMES: dict[type[keras.layers.Layer], dict[str, tuple[str, Layout, Layout]]] = {
     keras.layers.Dense: {"kernel": ("weight", *_MATRIX)},
-    keras.layers.EinsumDense: {"kernel": ("weight", _einsum_kernel_to_torch, _einsum_kernel_from_torch)},
+    # A Linear's bias is flat where an EinsumDense's spans its output axes, (heads, head_dim) say.
+    keras.layers.EinsumDense: {"kernel": ("weight", _einsum_kernel_to_torch, _einsum_kernel_from_torch),
+                               "bias": ("bias", _flattened, _as_bias)},
     keras.layers.Embedding: {"embeddings": ("weight", _same, _same)},
     keras.layers.Conv1D: {"kernel": ("weight", *_transposed((2, 1, 0)))},
     keras.layers.Conv2D: {"kernel": ("weight", *_transposed((3, 2, 0, 1)))},
@@ -69,12 +81,12 @@ def _parameters(path: str, layer: keras.layers.Layer) -> Iterator[tuple[str, ker
 
 
 def _to_torch(variable: keras.Variable, layer: keras.layers.Layer) -> np.ndarray:
-    to_torch = _torch_names(layer).get(variable.name, (None, _same))[1]
+    to_torch = _torch_names(layer).get(variable.name, _AS_IS)[1]
     return np.asarray(to_torch(ops.convert_to_numpy(variable), layer))
 
 
 def _from_torch(value: np.ndarray, variable: keras.Variable, layer: keras.layers.Layer) -> np.ndarray:
-    from_torch = _torch_names(layer).get(variable.name, (None, _same, _same))[2]
+    from_torch = _torch_names(layer).get(variable.name, _AS_IS)[2]
     return np.asarray(from_torch(value, layer))
 
 
@@ -174,7 +186,10 @@ def _checked_extras(by_path: dict[str, keras.layers.Layer],
             raise ValueError(f"adapter key {_key(name)} names no weight of this model: "
                              "load the adapter into the model it was trained on.")
         variable, layer = resolved
-        converted = _from_torch(value, variable, layer)
+        try:
+            converted = _from_torch(value, variable, layer)
+        except ValueError:  # a transpose or reshape that does not fit: reported as a shape mismatch below
+            converted = value
         if tuple(converted.shape) != tuple(variable.shape):
             raise ValueError(f"adapter key {_key(name)} has shape {tuple(value.shape)}, which does not fit this "
                              f"model's weight of shape {tuple(variable.shape)}: the adapter was trained on another "

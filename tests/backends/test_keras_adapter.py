@@ -133,6 +133,16 @@ def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_attention_biases_are_stored_flat_as_pytorch_linear_biases_and_load_back(tmp_path):
+    from tests.backends.test_keras_model import attention_model
+    model = randomize(lora.apply(attention_model(), r=2, target_modules=["query", "value"], bias="lora_only"))
+    lora.save_adapter(model, tmp_path)
+    tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
+    assert tensors["base_model.model.attention.query.base_layer.bias"].shape == (8,)
+    assert tensors["base_model.model.attention.query.lora_B.weight"].shape == (8, 2)
+    np.testing.assert_array_equal(lora.load_adapter(attention_model(), tmp_path)(IDS), model(IDS))
+
+
 # -- PyTorch ------------------------------------------------------------------------------------
 
 
