@@ -279,3 +279,20 @@ def test_every_dense_argument_works_as_in_dense():
     without_bias = LoRADense(5, r=2, use_bias=False)
     without_bias.build((3, 4))
     assert [v.name for v in without_bias.weights] == ["kernel", "lora_a", "lora_b"]
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian"])
+def test_initialisation_follows_peft_so_the_update_starts_at_zero(init):
+    keras.utils.set_random_seed(0)
+    layer = LoRADense(64, r=8, init=init)
+    layer.build((2, 256))
+    A, B = layer.lora_weights()
+    assert not np.any(B)
+    if init == "kaiming":
+        assert np.max(np.abs(A)) <= 1 / np.sqrt(256) and np.std(A) == pytest.approx(1 / np.sqrt(3 * 256), rel=0.05)
+    else:
+        assert np.std(A) == pytest.approx(1 / 8, rel=0.05)
+    embedding = LoRAEmbedding(100, 64, r=8)
+    embedding.build()
+    A, B = embedding.lora_weights()
+    assert not np.any(A) and np.std(B) == pytest.approx(1.0, rel=0.1)
