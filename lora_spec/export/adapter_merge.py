@@ -3,7 +3,8 @@
 `plan_adapter_merge` reads adapters (ours or PEFT's), finds the graph weight of every adapted
 module and returns the new weights; it never touches the model or the files. A module path
 such as `encoder.layer.0.attention.self.query` is found, for each compute node that reads a
-weight initializer (`MatMul`, `Gemm`, `Gather` on axis 0, 2-D `Conv`), through:
+weight initializer (`MatMul`, `Gemm`, onnxruntime's `FusedMatMul`, `Gather` on axis 0, 2-D
+`Conv`), through:
 
 - the module the node records: the dynamo exporter's metadata (`pkg.torch.onnx.name_scopes`,
   else `namespace`) or a TorchScript node name (`/encoder/layer.0/attention/self/query/MatMul`);
@@ -43,14 +44,18 @@ from lora_spec import reference
 from lora_spec.adapter_io import AdapterWeights, load_adapter_dir
 from lora_spec.config import LoRAConfig
 
-_KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "Gather": "embedding", "Conv": "conv2d"}
-_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0, "Conv": 1}
+_KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "FusedMatMul": "linear", "Gather": "embedding",
+               "Conv": "conv2d"}
+_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "Gather": 0, "Conv": 1}
+# Ops that scale their weight operand by `alpha` and read it transposed with `transB=1`.
+_SCALED_OPS = ("Gemm", "FusedMatMul")
 _WEIGHT_RANK = {"linear": 2, "embedding": 2, "conv2d": 4}
 _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_delta_weight,
            "conv2d": reference.conv2d_delta_weight}
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
 _FORWARDING_OPS = ("Identity", "Cast", "Transpose")
 _TF_UNIQUIFIER = r"(_\d+)?"
+_TF_CALL_SCOPE = r"(Stateful)?PartitionedCall(_\d+)?"
 # Inputs of normalization nodes holding a module's parameters, by PyTorch's parameter names.
 _NORMALIZATION_INPUTS = {
     "LayerNormalization": {"weight": 1, "bias": 2},
@@ -261,8 +266,18 @@ def _literal_list(text: str | None) -> list:
 
 
 def _tf_scopes(*names: str) -> list[list[str]]:
-    """TensorFlow scope components of tf2onnx names (`model_1/dense_1/MatMul`), without `:0`."""
-    return [name.split(":")[0].split("/") for name in names if "/" in name and not name.startswith("/")]
+    """TensorFlow scope components of tf2onnx names (`model_1/dense_1/MatMul`), without `:0`.
+
+    The scopes of a traced `tf.function` (`StatefulPartitionedCall/...`) come before the model's.
+    """
+    scopes = []
+    for name in names:
+        if "/" in name and not name.startswith("/"):
+            components = name.split(":")[0].split("/")
+            while len(components) > 1 and re.fullmatch(_TF_CALL_SCOPE, components[0]):
+                components = components[1:]
+            scopes.append(components)
+    return scopes
 
 
 def _weight_sites(graph: _Graph) -> list[_WeightSite]:
@@ -276,10 +291,11 @@ def _weight_sites(graph: _Graph) -> list[_WeightSite]:
         location = graph.trace(node, _WEIGHT_INPUT[node.op_type])
         if location is None or len(location.initializer.dims) != _WEIGHT_RANK[kind]:
             continue
-        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attribute(node, "transB", 0))
+        scaled = node.op_type in _SCALED_OPS
+        transposed = node.op_type == "MatMul" or (scaled and not _attribute(node, "transB", 0))
         sites.append(_WeightSite(
             node=node, kind=kind, weight=location, transposed=transposed,
-            factor=float(_attribute(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0,
+            factor=float(_attribute(node, "alpha", 1.0)) if scaled else 1.0,
             paths=_torch_paths(node, [node.input[_WEIGHT_INPUT[node.op_type]], location.initializer.name]),
             tf_scopes=_tf_scopes(node.name) or _tf_scopes(location.initializer.name)))
     return sites
@@ -497,7 +513,7 @@ def _bias_location(graph: _Graph, site: _WeightSite) -> tuple[_Location, float] 
         location = graph.trace(node, 2)
         beta = float(_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         return (location, beta) if location is not None else None
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "FusedMatMul"):
         for consumer, index in graph.consumers.get(node.output[0], []):
             location = graph.trace(consumer, 1 - index) if consumer.op_type == "Add" and index < 2 else None
             if location is not None and len(location.initializer.dims) == 1:

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from lora_spec.export.adapter_merge import AdapterMergeError, AdapterMergePlan, plan_adapter_merge  # noqa: E402
 
 PATH = "block.proj"
-LINEAR_LAYOUTS = ("matmul", "matmul_transpose", "gemm_trans_b", "gemm")
+LINEAR_LAYOUTS = ("matmul", "matmul_transpose", "gemm_trans_b", "gemm", "fused_matmul")
 NAMINGS = ("initializer", "torchscript_node", "dynamo_metadata", "dynamo_namespace", "keras")
 
 
@@ -51,7 +51,8 @@ def _names(naming: str, op: str) -> tuple[str, str, list]:
 def _model(nodes, initializers, inputs, output: str = "y") -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
                               initializer=initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def _node(op: str, inputs: list[str], output: str, name: str, metadata=(), **attributes) -> onnx.NodeProto:
@@ -63,8 +64,11 @@ def _node(op: str, inputs: list[str], output: str, name: str, metadata=(), **att
 
 def linear_model(weight: np.ndarray, bias: np.ndarray, layout: str, naming: str = "initializer",
                  alpha: float = 1.0) -> onnx.ModelProto:
-    """`y = x @ weight.T + bias` for `x (batch, in)`, the weight stored as `layout` wants it."""
-    op = "Gemm" if layout.startswith("gemm") else "MatMul"
+    """`y = x @ weight.T + bias` for `x (batch, in)`, the weight stored as `layout` wants it.
+
+    `fused_matmul` is onnxruntime's `FusedMatMul` (transB=1, alpha) from an optimized graph.
+    """
+    op = {"gemm": "Gemm", "gemm_trans_b": "Gemm", "fused_matmul": "FusedMatMul"}.get(layout, "MatMul")
     weight_name, node_name, metadata = _names(naming, op)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.shape[1]])
     bias_tensor = numpy_helper.from_array(bias.astype(np.float32), "bias")
@@ -74,6 +78,10 @@ def linear_model(weight: np.ndarray, bias: np.ndarray, layout: str, naming: str 
     elif layout == "gemm":
         stored, nodes = weight.T / alpha, [_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata,
                                                  alpha=alpha)]
+    elif layout == "fused_matmul":
+        stored, nodes = weight / alpha, [_node("FusedMatMul", ["x", weight_name], "xw", node_name, metadata,
+                                               domain="com.microsoft", transB=1, alpha=alpha),
+                                         _node("Add", ["xw", "bias"], "y", "add")]
     else:
         stored, read = weight.T, weight_name
         nodes = []
@@ -178,7 +186,7 @@ def test_weighted_merge_of_linear_adapters_equals_numpy_in_every_layout_and_nami
                                                                                    naming, alpha):
     x = x.reshape(-1, x.shape[-1])
     bias = np.linspace(-1, 1, weight.shape[0])
-    model = linear_model(weight, bias, layout, naming, alpha=alpha if layout.startswith("gemm") else 1.0)
+    model = linear_model(weight, bias, layout, naming, alpha=alpha if layout.startswith(("gemm", "fused")) else 1.0)
     with tempfile.TemporaryDirectory() as folder:
         specs, expected = [], []
         for number, (lora_a, lora_b, lora_alpha, rslora, adapter_weight) in enumerate(adapters):
@@ -360,18 +368,19 @@ def test_fan_in_fan_out_full_weight_is_read_in_conv1d_layout(tmp_path):
 
 # --- matching -------------------------------------------------------------------------------------------------
 
-def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path):
+@pytest.mark.parametrize("call_scope", ["", "StatefulPartitionedCall/"])
+def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path, call_scope):
     """TensorFlow names layer `dense` `dense_1` and layer `dense_1` `dense_1_2` in an exported graph."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    weights = {"functional_1/dense_1/Cast/ReadVariableOp:0": WEIGHT.T, "functional_1/dense_1_2/Cast/ReadVariableOp:0":
-               -WEIGHT.T}
+    weights = {f"{call_scope}functional_1/dense_1/Cast/ReadVariableOp:0": WEIGHT.T,
+               f"{call_scope}functional_1/dense_1_2/Cast/ReadVariableOp:0": -WEIGHT.T}
     nodes = [_node("MatMul", ["x", name], f"y{number}", name.replace("Cast/ReadVariableOp:0", "MatMul"))
              for number, name in enumerate(weights)]
     model = _model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x], "y0")
     directory = write_adapter(tmp_path / "a", {"dense": (LORA_A, LORA_B), "dense_1": (LORA_A, 2 * LORA_B)})
     plan = plan_for(model, [(directory, 1.0)])
-    assert sorted(plan.matched) == [("dense", "functional_1/dense_1/MatMul"),
-                                    ("dense_1", "functional_1/dense_1_2/MatMul")]
+    assert sorted(plan.matched) == [("dense", f"{call_scope}functional_1/dense_1/MatMul"),
+                                    ("dense_1", f"{call_scope}functional_1/dense_1_2/MatMul")]
 
 
 @pytest.mark.parametrize("adapter_path, graph_path", [
