@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", dest="verify", action="store_const", const="off",
                         help="skip the verification of the merged model")
     parser.add_argument("--verify", dest="verify", choices=("auto", "full", "layers"),
-                        help="full: run original and merged in onnxruntime on the same random inputs; layers: check "
-                             "each folded layer against its LoRA branch in NumPy (memory-bounded); auto (default): "
-                             "full when the model fits comfortably in memory, else layers")
+                        help="full: run original and merged in onnxruntime on the same random inputs (with "
+                             "--adapter, whose merge changes the outputs: run the merged model and require finite "
+                             "outputs); layers: check each folded layer against its LoRA branch in NumPy "
+                             "(memory-bounded); auto (default): full up to 1 GiB of weights when three copies fit in "
+                             "half the free memory, else layers")
     parser.add_argument("--tolerance", type=float, metavar="T",
                         help="largest allowed max |difference| / max |output| (default 1e-4; 1e-2 for "
                              "float16/bfloat16 weights); above it nothing is written")
