@@ -50,6 +50,7 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "Gather": 0, "Conv": 
 # Ops that scale their weight operand by `alpha` and read it transposed with `transB=1`.
 _SCALED_OPS = ("Gemm", "FusedMatMul")
 _WEIGHT_RANK = {"linear": 2, "embedding": 2, "conv2d": 4}
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_delta_weight,
            "conv2d": reference.conv2d_delta_weight}
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
@@ -289,7 +290,8 @@ def _weight_sites(graph: _Graph) -> list[_WeightSite]:
         if node.op_type == "Gather" and _attribute(node, "axis", 0) != 0:
             continue
         location = graph.trace(node, _WEIGHT_INPUT[node.op_type])
-        if location is None or len(location.initializer.dims) != _WEIGHT_RANK[kind]:
+        if (location is None or len(location.initializer.dims) != _WEIGHT_RANK[kind]
+                or location.initializer.data_type not in _FLOAT_TYPES):
             continue
         scaled = node.op_type in _SCALED_OPS
         transposed = node.op_type == "MatMul" or (scaled and not _attribute(node, "transB", 0))
@@ -436,9 +438,10 @@ class _Accumulator:
             if tuple(stored.shape) != declared:
                 raise AdapterMergeError(f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
                                         f"declares {declared}: fix the tensor reader.")
-            compute = _compute_dtype(self.locations[keys[0]].initializer.data_type)
+            data_type = self.locations[keys[0]].initializer.data_type
+            compute = _compute_dtype(data_type)
             for key in keys:
-                base = self.replacements[key][0] if key in self.replacements else _to_float(stored, compute)
+                base = self.replacements[key][0] if key in self.replacements else _to_float(stored, data_type)
                 value = base.astype(compute, copy=True)
                 for delta in self.deltas.get(key, []):
                     value += delta()
@@ -451,10 +454,11 @@ def _compute_dtype(data_type: int) -> np.dtype:
     return np.dtype(np.float64 if data_type == onnx.TensorProto.DOUBLE else np.float32)
 
 
-def _to_float(stored: np.ndarray, compute: np.dtype) -> np.ndarray:
-    if stored.dtype == np.uint16:  # bfloat16 bit patterns
-        return (stored.astype(np.uint32) << 16).view(np.float32).astype(compute)
-    return stored.astype(compute)
+def _to_float(stored: np.ndarray, data_type: int) -> np.ndarray:
+    """An initializer's values in its compute dtype; bfloat16 may come as uint16 bit patterns."""
+    if data_type == onnx.TensorProto.BFLOAT16 and stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(_compute_dtype(data_type))
 
 
 def _like(value: np.ndarray, stored: np.ndarray) -> np.ndarray:

@@ -411,6 +411,15 @@ def test_a_saved_batch_norm_step_counter_is_not_a_key_to_merge(tmp_path):
     assert plan.unmatched == [] and plan.matched == [(PATH, "n0")]
 
 
+def test_an_integer_table_is_never_taken_for_an_embedding(tmp_path):
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, None)
+    table = numpy_helper.from_array(np.arange(12, dtype=np.int64).reshape(4, 3), f"{PATH}.weight")
+    model = _model([_node("Gather", [f"{PATH}.weight", "ids"], "y", "/block/proj/Gather")], [table], [ids])
+    directory = write_adapter(tmp_path / "a", {PATH: (np.ones((2, 4)), np.ones((3, 2)))}, embeddings=[PATH])
+    with pytest.raises(AdapterMergeError, match="1 of 1 adapter keys matched no weight"):
+        plan_for(model, [(directory, 1.0)])
+
+
 def test_allow_partial_merges_what_matches_and_lists_the_rest(tmp_path):
     directory = write_adapter(tmp_path / "a", {PATH: (LORA_A, LORA_B), "missing.layer": (LORA_A, LORA_B)},
                               extra={"missing.head.weight": WEIGHT})
