@@ -117,7 +117,7 @@ def latencies(paths: dict[str, Path], feeds: dict, rounds: int) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batches 1 and 32 only, 5 rounds")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per batch (default 40, 8 for batch 512)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per batch (default 40, 20 for batch 512)")
     arguments = parser.parse_args()
     batches = (1, 32) if arguments.quick else (1, 32, 512)
     print(f"onnxruntime {onnxruntime.__version__}, CPU, {THREADS} threads, spinning off; medians of interleaved "
@@ -128,7 +128,7 @@ def main() -> None:
         for name, (_, _, inputs) in MODELS.items():
             paths = build(Path(folder), name)
             for batch in batches:
-                rounds = arguments.rounds or (5 if arguments.quick else (8 if batch >= 512 else 40))
+                rounds = arguments.rounds or (5 if arguments.quick else (20 if batch >= 512 else 40))
                 median = latencies(paths, inputs(batch), rounds)
                 print(f"| {name} | {batch} | {median['base'] * 1e3:.2f} | {median['merged'] * 1e3:.2f} | "
                       f"{median['unmerged'] * 1e3:.2f} | {median['merged'] / median['base']:.3f} | "
