@@ -5,6 +5,10 @@ third of a large matrix product per layer. Here one 64-bit draw gives four indep
 integers `v`, and an element is kept when `v >= threshold`. The keep probability is therefore a
 multiple of 1/65536: `round((1 - p) * 65536) / 65536`, within 7.7e-6 of `1 - p`. The kept inputs
 are scaled by the inverse of that exact probability, so the mask stays unbiased.
+
+A `SeededMask` is drawn from its own generator, seeded from torch's default one (so
+`torch.manual_seed` reproduces it): the training path draws it again in backward instead of
+storing it between forward and backward.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ _INT16_MIN = -(1 << 15)
 
 
 class DropoutMask(NamedTuple):
-    """Which inputs are kept (bool, the input's shape) and the factor applied to them."""
+    """Which inputs are kept (1) or dropped (0), in the input's shape and dtype, and the factor of kept ones."""
 
     keep: torch.Tensor
     scale: float
@@ -27,20 +31,39 @@ class DropoutMask(NamedTuple):
     def from_reference(cls, mask: torch.Tensor) -> DropoutMask:
         """From the reference's explicit mask (0 or `1 / (1 - p)` per element)."""
         kept = mask != 0
-        return cls(kept, float(mask[kept][0]) if bool(kept.any()) else 1.0)
+        return cls(kept.to(mask.dtype), float(mask[kept][0]) if bool(kept.any()) else 1.0)
 
 
 def keep_probability(p: float) -> float:
-    """The probability that `draw_mask` keeps an element: `1 - p` rounded to a multiple of 2**-16."""
+    """The probability that a drawn mask keeps an element: `1 - p` rounded to a multiple of 2**-16."""
     return max(1, round((1 - p) * _LEVELS)) / _LEVELS
 
 
-def draw_mask(shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None) -> DropoutMask:
-    """A mask keeping each element with probability `keep_probability(p)`, from torch's generator."""
-    kept_levels = round(keep_probability(p) * _LEVELS)
-    numel = shape.numel()
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    # The full 64-bit range: every bit, hence each of the four 16-bit halves, is uniform.
-    words.random_(torch.iinfo(torch.int64).min, None, generator=generator)
-    halves = words.view(torch.int16)[:numel].view(shape)
-    return DropoutMask(halves >= _INT16_MIN + _LEVELS - kept_levels, _LEVELS / kept_levels)
+class SeededMask(NamedTuple):
+    """A mask given by a seed and a dropout probability: `draw` gives the same mask every time."""
+
+    seed: int
+    p: float
+
+    @classmethod
+    def new(cls, p: float) -> SeededMask:
+        """A fresh seed from torch's default generator."""
+        return cls(int(torch.randint(0, 1 << 62, ())), p)
+
+    def draw(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> DropoutMask:
+        kept_levels = round(keep_probability(self.p) * _LEVELS)
+        numel = shape.numel()
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+        # The full 64-bit range: every bit, hence each of the four 16-bit quarters, is uniform.
+        words.random_(torch.iinfo(torch.int64).min, None, generator=generator)
+        halves = words.view(torch.int16)[:numel].view(shape)
+        keep = torch.empty(shape, dtype=dtype, device=device)
+        # Comparing straight into the float mask: no boolean tensor, no cast pass.
+        torch.ge(halves, _INT16_MIN + _LEVELS - kept_levels, out=keep)
+        return DropoutMask(keep, _LEVELS / kept_levels)
+
+
+def draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32) -> DropoutMask:
+    """A fresh mask keeping each element with probability `keep_probability(p)`."""
+    return SeededMask.new(p).draw(shape, device, dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_spec.backends.torch_dropout import DropoutMask, draw_mask
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_linear import linear_lora
 from lora_spec.config import LoRAConfig
 
@@ -136,7 +136,7 @@ class LoRALayer(nn.Module):
 class LoRALinear(LoRALayer):
     """LoRA around `nn.Linear`, or Hugging Face's `Conv1D` whose weight is `(in, out)` (fan_in_fan_out).
 
-    Eager training runs `linear_lora` (one fused Function, dropout mask from 16-bit draws);
+    Eager training runs `linear_lora` (one fused Function, seeded dropout mask from 16-bit draws);
     evaluation, tracing, export and compilation run `base(x) + s * ((x @ A.T) @ B.T)` in plain ops.
     """
 
@@ -176,10 +176,9 @@ class LoRALinear(LoRALayer):
         if not self._lora_active():
             return self.base_layer(x)
         if self._fused_path_applies(x):
-            if dropout_mask is None and self.dropout:
-                dropout_mask = draw_mask(x.shape, self.dropout, x.device)
+            mask = SeededMask.new(self.dropout) if dropout_mask is None and self.dropout else dropout_mask
             return linear_lora(x, self.weight_out_in(), self.base_layer.bias, self.lora_A, self.lora_B,
-                               self.scaling, dropout_mask)
+                               self.scaling, mask)
         result = self.base_layer(x)
         hidden = F.linear(self._dropped(_cast(x, self.lora_A.dtype), dropout_mask), self.lora_A)
         return result + _cast(self.scaling * F.linear(hidden, self.lora_B), result.dtype)

@@ -12,7 +12,7 @@ from tests.numerics import assert_close
 torch = pytest.importorskip("torch")
 transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
-from lora_spec.backends.torch_dropout import DropoutMask, draw_mask, keep_probability  # noqa: E402
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask, keep_probability  # noqa: E402
 from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALinear  # noqa: E402
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -83,6 +83,14 @@ def test_linear_forward_and_gradients_match_reference(layer_type, mode, case, gr
     assert layer.base_layer.weight.grad is None
 
 
+def test_a_seeded_mask_draws_the_same_mask_every_time():
+    mask = SeededMask(seed=123, p=0.3)
+    first, second = (mask.draw(torch.Size((7, 9)), torch.device("cpu"), torch.float64) for _ in range(2))
+    assert torch.equal(first.keep, second.keep) and first.keep.dtype == torch.float64
+    assert not torch.equal(first.keep, SeededMask(124, 0.3).draw(torch.Size((7, 9)), torch.device("cpu"),
+                                                                torch.float64).keep)
+
+
 def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch):
     calls = []
     original = LoRALinear.forward.__globals__["linear_lora"]
@@ -109,10 +117,18 @@ def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep
     y = layer(x)
     torch.manual_seed(7)
     mask = draw_mask(x.shape, p, x.device)
-    reference_mask = numpy(mask.keep).astype(np.float32) * np.float32(1 / keep_probability(p))
+    reference_mask = numpy(mask.keep) * np.float32(1 / keep_probability(p))
     assert mask.scale == 1 / keep_probability(p)
     assert_close(numpy(y), reference.forward(case.x, case.W, None, case.A, case.B, case.s, reference_mask),
                  np.float32, factor=10)
+    # Backward draws the same mask again from its seed, after other draws moved the default generator.
+    torch.rand(100)
+    grad_y = np.random.default_rng(4).standard_normal(y.shape).astype(np.float32)
+    y.backward(tensor(grad_y))
+    expected = reference.backward(case.x, case.W, case.A, case.B, case.s, grad_y, reference_mask)
+    assert_close(numpy(x.grad), expected.dx, np.float32, factor=10)
+    assert_close(numpy(layer.lora_A.grad), expected.dA, np.float32, factor=10)
+    assert_close(numpy(layer.lora_B.grad), expected.dB, np.float32, factor=10)
 
 
 @pytest.mark.parametrize("p", [0.0001, 0.1, 0.3333, 0.5, 0.9, 0.99])
@@ -124,7 +140,8 @@ def test_keep_probability_is_within_1e_4_of_one_minus_p(p):
 def test_drawn_masks_keep_each_element_at_the_stated_rate(p):
     torch.manual_seed(0)
     keep = draw_mask(torch.Size((1000, 1001)), p, torch.device("cpu")).keep
-    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.float32
+    assert set(keep.unique().tolist()) == {0.0, 1.0}
     # 1e6 Bernoulli draws: the standard deviation of the rate is at most 5e-4.
     assert abs(keep.float().mean().item() - keep_probability(p)) < 3e-3
 
