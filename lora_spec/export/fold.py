@@ -144,11 +144,16 @@ def reference_factors(lora_a: Factor, lora_b: Factor, read_tensor: ReadTensor) -
 
 @dataclasses.dataclass
 class Fold:
-    """A branch folded in the graph; `target` receives `merged_weight()` when the model is written."""
+    """A branch folded in the graph; `target` receives `merged_weight()` when the model is written.
+
+    `previous` is the fold that already merged another branch into the same base weight (two
+    adapters active at once): this one then starts from that merged value.
+    """
 
     branch: LoRABranch
     rule: FoldRule
     target: str
+    previous: Fold | None = None
 
     @property
     def name(self) -> str:
@@ -162,21 +167,29 @@ class Fold:
     def merged_weight(self, read_tensor: ReadTensor, check: Callable[..., None] | None = None) -> np.ndarray:
         """The target's new value; `check(fold, weight, lora_a, lora_b, merged)` sees every operand read once."""
         lora_a, lora_b = self.rule.reference_factors(self.branch, read_tensor)
-        weight = read_tensor(self.branch.weight)
+        weight = self.previous.merged_weight(read_tensor, check) if self.previous else read_tensor(self.branch.weight)
         merged = self.rule.merged_weight(self.branch, weight, lora_a, lora_b)
         if check is not None:
             check(self, weight, lora_a, lora_b, merged)
         return merged
 
 
-def fold_branches(graph: Graph, branches: list[LoRABranch]) -> tuple[list[Fold], list[str]]:
-    """Fold every branch a rule accepts; returns the folds and the reasons for the rest."""
-    folds, refusals = [], []
-    for branch in branches:
-        rule = RULES[branch.base.op_type]
-        reason = rule.check(graph, branch)
-        if reason:
-            refusals.append(f"{branch.name}: {reason}")
-            continue
-        folds.append(Fold(branch, rule, rule.rewrite(graph, branch)))
-    return folds, refusals
+def fold_all(graph: Graph, find_branches: Callable[[Graph], tuple[list[LoRABranch], list[str]]]
+             ) -> tuple[list[Fold], list[str]]:
+    """Fold every branch a rule accepts, again until none is left (stacked adapters fold one per
+    pass); returns the folds and the reasons for the branches refused in the last pass."""
+    folds: list[Fold] = []
+    while True:
+        branches, refusals = find_branches(graph)
+        folded = False
+        for branch in branches:
+            rule = RULES[branch.base.op_type]
+            reason = rule.check(graph, branch)
+            if reason:
+                refusals.append(f"{branch.name}: {reason}")
+                continue
+            previous = next((fold for fold in reversed(folds) if fold.target == branch.weight), None)
+            folds.append(Fold(branch, rule, rule.rewrite(graph, branch), previous))
+            folded = True
+        if not folded:
+            return folds, refusals

@@ -79,3 +79,32 @@ def test_merged_conv_is_the_reference_merged_conv(tmp_path_factory, case):
     assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Conv"]
     assert result.verification.passed
     assert_close(session(result.output).run(None, {"x": case.x})[0], case.expected, np.float32, factor=20)
+
+
+def test_two_adapters_stacked_on_one_layer_both_fold_into_its_weight(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_spec import reference
+
+    rng = np.random.default_rng(0)
+    weight, x = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    adapters = [(rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32), s)
+                for s in (0.5, 2.0)]
+    arrays, nodes, total = {"weight": weight.T}, [helper.make_node("MatMul", ["x", "weight"], ["sum0"])], "sum0"
+    for index, (lora_a, lora_b, scale) in enumerate(adapters):
+        arrays.update({f"a{index}": lora_a.T, f"b{index}": lora_b.T, f"s{index}": np.float32(scale)})
+        nodes += [helper.make_node("MatMul", ["x", f"a{index}"], [f"low{index}"]),
+                  helper.make_node("MatMul", [f"low{index}", f"b{index}"], [f"up{index}"]),
+                  helper.make_node("Mul", [f"up{index}", f"s{index}"], [f"scaled{index}"]),
+                  helper.make_node("Add", [total, f"scaled{index}"], [f"sum{index + 1}"])]
+        total = f"sum{index + 1}"
+    graph = helper.make_graph(nodes, "stacked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info(total, TensorProto.FLOAT, [3, 5])],
+                              [numpy_helper.from_array(np.ascontiguousarray(value), name) for name, value in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    result = merge_onnx(tmp_path / "m.onnx", verify="layers", progress=False)
+    assert len(result.folds) == 2 and [node.op_type for node in onnx.load(result.output).graph.node] == ["MatMul"]
+    merged = weight
+    for lora_a, lora_b, scale in adapters:
+        merged = reference.merge(merged, lora_a, lora_b, scale)
+    assert_close(session(result.output).run(None, {"x": x})[0], x @ merged.T, np.float32)
