@@ -611,6 +611,11 @@ def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.n
         adapters: `(adapter directory, weight)` pairs, in PEFT's format (ours or PEFT's).
         allow_partial: merge what matches instead of raising when some adapter keys match nothing.
 
+    Full tensors in an adapter (`modules_to_save`, trained biases, normalization parameters)
+    replace the base's as they are; the weights scale only the low-rank deltas. Adapters are
+    validated before any weight is read, and each changed weight is read once; the returned
+    updates hold every changed weight, about the model's size when every matrix is adapted.
+
     Returns:
         The updates (one per changed node input, deltas of every adapter accumulated), the
         `(adapter key, compute node)` pairs matched, and the keys that matched nothing.
