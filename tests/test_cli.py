@@ -129,3 +129,11 @@ def test_targets_that_match_nothing_fail_before_training(tmp_path, tiny_bert, ca
     data = write_csv(tmp_path / "rows.csv")
     _fails_with_one_line(["finetune", "--model", str(tiny_bert), "--data", str(data), "--targets", "q_proj",
                           "--output", str(tmp_path / "run")], capsys, "q_proj")
+
+
+def test_a_missing_deployment_package_is_named_before_training(tmp_path, capsys, no_training, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    _fails_with_one_line(["finetune", "--data", str(write_csv(tmp_path / "rows.csv")), "--output", str(tmp_path / "run")],
+                         capsys, 'pip install "lora-spec[demo]"')
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_spec._lazy import require
 from lora_spec.finetune.options import POOLINGS
 
 # The head's module name: the adapter stores it as a module to save, PEFT's convention for heads.
@@ -69,7 +70,7 @@ def load_pretrained(path: str | os.PathLike, num_labels: int, pooling: str = "me
     """`(tokenizer, model)` from a local folder, never touching the network."""
     path = check_model_dir(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
+    transformers = require("transformers", "demo")
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

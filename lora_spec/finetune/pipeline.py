@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lora_spec import torch as lora_torch
+from lora_spec._lazy import require
 from lora_spec.finetune import data as data_module
 from lora_spec.finetune import deploy, model as model_module, outputs, report, train
 from lora_spec.finetune.model import HEAD, SentenceClassifier
@@ -131,8 +132,14 @@ def _model_bytes(prepared: Prepared) -> int:
     return on_disk or sum(p.numel() * p.element_size() for p in prepared.base.encoder.parameters())
 
 
+# What the steps after training import: checked first, so a missing package never costs a training run.
+DEPLOYMENT_MODULES = (("onnxruntime", "onnx"), ("lora_spec.export", "onnx"), ("matplotlib", "demo"))
+
+
 def run(options: FinetuneOptions) -> report.Summary:
     """The whole job; outputs appear in `options.output` only once everything succeeded."""
+    for module, extra in DEPLOYMENT_MODULES:
+        require(module, extra)
     output = outputs.check_output_dir(options.output)
     prepared = prepare(options, options.seed)
     dataset = prepared.dataset

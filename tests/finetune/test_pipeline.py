@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
+pytest.importorskip("matplotlib")  # the loss curve; in the demo extra
 lora_torch = pytest.importorskip("lora_spec.torch")
 pytest.importorskip("lora_spec.export")
 
