@@ -596,8 +596,19 @@ def _unmatched_message(unmatched: list[str], total: int, sites: list[_WeightSite
     names = sorted({path for site in sites for path in site.paths}
                    | {"/".join(scope) for site in sites for scope in site.tf_scopes})
     examples = ", ".join(names[:3]) or "(no weight initializer read by MatMul/Gemm/Gather/Conv)"
-    return (f"{len(unmatched)} of {total} adapter keys matched no weight of the graph: {shown}; the graph's weights "
-            f"belong to modules such as {examples}: {fix}.")
+    return (f"{len(unmatched)} of {total} adapter keys matched no weight of the graph: {shown}"
+            f"{_fused_hint(unmatched, sites)}; the graph's weights belong to modules such as {examples}: {fix}.")
+
+
+def _fused_hint(unmatched: list[str], sites: list[_WeightSite]) -> str:
+    """Why a module's kept weight is read only by another module's node: the exporter fused the two."""
+    for path in unmatched:
+        readers = [site for site in sites if site.weight.initializer.name == f"{path}.weight"]
+        if readers:
+            site = readers[0]
+            return (f" ({path}.weight is read by node {site.node.name!r} of module {', '.join(sorted(site.paths))}: "
+                    "the exporter fused the two, e.g. a BatchNorm folded into a conv, and no exact merge exists)")
+    return ""
 
 
 def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.ndarray],
