@@ -17,6 +17,10 @@ from lora_spec.export.graph import Graph, attribute
 from lora_spec.export.patterns import WEIGHT_INPUT, Factor, LoRABranch
 
 ReadTensor = Callable[[str], np.ndarray]
+_FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+# (from, to) casts that every value survives, so casting back restores it bit for bit.
+_EXACT_UPCASTS = {(onnx.TensorProto.FLOAT16, _FLOAT), (onnx.TensorProto.BFLOAT16, _FLOAT),
+                  (onnx.TensorProto.FLOAT16, _DOUBLE), (onnx.TensorProto.BFLOAT16, _DOUBLE), (_FLOAT, _DOUBLE)}
 
 
 class FoldRule:
@@ -71,14 +75,27 @@ class FoldRule:
         weight_input = WEIGHT_INPUT[self.op_type]
         if branch.base.input[weight_input] != target:
             graph.replace_input(branch.base, weight_input, target)
-        weight_type = graph.initializers[target].data_type
         graph.bypass(branch.add, branch.base_output)
+        self._drop_no_op_casts(graph, branch, graph.initializers[target].data_type)
+        return target
+
+    @staticmethod
+    def _drop_no_op_casts(graph: Graph, branch: LoRABranch, weight_type: int) -> None:
+        """Exporters cast the LoRA sum back to the layer's dtype: on the base output alone that is a
+        no-op, and so is a cast up that the base output took to meet a float32 branch."""
         output = branch.add.output[0]
         cast = graph.only_reader(output)
-        # Exporters cast the LoRA sum back to the layer's dtype; on the base output alone that is a no-op.
-        if cast is not None and cast.op_type == "Cast" and attribute(cast, "to") == weight_type:
+        if cast is None or cast.op_type != "Cast":
+            return
+        types = [weight_type]
+        for node in branch.base_chain:
+            types.append(attribute(node, "to") if node.op_type == "Cast" else types[-1])
+        last = branch.base_chain[-1]
+        if attribute(cast, "to") == types[-1]:
             graph.bypass(cast, output)
-        return target
+        elif last.op_type == "Cast" and attribute(cast, "to") == types[-2] and (types[-2], types[-1]) in _EXACT_UPCASTS:
+            graph.bypass(cast, output)
+            graph.bypass(last, last.input[0])
 
 
 class MatMulFold(FoldRule):

@@ -155,7 +155,8 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
 
 
 def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
-    """`(nodes from the base MatMul/Gemm to tensor, read elsewhere?)`, through bias `Add`, `Identity`, `Reshape`."""
+    """`(nodes from the base product to tensor, read elsewhere?)`, through bias `Add`, `Identity`, `Reshape`,
+    and `Cast` (PEFT adds a half-precision base output to the float32 branch after casting it up)."""
     chain, shared = [], False
     while True:
         shared = shared or graph.only_reader(tensor) is not reader
@@ -176,7 +177,7 @@ def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
                 return None
             tensor, reader = node.input[1 - constant_sides[0]], node
             continue
-        following = _passthrough_input(graph, node, casts=False)
+        following = _passthrough_input(graph, node)
         if following is None:
             return None
         tensor, reader = following, node

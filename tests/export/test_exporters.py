@@ -253,3 +253,27 @@ def test_peft_grouped_conv_lora_is_refused_with_the_reason(tmp_path):
     with pytest.raises(NoLoRABranchError, match="A conv's group"):
         merge_onnx(tmp_path / "conv.onnx", progress=False)
     assert [path.name for path in tmp_path.iterdir()] == ["conv.onnx"]
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_peft_half_precision_export_folds_casts_and_all(tmp_path, dynamo):
+    """PEFT runs float16 bases with float32 adapters: the base output is cast up, added, cast back."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).half()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    model.eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)).half()
+    _torch_export(model, (x,), tmp_path / "half.onnx", dynamo, output_names=("y",))
+    result = merge_onnx(tmp_path / "half.onnx", progress=False)
+    assert result.verification.tolerance == 1e-2 and result.verification.passed
+    assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Gemm", "Relu", "Gemm"]
+    with torch.no_grad():
+        expected = model(x).float().numpy()
+    output = session(result.output).run(None, {"matrix": x.numpy()})[0]
+    assert output.dtype == np.float16
+    assert_close(output, expected, np.float16, factor=2)
