@@ -111,6 +111,9 @@ def load_table(path: str | os.PathLike, labels: Sequence[str] | None = None, tex
         label_names = tuple(sorted(found, key=_label_order))
     else:
         label_names = tuple(labels)
+        repeated = sorted({name for name in label_names if label_names.count(name) > 1})
+        if repeated or not all(name.strip() for name in label_names):
+            raise ValueError(f"--labels {','.join(label_names)} is invalid: list each label once, none empty.")
         for _, label, where in rows:
             if label not in label_names:
                 raise ValueError(f"{where} has label {label!r}, which is not one of --labels "
@@ -129,7 +132,7 @@ def _label_order(label: str) -> tuple[int, float | str]:
         return 1, label
 
 
-def _checked_row(where: str, text: object, label: object, text_column: str, label_column: str) -> tuple[str, str, str]:
+def _checked_row(where: str, text: object, label: object, text_column: str) -> tuple[str, str, str]:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where} has an empty or non-text {text_column!r} ({text!r}): give every row a text.")
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
@@ -145,7 +148,7 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str
         if missing:
             raise ValueError(f"{path} has columns {', '.join(map(repr, columns)) or '(none)'} but no {missing[0]!r}: "
                              f"add a header row with {text_column},{label_column} (or pass --text-column/--label-column).")
-        return [_checked_row(f"{path}:{reader.line_num}", row[text_column], row[label_column], text_column, label_column)
+        return [_checked_row(f"{path}:{reader.line_num}", row[text_column], row[label_column], text_column)
                 for row in reader]
 
 
@@ -165,7 +168,7 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> list[tuple[s
         if missing:
             raise ValueError(f"{where} has keys {', '.join(map(repr, record)) or '(none)'} but no {missing[0]!r}: "
                              f"give every line {text_column} and {label_column} (or pass --text-column/--label-column).")
-        rows.append(_checked_row(where, record[text_column], record[label_column], text_column, label_column))
+        rows.append(_checked_row(where, record[text_column], record[label_column], text_column))
     return rows
 
 

@@ -89,6 +89,13 @@ def test_unknown_label_is_refused_with_its_row(tmp_path):
         data.load_table(path, labels=("pos", "neg"))
 
 
+@pytest.mark.parametrize("labels", [("pos", "pos"), ("pos", "")])
+def test_repeated_or_empty_given_labels_are_refused(tmp_path, labels):
+    path = write_csv(tmp_path / "rows.csv", [("up", "pos"), ("down", "neg")])
+    with pytest.raises(ValueError, match=r"list each label once, none empty"):
+        data.load_table(path, labels=labels)
+
+
 def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"data file .*missing.csv does not exist"):
         data.load_table(tmp_path / "missing.csv")
