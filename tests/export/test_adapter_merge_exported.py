@@ -239,15 +239,20 @@ def lora_spec_bert_adapters(transformer_graphs, tmp_path_factory):
     return directories
 
 
+LORA_SPEC_TARGETS = {"bert": ["query", "value", "word_embeddings"], "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_lora_spec_torch_adapter_merges_like_its_merge_and_unload(transformer_graphs, lora_spec_bert_adapters,
-                                                                  exporter):
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_lora_spec_torch_adapter_merges_like_its_merge_and_unload(transformer_graphs, tmp_path, name, exporter):
+    """Our backend's files: linear, embedding and GPT-2 Conv1D (`fan_in_fan_out`) adapters."""
     lora = pytest.importorskip("lora_spec.torch")
     _, models, graphs = transformer_graphs
-    model = lora.load_adapter(lora.apply(copy.deepcopy(models["bert"]), r=2, alpha=3.0,
-                                         target_modules=["query", "value"]), lora_spec_bert_adapters[0])
+    model = lora.apply(copy.deepcopy(models[name]), r=2, alpha=3.0, target_modules=LORA_SPEC_TARGETS[name])
+    randomize(model, ("lora_A", "lora_B"), seed=3)
+    lora.save_adapter(model, tmp_path / "adapter")
     expected = lora.merge_and_unload(model).eval()(*token_inputs()).detach().numpy()
-    actual = merged_output(graphs["bert", exporter], [(lora_spec_bert_adapters[0], 1.0)], feeds())
+    actual = merged_output(graphs[name, exporter], [(tmp_path / "adapter", 1.0)], feeds())
     assert_close(actual, expected, np.float32, factor=10)
 
 
