@@ -206,6 +206,7 @@ def lora_graph_layouts(draw, three_d: bool) -> dict:
     product_ops = ["MatMul", "Gemm"] if reshaped or not three_d else ["MatMul"]
     return dict(
         base=base, reshaped=reshaped,
+        trans_a=base == "Gemm" and draw(st.booleans()),  # the base reads Transpose(x) with transA=1
         trans_b=draw(st.booleans()), alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
         bias=draw(st.sampled_from(["gemm", "add_before", "add_after"] if base == "Gemm" else ["add_before", "add_after"])),
         lora_a_op=draw(st.sampled_from(product_ops)), lora_b_op=draw(st.sampled_from(product_ops)),
@@ -282,8 +283,10 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
         weight_input = weight_name
         if layout["shared"] == "identity":
             weight_input = node("Identity", [weight_name], f"{prefix}.weight_identity")
-        inputs = [rows, weight_input] + ([constant(f"{prefix}.bias", b)] if layout["bias"] == "gemm" else [])
-        attributes = dict(transB=int(layout["trans_b"]), alpha=layout["alpha"]) if layout["base"] == "Gemm" else {}
+        base_rows = node("Transpose", [rows], f"{prefix}.rows_transposed", perm=[1, 0]) if layout.get("trans_a") else rows
+        inputs = [base_rows, weight_input] + ([constant(f"{prefix}.bias", b)] if layout["bias"] == "gemm" else [])
+        attributes = dict(transA=int(layout.get("trans_a", False)), transB=int(layout["trans_b"]),
+                          alpha=layout["alpha"]) if layout["base"] == "Gemm" else {}
         base = node(layout["base"], inputs, f"{prefix}.base", **attributes)
         if layout["bias"] == "add_before":
             base = node("Add", [constant(f"{prefix}.bias", b), base], f"{prefix}.bias_add")
