@@ -139,21 +139,29 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
         if error:
             raise ExportError(f"the merged model fails onnx.checker ({error}): nothing was written; please report "
                               "this with the model.")
-        feeds = checks.random_inputs(graph, shapes, rng) if mode in ("full", "run") else {}
-        if mode == "full":
-            difference = checks.compare_models(source_path, staged, feeds)
-        elif mode == "run":
-            difference = max(checks.non_finite_outputs(staged, feeds), *layer_differences, 0.0)
-        else:
-            difference = max(layer_differences, default=0.0)
         if mode != "off":
-            result.verification = checks.Verification(mode, difference, tolerance)
-            if not result.verification.passed:
-                raise VerificationError(f"the merged model differs from {source_path} by {difference:.3g} of its "
-                                        f"largest output, above the tolerance {tolerance:g}: nothing was written; "
-                                        "check the model, or raise --tolerance if this precision is expected.")
+            result.verification = _verification(mode, source_path, staged, graph, shapes, rng, layer_differences,
+                                                tolerance)
     result.output = target
     return result
+
+
+def _verification(mode: str, source_path: Path, staged: Path, graph: Graph, shapes, rng,
+                  layer_differences: list[float], tolerance: float) -> checks.Verification:
+    """The check of the staged model in `mode`; raises VerificationError above the tolerance."""
+    feeds = checks.random_inputs(graph, shapes, rng) if mode in ("full", "run") else {}
+    if mode == "full":
+        difference = checks.compare_models(source_path, staged, feeds)
+    elif mode == "run":
+        difference = max(checks.non_finite_outputs(staged, feeds), *layer_differences, 0.0)
+    else:
+        difference = max(layer_differences, default=0.0)
+    verification = checks.Verification(mode, difference, tolerance)
+    if not verification.passed:
+        raise VerificationError(f"the merged model differs from {source_path} by {difference:.3g} of its largest "
+                                f"output, above the tolerance {tolerance:g}: nothing was written; check the model, "
+                                "or raise --tolerance if this precision is expected.")
+    return verification
 
 
 def _verify_mode(verify: str | bool) -> str:
