@@ -45,16 +45,23 @@ def _kind(module: nn.Module) -> str:
 
 
 def describe_modules(model: nn.Module) -> list[ModuleInfo]:
-    """Every module of `model` as the core's target matching sees it; LoRA internals are hidden."""
-    infos, hidden = [], ()
+    """Every module of `model` as the core's target matching sees it; LoRA internals are hidden.
+
+    The projections of `nn.MultiheadAttention` count as "other": it reads their weights directly,
+    so a wrapper around them would be silently bypassed.
+    """
+    infos, hidden, weight_readers = [], (), ()
     for path, module in model.named_modules():
         if hidden and path.startswith(hidden):
             continue
         if isinstance(module, (LoRALayer, ModulesToSave)):
             hidden = tuple(f"{path}.{name}" for name, _ in module.named_children())
+        if isinstance(module, nn.MultiheadAttention):
+            weight_readers += (f"{path}.",)
         original = module.original_module if isinstance(module, ModulesToSave) else module
         type_name = type(module.base_layer if isinstance(module, LoRALayer) else original).__name__
-        infos.append(ModuleInfo(path, _kind(original), type_name))
+        kind = "other" if weight_readers and path.startswith(weight_readers) else _kind(original)
+        infos.append(ModuleInfo(path, kind, type_name))
     return infos
 
 

@@ -258,3 +258,13 @@ def test_merge_and_unload_refuses_nan_before_writing_any_weight():
     assert isinstance(model.attention.q_proj, lora.LoRALinear) and not model.attention.q_proj.merged
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, weights[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_multihead_attention_projections_are_never_wrapped():
+    # nn.MultiheadAttention reads out_proj.weight itself, so a LoRA wrapper there would do nothing.
+    model = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 2))
+    lora.apply(model)
+    assert type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model[0], lora.LoRALinear) and isinstance(model[2], lora.LoRALinear)
+    with pytest.raises(ValueError, match="'0.out_proj' is a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
+        lora.apply(nn.Sequential(nn.MultiheadAttention(8, 2)), target_modules=["out_proj"])
