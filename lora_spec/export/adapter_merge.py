@@ -43,6 +43,7 @@ import onnx
 from lora_spec import reference
 from lora_spec.adapter_io import AdapterWeights, load_adapter_dir
 from lora_spec.config import LoRAConfig
+from lora_spec.export.graph import FLOAT_TYPES, attribute
 
 _KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "FusedMatMul": "linear", "Gather": "embedding",
                "Conv": "conv2d"}
@@ -50,7 +51,6 @@ _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "Gather": 0, "Conv": 
 # Ops that scale their weight operand by `alpha` and read it transposed with `transB=1`.
 _SCALED_OPS = ("Gemm", "FusedMatMul")
 _WEIGHT_RANK = {"linear": 2, "embedding": 2, "conv2d": 4}
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_delta_weight,
            "conv2d": reference.conv2d_delta_weight}
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
@@ -189,7 +189,7 @@ class _Graph:
             if producer is None or producer.op_type not in _FORWARDING_OPS or not producer.input:
                 return None
             if producer.op_type == "Transpose":
-                step = _attribute(producer, "perm", None)
+                step = attribute(producer, "perm", None)
                 perm = (tuple(step) if step is not None else None, perm)
             if producer.op_type != "Identity":
                 consumer, consumer_index = producer, 0
@@ -221,13 +221,6 @@ def _compose(perms, rank: int) -> tuple[int, ...]:
         step = step if step is not None else tuple(reversed(range(rank)))
         total = tuple(total[axis] for axis in step)
     return total
-
-
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
 
 
 def _node_module(node: onnx.NodeProto) -> str | None:
@@ -287,17 +280,17 @@ def _weight_sites(graph: _Graph) -> list[_WeightSite]:
         kind = _KIND_OF_OP.get(node.op_type)
         if kind is None or len(node.input) <= _WEIGHT_INPUT[node.op_type]:
             continue
-        if node.op_type == "Gather" and _attribute(node, "axis", 0) != 0:
+        if node.op_type == "Gather" and attribute(node, "axis", 0) != 0:
             continue
         location = graph.trace(node, _WEIGHT_INPUT[node.op_type])
         if (location is None or len(location.initializer.dims) != _WEIGHT_RANK[kind]
-                or location.initializer.data_type not in _FLOAT_TYPES):
+                or location.initializer.data_type not in FLOAT_TYPES):
             continue
         scaled = node.op_type in _SCALED_OPS
-        transposed = node.op_type == "MatMul" or (scaled and not _attribute(node, "transB", 0))
+        transposed = node.op_type == "MatMul" or (scaled and not attribute(node, "transB", 0))
         sites.append(_WeightSite(
             node=node, kind=kind, weight=location, transposed=transposed,
-            factor=float(_attribute(node, "alpha", 1.0)) if scaled else 1.0,
+            factor=float(attribute(node, "alpha", 1.0)) if scaled else 1.0,
             paths=_torch_paths(node, [node.input[_WEIGHT_INPUT[node.op_type]], location.initializer.name]),
             tf_scopes=_tf_scopes(node.name) or _tf_scopes(location.initializer.name)))
     return sites
@@ -505,7 +498,7 @@ def _fits(site: _WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
     if site.kind == "linear":
         return lora_a.ndim == lora_b.ndim == 2 and lora_b.shape[1] == lora_a.shape[0] and (
             lora_b.shape[0], lora_a.shape[1]) == expected
-    groups = int(_attribute(site.node, "group", 1))
+    groups = int(attribute(site.node, "group", 1))
     return (lora_a.ndim == lora_b.ndim == 4 and lora_b.shape[2:] == (1, 1)
             and lora_b.shape[1] * groups == lora_a.shape[0] and (lora_b.shape[0], *lora_a.shape[1:]) == expected)
 
@@ -515,7 +508,7 @@ def _bias_location(graph: _Graph, site: _WeightSite) -> tuple[_Location, float] 
     node = site.node
     if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
         location = graph.trace(node, 2)
-        beta = float(_attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        beta = float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
         return (location, beta) if location is not None else None
     if node.op_type in ("MatMul", "FusedMatMul"):
         for consumer, index in graph.consumers.get(node.output[0], []):
