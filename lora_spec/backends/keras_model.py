@@ -98,8 +98,14 @@ def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, **overrid
 
 def adapt(model: keras.layers.Layer, config: LoRAConfig, target_paths: list[str],
           save_paths: list[str]) -> keras.layers.Layer:
-    """`apply` for targets already resolved by `plan`."""
+    """`apply` for targets already resolved by `plan`; a second call keeps the first one's modules to save."""
     by_path = dict(named_layers(model))
+    previous = getattr(model, CONFIG_ATTRIBUTE, None)
+    if previous is not None and previous.modules_to_save:
+        kept = modules_to_save_paths(describe_layers(model), previous, require=False)
+        save_paths = list(dict.fromkeys(save_paths + kept))
+        config = config.replace(modules_to_save=tuple(dict.fromkeys((config.modules_to_save or ()) +
+                                                                    previous.modules_to_save)))
     train_bias = config.bias != "none"
     for path in target_paths:
         layer = by_path[path]
@@ -142,11 +148,19 @@ def config_of(model: keras.layers.Layer) -> LoRAConfig:
     """The resolved config `apply` stored on `model`, or one read back from its LoRA layers.
 
     After a `.keras` round trip the model has its LoRA layers but not the Python attribute, so
-    the config is rebuilt from them (their own r, alpha, dropout...; `modules_to_save` is lost).
+    the config is rebuilt from them (their own r, alpha, dropout...; `modules_to_save` is lost);
+    so it is when two `apply` calls gave layers different ranks.
     """
     layers = _require_lora_layers(model)
     config = getattr(model, CONFIG_ATTRIBUTE, None)
-    return config if isinstance(config, LoRAConfig) else _config_from_layers(layers)
+    if isinstance(config, LoRAConfig) and all(
+            (layer.r, layer.scaling) == (config.rank_for(path), config.scaling_for(path)) for path, layer in layers):
+        return config
+    # Layers adapted by an earlier apply with other ranks: their own values are the truth.
+    from_layers = _config_from_layers(layers)
+    if isinstance(config, LoRAConfig):
+        return from_layers.replace(bias=config.bias, modules_to_save=config.modules_to_save)
+    return from_layers
 
 
 def _config_from_layers(layers: list[tuple[str, LoRALayer]]) -> LoRAConfig:

@@ -284,3 +284,13 @@ def test_a_weights_file_saved_before_lora_is_refused_with_what_to_do_instead(tmp
     with pytest.raises(ValueError, match="the file has no weights for LoRA layer 'fc1': it was saved without LoRA; "
                                          "load base weights before lora_spec.keras.apply"):
         model.load_weights(tmp_path / "base.weights.h5")
+
+
+def test_a_second_apply_keeps_the_first_ones_adapters_and_modules_to_save(tmp_path):
+    model = lora.apply(mlp(), r=4, target_modules=["fc1"], modules_to_save=["head"])
+    lora.apply(model, r=2, target_modules=["fc2"])
+    assert {path: layer.r for path, layer in lora.lora_layers(model)} == {"encoder.fc1": 4, "encoder.fc2": 2}
+    assert "head/kernel" in _trained(model)
+    _randomize_adapters(model)
+    lora.save_adapter(model, tmp_path)
+    np.testing.assert_array_equal(lora.load_adapter(mlp(), tmp_path)(X), model(X))
