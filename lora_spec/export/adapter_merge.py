@@ -242,13 +242,14 @@ def _torch_paths(node: onnx.NodeProto, weight_names: Sequence[str]) -> set[str]:
 
     The node's record wins because exporters store equal weights once, under the first
     module's name: the second module's node then reads `0.weight` (dynamo) or an `Identity`
-    of it (TorchScript), and must not be merged with module `0`'s adapter.
+    of it (TorchScript), and must not be merged with module `0`'s adapter. The base layer of a
+    model exported with its LoRA wrappers (`<path>.base_layer`) is the module at `<path>`.
     """
     module = _node_module(node)
-    if module is not None:
-        return {module}
-    kept = [name for name in weight_names if "/" not in name and name.endswith(".weight")]
-    return {kept[0][:-len(".weight")]} if kept else set()
+    if module is None:
+        kept = [name for name in weight_names if "/" not in name and name.endswith(".weight")]
+        module = kept[0][:-len(".weight")] if kept else None
+    return {module.removesuffix(_PEFT_WRAPPER)} if module else set()
 
 
 def _literal_list(text: str | None) -> list:

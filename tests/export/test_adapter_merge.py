@@ -386,6 +386,7 @@ def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path, call_s
 @pytest.mark.parametrize("adapter_path, graph_path", [
     ("bert.encoder.layer.0.query", "encoder.layer.0.query"),  # adapter of a model with a head, graph of its body
     ("encoder.layer.0.query", "wrapper.encoder.layer.0.query"),  # graph exported from a wrapper
+    ("encoder.layer.0.query", "base_model.model.encoder.layer.0.query.base_layer"),  # from a PEFT model
 ])
 def test_module_paths_match_by_unique_dotted_suffix(tmp_path, adapter_path, graph_path):
     model = linear_model(WEIGHT, np.zeros(3), "matmul")
