@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -12,8 +11,8 @@ import torch
 from torch import nn
 
 from lora_spec.backends.torch_layers import LoRALayer, is_conv1d, lora_layer_for, make_lora_layer
-from lora_spec.config import LoRAConfig
-from lora_spec.targets import ModuleInfo, select_targets
+from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIG_ATTRIBUTE = "lora_config"
 _KINDS = {"LoRALinear": "linear", "LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}
@@ -79,21 +78,6 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), name, module)
 
 
-def resolve_config(config: LoRAConfig | None, overrides: dict[str, Any]) -> LoRAConfig:
-    """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names."""
-    if config is not None and not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
-                        "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
-    if config is not None:
-        return config.replace(**overrides)
-    fields = [field.name for field in dataclasses.fields(LoRAConfig)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {', '.join(fields)}.")
-    # Built from scratch so that alpha defaults to the given r, as LoRAConfig(r=...) does.
-    return LoRAConfig(**overrides)
-
-
 def plan(model: nn.Module, config: LoRAConfig,
          require_modules_to_save: bool = True) -> tuple[LoRAConfig, list[str], list[str]]:
     """`(config with resolved targets, paths to adapt, paths of modules_to_save)`, touching nothing.
@@ -106,11 +90,7 @@ def plan(model: nn.Module, config: LoRAConfig,
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
     modules = describe_modules(model)
     config, matches = select_targets(modules, config)
-    save_paths = [m.path for m in modules if m.path and config.is_module_to_save(m.path)]
-    for name in (config.modules_to_save or ()) if require_modules_to_save else ():
-        if not any(path == name or path.endswith("." + name) for path in save_paths):
-            raise ValueError(f"modules_to_save entry {name!r} matched no module: use a module name of the model "
-                             f"such as {', '.join(sorted({m.path.rsplit('.', 1)[-1] for m in modules if m.path})[:8])}.")
+    save_paths = modules_to_save_paths(modules, config, require_modules_to_save)
     for match in matches:
         module = model.get_submodule(match.path)
         if not isinstance(module, LoRALayer):
