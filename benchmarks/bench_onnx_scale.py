@@ -15,7 +15,6 @@ Targets (issue 5): peak RSS <= 600 MB, merge time <= 3 x the copy. Files are rem
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -25,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 RANK = 16

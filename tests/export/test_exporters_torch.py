@@ -1,11 +1,10 @@
-"""End to end from real exporters: PEFT and lora_spec.torch (TorchScript and dynamo), Keras LoRADense.
+"""End to end from PyTorch exporters: PEFT and lora_spec.torch models (TorchScript and dynamo).
 
 Each model is exported with its LoRA branches, merged by `merge_onnx`, and run in onnxruntime:
 the output equals the framework's, and the merged graph has the compute nodes of the base model
-exported without LoRA.
+exported without LoRA. The helpers are shared with the Keras module.
 """
 
-import collections
 import copy
 import warnings
 
@@ -17,31 +16,12 @@ pytest.importorskip("onnxruntime")
 
 from lora_spec.export import merge_onnx  # noqa: E402
 from lora_spec.export.verify import session  # noqa: E402
+from tests.export.onnx_roundtrip import (  # noqa: E402
+    INPUT_SHAPES,
+    assert_folds_to_the_base_compute_nodes,
+    assert_merge_reproduces,
+)
 from tests.numerics import assert_close  # noqa: E402
-
-COMPUTE_OPS = ("MatMul", "Gemm", "Mul", "Div", "Add")
-INPUT_SHAPES = {2: (3, 4), 3: (2, 5, 4)}
-
-
-def _compute_ops(path) -> collections.Counter:
-    return collections.Counter(node.op_type for node in onnx.load(path).graph.node if node.op_type in COMPUTE_OPS)
-
-
-def _assert_merge_reproduces(path, feeds, expected) -> None:
-    """Merged with full verification, the model's outputs equal the framework's `expected` ones."""
-    result = merge_onnx(path, verify="full", progress=False)
-    assert result.verification.passed
-    for output, want in zip(session(result.output).run(None, feeds), expected, strict=True):
-        assert_close(output, want, np.float32, factor=5)
-
-
-def _assert_folds_to_the_base_compute_nodes(folder, folds: int) -> None:
-    result = merge_onnx(folder / "model.onnx", verify="off", progress=False)
-    assert len(result.folds) == folds
-    assert _compute_ops(result.output) == _compute_ops(folder / "base.onnx")
-
-
-# --- PyTorch: PEFT and lora_spec.torch ---------------------------------------------------------------------------
 
 torch = pytest.importorskip("torch")
 
@@ -102,11 +82,11 @@ def torch_export(request, tmp_path_factory):
 
 def test_merged_torch_export_reproduces_the_adapted_model_on_2d_and_3d_inputs(torch_export):
     folder, feeds, expected = torch_export
-    _assert_merge_reproduces(folder / "model.onnx", feeds, expected)
+    assert_merge_reproduces(folder / "model.onnx", feeds, expected)
 
 
 def test_merged_torch_export_has_the_compute_nodes_of_the_base_export(torch_export):
-    _assert_folds_to_the_base_compute_nodes(torch_export[0], folds=4)
+    assert_folds_to_the_base_compute_nodes(torch_export[0], folds=4)
 
 
 class _TwinProjections(torch.nn.Module):
@@ -139,48 +119,6 @@ def test_layers_with_equal_base_weights_and_zero_b_merge_each_their_own_adapter(
     assert_close(query, expected_query.numpy(), np.float32, factor=5)
     assert_close(value, expected_value.numpy(), np.float32, factor=5)
     assert not np.allclose(query, value)
-
-
-# --- Keras: LoRADense exported with model.export(format="onnx") ---------------------------------------------------
-
-
-@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
-def keras_export(request, tmp_path_factory):
-    keras = pytest.importorskip("keras")
-    pytest.importorskip("tf2onnx")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("Keras's ONNX export needs the TensorFlow backend")
-    import lora_spec.keras as lora
-
-    dims = request.param
-    shape = INPUT_SHAPES[dims][1:]
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape)
-    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(inputs)
-    base = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
-    x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
-    base(x)
-    folder = tmp_path_factory.mktemp("keras")
-    base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
-    model = keras.models.clone_model(base)
-    model.set_weights(base.get_weights())
-    lora.apply(model, r=2, alpha=6, target_modules=["hidden", "head"])
-    for variable in model.weights:
-        if "lora_b" in variable.path:
-            variable.assign(np.random.default_rng(2).standard_normal(variable.shape).astype(np.float32))
-    expected = np.asarray(model(x))
-    model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
-    input_name = onnx.load(folder / "model.onnx").graph.input[0].name
-    return folder, {input_name: x}, expected
-
-
-def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
-    folder, feeds, expected = keras_export
-    _assert_merge_reproduces(folder / "model.onnx", feeds, [expected])
-
-
-def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_export):
-    _assert_folds_to_the_base_compute_nodes(keras_export[0], folds=2)
 
 
 class _TokenClassifier(torch.nn.Module):

@@ -1,0 +1,56 @@
+"""End to end from Keras: a model with lora_spec.keras LoRADense layers, `model.export(format="onnx")`, merge.
+
+The merged graph reproduces the Keras model in onnxruntime and has the compute nodes of the base
+model exported without LoRA, for 2-D inputs and for 3-D ones (tf2onnx's Reshape/MatMul/Reshape).
+"""
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+
+from tests.export.onnx_roundtrip import (  # noqa: E402
+    INPUT_SHAPES,
+    assert_folds_to_the_base_compute_nodes,
+    assert_merge_reproduces,
+)
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
+def keras_export(request, tmp_path_factory):
+    import lora_spec.keras as lora
+
+    dims = request.param
+    shape = INPUT_SHAPES[dims][1:]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(inputs)
+    base = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
+    base(x)
+    folder = tmp_path_factory.mktemp("keras")
+    base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
+    model = keras.models.clone_model(base)
+    model.set_weights(base.get_weights())
+    lora.apply(model, r=2, alpha=6, target_modules=["hidden", "head"])
+    for variable in model.weights:
+        if "lora_b" in variable.path:
+            variable.assign(np.random.default_rng(2).standard_normal(variable.shape).astype(np.float32))
+    expected = np.asarray(model(x))
+    model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+    input_name = onnx.load(folder / "model.onnx").graph.input[0].name
+    return folder, {input_name: x}, expected
+
+
+def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
+    folder, feeds, expected = keras_export
+    assert_merge_reproduces(folder / "model.onnx", feeds, [expected])
+
+
+def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_export):
+    assert_folds_to_the_base_compute_nodes(keras_export[0], folds=2)
