@@ -77,11 +77,14 @@ class LoRAConfig:
     modules_to_save: tuple[str, ...] | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # Whether alpha was left to default to r, so that `replace(r=...)` moves it along.
+    _alpha_follows_r: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.r))
+            object.__setattr__(self, "_alpha_follows_r", True)
         _check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r} is invalid: use a probability in [0, 1).")
@@ -140,10 +143,12 @@ class LoRAConfig:
 
     def replace(self, **changes: Any) -> LoRAConfig:
         """A copy with `changes` applied; unknown names raise `ValueError` listing the fields."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self) if f.init})
         if unknown:
-            fields = ", ".join(f.name for f in dataclasses.fields(self))
+            fields = ", ".join(f.name for f in dataclasses.fields(self) if f.init)
             raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {fields}.")
+        if self._alpha_follows_r and "alpha" not in changes:
+            changes = {**changes, "alpha": None}
         return dataclasses.replace(self, **changes)
 
     def to_peft_dict(self, target_modules: Sequence[str] | None = None, fan_in_fan_out: bool = False) -> dict[str, Any]:
@@ -218,14 +223,7 @@ def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> L
     if config is not None and not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
                         "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
-    if config is not None:
-        return config.replace(**overrides)
-    fields = [field.name for field in dataclasses.fields(LoRAConfig)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown LoRAConfig field {unknown[0]!r}: use one of {', '.join(fields)}.")
-    # Built from scratch so that alpha defaults to the given r, as LoRAConfig(r=...) does.
-    return LoRAConfig(**overrides)
+    return (config or LoRAConfig()).replace(**overrides)
 
 
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:

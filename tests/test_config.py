@@ -139,3 +139,9 @@ def test_resolve_config_applies_overrides_and_defaults_alpha_to_the_given_r():
         resolve_config(None, {"rank": 4})
     with pytest.raises(TypeError, match="config must be a lora_spec.LoRAConfig, not dict"):
         resolve_config({"r": 4}, {})
+
+
+def test_replacing_r_moves_a_defaulted_alpha_but_keeps_an_explicit_one():
+    assert LoRAConfig().replace(r=2).alpha == 2
+    assert LoRAConfig(alpha=8).replace(r=2).alpha == 8
+    assert LoRAConfig().replace(r=2).replace(r=4).scaling == 1.0
