@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import keras
 
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LORA_LAYERS, LoRAEmbedding, LoRALayer, lora_arguments
 from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIG_ATTRIBUTE = "_lora_spec_config"
@@ -238,20 +239,6 @@ def _require_lora_layers(model: keras.layers.Layer) -> list[tuple[str, LoRALayer
     if not layers:
         raise ValueError("this model has no LoRA adapter: call lora_spec.keras.apply(model) first.")
     return layers
-
-
-class TrainableParameters(NamedTuple):
-    """Parameter counts; `str()` prints like PEFT's `print_trainable_parameters`."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
 
 def trainable_parameters(model: keras.layers.Layer) -> TrainableParameters:

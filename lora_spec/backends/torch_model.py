@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from lora_spec.backends.torch_layers import LoRALayer, is_conv1d, lora_layer_for, make_lora_layer
 from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIG_ATTRIBUTE = "lora_config"
@@ -227,20 +228,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             module.adapter_enabled = True
         for layer in was_merged:
             layer.merge()
-
-
-class TrainableParameters(NamedTuple):
-    """Parameter counts; `str()` prints like PEFT's `print_trainable_parameters`."""
-
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
