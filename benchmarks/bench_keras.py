@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -25,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import lora_spec.keras as lora  # noqa: E402
+from interleave import interleaved_medians  # noqa: E402
 
 WIDTH, DEPTH, BATCH, RANK, ALPHA = 1024, 4, 2048, 16, 32
 TARGETS = [f"dense_{i}" for i in range(DEPTH)]
@@ -73,18 +72,7 @@ class Trainer:
 def time_rows(rounds: int, warmup: int) -> dict[str, float]:
     """Median seconds per step of each row, rows interleaved within each round."""
     trainers = {row: Trainer(row) for row in ROWS}
-    for trainer in trainers.values():
-        for _ in range(warmup):
-            trainer.step()
-    samples = {row: [] for row in ROWS}
-    for round_index in range(rounds):
-        # Rotate the order each round so no row always runs right after the same neighbour.
-        order = ROWS[round_index % len(ROWS):] + ROWS[:round_index % len(ROWS)]
-        for row in order:
-            start = time.perf_counter()
-            trainers[row].step()
-            samples[row].append(time.perf_counter() - start)
-    return {row: statistics.median(values) for row, values in samples.items()}
+    return interleaved_medians({row: trainer.step for row, trainer in trainers.items()}, rounds, warmup)
 
 
 def table(times: dict[str, float]) -> str:

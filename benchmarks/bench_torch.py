@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from interleave import interleaved_medians
 from torch import nn
 
 WIDTH, DEPTH, BATCH, RANK, ALPHA = 1024, 4, 2048, 16, 32
@@ -65,18 +64,7 @@ class Trainer:
 def time_rows(rounds: int, warmup: int) -> dict[str, float]:
     """Median seconds per step of each row, rows interleaved within each round."""
     trainers = {row: Trainer(row) for row in ROWS}
-    for trainer in trainers.values():
-        for _ in range(warmup):
-            trainer.step()
-    samples = {row: [] for row in ROWS}
-    for round_index in range(rounds):
-        # Rotate the order each round so no row always runs right after the same neighbour.
-        order = ROWS[round_index % len(ROWS):] + ROWS[:round_index % len(ROWS)]
-        for row in order:
-            start = time.perf_counter()
-            trainers[row].step()
-            samples[row].append(time.perf_counter() - start)
-    return {row: statistics.median(values) for row, values in samples.items()}
+    return interleaved_medians({row: trainer.step for row, trainer in trainers.items()}, rounds, warmup)
 
 
 def peak_memory(row: str, steps: int) -> float:
