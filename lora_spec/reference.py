@@ -73,9 +73,18 @@ def backward(x, W, A, B, s, grad_y, dropout_mask=None) -> Gradients:
     )
 
 
+def _scaled(product: np.ndarray, s) -> np.ndarray:
+    # In place when a scalar `s` keeps the product's dtype: the same values as `s * product`,
+    # without a second full-size array (a merged weight can be gigabytes).
+    if np.ndim(s) or np.result_type(product, s) != product.dtype:
+        return s * product
+    product *= s
+    return product
+
+
 def delta_weight(A, B, s) -> np.ndarray:
     """`delta_W = s * B @ A`, `(out, in)`."""
-    return s * (B @ A)
+    return _scaled(B @ A, s)
 
 
 def embedding_init(num_embeddings: int, embedding_dim: int, config: LoRAConfig, rng: np.random.Generator,
@@ -153,13 +162,14 @@ def conv2d_delta_weight(A, B, s) -> np.ndarray:
 _DELTAS = {"linear": delta_weight, "embedding": embedding_delta_weight, "conv2d": conv2d_delta_weight}
 
 
-def _add_delta(W, A, B, s, layer: str, sign: int) -> np.ndarray:
+def _add_delta(W, A, B, s, layer: str, sign: int, overwrite_w: bool) -> np.ndarray:
     # At least float32, so half-precision weights are not rounded before the sum; cast back once.
     compute = np.promote_types(W.dtype, np.float32)
     delta = _DELTAS[layer](A.astype(compute), B.astype(compute), s)
-    # In place on a copy of W: the same sums, but no extra full-size temporaries (exporting a
-    # multi-GB model merges one large weight after another).
-    merged = W.astype(compute)
+    # In place on a copy of W (or on W itself when the caller gives it up): the same sums, but no
+    # extra full-size temporaries (exporting a multi-GB model merges one large weight after another).
+    reuse = overwrite_w and isinstance(W, np.ndarray) and W.dtype == compute and W.flags.writeable
+    merged = W if reuse else W.astype(compute)
     if sign > 0:
         merged += delta
     else:
@@ -167,14 +177,20 @@ def _add_delta(W, A, B, s, layer: str, sign: int) -> np.ndarray:
     return merged.astype(W.dtype, copy=False)
 
 
-def merge(W, A, B, s, layer: str = "linear") -> np.ndarray:
+def merge(W, A, B, s, layer: str = "linear", *, overwrite_w: bool = False) -> np.ndarray:
     """`W + delta_W`, computed in at least float32 and cast back to W's dtype once.
 
-    `layer` picks the update's formula: "linear", "embedding" or "conv2d".
+    `layer` picks the update's formula: "linear", "embedding" or "conv2d". With `overwrite_w`
+    (as in SciPy's `overwrite_a`), the result may be computed in W's own memory, when W is a
+    writeable array already in the compute dtype, instead of a copy; W's values are then lost.
+    The result is the same bit for bit.
     """
-    return _add_delta(W, A, B, s, layer, +1)
+    return _add_delta(W, A, B, s, layer, +1, overwrite_w)
 
 
-def unmerge(W_merged, A, B, s, layer: str = "linear") -> np.ndarray:
-    """`W_merged - delta_W`; exact only up to rounding, so backends keep the base weight instead."""
-    return _add_delta(W_merged, A, B, s, layer, -1)
+def unmerge(W_merged, A, B, s, layer: str = "linear", *, overwrite_w: bool = False) -> np.ndarray:
+    """`W_merged - delta_W`; exact only up to rounding, so backends keep the base weight instead.
+
+    `overwrite_w` as in `merge`.
+    """
+    return _add_delta(W_merged, A, B, s, layer, -1, overwrite_w)
