@@ -18,6 +18,7 @@ import keras
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LORA_LAYERS, LoRAEmbedding, LoRALayer, lora_arguments
 from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.merging import merge_all_or_none
 from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
@@ -187,17 +188,7 @@ def merge(model: keras.layers.Layer) -> keras.layers.Layer:
     All or nothing: when a merged weight would hold NaN or inf, the layers merged so far are
     restored and ValueError names the layer. Traced functions of the model are reset.
     """
-    merged_now = []
-    for path, layer in _require_lora_layers(model):
-        if layer.merged:
-            continue
-        try:
-            layer.merge()
-        except ValueError as error:
-            for done in merged_now:
-                done.unmerge()
-            raise ValueError(f"layer {path!r}: {error}") from None
-        merged_now.append(layer)
+    merge_all_or_none(_require_lora_layers(model), noun="layer")
     _reset_compiled_functions(model)
     return model
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from lora_spec.backends.torch_layers import LoRALayer, is_conv1d, lora_layer_for, make_lora_layer
 from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.merging import merge_all_or_none
 from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
@@ -162,17 +163,7 @@ def merge(model: nn.Module) -> nn.Module:
     restored and ValueError names the module.
     """
     config_of(model)
-    merged_now = []
-    for path, layer in lora_layers(model):
-        if layer.merged:
-            continue
-        try:
-            layer.merge()
-        except ValueError as error:
-            for done in merged_now:
-                done.unmerge()
-            raise ValueError(f"module {path!r}: {error}") from None
-        merged_now.append(layer)
+    merge_all_or_none(lora_layers(model))
     return model
 
 
