@@ -17,6 +17,8 @@ from lora_spec.export.graph import Graph, attribute
 from lora_spec.export.patterns import WEIGHT_INPUT, Factor, LoRABranch
 
 ReadTensor = Callable[[str], np.ndarray]
+# (fold, weight, lora_a, lora_b) -> a function of the merged weight.
+LayerCheck = Callable[["Fold", np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], None]]
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 # (from, to) casts that every value survives, so casting back restores it bit for bit.
 _EXACT_UPCASTS = {(onnx.TensorProto.FLOAT16, _FLOAT), (onnx.TensorProto.BFLOAT16, _FLOAT),
@@ -52,13 +54,16 @@ class FoldRule:
 
     def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
                       lora_b: np.ndarray) -> np.ndarray:
-        """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`."""
+        """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`.
+
+        Computed in `weight`'s own memory when it can be (a float32 array the caller owns).
+        """
         scale = branch.scale / self.alpha(branch.base)
         if self.weight_is_out_in(branch.base):
-            return reference.merge(weight, lora_a, lora_b, scale)
+            return reference.merge(weight, lora_a, lora_b, scale, overwrite_w=True)
         # (W.T + s B @ A).T == W + s A.T @ B.T: the reference's merge in the node's (in, out)
         # layout, so the weight is never copied through a transpose.
-        return reference.merge(weight, lora_b.T, lora_a.T, scale)
+        return reference.merge(weight, lora_b.T, lora_a.T, scale, overwrite_w=True)
 
     def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
         """Point the base at the initializer that will hold the merged weight and delete the branch.
@@ -147,7 +152,7 @@ class ConvFold(FoldRule):
 
     def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
                       lora_b: np.ndarray) -> np.ndarray:
-        return reference.merge(weight, lora_a, lora_b, branch.scale, layer="conv2d")
+        return reference.merge(weight, lora_a, lora_b, branch.scale, layer="conv2d", overwrite_w=True)
 
 
 RULES = {rule.op_type: rule for rule in (MatMulFold(), GemmFold(), GatherFold(), ConvFold())}
@@ -181,13 +186,20 @@ class Fold:
         return (f"{self.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
                 f"{branch.lora_b.initializer}" + ("" if self.target == branch.weight else f" (copied to {self.target})"))
 
-    def merged_weight(self, read_tensor: ReadTensor, check: Callable[..., None] | None = None) -> np.ndarray:
-        """The target's new value; `check(fold, weight, lora_a, lora_b, merged)` sees every operand read once."""
+    def merged_weight(self, read_tensor: ReadTensor, check: LayerCheck | None = None) -> np.ndarray:
+        """The target's new value, merged in the array `read_tensor` returned for the weight.
+
+        `read_tensor` must return a fresh array per call (as `TensorSource.read` does): the merge
+        overwrites it rather than copy a weight that may be hundreds of megabytes. `check(fold,
+        weight, lora_a, lora_b)` sees every operand, read once, before the merge and returns
+        what is then called with the merged value.
+        """
         lora_a, lora_b = self.rule.reference_factors(self.branch, read_tensor)
         weight = self.previous.merged_weight(read_tensor, check) if self.previous else read_tensor(self.branch.weight)
+        compare = check(self, weight, lora_a, lora_b) if check is not None else None
         merged = self.rule.merged_weight(self.branch, weight, lora_a, lora_b)
-        if check is not None:
-            check(self, weight, lora_a, lora_b, merged)
+        if compare is not None:
+            compare(merged)
         return merged
 
 

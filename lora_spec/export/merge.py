@@ -275,8 +275,9 @@ def _default_tolerance(graph: Graph, values: Mapping[str, object]) -> float:
 
 def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences: list[float]):
     """`values` whose fold computations also check the folded layer against its branch."""
-    def check(fold, weight, lora_a, lora_b, merged):
-        differences.append(checks.layer_difference(fold, weight, lora_a, lora_b, merged, rng))
+    def check(fold, weight, lora_a, lora_b):
+        difference = checks.layer_check(fold, weight, lora_a, lora_b, rng)
+        return lambda merged: differences.append(difference(merged))
 
     checked = dict(values)
     for fold in folds:

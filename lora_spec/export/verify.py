@@ -7,7 +7,7 @@ so one tolerance fits models of any output scale.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,31 +50,33 @@ def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
 
 
-def layer_difference(fold: Fold, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, merged: np.ndarray,
-                     rng: np.random.Generator, rows: int = 2, features: int = 256) -> float:
-    """The folded node's output with `merged` against base + branch, on random sparse rows.
+def layer_check(fold: Fold, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, rng: np.random.Generator,
+                rows: int = 2, features: int = 256) -> Callable[[np.ndarray], float]:
+    """A function of the merged weight: the folded node's output with it against base + branch.
 
-    The rows are non-zero on at most `features` random input features, so only those slices of
-    the weights are read: a merge goes wrong for whole matrices (a transpose, a scale), which any
-    slice shows, and a check that read every weight twice would double the cost of a large merge.
+    The expected output is computed now, on random sparse rows, from the unmerged weight, which
+    the merge may then overwrite. The rows are non-zero on at most `features` random input
+    features, so only those slices of the weights are read: a merge goes wrong for whole matrices
+    (a transpose, a scale), which any slice shows, and a check that read every weight twice
+    would double the cost of a large merge.
     """
     node, rule = fold.branch.base, fold.rule
-    compute = np.promote_types(merged.dtype, np.float32)
+    compute = np.promote_types(weight.dtype, np.float32)
     if node.op_type == "Conv":
-        return _conv_layer_difference(fold, weight, lora_a, lora_b, merged, rng, compute)
+        return _conv_layer_check(fold, weight, lora_a, lora_b, rng, compute)
     picked = np.sort(rng.choice(lora_a.shape[1], min(features, lora_a.shape[1]), replace=False))
 
-    def sliced(matrix: np.ndarray) -> np.ndarray:  # reference layout (out, in), picked inputs only
-        return rule.to_reference(node, matrix)[:, picked].astype(compute)
+    def picked_inputs(matrix: np.ndarray) -> np.ndarray:  # (picked inputs, out), sliced in the stored layout
+        return (matrix[:, picked].T if rule.weight_is_out_in(node) else matrix[picked]).astype(compute, copy=False)
 
     x = rng.standard_normal((rows, picked.size)).astype(compute)
     alpha = rule.alpha(node)
     branch = (x @ lora_a[:, picked].astype(compute).T) @ lora_b.astype(compute).T
-    expected = alpha * (x @ sliced(weight).T) + fold.branch.scale * branch
-    return relative_difference(alpha * (x @ sliced(merged).T), expected)
+    expected = alpha * (x @ picked_inputs(weight)) + fold.branch.scale * branch
+    return lambda merged: relative_difference(alpha * (x @ picked_inputs(merged)), expected)
 
 
-def _conv_layer_difference(fold: Fold, weight, lora_a, lora_b, merged, rng, compute) -> float:
+def _conv_layer_check(fold: Fold, weight, lora_a, lora_b, rng, compute) -> Callable[[np.ndarray], float]:
     """The merged conv against base conv + LoRA convs on one small random image (no padding: the
     update does not depend on it)."""
     node = fold.branch.base
@@ -84,10 +86,11 @@ def _conv_layer_difference(fold: Fold, weight, lora_a, lora_b, merged, rng, comp
     reach = [dilation[axis] * (weight.shape[2 + axis] - 1) + 1 + stride[axis] for axis in range(2)]
     x = rng.standard_normal((1, weight.shape[1] * groups, *reach)).astype(compute)
     geometry = dict(stride=stride, dilation=dilation, groups=groups)
-    weights = [array.astype(compute) for array in (weight, lora_a, lora_b, merged)]
-    expected = reference.conv2d_forward(x, weights[0], None, weights[1], weights[2], fold.branch.scale, **geometry)
-    actual = reference.conv2d_forward(x, weights[3], None, weights[1], np.zeros_like(weights[2]), 0.0, **geometry)
-    return relative_difference(actual, expected)
+    factors = [array.astype(compute) for array in (lora_a, lora_b)]
+    expected = reference.conv2d_forward(x, weight.astype(compute), None, *factors, fold.branch.scale, **geometry)
+    no_branch = (factors[0], np.zeros_like(factors[1]), 0.0)
+    return lambda merged: relative_difference(
+        reference.conv2d_forward(x, merged.astype(compute), None, *no_branch, **geometry), expected)
 
 
 def _embedding_sizes(graph: Graph) -> dict[str, int]:

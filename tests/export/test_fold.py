@@ -18,10 +18,10 @@ from tests.numerics import assert_close  # noqa: E402
 COMPUTE_OPS = ("MatMul", "Gemm", "Mul", "Div", "Add")
 
 
-def _merge(tmp_path_factory, case: strategies.LoRAGraphCase):
+def _merge(tmp_path_factory, case: strategies.LoRAGraphCase, verify: str = "full"):
     folder = tmp_path_factory.mktemp("fold")
     onnx.save(case.model, folder / "model.onnx")
-    result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
+    result = merge_onnx(folder / "model.onnx", verify=verify, progress=False)
     return result, folder / "model.merged.onnx"
 
 
@@ -36,6 +36,16 @@ def test_merged_graph_computes_the_reference_merged_forward(tmp_path_factory, ca
     for output, expected in zip(outputs, case.expected, strict=True):
         assert_close(output, expected, np.float32, factor=20)
     assert result.verification.passed, case.layout
+
+
+@given(strategies.lora_graph_cases())
+def test_layer_by_layer_verification_reads_every_layout_right(tmp_path_factory, case):
+    """The check that large models get: each weight merged in place, against its branch."""
+    result, merged = _merge(tmp_path_factory, case, verify="layers")
+    assert result.verification.mode == "layers" and result.verification.passed, case.layout
+    outputs = session(merged).run(None, {"x": case.x})
+    for output, expected in zip(outputs, case.expected, strict=True):
+        assert_close(output, expected, np.float32, factor=20)
 
 
 @given(strategies.lora_graph_cases())

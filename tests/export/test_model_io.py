@@ -80,6 +80,28 @@ def test_only_changed_tensors_are_read(tmp_path, monkeypatch):
                          "layer1.lora_A.weight", "layer1.lora_B.weight", "layer0.scale", "layer1.scale"}
 
 
+def test_float32_weights_are_merged_and_written_from_the_buffer_they_were_read_into(tmp_path, monkeypatch):
+    """No full-size copy per weight: what a multi-GB merge's time and memory depend on."""
+    path = _external_model(tmp_path)
+    read, written = {}, {}
+    original_read, original_as_stored = model_io.TensorSource.read, model_io._as_stored
+
+    def recording_read(self, name):
+        read[name] = original_read(self, name)
+        return read[name]
+
+    def recording_as_stored(tensor, value):
+        written[tensor.name] = value
+        return original_as_stored(tensor, value)
+
+    monkeypatch.setattr(model_io.TensorSource, "read", recording_read)
+    monkeypatch.setattr(model_io, "_as_stored", recording_as_stored)
+    merge_onnx(path, verify="layers", progress=False)
+    assert sorted(written) == ["layer0.weight", "layer1.weight"]
+    for name, value in written.items():
+        assert np.shares_memory(value, read[name]), name
+
+
 def test_external_weight_shared_by_two_layers_is_copied_not_changed_in_place(tmp_path):
     path = _external_model(tmp_path, {"shared": "identity"})
     result = merge_onnx(path, verify="full", progress=False)
