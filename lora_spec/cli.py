@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     prefix = f"lora-spec {arguments.command}: error:"
+    # `kill` (SIGTERM) gets the clean-up that Ctrl-C gets: the partial outputs are removed.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         options = _options(arguments)
         if arguments.command == "compare":
@@ -145,6 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix} interrupted; the previous outputs are unchanged.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _interrupt(signal_number: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

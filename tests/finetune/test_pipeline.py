@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -120,12 +123,20 @@ def test_the_same_seed_gives_the_same_losses_and_predictions(tmp_path, tiny_bert
     np.testing.assert_array_equal(runs[0][3], runs[1][3])
 
 
-def test_interrupted_run_leaves_the_previous_outputs_intact(finished_run, tiny_bert, monkeypatch, capsys):
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler interrupts this sleep
+    raise AssertionError("SIGTERM did not interrupt the run")
+
+
+@pytest.mark.parametrize("interrupt", [_ctrl_c, _kill], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_leaves_the_previous_outputs_intact(finished_run, tiny_bert, monkeypatch, capsys, interrupt):
     output = finished_run[0]
     before = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
     monkeypatch.setattr(train, "train", interrupt)
     status = cli.main(["finetune", "--model", str(tiny_bert), "--data", str(output.parent / "rows.csv"),
                        "--output", str(output), *QUICK])
