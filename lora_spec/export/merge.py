@@ -275,8 +275,12 @@ def _default_tolerance(graph: Graph, values: Mapping[str, object]) -> float:
 
 def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences: list[float]):
     """`values` whose fold computations also check the folded layer against its branch."""
+    # A generator per fold, drawn now: the folds run on several threads, in no fixed order.
+    seeds = rng.integers(2**63, size=len(folds))
+    generators = {id(fold): np.random.default_rng(seed) for fold, seed in zip(folds, seeds)}
+
     def check(fold, weight, lora_a, lora_b):
-        difference = checks.layer_check(fold, weight, lora_a, lora_b, rng)
+        difference = checks.layer_check(fold, weight, lora_a, lora_b, generators[id(fold)])
         return lambda merged: differences.append(difference(merged))
 
     checked = dict(values)

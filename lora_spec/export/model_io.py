@@ -8,7 +8,6 @@ tensors at their places. Tensors of deleted LoRA branches are dropped from the o
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import os
@@ -24,6 +23,8 @@ from lora_spec._files import atomic_path
 
 ALIGNMENT = 4096
 COPY_CHUNK = 64 * 2**20
+# Tensors merged and written at once: both cores of a small machine busy, two weights in memory.
+WORKERS = 2
 
 
 class ExportError(ValueError):
@@ -125,24 +126,31 @@ class TensorSource:
         return values.reshape(tuple(tensor.dims))
 
 
-def _copy_range(source: Path, offset: int, length: int, target) -> None:
-    """Append bytes `offset..offset+length` of `source` to the open file `target`, without holding them."""
-    target.flush()
+def _copy_range(source: Path, offset: int, length: int, target: int, target_offset: int) -> None:
+    """Copy bytes `offset..offset+length` of `source` to `target_offset` of the open descriptor
+    `target`, without holding them (positional, so workers can copy and write at once)."""
     with open(source, "rb", buffering=0) as reader:
-        position, end = offset, offset + length
-        while position < end:
-            size = min(end - position, COPY_CHUNK)
+        copied_total = 0
+        while copied_total < length:
+            size = min(length - copied_total, COPY_CHUNK)
+            position = offset + copied_total
             try:
-                copied = os.copy_file_range(reader.fileno(), target.fileno(), size, position)
+                copied = os.copy_file_range(reader.fileno(), target, size, position, target_offset + copied_total)
             except OSError:  # file systems or kernels without it: plain reads and writes
                 copied = 0
             if not copied:
-                reader.seek(position)
-                copied = os.write(target.fileno(), reader.read(size))
+                copied = os.pwrite(target, os.pread(reader.fileno(), size, position), target_offset + copied_total)
             if not copied:
-                raise ExportError(f"external data {source} ended at byte {position}, before {end}: re-export the model.")
-            position += copied
-    target.seek(0, os.SEEK_END)
+                raise ExportError(f"external data {source} ended at byte {position}, before {offset + length}: "
+                                  "re-export the model.")
+            copied_total += copied
+
+
+def _write_at(target: int, value: np.ndarray, offset: int) -> None:
+    data = memoryview(value.reshape(-1).view(np.uint8))
+    while data:
+        written = os.pwrite(target, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _as_stored(tensor: onnx.TensorProto, value: np.ndarray) -> np.ndarray:
@@ -169,51 +177,53 @@ def _write_data(model: onnx.ModelProto, source: TensorSource, values: Mapping[st
                 data_path: Path, progress) -> None:
     """Write every external (or new external) tensor of `model` into `data_path`, in input order.
 
-    The next new value is computed in a worker thread while the current one is written, so
-    merging and disk I/O overlap; at most two new values are held at once.
+    Each tensor's place in the file is known up front (the sizes, aligned), so `WORKERS` threads
+    each compute and write one tensor at a time, new values and copies of unchanged ones alike:
+    merging and disk I/O overlap on every core, and at most `WORKERS` new values are held at once.
     """
     external = [tensor for tensor in model.graph.initializer if is_external(tensor)]
     external.sort(key=lambda tensor: source.external.get(tensor.name, (Path(), 0, 0))[:2])
-    upcoming = iter([tensor.name for tensor in external if tensor.name in values])
+    places, end = [], 0
+    for tensor in external:
+        offset = end + (-end % ALIGNMENT)
+        places.append(offset)
+        end = offset + byte_size(tensor)
+        _set_location(tensor, data_path.name, offset, byte_size(tensor))  # here: protobuf is not thread-safe
+
+    def write(tensor: onnx.TensorProto, offset: int) -> None:
+        if tensor.name in values:
+            _write_at(target.fileno(), _as_stored(tensor, values[tensor.name]()), offset)
+        else:
+            path, source_offset, length = source.external[tensor.name]
+            _copy_range(path, source_offset, length, target.fileno(), offset)
+
     # "r+b", not "wb": the staged file exists (empty), and truncating it makes ext4 (auto_da_alloc)
     # start writing every dirty page back to disk on close, which took 0.5 s for 2 GB here.
-    with open(data_path, "r+b") as target, _blas_leaving_a_core(), \
-            concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
-        computing = collections.deque()
-
-        def compute_next() -> None:
-            name = next(upcoming, None)
-            if name is not None:
-                computing.append(worker.submit(values[name]))
-
-        compute_next()
-        for tensor in progress(external, desc="writing tensors", unit="tensor"):
-            target.write(b"\0" * (-target.tell() % ALIGNMENT))
-            offset = target.tell()
-            if tensor.name in values:
-                value = computing.popleft().result()
-                compute_next()
-                target.write(_as_stored(tensor, value).reshape(-1).view(np.uint8))
-                del value
-            else:
-                path, source_offset, length = source.external[tensor.name]
-                _copy_range(path, source_offset, length, target)
-            _set_location(tensor, data_path.name, offset, target.tell() - offset)
+    with open(data_path, "r+b", buffering=0) as target, _one_blas_thread(), \
+            concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as workers:
+        jobs = [workers.submit(write, tensor, offset) for tensor, offset in zip(external, places)]
+        try:
+            for job in progress(concurrent.futures.as_completed(jobs), total=len(jobs), desc="writing tensors",
+                                unit="tensor"):
+                job.result()
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
 
 
-def _blas_leaving_a_core() -> contextlib.AbstractContextManager:
-    """BLAS on every core but one while the worker merges and this thread writes.
+def _one_blas_thread() -> contextlib.AbstractContextManager:
+    """BLAS on one thread while the workers merge: the parallelism is theirs.
 
-    BLAS threads that compete with the writes for the cores stall each other: on 2 cores a
-    4096 x 4096 rank-16 product took twice as long with two BLAS threads as with one. Without
-    threadpoolctl, BLAS keeps its own setting.
+    BLAS threads that compete with the workers for the cores stall each other: on 2 cores a
+    4096 x 4096 rank-16 product took twice as long with two BLAS threads beside a writer as with
+    one. Without threadpoolctl, BLAS keeps its own setting.
     """
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return threadpool_limits(max(1, cores - 1), user_api="blas")
+    return threadpool_limits(1, user_api="blas")
 
 
 def _write_inline(model: onnx.ModelProto, values: Mapping[str, Callable[[], np.ndarray]], progress) -> None:
