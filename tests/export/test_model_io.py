@@ -102,6 +102,30 @@ def test_float32_weights_are_merged_and_written_from_the_buffer_they_were_read_i
         assert np.shares_memory(value, read[name]), name
 
 
+def test_merging_on_several_threads_writes_the_same_bytes_every_time(tmp_path):
+    path = _external_model(tmp_path)
+    results = [merge_onnx(path, tmp_path / f"run{index}.onnx", verify="layers", progress=False) for index in range(2)]
+    assert _digest(tmp_path / "run0.onnx.data") == _digest(tmp_path / "run1.onnx.data")
+    assert results[0].verification == results[1].verification
+
+
+def test_a_weight_that_fails_to_merge_stops_the_other_workers_and_leaves_nothing(tmp_path, monkeypatch):
+    from lora_spec.export.fold import FoldRule
+
+    path = _external_model(tmp_path)
+    original = FoldRule.merged_weight
+
+    def failing_on_layer1(self, branch, *operands):
+        if branch.weight == "layer1.weight":
+            raise model_io.ExportError("layer1 cannot be merged")
+        return original(self, branch, *operands)
+
+    monkeypatch.setattr(FoldRule, "merged_weight", failing_on_layer1)
+    with pytest.raises(model_io.ExportError, match="layer1 cannot be merged"):
+        merge_onnx(path, verify="layers", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
 def test_external_weight_shared_by_two_layers_is_copied_not_changed_in_place(tmp_path):
     path = _external_model(tmp_path, {"shared": "identity"})
     result = merge_onnx(path, verify="full", progress=False)
