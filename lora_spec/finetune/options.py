@@ -22,7 +22,7 @@ class FinetuneOptions:
     alpha: float = 16.0
     dropout: float = 0.1
     targets: tuple[str, ...] = ("query", "value")
-    epochs: int = 4
+    epochs: int = 8
     batch_size: int = 32
     learning_rate: float = 2e-3
     head_epochs: int = 40
