@@ -68,6 +68,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                           help="epochs of the head-only baseline on cached features (default: %(default)s)")
     training.add_argument("--head-lr", dest="head_learning_rate", type=float, default=d.head_learning_rate, metavar="LR",
                           help="peak learning rate of the head-only baseline (default: %(default)s)")
+    training.add_argument("--threads", type=int, metavar="N",
+                          help="CPU threads for PyTorch and onnxruntime (default: PyTorch's choice, one per core); "
+                               "on a machine busy with other work, 1 can be many times faster")
     training.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 

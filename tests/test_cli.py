@@ -28,7 +28,7 @@ def no_training(monkeypatch):
 
 @pytest.mark.parametrize("command, options", [
     ("finetune", ("--rank", "--alpha", "--dropout", "--targets", "--epochs", "--batch-size", "--lr", "--output",
-                  "--seed", "--max-examples", "--model", "--data")),
+                  "--seed", "--max-examples", "--model", "--data", "--threads")),
     ("compare", ("--seeds", "--rank", "--alpha", "--dropout", "--targets", "--epochs", "--batch-size", "--lr")),
 ])
 def test_help_lists_every_option(command, options, capsys):
@@ -65,6 +65,7 @@ def _fails_with_one_line(argv, capsys, message):
     ("--dropout", "1.0", "--dropout 1.0 is invalid"),
     ("--validation-fraction", "1", "--validation-fraction 1.0 is invalid"),
     ("--max-examples", "2", "--max-examples 2 is invalid"),
+    ("--threads", "0", "--threads 0 is invalid"),
 ])
 def test_out_of_range_option_fails_with_one_line(tmp_path, capsys, no_training, option, value, message):
     _fails_with_one_line(["finetune", "--output", str(tmp_path / "run"), option, value], capsys, message)

@@ -32,6 +32,7 @@ class FinetuneOptions:
     max_examples: int | None = None
     validation_fraction: float = 0.2
     seed: int = 0
+    threads: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -47,6 +48,8 @@ class FinetuneOptions:
             raise ValueError(f"--dropout {self.dropout} is invalid: use a probability in [0, 1).")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"--validation-fraction {self.validation_fraction} is invalid: use a number in (0, 1).")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads {self.threads} is invalid: use an integer >= 1.")
         if self.max_examples is not None and self.max_examples < 4:
             raise ValueError(f"--max-examples {self.max_examples} is invalid: use at least 4 (two per split and class).")
         if self.pooling not in POOLINGS:

@@ -62,6 +62,8 @@ def load_data(options: FinetuneOptions) -> data_module.TextDataset:
 
 def prepare(options: FinetuneOptions, seed: int) -> Prepared:
     """Load and check the data and the model, split, tokenize and apply LoRA: every bad input fails here."""
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     dataset = load_data(options)
     sampled_from = None
     if options.max_examples is not None and options.max_examples < len(dataset):

@@ -155,3 +155,13 @@ def test_compare_prints_one_row_per_seed_with_mean_spread_and_verdict(tmp_path, 
     assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:] == ["0", "1", "mean ± std"]
     assert "head-only by" in out and "the sum of both standard deviations" in out
     assert list(tmp_path.iterdir()) == [data]
+
+
+def test_threads_option_sets_the_threads_torch_and_onnxruntime_use(tmp_path, tiny_bert):
+    threads = torch.get_num_threads()
+    try:
+        pipeline.prepare(FinetuneOptions(model=tiny_bert, data=write_csv(tmp_path / "rows.csv", rows(repeat=2)),
+                                         threads=1, progress=False), seed=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
