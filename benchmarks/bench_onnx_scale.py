@@ -4,7 +4,9 @@ A synthetic float32 model of `--layers` square `--width` MatMul layers, each wit
 (`x @ W + s * (x @ A) @ B`), is written with all tensors in one external data file. Each round
 times `cp` of the model's files and `lora-export --merge` with the default verification (at this
 size: every folded layer checked on its own), each in its own subprocess so that the merge's peak
-resident memory (ru_maxrss) is its own. Rows alternate within a round; medians are reported.
+resident memory (ru_maxrss) is its own. Rows alternate within a round; medians are reported,
+with the CPU time (user + system) of each, which other jobs on a shared machine disturb less
+than the wall time.
 
     python benchmarks/bench_onnx_scale.py            # 32 layers of 4096 x 4096: 2 GiB of weights
     python benchmarks/bench_onnx_scale.py --quick    # 8 layers of 2048 x 2048: 128 MiB, one round
@@ -15,6 +17,7 @@ Targets (issue 5): peak RSS <= 600 MB, merge time <= 3 x the copy. Files are rem
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import subprocess
@@ -83,14 +86,19 @@ sys.exit(status)
 """
 
 
-def timed(command: list[str]) -> tuple[float, str]:
-    """Wall seconds and stdout of one subprocess; exits on failure."""
-    started = time.perf_counter()
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system) and stdout of one subprocess; exits on failure."""
+    started, cpu_before = time.perf_counter(), _children_cpu()
     completed = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, _children_cpu() - cpu_before
     if completed.returncode:
         sys.exit(f"{' '.join(command)} failed ({completed.returncode}): {completed.stderr.strip()}")
-    return elapsed, completed.stdout
+    return elapsed, cpu, completed.stdout
 
 
 def main() -> None:
@@ -115,20 +123,24 @@ def main() -> None:
         (folder / "copy").mkdir()
         merge_command = [sys.executable, "-c", _MERGE_AND_REPORT, "--merge", str(model),
                          "-o", str(folder / "merged.onnx"), "-q"]
-        copy_times, merge_times, merge_peaks = [], [], []
+        copy_times, copy_cpus, merge_times, merge_cpus, merge_peaks = [], [], [], [], []
         for _ in range(rounds):
-            copy_times.append(timed(copy_command)[0])
-            elapsed, output = timed(merge_command)
+            elapsed, cpu, _ = timed(copy_command)
+            copy_times.append(elapsed)
+            copy_cpus.append(cpu)
+            elapsed, cpu, output = timed(merge_command)
             merge_times.append(elapsed)
+            merge_cpus.append(cpu)
             merge_peaks.append(float(output.split()[-1]))
             for path in (folder / "merged.onnx", folder / "merged.onnx.data", *(folder / "copy").iterdir()):
                 path.unlink()
         copy_time, merge_wall, merge_peak = statistics.median(copy_times), statistics.median(merge_times), max(merge_peaks)
-        print("| row | median wall (s) | peak RSS (MB) | time / copy |")
-        print("|---|---|---|---|")
-        print(f"| cp of model.onnx + model.onnx.data | {copy_time:.2f} | - | 1.00 |")
-        print(f"| lora-export --merge (default verification) | {merge_wall:.2f} | {merge_peak:.0f} | "
-              f"{merge_wall / copy_time:.2f} |")
+        print("| row | median wall (s) | median CPU, user + system (s) | peak RSS (MB) | time / copy |")
+        print("|---|---|---|---|---|")
+        copy_cpu, merge_cpu = statistics.median(copy_cpus), statistics.median(merge_cpus)
+        print(f"| cp of model.onnx + model.onnx.data | {copy_time:.2f} | {copy_cpu:.2f} | - | 1.00 |")
+        print(f"| lora-export --merge (default verification) | {merge_wall:.2f} | {merge_cpu:.2f} | "
+              f"{merge_peak:.0f} | {merge_wall / copy_time:.2f} |")
         print(f"\npeak RSS of the merge {merge_peak:.0f} MB (target <= {PEAK_RSS_LIMIT_MB}), "
               f"wall time {merge_wall / copy_time:.2f} x the copy (target <= {TIME_RATIO_LIMIT:g}); "
               f"{rounds} round(s), medians; the merge runs the default verification.")

@@ -102,6 +102,23 @@ def test_float32_weights_are_merged_and_written_from_the_buffer_they_were_read_i
         assert np.shares_memory(value, read[name]), name
 
 
+def test_weights_are_merged_with_one_blas_thread_beside_the_other_workers(tmp_path, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from lora_spec.export.fold import FoldRule
+
+    path = _external_model(tmp_path)
+    original, blas_threads = FoldRule.merged_weight, []
+
+    def recording(self, *arguments):
+        pools = threadpoolctl.threadpool_info()
+        blas_threads.extend(pool["num_threads"] for pool in pools if pool["user_api"] == "blas")
+        return original(self, *arguments)
+
+    monkeypatch.setattr(FoldRule, "merged_weight", recording)
+    merge_onnx(path, verify="layers", progress=False)
+    assert blas_threads and set(blas_threads) == {1}
+
+
 def test_merging_on_several_threads_writes_the_same_bytes_every_time(tmp_path):
     path = _external_model(tmp_path)
     results = [merge_onnx(path, tmp_path / f"run{index}.onnx", verify="layers", progress=False) for index in range(2)]
