@@ -69,3 +69,13 @@ def test_bad_adapter_directories_raise_one_line_errors(tmp_path, setup, message)
     with pytest.raises(ValueError, match=message) as error:
         load_adapter_dir(tmp_path / "adapter")
     assert "\n" not in str(error.value)
+
+
+def test_written_files_get_the_permissions_open_would_give_them(tmp_path):
+    import os
+
+    save_adapter_dir(tmp_path / "adapter", LoRAConfig().to_peft_dict(), _weights())
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / "adapter" / name).stat().st_mode & 0o777 == 0o666 & ~mask
