@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 import warnings
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from interleave import interleaved_medians
 from torch import nn
 
 import lora_spec.torch as lora
@@ -102,22 +102,14 @@ def session(path: Path) -> onnxruntime.InferenceSession:
 def latencies(paths: dict[str, Path], feeds: dict, rounds: int) -> dict[str, float]:
     """Median seconds per run of each variant, in interleaved rounds with a rotating order."""
     sessions = {variant: session(path) for variant, path in paths.items()}
-    for runner in sessions.values():
-        runner.run(None, feeds)
-    times = {variant: [] for variant in sessions}
-    order = list(sessions)
-    for round_index in range(rounds):
-        for variant in order[round_index % len(order):] + order[:round_index % len(order)]:
-            started = time.perf_counter()
-            sessions[variant].run(None, feeds)
-            times[variant].append(time.perf_counter() - started)
-    return {variant: statistics.median(samples) for variant, samples in times.items()}
+    return interleaved_medians({variant: lambda runner=runner: runner.run(None, feeds)
+                                for variant, runner in sessions.items()}, rounds)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batches 1 and 32 only, 5 rounds")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per batch (default 40, 20 for batch 512)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per batch (default 400 for batch 1, 200 for 32, 20 for 512)")
     arguments = parser.parse_args()
     batches = (1, 32) if arguments.quick else (1, 32, 512)
     print(f"onnxruntime {onnxruntime.__version__}, CPU, {THREADS} threads, spinning off; medians of interleaved "
@@ -128,7 +120,7 @@ def main() -> None:
         for name, (_, _, inputs) in MODELS.items():
             paths = build(Path(folder), name)
             for batch in batches:
-                rounds = arguments.rounds or (5 if arguments.quick else (20 if batch >= 512 else 40))
+                rounds = arguments.rounds or (5 if arguments.quick else {1: 400, 32: 200}.get(batch, 20))
                 median = latencies(paths, inputs(batch), rounds)
                 print(f"| {name} | {batch} | {median['base'] * 1e3:.2f} | {median['merged'] * 1e3:.2f} | "
                       f"{median['unmerged'] * 1e3:.2f} | {median['merged'] / median['base']:.3f} | "
