@@ -41,12 +41,19 @@ class LinearLoRAFunction(torch.autograd.Function):
         hidden = (rows if dropout is None else rows * dropout.keep) @ lora_a.T
         if dropout is not None:
             hidden.mul_(dropout.scale)
-        out = rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
-        out.addmm_(hidden, lora_b.T, alpha=scaling)
+        # Allocated in the output's shape and filled through a 2-D view, so what is returned is not
+        # a view: FSDP2 warns about (and in-place ops on) views returned by a module.
+        out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=hidden.dtype, device=x.device)
+        out_rows = out.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(rows, weight.T, out=out_rows)
+        else:
+            torch.addmm(bias, rows, weight.T, out=out_rows)
+        out_rows.addmm_(hidden, lora_b.T, alpha=scaling)
         stored_keep = dropout.keep if isinstance(mask, DropoutMask) else None
         ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, stored_keep)
         ctx.scaling, ctx.mask = scaling, mask
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
