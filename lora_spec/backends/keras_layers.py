@@ -348,11 +348,15 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = ops.matmul(inputs, self._kernel)
-        if not self.merged:
+        if self.merged:
+            if self.bias is not None:
+                outputs = ops.add(outputs, self.bias)
+        else:
             hidden = ops.matmul(self._lora_inputs(inputs, training, dropout_mask), self._compute(self.lora_a))
-            outputs = ops.add(outputs, ops.matmul(hidden * self.scaling, self._compute(self.lora_b)))
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
+            low_rank = ops.matmul(hidden, self._compute(self.lora_b) * self.scaling)
+            if self.bias is not None:
+                low_rank = ops.add(low_rank, self.bias)
+            outputs = ops.add(outputs, low_rank)
         return outputs if self.activation is None else self.activation(outputs)
 
     def _lora_dims(self):
