@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -78,12 +79,18 @@ class WeightUpdate:
     `node_name` is the node that reads the weight initializer, directly or through `Identity`
     nodes: the `MatMul`/`Gemm`/`Gather`/`Conv` itself, or the `Transpose`/`Cast` in front of
     it. `value` is the whole new tensor in the initializer's dtype and layout (bfloat16 in the
-    representation `read_tensor` returned: `ml_dtypes.bfloat16` or uint16 bit patterns).
+    representation `read_tensor` returned: `ml_dtypes.bfloat16` or uint16 bit patterns). It is
+    computed by `compute` each time it is read, so a plan holds no weights: the writer computes
+    one at a time and a model larger than memory merges.
     """
 
     node_name: str
     input_index: int
-    value: np.ndarray
+    compute: Callable[[], np.ndarray]
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.compute()
 
 
 @dataclasses.dataclass
@@ -425,22 +432,21 @@ class _Accumulator:
         by_initializer: dict[str, list[tuple[str, int]]] = {}
         for key, location in self.locations.items():
             by_initializer.setdefault(location.initializer.name, []).append(key)
-        updates = []
-        for name, keys in by_initializer.items():
-            declared = tuple(self.locations[keys[0]].initializer.dims)
-            stored = self.read_tensor(name)
-            if tuple(stored.shape) != declared:
-                raise AdapterMergeError(f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
-                                        f"declares {declared}: fix the tensor reader.")
-            data_type = self.locations[keys[0]].initializer.data_type
-            compute = _compute_dtype(data_type)
-            for key in keys:
-                base = self.replacements[key][0] if key in self.replacements else _to_float(stored, data_type)
-                value = base.astype(compute, copy=True)
-                for delta in self.deltas.get(key, []):
-                    value += delta()
-                updates.append(WeightUpdate(key[0], key[1], _like(value, stored)))
-        return updates
+        return [WeightUpdate(key[0], key[1], functools.partial(self._new_weight, name, key))
+                for name, keys in by_initializer.items() for key in keys]
+
+    def _new_weight(self, name: str, key: tuple[str, int]) -> np.ndarray:
+        """The base weight (or its replacement) plus every delta for `key`, in float32 or wider, cast once."""
+        initializer = self.locations[key].initializer
+        stored = self.read_tensor(name)
+        if tuple(stored.shape) != tuple(initializer.dims):
+            raise AdapterMergeError(f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
+                                    f"declares {tuple(initializer.dims)}: fix the tensor reader.")
+        base = self.replacements[key][0] if key in self.replacements else _to_float(stored, initializer.data_type)
+        value = base.astype(_compute_dtype(initializer.data_type), copy=True)
+        for delta in self.deltas.get(key, []):
+            value += delta()
+        return _like(value, stored)
 
 
 def _compute_dtype(data_type: int) -> np.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -256,16 +257,21 @@ def _adapter_values(graph: Graph, plan, folded_nodes: set[str]) -> dict[str, Cal
         weight = graph.initializer_behind(node.input[update.input_index])
         if weight is None:
             raise ExportError(f"input {update.input_index} of node {update.node_name!r} is not an initializer.")
-        value = np.asarray(update.value)
-        if value.dtype.kind == "f" and not np.isfinite(value.astype(np.float32)).all():
-            raise ExportError(f"the adapter update of {update.node_name!r} has NaN or inf values: fix the adapter.")
         target = weight
         if graph.initializer_readers(weight) > 1 or weight in values:
             target = graph.copy_initializer(weight, f"{weight}.merged")
         if node.input[update.input_index] != target:
             graph.replace_input(node, update.input_index, target)
-        values[target] = lambda value=value: value
+        # Computed when written, one weight at a time, so the merge never holds every new weight.
+        values[target] = functools.partial(_finite_value, update)
     return values
+
+
+def _finite_value(update) -> np.ndarray:
+    value = np.asarray(update.value)
+    if value.dtype.kind == "f" and not np.isfinite(value.astype(np.float32)).all():
+        raise ExportError(f"the adapter update of {update.node_name!r} has NaN or inf values: fix the adapter.")
+    return value
 
 
 def _default_tolerance(graph: Graph, values: Mapping[str, object]) -> float:

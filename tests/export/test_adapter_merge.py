@@ -510,4 +510,18 @@ def test_bad_arguments_raise_one_clear_line(model, reader, adapters, error, mess
 def test_a_reader_returning_the_wrong_shape_is_named(adapter):
     model = linear_model(WEIGHT, np.zeros(3), "matmul")
     with pytest.raises(AdapterMergeError, match=r"read_tensor\('block.proj.weight'\) returned shape \(2,\)"):
-        plan_adapter_merge(model, lambda name: np.zeros(2, np.float32), [(adapter, 1.0)])
+        plan_adapter_merge(model, lambda name: np.zeros(2, np.float32), [(adapter, 1.0)]).updates[0].value
+
+
+def test_a_plan_reads_each_weight_only_when_its_value_is_asked_for(adapter):
+    model = linear_model(WEIGHT, np.zeros(3), "matmul")
+    reads = []
+
+    def reader(name):
+        reads.append(name)
+        return WEIGHT.T.astype(np.float32)
+
+    plan = plan_adapter_merge(model, reader, [(adapter, 1.0)])
+    assert reads == []
+    plan.updates[0].value
+    assert reads == ["block.proj.weight"]
