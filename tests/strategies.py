@@ -124,20 +124,13 @@ def embedding_cases(draw, dtype=None) -> EmbeddingCase:
 
 
 @dataclasses.dataclass
-class Conv2dCase:
-    """A conv layer in PyTorch's layout, its adapter, its geometry, an input and a mask."""
+class Conv2dCase(LinearCase):
+    """A conv layer in PyTorch's layout, its adapter, an input and a mask, plus its geometry."""
 
-    x: np.ndarray
-    W: np.ndarray
-    b: np.ndarray | None
-    A: np.ndarray
-    B: np.ndarray
-    s: float
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
-    dropout_mask: np.ndarray | None
 
     @property
     def geometry(self) -> dict:
