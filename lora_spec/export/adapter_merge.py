@@ -44,7 +44,7 @@ import onnx
 from lora_spec import reference
 from lora_spec.adapter_io import AdapterWeights, load_adapter_dir
 from lora_spec.config import LoRAConfig
-from lora_spec.export.graph import FLOAT_TYPES, attribute
+from lora_spec.export.graph import FLOAT_TYPES, attribute, initializer_behind
 
 _KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "FusedMatMul": "linear", "Gather": "embedding",
                "Conv": "conv2d"}
@@ -181,12 +181,7 @@ class _Graph:
 
     def behind_identities(self, tensor: str) -> str | None:
         """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed."""
-        while tensor not in self.initializers:
-            producer = self.producers.get(tensor)
-            if producer is None or producer.op_type != "Identity":
-                return None
-            tensor = producer.input[0]
-        return tensor
+        return initializer_behind(tensor, self.initializers, self.producers)
 
     def trace(self, node: onnx.NodeProto, index: int) -> _Location | None:
         """The initializer behind `node.input[index]`, through Identity, Cast and Transpose nodes."""

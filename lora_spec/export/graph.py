@@ -9,7 +9,7 @@ anything else reads is copied before it is changed.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -24,6 +24,20 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
         if item.name == name:
             return onnx.helper.get_attribute_value(item)
     return default
+
+
+def initializer_behind(tensor: str, initializers: Mapping[str, object],
+                       producers: Mapping[str, onnx.NodeProto]) -> str | None:
+    """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed.
+
+    Exporters hand one stored tensor to several readers through `Identity` nodes.
+    """
+    while tensor not in initializers:
+        node = producers.get(tensor)
+        if node is None or node.op_type != "Identity":
+            return None
+        tensor = node.input[0]
+    return tensor
 
 
 class Graph:
@@ -73,12 +87,7 @@ class Graph:
 
     def initializer_behind(self, tensor: str) -> str | None:
         """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed."""
-        while tensor not in self.initializers:
-            node = self.producer.get(tensor)
-            if node is None or node.op_type != "Identity":
-                return None
-            tensor = node.input[0]
-        return tensor
+        return initializer_behind(tensor, self.initializers, self.producer)
 
     def constant(self, tensor: str) -> np.ndarray | None:
         """The value of a small constant (initializer or `Constant` node, through `Identity`), else None."""
