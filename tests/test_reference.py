@@ -174,3 +174,50 @@ def test_conv2d_init_refuses_a_rank_that_groups_do_not_divide():
 def test_scaling_is_alpha_over_r_or_over_sqrt_r_with_rslora(r, alpha):
     assert LoRAConfig(r=r, alpha=alpha).scaling == pytest.approx(alpha / r)
     assert LoRAConfig(r=r, alpha=alpha, use_rslora=True).scaling == pytest.approx(alpha / np.sqrt(r))
+
+
+def _plain_merge(weight, lora_a, lora_b, scale, sign):
+    """The reference's semantics spelled out: the sum in at least float32, cast back once."""
+    compute = np.promote_types(weight.dtype, np.float32)
+    delta = scale * (lora_b.astype(compute) @ lora_a.astype(compute))
+    return (weight.astype(compute) + sign * delta).astype(weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("sign", [+1, -1], ids=["merge", "unmerge"])
+@pytest.mark.parametrize("scale", [0.5, np.float32(0.3), np.float64(0.3)], ids=["float", "float32", "float64"])
+def test_reference_merge_leaves_w_untouched_and_equals_the_plain_sum(dtype, sign, scale):
+    """The exporter relies on the reference's merge for multi-GB weights; it must not modify W."""
+    rng = np.random.default_rng(0)
+    weight, lora_a, lora_b = (rng.standard_normal(shape).astype(dtype) for shape in [(6, 5), (2, 5), (6, 2)])
+    original = weight.copy()
+    function = reference.merge if sign > 0 else reference.unmerge
+    result = function(weight, lora_a, lora_b, scale)
+    np.testing.assert_array_equal(weight, original)
+    np.testing.assert_array_equal(result, _plain_merge(weight, lora_a, lora_b, scale, sign))
+    assert result.dtype == dtype
+
+
+@given(strategies.linear_cases(dropout=False), st.sampled_from([+1, -1]))
+def test_reference_merge_overwriting_w_computes_in_its_memory_bit_for_bit(case, sign):
+    """What lets the exporter merge a weight it read without a second full-size copy."""
+    function = reference.merge if sign > 0 else reference.unmerge
+    expected = function(case.W, case.A, case.B, case.s)
+    weight = case.W.copy()
+    result = function(weight, case.A, case.B, case.s, overwrite_w=True)
+    assert np.shares_memory(result, weight)
+    np.testing.assert_array_equal(result, expected)
+    np.testing.assert_array_equal(result, _plain_merge(case.W, case.A, case.B, case.s, sign))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["float16", "read-only float32"])
+def test_reference_merge_overwrite_w_copies_a_weight_it_cannot_compute_in(dtype):
+    """float16 is merged in float32 (cast once), and a read-only weight is never written."""
+    rng = np.random.default_rng(0)
+    weight, lora_a, lora_b = (rng.standard_normal(shape).astype(dtype) for shape in [(6, 5), (2, 5), (6, 2)])
+    weight.flags.writeable = dtype == np.float16
+    original = weight.copy()
+    result = reference.merge(weight, lora_a, lora_b, 0.5, overwrite_w=True)
+    assert not np.shares_memory(result, weight)
+    np.testing.assert_array_equal(weight, original)
+    np.testing.assert_array_equal(result, _plain_merge(weight, lora_a, lora_b, 0.5, +1))

@@ -5,7 +5,6 @@ import collections
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -52,59 +51,6 @@ def test_layer_by_layer_verification_reads_every_layout_right(tmp_path_factory, 
 def test_merged_graph_has_the_compute_nodes_of_the_base_model(tmp_path_factory, case):
     _, merged = _merge(tmp_path_factory, case)
     assert _compute_ops(onnx.load(merged)) == _compute_ops(case.base_model), case.layout
-
-
-def _plain_merge(weight, lora_a, lora_b, scale, sign):
-    """The reference's semantics spelled out: the sum in at least float32, cast back once."""
-    compute = np.promote_types(weight.dtype, np.float32)
-    delta = scale * (lora_b.astype(compute) @ lora_a.astype(compute))
-    return (weight.astype(compute) + sign * delta).astype(weight.dtype)
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("sign", [+1, -1], ids=["merge", "unmerge"])
-@pytest.mark.parametrize("scale", [0.5, np.float32(0.3), np.float64(0.3)], ids=["float", "float32", "float64"])
-def test_reference_merge_leaves_w_untouched_and_equals_the_plain_sum(dtype, sign, scale):
-    """The exporter relies on the reference's merge for multi-GB weights; it must not modify W."""
-    from lora_spec import reference
-
-    rng = np.random.default_rng(0)
-    weight, lora_a, lora_b = (rng.standard_normal(shape).astype(dtype) for shape in [(6, 5), (2, 5), (6, 2)])
-    original = weight.copy()
-    function = reference.merge if sign > 0 else reference.unmerge
-    result = function(weight, lora_a, lora_b, scale)
-    np.testing.assert_array_equal(weight, original)
-    np.testing.assert_array_equal(result, _plain_merge(weight, lora_a, lora_b, scale, sign))
-    assert result.dtype == dtype
-
-
-@given(strategies.linear_cases(dropout=False), st.sampled_from([+1, -1]))
-def test_reference_merge_overwriting_w_computes_in_its_memory_bit_for_bit(case, sign):
-    """What lets the exporter merge a weight it read without a second full-size copy."""
-    from lora_spec import reference
-
-    function = reference.merge if sign > 0 else reference.unmerge
-    expected = function(case.W, case.A, case.B, case.s)
-    weight = case.W.copy()
-    result = function(weight, case.A, case.B, case.s, overwrite_w=True)
-    assert np.shares_memory(result, weight)
-    np.testing.assert_array_equal(result, expected)
-    np.testing.assert_array_equal(result, _plain_merge(case.W, case.A, case.B, case.s, sign))
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["float16", "read-only float32"])
-def test_reference_merge_overwrite_w_copies_a_weight_it_cannot_compute_in(dtype):
-    """float16 is merged in float32 (cast once), and a read-only weight is never written."""
-    from lora_spec import reference
-
-    rng = np.random.default_rng(0)
-    weight, lora_a, lora_b = (rng.standard_normal(shape).astype(dtype) for shape in [(6, 5), (2, 5), (6, 2)])
-    weight.flags.writeable = dtype == np.float16
-    original = weight.copy()
-    result = reference.merge(weight, lora_a, lora_b, 0.5, overwrite_w=True)
-    assert not np.shares_memory(result, weight)
-    np.testing.assert_array_equal(weight, original)
-    np.testing.assert_array_equal(result, _plain_merge(weight, lora_a, lora_b, 0.5, +1))
 
 
 @given(strategies.lora_embedding_graph_cases())
