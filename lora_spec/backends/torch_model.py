@@ -7,7 +7,6 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from torch import nn
 
 from lora_spec.backends.torch_layers import LoRALayer, is_conv1d, lora_layer_for, make_lora_layer

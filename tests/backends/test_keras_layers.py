@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")

@@ -7,7 +7,6 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 import lora_spec.keras as lora  # noqa: E402
-from lora_spec import LoRAConfig  # noqa: E402
 from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
