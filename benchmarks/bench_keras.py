@@ -6,7 +6,11 @@ rows, r = 16, alpha = 32, AdamW; a step is forward + backward + optimizer step i
 alike, and each row's median is reported. Required (issue 4): LoRADense/full <= 0.72 and
 LoRADense/enable_lora <= 0.85 at dropout 0.
 
-    python benchmarks/bench_keras.py            # 15 rounds
+The "frozen base" row is the floor any adapter pays: no adapter, every kernel frozen, only the first
+layer's bias trains, so the step still back-propagates through all four frozen layers (their
+forward, GELU backward and input gradients). LoRADense minus this row is the adapter's own cost.
+
+    python benchmarks/bench_keras.py            # 40 rounds
     python benchmarks/bench_keras.py --quick    # a short smoke run
 """
 
@@ -27,7 +31,7 @@ from interleave import interleaved_medians  # noqa: E402
 
 WIDTH, DEPTH, BATCH, RANK, ALPHA = 1024, 4, 2048, 16, 32
 TARGETS = [f"dense_{i}" for i in range(DEPTH)]
-ROWS = ["full", "enable_lora", "LoRADense p=0", "LoRADense p=0.1"]
+ROWS = ["full", "enable_lora", "LoRADense p=0", "LoRADense p=0.1", "frozen base"]
 REQUIRED = {("LoRADense p=0", "full"): 0.72, ("LoRADense p=0", "enable_lora"): 0.85}
 
 
@@ -45,6 +49,10 @@ def build(row: str) -> keras.Model:
             layer.enable_lora(RANK, lora_alpha=ALPHA)
     elif row.startswith("LoRADense"):
         lora.apply(model, r=RANK, alpha=ALPHA, dropout=float(row.split("p=")[1]), target_modules=TARGETS)
+    elif row == "frozen base":
+        for layer in model.layers:
+            layer.kernel.trainable = False
+            layer.bias.trainable = layer is model.layers[0]
     return model
 
 
@@ -93,7 +101,7 @@ def verdicts(times: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds after 1 warm-up step: a smoke run")
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (each runs every row once)")
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds (each runs every row once)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds} is invalid: use 1 or more.")
