@@ -20,7 +20,7 @@ TARGETS = dict(target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
 
 
 def exact_gelu(x):
-    # torch.nn.GELU is the exact erf form; Keras's default is the tanh approximation.
+    # Both frameworks offer the erf and tanh forms; spelled out so the test does not hang on a default.
     return keras.activations.gelu(x, approximate=False)
 
 
