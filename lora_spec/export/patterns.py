@@ -2,7 +2,7 @@
 
 A match starts at an `Add`. One side must lead back to the base product (`MatMul` or `Gemm` on
 an initializer, or for embeddings a `Gather` of rows of a table), possibly through a bias `Add` and the `Reshape`s Keras/tf2onnx wraps around
-3-D products; the other side to exactly two products on initializers (the low-rank A then B),
+3-D products (or a `Reshape` on each side alike, as `EinsumDense` splits heads); the other side to exactly two products on initializers (the low-rank A then B),
 possibly through `Mul`/`Div` by scalar constants (anywhere on the branch), `Cast`s between float
 types, inference-mode `Dropout`, `Identity` and `Reshape`s that keep the last dimension (for an
 embedding, A is a `Gather` of the transposed A table by the same ids; for a 2-D convolution, A
@@ -85,16 +85,22 @@ def find_branches(graph: Graph) -> tuple[list[LoRABranch], list[str]]:
 
 def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -> LoRABranch | str | None:
     """The branch joined by `add`, the reason it is refused, or None when it is not LoRA-shaped."""
-    chain = _low_rank_chain(graph, branch_side, add)
+    paired = _paired_reshapes(graph, add, base_side, branch_side)
+    base_start, base_reader = (paired[0].input[0], paired[0]) if paired else (base_side, add)
+    branch_start, branch_reader = (paired[1].input[0], paired[1]) if paired else (branch_side, add)
+    chain = _low_rank_chain(graph, branch_start, branch_reader)
     if chain is None:
         return None
     factors, scale, branch_input, reshaped = chain
-    base_chain = _base_chain(graph, base_side, add)
+    base_chain = _base_chain(graph, base_start, base_reader)
     if base_chain is None:
         return "the other input of the Add is not a MatMul/Gemm on an initializer"
     if isinstance(base_chain, str):
         return base_chain
     base_chain, base_shared = base_chain
+    if paired:
+        base_chain.append(paired[0])
+        base_shared = base_shared or graph.only_reader(base_side) is not add
     base = base_chain[0]
     weight = graph.initializer_behind(base.input[WEIGHT_INPUT[base.op_type]])
     convolution = base.op_type == "Conv"
@@ -116,6 +122,30 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
         return f"the branch's scale is {scale}"
     return LoRABranch(add=add, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale,
                       base_output=base_side, base_chain=base_chain, base_shared=base_shared)
+
+
+def _paired_reshapes(graph: Graph, add: onnx.NodeProto, base_side: str,
+                     branch_side: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """The two `Reshape`s feeding `add` when both sides are reshaped alike, else None.
+
+    Keras's `EinsumDense` (attention projections) splits its output into heads after the product,
+    on the base and on the LoRA side, and tf2onnx keeps one `Reshape` per side. `reshape(P) +
+    reshape(Q) == reshape(P + Q)` when P and Q have one shape and go to one target shape, so the
+    branch is matched on the tensors before the reshapes.
+    """
+    base, branch = graph.producer.get(base_side), graph.producer.get(branch_side)
+    if base is None or branch is None or base.op_type != "Reshape" or branch.op_type != "Reshape":
+        return None
+    if graph.only_reader(branch_side) is not add or attribute(base, "allowzero", 0) != attribute(branch, "allowzero", 0):
+        return None
+    source_shape = graph.shape(base.input[0])
+    if not source_shape or None in source_shape or source_shape != graph.shape(branch.input[0]):
+        return None
+    if base.input[1] != branch.input[1]:
+        targets = graph.constant(base.input[1]), graph.constant(branch.input[1])
+        if targets[0] is None or targets[1] is None or not np.array_equal(*targets):
+            return None
+    return base, branch
 
 
 def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):

@@ -290,11 +290,12 @@ KERAS_SCRIPT = textwrap.dedent("""
                               name="block")(hidden)
     hidden = keras.layers.Dense(5)(hidden)   # auto-named "dense": exported as "dense_1"
     hidden = keras.layers.Dense(4)(hidden)   # auto-named "dense_1": exported as "dense_1_2"
+    hidden = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, name="attention")(hidden, hidden)
     model = keras.Model(ids, keras.layers.Dense(3, name="head")(hidden))
     x = np.random.default_rng(0).integers(0, 12, (2, 5)).astype("int32")
     model(x)
     model.export(os.path.join(folder, "base.onnx"), format="onnx", verbose=False)
-    lora.apply(model, r=2, alpha=3.0, target_modules=["embed", "hidden", "dense", "dense_1"])
+    lora.apply(model, r=2, alpha=3.0, target_modules=["embed", "hidden", "dense", "dense_1", "query", "value"])
     rng = np.random.default_rng(1)
     for path, layer in lora.lora_layers(model):
         lora_a, lora_b = layer.lora_weights()
@@ -319,6 +320,7 @@ def keras_case(tmp_path_factory):
 def test_keras_adapter_merges_into_keras_exported_graph_like_merge_and_unload(keras_case):
     graph = onnx.load(str(keras_case / "base.onnx"))
     plan = plan_adapter_merge(graph, initializer_reader(graph), [(keras_case / "adapter", 1.0)])
-    assert sorted(path for path, _ in plan.matched) == ["block.hidden", "dense", "dense_1", "embed"]
+    assert sorted(path for path, _ in plan.matched) == ["attention.query", "attention.value", "block.hidden", "dense",
+                                                        "dense_1", "embed"]
     actual = run(apply_plan(graph, plan), **{graph.graph.input[0].name: np.load(keras_case / "x.npy")})
     assert_close(actual, np.load(keras_case / "expected.npy"), np.float32, factor=10)

@@ -1,7 +1,8 @@
 """End to end from Keras: a model with lora_spec.keras LoRADense layers, `model.export(format="onnx")`, merge.
 
 The merged graph reproduces the Keras model in onnxruntime and has the compute nodes of the base
-model exported without LoRA, for 2-D inputs and for 3-D ones (tf2onnx's Reshape/MatMul/Reshape).
+model exported without LoRA, for 2-D inputs, for 3-D ones (tf2onnx's Reshape/MatMul/Reshape) and
+for attention, whose `EinsumDense` projections reshape both sides of the LoRA sum into heads.
 """
 
 import numpy as np
@@ -21,36 +22,50 @@ from tests.export.onnx_roundtrip import (  # noqa: E402
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2d", "3d"])
+def mlp(dims: int) -> keras.Model:
+    inputs = keras.Input(INPUT_SHAPES[dims][1:])
+    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+
+
+def attention(dims: int) -> keras.Model:
+    inputs = keras.Input(INPUT_SHAPES[dims][1:])
+    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, name="attention")(inputs, inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(attended))
+
+
+CASES = {"2d": (mlp, 2, ["hidden", "head"]), "3d": (mlp, 3, ["hidden", "head"]),
+         "attention": (attention, 3, ["query", "key", "value", "attention_output"])}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
 def keras_export(request, tmp_path_factory):
     import lora_spec.keras as lora
 
-    dims = request.param
-    shape = INPUT_SHAPES[dims][1:]
+    build, dims, targets = CASES[request.param]
     keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape)
-    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(inputs)
-    base = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    base = build(dims)
     x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
     base(x)
     folder = tmp_path_factory.mktemp("keras")
     base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
     model = keras.models.clone_model(base)
     model.set_weights(base.get_weights())
-    lora.apply(model, r=2, alpha=6, target_modules=["hidden", "head"])
+    lora.apply(model, r=2, alpha=6, target_modules=targets)
+    rng = np.random.default_rng(2)
     for variable in model.weights:
         if "lora_b" in variable.path:
-            variable.assign(np.random.default_rng(2).standard_normal(variable.shape).astype(np.float32))
+            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
     expected = np.asarray(model(x))
     model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
     input_name = onnx.load(folder / "model.onnx").graph.input[0].name
-    return folder, {input_name: x}, expected
+    return folder, {input_name: x}, expected, len(targets)
 
 
 def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
-    folder, feeds, expected = keras_export
+    folder, feeds, expected, _ = keras_export
     assert_merge_reproduces(folder / "model.onnx", feeds, [expected])
 
 
 def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_export):
-    assert_folds_to_the_base_compute_nodes(keras_export[0], folds=2)
+    assert_folds_to_the_base_compute_nodes(keras_export[0], folds=keras_export[3])

@@ -100,3 +100,35 @@ def test_two_adapters_stacked_on_one_layer_both_fold_into_its_weight(tmp_path):
     for lora_a, lora_b, scale in adapters:
         merged = reference.merge(merged, lora_a, lora_b, scale)
     assert_close(session(result.output).run(None, {"x": x})[0], x @ merged.T, np.float32)
+
+
+@pytest.mark.parametrize("branch_target", [(3, 5, 2), (3, 2, 5)], ids=["same split", "other split"])
+def test_a_branch_reshaped_like_its_base_folds_and_one_reshaped_otherwise_does_not(tmp_path, branch_target):
+    """Keras's EinsumDense splits heads after the product on both sides of the LoRA sum."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lora_spec import reference
+
+    rng = np.random.default_rng(0)
+    weight, x = rng.standard_normal((10, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    lora_a, lora_b = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((10, 2)).astype(np.float32)
+    arrays = {"weight": weight.T, "a": lora_a.T, "b": lora_b.T, "heads": np.array([3, 5, 2]),
+              "branch_heads": np.array(branch_target)}
+    nodes = [helper.make_node("MatMul", ["x", "weight"], ["base"]),
+             helper.make_node("Reshape", ["base", "heads"], ["base_heads"]),
+             helper.make_node("MatMul", ["x", "a"], ["low"]),
+             helper.make_node("MatMul", ["low", "b"], ["up"]),
+             helper.make_node("Reshape", ["up", "branch_heads"], ["up_heads"]),
+             helper.make_node("Add", ["base_heads", "up_heads"], ["y"])]
+    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, 2])],
+                              [numpy_helper.from_array(np.ascontiguousarray(value), name) for name, value in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    if branch_target != (3, 5, 2):
+        with pytest.raises(ValueError, match="no LoRA branch"):
+            merge_onnx(tmp_path / "m.onnx", verify="full", progress=False)
+        return
+    result = merge_onnx(tmp_path / "m.onnx", verify="full", progress=False)
+    assert [node.op_type for node in onnx.load(result.output).graph.node] == ["MatMul", "Reshape"]
+    expected = (x @ reference.merge(weight, lora_a, lora_b, 1.0).T).reshape(3, 5, 2)
+    assert_close(session(result.output).run(None, {"x": x})[0], expected, np.float32)
