@@ -36,6 +36,18 @@ def _pattern_key(patterns: Mapping[str, Any], module_path: str) -> str | None:
     return None
 
 
+def layer_index(module_path: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """PEFT's layer index of a module: the first number after `<pattern>.` in its path (any segment
+    when no pattern is given), or None when the path has none."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = next(filter(None, (re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_path)
+                                   for pattern in patterns)), None)
+    return None if found is None else int(found.group("idx"))
+
+
 def matches_module(module_path: str, names: str | Sequence[str]) -> bool:
     """PEFT's `target_modules` rule.
 
@@ -64,6 +76,10 @@ class LoRAConfig:
         modules_to_save: modules trained fully and stored in the adapter file (e.g. a head).
         rank_pattern: per-module override of `r`, keyed by a pattern matching the path's end.
         alpha_pattern: per-module override of `alpha`, same keys.
+        layers_to_transform: layer index or indices to adapt (PEFT's rule, see `layer_index`); it
+            filters modules that a list of `target_modules` matches by suffix, not those named in full.
+        layers_pattern: name(s) of the module list holding the layers (e.g. "layers", "h"), used with
+            `layers_to_transform`; None takes the first numbered segment.
     """
 
     r: int = 8
@@ -77,6 +93,8 @@ class LoRAConfig:
     modules_to_save: tuple[str, ...] | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
     # Whether alpha was left to default to r, so that `replace(r=...)` moves it along.
     _alpha_follows_r: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
@@ -104,6 +122,28 @@ class LoRAConfig:
                 _check_regex(f"{name} key", key)
                 check(f"{name}[{key!r}]", value)
             object.__setattr__(self, name, dict(patterns))
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """PEFT's rules: indices are ints >= 0, a pattern needs indices, and both need a list of targets."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        for index in layers if isinstance(layers, (list, tuple)) else () if layers is None else (layers,):
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise ValueError(f"layers_to_transform={layers!r} is invalid: use a layer index or a list of them "
+                                 "(integers >= 0).")
+        if isinstance(layers, (list, tuple)):
+            layers = tuple(layers)
+            object.__setattr__(self, "layers_to_transform", layers)
+        if isinstance(pattern, (list, tuple)):
+            pattern = tuple(pattern)
+            object.__setattr__(self, "layers_pattern", pattern)
+        for item in pattern if isinstance(pattern, tuple) else () if pattern is None else (pattern,):
+            _check_regex("layers_pattern", item)
+        if pattern and layers is None:
+            raise ValueError("layers_pattern is set without layers_to_transform: give the layer indices too.")
+        if layers is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform cannot be used with a regular-expression target_modules: "
+                             "list module names, or put the layer indices in the expression.")
 
     @property
     def scaling(self) -> float:
@@ -135,7 +175,17 @@ class LoRAConfig:
             return False
         if self.modules_to_save and any(_is_inside(module_path, name) for name in self.modules_to_save):
             return False
-        return matches_module(module_path, self.target_modules)
+        if not matches_module(module_path, self.target_modules):
+            return False
+        if self._uses_layer_indices() and module_path not in self.target_modules:
+            index = layer_index(module_path, self.layers_pattern)
+            layers = self.layers_to_transform
+            return index is not None and (index in layers if isinstance(layers, tuple) else index == layers)
+        return True
+
+    def _uses_layer_indices(self) -> bool:
+        # PEFT treats an empty list of indices as no filter.
+        return self.layers_to_transform is not None and self.layers_to_transform != ()
 
     def is_module_to_save(self, module_path: str) -> bool:
         """Whether `module_path` is one of `modules_to_save` (PEFT's suffix rule)."""
@@ -174,6 +224,8 @@ class LoRAConfig:
             "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
+            "layers_to_transform": _as_list(self.layers_to_transform),
+            "layers_pattern": _as_list(self.layers_pattern),
             "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": True,
             "use_dora": False,
@@ -190,7 +242,8 @@ class LoRAConfig:
         if peft.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"peft_type={peft['peft_type']!r} is not supported: only LoRA adapters (peft_type 'LORA') load here.")
         known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "bias",
-                 "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern"}
+                 "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                 "layers_pattern"}
         for name, value in peft.items():
             if name not in known and name not in _PEFT_METADATA and name not in _PEFT_INERT and not _is_off(value):
                 raise ValueError(f"adapter config field {name}={value!r} is not supported by lora_spec: "
@@ -212,7 +265,13 @@ class LoRAConfig:
             modules_to_save=peft.get("modules_to_save"),
             rank_pattern=peft.get("rank_pattern") or {},
             alpha_pattern=peft.get("alpha_pattern") or {},
+            layers_to_transform=peft.get("layers_to_transform"),
+            layers_pattern=peft.get("layers_pattern") or None,
         )
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> LoRAConfig:

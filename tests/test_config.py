@@ -28,6 +28,9 @@ def test_alpha_defaults_to_r_so_scaling_is_one():
     ("bias", "some", "bias='some' is invalid: use one of 'none', 'all', 'lora_only'."),
     ("target_modules", [], "target_modules=[] is invalid"),
     ("target_modules", "(unclosed", "target_modules '(unclosed' is not a valid regular expression"),
+    ("layers_to_transform", -1, "layers_to_transform=-1 is invalid: use a layer index or a list of them"),
+    ("layers_to_transform", [0, "1"], "layers_to_transform=[0, '1'] is invalid"),
+    ("layers_pattern", "layers", "layers_pattern is set without layers_to_transform"),
     ("modules_to_save", [1], "modules_to_save=[1] is invalid: use a list of module names."),
     ("rank_pattern", {"q": 0}, "rank_pattern['q']=0 is invalid: use an integer >= 1."),
     ("alpha_pattern", {"q": "x"}, "alpha_pattern['q']='x' is invalid"),
@@ -81,7 +84,7 @@ def test_is_target_honours_exclusions_and_keeps_adapters_out_of_modules_to_save(
 def test_round_trip_through_our_peft_dict_keeps_every_field():
     config = LoRAConfig(r=4, alpha=12.0, dropout=0.1, use_rslora=True, init="gaussian", bias="lora_only",
                         target_modules=("q", "v"), modules_to_save=("classifier",), rank_pattern={"q": 2},
-                        alpha_pattern={"v": 3.0})
+                        alpha_pattern={"v": 3.0}, layers_to_transform=(0, 3), layers_pattern=("h", "layers"))
     assert LoRAConfig.from_peft_dict(json.loads(json.dumps(config.to_peft_dict()))) == config
 
 
@@ -92,7 +95,7 @@ def test_peft_dict_writes_the_resolved_target_list():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("layers_to_transform", [0, 1]), ("init_lora_weights", "pissa"),
+    ("use_dora", True), ("init_lora_weights", "pissa"),
     ("init_lora_weights", False), ("lora_bias", True), ("layer_replication", [[0, 2]]),
     ("peft_type", "IA3"), ("some_future_field", {"enabled": True}),
 ])
@@ -145,3 +148,37 @@ def test_replacing_r_moves_a_defaulted_alpha_but_keeps_an_explicit_one():
     assert LoRAConfig().replace(r=2).alpha == 2
     assert LoRAConfig(alpha=8).replace(r=2).alpha == 8
     assert LoRAConfig().replace(r=2).replace(r=4).scaling == 1.0
+
+
+def test_layer_indices_need_a_list_of_target_names():
+    with pytest.raises(ValueError, match="regular-expression target_modules"):
+        LoRAConfig(target_modules=r".*\.q", layers_to_transform=1)
+
+
+@given(st.sampled_from(["q", "mlp.fc", "attn.q"]),
+       st.sampled_from(["", "model.", "model.layers.2.", "model.h.1.", "encoder.layer.0.attn.", "layers.3.",
+                        "model.layers.1.experts.0.", "transformer.h.10.block.", "model.h.1.mlp.h.0."]),
+       st.one_of(st.integers(0, 3), st.lists(st.integers(0, 3), max_size=3)),
+       st.sampled_from([None, "layers", "h", ["h", "layers"], "lay.rs"]),
+       st.sampled_from([["q"], ["fc", "q"], ["model.layers.2.q"]]))
+def test_layer_index_filter_agrees_with_peft(leaf, prefix, layers, pattern, targets):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    path = prefix + leaf
+    theirs = peft.LoraConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    ours = LoRAConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)
+    assert ours.is_target(path) == bool(check_target_module_exists(theirs, path)), (path, layers, pattern, targets)
+
+
+@pytest.mark.parametrize("path, pattern, expected", [
+    ("model.layers.1.experts.0.q", None, 1),      # the first numbered segment, not a nested expert's
+    ("model.h.1.mlp.h.0.q", "h", 1),
+    ("layers.3.q", "layers", 3),                   # the pattern may start the path
+    ("model.blocks.2.q", "layers", None),
+    ("q", None, None),
+])
+def test_layer_index_is_the_first_number_after_the_pattern(path, pattern, expected):
+    from lora_spec.config import layer_index
+
+    assert layer_index(path, pattern) == expected

@@ -98,6 +98,38 @@ def test_peft_gpt2_adapter_loads_and_gives_peft_outputs(tmp_path):
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("layers, pattern", [([1], "layer"), (0, None)])
+def test_peft_adapter_on_some_layers_loads_into_those_layers_only(tmp_path, layers, pattern):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=layers,
+                             layers_pattern=pattern)
+    theirs = peft.get_peft_model(bert(), config).eval()
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path)
+    ours = lora.load_adapter(bert(), tmp_path).eval()
+    index = layers[0] if isinstance(layers, list) else layers
+    assert sorted(name for name, module in ours.named_modules() if isinstance(module, lora.LoRALayer)) == [
+        f"bert.encoder.layer.{index}.attention.self.query", f"bert.encoder.layer.{index}.attention.self.value"]
+    ids = batch(3)
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_apply_on_some_layers_adapts_those_layers_and_peft_reads_the_file(tmp_path):
+    model = lora.apply(bert(), target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer")
+    assert sorted(name for name, module in model.named_modules() if isinstance(module, lora.LoRALayer)) == [
+        "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    lora.save_adapter(model.eval(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(bert(), tmp_path).eval()
+    ids = batch(4)
+    torch.testing.assert_close(theirs(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_bert_default_targets_are_query_and_value():
     model = lora.apply(bert())
     adapted = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, lora.LoRALayer)})
