@@ -85,14 +85,20 @@ def test_gpt2_adapter_marks_fan_in_fan_out_and_loads_in_peft(tmp_path):
     torch.testing.assert_close(theirs(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_peft_gpt2_adapter_loads_and_gives_peft_outputs(tmp_path):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
-    theirs = peft.get_peft_model(gpt2(), config).eval()
+def saved_peft_model(base, config, folder):
+    """PEFT's model of `base` under `config`, its adapter randomised (so it shows) and saved to `folder`."""
+    theirs = peft.get_peft_model(base, config).eval()
     with torch.no_grad():
         for name, parameter in theirs.named_parameters():
             if "lora_" in name:
                 parameter.normal_(0, 0.2)
-    theirs.save_pretrained(tmp_path)
+    theirs.save_pretrained(folder)
+    return theirs
+
+
+def test_peft_gpt2_adapter_loads_and_gives_peft_outputs(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    theirs = saved_peft_model(gpt2(), config, tmp_path)
     ours = lora.load_adapter(gpt2(), tmp_path).eval()
     ids = batch(2)
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
@@ -102,12 +108,7 @@ def test_peft_gpt2_adapter_loads_and_gives_peft_outputs(tmp_path):
 def test_peft_adapter_on_some_layers_loads_into_those_layers_only(tmp_path, layers, pattern):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=layers,
                              layers_pattern=pattern)
-    theirs = peft.get_peft_model(bert(), config).eval()
-    with torch.no_grad():
-        for name, parameter in theirs.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0, 0.2)
-    theirs.save_pretrained(tmp_path)
+    theirs = saved_peft_model(bert(), config, tmp_path)
     ours = lora.load_adapter(bert(), tmp_path).eval()
     index = layers[0] if isinstance(layers, list) else layers
     assert sorted(name for name, module in ours.named_modules() if isinstance(module, lora.LoRALayer)) == [
