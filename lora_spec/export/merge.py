@@ -23,7 +23,7 @@ from lora_spec.export.model_io import (
     load_graph,
     staged_model,
 )
-from lora_spec.export.patterns import find_branches
+from lora_spec.export.patterns import find_branches, unrecognised_low_rank_products
 
 VERIFY_MODES = ("auto", "full", "layers", "off")  # and "run": "full" when adapter files change the outputs
 # "auto" runs both models in onnxruntime up to this size of weights; above it (or when three
@@ -111,6 +111,7 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
 
     graph = Graph(onnx_model, source.read)
     folds, refused = fold_all(graph, find_branches)
+    refused += unrecognised_low_rank_products(graph)
     values = _fold_values(folds, source.read)
     values.update(_adapter_values(graph, adapter_plan, {fold.branch.base.name for fold in folds}))
     if not values:

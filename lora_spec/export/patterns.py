@@ -83,6 +83,52 @@ def find_branches(graph: Graph) -> tuple[list[LoRABranch], list[str]]:
     return branches, refusals
 
 
+def unrecognised_low_rank_products(graph: Graph) -> list[str]:
+    """Notes on product pairs through a low rank (LoRA-like) that no branch took, for the user.
+
+    Folding leaves them in the graph: the model stays right but keeps their cost, so the user
+    hears of them. A pair already refused with a reason is not repeated.
+    """
+    notes = []
+    for node in graph.nodes:
+        second = _product(graph, node, lora_a=False) if node.op_type in ("MatMul", "Gemm") else None
+        if second is None or graph.producer.get(node.output[0]) is not node:
+            continue
+        first = graph.producer.get(_before_scalings(graph, second[2]))
+        found = _product(graph, first, lora_a=False) if first is not None and first.op_type in ("MatMul", "Gemm") else None
+        if found is None:
+            continue
+        (features_in, rank), (_, features_out) = matrix_dims(graph, found[0]), matrix_dims(graph, second[0])
+        if 2 * rank > min(features_in, features_out) or _joins_a_refused_add(graph, node):
+            continue
+        notes.append(f"{node.name or node.output[0]}: a rank-{rank} product pair ({first.name or first.output[0]} "
+                     "then this) is not added to a base product in a form lora-export knows, so it stays unmerged")
+    return notes
+
+
+def _before_scalings(graph: Graph, tensor: str) -> str:
+    """Walk back from `tensor` over no-op nodes and scalar scalings."""
+    while tensor in graph.producer:
+        node = graph.producer[tensor]
+        following = _passthrough_input(graph, node)
+        if following is None:
+            scaling = _scaling(graph, node)
+            following = scaling[1] if scaling else None
+        if following is None:
+            return tensor
+        tensor = following
+    return tensor
+
+
+def _joins_a_refused_add(graph: Graph, node: onnx.NodeProto) -> bool:
+    reader = graph.only_reader(node.output[0])
+    while reader is not None and reader.op_type != "Add" and (
+            _passthrough_input(graph, reader) is not None or _scaling(graph, reader) is not None):
+        reader = graph.only_reader(reader.output[0])
+    return reader is not None and reader.op_type == "Add" and len(reader.input) == 2 and any(
+        isinstance(match(graph, reader, reader.input[side], reader.input[1 - side]), str) for side in (0, 1))
+
+
 def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -> LoRABranch | str | None:
     """The branch joined by `add`, the reason it is refused, or None when it is not LoRA-shaped."""
     paired = _paired_reshapes(graph, add, base_side, branch_side)

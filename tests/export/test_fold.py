@@ -132,3 +132,43 @@ def test_a_branch_reshaped_like_its_base_folds_and_one_reshaped_otherwise_does_n
     assert [node.op_type for node in onnx.load(result.output).graph.node] == ["MatMul", "Reshape"]
     expected = (x @ reference.merge(weight, lora_a, lora_b, 1.0).T).reshape(3, 5, 2)
     assert_close(session(result.output).run(None, {"x": x})[0], expected, np.float32)
+
+
+def _graph_with_a_sum_joined_branch(path, with_add_branch: bool):
+    """A LoRA branch joined by `Sum`, a form the matcher does not take, and optionally one joined by `Add`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.standard_normal(shape).astype(np.float32)
+              for name, shape in [("w1", (8, 8)), ("a1", (8, 2)), ("b1", (2, 8)), ("w2", (8, 8)), ("a2", (8, 2)),
+                                  ("b2", (2, 8))]}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["base1"]),
+             helper.make_node("MatMul", ["x", "a1"], ["low1"]),
+             helper.make_node("MatMul", ["low1", "b1"], ["up1"], name="odd_join_b"),
+             helper.make_node("Sum", ["base1", "up1"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["base2"])]
+    output = "base2"
+    if with_add_branch:
+        nodes += [helper.make_node("MatMul", ["h", "a2"], ["low2"]),
+                  helper.make_node("MatMul", ["low2", "b2"], ["up2"]),
+                  helper.make_node("Add", ["base2", "up2"], ["y"])]
+        output = "y"
+    graph = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [3, 8])],
+                              [numpy_helper.from_array(value, name) for name, value in arrays.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_a_low_rank_pair_left_unfolded_is_reported_not_passed_over(tmp_path):
+    _graph_with_a_sum_joined_branch(tmp_path / "m.onnx", with_add_branch=True)
+    result = merge_onnx(tmp_path / "m.onnx", verify="full", progress=False)
+    assert len(result.folds) == 1
+    assert result.refused == ["odd_join_b: a rank-2 product pair (low1 then this) is not added to a base product in "
+                              "a form lora-export knows, so it stays unmerged"]
+    assert "not folded: odd_join_b" in result.describe()
+
+
+def test_a_graph_whose_only_pair_is_not_recognised_names_it_in_the_error(tmp_path):
+    _graph_with_a_sum_joined_branch(tmp_path / "m.onnx", with_add_branch=False)
+    with pytest.raises(ValueError, match=r"no LoRA branch found in .*\(odd_join_b: a rank-2 product pair"):
+        merge_onnx(tmp_path / "m.onnx", verify="full", progress=False)
