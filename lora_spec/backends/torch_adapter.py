@@ -18,13 +18,15 @@ from torch import nn
 from lora_spec.adapter_io import PREFIX, AdapterWeights, load_adapter_dir, save_adapter_dir
 from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer_for
 from lora_spec.backends.torch_model import (CONFIG_ATTRIBUTE, ModulesToSave, config_of, lora_layers, plan,
-                                            uses_fan_in_fan_out, wrap)
+                                            refuse_wrapper, unwrap, uses_fan_in_fan_out, wrap)
 from lora_spec.config import LoRAConfig
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     # NumPy has no bfloat16: float32 holds every bfloat16 value exactly.
     tensor = tensor.detach().cpu()
+    if hasattr(tensor, "full_tensor"):  # a DTensor shard under FSDP2: every rank gathers the whole tensor
+        tensor = tensor.full_tensor()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
@@ -50,6 +52,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     `peft.PeftModel.from_pretrained(base_model, path)` loads it; so does `load_adapter`.
     """
     config = config_of(model)
+    model = unwrap(model)
     weights = AdapterWeights()
     for module_path, layer in lora_layers(model):
         weights.lora[module_path] = (_to_numpy(layer.lora_A), _to_numpy(layer.lora_B))
@@ -142,12 +145,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     naming the first offending key, and leaves the model as it was.
     """
     config, _, weights = load_adapter_dir(path)
+    wrapper, model = model, unwrap(model)
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         target_paths = [module_path for module_path, _ in lora_layers(model)]
         save_paths = [module_path for module_path, module in model.named_modules() if isinstance(module, ModulesToSave)]
         if any(layer.merged for _, layer in lora_layers(model)):
             raise ValueError("the model's adapter is merged: call unmerge(model) before load_adapter.")
     else:
+        refuse_wrapper(wrapper, "load an adapter into")
         config, target_paths, save_paths = plan(model, config, require_modules_to_save=False)
     _check_lora(weights, _expected_lora_shapes(model, config, target_paths))
     _check_extras(model, weights, save_paths)
@@ -169,4 +174,4 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                                                          config.dropout)
         for name, value in weights.extra.items():
             _extra_tensor(model, name, save_paths).copy_(torch.from_numpy(value))
-    return model
+    return wrapper

@@ -110,6 +110,7 @@ def apply(model: nn.Module, config: LoRAConfig | None = None, **overrides: Any) 
     Trainable afterwards: every `lora_A`/`lora_B`, the copies of `modules_to_save`, and the
     biases that `config.bias` names ("all": every bias; "lora_only": those of adapted layers).
     """
+    refuse_wrapper(model, "apply LoRA to")
     return wrap(model, *plan(model, resolve_config(config, overrides)))
 
 
@@ -142,9 +143,29 @@ def _set_trainable(model: nn.Module, bias: str) -> None:
                 parameter.requires_grad_(True)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside the wrappers training puts around it (DDP, DataParallel, `torch.compile`):
+    the one `apply` adapted, whose module paths the adapter files use."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def refuse_wrapper(model: nn.Module, action: str) -> None:
+    """Adding LoRA under a wrapper would miss the parameters it already registered."""
+    if unwrap(model) is not model:
+        raise ValueError(f"{action} the model before wrapping it ({type(model).__name__} has already registered its "
+                         "parameters): call it on the bare model, then wrap.")
+
+
 def config_of(model: nn.Module) -> LoRAConfig:
-    """The resolved config `apply` stored on `model`; ValueError when LoRA was never applied."""
-    config = getattr(model, CONFIG_ATTRIBUTE, None)
+    """The resolved config `apply` stored on `model` (or the model inside its wrappers); ValueError
+    when LoRA was never applied."""
+    config = getattr(unwrap(model), CONFIG_ATTRIBUTE, None)
     if not isinstance(config, LoRAConfig):
         raise ValueError("this model has no LoRA adapter: call lora_spec.torch.apply(model) first.")
     return config
@@ -162,14 +183,14 @@ def merge(model: nn.Module) -> nn.Module:
     restored and ValueError names the module.
     """
     config_of(model)
-    merge_all_or_none(lora_layers(model))
+    merge_all_or_none(lora_layers(unwrap(model)))
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged base weight bit for bit; returns `model`."""
     config_of(model)
-    for _, layer in lora_layers(model):
+    for _, layer in lora_layers(unwrap(model)):
         layer.unmerge()
     return model
 
@@ -182,7 +203,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     is kept, so memory does not grow.
     """
     config_of(model)
-    layers = list(lora_layers(model))
+    inner = unwrap(model)
+    layers = list(lora_layers(inner))
     for path, layer in layers:
         if not layer.merged:
             try:
@@ -191,10 +213,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 raise ValueError(f"module {path!r}: {error}") from None
     for path, layer in layers:
         layer.merge(keep_original=False)
-        _replace(model, path, layer.base_layer)
-    for path, wrapper in list(_modules_to_save(model)):
-        _replace(model, path, wrapper.trained_module)
-    delattr(model, CONFIG_ATTRIBUTE)
+        _replace(inner, path, layer.base_layer)
+    for path, wrapper in list(_modules_to_save(inner)):
+        _replace(inner, path, wrapper.trained_module)
+    delattr(inner, CONFIG_ATTRIBUTE)
     return model
 
 
@@ -205,8 +227,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Merged layers are unmerged for the block and merged again after it (both exact).
     """
     config_of(model)
-    switches = [module for _, module in lora_layers(model)] + [module for _, module in _modules_to_save(model)]
-    was_merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    inner = unwrap(model)
+    switches = [module for _, module in lora_layers(inner)] + [module for _, module in _modules_to_save(inner)]
+    was_merged = [layer for _, layer in lora_layers(inner) if layer.merged]
     for layer in was_merged:
         layer.unmerge()
     for module in switches:

@@ -196,3 +196,27 @@ def test_a_peft_adapter_of_a_grouped_conv_gives_a_shape_error_naming_its_key(tmp
     with pytest.raises(ValueError, match=r"base_model\.model\.conv\.lora_(A|B)\.weight has shape"):
         lora.load_adapter(model, tmp_path)
     assert type(model.conv) is nn.Conv2d
+
+
+@pytest.mark.parametrize("wrapper", [nn.DataParallel, torch.compile], ids=["DataParallel", "torch.compile"])
+def test_a_wrapped_model_saves_merges_and_loads_under_its_own_module_paths(tmp_path, wrapper):
+    options = dict(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    model = randomise(adapted(**options)).eval()
+    expected = model(*inputs())
+    wrapped = wrapper(model)
+    lora.save_adapter(wrapped, tmp_path / "wrapped")
+    lora.save_adapter(model, tmp_path / "bare")
+    assert (tmp_path / "wrapped" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "bare" / "adapter_model.safetensors").read_bytes()
+    assert lora.merge(wrapped) is wrapped
+    assert all(layer.merged for layer in model.modules() if isinstance(layer, lora.LoRALayer))
+    torch.testing.assert_close(model(*inputs()), expected)
+    lora.unmerge(wrapped)
+
+    other = adapted(**options)
+    assert lora.load_adapter(wrapper(other), tmp_path / "wrapped") is not None
+    torch.testing.assert_close(other.eval()(*inputs()), expected)
+    with pytest.raises(ValueError, match=r"apply LoRA to the model before wrapping it \("):
+        lora.apply(wrapper(fresh_base()), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"load an adapter into the model before wrapping it"):
+        lora.load_adapter(wrapper(fresh_base()), tmp_path / "bare")

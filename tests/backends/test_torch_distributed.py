@@ -16,12 +16,14 @@ WORLD_SIZE = 2
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _model():
+def _model(adapted=True):
     import lora_spec.torch as lora
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(),
                                 torch.nn.Linear(16, 4))
+    if not adapted:
+        return model
     lora.apply(model, r=4, alpha=8, dropout=0.1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -40,7 +42,7 @@ def _gradients(model):
     return gradients
 
 
-def _training_step(rank, engine):
+def _training_step(rank, engine, folder):
     import torch.distributed as dist
 
     model = _model().train()
@@ -64,14 +66,37 @@ def _training_step(rank, engine):
         dist.all_gather(gathered, gradients[name].contiguous())
         assert torch.equal(gathered[0], gathered[1]), f"{name}: gradients differ between ranks"
         assert gathered[0].abs().sum() > 0, f"{name}: zero gradient"
+    _merge_keeps_outputs(model)
+    import lora_spec.torch as lora
+
+    lora.save_adapter(model, Path(folder) / f"rank{rank}")  # on every rank: FSDP2 gathers the shards
 
 
-def _worker(rank, engine, init_file):
+def _merge_keeps_outputs(model):
+    """Merging in place under the engine (sharded weights under FSDP2) keeps the outputs; unmerge is exact."""
+    import lora_spec.torch as lora
+
+    model.eval()
+    x = torch.randn(5, 8)
+    weights = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+               for name, p in model.named_parameters() if name.endswith("weight")}
+    with torch.no_grad():
+        expected = model(x)
+        lora.merge(model)
+        merged = model(x)
+        lora.unmerge(model)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        if name in weights:
+            assert torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, weights[name]), name
+
+
+def _worker(rank, engine, folder):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=WORLD_SIZE)
     try:
-        _training_step(rank, engine)  # returns before teardown, so DDP's reducer is gone first
+        _training_step(rank, engine, folder)  # returns before teardown, so DDP's reducer is gone first
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -85,10 +110,16 @@ def _worker(rank, engine, init_file):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_rank_training_step_gives_lora_gradients_only_identical_on_both_ranks(engine, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "tests.backends.test_torch_distributed", engine,
-                             str(tmp_path / "init")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run([sys.executable, "-m", "tests.backends.test_torch_distributed", engine, str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "both ranks agree" in result.stdout
+    import lora_spec.torch as lora
+
+    x = torch.randn(5, 8)
+    for rank in range(WORLD_SIZE):  # no optimizer step ran: each rank saved the adapter it started with
+        loaded = lora.load_adapter(_model(adapted=False), tmp_path / f"rank{rank}").eval()
+        torch.testing.assert_close(loaded(x), _model().eval()(x), rtol=0, atol=0)
 
 
 if __name__ == "__main__":
