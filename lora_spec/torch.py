@@ -12,7 +12,7 @@ from lora_spec._lazy import require
 require("torch", "torch")
 
 from lora_spec.backends.torch_adapter import load_adapter, save_adapter  # noqa: E402
-from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask, keep_probability  # noqa: E402
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask  # noqa: E402
 from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear  # noqa: E402
 from lora_spec.backends.torch_linear import LinearLoRAFunction, linear_lora  # noqa: E402
 from lora_spec.backends.torch_model import (  # noqa: E402
@@ -26,6 +26,7 @@ from lora_spec.backends.torch_model import (  # noqa: E402
     unmerge,
 )
 from lora_spec.config import LoRAConfig  # noqa: E402
+from lora_spec.dropout import keep_probability  # noqa: E402
 
 __all__ = [
     "DropoutMask", "LinearLoRAFunction", "LoRAConfig", "LoRAConv2d", "LoRAEmbedding", "LoRALayer", "LoRALinear",

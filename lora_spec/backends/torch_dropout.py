@@ -1,10 +1,4 @@
-"""Inverted-dropout masks drawn from 16-bit random integers, four per 64-bit draw.
-
-An exact Bernoulli mask draws one random number per input element, which on CPU costs about a
-third of a large matrix product per layer. Here one 64-bit draw gives four independent 16-bit
-integers `v`, and an element is kept when `v >= threshold`. The keep probability is therefore a
-multiple of 1/65536: `round((1 - p) * 65536) / 65536`, within 7.7e-6 of `1 - p`. The kept inputs
-are scaled by the inverse of that exact probability, so the mask stays unbiased.
+"""Inverted-dropout masks drawn from 16-bit random integers (`lora_spec.dropout`), four per 64-bit draw.
 
 A `SeededMask` is drawn from its own generator, seeded from torch's default one (so
 `torch.manual_seed` reproduces it): the training path draws it again in backward instead of
@@ -17,8 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-_LEVELS = 1 << 16
-_INT16_MIN = -(1 << 15)
+from lora_spec.dropout import LEVELS, keep_threshold, kept_levels
 
 
 class DropoutMask(NamedTuple):
@@ -34,11 +27,6 @@ class DropoutMask(NamedTuple):
         return cls(kept.to(mask.dtype), float(mask[kept][0]) if bool(kept.any()) else 1.0)
 
 
-def keep_probability(p: float) -> float:
-    """The probability that a drawn mask keeps an element: `1 - p` rounded to a multiple of 2**-16."""
-    return max(1, round((1 - p) * _LEVELS)) / _LEVELS
-
-
 class SeededMask(NamedTuple):
     """A mask given by a seed and a dropout probability: `draw` gives the same mask every time."""
 
@@ -51,7 +39,6 @@ class SeededMask(NamedTuple):
         return cls(int(torch.randint(0, 1 << 62, ())), p)
 
     def draw(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> DropoutMask:
-        kept_levels = round(keep_probability(self.p) * _LEVELS)
         numel = shape.numel()
         generator = torch.Generator(device=device).manual_seed(self.seed)
         words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
@@ -60,8 +47,8 @@ class SeededMask(NamedTuple):
         halves = words.view(torch.int16)[:numel].view(shape)
         keep = torch.empty(shape, dtype=dtype, device=device)
         # Comparing straight into the float mask: no boolean tensor, no cast pass.
-        torch.ge(halves, _INT16_MIN + _LEVELS - kept_levels, out=keep)
-        return DropoutMask(keep, _LEVELS / kept_levels)
+        torch.ge(halves, keep_threshold(self.p), out=keep)
+        return DropoutMask(keep, LEVELS / kept_levels(self.p))
 
 
 def draw_mask(shape: torch.Size, p: float, device: torch.device, dtype: torch.dtype = torch.float32) -> DropoutMask:
