@@ -8,6 +8,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from lora_spec import LoRAConfig, reference  # noqa: E402
+from lora_spec.dropout import keep_probability  # noqa: E402
 from lora_spec.backends.keras_layers import LoRADense, LoRAEinsumDense, LoRAEmbedding  # noqa: E402
 from tests import strategies  # noqa: E402
 from tests.numerics import assert_close  # noqa: E402
@@ -98,6 +99,33 @@ def test_dropout_is_random_in_training_and_off_at_inference():
     trained = layer(x, training=True).numpy()
     assert not np.allclose(trained, layer(x, training=False).numpy())
     assert not np.allclose(trained, base)
+
+
+@pytest.mark.parametrize("p, features", [(0.1, 64), (0.5, 7)])
+def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exact_keep_probability(p, features):
+    rng = np.random.default_rng(0)
+    layer = LoRADense(5, r=3, alpha=6, dropout=p)
+    x = rng.standard_normal((4, 6, features)).astype(np.float32)
+    layer.build(x.shape)
+    layer.set_lora_weights(rng.standard_normal((3, features)), rng.standard_normal((5, 3)))
+    state = layer.seed_generator.state.numpy().copy()
+    trained = layer(x, training=True).numpy()
+    layer.seed_generator.state.assign(state)
+    keep = np.asarray(layer._keep(keras.ops.convert_to_tensor(x)))
+    assert keep.shape == x.shape and 0 < keep.mean() < 1
+    A, B = layer.lora_weights()
+    expected = reference.forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling,
+                                 keep / np.float32(keep_probability(p)))
+    assert_close(trained, expected, np.float32, factor=10)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_drawn_masks_keep_each_input_at_the_stated_rate(p):
+    layer = LoRADense(5, r=2, dropout=p)
+    layer.build((1000, 1001))
+    keep = np.asarray(layer._keep(keras.ops.zeros((1000, 1001))))
+    # 1e6 Bernoulli draws: the standard deviation of the rate is at most 5e-4.
+    assert abs(keep.mean() - keep_probability(p)) < 3e-3
 
 
 @pytest.mark.parametrize(("equation", "output_shape", "input_shape"), [
