@@ -206,6 +206,23 @@ def test_keras_enable_lora_with_the_same_weights_gives_the_same_output(case):
     assert_close(_lora_dense(case)(case.x), keras_dense(case.x), np.float32, factor=10)
 
 
+@given(strategies.embedding_cases())
+def test_keras_embedding_enable_lora_with_the_same_weights_gives_the_same_output(case):
+    num, dim = case.W.shape
+    r = case.A.shape[0]
+    ours = LoRAEmbedding(num, dim, r=r, alpha=case.s * r)
+    ours.build()
+    ours.embeddings.assign(case.W)
+    ours.set_lora_weights(case.A, case.B)
+    theirs = keras.layers.Embedding(num, dim)
+    theirs.build()
+    theirs.embeddings.assign(case.W)
+    theirs.enable_lora(r, lora_alpha=case.s * r)
+    theirs.lora_embeddings_a.assign(case.A.T)
+    theirs.lora_embeddings_b.assign(case.B.T)
+    assert_close(ours(case.ids), theirs(case.ids), np.float32, factor=10)
+
+
 def test_lora_rank_and_dropout_follow_the_config_names():
     layer = LoRADense(4, r=4, alpha=8, use_rslora=True, dropout=0.25, activation="relu", name="proj")
     assert (layer.r, layer.alpha, layer.dropout, layer.scaling) == (4, 8, 0.25, 4.0)
