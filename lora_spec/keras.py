@@ -12,7 +12,13 @@ from lora_spec._lazy import require
 require("keras", "keras")
 
 from lora_spec.backends.keras_adapter import load_adapter, save_adapter  # noqa: E402
-from lora_spec.backends.keras_layers import LoRADense, LoRAEinsumDense, LoRAEmbedding, LoRALayer  # noqa: E402
+from lora_spec.backends.keras_layers import (  # noqa: E402
+    LoRAConv2D,
+    LoRADense,
+    LoRAEinsumDense,
+    LoRAEmbedding,
+    LoRALayer,
+)
 from lora_spec.backends.keras_model import (  # noqa: E402
     TrainableParameters,
     apply,
@@ -27,7 +33,7 @@ from lora_spec.backends.keras_model import (  # noqa: E402
 from lora_spec.config import LoRAConfig  # noqa: E402
 
 __all__ = [
-    "LoRAConfig", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer", "TrainableParameters", "apply",
-    "load_adapter", "lora_layers", "merge", "merge_and_unload", "named_layers", "save_adapter",
+    "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer", "TrainableParameters",
+    "apply", "load_adapter", "lora_layers", "merge", "merge_and_unload", "named_layers", "save_adapter",
     "trainable_parameters", "unload", "unmerge",
 ]

@@ -82,7 +82,7 @@ class LoRALayer:
         Functional graphs, parents and optimisers keep pointing at the same layer, which is why
         `apply` converts in place instead of rebuilding the model.
         """
-        cls.check_adaptable(layer)
+        cls.check_adaptable(layer, r)
         _switch_class(layer, cls)
         layer._tracker.unlock()
         try:
@@ -92,8 +92,9 @@ class LoRALayer:
             layer._tracker.lock()
 
     @classmethod
-    def check_adaptable(cls, layer: keras.layers.Layer) -> None:
-        """Raise the reason `adapt_in_place` would refuse `layer`, before anything changes."""
+    def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None) -> None:
+        """Raise the reason `adapt_in_place` would refuse `layer` (with an adapter of rank `r`), before
+        anything changes."""
         if type(layer) is not cls.base_class:
             raise TypeError(f"{cls.__name__} adapts a keras.layers.{cls.base_class.__name__}, not a "
                             f"{type(layer).__name__}.")
@@ -136,8 +137,8 @@ class LoRALayer:
         Rank and alpha come from `config` (default `LoRAConfig()`) for the layer's name, after
         `rank_pattern` and `alpha_pattern`.
         """
-        cls.check_adaptable(layer)
         config = config if config is not None else LoRAConfig()
+        cls.check_adaptable(layer, config.rank_for(layer.name))
         base_config = {k: v for k, v in layer.get_config().items() if k not in _KERAS_LORA_ARGUMENTS}
         adapted = cls.from_config({**base_config, **lora_arguments(config, layer.name)})
         adapted.build_from_config(layer.get_build_config())
@@ -148,13 +149,14 @@ class LoRALayer:
         return adapted
 
     def _build_lora(self) -> None:
-        input_dims, output_dims = self._lora_dims()
-        fan_in = math.prod(input_dims)
+        a_shape, b_shape = self._lora_shapes()
+        # A maps everything but its last axis (the rank) to the rank: that is its fan-in.
+        fan_in = math.prod(a_shape[:-1])
         # At least float32 whatever the policy: half-precision updates of A and B would underflow.
         dtype = "float64" if self.variable_dtype == "float64" else "float32"
-        self.lora_a = self.add_weight(name="lora_a", shape=(*input_dims, self.r), dtype=dtype,
+        self.lora_a = self.add_weight(name="lora_a", shape=a_shape, dtype=dtype,
                                       initializer=self._lora_a_initializer(fan_in))
-        self.lora_b = self.add_weight(name="lora_b", shape=(self.r, *output_dims), dtype=dtype,
+        self.lora_b = self.add_weight(name="lora_b", shape=b_shape, dtype=dtype,
                                       initializer=self._lora_b_initializer())
         self._freeze_base()
 
@@ -234,20 +236,20 @@ class LoRALayer:
     # -- the adapter in the reference layout ----------------------------------------------------
 
     def lora_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """`(A (r, in), B (out, r))` in the reference layout, as NumPy arrays."""
-        lora_a, lora_b = _snapshot(self.lora_a), _snapshot(self.lora_b)
+        """`(A, B)` in the reference layout (`A (r, in)`, `B (out, r)`; a conv's are 4-D), as NumPy arrays."""
+        lora_a, lora_b = self._factors_to_reference(_snapshot(self.lora_a), _snapshot(self.lora_b))
         # Contiguous, so NumPy's products sum in the same order as on arrays built in this layout.
-        return np.ascontiguousarray(lora_a.reshape(-1, self.r).T), np.ascontiguousarray(lora_b.reshape(self.r, -1).T)
+        return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
     def set_lora_weights(self, lora_a: np.ndarray, lora_b: np.ndarray) -> None:
-        """Assign `A (r, in)` and `B (out, r)` given in the reference layout."""
-        expected_a, expected_b = (self.r, math.prod(self.lora_a.shape[:-1])), (math.prod(self.lora_b.shape[1:]), self.r)
-        for half, value, expected in (("A", lora_a, expected_a), ("B", lora_b, expected_b)):
+        """Assign `A` and `B` given in the reference layout (`A (r, in)`, `B (out, r)`; a conv's are 4-D)."""
+        for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, self.r)):
             if tuple(np.shape(value)) != expected:
                 raise ValueError(f"LoRA {half} for layer {self.name!r} has shape {tuple(np.shape(value))}, but the "
                                  f"layer needs {expected}: the adapter was trained for another rank or shape.")
-        self.lora_a.assign(np.asarray(lora_a).T.reshape(self.lora_a.shape).astype(self.lora_a.dtype))
-        self.lora_b.assign(np.asarray(lora_b).T.reshape(self.lora_b.shape).astype(self.lora_b.dtype))
+        lora_a, lora_b = self._factors_from_reference(np.asarray(lora_a), np.asarray(lora_b))
+        self.lora_a.assign(lora_a.astype(self.lora_a.dtype))
+        self.lora_b.assign(lora_b.astype(self.lora_b.dtype))
 
     def base_weight(self) -> np.ndarray:
         """The unmerged base weight in the reference layout (`W (out, in)`; an embedding's table)."""
@@ -312,6 +314,24 @@ class LoRALayer:
     def _lora_dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Input and output dimensions of the update: `lora_a` is `(*input, r)`, `lora_b` `(r, *output)`."""
         raise NotImplementedError
+
+    @classmethod
+    def reference_shapes(cls, layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of `A` and `B` (reference layout) of a rank-`r` adapter on `layer`, a layer of
+        `base_class` or of this class."""
+        input_dims, output_dims = cls._lora_dims(layer)
+        return (r, math.prod(input_dims)), (math.prod(output_dims), r)
+
+    def _lora_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of the `lora_a` and `lora_b` variables."""
+        input_dims, output_dims = self._lora_dims()
+        return (*input_dims, self.r), (self.r, *output_dims)
+
+    def _factors_to_reference(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return lora_a.reshape(-1, self.r).T, lora_b.reshape(self.r, -1).T
+
+    def _factors_from_reference(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return lora_a.T.reshape(self.lora_a.shape), lora_b.T.reshape(self.lora_b.shape)
 
     def _to_reference(self, value: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -481,13 +501,83 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
         return weight
 
 
-def reference_shapes(layer: keras.layers.Layer, r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
+    """`keras.layers.Conv2D` with a LoRA adapter: `y = conv(x) + bias + s * conv1x1(conv_A(x), lora_b)`.
+
+    `lora_a` `(kh, kw, in/groups, r)` is a conv with the base's kernel size, strides, padding,
+    dilation and groups; `lora_b` `(1, 1, r/groups, out)` a 1x1 conv grouped like the base, so the
+    update is block-diagonal per group and merges exactly (`r` must be a multiple of `groups`). In
+    the reference layout they are PyTorch's: `A (r, in/groups, kh, kw)`, `B (out, r/groups, 1, 1)`.
+    """
+
+    base_class = keras.layers.Conv2D
+    lora_kind = "conv2d"
+
+    def __init__(self, filters: int, kernel_size, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False, **conv_kwargs: Any):
+        _refuse_keras_lora(conv_kwargs, "LoRAConv2D")
+        super().__init__(filters, kernel_size, **conv_kwargs)
+        _check_groups(self, r)
+        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+
+    @classmethod
+    def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None) -> None:
+        super().check_adaptable(layer, r)
+        if r is not None:
+            _check_groups(layer, r)
+
+    def build(self, input_shape) -> None:
+        super().build(input_shape)
+        self._build_lora()
+
+    def call(self, inputs, training=None, dropout_mask=None):
+        outputs = self.convolution_op(inputs, self._kernel)
+        if not self.merged:
+            lora_inputs, factor = self._lora_inputs(inputs, training, dropout_mask)
+            hidden = self.convolution_op(lora_inputs, self._compute(self.lora_a))
+            low_rank = ops.conv(hidden, self._compute(self.lora_b) * (self.scaling * factor),
+                                data_format=self.data_format)
+            outputs = ops.add(outputs, low_rank)
+        if self.use_bias:
+            channels_last = self.data_format == "channels_last"
+            outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)))
+        return outputs if self.activation is None else self.activation(outputs)
+
+    @classmethod
+    def reference_shapes(cls, layer, r):
+        height, width, in_per_group, out = layer._kernel.shape
+        return (r, in_per_group, height, width), (out, r // layer.groups, 1, 1)
+
+    def _lora_shapes(self):
+        height, width, in_per_group, out = self._kernel.shape
+        return (height, width, in_per_group, self.r), (1, 1, self.r // self.groups, out)
+
+    def _factors_to_reference(self, lora_a, lora_b):
+        return lora_a.transpose(3, 2, 0, 1), lora_b.transpose(3, 2, 0, 1)
+
+    def _factors_from_reference(self, lora_a, lora_b):
+        return lora_a.transpose(2, 3, 1, 0), lora_b.transpose(2, 3, 1, 0)
+
+    def _to_reference(self, value):
+        return value.transpose(3, 2, 0, 1)
+
+    def _from_reference(self, weight, shape):
+        return weight.transpose(2, 3, 1, 0)
+
+
+def _check_groups(layer: keras.layers.Layer, r: int) -> None:
+    if isinstance(r, int) and r % layer.groups:
+        raise ValueError(f"rank {r} is not a multiple of layer {layer.name!r}'s groups={layer.groups}: choose r "
+                         f"divisible by {layer.groups}, or set a rank_pattern for this layer.")
+
+
+def reference_shapes(layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The shapes of `A` and `B` (reference layout) that an adapter of rank `r` has on `layer`,
     whether or not `layer` has LoRA yet."""
     lora_class = layer.__class__ if isinstance(layer, LoRALayer) else LORA_LAYERS[type(layer)]
-    input_dims, output_dims = lora_class._lora_dims(layer)
-    return (r, math.prod(input_dims)), (math.prod(output_dims), r)
+    return lora_class.reference_shapes(layer, r)
 
 
 LORA_LAYERS: dict[type[keras.layers.Layer], type[LoRALayer]] = {
-    layer.base_class: layer for layer in (LoRADense, LoRAEinsumDense, LoRAEmbedding)}
+    layer.base_class: layer for layer in (LoRADense, LoRAEinsumDense, LoRAEmbedding, LoRAConv2D)}

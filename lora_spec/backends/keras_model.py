@@ -16,7 +16,7 @@ from typing import Any
 import keras
 
 from lora_spec.backends import keras_einsum
-from lora_spec.backends.keras_layers import LORA_LAYERS, LoRAEmbedding, LoRALayer, lora_arguments
+from lora_spec.backends.keras_layers import LORA_LAYERS, LoRALayer, lora_arguments
 from lora_spec.config import LoRAConfig, resolve_config
 from lora_spec.merging import merge_all_or_none
 from lora_spec.parameter_counts import TrainableParameters
@@ -49,8 +49,7 @@ def lora_layers(model: keras.layers.Layer) -> Iterator[tuple[str, LoRALayer]]:
 def _kind(layer: keras.layers.Layer) -> tuple[str, str]:
     """`(kind, class name)` as the core's target matching sees a layer."""
     if isinstance(layer, LoRALayer):
-        base = layer.base_class
-        return ("embedding" if isinstance(layer, LoRAEmbedding) else "linear"), base.__name__
+        return layer.lora_kind, layer.base_class.__name__
     lora_class = LORA_LAYERS.get(type(layer))
     if lora_class is None or (lora_class.base_class is keras.layers.EinsumDense
                               and keras_einsum.plan(layer.equation) is None):
@@ -82,12 +81,13 @@ def plan(model: keras.layers.Layer, config: LoRAConfig,
     for match in matches:
         layer = by_path[match.path]
         if not isinstance(layer, LoRALayer):
-            LORA_LAYERS[type(layer)].check_adaptable(layer)
+            LORA_LAYERS[type(layer)].check_adaptable(layer, config.rank_for(match.path))
     return config, [m.path for m in matches], save_paths
 
 
 def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, **overrides: Any) -> keras.layers.Layer:
-    """Add LoRA to the targeted `Dense`, `EinsumDense` and `Embedding` layers of `model` in place; returns `model`.
+    """Add LoRA to the targeted `Dense`, `EinsumDense`, `Embedding` and `Conv2D` layers of `model` in place;
+    returns `model`.
 
     `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`); targets,
     default and errors are the PyTorch backend's (`lora_spec.targets.select_targets`). Layers
@@ -202,7 +202,7 @@ def unmerge(model: keras.layers.Layer) -> keras.layers.Layer:
 
 
 def merge_and_unload(model: keras.layers.Layer) -> keras.layers.Layer:
-    """Merge the adapters for good: `model` is left with plain `Dense`/`EinsumDense`/`Embedding` layers."""
+    """Merge the adapters for good: `model` is left with plain `Dense`/`EinsumDense`/`Embedding`/`Conv2D` layers."""
     merge(model)
     for _, layer in lora_layers(model):
         layer.merge_and_unload()

@@ -179,6 +179,15 @@ def torch_twin(torch, model: keras.Model):
     return net
 
 
+def randomize_torch(torch, net):
+    """`randomize` for a PyTorch model: every trainable tensor drawn afresh."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
 def _torch_outputs(torch, net):
     with torch.no_grad():
         return net(torch.tensor(IDS)).numpy()
@@ -190,11 +199,7 @@ def test_adapter_trained_in_pytorch_runs_in_keras_with_the_same_outputs(tmp_path
     lora_torch = pytest.importorskip("lora_spec.torch")
     base = keras_base()
     net = lora_torch.apply(torch_twin(torch, base), **TARGETS, bias=bias)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    randomize_torch(torch, net)
     lora_torch.save_adapter(net, tmp_path)
     keras_model = lora.load_adapter(base, tmp_path)
     np.testing.assert_allclose(keras_model(IDS), _torch_outputs(torch, net.eval()), rtol=0, atol=1e-5)
@@ -221,12 +226,58 @@ def test_adapter_saved_by_peft_runs_in_keras_with_the_same_outputs(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
                              bias="lora_only", use_rslora=True)
     net = peft.get_peft_model(torch_twin(torch, base), config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in net.parameters():
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    randomize_torch(torch, net)
     net.save_pretrained(str(tmp_path))
     keras_model = lora.load_adapter(base, tmp_path)
     assert dict(lora.lora_layers(keras_model))["encoder.fc1"].scaling == pytest.approx(4.0)
     np.testing.assert_allclose(keras_model(IDS), _torch_outputs(torch, net.eval()), rtol=0, atol=1e-5)
+
+
+IMAGES = np.random.default_rng(2).standard_normal((2, 6, 5, 4)).astype(np.float32)  # channels last
+
+
+def keras_cnn(groups: int) -> keras.Model:
+    """Module paths `conv` (a 3x3 conv) and `head` (1x1): those of `torch_cnn`'s model."""
+    keras.utils.set_random_seed(3)
+    images = keras.Input(IMAGES.shape[1:])
+    hidden = keras.layers.Conv2D(6, 3, padding="same", groups=groups, activation="relu", name="conv")(images)
+    return keras.Model(images, keras.layers.Conv2D(2, 1, name="head")(hidden))
+
+
+def torch_cnn(torch, model: keras.Model):
+    """The PyTorch twin of `keras_cnn` with `model`'s base weights (kernels `(kh, kw, in, out)` to `(out, in, kh, kw)`)."""
+    nn = torch.nn
+    layers = dict(lora.named_layers(model))
+    net = nn.Module()
+    net.conv, net.head = nn.Conv2d(4, 6, 3, padding=1, groups=layers["conv"].groups), nn.Conv2d(6, 2, 1)
+    net.forward = lambda images: net.head(torch.relu(net.conv(images)))
+    with torch.no_grad():
+        for path in ("conv", "head"):
+            net.get_submodule(path).weight.copy_(torch.tensor(layers[path].kernel.numpy().transpose(3, 2, 0, 1)))
+            net.get_submodule(path).bias.copy_(torch.tensor(layers[path].bias.numpy()))
+    return net.eval()
+
+
+def _torch_cnn_outputs(torch, net):
+    with torch.no_grad():
+        return net(torch.tensor(IMAGES.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_adapters_move_between_keras_and_pytorch_with_the_same_outputs(tmp_path, groups):
+    torch = pytest.importorskip("torch")
+    lora_torch = pytest.importorskip("lora_spec.torch")
+    model = randomize(lora.apply(keras_cnn(groups), target_modules=["conv", "head"], r=2, alpha=3))
+    lora.save_adapter(model, tmp_path / "keras")
+    net = lora_torch.load_adapter(torch_cnn(torch, keras_cnn(groups)), tmp_path / "keras")
+    np.testing.assert_allclose(_torch_cnn_outputs(torch, net), model(IMAGES), rtol=0, atol=1e-5)
+    if groups == 1:  # PEFT's adapters of grouped convs have another shape (see the reference)
+        peft = pytest.importorskip("peft")
+        peft_net = peft.PeftModel.from_pretrained(torch_cnn(torch, keras_cnn(groups)), str(tmp_path / "keras"))
+        np.testing.assert_allclose(_torch_cnn_outputs(torch, peft_net.eval()), model(IMAGES), rtol=0, atol=1e-5)
+
+    trained = lora_torch.apply(torch_cnn(torch, keras_cnn(groups)), target_modules=["conv", "head"], r=4)
+    randomize_torch(torch, trained)
+    lora_torch.save_adapter(trained, tmp_path / "torch")
+    keras_model = lora.load_adapter(keras_cnn(groups), tmp_path / "torch")
+    np.testing.assert_allclose(keras_model(IMAGES), _torch_cnn_outputs(torch, trained.eval()), rtol=0, atol=1e-5)

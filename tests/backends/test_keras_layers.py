@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from lora_spec import LoRAConfig, reference  # noqa: E402
 from lora_spec.dropout import keep_probability  # noqa: E402
-from lora_spec.backends.keras_layers import LoRADense, LoRAEinsumDense, LoRAEmbedding  # noqa: E402
+from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense, LoRAEmbedding  # noqa: E402
 from tests import strategies  # noqa: E402
 from tests.numerics import assert_close  # noqa: E402
 
@@ -340,3 +340,80 @@ def test_initialisation_follows_peft_so_the_update_starts_at_zero(init):
     embedding.build()
     A, B = embedding.lora_weights()
     assert not np.any(A) and np.std(B) == pytest.approx(1.0, rel=0.1)
+
+
+def _nhwc(array):
+    return None if array is None else np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+
+
+def _lora_conv(case):
+    """A built LoRAConv2D holding the case's weights, and the case's input padded as the reference pads
+    it, channels last (Keras pads only 'valid' or 'same')."""
+    out_channels, _, height, width = case.W.shape
+    r = case.A.shape[0]
+    layer = LoRAConv2D(out_channels, (height, width), strides=case.stride, dilation_rate=case.dilation,
+                       groups=case.groups, use_bias=case.b is not None, r=r, alpha=case.s * r,
+                       dtype=_DTYPE_NAMES[case.x.dtype])
+    pad = ((0, 0), (0, 0), (case.padding[0],) * 2, (case.padding[1],) * 2)
+    x = _nhwc(np.pad(case.x, pad))
+    layer.build(x.shape)
+    layer.kernel.assign(case.W.transpose(2, 3, 1, 0))
+    if case.b is not None:
+        layer.bias.assign(case.b)
+    layer.set_lora_weights(case.A, case.B)
+    mask = None if case.dropout_mask is None else _nhwc(np.pad(case.dropout_mask, pad))
+    return layer, x, mask
+
+
+def _keras_can_run(case) -> bool:
+    # Keras refuses strides and dilation above 1 together.
+    return max(case.stride) == 1 or max(case.dilation) == 1
+
+
+@given(strategies.conv2d_cases())
+def test_conv2d_forward_equals_reference_with_explicit_dropout_mask(case):
+    assume(_keras_can_run(case))
+    layer, x, mask = _lora_conv(case)
+    expected = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry,
+                                        dropout_mask=case.dropout_mask)
+    assert_close(layer(x, dropout_mask=mask), _nhwc(expected), case.x.dtype, factor=20)
+
+
+@given(strategies.conv2d_cases(dtype=np.float64), strategies.seeds)
+def test_conv2d_gradients_equal_reference_backward(case, seed):
+    assume(_keras_can_run(case))
+    layer, x, mask = _lora_conv(case)
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, dropout_mask=mask)
+        grad_y = np.random.default_rng(seed).standard_normal(y.shape)
+        loss = tf.reduce_sum(y * grad_y)
+    dx, d_lora_a, d_lora_b = tape.gradient(loss, [x, layer.lora_a, layer.lora_b])
+    nchw_grad = np.ascontiguousarray(grad_y.transpose(0, 3, 1, 2))
+    pad = ((0, 0), (0, 0), (case.padding[0],) * 2, (case.padding[1],) * 2)
+    expected = reference.conv2d_backward(np.pad(case.x, pad), case.W, case.A, case.B, case.s, nchw_grad,
+                                         **{**case.geometry, "padding": (0, 0)},
+                                         dropout_mask=None if case.dropout_mask is None else np.pad(case.dropout_mask, pad))
+    assert_close(dx, _nhwc(expected.dx), np.float64, factor=50)
+    assert_close(d_lora_a, expected.dA.transpose(2, 3, 1, 0), np.float64, factor=50)
+    assert_close(d_lora_b, expected.dB.transpose(2, 3, 1, 0), np.float64, factor=50)
+
+
+@given(strategies.conv2d_cases(dropout=False))
+def test_conv2d_merge_gives_the_reference_merged_kernel_and_unmerge_restores_it(case):
+    assume(_keras_can_run(case))
+    layer, x, _ = _lora_conv(case)
+    before = layer.kernel.numpy().copy()
+    unmerged = layer(x)
+    layer.merge()
+    merged = reference.merge(case.W, case.A, case.B, layer.scaling, "conv2d")
+    np.testing.assert_array_equal(layer.kernel.numpy(), merged.transpose(2, 3, 1, 0))
+    assert_close(layer(x), unmerged, case.x.dtype, factor=20)
+    layer.unmerge()
+    np.testing.assert_array_equal(layer.kernel.numpy(), before)
+
+
+def test_a_conv_rank_that_groups_do_not_divide_is_refused_naming_the_layer():
+    with pytest.raises(ValueError, match=r"rank 3 is not a multiple of layer 'grouped'.s groups=2"):
+        LoRAConv2D(4, 3, groups=2, r=3, name="grouped")

@@ -293,3 +293,26 @@ def test_a_second_apply_keeps_the_first_ones_adapters_and_modules_to_save(tmp_pa
     _randomize_adapters(model)
     lora.save_adapter(model, tmp_path)
     np.testing.assert_array_equal(lora.load_adapter(mlp(), tmp_path)(X), model(X))
+
+
+def test_a_cnn_trains_only_its_conv_adapters_reloads_from_a_keras_file_and_merges_away(tmp_path):
+    keras.utils.set_random_seed(0)
+    images = keras.Input((8, 8, 3))
+    hidden = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv1")(images)
+    hidden = keras.layers.Conv2D(8, 3, padding="same", groups=2, name="conv2")(hidden)
+    model = keras.Model(images, keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D()(hidden)))
+    x = np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32)
+    lora.apply(model, target_modules=["conv1", "conv2"], r=2, dropout=0.1)
+    before = {variable.path: variable.numpy().copy() for variable in model.weights}
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, np.ones((4, 2)), epochs=2, verbose=0)
+    changed = sorted(v.path for v in model.weights if not np.array_equal(v.numpy(), before[v.path]))
+    assert changed == ["conv1/lora_a", "conv1/lora_b", "conv2/lora_a", "conv2/lora_b"]
+    expected = model(x).numpy()
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(restored(x), expected)
+    assert sorted(v.path for v in restored.trainable_weights if "lora" in v.path) == changed
+    lora.merge_and_unload(model)
+    assert [type(layer).__name__ for layer in model.layers[1:3]] == ["Conv2D", "Conv2D"]
+    assert_close(model(x), expected, np.float32, factor=10)
