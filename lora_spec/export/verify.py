@@ -16,6 +16,7 @@ import onnx
 from lora_spec import reference
 from lora_spec.export.fold import Fold
 from lora_spec.export.graph import Graph, attribute
+from lora_spec.export.model_io import ExportError
 
 DEFAULT_DYNAMIC_SIZE = 2
 # Integer inputs reach an embedding's indices through these without changing values.
@@ -146,10 +147,27 @@ def session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str) -> list:
+    """The outputs of the model at `path` (`label` names it to the user) on `feeds`, in onnxruntime.
+
+    ExportError in one line when onnxruntime cannot load or run it (an op it lacks, an input
+    that needs particular sizes): the user can then verify without onnxruntime.
+    """
+    try:
+        return session(path).run(None, dict(feeds))
+    except Exception as error:  # onnxruntime's errors derive from Exception only
+        if not type(error).__module__.startswith("onnxruntime"):
+            raise
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise ExportError(f"onnxruntime cannot run {label} on random inputs ({reason}); nothing was written: pass "
+                          "--input-shape NAME=DIMS if an input needs particular sizes, or check each folded layer "
+                          "in NumPy instead with --verify layers.") from None
+
+
 def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray]) -> float:
     """The largest relative difference over the float outputs of the two models on `feeds`."""
-    expected = session(original).run(None, dict(feeds))
-    actual = session(merged).run(None, dict(feeds))
+    expected = run_model(original, feeds, f"the input model {original}")
+    actual = run_model(merged, feeds, "the merged model")
     differences = [relative_difference(got, want) for got, want in zip(actual, expected)
                    if np.asarray(want).dtype.kind == "f"]
     return max(differences, default=0.0)
@@ -157,6 +175,6 @@ def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray]
 
 def non_finite_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> float:
     """inf when the model at `path` returns NaN or inf on `feeds`, else 0."""
-    outputs = session(path).run(None, dict(feeds))
+    outputs = run_model(path, feeds, "the merged model")
     finite = all(np.isfinite(output).all() for output in outputs if np.asarray(output).dtype.kind == "f")
     return 0.0 if finite else float("inf")

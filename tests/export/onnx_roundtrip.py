@@ -10,7 +10,7 @@ from lora_spec.export.verify import session
 from tests.numerics import assert_close
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Mul", "Div", "Add")
-INPUT_SHAPES = {2: (3, 4), 3: (2, 5, 4)}
+INPUT_SHAPES = {2: (3, 4), 3: (2, 5, 4), 4: (2, 6, 6, 4)}  # 4: images, channels last
 
 
 def compute_ops(path) -> collections.Counter:

@@ -180,3 +180,20 @@ def test_console_script_runs_without_a_traceback(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "lora_spec.export.cli", "--merge", str(model)],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 3 and "Traceback" not in completed.stderr
+
+
+def test_a_model_onnxruntime_cannot_run_fails_with_one_line_and_verifies_by_layers_instead(tmp_path, capsys):
+    """tf2onnx leaves ops onnxruntime lacks in some graphs (Keras's XLA grouped convs become PartitionedCall)."""
+    model = onnx.load(_save(tmp_path))
+    output = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("PartitionedCall", [output], ["after"], domain="tf"))
+    model.graph.output[0].name = "after"
+    model.opset_import.append(onnx.helper.make_opsetid("tf", 1))
+    onnx.save(model, tmp_path / "model.onnx")
+    before = _snapshot(tmp_path)
+    status, _, err = _run(capsys, "--merge", tmp_path / "model.onnx")
+    assert status == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "onnxruntime cannot run the input model" in err and "--verify layers" in err
+    assert _snapshot(tmp_path) == before
+    status, out, _ = _run(capsys, "--merge", tmp_path / "model.onnx", "--verify", "layers")
+    assert status == 0 and "verified each folded layer in NumPy" in out

@@ -1,8 +1,9 @@
 """End to end from Keras: a model with lora_spec.keras LoRADense layers, `model.export(format="onnx")`, merge.
 
 The merged graph reproduces the Keras model in onnxruntime and has the compute nodes of the base
-model exported without LoRA, for 2-D inputs, for 3-D ones (tf2onnx's Reshape/MatMul/Reshape) and
-for attention, whose `EinsumDense` projections reshape both sides of the LoRA sum into heads.
+model exported without LoRA, for 2-D inputs, for 3-D ones (tf2onnx's Reshape/MatMul/Reshape), for
+attention, whose `EinsumDense` projections reshape both sides of the LoRA sum into heads, and for
+`Conv2D` layers.
 """
 
 import numpy as np
@@ -34,8 +35,16 @@ def attention(dims: int) -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(attended))
 
 
+def cnn(dims: int) -> keras.Model:
+    images = keras.Input(INPUT_SHAPES[dims][1:])
+    hidden = keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="conv1")(images)
+    hidden = keras.layers.Conv2D(5, 3, dilation_rate=2, padding="same", name="conv2")(hidden)
+    return keras.Model(images, keras.layers.GlobalAveragePooling2D()(hidden))
+
+
 CASES = {"2d": (mlp, 2, ["hidden", "head"]), "3d": (mlp, 3, ["hidden", "head"]),
-         "attention": (attention, 3, ["query", "key", "value", "attention_output"])}
+         "attention": (attention, 3, ["query", "key", "value", "attention_output"]),
+         "cnn": (cnn, 4, ["conv1", "conv2"])}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
