@@ -568,7 +568,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
 
 def _check_groups(layer: keras.layers.Layer, r: int) -> None:
     if isinstance(r, int) and r % layer.groups:
-        raise ValueError(f"rank {r} is not a multiple of layer {layer.name!r}'s groups={layer.groups}: choose r "
+        raise ValueError(f"rank {r} is not a multiple of groups={layer.groups} of layer {layer.name!r}: choose r "
                          f"divisible by {layer.groups}, or set a rank_pattern for this layer.")
 
 

@@ -415,5 +415,5 @@ def test_conv2d_merge_gives_the_reference_merged_kernel_and_unmerge_restores_it(
 
 
 def test_a_conv_rank_that_groups_do_not_divide_is_refused_naming_the_layer():
-    with pytest.raises(ValueError, match=r"rank 3 is not a multiple of layer 'grouped'.s groups=2"):
+    with pytest.raises(ValueError, match=r"rank 3 is not a multiple of groups=2 of layer 'grouped'"):
         LoRAConv2D(4, 3, groups=2, r=3, name="grouped")
