@@ -1,14 +1,15 @@
 """The project's promise: one random layer, adapter and input give the same numbers everywhere.
 
-Each example drives the same linear layer through the NumPy reference, the PyTorch backend, the
-Keras backend and onnxruntime (the PyTorch model exported with its LoRA branch, then folded by
-`merge_onnx`), and asserts that all four agree: outputs, and gradients for the two training
-backends. Everything runs in float32, the precision the frameworks train in.
+Each example drives the same linear layer, or the same grouped 2-D convolution, through the NumPy
+reference, the PyTorch backend, the Keras backend and onnxruntime (the PyTorch model exported with
+its LoRA branch, then folded by `merge_onnx`), and asserts that all four agree: outputs, and
+gradients for the two training backends. Everything runs in float32, the precision the frameworks
+train in.
 """
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from lora_spec import reference
 from tests import strategies
@@ -111,3 +112,67 @@ def test_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, seed):
 
     no_dropout_y = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s)
     assert_close(_onnx_merged_run(case, tmp_path_factory.mktemp("onnx")), no_dropout_y, np.float32, factor=FACTOR)
+
+
+def _torch_conv(case):
+    out_channels, _, height, width = case.W.shape
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv2d(case.x.shape[1], out_channels, (height, width), stride=case.stride,
+                                             padding=case.padding, dilation=case.dilation, groups=case.groups,
+                                             bias=case.b is not None))
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.from_numpy(case.W))
+        if case.b is not None:
+            model.conv.bias.copy_(torch.from_numpy(case.b))
+    lora_torch.apply(model, target_modules=["conv"], **_lora_settings(case))
+    with torch.no_grad():
+        model.conv.lora_A.copy_(torch.from_numpy(case.A))
+        model.conv.lora_B.copy_(torch.from_numpy(case.B))
+    return model
+
+
+def _keras_conv_run(case, grad_y):
+    """LoRAConv2D, channels last; Keras pads only 'valid'/'same', so the input comes padded as the reference pads."""
+    import tensorflow as tf
+
+    out_channels, _, height, width = case.W.shape
+    layer = lora_keras.LoRAConv2D(out_channels, (height, width), strides=case.stride, dilation_rate=case.dilation,
+                                  groups=case.groups, use_bias=case.b is not None, **_lora_settings(case))
+    pad = ((0, 0), (0, 0), (case.padding[0],) * 2, (case.padding[1],) * 2)
+    x = tf.constant(np.pad(case.x, pad).transpose(0, 2, 3, 1))
+    layer.build(x.shape)
+    layer.kernel.assign(case.W.transpose(2, 3, 1, 0))
+    if case.b is not None:
+        layer.bias.assign(case.b)
+    layer.set_lora_weights(case.A, case.B)
+    with tf.GradientTape() as tape:
+        y = layer(x)
+        loss = tf.reduce_sum(y * grad_y.transpose(0, 2, 3, 1))
+    d_lora_a, d_lora_b = tape.gradient(loss, [layer.lora_a, layer.lora_b])
+    return y.numpy().transpose(0, 3, 1, 2), d_lora_a.numpy().transpose(3, 2, 0, 1), d_lora_b.numpy().transpose(3, 2, 0, 1)
+
+
+@settings(max_examples=10)
+@given(strategies.conv2d_cases(dtype=np.float32, dropout=False), strategies.seeds)
+def test_conv2d_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, seed):
+    assume(max(case.stride) == 1 or max(case.dilation) == 1)  # Keras refuses both above 1 together
+    expected_y = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry)
+    grad_y = np.random.default_rng(seed).standard_normal(expected_y.shape).astype(np.float32)
+    expected = reference.conv2d_backward(case.x, case.W, case.A, case.B, case.s, grad_y, **case.geometry)
+
+    model = _torch_conv(case)
+    y = model.conv(torch.from_numpy(case.x))
+    y.backward(torch.from_numpy(grad_y))
+    outputs = {"torch": (y.detach().numpy(), model.conv.lora_A.grad.numpy(), model.conv.lora_B.grad.numpy()),
+               "keras": _keras_conv_run(case, grad_y)}
+    for backend, (y, d_a, d_b) in outputs.items():
+        assert_close(y, expected_y, np.float32, factor=FACTOR), backend
+        assert_close(d_a, expected.dA, np.float32, factor=FACTOR), backend
+        assert_close(d_b, expected.dB, np.float32, factor=FACTOR), backend
+
+    folder = tmp_path_factory.mktemp("onnx")
+    torch.onnx.export(model.eval(), (torch.from_numpy(case.x),), str(folder / "conv.onnx"), input_names=["x"],
+                      output_names=["y"], dynamo=False)
+    result = export.merge_onnx(folder / "conv.onnx", folder / "merged.onnx", verify="off", progress=False)
+    session = onnxruntime.InferenceSession(str(result.output), providers=["CPUExecutionProvider"])
+    assert_close(session.run(None, {"x": case.x})[0], expected_y, np.float32, factor=FACTOR)
