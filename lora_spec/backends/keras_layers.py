@@ -290,7 +290,8 @@ class LoRALayer:
         if dropout_mask is not None:
             return inputs * ops.cast(dropout_mask, inputs.dtype), 1.0
         if training and self.dropout:
-            return ops.where(self._keep(inputs), inputs, ops.zeros((), inputs.dtype)), 1 / keep_probability(self.dropout)
+            kept = ops.where(self._keep(inputs), inputs, ops.zeros((), inputs.dtype))
+            return kept, 1 / keep_probability(self.dropout)
         return inputs, 1.0
 
     def _keep(self, inputs):

@@ -1,8 +1,9 @@
 """Matching LoRA branches: `base(x) + scale * ((x @ A) @ B)` in the forms exporters emit.
 
 A match starts at an `Add`. One side must lead back to the base product (`MatMul` or `Gemm` on
-an initializer, or for embeddings a `Gather` of rows of a table), possibly through a bias `Add` and the `Reshape`s Keras/tf2onnx wraps around
-3-D products (or a `Reshape` on each side alike, as `EinsumDense` splits heads); the other side to exactly two products on initializers (the low-rank A then B),
+an initializer, or for embeddings a `Gather` of rows of a table), possibly through a bias `Add`
+and the `Reshape`s Keras/tf2onnx wraps around 3-D products (or a `Reshape` on each side alike, as
+`EinsumDense` splits heads); the other side to exactly two products on initializers (the low-rank A then B),
 possibly through `Mul`/`Div` by scalar constants (anywhere on the branch), `Cast`s between float
 types, inference-mode `Dropout`, `Identity` and `Reshape`s that keep the last dimension (for an
 embedding, A is a `Gather` of the transposed A table by the same ids; for a 2-D convolution, A
@@ -95,7 +96,8 @@ def unrecognised_low_rank_products(graph: Graph) -> list[str]:
         if second is None or graph.producer.get(node.output[0]) is not node:
             continue
         first = graph.producer.get(_before_scalings(graph, second[2]))
-        found = _product(graph, first, lora_a=False) if first is not None and first.op_type in ("MatMul", "Gemm") else None
+        is_product = first is not None and first.op_type in ("MatMul", "Gemm")
+        found = _product(graph, first, lora_a=False) if is_product else None
         if found is None:
             continue
         (features_in, rank), (_, features_out) = matrix_dims(graph, found[0]), matrix_dims(graph, second[0])
