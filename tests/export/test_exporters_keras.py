@@ -14,11 +14,14 @@ pytest.importorskip("onnxruntime")
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
+from lora_spec.export import merge_onnx  # noqa: E402
+from lora_spec.export.verify import session  # noqa: E402
 from tests.export.onnx_roundtrip import (  # noqa: E402
     INPUT_SHAPES,
     assert_folds_to_the_base_compute_nodes,
     assert_merge_reproduces,
 )
+from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
 
@@ -67,6 +70,7 @@ def keras_export(request, tmp_path_factory):
             variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
     expected = np.asarray(model(x))
     model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+    lora.save_adapter(model, folder / "adapter")
     input_name = onnx.load(folder / "model.onnx").graph.input[0].name
     return folder, {input_name: x}, expected, len(targets)
 
@@ -78,3 +82,12 @@ def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
 
 def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_export):
     assert_folds_to_the_base_compute_nodes(keras_export[0], folds=keras_export[3])
+
+
+def test_keras_adapter_file_merges_into_the_base_export_like_the_adapted_model(keras_export):
+    """The other way to deploy: the base model's export plus `--adapter`, matched by module path."""
+    folder, feeds, expected, targets = keras_export
+    result = merge_onnx(folder / "base.onnx", folder / "base.merged.onnx", adapters=[(folder / "adapter", 1.0)],
+                        verify="layers", progress=False)
+    assert len(result.adapter_matches) == targets
+    assert_close(session(result.output).run(None, feeds)[0], expected, np.float32, factor=10)
