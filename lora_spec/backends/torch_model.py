@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -176,6 +177,34 @@ def uses_fan_in_fan_out(model: nn.Module) -> bool:
     return any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model))
 
 
+def _untie_adapted_weights(model: nn.Module) -> None:
+    """Give every other module that shares an adapted base weight (a tied `lm_head`) its own copy.
+
+    Merging writes into the base weight; a module tied to it would change too and with it the
+    model's outputs (PEFT's `merge_and_unload` does that). Hugging Face's `tie_word_embeddings` is
+    switched off so that saving and loading do not tie the weights again.
+    """
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in module.named_parameters(recurse=False):
+            holders.setdefault(id(parameter), []).append((path, module, name))
+    for path, layer in lora_layers(model):
+        if layer.merged:
+            continue
+        weight = layer.base_layer.weight
+        tied = [(other, module, name) for other, module, name in holders.get(id(weight), ())
+                if module is not layer.base_layer]
+        for other, module, name in tied:
+            setattr(module, name, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+        if tied:
+            config = getattr(model, "config", None)
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+            warnings.warn(f"the base weight of {path!r} is tied to {', '.join(repr(t[0]) for t in tied)}: each now "
+                          f"holds its own copy, so that merging changes only {path!r} and keeps the model's outputs.",
+                          stacklevel=3)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight (undo with `unmerge`); returns `model`.
 
@@ -183,6 +212,7 @@ def merge(model: nn.Module) -> nn.Module:
     restored and ValueError names the module.
     """
     config_of(model)
+    _untie_adapted_weights(unwrap(model))
     merge_all_or_none(lora_layers(unwrap(model)))
     return model
 
@@ -211,6 +241,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 layer.merged_weight()
             except ValueError as error:
                 raise ValueError(f"module {path!r}: {error}") from None
+    _untie_adapted_weights(inner)
     for path, layer in layers:
         layer.merge(keep_original=False)
         _replace(inner, path, layer.base_layer)

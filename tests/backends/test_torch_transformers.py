@@ -135,3 +135,26 @@ def test_bert_default_targets_are_query_and_value():
     model = lora.apply(bert())
     adapted = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, lora.LoRALayer)})
     assert adapted == ["query", "value"]
+
+
+def test_merging_an_adapter_on_a_tied_embedding_keeps_the_outputs_and_survives_saving(tmp_path):
+    model = lora.apply(gpt2(), r=4, alpha=8, target_modules=["wte"])
+    assert model.lm_head.weight is model.transformer.wte.base_layer.weight
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.3)
+    ids = batch(5)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    head = model.lm_head.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"'transformer.wte' is tied to 'lm_head'"):
+        merged = lora.merge_and_unload(model)
+    assert torch.equal(merged.lm_head.weight, head) and not merged.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected)
+    merged.save_pretrained(tmp_path)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
