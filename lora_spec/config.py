@@ -142,8 +142,9 @@ class LoRAConfig:
         if pattern and layers is None:
             raise ValueError("layers_pattern is set without layers_to_transform: give the layer indices too.")
         if layers is not None and isinstance(self.target_modules, str):
-            raise ValueError("layers_to_transform cannot be used with a regular-expression target_modules: "
-                             "list module names, or put the layer indices in the expression.")
+            raise ValueError("layers_to_transform cannot be used when target_modules is a string (a regular expression "
+                             "or 'all-linear'), as in PEFT: list module names, or put the layer indices in the "
+                             "expression.")
 
     @property
     def scaling(self) -> float:

@@ -151,8 +151,9 @@ def test_replacing_r_moves_a_defaulted_alpha_but_keeps_an_explicit_one():
 
 
 def test_layer_indices_need_a_list_of_target_names():
-    with pytest.raises(ValueError, match="regular-expression target_modules"):
-        LoRAConfig(target_modules=r".*\.q", layers_to_transform=1)
+    for target in (r".*\.q", "all-linear"):
+        with pytest.raises(ValueError, match="cannot be used when target_modules is a string"):
+            LoRAConfig(target_modules=target, layers_to_transform=1)
 
 
 @given(st.sampled_from(["q", "mlp.fc", "attn.q"]),
