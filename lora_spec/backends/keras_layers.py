@@ -300,7 +300,9 @@ class LoRALayer:
         *leading, features = ops.shape(inputs)
         words = keras.random.randint((*leading, (features + 1) // 2), -(1 << 31), (1 << 31) - 1, dtype="int32",
                                      seed=self.seed_generator)
-        halves = ops.view(words, "int16")[..., :features]
+        halves = ops.view(words, "int16")
+        if not isinstance(features, int) or features % 2:  # only an odd width drew one half too many
+            halves = halves[..., :features]
         return ops.greater_equal(halves, keep_threshold(self.dropout))
 
     def _compute(self, variable):
