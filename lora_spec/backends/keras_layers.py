@@ -21,6 +21,7 @@ from keras import ops
 
 from lora_spec import reference
 from lora_spec.backends import keras_einsum
+from lora_spec.backends.keras_activations import activation_of
 from lora_spec.config import LoRAConfig, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 
@@ -393,7 +394,8 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             if self.bias is not None:
                 low_rank = ops.add(low_rank, self.bias)
             outputs = ops.add(outputs, low_rank)
-        return outputs if self.activation is None else self.activation(outputs)
+        activation = activation_of(self)
+        return outputs if activation is None else activation(outputs)
 
     def _lora_dims(self):
         return (self._kernel.shape[0],), (self.units,)
@@ -442,7 +444,8 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             outputs = ops.add(outputs, low_rank)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
-        return outputs if self.activation is None else self.activation(outputs)
+        activation = activation_of(self)
+        return outputs if activation is None else activation(outputs)
 
     def _lora_dims(self):
         return keras_einsum.plan(self.equation).dims(tuple(self._kernel.shape))
@@ -545,7 +548,8 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)))
-        return outputs if self.activation is None else self.activation(outputs)
+        activation = activation_of(self)
+        return outputs if activation is None else activation(outputs)
 
     @classmethod
     def reference_shapes(cls, layer, r):
