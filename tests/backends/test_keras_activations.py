@@ -106,3 +106,19 @@ def test_layers_with_gelu_train_as_with_kerass_gelu_and_still_save_it_as_gelu(ma
 def test_other_activations_are_applied_as_given():
     relu_layer = LoRADense(2, activation="relu")
     assert activation_of(relu_layer) is relu_layer.activation
+
+
+def test_gradients_are_the_same_under_xla():
+    keras.utils.set_random_seed(0)
+    layer = LoRADense(5, r=2, activation="gelu")
+    x = tf.constant(np.random.default_rng(0).standard_normal((3, 4)), tf.float32)
+    layer.build(x.shape)
+    layer.lora_b.assign(np.random.default_rng(1).standard_normal(layer.lora_b.shape))
+
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
+        return tape.gradient(loss, [layer.lora_a.value, layer.lora_b.value])
+
+    for actual, expected in zip(tf.function(gradients, jit_compile=True)(), gradients()):
+        assert_close(actual, expected, np.float32, factor=4)
