@@ -236,7 +236,7 @@ class LoRAConfig:
     def from_peft_dict(cls, peft: Mapping[str, Any]) -> LoRAConfig:
         """Read PEFT's `adapter_config.json` content.
 
-        A field for a feature we do not implement (DoRA, `layers_to_transform`, another
+        A field for a feature we do not implement (DoRA, LoRA biases, another
         `init_lora_weights`, ...) raises `ValueError` naming it: silently dropping it would
         change the math.
         """

@@ -90,6 +90,7 @@ def test_layers_with_gelu_train_as_with_kerass_gelu_and_still_save_it_as_gelu(ma
     layer.lora_b.assign(np.random.default_rng(1).standard_normal(layer.lora_b.shape))
     assert activation_of(layer) is not keras.activations.gelu
     assert layer.get_config()["activation"] == "gelu"
+    assert activation_of(type(layer).from_config(layer.get_config())) is activation_of(layer)  # kept on reload
 
     def gradients():
         with tf.GradientTape() as tape:
