@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 import warnings
 from pathlib import Path
 

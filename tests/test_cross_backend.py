@@ -22,6 +22,8 @@ lora_torch = pytest.importorskip("lora_spec.torch")
 lora_keras = pytest.importorskip("lora_spec.keras")
 export = pytest.importorskip("lora_spec.export")
 
+from tests.backends.keras_cases import keras_can_run, lora_conv2d, lora_dense, nhwc  # noqa: E402
+
 # float32 products of up to MAX_FEATURES terms, compared across different summation orders
 FACTOR = 50
 
@@ -61,19 +63,11 @@ def _torch_run(case, grad_y):
 def _keras_run(case, grad_y):
     import tensorflow as tf
 
-    out_features, in_features = case.W.shape
-    layer = lora_keras.LoRADense(out_features, use_bias=case.b is not None, **_lora_settings(case))
-    layer.build((None, in_features))
-    layer.kernel.assign(case.W.T)
-    layer.lora_a.assign(case.A.T)
-    layer.lora_b.assign(case.B.T)
-    if case.b is not None:
-        layer.bias.assign(case.b)
+    layer = lora_dense(case, train_bias=True)
     x = tf.constant(case.x)
-    mask = None if case.dropout_mask is None else tf.constant(case.dropout_mask)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x, training=True, dropout_mask=mask)
+        y = layer(x, training=True, dropout_mask=case.dropout_mask)
         loss = tf.reduce_sum(y * grad_y)
     sources = [x, layer.lora_a, layer.lora_b] + ([layer.bias] if case.b is not None else [])
     gradients = tape.gradient(loss, sources)
@@ -132,22 +126,12 @@ def _torch_conv(case):
 
 
 def _keras_conv_run(case, grad_y):
-    """LoRAConv2D, channels last; Keras pads only 'valid'/'same', so the input comes padded as the reference pads."""
     import tensorflow as tf
 
-    out_channels, _, height, width = case.W.shape
-    layer = lora_keras.LoRAConv2D(out_channels, (height, width), strides=case.stride, dilation_rate=case.dilation,
-                                  groups=case.groups, use_bias=case.b is not None, **_lora_settings(case))
-    pad = ((0, 0), (0, 0), (case.padding[0],) * 2, (case.padding[1],) * 2)
-    x = tf.constant(np.pad(case.x, pad).transpose(0, 2, 3, 1))
-    layer.build(x.shape)
-    layer.kernel.assign(case.W.transpose(2, 3, 1, 0))
-    if case.b is not None:
-        layer.bias.assign(case.b)
-    layer.set_lora_weights(case.A, case.B)
+    layer, x, _ = lora_conv2d(case)
     with tf.GradientTape() as tape:
         y = layer(x)
-        loss = tf.reduce_sum(y * grad_y.transpose(0, 2, 3, 1))
+        loss = tf.reduce_sum(y * nhwc(grad_y))
     d_lora_a, d_lora_b = tape.gradient(loss, [layer.lora_a, layer.lora_b])
     return y.numpy().transpose(0, 3, 1, 2), d_lora_a.numpy().transpose(3, 2, 0, 1), d_lora_b.numpy().transpose(3, 2, 0, 1)
 
@@ -155,7 +139,7 @@ def _keras_conv_run(case, grad_y):
 @settings(max_examples=10)
 @given(strategies.conv2d_cases(dtype=np.float32, dropout=False), strategies.seeds)
 def test_conv2d_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, seed):
-    assume(max(case.stride) == 1 or max(case.dilation) == 1)  # Keras refuses both above 1 together
+    assume(keras_can_run(case))
     expected_y = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry)
     grad_y = np.random.default_rng(seed).standard_normal(expected_y.shape).astype(np.float32)
     expected = reference.conv2d_backward(case.x, case.W, case.A, case.B, case.s, grad_y, **case.geometry)

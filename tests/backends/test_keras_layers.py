@@ -11,30 +11,15 @@ from lora_spec import LoRAConfig, reference  # noqa: E402
 from lora_spec.dropout import keep_probability  # noqa: E402
 from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense, LoRAEmbedding  # noqa: E402
 from tests import strategies  # noqa: E402
+from tests.backends.keras_cases import (DTYPE_NAMES, keras_can_run, lora_conv2d, lora_dense, nhwc,  # noqa: E402
+                                        reference_padding)
 from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
-_DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
-
-
-def _lora_dense(case, **kwargs) -> LoRADense:
-    """A built LoRADense holding the case's weights in Keras's layout (kernel = W.T, lora_a = A.T...)."""
-    out_features, in_features = case.W.shape
-    r = case.A.shape[0]
-    layer = LoRADense(out_features, r=r, alpha=case.s * r, use_bias=case.b is not None,
-                      dtype=_DTYPE_NAMES[case.x.dtype], **kwargs)
-    layer.build(case.x.shape)
-    layer.kernel.assign(case.W.T)
-    if case.b is not None:
-        layer.bias.assign(case.b)
-    layer.set_lora_weights(case.A, case.B)
-    return layer
-
-
 @given(strategies.linear_cases())
 def test_dense_forward_equals_reference_with_explicit_dropout_mask(case):
-    layer = _lora_dense(case)
+    layer = lora_dense(case)
     actual = layer(case.x, training=True, dropout_mask=case.dropout_mask)
     expected = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s, case.dropout_mask)
     assert_close(actual, expected, case.dtype)
@@ -42,7 +27,7 @@ def test_dense_forward_equals_reference_with_explicit_dropout_mask(case):
 
 @given(strategies.linear_cases(), strategies.seeds)
 def test_dense_gradients_equal_reference_backward(case, seed):
-    layer = _lora_dense(case, train_bias=True)
+    layer = lora_dense(case, train_bias=True)
     grad_y = np.random.default_rng(seed).standard_normal(case.x.shape[:-1] + (case.W.shape[0],)).astype(case.dtype)
     x = tf.constant(case.x)
     with tf.GradientTape() as tape:
@@ -70,7 +55,7 @@ def test_dense_base_kernel_gets_no_gradient():
 
 @given(strategies.linear_cases(dropout=False))
 def test_merge_gives_the_reference_merged_kernel_and_the_same_outputs(case):
-    layer = _lora_dense(case)
+    layer = lora_dense(case)
     expected = layer(case.x)
     layer.merge()
     assert layer.merged
@@ -80,7 +65,7 @@ def test_merge_gives_the_reference_merged_kernel_and_the_same_outputs(case):
 
 @given(strategies.linear_cases(dropout=False))
 def test_unmerge_restores_base_kernel_bit_for_bit(case):
-    layer = _lora_dense(case)
+    layer = lora_dense(case)
     before = layer.kernel.numpy().copy()
     layer.merge()
     layer.merge()  # a second merge must not add the update twice
@@ -161,7 +146,7 @@ def test_einsum_dense_refuses_an_equation_that_is_not_a_linear_map():
 @given(strategies.embedding_cases())
 def test_embedding_forward_and_merge_equal_reference(case):
     num, dim = case.W.shape
-    layer = LoRAEmbedding(num, dim, r=case.A.shape[0], alpha=case.s * case.A.shape[0], dtype=_DTYPE_NAMES[case.W.dtype])
+    layer = LoRAEmbedding(num, dim, r=case.A.shape[0], alpha=case.s * case.A.shape[0], dtype=DTYPE_NAMES[case.W.dtype])
     layer.build()
     layer.embeddings.assign(case.W)
     layer.set_lora_weights(case.A, case.B)
@@ -203,7 +188,7 @@ def test_keras_enable_lora_with_the_same_weights_gives_the_same_output(case):
     keras_dense.enable_lora(r, lora_alpha=alpha)
     keras_dense.lora_kernel_a.assign(case.A.T)
     keras_dense.lora_kernel_b.assign(case.B.T)
-    assert_close(_lora_dense(case)(case.x), keras_dense(case.x), np.float32, factor=10)
+    assert_close(lora_dense(case)(case.x), keras_dense(case.x), np.float32, factor=10)
 
 
 @given(strategies.embedding_cases())
@@ -342,47 +327,19 @@ def test_initialisation_follows_peft_so_the_update_starts_at_zero(init):
     assert not np.any(A) and np.std(B) == pytest.approx(1.0, rel=0.1)
 
 
-def _nhwc(array):
-    return None if array is None else np.ascontiguousarray(array.transpose(0, 2, 3, 1))
-
-
-def _lora_conv(case):
-    """A built LoRAConv2D holding the case's weights, and the case's input padded as the reference pads
-    it, channels last (Keras pads only 'valid' or 'same')."""
-    out_channels, _, height, width = case.W.shape
-    r = case.A.shape[0]
-    layer = LoRAConv2D(out_channels, (height, width), strides=case.stride, dilation_rate=case.dilation,
-                       groups=case.groups, use_bias=case.b is not None, r=r, alpha=case.s * r,
-                       dtype=_DTYPE_NAMES[case.x.dtype])
-    pad = ((0, 0), (0, 0), (case.padding[0],) * 2, (case.padding[1],) * 2)
-    x = _nhwc(np.pad(case.x, pad))
-    layer.build(x.shape)
-    layer.kernel.assign(case.W.transpose(2, 3, 1, 0))
-    if case.b is not None:
-        layer.bias.assign(case.b)
-    layer.set_lora_weights(case.A, case.B)
-    mask = None if case.dropout_mask is None else _nhwc(np.pad(case.dropout_mask, pad))
-    return layer, x, mask
-
-
-def _keras_can_run(case) -> bool:
-    # Keras refuses strides and dilation above 1 together.
-    return max(case.stride) == 1 or max(case.dilation) == 1
-
-
 @given(strategies.conv2d_cases())
 def test_conv2d_forward_equals_reference_with_explicit_dropout_mask(case):
-    assume(_keras_can_run(case))
-    layer, x, mask = _lora_conv(case)
+    assume(keras_can_run(case))
+    layer, x, mask = lora_conv2d(case)
     expected = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry,
                                         dropout_mask=case.dropout_mask)
-    assert_close(layer(x, dropout_mask=mask), _nhwc(expected), case.x.dtype, factor=20)
+    assert_close(layer(x, dropout_mask=mask), nhwc(expected), case.x.dtype, factor=20)
 
 
 @given(strategies.conv2d_cases(dtype=np.float64), strategies.seeds)
 def test_conv2d_gradients_equal_reference_backward(case, seed):
-    assume(_keras_can_run(case))
-    layer, x, mask = _lora_conv(case)
+    assume(keras_can_run(case))
+    layer, x, mask = lora_conv2d(case)
     x = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -391,19 +348,19 @@ def test_conv2d_gradients_equal_reference_backward(case, seed):
         loss = tf.reduce_sum(y * grad_y)
     dx, d_lora_a, d_lora_b = tape.gradient(loss, [x, layer.lora_a, layer.lora_b])
     nchw_grad = np.ascontiguousarray(grad_y.transpose(0, 3, 1, 2))
-    pad = ((0, 0), (0, 0), (case.padding[0],) * 2, (case.padding[1],) * 2)
+    pad = reference_padding(case)
     expected = reference.conv2d_backward(np.pad(case.x, pad), case.W, case.A, case.B, case.s, nchw_grad,
                                          **{**case.geometry, "padding": (0, 0)},
                                          dropout_mask=None if case.dropout_mask is None else np.pad(case.dropout_mask, pad))
-    assert_close(dx, _nhwc(expected.dx), np.float64, factor=50)
+    assert_close(dx, nhwc(expected.dx), np.float64, factor=50)
     assert_close(d_lora_a, expected.dA.transpose(2, 3, 1, 0), np.float64, factor=50)
     assert_close(d_lora_b, expected.dB.transpose(2, 3, 1, 0), np.float64, factor=50)
 
 
 @given(strategies.conv2d_cases(dropout=False))
 def test_conv2d_merge_gives_the_reference_merged_kernel_and_unmerge_restores_it(case):
-    assume(_keras_can_run(case))
-    layer, x, _ = _lora_conv(case)
+    assume(keras_can_run(case))
+    layer, x, _ = lora_conv2d(case)
     before = layer.kernel.numpy().copy()
     unmerged = layer(x)
     layer.merge()
