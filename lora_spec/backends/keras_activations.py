@@ -8,8 +8,9 @@ erf(z / sqrt(2)))`; it keeps the normal CDF it computes, and the gradient is the
 `dy * (cdf(z) + z * pdf(z))`: half the time in all. Worst errors against the exact GELU, relative
 to max(1, |GELU|): 7e-7 in float32 (Keras's: 1.3e-7), 5e-16 in float64 (Keras's: 5e-9).
 Half-precision inputs are computed in float32, which leaves them closer to the exact GELU than
-Keras's half-precision GELU. The other backends differentiate GELU in one fused kernel already
-and keep Keras's.
+Keras's half-precision GELU. Only training uses it: inference, and so every export, keeps
+Keras's GELU bit for bit. The other backends differentiate GELU in one fused kernel already and
+keep Keras's.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ def _gelu_exact(z):
     return ops.cast(computed * cdf, z.dtype), gradient
 
 
-def activation_of(layer: keras.layers.Layer) -> Callable | None:
-    """The function the layer applies after its linear map: its `activation`, or the one-pass
-    GELU above in its place where that is Keras's exact GELU on TensorFlow."""
-    if (layer.activation is keras.activations.gelu and _KERAS_GELU_IS_EXACT
+def activation_of(layer: keras.layers.Layer, training: bool | None = None) -> Callable | None:
+    """The function the layer applies after its linear map: its `activation`, or, in training, the
+    one-pass GELU above in its place where that is Keras's exact GELU on TensorFlow."""
+    if (training and layer.activation is keras.activations.gelu and _KERAS_GELU_IS_EXACT
             and keras.backend.backend() == "tensorflow"):
         return _gelu_exact
     return layer.activation

@@ -394,7 +394,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             if self.bias is not None:
                 low_rank = ops.add(low_rank, self.bias)
             outputs = ops.add(outputs, low_rank)
-        activation = activation_of(self)
+        activation = activation_of(self, training)
         return outputs if activation is None else activation(outputs)
 
     def _lora_dims(self):
@@ -444,7 +444,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             outputs = ops.add(outputs, low_rank)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
-        activation = activation_of(self)
+        activation = activation_of(self, training)
         return outputs if activation is None else activation(outputs)
 
     def _lora_dims(self):
@@ -548,7 +548,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)))
-        activation = activation_of(self)
+        activation = activation_of(self, training)
         return outputs if activation is None else activation(outputs)
 
     @classmethod

@@ -28,7 +28,7 @@ def _keras_gelu_and_gradient(z: tf.Tensor, upstream: tf.Tensor, gelu) -> tuple[n
 
 
 def _one_pass_gelu():
-    return activation_of(LoRADense(1, activation="gelu"))
+    return activation_of(LoRADense(1, activation="gelu"), training=True)
 
 
 def _exact_gelu_and_gradient(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,25 +88,36 @@ def test_layers_with_gelu_train_as_with_kerass_gelu_and_still_save_it_as_gelu(ma
                     tf.float32)
     layer.build(x.shape)
     layer.lora_b.assign(np.random.default_rng(1).standard_normal(layer.lora_b.shape))
-    assert activation_of(layer) is not keras.activations.gelu
+    one_pass = activation_of(layer, training=True)
+    assert one_pass is not keras.activations.gelu and activation_of(layer) is keras.activations.gelu
     assert layer.get_config()["activation"] == "gelu"
-    assert activation_of(type(layer).from_config(layer.get_config())) is activation_of(layer)  # kept on reload
+    assert activation_of(type(layer).from_config(layer.get_config()), training=True) is one_pass  # kept on reload
 
     def gradients():
         with tf.GradientTape() as tape:
             tape.watch(x)
-            loss = tf.reduce_sum(tf.sin(layer(x)))
+            loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
         return tape.gradient(loss, [x, layer.lora_a.value, layer.lora_b.value])
 
-    one_pass = gradients()
+    one_pass_gradients = gradients()
     layer.activation = lambda z: keras.activations.gelu(z)  # another function: the plain path
-    for actual, expected in zip(one_pass, gradients()):
+    for actual, expected in zip(one_pass_gradients, gradients()):
         assert_close(actual, expected, np.float32, factor=4)
 
 
 def test_other_activations_are_applied_as_given():
     relu_layer = LoRADense(2, activation="relu")
-    assert activation_of(relu_layer) is relu_layer.activation
+    assert activation_of(relu_layer, training=True) is relu_layer.activation
+
+
+def test_inference_applies_kerass_gelu_bit_for_bit():
+    layer = LoRADense(5, r=2, activation="gelu")
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    plain = keras.layers.Dense(5, activation="gelu")
+    plain.build(x.shape)
+    layer.build(x.shape)
+    layer.kernel.assign(plain.kernel)
+    np.testing.assert_array_equal(layer(x), plain(x))
 
 
 def test_gradients_are_the_same_under_xla():
