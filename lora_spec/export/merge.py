@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import onnx
 from lora_spec.export import verify as checks
 from lora_spec.export.fold import Fold, fold_all
 from lora_spec.export.graph import Graph
+from lora_spec.export.mend import mend_missing_ops
 from lora_spec.export.model_io import (
     ExportError,
     NoLoRABranchError,
@@ -47,9 +50,11 @@ class MergeResult:
     adapter_matches: list[tuple[str, str]]
     refused: list[str]
     verification: checks.Verification | None
+    mended: list[str] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
-        lines = [f"fold {line}" for line in self.folds]
+        lines = [f"mended {line}" for line in self.mended]
+        lines += [f"fold {line}" for line in self.folds]
         lines += [f"adapter {path} -> {node}" for path, node in self.adapter_matches]
         lines += [f"not folded: {reason}" for reason in self.refused]
         if self.verification is not None:
@@ -104,6 +109,8 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     target = Path(output) if output is not None else default_output(source_path)
     onnx_model = load_graph(source_path)
     source = TensorSource(onnx_model, source_path)
+    mended = mend_missing_ops(onnx_model)
+    runnable_original = _copy(onnx_model) if mended else None
     if not dry_run:
         _check_output(source_path, target, source)
     shapes = _input_shapes(onnx_model, input_shapes or {})
@@ -119,7 +126,7 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
         raise NoLoRABranchError(f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
                                 "unmerged, or pass --adapter DIR to merge adapter files.")
     result = MergeResult(None, [fold.describe() for fold in folds],
-                         list(adapter_plan.matched) if adapter_plan else [], refused, None)
+                         list(adapter_plan.matched) if adapter_plan else [], refused, None, mended)
     if dry_run:
         return result
     graph.finish()
@@ -134,7 +141,7 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     layer_differences: list[float] = []
     if mode in ("layers", "run"):
         values = _with_layer_checks(values, folds, source.read, rng, layer_differences)
-    input_is_valid = _checker_error(source_path) is None
+    input_is_valid = _checker_error(runnable_original if mended else source_path) is None
     with staged_model(onnx_model, source, values, target, _progress_bar(progress)) as staged:
         # An input the checker already refuses cannot come out valid; then only the fold is ours to check.
         error = _checker_error(staged) if input_is_valid else None
@@ -142,18 +149,47 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
             raise ExportError(f"the merged model fails onnx.checker ({error}): nothing was written; please report "
                               "this with the model.")
         if mode != "off":
-            result.verification = _verification(mode, source_path, staged, graph, shapes, rng, layer_differences,
+            original = _RunnableOriginal(source_path, source, runnable_original)
+            result.verification = _verification(mode, original, staged, graph, shapes, rng, layer_differences,
                                                 tolerance)
     result.output = target
     return result
 
 
-def _verification(mode: str, source_path: Path, staged: Path, graph: Graph, shapes, rng,
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+@dataclasses.dataclass
+class _RunnableOriginal:
+    """The input model as onnxruntime can run it: its file, or, when ops were mended, the mended
+    model (`mended`, unfolded), which `path()` writes beside the staged output for the comparison."""
+
+    source_path: Path
+    source: TensorSource
+    mended: onnx.ModelProto | None
+
+    @contextlib.contextmanager
+    def path(self, beside: Path) -> Iterator[Path]:
+        if self.mended is None:
+            yield self.source_path
+            return
+        with tempfile.TemporaryDirectory(dir=beside.parent) as folder, \
+                staged_model(self.mended, self.source, {}, Path(folder) / "original.onnx", _progress_bar(False)) \
+                as path:
+            yield path
+
+
+def _verification(mode: str, original: _RunnableOriginal, staged: Path, graph: Graph, shapes, rng,
                   layer_differences: list[float], tolerance: float) -> checks.Verification:
     """The check of the staged model in `mode`; raises VerificationError above the tolerance."""
+    source_path = original.source_path
     feeds = checks.random_inputs(graph, shapes, rng) if mode in ("full", "run") else {}
     if mode == "full":
-        difference = checks.compare_models(source_path, staged, feeds)
+        with original.path(beside=staged) as original_path:
+            difference = checks.compare_models(original_path, staged, feeds, f"the input model {source_path}")
     elif mode == "run":
         difference = max(checks.non_finite_outputs(staged, feeds), *layer_differences, 0.0)
     else:
@@ -296,10 +332,10 @@ def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences:
     return checked
 
 
-def _checker_error(path: Path) -> str | None:
-    """The first line of onnx.checker's complaint about the model at `path`, or None."""
+def _checker_error(model: Path | onnx.ModelProto) -> str | None:
+    """The first line of onnx.checker's complaint about the model (at a path, or in memory), or None."""
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
     except onnx.checker.ValidationError as error:
         return str(error).splitlines()[0]
     return None

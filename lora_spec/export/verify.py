@@ -164,9 +164,9 @@ def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str) -> list:
                           "in NumPy instead with --verify layers.") from None
 
 
-def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray]) -> float:
+def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray], original_label: str) -> float:
     """The largest relative difference over the float outputs of the two models on `feeds`."""
-    expected = run_model(original, feeds, f"the input model {original}")
+    expected = run_model(original, feeds, original_label)
     actual = run_model(merged, feeds, "the merged model")
     differences = [relative_difference(got, want) for got, want in zip(actual, expected)
                    if np.asarray(want).dtype.kind == "f"]

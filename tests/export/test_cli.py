@@ -1,6 +1,7 @@
 """`lora-export`: every flag documented, one-line errors with distinct exit codes, nothing left on disk."""
 
 import hashlib
+import math
 import subprocess
 import sys
 
@@ -10,7 +11,9 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from lora_spec import reference  # noqa: E402
 from lora_spec.export import cli, merge  # noqa: E402
+from lora_spec.export.verify import session  # noqa: E402
 from tests import strategies  # noqa: E402
 
 RNG = np.random.default_rng(0)
@@ -197,3 +200,26 @@ def test_a_model_onnxruntime_cannot_run_fails_with_one_line_and_verifies_by_laye
     assert _snapshot(tmp_path) == before
     status, out, _ = _run(capsys, "--merge", tmp_path / "model.onnx", "--verify", "layers")
     assert status == 0 and "verified each folded layer in NumPy" in out
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_an_erfc_model_is_mended_reported_and_verified_against_the_mended_original(tmp_path, capsys, external):
+    """tf2onnx leaves TensorFlow's Erfc (exact GELU), which ONNX lacks; the merge mends it and runs both models."""
+    model = onnx.load(_save(tmp_path))
+    output = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Erfc", [output], ["after"], name="gelu/Erfc"))
+    model.graph.output[0].name = "after"
+    (tmp_path / "model.onnx").unlink()
+    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=external, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    before = _snapshot(tmp_path)
+    status, out, _ = _run(capsys, "--merge", tmp_path / "model.onnx", "--verify", "full")
+    assert status == 0, out
+    assert out.splitlines()[0].startswith("mended 1 Erfc node(s) as 1 - Erf")
+    assert "verified original vs merged in onnxruntime" in out
+    after = _snapshot(tmp_path)
+    assert {name: digest for name, digest in after.items() if name in before} == before
+    assert sorted(set(after) - set(before)) == ["model.merged.onnx"] + (["model.merged.onnx.data"] if external else [])
+    expected = [math.erfc(value) for value in (X @ reference.merge(W, A, B, 0.5).T + BIAS).ravel()]
+    merged = session(tmp_path / "model.merged.onnx").run(None, {"x": X})[0]
+    np.testing.assert_allclose(merged.ravel(), expected, rtol=0, atol=1e-6)
