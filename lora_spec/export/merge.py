@@ -97,7 +97,9 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     when they fit in memory, else each folded layer in NumPy), "full", "layers" or "off" (False);
     `tolerance` bounds max |difference| / max |output| (default 1e-4, 1e-2 for float16/bfloat16
     weights). `input_shapes` fixes the dims of graph inputs for verification. With `dry_run`,
-    nothing is written and the result lists what would be merged.
+    nothing is written and the result lists what would be merged. Ops an exporter leaves that
+    ONNX lacks (tf2onnx's `Erfc`) are first rewritten in standard ops (`lora_spec.export.mend`),
+    listed in `result.mended`, and verification compares against the mended original.
 
     Raises `ExportError` (a ValueError) with a one-line message; `NoLoRABranchError` when there is
     nothing to merge, `VerificationError` when the check fails.
