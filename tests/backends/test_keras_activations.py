@@ -17,9 +17,6 @@ from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
-_shapes = st.tuples(st.integers(1, 6), st.integers(1, 9))
-
-
 def _keras_gelu_and_gradient(z: tf.Tensor, upstream: tf.Tensor, gelu) -> tuple[np.ndarray, np.ndarray]:
     with tf.GradientTape() as tape:
         tape.watch(z)
@@ -54,7 +51,7 @@ def _assert_near_exact_gelu(z: np.ndarray, upstream: np.ndarray) -> None:
 
 @given(st.data(), strategies.float_dtypes)
 def test_outputs_and_gradients_are_the_exact_gelus(data, dtype):
-    shape = data.draw(_shapes)
+    shape = data.draw(strategies.batch_shapes)
     _assert_near_exact_gelu(data.draw(strategies.arrays(shape, dtype, scale=4.0)), data.draw(strategies.arrays(shape, dtype)))
 
 
