@@ -149,6 +149,10 @@ class LoRALayer:
                 variable.assign(source[variable.name])
         return adapted
 
+    def build(self, input_shape=None) -> None:
+        super().build(input_shape)
+        self._build_lora()
+
     def _build_lora(self) -> None:
         a_shape, b_shape = self._lora_shapes()
         # A maps everything but its last axis (the rank) to the rank: that is its fan-in.
@@ -284,6 +288,10 @@ class LoRALayer:
 
     # -- forward ------------------------------------------------------------------------------
 
+    def _activate(self, outputs, training):
+        activation = activation_of(self, training)
+        return outputs if activation is None else activation(outputs)
+
     def _lora_inputs(self, inputs, training, dropout_mask):
         """The input of the low-rank path and the factor on its output, which takes the dropout scaling
         (`1 / keep probability`) so that no pass over the inputs is spent on it: masked explicitly, by a
@@ -378,10 +386,6 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         """A `LoRADense` with `dense`'s arguments and weights and a fresh adapter from `config`."""
         return cls.from_layer(dense, config)
 
-    def build(self, input_shape) -> None:
-        super().build(input_shape)
-        self._build_lora()
-
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = ops.matmul(inputs, self._kernel)
         if self.merged:
@@ -394,8 +398,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
             if self.bias is not None:
                 low_rank = ops.add(low_rank, self.bias)
             outputs = ops.add(outputs, low_rank)
-        activation = activation_of(self, training)
-        return outputs if activation is None else activation(outputs)
+        return self._activate(outputs, training)
 
     def _lora_dims(self):
         return (self._kernel.shape[0],), (self.units,)
@@ -430,10 +433,6 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     def _plan(self) -> keras_einsum.EinsumPlan:
         return keras_einsum.plan(self.equation)
 
-    def build(self, input_shape) -> None:
-        super().build(input_shape)
-        self._build_lora()
-
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = ops.einsum(self.equation, inputs, self._kernel)
         if not self.merged:
@@ -444,8 +443,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             outputs = ops.add(outputs, low_rank)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
-        activation = activation_of(self, training)
-        return outputs if activation is None else activation(outputs)
+        return self._activate(outputs, training)
 
     def _lora_dims(self):
         return keras_einsum.plan(self.equation).dims(tuple(self._kernel.shape))
@@ -477,10 +475,6 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
     @property
     def _base_weight(self) -> keras.Variable:
         return self._embeddings
-
-    def build(self, input_shape=None) -> None:
-        super().build(input_shape)
-        self._build_lora()
 
     def call(self, inputs):
         if inputs.dtype not in ("int32", "int64"):
@@ -533,10 +527,6 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         if r is not None:
             _check_groups(layer, r)
 
-    def build(self, input_shape) -> None:
-        super().build(input_shape)
-        self._build_lora()
-
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = self.convolution_op(inputs, self._kernel)
         if not self.merged:
@@ -548,8 +538,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)))
-        activation = activation_of(self, training)
-        return outputs if activation is None else activation(outputs)
+        return self._activate(outputs, training)
 
     @classmethod
     def reference_shapes(cls, layer, r):
