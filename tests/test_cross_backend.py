@@ -22,7 +22,8 @@ lora_torch = pytest.importorskip("lora_spec.torch")
 lora_keras = pytest.importorskip("lora_spec.keras")
 export = pytest.importorskip("lora_spec.export")
 
-from tests.backends.keras_cases import keras_can_run, lora_conv2d, lora_dense, nhwc  # noqa: E402
+from tests.backends.keras_cases import (dense_output_and_gradients, keras_can_run, lora_conv2d,  # noqa: E402
+                                        lora_dense, nhwc)
 
 # float32 products of up to MAX_FEATURES terms, compared across different summation orders
 FACTOR = 50
@@ -61,19 +62,7 @@ def _torch_run(case, grad_y):
 
 
 def _keras_run(case, grad_y):
-    import tensorflow as tf
-
-    layer = lora_dense(case, train_bias=True)
-    x = tf.constant(case.x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x, training=True, dropout_mask=case.dropout_mask)
-        loss = tf.reduce_sum(y * grad_y)
-    sources = [x, layer.lora_a, layer.lora_b] + ([layer.bias] if case.b is not None else [])
-    gradients = tape.gradient(loss, sources)
-    grads = {"dx": gradients[0].numpy(), "dA": gradients[1].numpy().T, "dB": gradients[2].numpy().T,
-             "db": gradients[3].numpy() if case.b is not None else None}
-    return y.numpy(), grads
+    return dense_output_and_gradients(lora_dense(case, train_bias=True), case, grad_y)
 
 
 def _onnx_merged_run(case, tmp_path):

@@ -27,6 +27,22 @@ def lora_dense(case, **kwargs) -> LoRADense:
     return layer
 
 
+def dense_output_and_gradients(layer: LoRADense, case, grad_y: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The layer's training output on the case (its dropout mask) and the gradients of `sum(y * grad_y)`,
+    in the reference layout: `dx`, `dA`, `dB` and `db` (None without a bias)."""
+    import tensorflow as tf
+
+    x = tf.constant(case.x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True, dropout_mask=case.dropout_mask)
+        loss = tf.reduce_sum(y * grad_y)
+    sources = [x, layer.lora_a.value, layer.lora_b.value] + ([layer.bias.value] if case.b is not None else [])
+    gradients = tape.gradient(loss, sources)
+    return y.numpy(), {"dx": gradients[0].numpy(), "dA": gradients[1].numpy().T, "dB": gradients[2].numpy().T,
+                       "db": gradients[3].numpy() if case.b is not None else None}
+
+
 def nhwc(array: np.ndarray | None) -> np.ndarray | None:
     return None if array is None else np.ascontiguousarray(array.transpose(0, 2, 3, 1))
 
