@@ -13,6 +13,12 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions `open()` (or, for a directory, `mkdir`) would give a new file under the umask:
+    `mkstemp` and `mkdtemp` make theirs private, which a staged output must not keep."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is renamed onto `target`, else removed.
@@ -22,8 +28,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    # mkstemp makes the file private (0600); the final file gets what open() would give it.
-    os.fchmod(descriptor, 0o666 & ~_UMASK)
+    os.fchmod(descriptor, default_mode())
     os.close(descriptor)
     temporary = Path(temporary)
     try:

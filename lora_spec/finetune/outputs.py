@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from lora_spec._files import default_mode
+
 # Written last into every run's folder: its presence marks a folder that a later run may replace.
 MARKER = "metrics.json"
 
@@ -43,10 +45,7 @@ def check_output_dir(output: str | os.PathLike) -> Path:
 def staged_output(output: Path) -> Iterator[Path]:
     """Yield an empty hidden folder beside `output`; on success it replaces `output`, else it is removed."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    # mkdtemp makes the folder private (0700); the finished output gets what mkdir would give it.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    staging.chmod(default_mode(directory=True))
     try:
         yield staging
         previous = None
