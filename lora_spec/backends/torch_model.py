@@ -212,8 +212,9 @@ def merge(model: nn.Module) -> nn.Module:
     restored and ValueError names the module.
     """
     config_of(model)
-    _untie_adapted_weights(unwrap(model))
-    merge_all_or_none(lora_layers(unwrap(model)))
+    inner = unwrap(model)
+    _untie_adapted_weights(inner)
+    merge_all_or_none(lora_layers(inner))
     return model
 
 
