@@ -6,6 +6,7 @@ framework when they are first imported.
 
 from lora_spec.adapter_io import AdapterWeights, load_adapter_dir, save_adapter_dir
 from lora_spec.config import LoRAConfig, matches_module, scaling
+from lora_spec.multi_adapter import BASE_MODEL, Factors, combine, routed_forward
 from lora_spec.reference import (
     Gradients,
     backward,
@@ -27,8 +28,8 @@ from lora_spec.reference import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterWeights", "Gradients", "LoRAConfig", "backward", "conv2d_backward", "conv2d_delta_weight",
-    "conv2d_forward", "conv2d_init", "delta_weight", "embedding_backward", "embedding_delta_weight",
+    "AdapterWeights", "BASE_MODEL", "Factors", "Gradients", "LoRAConfig", "backward", "combine", "conv2d_backward",
+    "conv2d_delta_weight", "conv2d_forward", "conv2d_init", "delta_weight", "embedding_backward", "embedding_delta_weight",
     "embedding_forward", "embedding_init", "forward", "init", "load_adapter_dir", "matches_module", "merge",
-    "save_adapter_dir", "scaling", "unmerge",
+    "routed_forward", "save_adapter_dir", "scaling", "unmerge",
 ]

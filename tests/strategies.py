@@ -408,3 +408,47 @@ def lora_conv_graph_cases(draw) -> LoRAConvGraphCase:
                               [numpy_helper.from_array(np.asarray(value, np.float32), name) for name, value in arrays.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
     return LoRAConvGraphCase(model=model, x=case.x, expected=expected)
+
+
+# --- several adapters on one layer (combinations, routed batches) --------------------------------------------------
+
+MAX_ADAPTERS = 3
+
+
+@dataclasses.dataclass
+class AdapterSetCase:
+    """Several adapters on one layer (`W` linear `(out, in)` or conv), each `(A, B, s)`, with a weight each."""
+
+    W: np.ndarray
+    adapters: list
+    weights: list
+    layer: str
+
+
+@st.composite
+def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False) -> AdapterSetCase:
+    """1 to `MAX_ADAPTERS` adapters of their own rank and scaling (equal ranks on request) on one
+    linear, embedding or grouped conv layer, in float64, with weights of either sign."""
+    from lora_spec.multi_adapter import Factors
+
+    layer = layer or draw(st.sampled_from(["linear", "embedding", "conv2d"]))
+    count = draw(st.integers(1, MAX_ADAPTERS))
+    rank_draws = st.integers(1, MAX_RANK)
+    shared_rank = draw(rank_draws)
+    ranks = [shared_rank if equal_ranks else draw(rank_draws) for _ in range(count)]
+    if layer == "conv2d":
+        case = draw(conv2d_cases(dtype=np.float64, dropout=False))
+        groups, kernel = case.groups, case.W.shape[2:]
+        W, ranks = case.W, [groups * r for r in ranks]
+        a_shape = lambda r: (r, case.W.shape[1], *kernel)
+        b_shape = lambda r: (case.W.shape[0], r // groups, 1, 1)
+    else:
+        W = draw(base_weights(np.float64))
+        out, fan_in = W.shape
+        a_shape, b_shape = (lambda r: (r, fan_in)), (lambda r: (out, r))
+        if layer == "embedding":  # the table is (num_embeddings, dim): A reads its rows, B makes its columns
+            W = W.T
+    adapters = [Factors(draw(arrays(a_shape(r), np.float64, 0.5)), draw(arrays(b_shape(r), np.float64, 0.5)),
+                        draw(scales)) for r in ranks]
+    weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
+    return AdapterSetCase(W=W, adapters=adapters, weights=weights, layer=layer)
