@@ -164,6 +164,32 @@ def conv2d_cases(draw, dtype=None, dropout: bool = True, max_groups: int = MAX_G
     )
 
 
+@dataclasses.dataclass
+class DoRACase:
+    """A layer case (`LinearCase`, `EmbeddingCase` or ungrouped `Conv2dCase`) and a DoRA magnitude for it."""
+
+    layer: str
+    case: LinearCase | EmbeddingCase | Conv2dCase
+    magnitude: np.ndarray
+
+
+LAYER_CASES = {"linear": linear_cases, "embedding": embedding_cases,
+               "conv2d": lambda dtype=None, dropout=True: conv2d_cases(dtype=dtype, dropout=dropout, max_groups=1)}
+
+
+@st.composite
+def dora_cases(draw, layer: str, dtype=None, dropout: bool = True) -> DoRACase:
+    """A `layer` ("linear", "embedding" or "conv2d") with its adapter and a magnitude as training
+    leaves it: the adapter's weight norm times 0.5 to 2 per output feature, in PEFT's shape."""
+    from lora_spec import dora
+
+    options = {} if layer == "embedding" else {"dropout": dropout}
+    case = draw(LAYER_CASES[layer](dtype=dtype, **options))
+    norm = dora.weight_norm(case.W, case.A, case.B, case.s, layer)
+    factors = np.random.default_rng(draw(seeds)).uniform(0.5, 2.0, norm.shape)
+    return DoRACase(layer=layer, case=case, magnitude=(norm * factors).astype(case.W.dtype))
+
+
 # --- ONNX graphs with LoRA branches (the exporter's tests) -------------------------------------------------------
 
 ONNX_OPSET = 17
