@@ -20,7 +20,7 @@ from lora_spec.adapter_io import PREFIX, AdapterWeights, load_adapter_dir, save_
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LoRAEmbedding, LoRALayer, reference_shapes
 from lora_spec.backends.keras_model import CONFIG_ATTRIBUTE, adapt, config_of, lora_layers, named_layers, plan
-from lora_spec.config import LoRAConfig
+from lora_spec.config import LoRAConfig, check_backend_support
 
 Layout = Callable[[np.ndarray, keras.layers.Layer], np.ndarray]
 
@@ -206,6 +206,7 @@ def load_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> keras.la
     model changes: a name or shape that does not fit raises ValueError naming it.
     """
     file_config, _, weights = load_adapter_dir(path)
+    check_backend_support(file_config)
     existing = list(lora_layers(model)) if isinstance(model, keras.layers.Layer) else []
     if existing:
         if any(layer.merged for _, layer in existing):

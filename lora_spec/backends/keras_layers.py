@@ -22,7 +22,7 @@ from keras import ops
 from lora_spec import reference
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
-from lora_spec.config import LoRAConfig, scaling
+from lora_spec.config import LoRAConfig, check_backend_support, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 
 PACKAGE = "lora_spec"
@@ -67,6 +67,7 @@ class LoRALayer:
     def _set_lora(self, r: int, alpha: float | None, dropout: float, use_rslora: bool, init: str,
                   train_bias: bool) -> None:
         checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        check_backend_support(checked)
         if not isinstance(train_bias, bool):
             raise ValueError(f"train_bias={train_bias!r} is invalid: use True or False.")
         self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout

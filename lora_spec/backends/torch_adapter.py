@@ -19,7 +19,7 @@ from lora_spec.adapter_io import PREFIX, AdapterWeights, load_adapter_dir, save_
 from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer_for
 from lora_spec.backends.torch_model import (CONFIG_ATTRIBUTE, ModulesToSave, config_of, lora_layers, plan,
                                             refuse_wrapper, unwrap, uses_fan_in_fan_out, wrap)
-from lora_spec.config import LoRAConfig
+from lora_spec.config import LoRAConfig, check_backend_support
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -145,6 +145,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     naming the first offending key, and leaves the model as it was.
     """
     config, _, weights = load_adapter_dir(path)
+    check_backend_support(config)
     wrapper, model = model, unwrap(model)
     if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
         target_paths = [module_path for module_path, _ in lora_layers(model)]
