@@ -59,7 +59,8 @@ def _check_groups(groups: int) -> None:
                          "ours; use plain LoRA on grouped convolutions.")
 
 
-def _check_layer(layer: str, A: np.ndarray, B: np.ndarray) -> None:
+def check_supported(layer: str, A: np.ndarray, B: np.ndarray) -> None:
+    """Refuse in one line a layer kind DoRA does not have, or a grouped convolution's adapter."""
     if layer not in LAYERS:
         raise ValueError(f"layer={layer!r} is invalid: use one of {', '.join(map(repr, LAYERS))}.")
     if layer == "conv2d":
@@ -81,7 +82,7 @@ def _feature_norms(adapted: np.ndarray, layer: str) -> np.ndarray:
 
 def weight_norm(W, A, B, s, layer: str = "linear") -> np.ndarray:
     """`n = ||W + s * delta||` per output feature, in PEFT's magnitude shape, computed in at least float32."""
-    _check_layer(layer, A, B)
+    check_supported(layer, A, B)
     return _feature_norms(_adapted(W, A, B, s, layer), layer)
 
 
@@ -92,7 +93,7 @@ def init_magnitude(W, A, B, s, layer: str = "linear") -> np.ndarray:
 
 def _factor(W, A, B, s, magnitude, layer: str, norm) -> np.ndarray:
     """`m / n` in the magnitude's shape; `norm` None computes n from the adapter."""
-    _check_layer(layer, A, B)
+    check_supported(layer, A, B)
     features = W.shape[_FEATURE_AXIS[layer]]
     expected = magnitude_shape(layer, features)
     if np.shape(magnitude) != expected:
@@ -214,7 +215,7 @@ def dora_merge(W, A, B, s, magnitude, layer: str = "linear") -> np.ndarray:
     Keep `weight_norm(W, A, B, s, layer)` (or W itself) to undo it: `dora_unmerge` needs `n`,
     which the merged weight no longer determines.
     """
-    _check_layer(layer, A, B)
+    check_supported(layer, A, B)
     adapted = _adapted(W, A, B, s, layer)
     factor = _factor(W, A, B, s, magnitude, layer, _feature_norms(adapted, layer))
     adapted *= _feature_column(factor, layer, adapted.ndim)
@@ -240,7 +241,7 @@ def merge_with_feature_scales(W, A, B, weight_scale, delta_scale, layer: str = "
     per-feature constants it evaluates into this form. Computed in at least float32 and cast once;
     with `overwrite_w`, in W's own memory when W is a writeable array of the compute dtype.
     """
-    _check_layer(layer, A, B)
+    check_supported(layer, A, B)
     compute = np.promote_types(W.dtype, np.float32)
     reuse = overwrite_w and isinstance(W, np.ndarray) and W.dtype == compute and W.flags.writeable
     merged = W if reuse else W.astype(compute)
