@@ -238,3 +238,29 @@ def _case(layer, x, W, b, A, B, s, mask):
         return strategies.LinearCase(x=x.detach().numpy(), W=W, b=b, A=A, B=B, s=s, dropout_mask=mask)
     return strategies.Conv2dCase(x=x.detach().numpy(), W=W, b=b, A=A, B=B, s=s, dropout_mask=mask, stride=(2, 2),
                                  padding=(1, 1), dilation=(1, 1), groups=1)
+
+
+def test_a_transposed_conv1d_weight_passed_as_w_t_gives_pefts_dora():
+    """GPT-2's Conv1D stores W (in, out) (`fan_in_fan_out`): the reference takes W.T, the magnitude stays (out,)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.ModuleDict({"layer": Conv1D(6, 4)}).double(), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["layer"], use_dora=True, fan_in_fan_out=True))
+    module = model.base_model.model["layer"]
+    with torch.no_grad():
+        module.lora_B["default"].weight.normal_()
+        module.lora_magnitude_vector["default"].weight.mul_(1.5)
+    stored, A, B, s, magnitude = _peft_tensors(module, "linear")
+    assert stored.shape == (4, 6) and magnitude.shape == (6,)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected = module.eval()(x).numpy()
+    bias = module.base_layer.bias.detach().numpy()
+    assert_close(dora.dora_forward(x.numpy(), stored.T, bias, A, B, s, magnitude), expected, np.float64, factor=10)
+    module.merge()
+    assert_close(dora.dora_merge(stored.T, A, B, s, magnitude).T, module.base_layer.weight.detach().numpy(),
+                 np.float64, factor=10)
