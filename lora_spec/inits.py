@@ -37,8 +37,8 @@ class WeightInit(NamedTuple):
     residual: np.ndarray
 
 
-def _compute_copy(W: np.ndarray, method: str, r: int) -> np.ndarray:
-    """W as a float matrix of the compute dtype (a copy), after the checks every method needs."""
+def _compute_weight(W: np.ndarray, method: str, r: int) -> np.ndarray:
+    """W as a float matrix of the compute dtype (W itself when it has it), after the checks every method needs."""
     W = np.asarray(W)
     if W.dtype.kind != "f" and W.dtype.name != "bfloat16":
         raise ValueError(f"{method} needs a floating-point base weight, not {W.dtype}: initialise it on the float32, "
@@ -48,15 +48,15 @@ def _compute_copy(W: np.ndarray, method: str, r: int) -> np.ndarray:
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(W.shape):
         raise ValueError(f"rank r={r!r} does not fit {method} of a {W.shape[0]}x{W.shape[1]} weight: use "
                          f"1 <= r <= {min(W.shape)}, the number of directions W has.")
-    return W.astype(np.promote_types(W.dtype, np.float32))
+    return W.astype(np.promote_types(W.dtype, np.float32), copy=False)
 
 
 def _residual(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, s: float, dtype) -> np.ndarray:
-    """`weight - s * B @ A`, in `weight`'s memory, cast to `dtype` once."""
-    update = lora_b @ lora_a
-    update *= s
-    weight -= update
-    return weight.astype(dtype, copy=False)
+    """`weight - s * B @ A`, computed in the product's memory (one full-size array), cast to `dtype` once."""
+    residual = lora_b @ lora_a
+    residual *= -s
+    residual += weight
+    return residual.astype(dtype, copy=False)
 
 
 def _orthonormal_basis(matrix: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def pissa_init(W: np.ndarray, r: int, s: float, niter: int | None = None,
     many iterations ("pissa_niter_<K>"), whose random test matrix `rng` draws (default: fresh
     entropy, as PEFT draws from torch's global generator).
     """
-    weight = _compute_copy(W, "PiSSA", r)
+    weight = _compute_weight(W, "PiSSA", r)
     if niter is None:
         left, values, right_transposed = np.linalg.svd(weight, full_matrices=False)
         left, values, right_transposed = left[:, :r], values[:r], right_transposed[:r]
@@ -105,7 +105,7 @@ def pissa_init(W: np.ndarray, r: int, s: float, niter: int | None = None,
 
 def olora_init(W: np.ndarray, r: int, s: float) -> WeightInit:
     """OLoRA: `W = Q R`; B the first r columns of Q (orthonormal), A the first r rows of R."""
-    weight = _compute_copy(W, "OLoRA", r)
+    weight = _compute_weight(W, "OLoRA", r)
     orthonormal, triangular = np.linalg.qr(weight)
     lora_a, lora_b = np.ascontiguousarray(triangular[:r]), np.ascontiguousarray(orthonormal[:, :r])
     return WeightInit(lora_a, lora_b, _residual(weight, lora_a, lora_b, s, np.asarray(W).dtype))

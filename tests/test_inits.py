@@ -35,7 +35,9 @@ def _low_rank(shape, rank, seed=0, gap=1.0) -> np.ndarray:
 @given(weight_init_cases(), strategies.seeds)
 def test_residual_plus_the_scaled_update_is_the_weight(case, seed):
     W, r, s, init = case
+    original = W.copy()
     lora_a, lora_b, residual = inits.init_from_weight(W, init, r, s, np.random.default_rng(seed))
+    np.testing.assert_array_equal(W, original)  # the base weight is the caller's: never modified
     assert lora_a.shape == (r, W.shape[1]) and lora_b.shape == (W.shape[0], r) and residual.dtype == W.dtype
     assert_close(residual + s * lora_b @ lora_a, W, np.float64, factor=100)
 
