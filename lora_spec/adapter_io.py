@@ -55,6 +55,12 @@ class AdapterWeights:
         tensors.update({PREFIX + name: value for name, value in self.extra.items()})
         return tensors
 
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first tensor that holds NaN or inf."""
+        for key, value in self.to_peft_tensors().items():
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"adapter tensor {key} holds NaN or inf: the training diverged; nothing was saved.")
+
     @classmethod
     def from_peft_tensors(cls, tensors: Mapping[str, np.ndarray]) -> AdapterWeights:
         """Split a PEFT state dict into LoRA pairs and extra tensors; a pair missing a half raises."""
@@ -83,10 +89,8 @@ def save_adapter_dir(path: str | os.PathLike, config_dict: Mapping[str, Any], we
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file: save_adapter needs a directory path.")
+    weights.check_finite()
     path.mkdir(parents=True, exist_ok=True)
-    for key, value in weights.to_peft_tensors().items():
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"adapter tensor {key} holds NaN or inf: the training diverged; nothing was saved.")
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=path))
     try:
         safetensors_io.save(staging / WEIGHTS_NAME, weights.to_peft_tensors(), metadata={"format": "pt"})

@@ -182,7 +182,7 @@ def test_loading_into_a_lora_model_takes_the_files_scaling_and_saves_it_again(tm
     lora.save_adapter(source, tmp_path / "source")
     other_adapter = randomise(adapted(r=4, alpha=4, target_modules=["q_proj", "v_proj"]), seed=9)
     model = lora.load_adapter(other_adapter, tmp_path / "source")
-    assert model.attention.q_proj.scaling == 3.0 and model.lora_config.alpha == 12
+    assert model.attention.q_proj.scaling == 3.0 and model.lora_configs["default"].alpha == 12
     torch.testing.assert_close(model.eval()(*inputs()), source(*inputs()))
     lora.save_adapter(model, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_alpha"] == 12
