@@ -286,8 +286,13 @@ class LoRALayer(nn.Module):
         if self._routes is not None and self.adapter_enabled:
             return self._routed(x, result)
         for adapter in self._running():
-            result = result + _cast(self.update(adapter, x, dropout_mask), result.dtype)
+            result = self.add_update(result, adapter, x, dropout_mask)
         return result
+
+    def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
+                   dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """`result` plus one adapter's update for input `x`; a subclass may add in place where autograd allows."""
+        return result + _cast(self.update(adapter, x, dropout_mask), result.dtype)
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.training or self.merged:
@@ -301,12 +306,14 @@ class LoRALayer(nn.Module):
             if name not in self.adapters:
                 continue
             adapter = self.adapters[name]
-            index = rows if isinstance(rows, slice) else torch.as_tensor(rows, device=x.device)
-            update = _cast(self.update(adapter, x[index]), result.dtype)
-            if isinstance(rows, slice):
-                result[rows] += update
+            if isinstance(rows, slice):  # a view: the update goes straight into the batch's output
+                target = result[rows]
+                updated = self.add_update(target, adapter, x[rows])
+                if updated is not target:
+                    target.copy_(updated)
             else:
-                result.index_add_(0, index, update)
+                index = torch.as_tensor(rows, device=x.device)
+                result.index_add_(0, index, _cast(self.update(adapter, x[index]), result.dtype))
         return result
 
     def _dropped(self, x: torch.Tensor, adapter: LoRAAdapter, dropout_mask: DropoutMask | None) -> torch.Tensor:
@@ -369,6 +376,25 @@ class LoRALinear(LoRALayer):
     def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         hidden = F.linear(self._dropped(_cast(x, adapter.lora_A.dtype), adapter, dropout_mask), adapter.lora_A)
         return adapter.scaling * F.linear(hidden, adapter.lora_B)
+
+    def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
+                   dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """In inference (nothing needs a gradient), the update is one `addmm_` into `result`: no full-size
+        temporary. Otherwise, and under tracing, export or compilation, the plain sum."""
+        if not self._adds_in_place(result, adapter, x, dropout_mask):
+            return super().add_update(result, adapter, x, dropout_mask)
+        hidden = F.linear(x, adapter.lora_A)
+        result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), adapter.lora_B.T,
+                                                 alpha=adapter.scaling)
+        return result
+
+    def _adds_in_place(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
+                       dropout_mask: DropoutMask | None) -> bool:
+        needs_graph = torch.is_grad_enabled() and any(
+            tensor.requires_grad for tensor in (result, x, adapter.lora_A, adapter.lora_B))
+        dropping = dropout_mask is not None or (self.training and adapter.dropout)
+        return (not needs_graph and not dropping and isinstance(adapter.scaling, float) and result.is_contiguous()
+                and result.dtype == x.dtype == adapter.lora_A.dtype and not _plain_ops_required())
 
 
 class LoRAEmbedding(LoRALayer):

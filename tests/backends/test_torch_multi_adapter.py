@@ -66,42 +66,45 @@ def _layer_input(case):
     return torch.from_numpy(case.base.ids if case.layer == "embedding" else case.base.x)
 
 
-@given(strategies.adapter_set_cases(), st.data())
-def test_active_adapters_add_up_and_merge_as_the_reference_sum(case, data):
-    layer = lora_layer(case).eval()
-    names = [f"a{index}" for index in range(len(case.adapters))]
-    active = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
-    layer.active_adapters = active
-    zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
-    base_output = _reference_forward(case, zero)
-    expected = base_output + sum(_reference_forward(case, case.adapters[names.index(name)]) - base_output
-                                 for name in active)
-    x = _layer_input(case)
-    unmerged = layer(x).detach()
-    assert_close(unmerged.numpy(), expected, factor=100)
-    weight = layer.base_layer.weight.clone()
-    layer.merge()
-    assert layer.merged_adapters == active
-    assert_close(layer(x).detach().numpy(), unmerged.numpy(), factor=100)
-    layer.unmerge()
-    assert torch.equal(layer.base_layer.weight, weight)
+@given(strategies.adapter_set_cases(), st.data(), st.booleans())
+def test_active_adapters_add_up_and_merge_as_the_reference_sum(case, data, grad):
+    """With gradients the updates are summed out of place; without, a linear adds them in place."""
+    with torch.set_grad_enabled(grad):
+        layer = lora_layer(case).eval()
+        names = [f"a{index}" for index in range(len(case.adapters))]
+        active = data.draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+        layer.active_adapters = active
+        zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
+        base_output = _reference_forward(case, zero)
+        expected = base_output + sum(_reference_forward(case, case.adapters[names.index(name)]) - base_output
+                                     for name in active)
+        x = _layer_input(case)
+        unmerged = layer(x).detach()
+        assert_close(unmerged.numpy(), expected, factor=100)
+        weight = layer.base_layer.weight.clone()
+        layer.merge()
+        assert layer.merged_adapters == active
+        assert_close(layer(x).detach().numpy(), unmerged.numpy(), factor=100)
+        layer.unmerge()
+        assert torch.equal(layer.base_layer.weight, weight)
 
 
-@given(strategies.adapter_set_cases(), st.data())
-def test_routed_rows_equal_their_own_adapters_forward(case, data):
-    layer = lora_layer(case).eval()
-    names = [f"a{index}" for index in range(len(case.adapters))]
-    rows = _layer_input(case).shape[0]
-    routes = data.draw(st.lists(st.sampled_from(names + [None, BASE_MODEL]), min_size=rows, max_size=rows))
-    layer.route(routes)
-    actual = layer(_layer_input(case)).detach().numpy()
-    zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
-    for row, name in enumerate(routes):
-        adapter = zero if name in (None, BASE_MODEL) else case.adapters[names.index(name)]
-        assert_close(actual[row], _reference_forward(case, adapter, slice(row, row + 1))[0], factor=100)
-    if case.layer == "linear":
-        adapters = dict(zip(names, case.adapters))
-        assert_close(actual, routed_forward(case.base.x, case.W, case.base.b, adapters, routes), factor=100)
+@given(strategies.adapter_set_cases(), st.data(), st.booleans())
+def test_routed_rows_equal_their_own_adapters_forward(case, data, grad):
+    with torch.set_grad_enabled(grad):
+        layer = lora_layer(case).eval()
+        names = [f"a{index}" for index in range(len(case.adapters))]
+        rows = _layer_input(case).shape[0]
+        routes = data.draw(st.lists(st.sampled_from(names + [None, BASE_MODEL]), min_size=rows, max_size=rows))
+        layer.route(routes)
+        actual = layer(_layer_input(case)).detach().numpy()
+        zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
+        for row, name in enumerate(routes):
+            adapter = zero if name in (None, BASE_MODEL) else case.adapters[names.index(name)]
+            assert_close(actual[row], _reference_forward(case, adapter, slice(row, row + 1))[0], factor=100)
+        if case.layer == "linear":
+            adapters = dict(zip(names, case.adapters))
+            assert_close(actual, routed_forward(case.base.x, case.W, case.base.b, adapters, routes), factor=100)
 
 
 def test_a_layer_refuses_a_routing_list_that_does_not_fit_the_batch_and_routing_in_training():
@@ -325,6 +328,18 @@ def test_routing_is_refused_in_training_on_merged_models_and_with_unknown_names(
     with lora.routed(model, ["other", None, None]):
         with pytest.raises(ValueError, match="one per row, but this batch has 4 rows"):
             model(*batch())
+
+
+def test_inference_without_gradients_gives_the_same_outputs():
+    model = two_adapters()
+    lora.set_adapter(model, ["default", "other"])
+    expected = model(*batch())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(*batch()), expected)
+        with lora.routed(model, ["other", "default", None, "other"]):
+            routed = model(*batch())
+    with lora.routed(model, ["other", "default", None, "other"]):
+        torch.testing.assert_close(model(*batch()), routed)
 
 
 def test_merge_and_unmerge_act_on_the_active_adapters():
