@@ -21,6 +21,7 @@ import numpy as np
 
 from lora_spec import safetensors_io
 from lora_spec.config import LoRAConfig
+from lora_spec.multi_adapter import DEFAULT_ADAPTER
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -121,3 +122,22 @@ def load_adapter_dir(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any
         raise ValueError(f"{config_file} does not hold a JSON object: re-save the adapter.")
     tensors, _ = safetensors_io.load(weights_file)
     return LoRAConfig.from_peft_dict(raw), raw, AdapterWeights.from_peft_tensors(tensors)
+
+
+def adapter_folder(path: str | os.PathLike, adapter_name: str) -> Path:
+    """Where PEFT keeps an adapter of a multi-adapter save: `"default"` in `path`, others in `path/<name>`."""
+    return Path(path) if adapter_name == DEFAULT_ADAPTER else Path(path) / adapter_name
+
+
+def adapter_folders(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """`(name, folder)` of the adapters PEFT's multi-adapter layout holds in `path`: `"default"` in the folder
+    itself when it has an adapter_config.json, and each subfolder with one under its own name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"adapter directory {path} does not exist: pass the folder that holds {CONFIG_NAME}.")
+    found = [(DEFAULT_ADAPTER, path)] if (path / CONFIG_NAME).is_file() else []
+    found += sorted((child.name, child) for child in path.iterdir() if (child / CONFIG_NAME).is_file())
+    if not found:
+        raise ValueError(f"{path} has no {CONFIG_NAME}, nor subfolders with one: pass a folder written by "
+                         "save_adapter or PEFT.")
+    return found

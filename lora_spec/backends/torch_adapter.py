@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_spec.adapter_io import CONFIG_NAME, PREFIX, AdapterWeights, load_adapter_dir, save_adapter_dir
-from lora_spec.backends.torch_layers import DEFAULT_ADAPTER, LoRAEmbedding, LoRALayer, lora_layer_for
+from lora_spec.adapter_io import (PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir,
+                                  save_adapter_dir)
+from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer_for
 from lora_spec.backends.torch_model import (ACTIVE_ATTRIBUTE, CONFIGS_ATTRIBUTE, ModulesToSave, check_names,
                                             configs_of, lora_layers, modules_to_save, plan, remove_from_modules,
                                             refuse_wrapper, set_adapter, unwrap, uses_fan_in_fan_out, wrap)
 from lora_spec.config import LoRAConfig, config_for_layers
-from lora_spec.multi_adapter import check_adapter_name
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -65,11 +66,6 @@ def adapter_file(model: nn.Module, adapter_name: str) -> tuple[dict, AdapterWeig
     config_dict = config_for_layers(config, ranks).to_peft_dict(
         list(ranks), fan_in_fan_out=uses_fan_in_fan_out(model, adapter_name))
     return config_dict, weights
-
-
-def adapter_folder(path: str | os.PathLike, adapter_name: str) -> Path:
-    """Where PEFT keeps an adapter of a multi-adapter save: `"default"` in `path`, others in `path/<name>`."""
-    return Path(path) if adapter_name == DEFAULT_ADAPTER else Path(path) / adapter_name
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None) -> None:
@@ -166,20 +162,6 @@ def check_extras_fit(model: nn.Module, weights: AdapterWeights, save_paths: list
         if tuple(tensor.shape) != tuple(value.shape):
             raise ValueError(f"adapter key {_key(name)} has shape {tuple(value.shape)}, but this model's tensor "
                              f"is {tuple(tensor.shape)}: the adapter was trained on another architecture.")
-
-
-def adapter_folders(path: str | os.PathLike) -> list[tuple[str, Path]]:
-    """`(name, folder)` of the adapters PEFT's multi-adapter layout holds in `path`: `"default"` in the folder
-    itself when it has an adapter_config.json, and each subfolder with one under its own name."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"adapter directory {path} does not exist: pass the folder that holds {CONFIG_NAME}.")
-    found = [(DEFAULT_ADAPTER, path)] if (path / CONFIG_NAME).is_file() else []
-    found += sorted((child.name, child) for child in path.iterdir() if (child / CONFIG_NAME).is_file())
-    if not found:
-        raise ValueError(f"{path} has no {CONFIG_NAME}, nor subfolders with one: pass a folder written by "
-                         "save_adapter or PEFT.")
-    return found
 
 
 def _planned(model: nn.Module, name: str, folder: Path) -> tuple:

@@ -22,9 +22,8 @@ from torch import nn
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_linear import linear_lora
 from lora_spec.config import LoRAConfig
-from lora_spec.multi_adapter import check_adapter_name, row_groups
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name, row_groups
 
-DEFAULT_ADAPTER = "default"
 # Attributes of the one active adapter that a layer shows as its own, as it did with one adapter.
 _SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout")
 
