@@ -23,6 +23,7 @@ import numpy as np
 from lora_spec import safetensors_io
 from lora_spec.config import LoRAConfig
 from lora_spec.dora import magnitude_shape
+from lora_spec.multi_adapter import DEFAULT_ADAPTER
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,6 +69,12 @@ class AdapterWeights:
         tensors.update({PREFIX + path + MAGNITUDE_SUFFIX: value for path, value in self.magnitudes.items()})
         tensors.update({PREFIX + name: value for name, value in self.extra.items()})
         return tensors
+
+    def check_finite(self) -> None:
+        """Raise ValueError naming the first tensor that holds NaN or inf."""
+        for key, value in self.to_peft_tensors().items():
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"adapter tensor {key} holds NaN or inf: the training diverged; nothing was saved.")
 
     @classmethod
     def from_peft_tensors(cls, tensors: Mapping[str, np.ndarray]) -> AdapterWeights:
@@ -115,10 +122,8 @@ def save_adapter_dir(path: str | os.PathLike, config_dict: Mapping[str, Any], we
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file: save_adapter needs a directory path.")
+    weights.check_finite()
     path.mkdir(parents=True, exist_ok=True)
-    for key, value in weights.to_peft_tensors().items():
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"adapter tensor {key} holds NaN or inf: the training diverged; nothing was saved.")
     staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=path))
     try:
         safetensors_io.save(staging / WEIGHTS_NAME, weights.to_peft_tensors(), metadata={"format": "pt"})
@@ -164,3 +169,22 @@ def _check_dora(config: LoRAConfig, weights: AdapterWeights, path: Path) -> None
     elif weights.magnitudes:
         raise ValueError(f"{path} holds DoRA magnitudes (module {next(iter(weights.magnitudes))!r}) but its config "
                          "has use_dora=false: the files disagree, re-save the adapter.")
+
+
+def adapter_folder(path: str | os.PathLike, adapter_name: str) -> Path:
+    """Where PEFT keeps an adapter of a multi-adapter save: `"default"` in `path`, others in `path/<name>`."""
+    return Path(path) if adapter_name == DEFAULT_ADAPTER else Path(path) / adapter_name
+
+
+def adapter_folders(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """`(name, folder)` of the adapters PEFT's multi-adapter layout holds in `path`: `"default"` in the folder
+    itself when it has an adapter_config.json, and each subfolder with one under its own name."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"adapter directory {path} does not exist: pass the folder that holds {CONFIG_NAME}.")
+    found = [(DEFAULT_ADAPTER, path)] if (path / CONFIG_NAME).is_file() else []
+    found += sorted((child.name, child) for child in path.iterdir() if (child / CONFIG_NAME).is_file())
+    if not found:
+        raise ValueError(f"{path} has no {CONFIG_NAME}, nor subfolders with one: pass a folder written by "
+                         "save_adapter or PEFT.")
+    return found

@@ -375,3 +375,25 @@ def _module_names(field: str, value: Any, allow_regex: bool) -> str | tuple[str,
         return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
     kinds = "a list of module names or a regular expression" if allow_regex else "a list of module names"
     raise ValueError(f"{field}={value!r} is invalid: use {kinds}.")
+
+
+def config_for_layers(config: LoRAConfig, layers: Mapping[str, tuple[int, float]]) -> LoRAConfig:
+    """`config` restated for the layers that hold its adapter, given as `module path -> (rank, alpha)`.
+
+    The targets become those paths; a rank or alpha that the config's patterns would not give a
+    layer (applied again with other values, combined, hot-swapped) gets an anchored pattern of its
+    own, so the adapter file describes exactly the tensors it holds.
+    """
+    paths = list(layers)
+    first_rank, first_alpha = layers[paths[0]] if paths else (config.r, config.alpha)
+    base = config.replace(target_modules=tuple(paths) or config.target_modules, layers_to_transform=None,
+                          layers_pattern=None)
+    ranks = {path: rank for path, (rank, _) in layers.items()}
+    alphas = {path: alpha for path, (_, alpha) in layers.items()}
+    if all(base.rank_for(path) == rank for path, rank in ranks.items()) and \
+            all(base.alpha_for(path) == alpha for path, alpha in alphas.items()):
+        return base
+    return base.replace(
+        r=first_rank, alpha=first_alpha,
+        rank_pattern={f"^{re.escape(path)}": rank for path, rank in ranks.items() if rank != first_rank},
+        alpha_pattern={f"^{re.escape(path)}": alpha for path, alpha in alphas.items() if alpha != first_alpha})

@@ -443,12 +443,17 @@ MAX_ADAPTERS = 3
 
 @dataclasses.dataclass
 class AdapterSetCase:
-    """Several adapters on one layer (`W` linear `(out, in)` or conv), each `(A, B, s)`, with a weight each."""
+    """Several adapters on one layer, each `(A, B, s)` with a weight: the layer and its input are `base`'s (a
+    `LinearCase`, `EmbeddingCase` or `Conv2dCase`, whose own adapter is ignored) and `W` is its weight."""
 
-    W: np.ndarray
+    base: object
     adapters: list
     weights: list
     layer: str
+
+    @property
+    def W(self) -> np.ndarray:
+        return self.base.W
 
 
 @st.composite
@@ -463,21 +468,21 @@ def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False)
     shared_rank = draw(rank_draws)
     ranks = [shared_rank if equal_ranks else draw(rank_draws) for _ in range(count)]
     if layer == "conv2d":
-        case = draw(conv2d_cases(dtype=np.float64, dropout=False))
-        groups, kernel = case.groups, case.W.shape[2:]
-        W, ranks = case.W, [groups * r for r in ranks]
-        a_shape = lambda r: (r, case.W.shape[1], *kernel)
-        b_shape = lambda r: (case.W.shape[0], r // groups, 1, 1)
+        base = draw(conv2d_cases(dtype=np.float64, dropout=False))
+        groups, kernel = base.groups, base.W.shape[2:]
+        ranks = [groups * r for r in ranks]
+        a_shape = lambda r: (r, base.W.shape[1], *kernel)
+        b_shape = lambda r: (base.W.shape[0], r // groups, 1, 1)
+    elif layer == "embedding":  # the table is (num_embeddings, dim): A reads its rows, B makes its columns
+        base = draw(embedding_cases(dtype=np.float64))
+        a_shape, b_shape = (lambda r: (r, base.W.shape[0])), (lambda r: (base.W.shape[1], r))
     else:
-        W = draw(base_weights(np.float64))
-        out, fan_in = W.shape
-        a_shape, b_shape = (lambda r: (r, fan_in)), (lambda r: (out, r))
-        if layer == "embedding":  # the table is (num_embeddings, dim): A reads its rows, B makes its columns
-            W = W.T
+        base = draw(linear_cases(dtype=np.float64, dropout=False))
+        a_shape, b_shape = (lambda r: (r, base.W.shape[1])), (lambda r: (base.W.shape[0], r))
     adapters = [Factors(draw(arrays(a_shape(r), np.float64, 0.5)), draw(arrays(b_shape(r), np.float64, 0.5)),
                         draw(scales)) for r in ranks]
     weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
-    return AdapterSetCase(W=W, adapters=adapters, weights=weights, layer=layer)
+    return AdapterSetCase(base=base, adapters=adapters, weights=weights, layer=layer)
 
 
 # --- ONNX graphs with DoRA layers -----------------------------------------------------------------------------------

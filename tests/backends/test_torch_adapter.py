@@ -169,6 +169,9 @@ def test_dora_and_weight_init_adapters_are_refused_by_name_until_the_backend_has
     with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
         lora.load_adapter(model, tmp_path)
     assert "\n" not in str(error.value)
+    if already_applied:
+        with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends"):
+            lora.hotswap_adapter(model, tmp_path)
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     with pytest.raises(ValueError, match="use_dora=True is not supported"):
         lora.apply(fresh_base(), target_modules=["q_proj"], use_dora=True)
@@ -200,7 +203,7 @@ def test_loading_into_a_lora_model_takes_the_files_scaling_and_saves_it_again(tm
     lora.save_adapter(source, tmp_path / "source")
     other_adapter = randomise(adapted(r=4, alpha=4, target_modules=["q_proj", "v_proj"]), seed=9)
     model = lora.load_adapter(other_adapter, tmp_path / "source")
-    assert model.attention.q_proj.scaling == 3.0 and model.lora_config.alpha == 12
+    assert model.attention.q_proj.scaling == 3.0 and model.lora_configs["default"].alpha == 12
     torch.testing.assert_close(model.eval()(*inputs()), source(*inputs()))
     lora.save_adapter(model, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_alpha"] == 12
