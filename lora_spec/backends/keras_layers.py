@@ -79,8 +79,8 @@ class LoRAAdapter:
 
     def variable_name(self, half: str) -> str:
         """`lora_a`/`lora_b` for the default adapter (as files written before named adapters hold them),
-        `lora_a.<name>` for others."""
-        return half if self.name == DEFAULT_ADAPTER else f"{half}.{self.name}"
+        `lora_a_<name>` for others (Keras's torch backend refuses dots in variable names)."""
+        return half if self.name == DEFAULT_ADAPTER else f"{half}_{self.name}"
 
 
 def _single(attribute: str) -> property:

@@ -92,7 +92,7 @@ def test_a_layer_config_keeps_every_adapter_and_the_active_ones():
     assert config["adapters"]["b"]["r"] == 3 and config["active_adapters"] == ["b"]
     again = lora.LoRADense.from_config(config)
     again.build((2, 5))
-    assert [v.name for v in again.trainable_weights] == ["lora_a.b", "lora_b.b"]
+    assert [v.name for v in again.trainable_weights] == ["lora_a_b", "lora_b_b"]
     assert (again.r, again.dropout) == (3, 0.1)
 
 
@@ -134,7 +134,7 @@ def test_set_adapter_switches_what_runs_and_trains_without_rebuilding():
     layers = [id(layer) for layer in model.layers]
     lora.set_adapter(model, "other")
     assert [id(layer) for layer in model.layers] == layers
-    assert sorted(v.name for v in model.trainable_weights) == ["bias", "kernel", "lora_a.other", "lora_b.other"]
+    assert sorted(v.name for v in model.trainable_weights) == ["bias", "kernel", "lora_a_other", "lora_b_other"]
     assert not np.allclose(np.asarray(model(X)), default_output)
     lora.set_adapter(model, "default")
     np.testing.assert_allclose(np.asarray(model(X)), default_output, rtol=1e-6)
