@@ -90,6 +90,7 @@ def test_a_layer_config_keeps_every_adapter_and_the_active_ones():
     layer = lora.LoRADense(4, adapters={"a": dict(r=2, alpha=4), "b": dict(r=3, dropout=0.1)}, active_adapters=["b"])
     config = layer.get_config()
     assert config["adapters"]["b"]["r"] == 3 and config["active_adapters"] == ["b"]
+    assert "adapters" not in lora.LoRADense(4, r=2).get_config()  # one default adapter: the config of old files
     again = lora.LoRADense.from_config(config)
     again.build((2, 5))
     assert [v.name for v in again.trainable_weights] == ["lora_a_b", "lora_b_b"]
@@ -239,7 +240,17 @@ def test_routed_batches_are_data_in_eager_calls_traced_functions_and_predict():
     np.testing.assert_allclose(served.predict([X, ids], batch_size=3, verbose=0), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_routing_refuses_unknown_names_merged_models_and_copies_of_modules_to_save():
+def test_routing_refuses_unknown_names_merged_models_copies_of_modules_to_save_and_other_batch_sizes():
+    model = lora.apply(mlp(), r=2, target_modules=["fc1"])
+    with lora.routed(model, ["default", None, None]):
+        with pytest.raises(ValueError, match="names 3 adapters, one per row, but this batch has 4 rows"):
+            model(X)
+        with pytest.raises(ValueError, match="for inference"):
+            model(X[:3], training=True)
+    lora.merge(model)
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        with lora.routed(model, ["default"] * 4):
+            pass
     model = two_adapters()
     with pytest.raises(ValueError, match="unknown adapter 'x'"):
         with lora.routed(model, ["x"] * 4):
