@@ -80,8 +80,8 @@ class LoRAAdapter:
 
     def variable_name(self, half: str) -> str:
         """`lora_a`/`lora_b` for the default adapter (as files written before named adapters hold them),
-        `lora_a.<name>` for others."""
-        return half if self.name == DEFAULT_ADAPTER else f"{half}.{self.name}"
+        `lora_a_<name>` for others (Keras's torch backend refuses dots in variable names)."""
+        return half if self.name == DEFAULT_ADAPTER else f"{half}_{self.name}"
 
 
 def _single(attribute: str) -> property:
@@ -435,7 +435,7 @@ class LoRALayer:
         given inside a traced function stays data of that function."""
         self._routes = None if route_ids is None else (route_ids, dict(adapter_indices))
 
-    def _running(self, training) -> list[tuple[LoRAAdapter, Any]]:
+    def _running(self, inputs, training) -> list[tuple[LoRAAdapter, Any]]:
         """`(adapter, row mask or None)` for every adapter whose update the call adds."""
         if not self.adapter_enabled or self.merged:
             return []
@@ -444,13 +444,17 @@ class LoRALayer:
         if training:
             raise ValueError("routed batches are for inference: call the model with training=False.")
         route_ids, indices = self._routes
+        rows, routed_rows = ops.shape(inputs)[0], ops.shape(route_ids)[0]
+        if isinstance(rows, int) and isinstance(routed_rows, int) and rows != routed_rows:
+            raise ValueError(f"the routing names {routed_rows} adapters, one per row, but this batch has {rows} rows: "
+                             "give routed() one adapter per row of the batch.")
         return [(adapter, ops.equal(route_ids, indices[name])) for name, adapter in self._lora_adapters.items()
                 if name in indices]
 
     def _lora_update(self, inputs, training, dropout_mask):
         """The sum of the running adapters' updates, or None when none runs."""
         total = None
-        for adapter, rows in self._running(training):
+        for adapter, rows in self._running(inputs, training):
             lora_inputs, factor = self._lora_inputs(adapter, inputs, training, dropout_mask)
             update = self._update(adapter, lora_inputs, adapter.scaling * factor, rows)
             total = update if total is None else ops.add(total, update)
@@ -683,7 +687,7 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self._embeddings, inputs, axis=0)
         total = None
-        for adapter, rows in self._running(training):
+        for adapter, rows in self._running(inputs, training):
             update = self._update(adapter, inputs, adapter.scaling, rows)
             total = update if total is None else ops.add(total, update)
         if total is not None:
