@@ -23,7 +23,7 @@ from lora_spec.backends.keras_layers import LoRAEmbedding, LoRALayer, reference_
 from lora_spec.backends.keras_model import (ACTIVE_ATTRIBUTE, activate, adapt, check_names, configs_of, lora_layers,
                                             named_layers, plan, remember, remove_from_layers)
 from lora_spec.backends.keras_saved_modules import SavedModules
-from lora_spec.config import LoRAConfig, config_for_layers
+from lora_spec.config import LoRAConfig, check_backend_support, config_for_layers
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 Layout = Callable[[np.ndarray, keras.layers.Layer], np.ndarray]
@@ -220,6 +220,7 @@ def _planned(model: keras.layers.Layer, name: str, folder) -> tuple:
     """Read one adapter folder and check it against `model`, which stays untouched."""
     try:
         file_config, _, weights = load_adapter_dir(folder)
+        check_backend_support(file_config)
         config, target_paths, save_paths = plan(model, file_config, require_modules_to_save=False, adapter_name=None)
         by_path = dict(named_layers(model))
         _check_lora(by_path, weights, config, target_paths)

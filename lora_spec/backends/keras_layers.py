@@ -22,7 +22,7 @@ from keras import ops
 from lora_spec import reference
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
-from lora_spec.config import LoRAConfig, scaling
+from lora_spec.config import LoRAConfig, check_backend_support, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, combine
 
@@ -60,6 +60,7 @@ class LoRAAdapter:
     def __init__(self, name: str, r: int, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming") -> None:
         checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        check_backend_support(checked)
         self.name = check_adapter_name(name)
         self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout
         self.use_rslora, self.init = checked.use_rslora, checked.init

@@ -23,7 +23,7 @@ from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer
 from lora_spec.backends.torch_model import (ACTIVE_ATTRIBUTE, CONFIGS_ATTRIBUTE, ModulesToSave, check_names,
                                             configs_of, lora_layers, modules_to_save, plan, remove_from_modules,
                                             refuse_wrapper, set_adapter, unwrap, uses_fan_in_fan_out, wrap)
-from lora_spec.config import LoRAConfig, config_for_layers
+from lora_spec.config import LoRAConfig, check_backend_support, config_for_layers
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 
@@ -168,6 +168,7 @@ def _planned(model: nn.Module, name: str, folder: Path) -> tuple:
     """Read one adapter folder and check it against `model`, which stays untouched."""
     try:
         config, _, weights = load_adapter_dir(folder)
+        check_backend_support(config)
         config, target_paths, save_paths = plan(model, config, require_modules_to_save=False, adapter_name=None)
         _check_lora(weights, _expected_lora_shapes(model, config, target_paths))
         check_extras_fit(model, weights, save_paths)

@@ -17,7 +17,7 @@ from lora_spec.adapter_io import load_adapter_dir
 from lora_spec.backends.torch_adapter import PREFIX, extra_tensor, check_extras_fit
 from lora_spec.backends.torch_layers import DEFAULT_ADAPTER, LoRAAdapter, LoRAEmbedding, LoRALayer
 from lora_spec.backends.torch_model import CONFIGS_ATTRIBUTE, check_names, configs_of, lora_layers, modules_to_save, unwrap
-from lora_spec.config import config_for_layers
+from lora_spec.config import check_backend_support, config_for_layers
 
 _CHECK_COMPILED = ("error", "warn", "ignore")
 
@@ -90,6 +90,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     """
     check_names(model, [adapter_name])
     config, _, weights = load_adapter_dir(path)
+    check_backend_support(config)
     inner = unwrap(model)
     layers = {module_path: layer for module_path, layer in lora_layers(inner) if adapter_name in layer.adapters}
     for module_path, (lora_a, lora_b) in weights.lora.items():
