@@ -96,7 +96,9 @@ class AffineExpression:
         if len(self.nodes) >= _MAX_NODES or self.visits > 4 * _MAX_NODES:
             return None
         self.nodes[id(node)] = node
-        following = passthrough_input(graph, node)
+        # Any Reshape: tf2onnx's Keras EinsumDense splits the features into heads on both sides, and a
+        # coefficient after a Reshape must still act per feature (`_per_feature`).
+        following = node.input[0] if node.op_type == "Reshape" else passthrough_input(graph, node)
         if following is not None:
             return self._read(following, term)
         op, inputs = node.op_type, list(node.input)
@@ -223,12 +225,15 @@ def _base_and_pair(graph: Graph, leaves: list[str]):
 
 def _base_output_chain(graph: Graph, paths: list[tuple[str, ...]], base: onnx.NodeProto):
     """The nodes from the base product to the tensor every path to it goes through, nearest the
-    expression's output, that is a base chain (bias `Add`s, `Cast`s, `Identity`, `Reshape`s)."""
+    expression's output, that is a base chain (bias `Add`s, `Cast`s, `Identity`, `Reshape`s that keep
+    the last dim), possibly ending with a `Reshape` that splits the features (into heads)."""
     for tensor in paths[0]:
         if all(tensor in path for path in paths[1:]):
-            found = base_chain_to(graph, tensor, None)
+            last = graph.producer.get(tensor)
+            split = last is not None and last.op_type == "Reshape" and passthrough_input(graph, last) is None
+            found = base_chain_to(graph, last.input[0], last) if split else base_chain_to(graph, tensor, None)
             if isinstance(found, tuple) and found[0][0] is base:
-                return found[0]
+                return found[0] + ([last] if split else [])
     return None
 
 
@@ -241,12 +246,18 @@ def _read_elsewhere(graph: Graph, nodes: Iterable[onnx.NodeProto], inside: set[i
 
 def _per_feature(value: np.ndarray, features: int, convolution: bool) -> np.ndarray | None:
     """A coefficient as a `(features,)` vector, or None when it varies along anything but the output
-    features: the last axis, or a convolution's channels (the third axis from the end)."""
+    features: a convolution's channels (the third axis from the end), or the last axis, or the last
+    axes when a Reshape in the base chain split the features (into heads, as tf2onnx's Keras
+    `EinsumDense` projections do; a Reshape splits row-major, so the coefficient flattens the same way)."""
     value = np.asarray(value, np.float64)
     if value.size == 1:
         return np.full(features, float(value.reshape(())))
-    axis = 3 if convolution else 1
-    if value.ndim < axis or value.size != value.shape[-axis] or value.size != features:
+    if value.size != features:
+        return None
+    if convolution:
+        if value.ndim < 3 or value.shape[-3] != features:
+            return None
+    elif 1 in value.shape[next(index for index, size in enumerate(value.shape) if size != 1):]:
         return None
     return value.reshape(-1).copy()
 

@@ -123,33 +123,6 @@ def test_a_shape_mismatch_names_the_tensor(tmp_path):
         lora.load_adapter(narrower, tmp_path)
 
 
-@pytest.mark.parametrize("change, feature", [(dict(use_dora=True), "use_dora=True"), (dict(init="pissa_niter_2"),
-                                                                                       "init='pissa_niter_2'")])
-@pytest.mark.parametrize("already_applied", [False, True])
-def test_dora_and_weight_init_adapters_are_refused_by_name_until_the_backend_has_them(tmp_path, change, feature,
-                                                                                     already_applied):
-    from lora_spec.adapter_io import load_adapter_dir, save_adapter_dir
-    from lora_spec.dora import magnitude_shape
-
-    lora.save_adapter(randomize(lora.apply(keras_base(), **TARGETS)), tmp_path)
-    config, raw, weights = load_adapter_dir(tmp_path)
-    if change.get("use_dora"):
-        weights.magnitudes = {path: np.ones(magnitude_shape(weights.layer(path), pair[1].shape[0]))
-                              for path, pair in weights.lora.items()}
-    save_adapter_dir(tmp_path, config.replace(**change).to_peft_dict(raw["target_modules"]), weights)
-    model = lora.apply(keras_base(), **TARGETS) if already_applied else keras_base()
-    before = _weights(model)
-    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
-        lora.load_adapter(model, tmp_path)
-    assert "\n" not in str(error.value)
-    for old, new in zip(before, _weights(model)):
-        np.testing.assert_array_equal(old, new)
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
-        lora.apply(keras_base(), **TARGETS, use_dora=True)
-    with pytest.raises(ValueError, match="init='olora' is not supported"):
-        lora.LoRADense(4, init="olora")
-
-
 def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="adapter directory .* does not exist"):
         lora.load_adapter(keras_base(), tmp_path / "missing")
