@@ -140,11 +140,13 @@ class DoRAAdapter(LoRAAdapter):
 
     def output(self, layer: LoRALayer, inputs, lora_inputs, keep_scale: float, rows):
         factor = layer._dora_factor(self)
-        update = ops.multiply(layer._update(self, lora_inputs, self.scaling * keep_scale, rows), factor)
+        # m/n rides on lora_b, a pass over the small factor instead of the update.
+        update = layer._update(self, lora_inputs, layer._lora_b_view(factor * (self.scaling * keep_scale)), rows)
         if lora_inputs is inputs:
-            return factor, update
+            return layer._feature_view(factor), update
         # With dropout, the rescaled base product is that of the dropped-out inputs (PEFT's, the reference's).
-        return None, ops.add(ops.multiply(layer._base_product(lora_inputs), (factor - 1) * keep_scale), update)
+        base_factor = layer._feature_view((factor - 1) * keep_scale)
+        return None, ops.add(ops.multiply(layer._base_product(lora_inputs), base_factor), update)
 
 
 def new_adapter(name: str, r: int = 8, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
@@ -642,10 +644,10 @@ class LoRALayer:
         return outputs if update is None else ops.add(outputs, update)
 
     def _dora_factor(self, adapter: DoRAAdapter):
-        """`m / n` per output feature, laid along the output's axes in the compute dtype; the norm is a constant
-        for the gradient (the DoRA paper's section 4.3, PEFT's `detach`)."""
+        """`m / n` per output feature (the reference's order) in the compute dtype; the norm is a constant for
+        the gradient (the DoRA paper's section 4.3, PEFT's `detach`)."""
         factor = ops.divide(adapter.magnitude, ops.stop_gradient(self._weight_norm(adapter)))
-        return ops.cast(self._feature_view(factor), self.compute_dtype)
+        return ops.cast(factor, self.compute_dtype)
 
     def _weight_norm(self, adapter: LoRAAdapter):
         """`||W + s * delta||` per output feature (the reference's order), from the variables, in at least float32.
@@ -656,9 +658,10 @@ class LoRALayer:
         adapted = ops.add(ops.cast(self._base_weight, dtype), ops.multiply(delta, adapter.scaling))
         return ops.sqrt(self._feature_sums(ops.square(adapted)))
 
-    def _update(self, adapter: LoRAAdapter, lora_inputs, scale: float, rows):
-        """One adapter's update for its (dropped-out) inputs, times `scale`; `rows` (a boolean per batch row, or
-        None) keeps the rows routed to it."""
+    def _update(self, adapter: LoRAAdapter, lora_inputs, scale, rows):
+        """One adapter's update for its (dropped-out) inputs, with `lora_b` times `scale` (a float, or one value
+        per output feature shaped by `_lora_b_view`); `rows` (a boolean per batch row, or None) keeps the rows
+        routed to it."""
         raise NotImplementedError
 
     @staticmethod
@@ -724,6 +727,10 @@ class LoRALayer:
 
     def _feature_view(self, vector):
         """A vector over the output features (the reference's order) shaped to broadcast against the output."""
+        return vector
+
+    def _lora_b_view(self, vector):
+        """A vector over the output features (the reference's order) shaped to broadcast against `lora_b`."""
         return vector
 
     @classmethod
@@ -869,7 +876,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     def _update(self, adapter, lora_inputs, scale, rows):
         plan = self._plan
         hidden = self._masked(ops.einsum(plan.to_hidden, lora_inputs, self._compute(adapter.lora_a)), rows)
-        return ops.einsum(plan.from_hidden, hidden * scale, self._compute(adapter.lora_b))
+        return ops.einsum(plan.from_hidden, hidden, self._compute(adapter.lora_b) * scale)
 
     def _base_product(self, inputs):
         return ops.einsum(self.equation, inputs, self._kernel)
@@ -884,6 +891,9 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         plan, kernel_shape = self._plan, tuple(self._kernel.shape)
         shape, permutation = plan.features_from_reference(kernel_shape)
         return ops.reshape(ops.transpose(ops.reshape(vector, shape), permutation), plan.feature_shape(kernel_shape))
+
+    def _lora_b_view(self, vector):
+        return ops.reshape(vector, self._lora_dims()[1])
 
     def _lora_dims(self):
         return keras_einsum.plan(self.equation).dims(tuple(self._kernel.shape))
@@ -934,8 +944,8 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
         return inputs, 1.0
 
     def _update(self, adapter, ids, scale, rows):
-        hidden = self._masked(ops.take(adapter.lora_a, ids, axis=0) * scale, rows)
-        return ops.matmul(hidden, adapter.lora_b)
+        hidden = self._masked(ops.take(adapter.lora_a, ids, axis=0), rows)
+        return ops.matmul(hidden, adapter.lora_b * scale)
 
     def _lora_a_initializer(self, adapter, fan_in):
         return keras.initializers.Zeros()

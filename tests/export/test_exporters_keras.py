@@ -3,7 +3,8 @@
 The merged graph reproduces the Keras model in onnxruntime and has the compute nodes of the base
 model exported without LoRA, for 2-D inputs, for 3-D ones (tf2onnx's Reshape/MatMul/Reshape), for
 attention, whose `EinsumDense` projections reshape both sides of the LoRA sum into heads, and for
-`Conv2D` layers.
+`Conv2D` layers; with plain LoRA and with DoRA (whose per-feature factors tf2onnx folds into
+constants, laid along the heads for attention projections).
 """
 
 import numpy as np
@@ -51,28 +52,55 @@ CASES = {"2d": (mlp, 2, ["hidden", "head"]), "3d": (mlp, 3, ["hidden", "head"]),
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def keras_export(request, tmp_path_factory):
-    import lora_spec.keras as lora
+def base_export(request, tmp_path_factory):
+    """`(case, the base model, its input, the folder holding its export base.onnx)`.
 
-    build, dims, targets = CASES[request.param]
+    Biases are not zero (tf2onnx drops a zero bias), so folding must keep them after DoRA's rescaled sum,
+    and where TensorFlow's graph optimizer moves them onto the low-rank side (`base + (pair + b)`). Not for
+    the convolutions: tf2onnx fuses a bias into the base export's `Conv`, not into an adapted one's, whose
+    merged graph then keeps one bias `Add` per convolution (plain LoRA and DoRA alike).
+    """
+    build, dims, _ = CASES[request.param]
     keras.utils.set_random_seed(0)
     base = build(dims)
     x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
     base(x)
+    rng = np.random.default_rng(3)
+    for variable in base.weights:
+        if variable.name == "bias" and request.param != "cnn":
+            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
     folder = tmp_path_factory.mktemp("keras")
     base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
+    return request.param, base, x, folder
+
+
+def _adapted_export(base_export, folder, **options):
+    """Export a copy of the base model with adapters on the case's targets, trained (random `lora_b`, and DoRA
+    magnitudes off their initial norms), and save its adapter; `(folder, feeds, expected output, targets)`."""
+    import lora_spec.keras as lora
+
+    case, base, x, base_folder = base_export
+    _, _, targets = CASES[case]
+    (folder / "base.onnx").symlink_to(base_folder / "base.onnx")
     model = keras.models.clone_model(base)
     model.set_weights(base.get_weights())
-    lora.apply(model, r=2, alpha=6, target_modules=targets)
+    lora.apply(model, r=2, alpha=6, target_modules=targets, **options)
     rng = np.random.default_rng(2)
     for variable in model.weights:
         if "lora_b" in variable.path:
             variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+        if "lora_magnitude_vector" in variable.path:
+            variable.assign(variable.numpy() * rng.uniform(0.5, 2.0, variable.shape).astype(np.float32))
     expected = np.asarray(model(x))
     model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
     lora.save_adapter(model, folder / "adapter")
     input_name = onnx.load(folder / "model.onnx").graph.input[0].name
     return folder, {input_name: x}, expected, len(targets)
+
+
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def keras_export(request, base_export, tmp_path_factory):
+    return _adapted_export(base_export, tmp_path_factory.mktemp(request.param), use_dora=request.param == "dora")
 
 
 def test_merged_keras_export_reproduces_the_adapted_model(keras_export):
