@@ -12,6 +12,7 @@ tf = pytest.importorskip("tensorflow")
 
 import lora_spec.keras as lora  # noqa: E402
 from lora_spec import dora, reference  # noqa: E402
+from lora_spec.dropout import keep_probability  # noqa: E402
 from lora_spec.multi_adapter import Factors  # noqa: E402
 from tests import strategies  # noqa: E402
 from tests.backends.keras_cases import (dora_layer, keras_can_run, layer_output_and_gradients, lora_dense,  # noqa: E402
@@ -75,6 +76,25 @@ def test_dora_layers_compute_the_reference_forward_and_gradients_with_the_norm_d
             assert grads[name] is None, name
         else:
             assert_close(grads[name], want, dtype, factor=200)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exact_keep_probability(p):
+    rng = np.random.default_rng(0)
+    layer = lora.LoRADense(5, r=3, alpha=6, dropout=p, use_dora=True)
+    x = rng.standard_normal((4, 7)).astype(np.float32)
+    layer.build(x.shape)
+    magnitude = rng.uniform(0.5, 2.0, 5)
+    layer.set_lora_weights(rng.standard_normal((3, 7)), rng.standard_normal((5, 3)), magnitude=magnitude)
+    state = layer.seed_generator.state.numpy().copy()
+    trained = layer(x, training=True).numpy()
+    layer.seed_generator.state.assign(state)
+    keep = np.asarray(layer._keep(layer.adapter(), keras.ops.convert_to_tensor(x)))
+    assert 0 < keep.mean() < 1
+    A, B = layer.lora_weights()
+    expected = dora.dora_forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling, magnitude,
+                                 keep / np.float32(keep_probability(p)))
+    assert_close(trained, expected, np.float32, factor=20)
 
 
 def _merged_reference(layer, dora_case):
@@ -210,11 +230,12 @@ X = np.random.default_rng(5).standard_normal((4, 6)).astype(np.float32)
 
 def test_dora_model_trains_only_a_b_and_the_magnitude_and_reloads_from_a_keras_file(tmp_path):
     model = _model()
-    weights = {v.path: v.numpy().copy() for v in model.weights}
+    weights = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
+    before = {name: v.numpy().copy() for name, v in weights.items()}
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     model.fit(X, np.ones((4, 3)), epochs=2, verbose=0)
-    changed = sorted(v.path for v in model.weights if not np.array_equal(weights[v.path], v.numpy()))
-    assert changed == [f"sequential/{layer}/{name}" for layer in ("fc1", "head")
+    changed = sorted(name for name, v in weights.items() if not np.array_equal(before[name], v.numpy()))
+    assert changed == [f"{layer}/{name}" for layer in ("fc1", "head")
                        for name in ("lora_a", "lora_b", "lora_magnitude_vector")]
     lora.apply(model, adapter_name="plain", r=3, target_modules=["fc1"])
     lora.set_adapter(model, ["default", "plain"])

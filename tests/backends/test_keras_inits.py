@@ -33,7 +33,8 @@ def test_weight_inits_start_from_the_reference_init_with_the_kernel_as_its_resid
     original = {path: layer.kernel.numpy().copy() for path, layer in lora.named_layers(model)
                 if path.split(".")[-1] in targets}
     expected = np.asarray(model(IDS))
-    lora.apply(model, r=3, alpha=6, target_modules=targets, init=init)
+    # With DoRA the magnitude starts at the norm of the initial adapted weight, the original one.
+    lora.apply(model, r=3, alpha=6, target_modules=targets, init=init, use_dora=init == "olora")
     assert_close(model(IDS), expected, np.float32, factor=20)
     for path, layer in lora.lora_layers(model):
         W = layer._to_reference(original[path])
@@ -45,7 +46,8 @@ def test_weight_inits_start_from_the_reference_init_with_the_kernel_as_its_resid
             start = inits.init_from_weight(W, init, 3, layer.scaling)
             for actual, want in zip((A, B, layer.base_weight()), start):
                 assert_close(actual, want, np.float32, factor=10)
-        assert [v.name for v in layer.trainable_weights] == ["lora_a", "lora_b"]
+        assert [v.name for v in layer.trainable_weights] == ["lora_a", "lora_b"] + (
+            ["lora_magnitude_vector"] if init == "olora" else [])
 
 
 def _trained(init, use_dora):
