@@ -48,8 +48,8 @@ from lora_spec.backends.keras_model import (  # noqa: E402
 from lora_spec.config import LoRAConfig  # noqa: E402
 
 __all__ = [
-    "DoRAAdapter", "LoRAAdapter", "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer",
-    "RoutedModel", "TrainableParameters", "active_adapters", "adapter_names", "add_weighted_adapter", "apply",
+    "DoRAAdapter", "LoRAAdapter", "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding",
+    "LoRALayer", "RoutedModel", "TrainableParameters", "active_adapters", "adapter_names", "add_weighted_adapter", "apply",
     "delete_adapter", "disable_adapters", "load_adapter", "lora_layers", "merge", "merge_and_unload", "named_layers",
     "routed", "save_adapter", "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]

@@ -1,11 +1,11 @@
 """Keras 3 LoRA layers: `LoRADense`, `LoRAEinsumDense`, `LoRAEmbedding`, `LoRAConv2D`, written with `keras.ops` only.
 
 Each is a subclass of the Keras layer it adapts, so it is a drop-in replacement and an existing
-layer can become one in place (`adapt_in_place`). A layer holds named adapters (`LoRAAdapter`, or `DoRAAdapter` for DoRA)
-and adds the updates of the active ones. Keras layouts are the transpose of the reference's:
-`kernel = W.T (in, out)`, `lora_a = A.T (in, r)`, `lora_b = B.T (r, out)` (an `EinsumDense` keeps
-its kernel's input and output axes unflattened). The low-rank path runs on the activations,
-`((x @ lora_a) * s) @ lora_b`, so training never builds a full-size matrix. Merging calls the
+layer can become one in place (`adapt_in_place`). A layer holds named adapters (`LoRAAdapter`,
+`DoRAAdapter`) and adds the updates of the active ones. Keras layouts are the transpose of the
+reference's: `kernel = W.T (in, out)`, `lora_a = A.T (in, r)`, `lora_b = B.T (r, out)` (an
+`EinsumDense` keeps its kernel's input and output axes unflattened). The low-rank path runs on the
+activations, `(x @ lora_a) @ (s * lora_b)`, so training never builds a full-size matrix. Merging calls the
 reference on the weights; the unmerged kernel is kept so that `unmerge` restores it bit for bit.
 
 An adapter's variant is the adapter's own business: `LoRAAdapter.output` is the plain update, and
@@ -362,15 +362,15 @@ class LoRALayer:
         beside the adapters it holds: a PiSSA or OLoRA init makes the base weight the residual of its own
         adapter, which no other adapter of the layer was trained on (PEFT warns about it)."""
         type(self).check_adapter(self, r, init, use_dora)
-        others = {other.name: other.init for other in self._lora_adapters.values() if other.name != name}
-        inits_held = {"the new adapter" if name is None else repr(name): init,
-                      **{repr(other): other_init for other, other_init in others.items()}}
-        weight_init = next((held for held in inits_held.values() if is_weight_init(held)), None)
+        others = [adapter for adapter in self._lora_adapters.values() if adapter.name != name]
+        weight_init = next((held for held in [init] + [other.init for other in others] if is_weight_init(held)), None)
         if others and weight_init is not None:
-            raise ValueError(f"layer {self.name!r} would hold adapters {', '.join(inits_held)}, one with "
-                             f"init={weight_init!r}: PiSSA and OLoRA make the base weight the residual of their own "
-                             "adapter, which other adapters were not trained on (PEFT warns about it); put them on "
-                             "other layers, or use init='kaiming'.")
+            names = ", ".join(["the new adapter" if name is None else repr(name)]
+                              + [repr(other.name) for other in others])
+            raise ValueError(f"layer {self.name!r} would hold adapters {names}, one with init={weight_init!r}: PiSSA "
+                             "and OLoRA make the base weight the residual of their own adapter, which other adapters "
+                             "were not trained on (PEFT warns about it); put them on other layers, or use "
+                             "init='kaiming'.")
 
     def build(self, input_shape=None) -> None:
         super().build(input_shape)
@@ -605,8 +605,8 @@ class LoRALayer:
         """Raise when one of the adapters `names` that this layer holds cannot take part in a routed batch."""
         for name in names:
             if name in self._lora_adapters and self._lora_adapters[name].use_dora:
-                raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches cannot run (PEFT refuses it "
-                                 "too): run its rows as a batch of their own with set_adapter.")
+                raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches cannot run (PEFT "
+                                 "refuses it too): run its rows as a batch of their own with set_adapter.")
 
     def _running(self, inputs, training) -> list[tuple[LoRAAdapter, Any]]:
         """`(adapter, row mask or None)` for every adapter whose update the call adds."""
@@ -654,9 +654,10 @@ class LoRALayer:
 
         Under a mixed policy the kernel is read as the layer computes with it, in the compute dtype."""
         dtype = self._adapter_dtype
-        delta = self._delta(ops.cast(adapter.lora_a, dtype), ops.cast(adapter.lora_b, dtype))
-        adapted = ops.add(ops.cast(self._base_weight, dtype), ops.multiply(delta, adapter.scaling))
-        return ops.sqrt(self._feature_sums(ops.square(adapted)))
+        # The scaling rides on lora_a: a pass over the small factor instead of the full-size product.
+        lora_a, lora_b = ops.cast(adapter.lora_a, dtype), ops.cast(adapter.lora_b, dtype)
+        delta = self._delta(ops.multiply(lora_a, adapter.scaling), lora_b)
+        return ops.sqrt(self._feature_sums(ops.square(ops.add(ops.cast(self._base_weight, dtype), delta))))
 
     def _update(self, adapter: LoRAAdapter, lora_inputs, scale, rows):
         """One adapter's update for its (dropped-out) inputs, with `lora_b` times `scale` (a float, or one value
@@ -678,9 +679,8 @@ class LoRALayer:
 
     def _lora_inputs(self, adapter: LoRAAdapter, inputs, training, dropout_mask):
         """The input of an adapter's low-rank path (`inputs` itself when nothing is dropped) and the factor on its
-        output, which takes the dropout scaling
-        (`1 / keep probability`) so that no pass over the inputs is spent on it: masked explicitly, by a
-        drawn dropout mask when training, or as is."""
+        output, which takes the dropout scaling (`1 / keep probability`) so that no pass over the inputs is spent
+        on it: masked explicitly, by a drawn dropout mask when training, or as is."""
         if dropout_mask is not None:
             return inputs * ops.cast(dropout_mask, inputs.dtype), 1.0
         if training and adapter.dropout:
@@ -806,13 +806,12 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         return cls.from_layer(dense, config)
 
     def call(self, inputs, training=None, dropout_mask=None):
-        outputs = ops.matmul(inputs, self._kernel)
+        outputs = self._base_product(inputs)
         factor, low_rank = self._lora_update(inputs, training, dropout_mask)
-        if factor is None and low_rank is not None:
-            # The bias rides on the low-rank product: one full-size pass fewer than on the base output.
-            return self._activate(ops.add(outputs, self._biased(low_rank)), training)
-        # DoRA's rescaled sum takes the bias after it, where its merged layer adds it.
-        return self._activate(self._biased(self._updated(outputs, factor, low_rank)), training)
+        if low_rank is None:
+            return self._activate(self._biased(outputs), training)
+        # The bias rides on the low-rank product: one full-size pass fewer than on the base output.
+        return self._activate(self._updated(outputs, factor, self._biased(low_rank)), training)
 
     def _biased(self, outputs):
         return outputs if self.bias is None else ops.add(outputs, self.bias)
@@ -867,8 +866,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
         _check_dora_equation(layer, use_dora)
 
     def call(self, inputs, training=None, dropout_mask=None):
-        outputs = ops.einsum(self.equation, inputs, self._kernel)
-        outputs = self._updated(outputs, *self._lora_update(inputs, training, dropout_mask))
+        outputs = self._updated(self._base_product(inputs), *self._lora_update(inputs, training, dropout_mask))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self._activate(outputs, training)
@@ -1006,8 +1004,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         return vector if self.data_format == "channels_last" else ops.reshape(vector, (-1, 1, 1))
 
     def call(self, inputs, training=None, dropout_mask=None):
-        outputs = self.convolution_op(inputs, self._kernel)
-        outputs = self._updated(outputs, *self._lora_update(inputs, training, dropout_mask))
+        outputs = self._updated(self._base_product(inputs), *self._lora_update(inputs, training, dropout_mask))
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)))
@@ -1047,8 +1044,8 @@ def _check_groups(layer: keras.layers.Layer, r: int, use_dora: bool = False) -> 
 
 def _check_dora_equation(layer: keras.layers.Layer, use_dora: bool) -> None:
     if use_dora and keras_einsum.plan(layer.equation).feature_tail is None:
-        raise ValueError(f"DoRA on EinsumDense {layer.name!r} is not supported: its equation {layer.equation!r} puts an "
-                         "ellipsis among the output features, so their magnitudes cannot be laid along the output; "
+        raise ValueError(f"DoRA on EinsumDense {layer.name!r} is not supported: its equation {layer.equation!r} puts "
+                         "an ellipsis among the output features, so their magnitudes cannot be laid along the output; "
                          "use plain LoRA on this layer.")
 
 

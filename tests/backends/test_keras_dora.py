@@ -44,8 +44,8 @@ def _reference_output_and_gradients(dora_case, s, grad_y, dropout_mask):
     x = np.pad(case.x, pad)
     mask = None if case.dropout_mask is None else np.pad(case.dropout_mask, pad)
     y = dora.dora_conv2d_forward(x, case.W, case.b, case.A, case.B, s, m, **geometry, dropout_mask=mask)
-    grads = dora.dora_conv2d_backward(x, case.W, case.A, case.B, s, m, np.ascontiguousarray(grad_y.transpose(0, 3, 1, 2)),
-                                      **geometry, dropout_mask=mask)
+    grad_y = np.ascontiguousarray(grad_y.transpose(0, 3, 1, 2))
+    grads = dora.dora_conv2d_backward(x, case.W, case.A, case.B, s, m, grad_y, **geometry, dropout_mask=mask)
     return nhwc(y), grads._replace(dx=nhwc(grads.dx))
 
 
@@ -291,5 +291,6 @@ def test_mixed_precision_keeps_the_magnitude_in_float32_and_computes_in_half():
     y = layer(x)
     assert y.dtype == "float16"
     A, B = layer.lora_weights()
-    expected = dora.dora_forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling, layer.lora_magnitude())
+    expected = dora.dora_forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling,
+                                 layer.lora_magnitude())
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=0.02, atol=0.02)

@@ -75,7 +75,8 @@ def test_a_weight_init_adapter_saved_as_lora_of_the_original_base_runs_there_in_
     expected = np.asarray(model(IDS))
     lora.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["init_lora_weights"], config["use_dora"]) == (4, 8, True, use_dora)
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (4, 8, True)
+    assert config["use_dora"] is use_dora
     assert_close(lora.load_adapter(keras_base(), tmp_path)(IDS), expected, np.float32, factor=50)
     torch, loaders = _torch_loaders()
     for name, load in loaders.items():
