@@ -112,12 +112,18 @@ def _save_paths(model: keras.layers.Layer, config: LoRAConfig) -> list[str]:
     return [path for path, _ in named_layers(model) if config.is_module_to_save(path)]
 
 
-def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> None:
+def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, naming: str = "keras",
+                 transformers_class: type | str | None = None) -> None:
     """Write the adapter of `model` to the directory `path` (created if needed), as PEFT does.
 
     `lora_spec.torch.load_adapter` and `peft.PeftModel.from_pretrained` read it on a PyTorch
-    model with the same module paths.
+    model with the same module paths. `naming="transformers"` names it for the Hugging Face model
+    that a KerasHub `model` converts from (the `*ForCausalLM` class, `BertModel` for BERT, or
+    `transformers_class`), in its layouts (`lora_spec.backends.keras_hub_names`).
     """
+    from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
+
+    keras_hub_names.check_naming(naming, transformers_class)
     config = config_of(model)
     weights = AdapterWeights()
     layers = list(lora_layers(model))
@@ -127,7 +133,10 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> None:
             weights.embeddings.add(module_path)
     extras = _trained_extras(model, config, _save_paths(model, config))
     weights.extra = {name: _to_torch(variable, layer) for name, variable, layer in extras}
-    save_adapter_dir(path, config.to_peft_dict([module_path for module_path, _ in layers]), weights)
+    config_dict = config.to_peft_dict([module_path for module_path, _ in layers])
+    if naming == "transformers":
+        config_dict, weights = keras_hub_names.to_transformers_naming(model, config, weights, transformers_class)
+    save_adapter_dir(path, config_dict, weights)
 
 
 def _key(name: str) -> str:
@@ -203,9 +212,13 @@ def load_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> keras.la
 
     When `model` has no LoRA yet, it is applied in place with the file's config; a model that
     has LoRA gets the file's weights (same ranks required). Everything is checked before the
-    model changes: a name or shape that does not fit raises ValueError naming it.
+    model changes: a name or shape that does not fit raises ValueError naming it. A KerasHub
+    `model` also reads adapters named for its Hugging Face model (PEFT's), found from the keys.
     """
+    from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
+
     file_config, _, weights = load_adapter_dir(path)
+    file_config, weights = keras_hub_names.to_keras_naming(model, file_config, weights)
     existing = list(lora_layers(model)) if isinstance(model, keras.layers.Layer) else []
     if existing:
         if any(layer.merged for _, layer in existing):

@@ -85,7 +85,8 @@ def plan(model: keras.layers.Layer, config: LoRAConfig,
     return config, [m.path for m in matches], save_paths
 
 
-def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, **overrides: Any) -> keras.layers.Layer:
+def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, naming: str = "keras",
+          **overrides: Any) -> keras.layers.Layer:
     """Add LoRA to the targeted `Dense`, `EinsumDense`, `Embedding` and `Conv2D` layers of `model` in place;
     returns `model`.
 
@@ -94,8 +95,13 @@ def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, **overrid
     that already have LoRA are kept as they are, so applying twice does not wrap twice.
     Afterwards only the adapters, `modules_to_save` and the biases `config.bias` names train;
     other layers get `trainable = False`, Keras's way of freezing. Compile after `apply`.
+    `naming="transformers"` reads module names as those of the Hugging Face model that a KerasHub
+    `model` converts from (`target_modules=["q_proj", "v_proj"]`).
     """
-    return adapt(model, *plan(model, resolve_config(config, overrides)))
+    from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
+
+    config = keras_hub_names.keras_config(model, resolve_config(config, overrides), naming)
+    return adapt(model, *plan(model, config))
 
 
 def adapt(model: keras.layers.Layer, config: LoRAConfig, target_paths: list[str],
