@@ -271,7 +271,7 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
                 if tuple(tensor.shape) != expected:
                     raise ValueError(f"adapter tensor {half} of {path!r} has shape {tuple(tensor.shape)}, but this "
                                      f"model needs {expected}: the adapter was trained on another model size.")
-            lora[keras_path] = (lora_a[:, placement.columns], lora_b[placement.rows, :])
+            lora[keras_path] = split(placement, lora_a, lora_b)
             settings[keras_path] = (config.rank_for(path), config.alpha_for(path))
     extra, saved = {}, []
     for name, value in extras.items():
@@ -319,7 +319,11 @@ def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weight
             (path, placement))
     lora, settings = {}, {}
     for module, members in by_module.items():
-        lora[module], settings[module] = _fused(members, weights, config)
+        lora[module] = fuse([(placement, *weights.lora[path], config.scaling_for(path)) for path, placement in members])
+        rank, first = lora[module][0].shape[0], members[0][0]
+        # Several layers in one: the rank is the sum and the scaling the first layer's (fuse folds the others in).
+        settings[module] = (rank, config.alpha_for(first) if len(members) == 1 else
+                            config.scaling_for(first) * (math.sqrt(rank) if config.use_rslora else rank))
     saved = _modules_to_save(names, config, class_name)
     extra = {}
     for name in weights.extra:
@@ -343,29 +347,29 @@ def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weight
         AdapterWeights(lora=lora, extra=extra)
 
 
-def _fused(members: list[tuple[str, LinearPlacement]], weights: AdapterWeights,
-           config: LoRAConfig) -> tuple[tuple[np.ndarray, np.ndarray], tuple[int, float]]:
-    """`((A, B), (r, alpha))` of one transformers `Linear` from the Keras layers it feeds.
+def fuse(parts: list[tuple[LinearPlacement, np.ndarray, np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """`(A, B)` of one transformers `Linear` from the adapters `(placement, A, B, s)` of the Keras layers it feeds.
 
     Each layer's `A` fills its own rows of the stacked `A` (its columns placed) and its `B` its own block
-    of `B` (its rows placed), so `B @ A` holds each layer's update in its block and zero elsewhere. With
-    several layers the rank is the sum and the scaling the first layer's; other scalings go into `B`.
+    of `B` (its rows placed), scaled by `s / s_first`: then `s_first * B @ A` holds each layer's update
+    `s * B_layer @ A_layer` in its block and zero elsewhere, at the sum of the ranks.
     """
-    ranks = [weights.lora[path][0].shape[0] for path, _ in members]
-    scalings = [config.scaling_for(path) for path, _ in members]
-    rank = sum(ranks)
-    alpha = config.alpha_for(members[0][0]) if len(members) == 1 else \
-        scalings[0] * (math.sqrt(rank) if config.use_rslora else rank)
-    placement = members[0][1]
-    dtype = weights.lora[members[0][0]][0].dtype
-    lora_a, lora_b = np.zeros((rank, placement.in_features), dtype), np.zeros((placement.out_features, rank), dtype)
+    placement, first_scaling = parts[0][0], parts[0][3]
+    rank = sum(lora_a.shape[0] for _, lora_a, _, _ in parts)
+    dtype = parts[0][1].dtype
+    fused_a, fused_b = np.zeros((rank, placement.in_features), dtype), np.zeros((placement.out_features, rank), dtype)
     offset = 0
-    for (path, placement), r, scaling in zip(members, ranks, scalings):
-        layer_a, layer_b = weights.lora[path]
-        lora_a[offset:offset + r, placement.columns] = layer_a
-        lora_b[np.ix_(placement.rows, np.arange(offset, offset + r))] = layer_b * (scaling / scalings[0])
-        offset += r
-    return (lora_a, lora_b), (rank, alpha)
+    for placement, lora_a, lora_b, scaling in parts:
+        block = np.arange(offset, offset + lora_a.shape[0])
+        fused_a[np.ix_(block, placement.columns)] = lora_a
+        fused_b[np.ix_(placement.rows, block)] = lora_b * (scaling / first_scaling)
+        offset += lora_a.shape[0]
+    return fused_a, fused_b
+
+
+def split(placement: LinearPlacement, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The adapter of the Keras layer at `placement` from its transformers `Linear`'s: its block, exactly."""
+    return lora_a[:, placement.columns], lora_b[placement.rows, :]
 
 
 def _modules_to_save(names: TransformersNames, config: LoRAConfig, class_name: str) -> list[str]:
