@@ -101,14 +101,14 @@ def transformers_outputs(model) -> np.ndarray:
     return np.concatenate([outputs.last_hidden_state.numpy(), outputs.pooler_output.numpy()[:, None]], axis=1)
 
 
-def randomize_peft(model, seed: int = 1, names: tuple[str, ...] = ("lora_",)):
-    """Non-zero adapter weights (and any other tensor named by `names`), so that every one shows in the outputs."""
+def randomize_peft(model, seed: int = 1):
+    """Non-zero values for every tensor PEFT trains (and saves), so that every one shows in the outputs."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part in name for part in names):
+        for parameter in model.parameters():
+            if parameter.requires_grad:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     return model.eval()
 
@@ -121,7 +121,7 @@ def peft_adapter(name: str, checkpoint: Path, folder: Path, **options):
     config = peft.LoraConfig(**{"r": RANK, "lora_alpha": ALPHA, "target_modules": list(CASES[name].targets),
                                 **options})
     model = peft.get_peft_model(transformers_model(name, checkpoint), config)
-    randomize_peft(model, names=("lora_", "modules_to_save", "bias") if options else ("lora_",))
+    randomize_peft(model)
     model.save_pretrained(folder)
     return model
 

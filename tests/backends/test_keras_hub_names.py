@@ -82,12 +82,15 @@ OTHER_BACKENDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def other_backends(prepared):
-    """The subprocesses of both backends, started together: each holds one of the two cores the suite runs on."""
+@pytest.fixture(scope="module", autouse=True)
+def other_backends(request, prepared):
+    """The subprocesses of the selected backends, started with the module so that they run beside its other
+    tests (the suite has two cores, and these tests wait on them last)."""
+    selected = {item.name for item in request.session.items}
     processes = {}
     for backend, options in OTHER_BACKENDS.items():
-        if importlib.util.find_spec(backend) is None:
+        if f"{test_adapters_cross_on_keras_jax_and_torch_backends.__name__}[{backend}]" not in selected or \
+                importlib.util.find_spec(backend) is None:
             continue
         environment = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT),
                        **{key: value for key, value in options.items() if key.isupper()}}
@@ -101,17 +104,6 @@ def other_backends(prepared):
     for process in processes.values():
         process.kill()
         process.wait()
-
-
-@pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_adapters_cross_on_keras_jax_and_torch_backends(prepared, other_backends, backend):
-    if backend not in other_backends:
-        pytest.skip(f"{backend} is not installed")
-    assert other_backends[backend].wait(timeout=600) == 0, (prepared / backend / "stderr").read_text()[-3000:]
-    results = json.loads((prepared / backend / "stdout").read_text().strip().splitlines()[-1])
-    assert results["backend"] == backend
-    for name in OTHER_BACKENDS[backend]["names"]:
-        check_both_directions(prepared, prepared / backend, name, results[name])
 
 
 # -- the mapping is KerasHub's ---------------------------------------------------------------------------
@@ -181,10 +173,170 @@ def test_gpt2_query_key_value_are_written_as_c_attn_at_three_times_the_rank(prep
     lora_a = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
     lora_b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
     assert lora_a.shape == (6, 32) and lora_b.shape == (96, 6)
-    layers = dict(lora.lora_layers(model))
+    # The backbone's own name depends on how many were built before (Keras numbers them).
+    layers = {path.partition(".")[2]: layer for path, layer in lora.lora_layers(model)}
     for block, part in enumerate(("query", "key", "value")):
-        a, b = layers[f"gpt2_backbone.transformer_layer_0.self_attention.{part}"].lora_weights()
+        a, b = layers[f"transformer_layer_0.self_attention.{part}"].lora_weights()
         np.testing.assert_array_equal(lora_a[2 * block:2 * block + 2], a)
         np.testing.assert_array_equal(lora_b[32 * block:32 * block + 32, 2 * block:2 * block + 2], b)
         off_diagonal = np.delete(lora_b[32 * block:32 * block + 32], np.s_[2 * block:2 * block + 2], axis=1)
         assert not off_diagonal.any()
+
+
+def test_a_bare_backbone_exchanges_adapters_with_the_bare_transformers_model(prepared, tmp_path):
+    checkpoint = prepared / "gpt2" / "checkpoint"
+    backbone = keras_hub.models.Backbone.from_preset(str(checkpoint))
+    lora.load_adapter(backbone, prepared / "gpt2" / "peft")  # named for GPT2LMHeadModel: transformer.h.0...
+    hidden = backbone(hub.keras_inputs("gpt2"))
+    logits = keras.ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True))
+    assert np.max(np.abs(logits - np.load(prepared / "gpt2" / "peft_outputs.npy"))) <= 1e-5
+    lora.save_adapter(backbone, tmp_path, naming="transformers", transformers_class=transformers.GPT2Model)
+    tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.h.0.attn.c_attn.lora_A.weight" in tensors
+    bare = peft.PeftModel.from_pretrained(hub.transformers_model("gpt2", checkpoint).transformer, str(tmp_path))
+    with torch.no_grad():
+        expected = bare.eval()(input_ids=torch.tensor(hub.TOKEN_IDS, dtype=torch.long)).last_hidden_state.numpy()
+    assert np.max(np.abs(keras.ops.convert_to_numpy(hidden) - expected)) <= 1e-5
+
+
+# -- heads and biases --------------------------------------------------------------------------------------
+
+EXTRAS = {
+    "llama": dict(modules_to_save=["lm_head"]),  # untied: KerasHub's reverse embeddings
+    "bert": dict(modules_to_save=["pooler"], bias="lora_only"),
+    "gpt2": dict(bias="all"),
+    "qwen2": dict(bias="lora_only"),  # the query, key and value projections' biases
+}
+
+
+@pytest.mark.parametrize("name", EXTRAS)
+def test_heads_and_biases_cross_both_ways_with_equal_outputs(prepared, tmp_path, name):
+    checkpoint, options = prepared / name / "checkpoint", EXTRAS[name]
+    base = np.load(prepared / name / "base_outputs.npy")
+    model = hub.keras_task(name, checkpoint)
+    limit = tolerance(np.max(np.abs(hub.keras_outputs(name, model) - base)))
+    peft_model = hub.peft_adapter(name, checkpoint, tmp_path / "peft", **options)
+    expected = hub.transformers_outputs(peft_model)
+    lora.load_adapter(model, tmp_path / "peft")
+    assert np.max(np.abs(hub.keras_outputs(name, model) - expected)) <= limit
+
+    trained = lora.apply(hub.keras_task(name, checkpoint), naming="transformers",
+                         target_modules=list(hub.CASES[name].targets), r=hub.RANK, alpha=hub.ALPHA, **options)
+    hub.train(name, trained, steps=1)
+    lora.save_adapter(trained, tmp_path / "keras", naming="transformers")
+    loaded = peft.PeftModel.from_pretrained(hub.transformers_model(name, checkpoint), str(tmp_path / "keras"))
+    assert np.max(np.abs(hub.transformers_outputs(loaded.eval()) - hub.keras_outputs(name, trained))) <= limit
+
+
+# -- bad input: one line, model unchanged -------------------------------------------------------------------
+
+def _snapshot(model) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(variable).copy() for variable in model.weights]
+
+
+def assert_refused(model, action, *fragments, error=ValueError):
+    """`action` fails with one line holding `fragments`, and `model` keeps its weights and gets no LoRA."""
+    before = _snapshot(model)
+    with pytest.raises(error) as raised:
+        action()
+    message = str(raised.value)
+    assert "\n" not in message and all(fragment in message for fragment in fragments), message
+    assert not list(lora.lora_layers(model))
+    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model)))
+
+
+def _edited_adapter(source: Path, target: Path, edit) -> Path:
+    """A copy of the adapter at `source` whose tensors `edit(dict)` changed."""
+    tensors, _ = safetensors_io.load(source / "adapter_model.safetensors")
+    target.mkdir()
+    safetensors_io.save(target / "adapter_model.safetensors", edit(dict(tensors)), metadata={"format": "pt"})
+    (target / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    return target
+
+
+def test_adapter_of_another_architecture_is_refused_naming_its_first_key(prepared):
+    model = hub.keras_task("gpt2", prepared / "gpt2" / "checkpoint")
+    assert_refused(model, lambda: lora.load_adapter(model, prepared / "llama" / "peft"),
+                   "adapter key base_model.model.model.layers.", "names no module of transformers' gpt2 model")
+
+
+def test_adapter_of_another_size_is_refused_naming_the_tensor(prepared, tmp_path):
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    wider = _edited_adapter(prepared / "llama" / "peft", tmp_path / "wider",
+                            lambda tensors: {**tensors, key: np.zeros((hub.RANK, 48), np.float32)})
+    model = hub.keras_task("llama", prepared / "llama" / "checkpoint")
+    assert_refused(model, lambda: lora.load_adapter(model, wider), "tensor A of 'model.layers.1.self_attn.q_proj'",
+                   "(4, 48)", "another model size")
+    deeper = _edited_adapter(prepared / "llama" / "peft", tmp_path / "deeper",
+                             lambda tensors: {name.replace(".layers.1.", ".layers.5."): value
+                                              for name, value in tensors.items()})
+    assert_refused(model, lambda: lora.load_adapter(model, deeper), "model.layers.5.", "names no module")
+
+
+def test_peft_feature_not_implemented_is_refused_by_name(prepared, tmp_path):
+    dora = tmp_path / "dora"
+    _edited_adapter(prepared / "gemma" / "peft", dora, lambda tensors: tensors)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
+    assert_refused(model, lambda: lora.load_adapter(model, dora), "use_dora=True")
+
+
+@pytest.mark.parametrize("target, fragment", [("lm_head", "computes the logits"), ("embed_tokens", "embed_tokens")])
+def test_adapters_on_the_embeddings_and_head_are_refused(prepared, tmp_path, target, fragment):
+    config = peft.LoraConfig(r=2, target_modules=["q_proj", target])
+    net = hub.randomize_peft(peft.get_peft_model(hub.transformers_model("llama", prepared / "llama" / "checkpoint"),
+                                                 config))
+    net.save_pretrained(tmp_path)
+    model = hub.keras_task("llama", prepared / "llama" / "checkpoint")
+    assert_refused(model, lambda: lora.load_adapter(model, tmp_path), fragment, "ReversibleEmbedding")
+    assert_refused(model, lambda: lora.apply(model, naming="transformers", target_modules=[target]), fragment)
+
+
+def test_tied_embedding_as_module_to_save_is_refused(prepared):
+    model = hub.keras_task("gpt2", prepared / "gpt2" / "checkpoint")
+    assert_refused(model, lambda: lora.apply(model, naming="transformers", modules_to_save=["wte"]),
+                   "tied to the output head")
+
+
+def test_architectures_without_transformers_naming_are_refused_by_name():
+    unsupported = keras_hub.models.DistilBertBackbone(vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8,
+                                                      intermediate_dim=16, max_sequence_length=8)
+    assert_refused(unsupported, lambda: lora.apply(unsupported, naming="transformers"),
+                   "DistilBertBackbone", "Llama3Backbone")
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="q_proj")])
+    assert_refused(plain, lambda: lora.apply(plain, naming="transformers"), "needs a KerasHub backbone")
+
+
+def test_unsupported_keras_hub_version_is_refused_naming_the_supported_ones(prepared, monkeypatch):
+    model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
+    monkeypatch.setattr(keras_hub, "__version__", "0.31.1")
+    for action in (lambda: lora.apply(model, naming="transformers"),
+                   lambda: lora.load_adapter(model, prepared / "gemma" / "peft")):
+        assert_refused(model, action, "KerasHub 0.32, not 0.31.1", error=ImportError)
+
+
+def test_naming_arguments_are_checked(prepared, tmp_path):
+    model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
+    assert_refused(model, lambda: lora.apply(model, naming="hf"), "naming='hf' is invalid")
+    lora.apply(model, naming="transformers", r=2)
+    for arguments, fragment in ((dict(naming="hf"), "naming='hf' is invalid"),
+                                (dict(transformers_class="GemmaModel"), "pass naming='transformers'"),
+                                (dict(naming="transformers", transformers_class="GPT2LMHeadModel"),
+                                 "not a class of this model's architecture (gemma)")):
+        with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            lora.save_adapter(model, tmp_path, **arguments)
+        assert not list(tmp_path.iterdir())
+
+
+# -- the other backends, last: their subprocesses ran beside the tests above ------------------------------
+
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_adapters_cross_on_keras_jax_and_torch_backends(prepared, other_backends, backend):
+    if backend not in other_backends:
+        pytest.skip(f"{backend} is not installed")
+    assert other_backends[backend].wait(timeout=600) == 0, (prepared / backend / "stderr").read_text()[-3000:]
+    results = json.loads((prepared / backend / "stdout").read_text().strip().splitlines()[-1])
+    assert results["backend"] == backend
+    for name in OTHER_BACKENDS[backend]["names"]:
+        check_both_directions(prepared, prepared / backend, name, results[name])
