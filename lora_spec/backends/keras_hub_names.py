@@ -28,16 +28,13 @@ from keras import ops
 
 from lora_spec.adapter_io import PREFIX, AdapterWeights
 from lora_spec.backends import keras_adapter
-from lora_spec.backends.keras_hub_architectures import Architecture, backbone_of, is_keras_hub_model
+from lora_spec.backends.keras_hub_architectures import backbone_of, is_keras_hub_model
 from lora_spec.backends.keras_hub_recording import LinearPlacement, Recording, is_kernel
 from lora_spec.backends.keras_model import named_layers
 from lora_spec.config import LoRAConfig
 from lora_spec.targets import ALL_LINEAR, ModuleInfo, modules_to_save_paths, select_targets
 
 NAMINGS = ("keras", "transformers")
-_LORA_REFUSAL = ("lora_spec maps adapters on linear layers only between KerasHub and transformers, and KerasHub "
-                 "computes {what} with a ReversibleEmbedding, which lora_spec does not adapt: leave {module} out of "
-                 "target_modules.")
 
 
 def check_naming(naming: str, transformers_class: Any = None) -> None:
@@ -79,7 +76,7 @@ class TransformersNames:
         self.fed: dict[str, list[tuple[str, keras.layers.Layer, keras.Variable]]] = {}
         for variable, key, _ in self.recording.ports.values():
             if id(variable) in owners:
-                self.fed.setdefault(self._bare(key), []).append((*owners[id(variable)], variable))
+                self.fed.setdefault(self.bare(key), []).append((*owners[id(variable)], variable))
         # bare module path -> the Keras layer holding its weight, or its first tensor's
         self.modules = {}
         for key, members in self.fed.items():
@@ -91,7 +88,8 @@ class TransformersNames:
     def _is_head(self, path: str) -> bool:
         return path.split(".")[0] in self.architecture.head
 
-    def _bare(self, key: str) -> str:
+    def bare(self, key: str) -> str:
+        """A converter's key (or a module path named for a task class) without the task class's prefix."""
         prefix = self.architecture.base_prefix + "."
         return key[len(prefix):] if key.startswith(prefix) else key
 
@@ -141,8 +139,11 @@ class TransformersNames:
         when it feeds something LoRA cannot adapt here (KerasHub's output head)."""
         members = self.fed.get(bare_module + ".weight", [])
         if not members or not all(is_kernel(layer, variable) for _, layer, variable in members):
-            raise ValueError(_LORA_REFUSAL.format(what="the logits" if self._is_head(bare_module) else "it",
-                                                  module=bare_module))
+            path, layer, _ = members[0] if members else (None, None, None)
+            held = "computes the logits with" if self._is_head(bare_module) else "holds it in"
+            raise ValueError(f"KerasHub {held} {type(layer).__name__} {path!r}, which lora_spec does not adapt (it maps "
+                             "adapters on linear layers only between KerasHub and transformers): leave "
+                             f"{bare_module} out of target_modules.")
         return [(path, self.recording.linear(layer)) for path, layer, _ in members]
 
     def linear(self, keras_path: str) -> LinearPlacement:
@@ -171,9 +172,8 @@ class TransformersNames:
             if any(_module(key) == module or key.startswith(module + ".") for module in bare_modules):
                 for path, layer, _ in members:
                     if _is_tied_embedding(layer):
-                        raise ValueError(f"{module_or_key(key)} is tied to the output head in this KerasHub model, "
-                                         "but PEFT's modules_to_save copy of it is not: leave it out of "
-                                         "modules_to_save.")
+                        raise ValueError(f"{_module(key)} is tied to the output head in this KerasHub model, but "
+                                         "PEFT's modules_to_save copy of it is not: leave it out of modules_to_save.")
                     paths[path] = None
         return list(paths)
 
@@ -185,10 +185,6 @@ class TransformersNames:
         for placement, variable in placements:
             tensor[placement.index.ravel()] = ops.convert_to_numpy(variable).ravel()
         return tensor.reshape(shape)
-
-
-def module_or_key(key: str) -> str:
-    return _module(key) or key
 
 
 def _keras_config(config: LoRAConfig, settings: dict[str, tuple[int, float]], save_paths: list[str]) -> LoRAConfig:
@@ -213,7 +209,7 @@ def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> 
     infos = names.module_infos(class_name)
     if config.target_modules == ALL_LINEAR:  # PEFT's all-linear leaves out only the output head, never linear here
         config = config.replace(target_modules=tuple(info.path for info in infos if info.kind == "linear"))
-    bare = {info.path: _bare_module(names, info.path, class_name) for info in infos}
+    bare = {info.path: names.bare(info.path) for info in infos}
     for info in infos:
         if info.kind == "other" and info.path and config.target_modules is not None and config.is_target(info.path) \
                 and bare[info.path] in names.modules:
@@ -223,11 +219,6 @@ def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> 
                 for match in matches for keras_path, _ in names.linears(bare[match.path])}
     saved = names.keras_paths_under([bare[path] for path in modules_to_save_paths(infos, resolved)])
     return _keras_config(resolved, settings, saved)
-
-
-def _bare_module(names: TransformersNames, path: str, class_name: str) -> str:
-    prefix = names.architecture.base_prefix + "."
-    return path[len(prefix):] if class_name != names.architecture.bare and path.startswith(prefix) else path
 
 
 # -- load_adapter -----------------------------------------------------------------------------------
@@ -263,8 +254,6 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
                              "the model it was trained on.")
     lora, settings = {}, {}
     for path, (lora_a, lora_b) in weights.lora.items():
-        if path in weights.embeddings:
-            raise ValueError(_LORA_REFUSAL.format(what="embeddings", module=path))
         for keras_path, placement in names.linears(bare[path]):
             for half, tensor, expected in (("A", lora_a, (lora_a.shape[0], placement.in_features)),
                                            ("B", lora_b, (placement.out_features, lora_b.shape[1]))):
@@ -315,7 +304,7 @@ def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weight
             raise ValueError(f"layer {path!r} is an embedding: lora_spec maps adapters on linear layers only between "
                              "KerasHub and transformers; leave it out of target_modules.")
         placement = names.linear(path)
-        by_module.setdefault(names.class_path(_module(names._bare(placement.key)), class_name), []).append(
+        by_module.setdefault(names.class_path(_module(names.bare(placement.key)), class_name), []).append(
             (path, placement))
     lora, settings = {}, {}
     for module, members in by_module.items():
@@ -332,10 +321,10 @@ def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weight
         if key is None:
             raise ValueError(f"weight {name!r} has no counterpart in transformers' {class_name} (KerasHub's converter "
                              "ports nothing into it): leave its layer out of modules_to_save.")
-        file_key = names.class_path(names._bare(key), class_name)
+        file_key = names.class_path(names.bare(key), class_name)
         if ".base_layer." in name:
             file_key = f"{_module(file_key)}.base_layer.{file_key.rpartition('.')[2]}"
-        extra[file_key] = names.values(names._bare(key))
+        extra[file_key] = names.values(names.bare(key))
     linear = [info.path for info in names.module_infos(class_name) if info.kind == "linear"]
     hf_config = LoRAConfig(
         r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
@@ -384,7 +373,7 @@ def _modules_to_save(names: TransformersNames, config: LoRAConfig, class_name: s
         for variable in layer._trainable_variables + layer._non_trainable_variables:
             key = names.recording.key_of(variable)
             if key is not None:
-                modules[names.class_path(_module(names._bare(key)), class_name)] = None
+                modules[names.class_path(_module(names.bare(key)), class_name)] = None
     return list(modules)
 
 

@@ -197,6 +197,8 @@ def test_a_bare_backbone_exchanges_adapters_with_the_bare_transformers_model(pre
     with torch.no_grad():
         expected = bare.eval()(input_ids=torch.tensor(hub.TOKEN_IDS, dtype=torch.long)).last_hidden_state.numpy()
     assert np.max(np.abs(keras.ops.convert_to_numpy(hidden) - expected)) <= 1e-5
+    task = lora.load_adapter(hub.keras_task("gpt2", checkpoint), tmp_path)  # bare names: h.0.attn.c_attn...
+    assert np.max(np.abs(hub.keras_outputs("gpt2", task) - logits)) <= 1e-5
 
 
 # -- heads and biases --------------------------------------------------------------------------------------
