@@ -27,13 +27,15 @@ RANK, ALPHA = 4, 8
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One architecture: its transformers config class and fields, model class, KerasHub task, LoRA targets."""
+    """One architecture: its transformers config class and fields, model class, KerasHub task, LoRA targets,
+    and further LoRA options (the same on both sides)."""
 
     config_class: str
     config: dict[str, Any]
     model_class: str
     keras_task: str  # the KerasHub task adapters are trained through
     targets: tuple[str, ...]  # attention and MLP projections, transformers' names
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_encoder(self) -> bool:
@@ -42,7 +44,7 @@ class Case:
 
 CASES = {
     "llama": Case("LlamaConfig", dict(DECODER, tie_word_embeddings=False), "LlamaForCausalLM", "Llama3CausalLM",
-                  PROJECTIONS),
+                  PROJECTIONS, dict(rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0}, use_rslora=True)),
     "mistral": Case("MistralConfig", dict(DECODER, tie_word_embeddings=False), "MistralForCausalLM", "MistralCausalLM",
                     PROJECTIONS),
     "qwen2": Case("Qwen2Config", dict(DECODER, tie_word_embeddings=True), "Qwen2ForCausalLM", "QwenCausalLM",
@@ -58,7 +60,7 @@ CASES = {
     "gemma3": Case("Gemma3TextConfig", dict(DECODER, head_dim=8, sliding_window=16, query_pre_attn_scalar=8),
                    "Gemma3ForCausalLM", "Gemma3CausalLM", PROJECTIONS),
     "gpt2": Case("GPT2Config", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64), "GPT2LMHeadModel",
-                 "GPT2CausalLM", ("c_attn", "c_proj", "c_fc")),
+                 "GPT2CausalLM", ("c_attn", "c_proj", "c_fc"), dict(use_rslora=True)),
     # KerasHub's BERT uses the tanh GELU ("gelu_new"); BERT checkpoints' erf GELU differs from it by up to 1e-3.
     "bert": Case("BertConfig", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                     intermediate_size=48, max_position_embeddings=64, hidden_act="gelu_new"),
@@ -119,7 +121,7 @@ def peft_adapter(name: str, checkpoint: Path, folder: Path, **options):
     import peft
 
     config = peft.LoraConfig(**{"r": RANK, "lora_alpha": ALPHA, "target_modules": list(CASES[name].targets),
-                                **options})
+                                **CASES[name].options, **options})
     model = peft.get_peft_model(transformers_model(name, checkpoint), config)
     randomize_peft(model)
     model.save_pretrained(folder)
@@ -202,7 +204,8 @@ def run_on_this_backend(folder: Path, output: Path, names: list[str], steps: int
         peft = np.max(np.abs(keras_outputs(name, model) - np.load(folder / name / "peft_outputs.npy")))
         results[name] = {"base": float(base), "peft": float(peft)}
         model = keras_task(name, folder / name / "checkpoint")
-        lora.apply(model, naming="transformers", target_modules=list(CASES[name].targets), r=RANK, alpha=ALPHA)
+        lora.apply(model, naming="transformers", target_modules=list(CASES[name].targets), r=RANK, alpha=ALPHA,
+                   **CASES[name].options)
         train(name, model, steps)
         lora.save_adapter(model, output / name / "keras", naming="transformers")
         np.save(output / name / "keras_outputs.npy", keras_outputs(name, model))

@@ -223,7 +223,8 @@ def test_heads_and_biases_cross_both_ways_with_equal_outputs(prepared, tmp_path,
     assert np.max(np.abs(hub.keras_outputs(name, model) - expected)) <= limit
 
     trained = lora.apply(hub.keras_task(name, checkpoint), naming="transformers",
-                         target_modules=list(hub.CASES[name].targets), r=hub.RANK, alpha=hub.ALPHA, **options)
+                         target_modules=list(hub.CASES[name].targets), r=hub.RANK, alpha=hub.ALPHA,
+                         **{**hub.CASES[name].options, **options})
     hub.train(name, trained, steps=1)
     lora.save_adapter(trained, tmp_path / "keras", naming="transformers")
     loaded = peft.PeftModel.from_pretrained(hub.transformers_model(name, checkpoint), str(tmp_path / "keras"))
