@@ -121,6 +121,9 @@ class Recording:
         for variable, key, hook in self.ports.values():
             self.members.setdefault(key, []).append((variable, hook))
         self._probed: dict[Any, list[np.ndarray] | None] = {}
+        self._placed: dict[int, Placement] = {}
+        self._linears: dict[int, LinearPlacement] = {}
+        self._separations: dict[Any, tuple[np.ndarray, tuple[np.ndarray, np.ndarray, bool] | None]] = {}
 
     def key_of(self, variable: keras.Variable) -> str | None:
         """The converter's key for the tensor that feeds `variable`, or None when it ports none."""
@@ -131,6 +134,10 @@ class Recording:
         """Each member's flat indices when the tensor `key` has `shape`, or None when the hooks do not fit it:
         one fails, returns another shape, or the members do not cover the tensor exactly once."""
         members = self.members[key]
+        if len(members) == 1 and members[0][1] is None:  # ported as it is: no probe needed
+            size = math.prod(shape)
+            fits = shape == tuple(members[0][0].shape)
+            return [np.arange(size, dtype=np.int32 if size < 2 ** 31 else np.int64).reshape(shape)] if fits else None
         signatures = tuple((_signature(hook), tuple(variable.shape)) for variable, hook in members)
         cache_key = None if any(signature is None for signature, _ in signatures) else (signatures, shape)
         if cache_key is not None and cache_key in self._probed:
@@ -147,10 +154,13 @@ class Recording:
                 indices = None
                 break
             indices.append(index)
-        if indices is not None:
-            covered = np.concatenate([index.ravel() for index in indices])
-            if covered.size != size or np.bincount(covered, minlength=size).max() != 1:
-                indices = None
+        if indices is not None and sum(index.size for index in indices) == size:
+            seen = np.zeros(size, bool)
+            for index in indices:
+                seen[index.ravel()] = True
+            indices = indices if seen.all() else None
+        else:
+            indices = None
         if cache_key is not None:
             self._probed[cache_key] = indices
         return indices
@@ -170,6 +180,11 @@ class Recording:
     def placement(self, layer: keras.layers.Layer, variable: keras.Variable) -> Placement:
         """Where `variable` (of `layer`) sits in the tensor that feeds it; ValueError when the converter
         ports it in a way that is not a rearrangement of that tensor."""
+        if id(variable) not in self._placed:
+            self._placed[id(variable)] = self._place(layer, variable)
+        return self._placed[id(variable)]
+
+    def _place(self, layer: keras.layers.Layer, variable: keras.Variable) -> Placement:
         key = self.key_of(variable)
         members = [member for member, _ in self.members[key]]
         position = next(i for i, member in enumerate(members) if member is variable)
@@ -177,15 +192,26 @@ class Recording:
             indices = self._indices(key, shape)
             if indices is None:
                 continue
-            if is_kernel(layer, variable) and _separated(_kernel_to_reference(layer, indices[position]), shape) is None:
+            if is_kernel(layer, variable) and self._separation(layer, indices[position], shape) is None:
                 continue
             return Placement(key, shape, indices[position])
         raise ValueError(f"KerasHub's converter ports {key} into {variable.path} in a way that is not a rearrangement "
                          "of the tensor: lora_spec cannot map adapters on it.")
 
+    def _separation(self, layer: keras.layers.Layer, index: np.ndarray,
+                    shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """`_separated` for a kernel's indices; the layers of a model share their probes, and so this."""
+        memo = (id(index), getattr(layer, "equation", None), shape)
+        if memo not in self._separations:  # the entry keeps `index` alive, so that its id names it
+            self._separations[memo] = index, _separated(_kernel_to_reference(layer, index), shape)
+        return self._separations[memo][1]
+
     def linear(self, layer: keras.layers.Layer) -> LinearPlacement:
         """Where the kernel of the linear `layer` sits in its transformers layer's weight."""
-        placement = self.placement(layer, layer._kernel)
-        rows, columns, transposed = _separated(_kernel_to_reference(layer, placement.index), placement.shape)
-        out_features, in_features = placement.shape[::-1] if transposed else placement.shape
-        return LinearPlacement(placement.key, out_features, in_features, rows, columns, transposed)
+        if id(layer) not in self._linears:
+            placement = self.placement(layer, layer._kernel)
+            rows, columns, transposed = self._separation(layer, placement.index, placement.shape)
+            out_features, in_features = placement.shape[::-1] if transposed else placement.shape
+            self._linears[id(layer)] = LinearPlacement(placement.key, out_features, in_features, rows, columns,
+                                                       transposed)
+        return self._linears[id(layer)]
