@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 COMBINATION_TYPES = ("svd", "linear", "cat")
+# The name of an adapter nobody named (PEFT's); a multi-adapter folder keeps it at its root.
+DEFAULT_ADAPTER = "default"
 # PEFT's name for "no adapter" in a routed batch (`adapter_names=`); None means the same.
 BASE_MODEL = "__base__"
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -145,6 +147,18 @@ def row_groups(adapter_per_row: Sequence[Hashable | None]) -> list[tuple[Hashabl
         contiguous = rows[-1] - rows[0] + 1 == len(rows)
         groups.append((name, slice(rows[0], rows[-1] + 1) if contiguous else np.asarray(rows, np.int64)))
     return groups
+
+
+class Routing(NamedTuple):
+    """A routed batch, worked out once for every layer: its number of rows and its `row_groups`."""
+
+    rows: int
+    groups: list[tuple[Hashable, slice | np.ndarray]]
+
+    @classmethod
+    def of(cls, adapter_per_row: Sequence[Hashable | None]) -> Routing:
+        """The routing of a batch whose row `i` takes adapter `adapter_per_row[i]`."""
+        return cls(len(adapter_per_row), row_groups(adapter_per_row))
 
 
 def routed_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None, adapters: Mapping[Hashable, Factors],

@@ -31,7 +31,7 @@ from lora_spec.backends import keras_adapter
 from lora_spec.backends.keras_hub_architectures import backbone_of, is_keras_hub_model
 from lora_spec.backends.keras_hub_recording import LinearPlacement, Recording, is_kernel
 from lora_spec.backends.keras_model import named_layers
-from lora_spec.config import LoRAConfig
+from lora_spec.config import LoRAConfig, config_for_layers
 from lora_spec.targets import ALL_LINEAR, ModuleInfo, modules_to_save_paths, select_targets
 
 NAMINGS = ("keras", "transformers")
@@ -177,23 +177,25 @@ class TransformersNames:
                     paths[path] = None
         return list(paths)
 
-    def values(self, bare_key: str) -> np.ndarray:
-        """The transformers tensor `bare_key`, rebuilt from the Keras variables it feeds."""
-        placements = [(self.recording.placement(layer, variable), variable) for _, layer, variable in self.fed[bare_key]]
-        shape = placements[0][0].shape
-        tensor = np.zeros(math.prod(shape), dtype=ops.convert_to_numpy(placements[0][1]).dtype)
-        for placement, variable in placements:
-            tensor[placement.index.ravel()] = ops.convert_to_numpy(variable).ravel()
-        return tensor.reshape(shape)
+    def values(self, bare_key: str, given: dict[int, np.ndarray]) -> np.ndarray:
+        """The transformers tensor `bare_key`, rebuilt from the Keras variables it feeds: their values in
+        `given` (by variable id, Keras layout), the model's own for the others."""
+        tensor = None
+        for _, layer, variable in self.fed[bare_key]:
+            placement = self.recording.placement(layer, variable)
+            value = given[id(variable)] if id(variable) in given else ops.convert_to_numpy(variable)
+            if tensor is None:
+                tensor = np.zeros(math.prod(placement.shape), dtype=value.dtype)
+            tensor[placement.index.ravel()] = np.asarray(value).ravel()
+        return tensor.reshape(placement.shape)
 
 
-def _keras_config(config: LoRAConfig, settings: dict[str, tuple[int, float]], save_paths: list[str]) -> LoRAConfig:
-    """`config` with its targets resolved to Keras layer paths: `settings` maps each to its `(r, alpha)`."""
-    return LoRAConfig(
-        r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
-        bias=config.bias, target_modules=tuple(settings), modules_to_save=tuple(save_paths) or None,
-        rank_pattern={re.escape(path): r for path, (r, _) in settings.items() if r != config.r},
-        alpha_pattern={re.escape(path): alpha for path, (_, alpha) in settings.items() if alpha != config.alpha})
+def _restated(config: LoRAConfig, settings: dict[str, tuple[int, float]], save_paths: list[str]) -> LoRAConfig:
+    """`config` for other module names: its targets the paths `settings` maps to their `(r, alpha)`, and its
+    modules to save `save_paths` (the other side's patterns and filters name nothing here)."""
+    unnamed = config.replace(exclude_modules=None, modules_to_save=tuple(save_paths) or None, rank_pattern={},
+                             alpha_pattern={}, layers_to_transform=None, layers_pattern=None)
+    return config_for_layers(unnamed, settings)
 
 
 # -- apply(naming="transformers") -------------------------------------------------------------------
@@ -218,7 +220,7 @@ def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> 
     settings = {keras_path: (resolved.rank_for(match.path), resolved.alpha_for(match.path))
                 for match in matches for keras_path, _ in names.linears(bare[match.path])}
     saved = names.keras_paths_under([bare[path] for path in modules_to_save_paths(infos, resolved)])
-    return _keras_config(resolved, settings, saved)
+    return _restated(resolved, settings, saved)
 
 
 # -- load_adapter -----------------------------------------------------------------------------------
@@ -279,23 +281,23 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
                                  f"{placement.shape}: the adapter was trained on another model size.")
             file_name, to_file_layout = _file_entry(keras_path, layer, variable)
             extra[file_name] = to_file_layout(value.reshape(-1)[placement.index])
-    keras_weights = AdapterWeights(lora=lora, extra=extra)
-    return _keras_config(config, settings, list(dict.fromkeys(saved))), keras_weights
+    return _restated(config, settings, list(dict.fromkeys(saved))), AdapterWeights(lora=lora, extra=extra)
 
 
 def _file_entry(path: str, layer: keras.layers.Layer, variable: keras.Variable) -> tuple[str, Any]:
     """The Keras-naming file name of `variable` and the function that puts a Keras-layout array in its file layout."""
     name = next(name for name, candidate in keras_adapter._parameters(path, layer) if candidate is variable)
-    to_file = keras_adapter._torch_names(layer).get(variable.name, keras_adapter._AS_IS)[1]
-    return name, lambda value: np.asarray(to_file(value, layer))
+    return name, lambda value: keras_adapter._to_torch(value, variable, layer)
 
 
 # -- save_adapter(naming="transformers") ------------------------------------------------------------
 
-def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weights: AdapterWeights,
+def to_transformers_naming(model: keras.layers.Layer, config_dict: dict[str, Any], weights: AdapterWeights,
                            transformers_class: Any = None) -> tuple[dict[str, Any], AdapterWeights]:
-    """`(adapter_config.json content, tensors)` of the adapter of the KerasHub `model` (Keras naming: `config`
-    and `weights`) under the names and layouts of its transformers class."""
+    """`(adapter_config.json content, tensors)` of an adapter file of the KerasHub `model` in Keras naming
+    (`config_dict` and `weights`, as `keras_adapter.adapter_file` gives them) under the names and layouts of
+    its transformers class."""
+    config = LoRAConfig.from_peft_dict(config_dict)
     names = TransformersNames(model)
     class_name = names.class_name(transformers_class)
     by_module: dict[str, list[tuple[str, LinearPlacement]]] = {}
@@ -314,8 +316,8 @@ def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weight
         settings[module] = (rank, config.alpha_for(first) if len(members) == 1 else
                             config.scaling_for(first) * (math.sqrt(rank) if config.use_rslora else rank))
     saved = _modules_to_save(names, config, class_name)
-    extra = {}
-    for name in weights.extra:
+    file_keys, given = {}, {}
+    for name, value in weights.extra.items():
         variable, layer = keras_adapter._resolve_extra(names.layers, name)
         key = names.recording.key_of(variable)
         if key is None:
@@ -324,15 +326,14 @@ def to_transformers_naming(model: keras.layers.Layer, config: LoRAConfig, weight
         file_key = names.class_path(names.bare(key), class_name)
         if ".base_layer." in name:
             file_key = f"{_module(file_key)}.base_layer.{file_key.rpartition('.')[2]}"
-        extra[file_key] = names.values(names.bare(key))
+        file_keys[file_key] = names.bare(key)
+        # The file's values, not the model's: an inactive adapter's modules to save are copies beside the model.
+        given[id(variable)] = keras_adapter._from_torch(value, variable, layer)
+    extra = {file_key: names.values(bare, given) for file_key, bare in file_keys.items()}
     linear = [info.path for info in names.module_infos(class_name) if info.kind == "linear"]
-    hf_config = LoRAConfig(
-        r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
-        bias=config.bias, target_modules=_target_names(list(lora), linear), modules_to_save=tuple(saved) or None,
-        rank_pattern={re.escape(module): r for module, (r, _) in settings.items() if r != config.r},
-        alpha_pattern={re.escape(module): alpha for module, (_, alpha) in settings.items() if alpha != config.alpha})
+    hf_config = _restated(config, settings, saved)
     transposed = any(placement.transposed for members in by_module.values() for _, placement in members)
-    return hf_config.to_peft_dict(list(hf_config.target_modules), fan_in_fan_out=transposed), \
+    return hf_config.to_peft_dict(list(_target_names(list(lora), linear)), fan_in_fan_out=transposed), \
         AdapterWeights(lora=lora, extra=extra)
 
 

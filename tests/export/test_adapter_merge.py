@@ -148,11 +148,13 @@ def run(model: onnx.ModelProto, **feeds: np.ndarray) -> np.ndarray:
 
 
 def write_adapter(directory: Path, lora: dict, embeddings=(), extra=None, r: int | None = None, alpha: float = 1.0,
-                  **config) -> Path:
-    """An adapter directory holding `lora` pairs `(A, B)` and `extra` full tensors."""
+                  magnitudes=None, **config) -> Path:
+    """An adapter directory holding `lora` pairs `(A, B)`, `extra` full tensors and DoRA `magnitudes`."""
     rank = r or next(iter(lora.values()))[0].shape[0]
-    peft = LoRAConfig(r=rank, alpha=alpha, **config).to_peft_dict([path.rsplit(".", 1)[-1] for path in lora] or None)
-    save_adapter_dir(directory, peft, AdapterWeights(lora=dict(lora), embeddings=set(embeddings), extra=extra or {}))
+    peft = LoRAConfig(r=rank, alpha=alpha, use_dora=bool(magnitudes), **config).to_peft_dict(
+        [path.rsplit(".", 1)[-1] for path in lora] or None)
+    save_adapter_dir(directory, peft, AdapterWeights(lora=dict(lora), embeddings=set(embeddings), extra=extra or {},
+                                                     magnitudes=dict(magnitudes or {})))
     return directory
 
 
@@ -459,8 +461,8 @@ def _corrupt(directory: Path, change) -> Path:
     (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}),
                         lambda a: (a / WEIGHTS_NAME).write_bytes(b"\x00" * 3)), "not a valid safetensors file"),
     (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / CONFIG_NAME).write_text(
-        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "use_dora": True}))),
-     "use_dora=True is not supported"),
+        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "layer_replication": [[0, 1]]}))),
+     "layer_replication=.* is not supported"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :3], LORA_B)}),
      r"module block.proj has lora_A \(2, 3\) and lora_B \(3, 2\), which do not fit the weight \(3, 4\)"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}, r=2, rank_pattern={"proj": 4}),
