@@ -201,6 +201,28 @@ def test_a_bare_backbone_exchanges_adapters_with_the_bare_transformers_model(pre
     assert np.max(np.abs(hub.keras_outputs("gpt2", task) - logits)) <= 1e-5
 
 
+def test_named_adapters_cross_under_their_names(prepared, tmp_path):
+    checkpoint = prepared / "llama" / "checkpoint"
+    model = hub.keras_task("llama", checkpoint)
+    lora.apply(model, naming="transformers", target_modules=["q_proj", "v_proj"], r=2)
+    lora.apply(model, adapter_name="head", naming="transformers", target_modules=["up_proj"], r=4,
+               modules_to_save=["lm_head"])
+    for seed, name in enumerate(("default", "head")):
+        lora.set_adapter(model, name)
+        hub.train("llama", model, steps=0, seed=seed)
+    lora.save_adapter(model, tmp_path, naming="transformers")  # "head" in tmp_path/head, as PEFT keeps it
+    net = peft.PeftModel.from_pretrained(hub.transformers_model("llama", checkpoint), str(tmp_path))
+    net.load_adapter(str(tmp_path / "head"), adapter_name="head")
+    reloaded = lora.load_adapter(hub.keras_task("llama", checkpoint), tmp_path)
+    for name in ("default", "head"):
+        lora.set_adapter(model, name)
+        lora.set_adapter(reloaded, name)
+        net.set_adapter(name)
+        expected = hub.keras_outputs("llama", model)
+        assert np.max(np.abs(hub.transformers_outputs(net.eval()) - expected)) <= 1e-5
+        assert np.max(np.abs(hub.keras_outputs("llama", reloaded) - expected)) <= 1e-5
+
+
 # -- heads and biases --------------------------------------------------------------------------------------
 
 EXTRAS = {
