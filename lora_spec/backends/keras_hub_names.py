@@ -90,8 +90,7 @@ class TransformersNames:
 
     def bare(self, key: str) -> str:
         """A converter's key (or a module path named for a task class) without the task class's prefix."""
-        prefix = self.architecture.base_prefix + "."
-        return key[len(prefix):] if key.startswith(prefix) else key
+        return key.removeprefix(self.architecture.base_prefix + ".")
 
     def class_path(self, bare: str, class_name: str) -> str:
         """`bare` (a key or module path) as `class_name`'s state dict names it."""
@@ -279,15 +278,14 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
             if tuple(value.shape) != placement.shape:
                 raise ValueError(f"adapter key {PREFIX + name} has shape {tuple(value.shape)}, but this model's is "
                                  f"{placement.shape}: the adapter was trained on another model size.")
-            file_name, to_file_layout = _file_entry(keras_path, layer, variable)
-            extra[file_name] = to_file_layout(value.reshape(-1)[placement.index])
+            extra[_file_name(keras_path, layer, variable)] = keras_adapter._to_torch(
+                value.reshape(-1)[placement.index], variable, layer)
     return _restated(config, settings, list(dict.fromkeys(saved))), AdapterWeights(lora=lora, extra=extra)
 
 
-def _file_entry(path: str, layer: keras.layers.Layer, variable: keras.Variable) -> tuple[str, Any]:
-    """The Keras-naming file name of `variable` and the function that puts a Keras-layout array in its file layout."""
-    name = next(name for name, candidate in keras_adapter._parameters(path, layer) if candidate is variable)
-    return name, lambda value: keras_adapter._to_torch(value, variable, layer)
+def _file_name(path: str, layer: keras.layers.Layer, variable: keras.Variable) -> str:
+    """The name `variable` of the layer at `path` has in Keras-naming adapter files."""
+    return next(name for name, candidate in keras_adapter._parameters(path, layer) if candidate is variable)
 
 
 # -- save_adapter(naming="transformers") ------------------------------------------------------------

@@ -24,7 +24,6 @@ peft = pytest.importorskip("peft")
 
 import lora_spec.keras as lora  # noqa: E402
 from lora_spec import safetensors_io  # noqa: E402
-from lora_spec.backends import keras_hub_architectures  # noqa: E402
 from lora_spec.backends.keras_hub_names import TransformersNames  # noqa: E402
 from lora_spec.backends.keras_hub_recording import is_kernel  # noqa: E402
 from tests.backends import keras_hub_models as hub  # noqa: E402
