@@ -68,39 +68,47 @@ class FoldRule:
     def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
         """Point the base at the initializer that will hold the merged weight and delete the branch.
 
-        Returns that initializer's name: a copy when anything else reads the original weight. A
-        base product that other nodes also read is first duplicated for this branch alone.
+        Returns that initializer's name: a copy when anything else reads the original weight.
         """
-        if branch.base_shared:
-            branch.base_chain, branch.base_output = graph.duplicate_chain(branch.base_chain, before=branch.add)
-            branch.base = branch.base_chain[0]
+        detach_branch(graph, branch)
         target = branch.weight
         if graph.initializer_readers(target) > 1:
             target = graph.copy_initializer(target, f"{target}.merged")
         weight_input = WEIGHT_INPUT[self.op_type]
         if branch.base.input[weight_input] != target:
             graph.replace_input(branch.base, weight_input, target)
-        graph.bypass(branch.add, branch.base_output)
-        self._drop_no_op_casts(graph, branch, graph.initializers[target].data_type)
         return target
 
-    @staticmethod
-    def _drop_no_op_casts(graph: Graph, branch: LoRABranch, weight_type: int) -> None:
-        """Exporters cast the LoRA sum back to the layer's dtype: on the base output alone that is a
-        no-op, and so is a cast up that the base output took to meet a float32 branch."""
-        output = branch.add.output[0]
-        cast = graph.only_reader(output)
-        if cast is None or cast.op_type != "Cast":
-            return
-        types = [weight_type]
-        for node in branch.base_chain:
-            types.append(attribute(node, "to") if node.op_type == "Cast" else types[-1])
-        last = branch.base_chain[-1]
-        if attribute(cast, "to") == types[-1]:
-            graph.bypass(cast, output)
-        elif last.op_type == "Cast" and attribute(cast, "to") == types[-2] and (types[-2], types[-1]) in _EXACT_UPCASTS:
-            graph.bypass(cast, output)
-            graph.bypass(last, last.input[0])
+
+def detach_branch(graph: Graph, branch: LoRABranch) -> None:
+    """Delete the branch: the base's output takes the name of the sum, so its readers read the base alone.
+
+    A base product that other nodes also read is first duplicated for this branch alone (and
+    `branch.base` becomes the copy), so that a later change to this base changes nothing else.
+    """
+    if branch.base_shared:
+        branch.base_chain, branch.base_output = graph.duplicate_chain(branch.base_chain, before=branch.add)
+        branch.base = branch.base_chain[0]
+    graph.bypass(branch.add, branch.base_output)
+    _drop_no_op_casts(graph, branch, graph.initializers[branch.weight].data_type)
+
+
+def _drop_no_op_casts(graph: Graph, branch: LoRABranch, weight_type: int) -> None:
+    """Exporters cast the LoRA sum back to the layer's dtype: on the base output alone that is a
+    no-op, and so is a cast up that the base output took to meet a float32 branch."""
+    output = branch.add.output[0]
+    cast = graph.only_reader(output)
+    if cast is None or cast.op_type != "Cast":
+        return
+    types = [weight_type]
+    for node in branch.base_chain:
+        types.append(attribute(node, "to") if node.op_type == "Cast" else types[-1])
+    last = branch.base_chain[-1]
+    if attribute(cast, "to") == types[-1]:
+        graph.bypass(cast, output)
+    elif last.op_type == "Cast" and attribute(cast, "to") == types[-2] and (types[-2], types[-1]) in _EXACT_UPCASTS:
+        graph.bypass(cast, output)
+        graph.bypass(last, last.input[0])
 
 
 class MatMulFold(FoldRule):

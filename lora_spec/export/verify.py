@@ -6,8 +6,10 @@ so one tolerance fits models of any output scale.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import onnx
 from lora_spec import reference
 from lora_spec.export.fold import Fold
 from lora_spec.export.graph import Graph, attribute
-from lora_spec.export.model_io import ExportError
+from lora_spec.export.model_io import ExportError, TensorSource, progress_bar, staged_model
 
 DEFAULT_DYNAMIC_SIZE = 2
 # Integer inputs reach an embedding's indices through these without changing values.
@@ -178,3 +180,23 @@ def non_finite_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> float:
     outputs = run_model(path, feeds, "the merged model")
     finite = all(np.isfinite(output).all() for output in outputs if np.asarray(output).dtype.kind == "f")
     return 0.0 if finite else float("inf")
+
+
+@dataclasses.dataclass
+class RunnableModel:
+    """A model as onnxruntime can run it: the file at `source_path`, or, when `edited` is given, that
+    graph (with the file's tensors), which `path()` writes beside another file for the comparison."""
+
+    source_path: Path
+    source: TensorSource
+    edited: onnx.ModelProto | None = None
+
+    @contextlib.contextmanager
+    def path(self, beside: Path) -> Iterator[Path]:
+        if self.edited is None:
+            yield self.source_path
+            return
+        with tempfile.TemporaryDirectory(dir=beside.parent) as folder, \
+                staged_model(self.edited, self.source, {}, Path(folder) / "original.onnx", progress_bar(False)) \
+                as path:
+            yield path
