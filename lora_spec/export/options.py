@@ -5,6 +5,7 @@ Each raises `ExportError` with one line naming the value and the fix, before any
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import onnx
 
+from lora_spec.adapter_io import CONFIG_NAME
 from lora_spec.export.model_io import ExportError, TensorSource, data_path_for
 
 VERIFY_MODES = ("auto", "full", "layers", "off")  # and "run": "full" when adapter files change the outputs
@@ -107,3 +109,16 @@ def parse_adapter(spec: str) -> tuple[str, float]:
 def adapter_specs(adapters: Sequence[tuple[str | os.PathLike, float] | str]) -> list[tuple[str | os.PathLike, float]]:
     """Each adapter as `(directory, weight)`, from a pair or a `"DIR[:WEIGHT]"` string."""
     return [parse_adapter(spec) if isinstance(spec, str) else (spec[0], float(spec[1])) for spec in adapters]
+
+
+def refuse_dora(directory: str | os.PathLike) -> None:
+    """Refuse a DoRA adapter (`"use_dora": true`) by name: it rescales each column of the adapted
+    weight, which no additive low-rank input can express, so it cannot be switched per run."""
+    try:
+        config = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return  # reading the adapter reports a missing or corrupt config, with its fix
+    if isinstance(config, dict) and config.get("use_dora"):
+        raise ExportError(f"adapter {os.fspath(directory)} is a DoRA adapter (use_dora): DoRA rescales each column "
+                          "of the adapted weight, which is not an additive low-rank input, so it cannot be switched "
+                          "per run: merge it into the model instead.")

@@ -39,7 +39,10 @@ class Verification:
 
     def describe(self) -> str:
         what = {"full": "original vs merged in onnxruntime", "layers": "each folded layer in NumPy",
-                "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy"}[self.mode]
+                "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy",
+                "served": "switchable model without adapter vs the original in onnxruntime",
+                "packed": "switchable model with the adapter file vs the base merged with the same adapters in "
+                          "onnxruntime"}[self.mode]
         return (f"verified {what}: max |difference| / max |output| = {self.max_relative_difference:.3g} "
                 f"(tolerance {self.tolerance:g})")
 
@@ -149,30 +152,37 @@ def session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str) -> list:
+_LAYERS_HINT = "or check each folded layer in NumPy instead with --verify layers"
+
+
+def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str, hint: str = _LAYERS_HINT,
+              run_options=None) -> list:
     """The outputs of the model at `path` (`label` names it to the user) on `feeds`, in onnxruntime.
 
     ExportError in one line when onnxruntime cannot load or run it (an op it lacks, an input
-    that needs particular sizes): the user can then verify without onnxruntime.
+    that needs particular sizes), ending with `hint`: what the user can do instead.
     """
     try:
-        return session(path).run(None, dict(feeds))
+        return session(path).run(None, dict(feeds), run_options)
     except Exception as error:  # onnxruntime's errors derive from Exception only
         if not type(error).__module__.startswith("onnxruntime"):
             raise
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise ExportError(f"onnxruntime cannot run {label} on random inputs ({reason}); nothing was written: pass "
-                          "--input-shape NAME=DIMS if an input needs particular sizes, or check each folded layer "
-                          "in NumPy instead with --verify layers.") from None
+                          f"--input-shape NAME=DIMS if an input needs particular sizes, {hint}.") from None
+
+
+def compare_outputs(actual: list, expected: list) -> float:
+    """The largest relative difference over the float outputs of two runs."""
+    differences = [relative_difference(got, want) for got, want in zip(actual, expected)
+                   if np.asarray(want).dtype.kind == "f"]
+    return max(differences, default=0.0)
 
 
 def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray], original_label: str) -> float:
     """The largest relative difference over the float outputs of the two models on `feeds`."""
     expected = run_model(original, feeds, original_label)
-    actual = run_model(merged, feeds, "the merged model")
-    differences = [relative_difference(got, want) for got, want in zip(actual, expected)
-                   if np.asarray(want).dtype.kind == "f"]
-    return max(differences, default=0.0)
+    return compare_outputs(run_model(merged, feeds, "the merged model"), expected)
 
 
 def non_finite_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> float:
