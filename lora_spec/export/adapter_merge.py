@@ -261,12 +261,35 @@ def _weight_sites(graph: _Graph) -> list[WeightSite]:
             continue
         scaled = node.op_type in _SCALED_OPS
         transposed = node.op_type == "MatMul" or (scaled and not attribute(node, "transB", 0))
-        sites.append(WeightSite(
+        site = WeightSite(
             node=node, kind=kind, weight=location, transposed=transposed,
             factor=float(attribute(node, "alpha", 1.0)) if scaled else 1.0,
             paths=_torch_paths(node, [node.input[_WEIGHT_INPUT[node.op_type]], location.initializer.name]),
-            tf_scopes=tf_scopes(node.name) or tf_scopes(location.initializer.name)))
+            tf_scopes=tf_scopes(node.name) or tf_scopes(location.initializer.name))
+        site.paths |= _first_call_paths(graph, site)
+        sites.append(site)
     return sites
+
+
+def _first_call_paths(graph: _Graph, site: WeightSite) -> set[str]:
+    """The path of a module that the TorchScript exporter names `<name>_1` on its second call.
+
+    A module run twice (one MLP on two inputs) has its second call's nodes under `mlp.0_1`
+    (`/mlp/mlp.0_1/MatMul`, a transposed copy of the weight); it is module `mlp.0` when its
+    weight or bias is the parameter the exporter kept as `mlp.0.weight` or `mlp.0.bias` (or a
+    name ending so). A module really named `fc_1` reads its own `fc_1.bias`.
+    """
+    module = node_module(site.node) if site.node.name.startswith("/") else None
+    first = re.sub(r"_\d+(?=\.|$)", "", module) if module else None
+    if first is None or first == module:
+        return set()
+    bias = _bias_location(graph, site)
+    kept = [site.weight.initializer.name, *([bias[0].initializer.name] if bias else [])]
+    parameters = (f"{first}.weight", f"{first}.bias")
+    # PEFT's TorchScript names start below its wrappers: `model.mlp.0` for `base_model.model.mlp.0`.
+    if any(name in parameters or name.endswith(tuple("." + parameter for parameter in parameters)) for name in kept):
+        return {first.removesuffix(PEFT_WRAPPER)}
+    return set()
 
 
 def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:

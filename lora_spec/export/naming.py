@@ -21,6 +21,7 @@ from lora_spec.adapter_io import PREFIX as PEFT_PREFIX
 
 TF_UNIQUIFIER = r"(_\d+)?"
 _TF_CALL_SCOPE = r"(Stateful)?PartitionedCall(_\d+)?"
+_INDEX = re.compile(r"\d+(_\d+)?")  # a child's index, suffixed on a repeated call
 # PEFT wraps an adapted layer and keeps the original under `<path>.base_layer`.
 PEFT_WRAPPER = ".base_layer"
 
@@ -41,14 +42,15 @@ def node_module(node: onnx.NodeProto) -> str | None:
 
 def _torchscript_module(components: list[str]) -> str | None:
     """`['mlp', 'mlp.0', 'base_layer']` -> `mlp.0.base_layer`: a component that starts with its parent's
-    last name and continues with indices (a `Sequential`'s or `ModuleList`'s child) adds only the indices."""
+    last name and continues with indices (a `Sequential`'s or `ModuleList`'s child) adds only the indices.
+    A module's second call has its scope suffixed (`mlp.0_1`), which stays."""
     parts: list[str] = []
     for component in components:
         atoms = component.split(".")
-        named = [index for index, atom in enumerate(parts) if not atom.isdigit()]
+        named = [index for index, atom in enumerate(parts) if not _INDEX.fullmatch(atom)]
         tail = parts[named[-1]:] if named else []
         if tail and atoms[:len(tail)] == tail and len(atoms) > len(tail) and all(
-                atom.isdigit() for atom in atoms[len(tail):]):
+                _INDEX.fullmatch(atom) for atom in atoms[len(tail):]):
             atoms = atoms[len(tail):]
         parts += atoms
     return ".".join(parts) or None

@@ -106,9 +106,11 @@ def parse_adapter(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def adapter_specs(adapters: Sequence[tuple[str | os.PathLike, float] | str]) -> list[tuple[str | os.PathLike, float]]:
-    """Each adapter as `(directory, weight)`, from a pair or a `"DIR[:WEIGHT]"` string."""
-    return [parse_adapter(spec) if isinstance(spec, str) else (spec[0], float(spec[1])) for spec in adapters]
+def adapter_specs(adapters: Sequence[tuple[str | os.PathLike, float] | str | os.PathLike]
+                  ) -> list[tuple[str | os.PathLike, float]]:
+    """Each adapter as `(directory, weight)`, from a pair, a `"DIR[:WEIGHT]"` string or a path (weight 1)."""
+    return [parse_adapter(spec) if isinstance(spec, str) else (spec, 1.0) if isinstance(spec, os.PathLike)
+            else (spec[0], float(spec[1])) for spec in adapters]
 
 
 def refuse_dora(directory: str | os.PathLike) -> None:

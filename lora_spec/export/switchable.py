@@ -45,7 +45,7 @@ from lora_spec.export.options import (
     verify_mode as checked_verify_mode,
 )
 from lora_spec.export.patterns import LoRABranch, find_branches, unrecognised_low_rank_products
-from lora_spec.export.switch import RULES, SwitchableModule, input_names, numpy_dtype_of, switch_module
+from lora_spec.export.switch import RULES, SwitchableModule, SwitchRule, input_names, numpy_dtype_of, switch_module
 
 SERVE_VERIFY_MODES = ("auto", "full", "off")
 _HINT = "or skip the check with --no-verify"
@@ -88,7 +88,7 @@ class _Exported:
 
     path: str
     base_output: str
-    kind: str
+    rule: SwitchRule
     factors: tuple[np.ndarray, np.ndarray]
     module: SwitchableModule | None = None
 
@@ -192,12 +192,12 @@ def _detach_exported(graph: Graph, read_tensor) -> tuple[list[_Exported], list[s
     branches, refused = find_branches(graph)
     exported = []
     for branch in branches:
-        kind = RULES[branch.base.op_type]
+        rule = RULES[branch.base.op_type]
         lora_a, lora_b = FOLD_RULES[branch.base.op_type].reference_factors(branch, read_tensor)
-        factors = kind.served_factors(lora_a, branch.scale * lora_b)
-        path = _exported_path(branch)
+        factors = rule.served_factors(lora_a, branch.scale * lora_b)
+        path = _exported_path(graph, branch)
         detach_branch(graph, branch)
-        exported.append(_Exported(path, branch.base.output[0], branch.base.op_type, factors))
+        exported.append(_Exported(path, branch.base.output[0], rule, factors))
     stacked, _ = find_branches(graph)
     if stacked:
         raise ExportError(f"node {stacked[0].name} has two LoRA branches (stacked adapters), and a switchable "
@@ -205,15 +205,21 @@ def _detach_exported(graph: Graph, read_tensor) -> tuple[list[_Exported], list[s
     return exported, refused
 
 
-def _exported_path(branch: LoRABranch) -> str:
+def _exported_path(graph: Graph, branch: LoRABranch) -> str:
     """The module path of an exported branch: the layer that sums base and branch, as the exporter recorded
-    it, else the base's, else the name the exporter kept for the weight, else the base node's name."""
-    path = layer_module(branch.add) or layer_module(branch.base)
-    if path:
-        return path
-    if "/" not in branch.weight and branch.weight.endswith(".weight"):
-        return normalized(branch.weight.removesuffix(".weight"))
-    return branch.base.name or branch.base.output[0]
+    it (else the base's), made exact by a parameter name the exporter kept for the base (PEFT's TorchScript
+    names start below its wrappers: `model.mlp.0` for `base_model.model.mlp.0`); else that name; else the
+    base node's name."""
+    kept = []
+    for node in branch.base_chain:
+        for tensor in node.input:
+            name = graph.initializer_behind(tensor)
+            if name and name.endswith((".weight", ".bias")) and not any(mark in name for mark in ("/", "::")):
+                kept.append(normalized(name.rpartition(".")[0]))
+    recorded = layer_module(branch.add) or layer_module(branch.base)
+    if recorded:
+        return next((path for path in kept if recorded == path or recorded.endswith("." + path)), recorded)
+    return kept[0] if kept else branch.base.name or branch.base.output[0]
 
 
 def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
@@ -230,7 +236,7 @@ def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
             path, counter = branch.path, 1
             while path in modules:
                 path, counter = f"{branch.path}_{counter}", counter + 1
-            module = SwitchableModule(path, [], RULES[branch.kind], site.weight.element_type,
+            module = SwitchableModule(path, [], branch.rule, site.weight.element_type,
                                       branch.factors if keep_default else None, "exported branch")
             modules[path] = module
             groups.append((branch, module))
@@ -241,7 +247,7 @@ def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
 
 
 def _same_adapter(first: _Exported, other: _Exported) -> bool:
-    return first.kind == other.kind and all(
+    return first.rule is other.rule and all(
         a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first.factors, other.factors))
 
 
