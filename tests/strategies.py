@@ -452,3 +452,36 @@ def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False)
                         draw(scales)) for r in ranks]
     weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
     return AdapterSetCase(W=W, adapters=adapters, weights=weights, layer=layer)
+
+
+@dataclasses.dataclass
+class ServedLayerCase:
+    """One layer (`linear`, `embedding` or `conv2d`, with its input) and adapters to serve on it.
+
+    `layer_case` is a `LinearCase`, `EmbeddingCase` or `Conv2dCase` (its own adapter is the first);
+    `adapters` are 1 to `MAX_ADAPTERS` `(A, B, s)` of their own ranks and scalings, with a weight each.
+    """
+
+    layer: str
+    layer_case: object
+    adapters: list
+    weights: list
+
+
+@st.composite
+def served_layer_cases(draw, dtype=np.float32) -> ServedLayerCase:
+    """A layer and 1 to `MAX_ADAPTERS` adapters for it (ranks multiples of a conv's groups), weights of either sign."""
+    from lora_spec.multi_adapter import Factors
+
+    layer = draw(st.sampled_from(["linear", "embedding", "conv2d"]))
+    case = draw({"linear": linear_cases(dtype, dropout=False), "embedding": embedding_cases(dtype),
+                 "conv2d": conv2d_cases(dtype, dropout=False)}[layer])
+    groups = case.groups if layer == "conv2d" else 1
+    adapters = [Factors(case.A, case.B, case.s)]
+    for _ in range(draw(st.integers(0, MAX_ADAPTERS - 1))):
+        rank = groups * draw(st.integers(1, max(1, MAX_RANK // groups)))
+        adapters.append(Factors(draw(arrays((rank, *case.A.shape[1:]), dtype, 0.5)),
+                                draw(arrays((case.B.shape[0], rank // groups, *case.B.shape[2:]), dtype, 0.5)),
+                                draw(scales)))
+    weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
+    return ServedLayerCase(layer=layer, layer_case=case, adapters=adapters, weights=weights)

@@ -13,7 +13,7 @@ layout) and `rewrite` (the branch's nodes):
 
 | op | A | B | branch |
 |---|---|---|---|
-| MatMul, Gemm, FusedMatMul | `[in, r]` | `[r, out]` | `MatMul(MatMul(x, A), B)` |
+| MatMul, Gemm, FusedMatMul | `[in, r]` | `[r, out]` | `MatMul(MatMul(x, A), B)` (x untransposed first for a Gemm's `transA`) |
 | Gather (embedding rows) | `[num_embeddings, r]` | `[r, dim]` | `MatMul(Gather(A, ids), B)` |
 | Conv (2-D) | `[r, in/groups, kh, kw]` | `[out, r/groups, 1, 1]` | `Conv(Conv(x, A), B)`, A with the base's geometry, B a grouped 1x1 |
 """
@@ -49,8 +49,8 @@ class SwitchRule:
 
     def check(self, node: onnx.NodeProto) -> str | None:
         """The reason the node cannot get a switchable branch, or None."""
-        if attribute(node, "transA", 0) or attribute(node, "transBatchA", 0):
-            return f"the {node.op_type} reads its input transposed (transA), which no branch of x @ A @ B reads"
+        if node.op_type == "FusedMatMul" and (attribute(node, "transA", 0) or attribute(node, "transBatchA", 0)):
+            return "the FusedMatMul transposes its input (transA or transBatchA)"
         return None
 
     def factor_shapes(self, reference_shape: Sequence[int], rank: int | str) -> tuple[list, list]:
@@ -64,10 +64,14 @@ class SwitchRule:
 
     def rewrite(self, graph: Graph, node: onnx.NodeProto, lora_a: str, lora_b: str) -> tuple[list, str]:
         """The branch's nodes, reading the node's input, and the name of the update they compute."""
+        nodes, features = [], node.input[0]
+        if attribute(node, "transA", 0):  # a Gemm reading x.T: the branch reads x
+            features = graph.fresh_name(f"{lora_a}/input")
+            nodes.append(helper.make_node("Transpose", [node.input[0]], [features], name=features, perm=[1, 0]))
         rows = graph.fresh_name(f"{lora_a}/rows")
         update = graph.fresh_name(f"{lora_b}/update")
-        return [helper.make_node("MatMul", [node.input[0], lora_a], [rows], name=rows),
-                helper.make_node("MatMul", [rows, lora_b], [update], name=update)], update
+        return nodes + [helper.make_node("MatMul", [features, lora_a], [rows], name=rows),
+                        helper.make_node("MatMul", [rows, lora_b], [update], name=update)], update
 
 
 class GatherSwitch(SwitchRule):

@@ -19,7 +19,7 @@ import pytest
 
 from lora_spec import reference
 from lora_spec.adapter_io import load_adapter_dir
-from tests.export.test_adapter_merge import apply_plan, initializer_reader, run
+from tests.export.onnx_graphs import apply_plan, initializer_reader, run
 from tests.numerics import assert_close
 
 torch = pytest.importorskip("torch")
