@@ -7,13 +7,15 @@ factors carry it. A rank-0 pair (`A` of `in x 0`, `B` of `0 x out`) adds zeros, 
 model is the base model. The sum comes after the base's bias, so onnxruntime's fusion of a
 `MatMul` with its bias `Add` still applies.
 
-One rule per base op, each with `check` (why a node cannot be switched), `factor_shapes` (the
-inputs' dims), `served_factors` (the reference's `A (r, in)`, `B (out, r)` in the inputs'
-layout) and `rewrite` (the branch's nodes):
+One rule per base op (the nodes it matches are the adapter-merge planner's weight sites: a
+`Gather` of rows, a 2-D `Conv`), each with `factor_shapes` (the inputs' dims), `served_factors`
+(the reference's `A (r, in)`, `B (out, r)` in the inputs' layout) and `rewrite` (the branch's
+nodes); the module's nodes are checked to agree before any rewrite (`switchable.py`), and any
+other op is refused by name (onnxruntime's `FusedMatMul`, say, from a graph it optimized):
 
 | op | A | B | branch |
 |---|---|---|---|
-| MatMul, Gemm, FusedMatMul | `[in, r]` | `[r, out]` | `MatMul(MatMul(x, A), B)` (x untransposed first for a Gemm's `transA`) |
+| MatMul, Gemm | `[in, r]` | `[r, out]` | `MatMul(MatMul(x, A), B)` (x untransposed first for a Gemm's `transA`) |
 | Gather (embedding rows) | `[num_embeddings, r]` | `[r, dim]` | `MatMul(Gather(A, ids), B)` |
 | Conv (2-D) | `[r, in/groups, kh, kw]` | `[out, r/groups, 1, 1]` | `Conv(Conv(x, A), B)`, A with the base's geometry, B a grouped 1x1 |
 """
@@ -42,16 +44,10 @@ def input_names(path: str) -> tuple[str, str]:
 
 
 class SwitchRule:
-    """Switching a linear layer (MatMul, Gemm, FusedMatMul): `x @ A @ B` on the node's input rows."""
+    """Switching a linear layer (MatMul, Gemm): `x @ A @ B` on the node's input rows."""
 
-    op_types: tuple[str, ...] = ("MatMul", "Gemm", "FusedMatMul")
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")
     rank_axes = (1, 0)  # the axis of A's and of B's dims that is the rank
-
-    def check(self, node: onnx.NodeProto) -> str | None:
-        """The reason the node cannot get a switchable branch, or None."""
-        if node.op_type == "FusedMatMul" and (attribute(node, "transA", 0) or attribute(node, "transBatchA", 0)):
-            return "the FusedMatMul transposes its input (transA or transBatchA)"
-        return None
 
     def factor_shapes(self, reference_shape: Sequence[int], rank: int | str) -> tuple[list, list]:
         """The dims of A and B for a weight of `reference_shape` (the reference layout) and `rank`."""
@@ -80,9 +76,6 @@ class GatherSwitch(SwitchRule):
 
     op_types = ("Gather",)
 
-    def check(self, node: onnx.NodeProto) -> str | None:
-        return None if attribute(node, "axis", 0) == 0 else "the Gather does not pick rows of its table"
-
     def factor_shapes(self, reference_shape: Sequence[int], rank: int | str) -> tuple[list, list]:
         rows, dim = reference_shape
         return [rows, rank], [rank, dim]
@@ -100,9 +93,6 @@ class ConvSwitch(SwitchRule):
 
     op_types = ("Conv",)
     rank_axes = (0, 1)
-
-    def check(self, node: onnx.NodeProto) -> str | None:
-        return None
 
     def factor_shapes(self, reference_shape: Sequence[int], rank: int | str, groups: int = 1) -> tuple[list, list]:
         features_out, in_per_group, *kernel = reference_shape
@@ -197,7 +187,7 @@ def _join(graph: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
     A `MatMul` followed by its bias stays one `Gemm` or fused `MatMul` in onnxruntime.
     """
     reader = graph.only_reader(node.output[0])
-    if node.op_type in ("MatMul", "FusedMatMul") and reader is not None and reader.op_type == "Add" and any(
+    if node.op_type == "MatMul" and reader is not None and reader.op_type == "Add" and any(
             graph.initializer_behind(name) is not None for name in reader.input if name != node.output[0]):
         return reader
     return node

@@ -270,6 +270,10 @@ def _add_adapter_modules(modules: dict[str, SwitchableModule], targets: AdapterT
             if site.node.output[0] in module_of:
                 continue
             module = modules.get(target.path)
+            if site.node.op_type not in RULES:
+                raise ExportError(f"module {target.path} runs at node {site.node.name!r}, a {site.node.op_type}, which "
+                                  f"--switchable does not switch (it switches {', '.join(sorted(RULES))}): make the "
+                                  "model switchable from the exporter's graph, before onnxruntime optimizes it.")
             if module is None:
                 module = modules[target.path] = SwitchableModule(
                     target.path, [], RULES[site.node.op_type], site.weight.element_type,
@@ -279,11 +283,8 @@ def _add_adapter_modules(modules: dict[str, SwitchableModule], targets: AdapterT
 
 
 def _check_module(module: SwitchableModule) -> None:
-    """Refuse a node its rule cannot switch, and a module whose nodes disagree on the weight's shape or type."""
+    """Refuse a module whose nodes disagree on the weight's shape, type or kind: one pair of factors serves all."""
     for site in module.sites:
-        reason = module.rule.check(site.node)
-        if reason:
-            raise ExportError(f"module {module.path} cannot be made switchable at node {site.node.name!r}: {reason}.")
         first = module.sites[0]
         if (site.reference_shape(), site.weight.element_type, site.node.op_type in module.rule.op_types) != (
                 first.reference_shape(), module.element_type, True):

@@ -280,6 +280,30 @@ def test_module_paths_match_by_unique_dotted_suffix(tmp_path, adapter_path, grap
     assert plan_for(model, [(directory, 1.0)]).matched == [(adapter_path, "n0")]
 
 
+@pytest.mark.parametrize("prefix", ["", "model/"], ids=["lora_spec", "peft-wrapped"])
+def test_a_torchscript_module_run_twice_is_merged_at_both_calls_and_a_module_named_like_a_repeat_is_not(tmp_path,
+                                                                                                       prefix):
+    """TorchScript names a second call `mlp.0_1`; its bias is still the kept `mlp.0.bias` (or PEFT's
+    `base_model.model.mlp.0.bias`). A module really named `mlp.0_1` would read its own bias."""
+    kept = "base_model.model." if prefix else ""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    nodes = [make_node("Gemm", ["x", f"{kept}mlp.0.weight", f"{kept}mlp.0.bias"], "y", f"/{prefix}mlp/mlp.0/Gemm",
+                       transB=1),
+             make_node("MatMul", ["x", "onnx::MatMul_9"], "h", f"/{prefix}mlp/mlp.0_1/MatMul"),
+             make_node("Add", [f"{kept}mlp.0.bias", "h"], "z", f"/{prefix}mlp/mlp.0_1/Add"),
+             make_node("MatMul", ["x", "onnx::MatMul_10"], "g", f"/{prefix}mlp/mlp.2_1/MatMul"),
+             make_node("Add", ["mlp.2_1.bias", "g"], "w", f"/{prefix}mlp/mlp.2_1/Add")]
+    initializers = [numpy_helper.from_array(value, name) for name, value in [
+        (f"{kept}mlp.0.weight", WEIGHT), (f"{kept}mlp.0.bias", np.zeros(3, np.float32)),
+        ("onnx::MatMul_9", WEIGHT.T.copy()), ("onnx::MatMul_10", WEIGHT.T.copy()),
+        ("mlp.2_1.bias", np.zeros(3, np.float32))]]
+    model = make_model(nodes, initializers, [x])
+    directory = write_adapter(tmp_path / "a", {"mlp.0": (LORA_A, LORA_B), "mlp.2": (LORA_A, LORA_B)})
+    plan = plan_for(model, [(directory, 1.0)], allow_partial=True)
+    assert plan.matched == [("mlp.0", f"/{prefix}mlp/mlp.0/Gemm"), ("mlp.0", f"/{prefix}mlp/mlp.0_1/MatMul")]
+    assert plan.unmatched == ["mlp.2"]
+
+
 def test_an_ambiguous_suffix_matches_nothing(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     nodes = [make_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}") for number in (0, 1)]

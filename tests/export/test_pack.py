@@ -11,7 +11,7 @@ from tests.numerics import assert_close
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 
 from lora_spec.export import VerificationError, make_switchable, merge_onnx, pack_adapter  # noqa: E402
 from lora_spec.export import pack as pack_module  # noqa: E402
