@@ -14,23 +14,19 @@ import onnx
 from lora_spec.export import verify as checks
 from lora_spec.export.fold import Fold, fold_all
 from lora_spec.export.graph import Graph
-from lora_spec.export.mend import mend_missing_ops
 from lora_spec.export.model_io import (
     ExportError,
     NoLoRABranchError,
     TensorSource,
     VerificationError,
-    copy_model,
     checked_staged_model,
-    load_graph,
     progress_bar,
 )
 from lora_spec.export.options import (
     adapter_specs,
-    check_output,
     check_tolerance,
     default_tolerance,
-    input_shapes as checked_input_shapes,
+    open_input,
     parse_adapter,
     resolve_mode,
     verify_mode as checked_verify_mode,
@@ -57,11 +53,7 @@ class MergeResult:
         lines += [f"fold {line}" for line in self.folds]
         lines += [f"adapter {path} -> {node}" for path, node in self.adapter_matches]
         lines += [f"not folded: {reason}" for reason in self.refused]
-        if self.verification is not None:
-            lines.append(self.verification.describe())
-        if self.output is not None:
-            lines.append(f"wrote {self.output}")
-        return "\n".join(lines)
+        return checks.summary(lines, self.verification, self.output)
 
 
 def default_output(model: Path) -> Path:
@@ -94,13 +86,9 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     verify_mode = checked_verify_mode(verify)
     check_tolerance(tolerance)
     target = Path(output) if output is not None else default_output(source_path)
-    onnx_model = load_graph(source_path)
-    source = TensorSource(onnx_model, source_path)
-    mended = mend_missing_ops(onnx_model)
-    runnable_original = copy_model(onnx_model) if mended else None
-    if not dry_run:
-        check_output(source_path, target, source)
-    shapes = checked_input_shapes(onnx_model, input_shapes or {})
+    opened = open_input(source_path, target, input_shapes, dry_run)
+    onnx_model, source, mended, runnable_original, shapes = (opened.model, opened.source, opened.mended,
+                                                             opened.runnable, opened.shapes)
     adapter_plan = _plan_adapters(onnx_model, source, adapters, allow_partial)
 
     graph = Graph(onnx_model, source.read)

@@ -5,6 +5,7 @@ Each raises `ExportError` with one line naming the value and the fix, before any
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,13 +15,39 @@ from pathlib import Path
 import onnx
 
 from lora_spec.adapter_io import CONFIG_NAME
-from lora_spec.export.model_io import ExportError, TensorSource, data_path_for
+from lora_spec.export.mend import mend_missing_ops
+from lora_spec.export.model_io import ExportError, TensorSource, copy_model, data_path_for, load_graph
 
 VERIFY_MODES = ("auto", "full", "layers", "off")  # and "run": "full" when adapter files change the outputs
 # "auto" runs both models in onnxruntime up to this size of weights; above it (or when three
 # copies would not fit in half the free memory) each folded layer is checked on its own.
 FULL_VERIFY_LIMIT = 2**30
 HALF_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@dataclasses.dataclass
+class InputModel:
+    """A mode's input model: its graph (ops ONNX lacks mended, `mended` saying which), the reader of
+    its tensors, the mended graph before any edit (`runnable`: None when the file itself runs), and
+    the checked dims of its inputs for verification."""
+
+    path: Path
+    model: onnx.ModelProto
+    source: TensorSource
+    mended: list[str]
+    runnable: onnx.ModelProto | None
+    shapes: dict[str, tuple[int, ...]]
+
+
+def open_input(path: Path, target: Path, shapes: Mapping[str, Sequence[int]] | None, dry_run: bool) -> InputModel:
+    """The model at `path` without its external data, checked against writing `target` (unless `dry_run`)."""
+    model = load_graph(path)
+    source = TensorSource(model, path)
+    mended = mend_missing_ops(model)
+    if not dry_run:
+        check_output(path, target, source)
+    return InputModel(path, model, source, mended, copy_model(model) if mended else None,
+                      input_shapes(model, shapes or {}))
 
 
 def verify_mode(verify: str | bool, modes: Sequence[str] = VERIFY_MODES) -> str:

@@ -61,11 +61,7 @@ class PackResult:
         lines = [f"pack {line}" for line in self.modules]
         lines += [f"pack {line}" for line in self.full_tensors]
         lines += [f"not packed: {key}" for key in self.unmatched]
-        if self.verification is not None:
-            lines.append(self.verification.describe())
-        if self.output is not None:
-            lines.append(f"wrote {self.output}")
-        return "\n".join(lines)
+        return checks.summary(lines, self.verification, self.output)
 
 
 def pack_adapter(served: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLike, float] | str],

@@ -22,23 +22,19 @@ from lora_spec.export.adapter_merge import AdapterMergeError, AdapterTargets, We
 from lora_spec.export.fold import RULES as FOLD_RULES
 from lora_spec.export.fold import detach_branch
 from lora_spec.export.graph import Graph
-from lora_spec.export.mend import mend_missing_ops
 from lora_spec.export.model_io import (
     ExportError,
     NoLoRABranchError,
-    TensorSource,
     VerificationError,
     checked_staged_model,
     copy_model,
-    load_graph,
     progress_bar,
 )
 from lora_spec.export.naming import layer_module, normalized
 from lora_spec.export.options import (
-    check_output,
     check_tolerance,
     default_tolerance,
-    input_shapes as checked_input_shapes,
+    open_input,
     parse_adapter,
     refuse_dora,
     resolve_mode,
@@ -68,11 +64,7 @@ class SwitchableResult:
         lines += [f"switchable {line}" for line in self.modules]
         lines += [f"overridable {line}" for line in self.overridable]
         lines += [f"not switchable: {reason}" for reason in self.refused]
-        if self.verification is not None:
-            lines.append(self.verification.describe())
-        if self.output is not None:
-            lines.append(f"wrote {self.output}")
-        return "\n".join(lines)
+        return checks.summary(lines, self.verification, self.output)
 
 
 def default_output(model: Path) -> Path:
@@ -126,13 +118,9 @@ def make_switchable(model: str | os.PathLike, output: str | os.PathLike | None =
     for directory in directories:
         refuse_dora(directory)
     target = Path(output) if output is not None else default_output(source_path)
-    onnx_model = load_graph(source_path)
-    source = TensorSource(onnx_model, source_path)
-    mended = mend_missing_ops(onnx_model)
-    original = copy_model(onnx_model) if mended else None
-    if not dry_run:
-        check_output(source_path, target, source)
-    shapes = checked_input_shapes(onnx_model, input_shapes or {})
+    opened = open_input(source_path, target, input_shapes, dry_run)
+    onnx_model, source, mended, original, shapes = (opened.model, opened.source, opened.mended, opened.runnable,
+                                                    opened.shapes)
 
     graph = Graph(onnx_model, source.read)
     exported, refused = _detach_exported(graph, source.read)

@@ -47,6 +47,16 @@ class Verification:
                 f"(tolerance {self.tolerance:g})")
 
 
+def summary(lines: list[str], verification: Verification | None, output: Path | None) -> str:
+    """What a `lora-export` mode did, one line each, then how it was checked and what it wrote."""
+    lines = list(lines)
+    if verification is not None:
+        lines.append(verification.describe())
+    if output is not None:
+        lines.append(f"wrote {output}")
+    return "\n".join(lines)
+
+
 def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
     """`max |actual - expected| / max |expected|`; inf when anything is not finite."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
