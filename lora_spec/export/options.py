@@ -95,6 +95,8 @@ def check_output(source_path: Path, target: Path, source: TensorSource) -> None:
     if resolved == source_path.resolve():
         raise ExportError(f"output {target} is the input model: choose another path with -o; the input is never "
                           "modified.")
+    if resolved in source.data_files:
+        raise ExportError(f"output {target} is the input's external data: choose another -o.")
     if data_path_for(target).resolve() in source.data_files:
         raise ExportError(f"output data {data_path_for(target)} is the input's external data: choose another -o.")
     if not resolved.parent.is_dir():

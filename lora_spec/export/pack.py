@@ -23,18 +23,12 @@ from lora_spec.export.adapter_merge import AdapterMergeError, AdapterTargets, re
 from lora_spec.export.fold import detach_branch
 from lora_spec.export.graph import Graph
 from lora_spec.export.merge import merge_onnx
-from lora_spec.export.model_io import (
-    ExportError,
-    TensorSource,
-    VerificationError,
-    copy_model,
-    load_graph,
-)
+from lora_spec.export.model_io import ExportError, TensorSource, VerificationError, copy_model
 from lora_spec.export.options import (
     adapter_specs,
     check_tolerance,
     default_tolerance,
-    input_shapes as checked_input_shapes,
+    open_input,
     refuse_dora,
     resolve_mode,
     verify_mode as checked_verify_mode,
@@ -91,13 +85,8 @@ def pack_adapter(served: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
         raise ExportError("no adapter to pack: pass at least one --adapter DIR[:WEIGHT].")
     for directory, _ in specs:
         refuse_dora(directory)
-    model = load_graph(served_path)
-    source = TensorSource(model, served_path)
-    if not dry_run and target.resolve() in {served_path.resolve(), *source.data_files}:
-        raise ExportError(f"output {target} is the served model or its data: choose another path with -o.")
-    if not dry_run and not target.resolve().parent.is_dir():
-        raise ExportError(f"output folder {target.parent} does not exist: create it or choose another -o.")
-    shapes = checked_input_shapes(model, input_shapes or {})
+    opened = open_input(served_path, target, input_shapes, dry_run)
+    model, source, shapes = opened.model, opened.source, opened.shapes
     graph = Graph(model, source.read)
     modules = served_modules(graph)
     if not modules:

@@ -218,7 +218,11 @@ def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
     modules: dict[str, SwitchableModule] = {}
     groups: list[tuple[_Exported, SwitchableModule]] = []
     for branch in exported:
-        site = by_output[branch.base_output]
+        site = by_output.get(branch.base_output)
+        if site is None:
+            raise ExportError(f"the LoRA branch of module {branch.path} adds to node output {branch.base_output!r}, "
+                              "whose weight the graph does not hold as a float initializer: please report this with "
+                              "the model.")
         module = next((module for first, module in groups if _same_adapter(first, branch)), None)
         if module is None:
             path, counter = branch.path, 1

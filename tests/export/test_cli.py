@@ -159,6 +159,13 @@ def test_output_beside_the_input_data_is_refused(tmp_path, capsys):
     assert status == 1 and "is the input's external data" in err
 
 
+def test_output_onto_the_input_data_is_refused(tmp_path, capsys):
+    model = _save(tmp_path, external=True)
+    before = _snapshot(tmp_path)
+    status, _, err = _run(capsys, "--merge", model, "-o", tmp_path / "model.onnx.data")
+    assert status == 1 and "is the input's external data" in err and _snapshot(tmp_path) == before
+
+
 def test_a_graph_without_lora_exits_with_its_own_status(tmp_path, capsys):
     model = _save(tmp_path, lora=False)
     status, _, err = _run(capsys, "--merge", model)
@@ -308,7 +315,7 @@ def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, ar
     (["--pack", "{served}", "--adapter", "{folder}/dora", "-o", "{folder}/a.onnx_adapter"], 1,
      "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, which is not an additive low-rank "
      "input"),
-    (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the served model or its data"),
+    (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the input model"),
 ], ids=["switchable-nothing", "switchable-other-base", "switchable-weight", "pack-not-switchable", "pack-other-base",
         "pack-unmatched", "pack-partly-unmatched", "pack-two-full-tensors", "pack-missing-adapter",
         "pack-corrupt-adapter", "pack-dora", "pack-onto-the-model"])
