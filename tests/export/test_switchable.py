@@ -108,6 +108,31 @@ def test_a_trained_bias_becomes_an_input_of_its_module_alone_and_switches_with_t
     np.testing.assert_array_equal(z, z_base)
 
 
+def test_a_lora_tensor_the_exporter_stored_once_for_two_modules_becomes_inputs_of_each(tmp_path):
+    """Exporters store equal tensors once (two B still at zero): each module gets its own inputs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    nodes = []
+    for module, output in (("query", "q"), ("value", "v")):
+        nodes += [make_node("MatMul", ["x", f"{module}.weight_t"], f"{module}_base", f"/{module}/base_layer/MatMul"),
+                  make_node("MatMul", ["x", f"{module}.a"], f"{module}_low", f"/{module}/MatMul"),
+                  make_node("MatMul", [f"{module}_low", "shared_b"], f"{module}_update", f"/{module}/MatMul_1"),
+                  make_node("Add", [f"{module}_base", f"{module}_update"], output, f"/{module}/Add")]
+    values = {"query.weight_t": WEIGHT.T, "value.weight_t": OTHER.T, "query.a": RNG.standard_normal((4, 2)),
+              "value.a": RNG.standard_normal((4, 2)), "shared_b": np.zeros((2, 3))}
+    model = make_model(nodes, [numpy_helper.from_array(np.asarray(value, np.float32), name)
+                               for name, value in values.items()], [x], "q")
+    model.graph.output.append(helper.make_tensor_value_info("v", TensorProto.FLOAT, None))
+    onnx.save(model, tmp_path / "model.onnx")
+    result = make_switchable(tmp_path / "model.onnx", keep_default=True, progress=False)
+    assert [line.split(":")[0] for line in result.modules] == ["query", "value"]
+    factors = _factor_initializers(result.output)
+    assert set(factors) == {"query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"}
+    update = np.ones((2, 3), np.float32)
+    query, value = session(result.output).run(None, {"x": X, "query.lora_B": update})
+    assert_close(query, X @ WEIGHT.T + (X @ values["query.a"].astype(np.float32)) @ update, np.float32)
+    assert_close(value, X @ OTHER.T, np.float32)
+
+
 def _stacked(folder: Path) -> Path:
     """Two LoRA branches added one after the other to one base product."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])

@@ -13,14 +13,12 @@ import warnings
 import numpy as np
 import pytest
 
-from tests.numerics import assert_close
-
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from lora_spec.export import make_switchable, merge_onnx, pack_adapter  # noqa: E402
 from lora_spec.export.pack import active_adapter  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
+from lora_spec.export.verify import relative_difference, session  # noqa: E402
 from tests.export.onnx_roundtrip import INPUT_SHAPES  # noqa: E402
 
 
@@ -36,9 +34,10 @@ def _switching_runs(served, adapters: dict, feeds: dict, folder) -> dict:
     return outputs
 
 
-def _assert_outputs(actual: list, expected: list, dtype=np.float32) -> None:
+def _assert_outputs(actual: list, expected: list, tolerance: float = 1e-4) -> None:
+    """Equal within `tolerance` of the largest output (the issue's bar: 1e-4 in float32, 1e-2 in float16)."""
     for got, want in zip(actual, expected, strict=True):
-        assert_close(got, want, dtype, factor=10)
+        assert got.shape == want.shape and relative_difference(got, want) <= tolerance
 
 
 # --- PyTorch: an MLP run on a 2-D and a 3-D input (Gemm and MatMul), exported with one adapter's branches -------
@@ -168,8 +167,8 @@ def test_a_float16_export_gets_float16_factors_and_switches_within_half_precisio
         with model.disable_adapter():
             base_output = model(x).float().numpy()
     assert outputs["adapter"][0].dtype == np.float16
-    _assert_outputs(outputs["adapter"], [expected], np.float16)
-    _assert_outputs(outputs[None], [base_output], np.float16)
+    _assert_outputs(outputs["adapter"], [expected], 1e-2)
+    _assert_outputs(outputs[None], [base_output], 1e-2)
 
 
 # --- Keras: exported with one adapter's branches (3-D products, attention heads, convolutions) -------------------
