@@ -173,9 +173,10 @@ def main() -> None:
                                f"{first / steady:.3f} |")
             for batch in batches:
                 median = latencies(paths, inputs(batch), rounds(batch))
-                latency_rows.append(f"| {name} | {batch} | {median['merged'] * 1e3:.2f} | {median['adapter'] * 1e3:.2f} "
-                                    f"| {median['rank 0'] * 1e3:.2f} | {median['adapter'] / median['merged']:.3f} | "
-                                    f"{median['rank 0'] / median['merged']:.3f} |")
+                latency_rows.append(
+                    f"| {name} | {batch} | {median['merged'] * 1e3:.2f} | {median['adapter'] * 1e3:.2f} | "
+                    f"{median['rank 0'] * 1e3:.2f} | {median['adapter'] / median['merged']:.3f} | "
+                    f"{median['rank 0'] / median['merged']:.3f} |")
             added = memory(paths, name, repeats)
             memory_rows.append(f"| {name} | {added['served'] / 2**20:.1f} | {added['merged'] / 2**20:.1f} | "
                                f"{added['served'] / added['merged']:.3f} |")

@@ -17,7 +17,7 @@ other op is refused by name (onnxruntime's `FusedMatMul`, say, from a graph it o
 |---|---|---|---|
 | MatMul, Gemm | `[in, r]` | `[r, out]` | `MatMul(MatMul(x, A), B)` (x untransposed first for a Gemm's `transA`) |
 | Gather (embedding rows) | `[num_embeddings, r]` | `[r, dim]` | `MatMul(Gather(A, ids), B)` |
-| Conv (2-D) | `[r, in/groups, kh, kw]` | `[out, r/groups, 1, 1]` | `Conv(Conv(x, A), B)`, A with the base's geometry, B a grouped 1x1 |
+| Conv (2-D) | `[r, in/groups, kh, kw]` | `[out, r/groups, 1, 1]` | `Conv(Conv(x, A), B)` (A: the base's geometry) |
 """
 
 from __future__ import annotations

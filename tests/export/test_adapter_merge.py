@@ -261,7 +261,8 @@ def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path, call_s
                f"{call_scope}functional_1/dense_1_2/Cast/ReadVariableOp:0": -WEIGHT.T}
     nodes = [make_node("MatMul", ["x", name], f"y{number}", name.replace("Cast/ReadVariableOp:0", "MatMul"))
              for number, name in enumerate(weights)]
-    model = make_model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x], "y0")
+    model = make_model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x],
+                       "y0")
     directory = write_adapter(tmp_path / "a", {"dense": (LORA_A, LORA_B), "dense_1": (LORA_A, 2 * LORA_B)})
     plan = plan_for(model, [(directory, 1.0)])
     assert sorted(plan.matched) == [("dense", f"{call_scope}functional_1/dense_1/MatMul"),
@@ -306,7 +307,8 @@ def test_a_torchscript_module_run_twice_is_merged_at_both_calls_and_a_module_nam
 
 def test_an_ambiguous_suffix_matches_nothing(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    nodes = [make_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}") for number in (0, 1)]
+    nodes = [make_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}")
+             for number in (0, 1)]
     initializers = [numpy_helper.from_array(WEIGHT.T.copy(), f"layer.{number}.query.weight") for number in (0, 1)]
     model = make_model(nodes, initializers, [x], "y0")
     directory = write_adapter(tmp_path / "a", {"query": (LORA_A, LORA_B), "layer.1.query": (LORA_A, LORA_B)})

@@ -306,8 +306,8 @@ def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, ar
      "module first has lora_A (2, 7)"),
     (["--pack", "{served}", "--adapter", "{folder}/stray", "-o", "{folder}/a.onnx_adapter"], 1,
      "1 of 1 adapter keys matched no weight of the graph: third"),
-    (["--pack", "{served}", "--adapter", "{folder}/one", "--adapter", "{folder}/stray", "-o", "{folder}/a.onnx_adapter"],
-     1, "or pass allow_partial=True (--allow-partial) to pack the keys that match"),
+    (["--pack", "{served}", "--adapter", "{folder}/one", "--adapter", "{folder}/stray", "-o",
+      "{folder}/a.onnx_adapter"], 1, "or pass allow_partial=True (--allow-partial) to pack the keys that match"),
     (["--pack", "{served}", "--adapter", "{folder}/headed", "--adapter", "{folder}/twin", "-o",
       "{folder}/a.onnx_adapter"], 1, "two adapters carry the full tensor second.weight"),
     (["--pack", "{served}", "--adapter", "{folder}/missing", "-o", "{folder}/a.onnx_adapter"], 1, "does not exist"),
@@ -348,7 +348,8 @@ def test_a_failed_switchable_or_pack_check_exits_4_and_writes_nothing(tmp_path, 
     before = _snapshot(tmp_path)
     monkeypatch.setattr(verify, "compare_outputs", lambda actual, expected: 0.5)
     argv = (["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
-            if mode == "switchable" else ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
+            if mode == "switchable" else
+            ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
     capsys.readouterr()
     status, _, err = _run(capsys, *argv)
     assert status == 4 and "above the tolerance" in err and err.count("\n") == 1
