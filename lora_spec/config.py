@@ -8,11 +8,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-INIT_METHODS = ("kaiming", "gaussian")
+# PEFT's `init_lora_weights` strings; "pissa_niter_<K>" stands for every K >= 0.
+INIT_METHODS = ("kaiming", "gaussian", "pissa", "pissa_niter_<K>", "olora")
+_NAMED_INITS = ("kaiming", "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
-
-# PEFT's `init_lora_weights` values that we implement, and ours in return.
-_PEFT_INIT = {True: "kaiming", "gaussian": "gaussian"}
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # PEFT fields that describe the run, not the math: read and ignored.
 _PEFT_METADATA = {
@@ -68,7 +68,12 @@ class LoRAConfig:
         alpha: numerator of the scaling; defaults to `r` (scaling 1).
         dropout: probability of zeroing an input of the low-rank path, in [0, 1).
         use_rslora: scale by `alpha / sqrt(r)` instead of `alpha / r`.
-        init: "kaiming" (A kaiming-uniform, PEFT's default) or "gaussian" (A ~ N(0, 1/r)).
+        init: "kaiming" (A kaiming-uniform, PEFT's default), "gaussian" (A ~ N(0, 1/r)), or one computed
+            from the base weight, which then becomes the residual (`lora_spec.inits`): "pissa" (its top r
+            singular triplets), "pissa_niter_<K>" (the same by PEFT's randomized SVD with K subspace
+            iterations) or "olora" (its QR decomposition). The strings are PEFT's `init_lora_weights`.
+        use_dora: DoRA (weight-decomposed LoRA, `lora_spec.dora`): a trained magnitude per output
+            feature rescales the adapted weight `W + s * B @ A`, normalised per feature.
         bias: which biases train: "none", "all", or "lora_only" (those of adapted layers).
         target_modules: names or a full-match regular expression selecting modules to adapt
             (PEFT's rule, see `matches_module`); None lets the backend pick.
@@ -87,6 +92,7 @@ class LoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
+    use_dora: bool = False
     bias: str = "none"
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
@@ -108,8 +114,11 @@ class LoRAConfig:
             raise ValueError(f"dropout={self.dropout!r} is invalid: use a probability in [0, 1).")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora={self.use_rslora!r} is invalid: use True or False.")
-        if self.init not in INIT_METHODS:
-            raise ValueError(f"init={self.init!r} is invalid: use one of {', '.join(map(repr, INIT_METHODS))}.")
+        if not (isinstance(self.init, str) and (self.init in _NAMED_INITS or pissa_iterations(self.init) is not None)):
+            raise ValueError(f"init={self.init!r} is invalid: use one of {', '.join(map(repr, INIT_METHODS))} "
+                             "(K an integer >= 0).")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora={self.use_dora!r} is invalid: use True or False.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is invalid: use one of {', '.join(map(repr, BIAS_MODES))}.")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
@@ -229,37 +238,36 @@ class LoRAConfig:
             "layers_pattern": _as_list(self.layers_pattern),
             "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": True,
-            "use_dora": False,
+            "use_dora": self.use_dora,
         }
 
     @classmethod
     def from_peft_dict(cls, peft: Mapping[str, Any]) -> LoRAConfig:
         """Read PEFT's `adapter_config.json` content.
 
-        A field for a feature we do not implement (DoRA, LoRA biases, another
-        `init_lora_weights`, ...) raises `ValueError` naming it: silently dropping it would
-        change the math.
+        A field for a feature we do not implement (LoRA biases, another `init_lora_weights`,
+        ...) raises `ValueError` naming it: silently dropping it would change the math.
         """
         if peft.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"peft_type={peft['peft_type']!r} is not supported: only LoRA adapters (peft_type 'LORA') load here.")
+        if peft.get("lora_bias") and peft.get("use_dora"):
+            raise ValueError("adapter config sets lora_bias=true with use_dora=true, which PEFT refuses too: DoRA "
+                             "adapters have no LoRA bias; re-save the adapter without lora_bias.")
         known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "bias",
                  "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                 "layers_pattern"}
+                 "layers_pattern", "use_dora"}
         for name, value in peft.items():
             if name not in known and name not in _PEFT_METADATA and name not in _PEFT_INERT and not _is_off(value):
                 raise ValueError(f"adapter config field {name}={value!r} is not supported by lora_spec: "
                                  "retrain the adapter without it.")
-        init = peft.get("init_lora_weights", True)
-        if not (init is True or init == "gaussian"):
-            raise ValueError(f"adapter config field init_lora_weights={init!r} is not supported: "
-                             "use true (kaiming) or 'gaussian'.")
         target_modules = peft.get("target_modules")
         return cls(
             r=peft.get("r", 8),
             alpha=peft.get("lora_alpha", 8),
             dropout=peft.get("lora_dropout", 0.0),
             use_rslora=peft.get("use_rslora", False),
-            init=_PEFT_INIT[init],
+            init=_init_from_peft(peft.get("init_lora_weights", True)),
+            use_dora=peft.get("use_dora") or False,
             bias=peft.get("bias", "none"),
             target_modules=target_modules,
             exclude_modules=peft.get("exclude_modules"),
@@ -269,6 +277,43 @@ class LoRAConfig:
             layers_to_transform=peft.get("layers_to_transform"),
             layers_pattern=peft.get("layers_pattern") or None,
         )
+
+
+def _init_from_peft(value: Any) -> str:
+    """Our `init` for PEFT's `init_lora_weights` (PEFT matches "olora" in any case)."""
+    if value is True:
+        return "kaiming"
+    if isinstance(value, str) and value.lower() == "olora":
+        return "olora"
+    if value in ("gaussian", "pissa") or (isinstance(value, str) and pissa_iterations(value) is not None):
+        return value
+    raise ValueError(f"adapter config field init_lora_weights={value!r} is not supported: use true (kaiming), "
+                     "'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora'.")
+
+
+def pissa_iterations(init: str) -> int | None:
+    """K of "pissa_niter_<K>" (PEFT's randomized SVD), None for any other init."""
+    found = _PISSA_NITER.fullmatch(init)
+    return int(found.group(1)) if found else None
+
+
+def is_weight_init(init: str) -> bool:
+    """Whether `init` computes A and B from the base weight (PiSSA, OLoRA), which becomes the residual."""
+    return init == "olora" or init.startswith("pissa")
+
+
+def check_backend_support(config: LoRAConfig) -> None:
+    """Refuse, naming the feature, what the PyTorch and Keras backends do not implement yet.
+
+    The core reads and writes DoRA and PiSSA/OLoRA adapters (`lora_spec.dora`, `lora_spec.inits`,
+    `lora-export --adapter`); a backend that ignored them would silently compute plain LoRA.
+    """
+    if config.use_dora:
+        raise ValueError("use_dora=True is not supported by the PyTorch and Keras backends of lora_spec yet: load "
+                         "DoRA adapters with PEFT, or merge them into an ONNX export with lora-export --adapter.")
+    if is_weight_init(config.init):
+        raise ValueError(f"init={config.init!r} is not supported by the PyTorch and Keras backends of lora_spec yet: "
+                         "use init='kaiming' or 'gaussian', or PEFT for PiSSA/OLoRA.")
 
 
 def _as_list(value: Any) -> Any:
@@ -283,7 +328,9 @@ def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> L
     if config is not None and not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
                         "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
-    return (config or LoRAConfig()).replace(**overrides)
+    resolved = (config or LoRAConfig()).replace(**overrides)
+    check_backend_support(resolved)
+    return resolved
 
 
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -328,3 +375,25 @@ def _module_names(field: str, value: Any, allow_regex: bool) -> str | tuple[str,
         return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
     kinds = "a list of module names or a regular expression" if allow_regex else "a list of module names"
     raise ValueError(f"{field}={value!r} is invalid: use {kinds}.")
+
+
+def config_for_layers(config: LoRAConfig, layers: Mapping[str, tuple[int, float]]) -> LoRAConfig:
+    """`config` restated for the layers that hold its adapter, given as `module path -> (rank, alpha)`.
+
+    The targets become those paths; a rank or alpha that the config's patterns would not give a
+    layer (applied again with other values, combined, hot-swapped) gets an anchored pattern of its
+    own, so the adapter file describes exactly the tensors it holds.
+    """
+    paths = list(layers)
+    first_rank, first_alpha = layers[paths[0]] if paths else (config.r, config.alpha)
+    base = config.replace(target_modules=tuple(paths) or config.target_modules, layers_to_transform=None,
+                          layers_pattern=None)
+    ranks = {path: rank for path, (rank, _) in layers.items()}
+    alphas = {path: alpha for path, (_, alpha) in layers.items()}
+    if all(base.rank_for(path) == rank for path, rank in ranks.items()) and \
+            all(base.alpha_for(path) == alpha for path, alpha in alphas.items()):
+        return base
+    return base.replace(
+        r=first_rank, alpha=first_alpha,
+        rank_pattern={f"^{re.escape(path)}": rank for path, rank in ranks.items() if rank != first_rank},
+        alpha_pattern={f"^{re.escape(path)}": alpha for path, alpha in alphas.items() if alpha != first_alpha})

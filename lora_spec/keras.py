@@ -1,10 +1,14 @@
-"""LoRA for Keras 3: `LoRADense`, `apply`, `merge`, `unmerge`, `merge_and_unload`, adapter files.
+"""LoRA for Keras 3: `LoRADense`, `apply`, named adapters, `merge`, `unmerge`, `merge_and_unload`, adapter files.
 
     import lora_spec.keras as lora
     model = lora.apply(model, r=16, alpha=32, target_modules=["query", "value"])
     model.compile(...); model.fit(...)
     lora.save_adapter(model, "adapter/")          # PEFT's format: lora_spec.torch and PEFT read it
     model = lora.merge_and_unload(model)          # plain Keras layers, no inference cost
+
+Several adapters use PEFT's names, as `lora_spec.torch`: `apply(..., adapter_name=)`,
+`load_adapter(..., adapter_name=)`, `set_adapter`, `delete_adapter`, `add_weighted_adapter`,
+`routed` / `RoutedModel` (per-row adapters) and `disable_adapters`.
 """
 
 from lora_spec._lazy import require
@@ -13,6 +17,7 @@ require("keras", "keras")
 
 from lora_spec.backends.keras_adapter import load_adapter, save_adapter  # noqa: E402
 from lora_spec.backends.keras_layers import (  # noqa: E402
+    LoRAAdapter,
     LoRAConv2D,
     LoRADense,
     LoRAEinsumDense,
@@ -20,12 +25,20 @@ from lora_spec.backends.keras_layers import (  # noqa: E402
     LoRALayer,
 )
 from lora_spec.backends.keras_model import (  # noqa: E402
+    RoutedModel,
     TrainableParameters,
+    active_adapters,
+    adapter_names,
+    add_weighted_adapter,
     apply,
+    delete_adapter,
+    disable_adapters,
     lora_layers,
     merge,
     merge_and_unload,
     named_layers,
+    routed,
+    set_adapter,
     trainable_parameters,
     unload,
     unmerge,
@@ -33,7 +46,8 @@ from lora_spec.backends.keras_model import (  # noqa: E402
 from lora_spec.config import LoRAConfig  # noqa: E402
 
 __all__ = [
-    "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer", "TrainableParameters",
-    "apply", "load_adapter", "lora_layers", "merge", "merge_and_unload", "named_layers", "save_adapter",
-    "trainable_parameters", "unload", "unmerge",
+    "LoRAAdapter", "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer",
+    "RoutedModel", "TrainableParameters", "active_adapters", "adapter_names", "add_weighted_adapter", "apply",
+    "delete_adapter", "disable_adapters", "load_adapter", "lora_layers", "merge", "merge_and_unload", "named_layers",
+    "routed", "save_adapter", "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lora_spec import _conv
-from lora_spec.config import LoRAConfig
+from lora_spec.config import LoRAConfig, is_weight_init
 
 
 class Gradients(NamedTuple):
@@ -37,6 +37,9 @@ def _rows(a: np.ndarray) -> np.ndarray:
 def init_lora_a(shape: tuple[int, ...], fan_in: int, config: LoRAConfig, rng: np.random.Generator,
                 dtype=np.float32) -> np.ndarray:
     """A by kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or N(0, 1/r)."""
+    if is_weight_init(config.init):
+        raise ValueError(f"init={config.init!r} computes A and B from the base weight: use "
+                         "lora_spec.inits.init_from_weight(W, config.init, r, s) instead.")
     if config.init == "gaussian":
         return rng.normal(0.0, 1.0 / shape[0], shape).astype(dtype)
     bound = 1.0 / np.sqrt(fan_in)

@@ -164,6 +164,32 @@ def conv2d_cases(draw, dtype=None, dropout: bool = True, max_groups: int = MAX_G
     )
 
 
+@dataclasses.dataclass
+class DoRACase:
+    """A layer case (`LinearCase`, `EmbeddingCase` or ungrouped `Conv2dCase`) and a DoRA magnitude for it."""
+
+    layer: str
+    case: LinearCase | EmbeddingCase | Conv2dCase
+    magnitude: np.ndarray
+
+
+LAYER_CASES = {"linear": linear_cases, "embedding": embedding_cases,
+               "conv2d": lambda dtype=None, dropout=True: conv2d_cases(dtype=dtype, dropout=dropout, max_groups=1)}
+
+
+@st.composite
+def dora_cases(draw, layer: str, dtype=None, dropout: bool = True) -> DoRACase:
+    """A `layer` ("linear", "embedding" or "conv2d") with its adapter and a magnitude as training
+    leaves it: the adapter's weight norm times 0.5 to 2 per output feature, in PEFT's shape."""
+    from lora_spec import dora
+
+    options = {} if layer == "embedding" else {"dropout": dropout}
+    case = draw(LAYER_CASES[layer](dtype=dtype, **options))
+    norm = dora.weight_norm(case.W, case.A, case.B, case.s, layer)
+    factors = np.random.default_rng(draw(seeds)).uniform(0.5, 2.0, norm.shape)
+    return DoRACase(layer=layer, case=case, magnitude=(norm * factors).astype(case.W.dtype))
+
+
 # --- ONNX graphs with LoRA branches (the exporter's tests) -------------------------------------------------------
 
 ONNX_OPSET = 17
@@ -417,12 +443,17 @@ MAX_ADAPTERS = 3
 
 @dataclasses.dataclass
 class AdapterSetCase:
-    """Several adapters on one layer (`W` linear `(out, in)` or conv), each `(A, B, s)`, with a weight each."""
+    """Several adapters on one layer, each `(A, B, s)` with a weight: the layer and its input are `base`'s (a
+    `LinearCase`, `EmbeddingCase` or `Conv2dCase`, whose own adapter is ignored) and `W` is its weight."""
 
-    W: np.ndarray
+    base: object
     adapters: list
     weights: list
     layer: str
+
+    @property
+    def W(self) -> np.ndarray:
+        return self.base.W
 
 
 @st.composite
@@ -437,51 +468,111 @@ def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False)
     shared_rank = draw(rank_draws)
     ranks = [shared_rank if equal_ranks else draw(rank_draws) for _ in range(count)]
     if layer == "conv2d":
-        case = draw(conv2d_cases(dtype=np.float64, dropout=False))
-        groups, kernel = case.groups, case.W.shape[2:]
-        W, ranks = case.W, [groups * r for r in ranks]
-        a_shape = lambda r: (r, case.W.shape[1], *kernel)
-        b_shape = lambda r: (case.W.shape[0], r // groups, 1, 1)
+        base = draw(conv2d_cases(dtype=np.float64, dropout=False))
+        groups, kernel = base.groups, base.W.shape[2:]
+        ranks = [groups * r for r in ranks]
+        a_shape = lambda r: (r, base.W.shape[1], *kernel)
+        b_shape = lambda r: (base.W.shape[0], r // groups, 1, 1)
+    elif layer == "embedding":  # the table is (num_embeddings, dim): A reads its rows, B makes its columns
+        base = draw(embedding_cases(dtype=np.float64))
+        a_shape, b_shape = (lambda r: (r, base.W.shape[0])), (lambda r: (base.W.shape[1], r))
     else:
-        W = draw(base_weights(np.float64))
-        out, fan_in = W.shape
-        a_shape, b_shape = (lambda r: (r, fan_in)), (lambda r: (out, r))
-        if layer == "embedding":  # the table is (num_embeddings, dim): A reads its rows, B makes its columns
-            W = W.T
+        base = draw(linear_cases(dtype=np.float64, dropout=False))
+        a_shape, b_shape = (lambda r: (r, base.W.shape[1])), (lambda r: (base.W.shape[0], r))
     adapters = [Factors(draw(arrays(a_shape(r), np.float64, 0.5)), draw(arrays(b_shape(r), np.float64, 0.5)),
                         draw(scales)) for r in ranks]
     weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
-    return AdapterSetCase(W=W, adapters=adapters, weights=weights, layer=layer)
+    return AdapterSetCase(base=base, adapters=adapters, weights=weights, layer=layer)
+
+
+# --- ONNX graphs with DoRA layers -----------------------------------------------------------------------------------
+
+DORA_GRAPH_FORMS = ("torchscript", "dynamo", "keras")
 
 
 @dataclasses.dataclass
-class ServedLayerCase:
-    """One layer (`linear`, `embedding` or `conv2d`, with its input) and adapters to serve on it.
+class DoRAGraphCase:
+    """An ONNX graph of one linear DoRA layer on input `x`, the same graph without the adapter, and
+    the reference's output. `form` says how the layer is written:
 
-    `layer_case` is a `LinearCase`, `EmbeddingCase` or `Conv2dCase` (its own adapter is the first);
-    `adapters` are 1 to `MAX_ADAPTERS` `(A, B, s)` of their own ranks and scalings, with a weight each.
+    - "torchscript": PEFT's `base + ((f - 1) * (base - b) + (f * x A B) * s)` with `f = m / n`
+      computed in the graph from W, A, B and m (`ReduceL2`, `Div`, `Reshape`), as TorchScript keeps it;
+    - "dynamo": the same sum with `f` and `f - 1` stored as `(1, out)` initializers;
+    - "keras": `(x W) * f + (x A B) * (s * f)`, then the bias `Add`.
     """
 
-    layer: str
-    layer_case: object
-    adapters: list
-    weights: list
+    model: object
+    base_model: object
+    x: np.ndarray
+    expected: np.ndarray
+    form: str
+    base: str
+    bias: bool
 
 
 @st.composite
-def served_layer_cases(draw, dtype=np.float32) -> ServedLayerCase:
-    """A layer and 1 to `MAX_ADAPTERS` adapters for it (ranks multiples of a conv's groups), weights of either sign."""
-    from lora_spec.multi_adapter import Factors
+def dora_graph_cases(draw) -> DoRAGraphCase:
+    from onnx import TensorProto, helper, numpy_helper
 
-    layer = draw(st.sampled_from(["linear", "embedding", "conv2d"]))
-    case = draw({"linear": linear_cases(dtype, dropout=False), "embedding": embedding_cases(dtype),
-                 "conv2d": conv2d_cases(dtype, dropout=False)}[layer])
-    groups = case.groups if layer == "conv2d" else 1
-    adapters = [Factors(case.A, case.B, case.s)]
-    for _ in range(draw(st.integers(0, MAX_ADAPTERS - 1))):
-        rank = groups * draw(st.integers(1, max(1, MAX_RANK // groups)))
-        adapters.append(Factors(draw(arrays((rank, *case.A.shape[1:]), dtype, 0.5)),
-                                draw(arrays((case.B.shape[0], rank // groups, *case.B.shape[2:]), dtype, 0.5)),
-                                draw(scales)))
-    weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
-    return ServedLayerCase(layer=layer, layer_case=case, adapters=adapters, weights=weights)
+    from lora_spec import dora
+
+    dora_case = draw(dora_cases("linear", np.float32, dropout=False))
+    case, magnitude = dora_case.case, dora_case.magnitude
+    form = draw(st.sampled_from(DORA_GRAPH_FORMS))
+    base_op = "MatMul" if form == "keras" or case.x.ndim == 3 else draw(st.sampled_from(["MatMul", "Gemm"]))
+    bias = case.b is not None
+    out = case.W.shape[0]
+    factor = (magnitude / dora.weight_norm(case.W, case.A, case.B, case.s)).astype(np.float32)
+    arrays = {"weight": case.W.T if base_op == "MatMul" else case.W, "lora_A": case.A.T, "lora_B": case.B.T,
+              "scale": np.float32(case.s), "one": np.float32(1.0)}
+    if bias:
+        arrays["bias"] = case.b
+    nodes = []
+
+    def node(op, inputs, name, **attributes):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attributes))
+        return name
+
+    def base_product(with_bias: bool) -> str:
+        if base_op == "Gemm":
+            return node("Gemm", ["x", "weight"] + (["bias"] if with_bias else []), "base", transB=1)
+        product = node("MatMul", ["x", "weight"], "base")
+        return node("Add", [product, "bias"], "base_bias") if with_bias else product
+
+    def finish(output: str):
+        graph = helper.make_graph(
+            nodes, "dora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x.shape))],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [*case.x.shape[:-1], out])],
+            [numpy_helper.from_array(np.asarray(value, np.int64 if np.asarray(value).dtype.kind == "i" else np.float32),
+                                     name) for name, value in arrays.items() if any(name in item.input for item in nodes)])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
+
+    base_model = finish(node("Identity", [base_product(bias)], "y"))
+    nodes.clear()
+    lora = node("MatMul", [node("MatMul", ["x", "lora_A"], "lora_a"), "lora_B"], "lora_b")
+    if form == "keras":
+        arrays |= {"factor": factor, "lora_factor": factor * case.s}
+        total = node("Add", [node("Mul", [base_product(False), "factor"], "rescaled"),
+                             node("Mul", [lora, "lora_factor"], "update")], "dora")
+        output = node("Add", [total, "bias"], "dora_bias") if bias else total
+    else:
+        if form == "dynamo":
+            arrays |= {"factor": factor.reshape(1, out), "factor_minus_one": factor.reshape(1, out) - 1}
+            factor_name, minus_one = "factor", "factor_minus_one"
+        else:
+            arrays |= {"magnitude": magnitude, "weight_out_in": case.W, "lora_B_ref": case.B, "lora_A_ref": case.A,
+                       "row": np.array([1, -1], np.int64)}
+            update = node("Mul", [node("MatMul", ["lora_B_ref", "lora_A_ref"], "delta"), "scale"], "scaled_delta")
+            norm = node("ReduceL2", [node("Add", ["weight_out_in", update], "adapted")], "norm", axes=[1], keepdims=0)
+            factor_name = node("Reshape", [node("Div", ["magnitude", norm], "ratio"), "row"], "factor")
+            minus_one = node("Sub", [factor_name, "one"], "factor_minus_one")
+        base = base_product(bias)
+        without_bias = node("Sub", [base, "bias"], "base_without_bias") if bias else base
+        rescaled = node("Mul", [minus_one, without_bias], "rescaled")
+        update = node("Mul", [node("Mul", [factor_name, lora], "lora_rescaled"), "scale"], "update")
+        output = node("Add", [base, node("Add", [rescaled, update], "dora_terms")], "dora")
+    model = finish(node("Identity", [output], "y"))
+    expected = dora.dora_forward(case.x.astype(np.float64), case.W.astype(np.float64), case.b, case.A, case.B, case.s,
+                                 magnitude)
+    return DoRAGraphCase(model=model, base_model=base_model, x=case.x, expected=expected, form=form, base=base_op,
+                         bias=bias)

@@ -24,7 +24,10 @@ def test_alpha_defaults_to_r_so_scaling_is_one():
     ("dropout", 1.0, "dropout=1.0 is invalid: use a probability in [0, 1)."),
     ("dropout", -0.1, "dropout=-0.1 is invalid"),
     ("use_rslora", "yes", "use_rslora='yes' is invalid: use True or False."),
-    ("init", "pissa", "init='pissa' is invalid: use one of 'kaiming', 'gaussian'."),
+    ("init", "pissa_niter_two", "init='pissa_niter_two' is invalid: use one of 'kaiming', 'gaussian', 'pissa', "
+                                "'pissa_niter_<K>', 'olora' (K an integer >= 0)."),
+    ("init", "pissa_niter_<K>", "init='pissa_niter_<K>' is invalid"),
+    ("use_dora", 1, "use_dora=1 is invalid: use True or False."),
     ("bias", "some", "bias='some' is invalid: use one of 'none', 'all', 'lora_only'."),
     ("target_modules", [], "target_modules=[] is invalid"),
     ("target_modules", "(unclosed", "target_modules '(unclosed' is not a valid regular expression"),
@@ -81,11 +84,14 @@ def test_is_target_honours_exclusions_and_keeps_adapters_out_of_modules_to_save(
     assert config.is_module_to_save("model.classifier")
 
 
-def test_round_trip_through_our_peft_dict_keeps_every_field():
-    config = LoRAConfig(r=4, alpha=12.0, dropout=0.1, use_rslora=True, init="gaussian", bias="lora_only",
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "pissa_niter_4", "olora"])
+def test_round_trip_through_our_peft_dict_keeps_every_field(init):
+    config = LoRAConfig(r=4, alpha=12.0, dropout=0.1, use_rslora=True, init=init, use_dora=True, bias="lora_only",
                         target_modules=("q", "v"), modules_to_save=("classifier",), rank_pattern={"q": 2},
                         alpha_pattern={"v": 3.0}, layers_to_transform=(0, 3), layers_pattern=("h", "layers"))
-    assert LoRAConfig.from_peft_dict(json.loads(json.dumps(config.to_peft_dict()))) == config
+    written = json.loads(json.dumps(config.to_peft_dict()))
+    assert written["init_lora_weights"] == init and written["use_dora"] is True
+    assert LoRAConfig.from_peft_dict(written) == config
 
 
 def test_peft_dict_writes_the_resolved_target_list():
@@ -95,13 +101,42 @@ def test_peft_dict_writes_the_resolved_target_list():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("init_lora_weights", "pissa"),
+    ("init_lora_weights", "corda"), ("init_lora_weights", "pissa_niter_"), ("init_lora_weights", "PiSSA"),
     ("init_lora_weights", False), ("lora_bias", True), ("layer_replication", [[0, 2]]),
     ("peft_type", "IA3"), ("some_future_field", {"enabled": True}),
 ])
 def test_unsupported_peft_features_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         LoRAConfig.from_peft_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 8, field: value})
+
+
+def test_lora_bias_with_dora_is_refused_as_peft_refuses_it():
+    with pytest.raises(ValueError, match="lora_bias=true with use_dora=true, which PEFT refuses too"):
+        LoRAConfig.from_peft_dict({"r": 4, "use_dora": True, "lora_bias": True})
+
+
+def test_olora_is_read_in_any_case_as_peft_matches_it():
+    assert LoRAConfig.from_peft_dict({"init_lora_weights": "OLoRA"}).init == "olora"
+
+
+@pytest.mark.parametrize("options", [dict(use_dora=True), dict(init_lora_weights="pissa_niter_4"),
+                                     dict(init_lora_weights="olora", use_dora=True)])
+def test_dora_and_weight_inits_written_by_peft_read_back(tmp_path, options):
+    peft = pytest.importorskip("peft")
+    peft.LoraConfig(r=4, target_modules=["q"], **options).save_pretrained(tmp_path)
+    config = LoRAConfig.from_peft_dict(json.loads((tmp_path / "adapter_config.json").read_text()))
+    assert config.use_dora is options.get("use_dora", False)
+    assert config.init == options.get("init_lora_weights", "kaiming")
+
+
+@pytest.mark.parametrize("config, feature", [(LoRAConfig(use_dora=True), "use_dora=True"),
+                                             (LoRAConfig(init="pissa_niter_2"), "init='pissa_niter_2'"),
+                                             (LoRAConfig(init="olora"), "init='olora'")])
+def test_backends_refuse_dora_and_weight_inits_by_name_until_they_implement_them(config, feature):
+    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
+        resolve_config(config, {})
+    assert "\n" not in str(error.value)
+    assert resolve_config(None, {"init": "gaussian"}).init == "gaussian"
 
 
 def test_config_written_by_peft_itself_reads_back_with_the_same_math(tmp_path):

@@ -35,13 +35,3 @@ def test_conv2d_cases_give_a_non_empty_output_and_a_rank_divisible_by_groups(cas
 @given(strategies.embedding_cases())
 def test_embedding_ids_index_the_table(case):
     assert case.ids.min() >= 0 and case.ids.max() < case.W.shape[0] == case.A.shape[1]
-
-
-@given(strategies.served_layer_cases())
-def test_served_layer_adapters_all_fit_the_layer_with_one_weight_each(case):
-    first = case.adapters[0]
-    groups = first.A.shape[0] // first.B.shape[1]
-    assert len(case.weights) == len(case.adapters) and 1 <= len(case.adapters) <= strategies.MAX_ADAPTERS
-    for adapter in case.adapters:
-        assert adapter.A.shape[1:] == first.A.shape[1:] and adapter.B.shape[0] == first.B.shape[0]
-        assert adapter.A.shape[0] == groups * adapter.B.shape[1] and adapter.s > 0

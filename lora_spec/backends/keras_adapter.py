@@ -3,24 +3,28 @@
 The files are the PyTorch backend's: `A` and `B` in the reference layout, and fully trained
 tensors (`modules_to_save`, biases) under PyTorch's parameter names and layouts (`Dense`'s
 `kernel (in, out)` is stored as `weight (out, in)`, `gamma` as `weight`...), so an adapter moves
-between a Keras model and a PyTorch model whose module paths are the same.
+between a Keras model and a PyTorch model whose module paths are the same. Several adapters are
+stored as PEFT and `lora_spec.torch` store them: `"default"` in the folder, others in `<folder>/<name>/`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
-from lora_spec.adapter_io import PREFIX, AdapterWeights, load_adapter_dir, save_adapter_dir
+from lora_spec.adapter_io import PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir, save_adapter_dir
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LoRAEmbedding, LoRALayer, reference_shapes
-from lora_spec.backends.keras_model import CONFIG_ATTRIBUTE, adapt, config_of, lora_layers, named_layers, plan
-from lora_spec.config import LoRAConfig
+from lora_spec.backends.keras_model import (ACTIVE_ATTRIBUTE, activate, adapt, check_names, configs_of, lora_layers,
+                                            named_layers, plan, remember, remove_from_layers)
+from lora_spec.backends.keras_saved_modules import SavedModules
+from lora_spec.config import LoRAConfig, check_backend_support, config_for_layers
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 Layout = Callable[[np.ndarray, keras.layers.Layer], np.ndarray]
 
@@ -80,9 +84,9 @@ def _parameters(path: str, layer: keras.layers.Layer) -> Iterator[tuple[str, ker
         yield f"{path}.{names.get(variable.name, (variable.name,))[0]}", variable
 
 
-def _to_torch(variable: keras.Variable, layer: keras.layers.Layer) -> np.ndarray:
+def _to_torch(value: np.ndarray, variable: keras.Variable, layer: keras.layers.Layer) -> np.ndarray:
     to_torch = _torch_names(layer).get(variable.name, _AS_IS)[1]
-    return np.asarray(to_torch(ops.convert_to_numpy(variable), layer))
+    return np.asarray(to_torch(value, layer))
 
 
 def _from_torch(value: np.ndarray, variable: keras.Variable, layer: keras.layers.Layer) -> np.ndarray:
@@ -94,40 +98,58 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
 
 
-def _trained_extras(model: keras.layers.Layer, config: LoRAConfig,
-                    save_paths: list[str]) -> Iterator[tuple[str, keras.Variable, keras.layers.Layer]]:
-    """`(file name, variable, owning layer)` of the fully trained tensors: modules to save, then biases."""
-    for path, layer in named_layers(model):
+def _trained_extras(model: keras.layers.Layer, config: LoRAConfig, adapter_name: str,
+                    holders: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """`(file name, value in PyTorch's layout)` of one adapter's fully trained tensors: its copies of modules
+    to save, then biases (of the LoRA layers in `holders`, or every one with `bias="all"`)."""
+    saved = SavedModules.of(model)
+    by_path = dict(named_layers(model))
+    save_paths = [path for path in saved.current if adapter_name in saved.owners(path)]
+    values = {variable_path: value for path in save_paths
+              for variable_path, value in saved.values(path, by_path[path], adapter_name).items()}
+    for path, layer in by_path.items():
         if _under(path, save_paths):
             for name, variable in _parameters(path, layer):
-                yield name, variable, layer
+                yield name, _to_torch(values[variable.path], variable, layer)
         elif config.bias != "none" and getattr(layer, "bias", None) is not None:
-            if isinstance(layer, LoRALayer):
-                yield f"{path}.base_layer.bias", layer.bias, layer
-            elif config.bias == "all":
-                yield f"{path}.bias", layer.bias, layer
+            value = ops.convert_to_numpy(layer.bias)
+            if isinstance(layer, LoRALayer) and path in holders:
+                yield f"{path}.base_layer.bias", _to_torch(value, layer.bias, layer)
+            elif config.bias == "all" and not isinstance(layer, LoRALayer):
+                yield f"{path}.bias", _to_torch(value, layer.bias, layer)
 
 
-def _save_paths(model: keras.layers.Layer, config: LoRAConfig) -> list[str]:
-    return [path for path, _ in named_layers(model) if config.is_module_to_save(path)]
+def adapter_file(model: keras.layers.Layer, adapter_name: str) -> tuple[dict, AdapterWeights]:
+    """`(adapter_config.json content, tensors)` of one adapter of `model`."""
+    weights, ranks = AdapterWeights(), {}
+    for module_path, layer in lora_layers(model):
+        if adapter_name in layer.adapters:
+            weights.lora[module_path] = layer.lora_weights(adapter_name)
+            ranks[module_path] = (layer.adapter(adapter_name).r, layer.adapter(adapter_name).alpha)
+            if isinstance(layer, LoRAEmbedding):
+                weights.embeddings.add(module_path)
+    config = configs_of(model)[adapter_name]
+    weights.extra = dict(_trained_extras(model, config, adapter_name, set(ranks)))
+    return config_for_layers(config, ranks).to_peft_dict(list(ranks)), weights
 
 
-def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> None:
-    """Write the adapter of `model` to the directory `path` (created if needed), as PEFT does.
+def save_adapter(model: keras.layers.Layer, path: str | os.PathLike,
+                 adapter_name: str | Sequence[str] | None = None) -> None:
+    """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
 
-    `lora_spec.torch.load_adapter` and `peft.PeftModel.from_pretrained` read it on a PyTorch
-    model with the same module paths.
+    `adapter_name` None saves every adapter, a name or a list those only: `"default"` in `path`,
+    any other in `path/<name>/`. `lora_spec.torch.load_adapter` and `peft.PeftModel.from_pretrained`
+    read them on a PyTorch model with the same module paths. Every adapter is checked before any
+    is written.
     """
-    config = config_of(model)
-    weights = AdapterWeights()
-    layers = list(lora_layers(model))
-    for module_path, layer in layers:
-        weights.lora[module_path] = layer.lora_weights()
-        if isinstance(layer, LoRAEmbedding):
-            weights.embeddings.add(module_path)
-    extras = _trained_extras(model, config, _save_paths(model, config))
-    weights.extra = {name: _to_torch(variable, layer) for name, variable, layer in extras}
-    save_adapter_dir(path, config.to_peft_dict([module_path for module_path, _ in layers]), weights)
+    names = list(configs_of(model)) if adapter_name is None else (
+        [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    check_names(model, names)
+    files = [(adapter_folder(path, name), *adapter_file(model, name)) for name in names]
+    for _, _, weights in files:
+        weights.check_finite()
+    for folder, config_dict, weights in files:
+        save_adapter_dir(folder, config_dict, weights)
 
 
 def _key(name: str) -> str:
@@ -160,10 +182,6 @@ def _check_lora(by_path: dict[str, keras.layers.Layer], weights: AdapterWeights,
         if is_embedding != (path in weights.embeddings):
             kind = "an embedding" if is_embedding else "not an embedding"
             raise ValueError(f"adapter key {_key(path + suffix)} does not fit: layer {path!r} is {kind}.")
-        if isinstance(layer, LoRALayer) and (layer.r, layer.scaling) != (config.rank_for(path), config.scaling_for(path)):
-            raise ValueError(f"layer {path!r} has an adapter with r={layer.r}, scaling={layer.scaling:g}, but the file's "
-                             f"is r={config.rank_for(path)}, scaling={config.scaling_for(path):g}: call unload(model) "
-                             "before loading it.")
         rank = config.rank_for(path)
         for half, tensor, shape in zip("AB", (lora_a, lora_b), reference_shapes(layer, rank)):
             if tuple(tensor.shape) != shape:
@@ -198,31 +216,56 @@ def _checked_extras(by_path: dict[str, keras.layers.Layer],
     return assignments
 
 
-def load_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> keras.layers.Layer:
-    """Load an adapter directory written by `save_adapter` (Keras or PyTorch) or PEFT; returns `model`.
+def _planned(model: keras.layers.Layer, name: str, folder) -> tuple:
+    """Read one adapter folder and check it against `model`, which stays untouched."""
+    try:
+        file_config, _, weights = load_adapter_dir(folder)
+        check_backend_support(file_config)
+        config, target_paths, save_paths = plan(model, file_config, require_modules_to_save=False, adapter_name=None)
+        by_path = dict(named_layers(model))
+        _check_lora(by_path, weights, config, target_paths)
+        assignments = _checked_extras(by_path, weights)
+    except ValueError as error:
+        raise ValueError(f"adapter {name!r}: {error}" if name != DEFAULT_ADAPTER else str(error)) from None
+    return name, config, target_paths, save_paths, weights, assignments
 
-    When `model` has no LoRA yet, it is applied in place with the file's config; a model that
-    has LoRA gets the file's weights (same ranks required). Everything is checked before the
-    model changes: a name or shape that does not fit raises ValueError naming it.
+
+def load_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_name: str | None = None) -> keras.layers.Layer:
+    """Load adapters written by `save_adapter` (Keras or PyTorch) or PEFT into `model`; returns `model`.
+
+    As `lora_spec.torch.load_adapter`: with `adapter_name`, the folder `path` is loaded under that
+    name, replacing an adapter of the same name; without it, `path` is loaded as `"default"` and each
+    subfolder holding an adapter_config.json under its own name. Targets, ranks and alphas are the
+    files'; a model without LoRA gets the first loaded adapter active, otherwise the active adapters
+    stay. Everything is checked before the model changes: a name or shape that does not fit raises
+    ValueError naming it.
     """
-    file_config, _, weights = load_adapter_dir(path)
-    existing = list(lora_layers(model)) if isinstance(model, keras.layers.Layer) else []
-    if existing:
-        if any(layer.merged for _, layer in existing):
-            raise ValueError("the model's adapter is merged: call unmerge(model) before load_adapter.")
-        config = file_config
-        target_paths, save_paths = [p for p, _ in existing], _save_paths(model, file_config)
-    else:
-        config, target_paths, save_paths = plan(model, file_config, require_modules_to_save=False)
-    by_path = dict(named_layers(model))
-    _check_lora(by_path, weights, config, target_paths)
-    assignments = _checked_extras(by_path, weights)
-    if not existing:
-        adapt(model, config, target_paths, save_paths)
-    else:
-        setattr(model, CONFIG_ATTRIBUTE, config.replace(target_modules=tuple(target_paths)))
-    for module_path, (lora_a, lora_b) in weights.lora.items():
-        by_path[module_path].set_lora_weights(lora_a, lora_b)
-    for variable, value in assignments:
-        variable.assign(value)
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"model must be a keras.Model or keras.layers.Layer, not {type(model).__name__}.")
+    entries = [(check_adapter_name(adapter_name), path)] if adapter_name is not None else adapter_folders(path)
+    existing = list(lora_layers(model))
+    if any(layer.merged for _, layer in existing):
+        raise ValueError("the model's adapters are merged: call unmerge(model) before load_adapter.")
+    planned = [_planned(model, name, folder) for name, folder in entries]
+    configs = configs_of(model) if existing else {}
+    active = list(model.__dict__.get(ACTIVE_ATTRIBUTE) or [planned[0][0]]) if existing else [planned[0][0]]
+    saved = SavedModules.of(model)
+    for name, config, target_paths, save_paths, weights, assignments in planned:
+        if name in configs:  # replaced: the new adapter keeps its place among the active ones
+            remove_from_layers(model, name)
+            configs.pop(name)
+            remember(model, configs, active)
+        adapt(model, config, target_paths, save_paths, adapter_name=name)
+        configs = configs_of(model)
+        by_path = dict(named_layers(model))
+        for module_path, (lora_a, lora_b) in weights.lora.items():
+            by_path[module_path].set_lora_weights(lora_a, lora_b, name)
+        owners = {variable.path: save_path for save_path in save_paths for variable in by_path[save_path].weights}
+        for variable, value in assignments:
+            if variable.path in owners:
+                saved.assign(owners[variable.path], name, variable, value)
+            else:
+                variable.assign(value)
+    remember(model, configs, active)
+    activate(model, active)
     return model

@@ -1,12 +1,12 @@
-"""Keras 3 LoRA layers: `LoRADense`, `LoRAEinsumDense`, `LoRAEmbedding`, written with `keras.ops` only.
+"""Keras 3 LoRA layers: `LoRADense`, `LoRAEinsumDense`, `LoRAEmbedding`, `LoRAConv2D`, written with `keras.ops` only.
 
 Each is a subclass of the Keras layer it adapts, so it is a drop-in replacement and an existing
-layer can become one in place (`adapt_in_place`). Keras layouts are the transpose of the
-reference's: `kernel = W.T (in, out)`, `lora_a = A.T (in, r)`, `lora_b = B.T (r, out)` (an
-`EinsumDense` keeps its kernel's input and output axes unflattened). The low-rank path runs on the
-activations, `((x @ lora_a) * s) @ lora_b`, so training never builds a full-size matrix. Merging
-calls the reference on the weights; the unmerged kernel is kept so that `unmerge` restores it
-bit for bit.
+layer can become one in place (`adapt_in_place`). A layer holds named adapters (`LoRAAdapter`)
+and adds the updates of the active ones. Keras layouts are the transpose of the reference's:
+`kernel = W.T (in, out)`, `lora_a = A.T (in, r)`, `lora_b = B.T (r, out)` (an `EinsumDense` keeps
+its kernel's input and output axes unflattened). The low-rank path runs on the activations,
+`((x @ lora_a) * s) @ lora_b`, so training never builds a full-size matrix. Merging calls the
+reference on the weights; the unmerged kernel is kept so that `unmerge` restores it bit for bit.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from keras import ops
 from lora_spec import reference
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
-from lora_spec.config import LoRAConfig, scaling
+from lora_spec.config import LoRAConfig, check_backend_support, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, combine
+
 
 PACKAGE = "lora_spec"
 # Keras's own LoRA arguments: accepting them would stack a second, merged-on-save adapter.
@@ -51,34 +53,95 @@ def _switch_class(layer: keras.layers.Layer, cls: type[keras.layers.Layer]) -> N
     layer.call_signature_parameters = list(layer._call_signature.parameters)
 
 
+class LoRAAdapter:
+    """One adapter on one Keras layer: its variables `lora_a`, `lora_b` (Keras layout, created when the
+    layer is built), its hyper-parameters and, with dropout, its seed generator."""
+
+    def __init__(self, name: str, r: int, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "kaiming") -> None:
+        checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        check_backend_support(checked)
+        self.name = check_adapter_name(name)
+        self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout
+        self.use_rslora, self.init = checked.use_rslora, checked.init
+        self.lora_a: keras.Variable | None = None
+        self.lora_b: keras.Variable | None = None
+        self.seed_generator: keras.random.SeedGenerator | None = None
+
+    @property
+    def scaling(self) -> float:
+        """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
+        return scaling(self.alpha, self.r, self.use_rslora)
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments of this adapter."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora,
+                "init": self.init}
+
+    def variable_name(self, half: str) -> str:
+        """`lora_a`/`lora_b` for the default adapter (as files written before named adapters hold them),
+        `lora_a_<name>` for others (Keras's torch backend refuses dots in variable names)."""
+        return half if self.name == DEFAULT_ADAPTER else f"{half}_{self.name}"
+
+
+def _single(attribute: str) -> property:
+    """A layer attribute that is the one active adapter's (as when a layer held one adapter)."""
+
+    def read(layer):
+        return getattr(layer.adapter(), attribute)
+
+    def write(layer, value):
+        setattr(layer.adapter(), attribute, value)
+
+    return property(read, write, doc=f"The `{attribute}` of the layer's one active adapter.")
+
+
 class LoRALayer:
-    """What the three LoRA layers share: hyper-parameters, variables, dropout, merge state, saving.
+    """What the LoRA layers share: named adapters, which are active, dropout, merge state, routing, saving.
 
     A subclass names the Keras layer it extends (`base_class`), the variable LoRA updates
-    (`_base_weight`), the update's formula in the reference (`lora_kind`), and how its base
-    weight maps to the reference layout.
+    (`_base_weight`), the update's formula in the reference (`lora_kind`), how its base weight
+    maps to the reference layout, and how one adapter's update is computed (`_update`).
     """
 
     base_class: type[keras.layers.Layer]
     lora_kind = "linear"
 
+    r = _single("r")
+    alpha = _single("alpha")
+    dropout = _single("dropout")
+    use_rslora = _single("use_rslora")
+    init = _single("init")
+    scaling = _single("scaling")
+    lora_a = _single("lora_a")
+    lora_b = _single("lora_b")
+    seed_generator = _single("seed_generator")
+
     # -- construction -------------------------------------------------------------------------
 
-    def _set_lora(self, r: int, alpha: float | None, dropout: float, use_rslora: bool, init: str,
-                  train_bias: bool) -> None:
-        checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+    def _set_lora(self, r: int, alpha: float | None, dropout: float, use_rslora: bool, init: str, train_bias: bool,
+                  adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None) -> None:
         if not isinstance(train_bias, bool):
             raise ValueError(f"train_bias={train_bias!r} is invalid: use True or False.")
-        self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout
-        self.use_rslora, self.init, self.train_bias = checked.use_rslora, checked.init, train_bias
-        self.merged = False
+        arguments = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        specs = adapters if adapters else {DEFAULT_ADAPTER: arguments}
+        self.train_bias = train_bias
+        self._lora_adapters = {name: LoRAAdapter(name, **spec) for name, spec in specs.items()}
+        self.active_adapters = list(active_adapters) if active_adapters is not None else [next(iter(specs))]
+        self.merged_adapters: list[str] = []
+        self.adapter_enabled = True
         self._unmerged_weight = None
-        self.seed_generator = keras.random.SeedGenerator() if checked.dropout else None
+        self._routes = None
+        for adapter in self._lora_adapters.values():
+            if adapter.dropout:
+                adapter.seed_generator = keras.random.SeedGenerator()
 
     @classmethod
     def adapt_in_place(cls, layer: keras.layers.Layer, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                       use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False) -> None:
-        """Turn a built `base_class` layer into this LoRA layer, keeping the object and its weights.
+                       use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                       adapter_name: str = DEFAULT_ADAPTER) -> None:
+        """Turn a built `base_class` layer into this LoRA layer holding adapter `adapter_name`, keeping the
+        object and its weights.
 
         Functional graphs, parents and optimisers keep pointing at the same layer, which is why
         `apply` converts in place instead of rebuilding the model.
@@ -87,7 +150,9 @@ class LoRALayer:
         _switch_class(layer, cls)
         layer._tracker.unlock()
         try:
-            layer._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+            layer._set_lora(r, alpha, dropout, use_rslora, init, train_bias,
+                            adapters={adapter_name: dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                                         init=init)})
             layer._build_lora()
         finally:
             layer._tracker.lock()
@@ -109,23 +174,71 @@ class LoRALayer:
             raise ValueError(f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA "
                              "to the float model.")
 
+    def add_adapter(self, name: str, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                    use_rslora: bool = False, init: str = "kaiming") -> LoRAAdapter:
+        """Add an inactive adapter called `name` to this built layer, initialised as `init` says."""
+        if name in self._lora_adapters:
+            raise ValueError(f"layer {self.name!r} already has an adapter {name!r}: delete it first or choose "
+                             "another name.")
+        type(self).check_groups(self, r)
+        adapter = LoRAAdapter(name, r, alpha, dropout, use_rslora, init)
+        self._tracker.unlock()
+        try:
+            if adapter.dropout:
+                adapter.seed_generator = keras.random.SeedGenerator()
+            self._lora_adapters[name] = adapter
+            self._build_adapter(adapter)
+        finally:
+            self._tracker.lock()
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the (unmerged) adapter `name`, its variables and its name from the active ones."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into layer {self.name!r}: unmerge before deleting it.")
+        adapter = self._lora_adapters.pop(name)
+        for variable in (adapter.lora_a, adapter.lora_b):
+            self._untrack_variable(variable)
+        if adapter.seed_generator is not None:
+            self._tracker.untrack(adapter.seed_generator)
+        self.active_adapters = [active for active in self.active_adapters if active != name]
+
+    @property
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        """The layer's adapters by name, in the order they were added."""
+        return dict(self._lora_adapters)
+
+    def adapter(self, name: str | None = None) -> LoRAAdapter:
+        """The adapter called `name`, or, by default, the one active adapter of this layer."""
+        if name is not None:
+            return self._lora_adapters[name]
+        active = [active for active in self.active_adapters if active in self._lora_adapters]
+        if len(active) != 1:
+            raise ValueError(f"layer {self.name!r} has {len(active)} active adapters ({', '.join(active) or 'none'}) "
+                             f"of {', '.join(self._lora_adapters) or 'none'}: name one, layer.adapter(name).")
+        return self._lora_adapters[active[0]]
+
+    def set_active_adapters(self, names: list[str]) -> None:
+        """Run (and train) the adapters `names` that this layer holds; the others are frozen."""
+        self.active_adapters = list(names)
+        self._freeze_base()
+
     def unload(self) -> keras.layers.Layer:
-        """Drop the adapter and turn back, in place, into a plain `base_class` layer with the base weights."""
+        """Drop the adapters and turn back, in place, into a plain `base_class` layer with the base weights."""
         self.unmerge()
         return self._to_base_class()
 
     def merge_and_unload(self) -> keras.layers.Layer:
-        """Merge the adapter for good and turn back, in place, into a plain `base_class` layer."""
+        """Merge the active adapters for good and turn back, in place, into a plain `base_class` layer."""
         self.merge()
-        self._unmerged_weight, self.merged = None, False
+        self._unmerged_weight, self.merged_adapters = None, []
         return self._to_base_class()
 
     def _to_base_class(self) -> keras.layers.Layer:
-        del self.lora_a, self.lora_b
-        if self.seed_generator is not None:
-            self._tracker.untrack(self.seed_generator)
-        for name in ("r", "alpha", "dropout", "use_rslora", "init", "train_bias", "merged", "_unmerged_weight",
-                     "seed_generator"):
+        for name in list(self._lora_adapters):
+            self.delete_adapter(name)
+        for name in ("train_bias", "_lora_adapters", "active_adapters", "merged_adapters", "adapter_enabled",
+                     "_unmerged_weight", "_routes"):
             self.__dict__.pop(name, None)
         # Trainability stays as it was (base weight frozen), as PEFT leaves requires_grad.
         _switch_class(self, self.base_class)
@@ -149,31 +262,46 @@ class LoRALayer:
                 variable.assign(source[variable.name])
         return adapted
 
+    @classmethod
+    def check_groups(cls, layer: keras.layers.Layer, r: int) -> None:
+        """Raise when rank `r` does not fit the layer (a grouped conv's rank must be a multiple of its groups)."""
+
     def build(self, input_shape=None) -> None:
         super().build(input_shape)
         self._build_lora()
 
     def _build_lora(self) -> None:
-        a_shape, b_shape = self._lora_shapes()
+        for adapter in self._lora_adapters.values():
+            if adapter.lora_a is None:
+                self._build_adapter(adapter)
+        self._freeze_base()
+
+    def _build_adapter(self, adapter: LoRAAdapter) -> None:
+        a_shape, b_shape = self._lora_shapes(adapter.r)
         # A maps everything but its last axis (the rank) to the rank: that is its fan-in.
         fan_in = math.prod(a_shape[:-1])
         # At least float32 whatever the policy: half-precision updates of A and B would underflow.
         dtype = "float64" if self.variable_dtype == "float64" else "float32"
-        self.lora_a = self.add_weight(name="lora_a", shape=a_shape, dtype=dtype,
-                                      initializer=self._lora_a_initializer(fan_in))
-        self.lora_b = self.add_weight(name="lora_b", shape=b_shape, dtype=dtype,
-                                      initializer=self._lora_b_initializer())
+        adapter.lora_a = self.add_weight(name=adapter.variable_name("lora_a"), shape=a_shape, dtype=dtype,
+                                         initializer=self._lora_a_initializer(adapter, fan_in))
+        adapter.lora_b = self.add_weight(name=adapter.variable_name("lora_b"), shape=b_shape, dtype=dtype,
+                                         initializer=self._lora_b_initializer())
         self._freeze_base()
 
     def _freeze_base(self) -> None:
+        """The base weight never trains, the bias only with `train_bias`, and only active adapters train."""
         self._base_weight.trainable = False
         bias = getattr(self, "bias", None)
         if bias is not None:
             bias.trainable = self.trainable and self.train_bias
+        for name, adapter in self._lora_adapters.items():
+            for variable in (adapter.lora_a, adapter.lora_b):
+                if variable is not None:
+                    variable.trainable = self.trainable and name in self.active_adapters
 
-    def _lora_a_initializer(self, fan_in: int) -> keras.initializers.Initializer:
-        if self.init == "gaussian":
-            return keras.initializers.RandomNormal(stddev=1.0 / self.r)
+    def _lora_a_initializer(self, adapter: LoRAAdapter, fan_in: int) -> keras.initializers.Initializer:
+        if adapter.init == "gaussian":
+            return keras.initializers.RandomNormal(stddev=1.0 / adapter.r)
         bound = 1.0 / math.sqrt(fan_in)
         return keras.initializers.RandomUniform(-bound, bound)
 
@@ -188,20 +316,20 @@ class LoRALayer:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
-        # The adapter trains; the base weight never does (and the bias only with train_bias).
+        # The active adapters train; the base weight never does (and the bias only with train_bias).
         keras.layers.Layer.trainable.fset(self, value)
-        if getattr(self, "lora_b", None) is not None:
+        if getattr(self, "_lora_adapters", None):
             self._freeze_base()
 
-    @property
-    def scaling(self) -> float:
-        """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
-        return scaling(self.alpha, self.r, self.use_rslora)
-
     def lora_config(self) -> dict[str, Any]:
-        """The LoRA arguments of the constructor."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora,
-                "init": self.init, "train_bias": self.train_bias}
+        """The LoRA arguments of the constructor: the first adapter's, plus every adapter and the active
+        ones when the layer holds more than the default adapter."""
+        first = next(iter(self._lora_adapters.values()))
+        config = {**first.config(), "train_bias": self.train_bias}
+        if list(self._lora_adapters) != [DEFAULT_ADAPTER] or self.active_adapters != [DEFAULT_ADAPTER]:
+            config["adapters"] = {name: adapter.config() for name, adapter in self._lora_adapters.items()}
+            config["active_adapters"] = list(self.active_adapters)
+        return config
 
     def get_config(self) -> dict[str, Any]:
         config = {k: v for k, v in super().get_config().items() if k not in _KERAS_LORA_ARGUMENTS}
@@ -211,7 +339,7 @@ class LoRALayer:
         return {variable.name: variable for variable in self._trainable_variables + self._non_trainable_variables}
 
     def save_own_variables(self, store) -> None:
-        """Saves the unmerged base weight and the adapter separately, with the merge state."""
+        """Saves the unmerged base weight and the adapters separately, with the merge state."""
         if not self.built:
             return
         for name, variable in self._own_weights().items():
@@ -234,85 +362,143 @@ class LoRALayer:
                              "load the file into the model that saved it.")
         for name, variable in weights.items():
             variable.assign(store[name])
-        self.merged, self._unmerged_weight = False, None
+        self.merged_adapters, self._unmerged_weight = [], None
         if _MERGED_KEY in store and int(np.asarray(store[_MERGED_KEY])):
             self.merge()
 
-    # -- the adapter in the reference layout ----------------------------------------------------
+    # -- the adapters in the reference layout ---------------------------------------------------
 
-    def lora_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """`(A, B)` in the reference layout (`A (r, in)`, `B (out, r)`; a conv's are 4-D), as NumPy arrays."""
-        lora_a, lora_b = self._factors_to_reference(_snapshot(self.lora_a), _snapshot(self.lora_b))
+    def lora_weights(self, adapter_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`(A, B)` of an adapter (default: the one active) in the reference layout (`A (r, in)`, `B (out, r)`;
+        a conv's are 4-D), as NumPy arrays."""
+        adapter = self.adapter(adapter_name)
+        lora_a, lora_b = self._factors_to_reference(adapter, _snapshot(adapter.lora_a), _snapshot(adapter.lora_b))
         # Contiguous, so NumPy's products sum in the same order as on arrays built in this layout.
         return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
-    def set_lora_weights(self, lora_a: np.ndarray, lora_b: np.ndarray) -> None:
-        """Assign `A` and `B` given in the reference layout (`A (r, in)`, `B (out, r)`; a conv's are 4-D)."""
-        for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, self.r)):
+    def set_lora_weights(self, lora_a: np.ndarray, lora_b: np.ndarray, adapter_name: str | None = None) -> None:
+        """Assign an adapter's (default: the one active) `A` and `B` given in the reference layout."""
+        adapter = self.adapter(adapter_name)
+        for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, adapter.r)):
             if tuple(np.shape(value)) != expected:
                 raise ValueError(f"LoRA {half} for layer {self.name!r} has shape {tuple(np.shape(value))}, but the "
                                  f"layer needs {expected}: the adapter was trained for another rank or shape.")
-        lora_a, lora_b = self._factors_from_reference(np.asarray(lora_a), np.asarray(lora_b))
-        self.lora_a.assign(lora_a.astype(self.lora_a.dtype))
-        self.lora_b.assign(lora_b.astype(self.lora_b.dtype))
+        lora_a, lora_b = self._factors_from_reference(adapter, np.asarray(lora_a), np.asarray(lora_b))
+        adapter.lora_a.assign(lora_a.astype(adapter.lora_a.dtype))
+        adapter.lora_b.assign(lora_b.astype(adapter.lora_b.dtype))
 
     def base_weight(self) -> np.ndarray:
         """The unmerged base weight in the reference layout (`W (out, in)`; an embedding's table)."""
         value = self._unmerged_weight.copy() if self.merged else _snapshot(self._base_weight)
         return self._to_reference(value)
 
+    @property
+    def merged(self) -> bool:
+        """Whether adapters are merged into the base weight."""
+        return bool(self.merged_adapters)
+
     def merge(self) -> None:
-        """Add `delta_W` to the base weight (no-op if merged); the call then skips the low-rank path.
+        """Add the active adapters' `delta_W` to the base weight (no-op if merged or none is active); the call
+        then skips the low-rank paths.
 
         A model traced before merging (`tf.function`, `model.predict`) must be traced again:
         `lora_spec.keras.merge(model)` resets the model's compiled functions.
         """
-        if self.merged:
+        names = [name for name in self.active_adapters if name in self._lora_adapters]
+        if self.merged or not names:
             return
         unmerged = _snapshot(self._base_weight)
-        lora_a, lora_b = self.lora_weights()
+        factors = [Factors(*self.lora_weights(name), self._lora_adapters[name].scaling) for name in names]
+        # One adapter standing for their sum (the reference's exact "cat"), merged once in float32.
+        lora_a, lora_b = combine(factors, [1.0] * len(factors), "cat") if len(factors) > 1 else factors[0][:2]
+        scale = 1.0 if len(factors) > 1 else factors[0].s
         weight = np.ascontiguousarray(self._to_reference(unmerged))
         with np.errstate(invalid="ignore", over="ignore"):  # a diverged adapter is reported just below
-            merged = reference.merge(weight, lora_a, lora_b, self.scaling, self.lora_kind)
+            merged = reference.merge(weight, lora_a, lora_b, scale, self.lora_kind)
         if not np.all(np.isfinite(merged)):
             raise ValueError("the merged weight would hold NaN or inf: the adapter diverged; nothing was merged.")
         self._base_weight.assign(self._from_reference(merged, unmerged.shape))
-        self._unmerged_weight, self.merged = unmerged, True
+        self._unmerged_weight, self.merged_adapters = unmerged, names
 
     def unmerge(self) -> None:
         """Restore the base weight saved by `merge`, bit for bit (no-op if not merged)."""
         if not self.merged:
             return
         self._base_weight.assign(self._unmerged_weight)
-        self._unmerged_weight, self.merged = None, False
+        self._unmerged_weight, self.merged_adapters = None, []
 
     # -- forward ------------------------------------------------------------------------------
+
+    def route(self, route_ids, adapter_indices: dict[str, int] | None = None) -> None:
+        """Send row `i` of the next batches through the adapter whose index (in `adapter_indices`) is
+        `route_ids[i]` (an int tensor; any other index: the base alone); None ends routing. A tensor
+        given inside a traced function stays data of that function."""
+        self._routes = None if route_ids is None else (route_ids, dict(adapter_indices))
+
+    def _running(self, inputs, training) -> list[tuple[LoRAAdapter, Any]]:
+        """`(adapter, row mask or None)` for every adapter whose update the call adds."""
+        if not self.adapter_enabled or self.merged:
+            return []
+        if self._routes is None:
+            return [(self._lora_adapters[name], None) for name in self.active_adapters if name in self._lora_adapters]
+        if training:
+            raise ValueError("routed batches are for inference: call the model with training=False.")
+        route_ids, indices = self._routes
+        rows, routed_rows = ops.shape(inputs)[0], ops.shape(route_ids)[0]
+        if isinstance(rows, int) and isinstance(routed_rows, int) and rows != routed_rows:
+            raise ValueError(f"the routing names {routed_rows} adapters, one per row, but this batch has {rows} rows: "
+                             "give routed() one adapter per row of the batch.")
+        return [(adapter, ops.equal(route_ids, indices[name])) for name, adapter in self._lora_adapters.items()
+                if name in indices]
+
+    def _lora_update(self, inputs, training, dropout_mask):
+        """The sum of the running adapters' updates, or None when none runs."""
+        total = None
+        for adapter, rows in self._running(inputs, training):
+            lora_inputs, factor = self._lora_inputs(adapter, inputs, training, dropout_mask)
+            update = self._update(adapter, lora_inputs, adapter.scaling * factor, rows)
+            total = update if total is None else ops.add(total, update)
+        return total
+
+    def _update(self, adapter: LoRAAdapter, lora_inputs, scale: float, rows):
+        """One adapter's update for its (dropped-out) inputs, times `scale`; `rows` (a boolean per batch row, or
+        None) keeps the rows routed to it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _masked(hidden, rows):
+        """`hidden` with the rows not routed to the adapter zeroed (rows lie on the first axis)."""
+        if rows is None:
+            return hidden
+        mask = ops.cast(rows, hidden.dtype)
+        return hidden * ops.reshape(mask, (-1,) + (1,) * (len(hidden.shape) - 1))
 
     def _activate(self, outputs, training):
         activation = activation_of(self, training)
         return outputs if activation is None else activation(outputs)
 
-    def _lora_inputs(self, inputs, training, dropout_mask):
-        """The input of the low-rank path and the factor on its output, which takes the dropout scaling
+    def _lora_inputs(self, adapter: LoRAAdapter, inputs, training, dropout_mask):
+        """The input of an adapter's low-rank path and the factor on its output, which takes the dropout scaling
         (`1 / keep probability`) so that no pass over the inputs is spent on it: masked explicitly, by a
         drawn dropout mask when training, or as is."""
         if dropout_mask is not None:
             return inputs * ops.cast(dropout_mask, inputs.dtype), 1.0
-        if training and self.dropout:
-            kept = ops.where(self._keep(inputs), inputs, ops.zeros((), inputs.dtype))
-            return kept, 1 / keep_probability(self.dropout)
+        if training and adapter.dropout:
+            kept = ops.where(self._keep(adapter, inputs), inputs, ops.zeros((), inputs.dtype))
+            return kept, 1 / keep_probability(adapter.dropout)
         return inputs, 1.0
 
-    def _keep(self, inputs):
+    @staticmethod
+    def _keep(adapter: LoRAAdapter, inputs):
         """Which inputs dropout keeps, from 16-bit draws (`lora_spec.dropout`), two per 32-bit word:
         drawing half as many random numbers as exact Bernoulli dropout is what makes it cheap."""
         *leading, features = ops.shape(inputs)
         words = keras.random.randint((*leading, (features + 1) // 2), -(1 << 31), (1 << 31) - 1, dtype="int32",
-                                     seed=self.seed_generator)
+                                     seed=adapter.seed_generator)
         halves = ops.view(words, "int16")
         if not isinstance(features, int) or features % 2:  # only an odd width drew one half too many
             halves = halves[..., :features]
-        return ops.greater_equal(halves, keep_threshold(self.dropout))
+        return ops.greater_equal(halves, keep_threshold(adapter.dropout))
 
     def _compute(self, variable):
         return ops.cast(variable, self.compute_dtype)
@@ -334,16 +520,18 @@ class LoRALayer:
         input_dims, output_dims = cls._lora_dims(layer)
         return (r, math.prod(input_dims)), (math.prod(output_dims), r)
 
-    def _lora_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The shapes of the `lora_a` and `lora_b` variables."""
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of a rank-`r` adapter's `lora_a` and `lora_b` variables."""
         input_dims, output_dims = self._lora_dims()
-        return (*input_dims, self.r), (self.r, *output_dims)
+        return (*input_dims, r), (r, *output_dims)
 
-    def _factors_to_reference(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return lora_a.reshape(-1, self.r).T, lora_b.reshape(self.r, -1).T
+    def _factors_to_reference(self, adapter: LoRAAdapter, lora_a: np.ndarray,
+                              lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return lora_a.reshape(-1, adapter.r).T, lora_b.reshape(adapter.r, -1).T
 
-    def _factors_from_reference(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return lora_a.T.reshape(self.lora_a.shape), lora_b.T.reshape(self.lora_b.shape)
+    def _factors_from_reference(self, adapter: LoRAAdapter, lora_a: np.ndarray,
+                                lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return lora_a.T.reshape(adapter.lora_a.shape), lora_b.T.reshape(adapter.lora_b.shape)
 
     def _to_reference(self, value: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -352,10 +540,15 @@ class LoRALayer:
         raise NotImplementedError
 
 
+def adapter_arguments(config: LoRAConfig, module_path: str) -> dict[str, Any]:
+    """One adapter's arguments for the module at `module_path` under `config` (after its patterns)."""
+    return {"r": config.rank_for(module_path), "alpha": config.alpha_for(module_path), "dropout": config.dropout,
+            "use_rslora": config.use_rslora, "init": config.init}
+
+
 def lora_arguments(config: LoRAConfig, module_path: str, train_bias: bool = False) -> dict[str, Any]:
     """The LoRA layer arguments for the module at `module_path` under `config` (after its patterns)."""
-    return {"r": config.rank_for(module_path), "alpha": config.alpha_for(module_path), "dropout": config.dropout,
-            "use_rslora": config.use_rslora, "init": config.init, "train_bias": train_bias}
+    return {**adapter_arguments(config, module_path), "train_bias": train_bias}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -364,8 +557,11 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     Args:
         units: as `Dense`.
-        r, alpha, dropout, use_rslora, init: as `lora_spec.LoRAConfig`.
+        r, alpha, dropout, use_rslora, init: the adapter's, as `lora_spec.LoRAConfig`.
         train_bias: whether the bias trains with the adapter (PEFT's `bias="lora_only"`).
+        adapters: named adapters, `{name: {"r": ..., "alpha": ..., ...}}`, instead of one called
+            "default" made of the arguments above (what `get_config` writes for several).
+        active_adapters: the names that run (default: the first adapter).
         **dense_kwargs: every other `Dense` argument (activation, use_bias, initializers, regularizers,
             constraints, dtype, name...).
 
@@ -376,10 +572,12 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     base_class = keras.layers.Dense
 
     def __init__(self, units: int, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False, **dense_kwargs: Any):
+                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
+                 **dense_kwargs: Any):
         _refuse_keras_lora(dense_kwargs, "LoRADense")
         super().__init__(units, **dense_kwargs)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
 
     @classmethod
     def from_dense(cls, dense: keras.layers.Dense, config: LoRAConfig | None = None) -> LoRADense:
@@ -388,17 +586,19 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = ops.matmul(inputs, self._kernel)
-        if self.merged:
+        low_rank = self._lora_update(inputs, training, dropout_mask)
+        if low_rank is None:
             if self.bias is not None:
                 outputs = ops.add(outputs, self.bias)
         else:
-            lora_inputs, factor = self._lora_inputs(inputs, training, dropout_mask)
-            hidden = ops.matmul(lora_inputs, self._compute(self.lora_a))
-            low_rank = ops.matmul(hidden, self._compute(self.lora_b) * (self.scaling * factor))
             if self.bias is not None:
                 low_rank = ops.add(low_rank, self.bias)
             outputs = ops.add(outputs, low_rank)
         return self._activate(outputs, training)
+
+    def _update(self, adapter, lora_inputs, scale, rows):
+        hidden = self._masked(ops.matmul(lora_inputs, self._compute(adapter.lora_a)), rows)
+        return ops.matmul(hidden, self._compute(adapter.lora_b) * scale)
 
     def _lora_dims(self):
         return (self._kernel.shape[0],), (self.units,)
@@ -421,13 +621,15 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     base_class = keras.layers.EinsumDense
 
     def __init__(self, equation: str, output_shape, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False, **einsum_kwargs: Any):
+                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
+                 **einsum_kwargs: Any):
         _refuse_keras_lora(einsum_kwargs, "LoRAEinsumDense")
         if keras_einsum.plan(equation) is None:
             raise ValueError(f"equation {equation!r} is not a linear map LoRA can adapt: every kernel axis must "
                              "be contracted with the input or appear only in the output.")
         super().__init__(equation, output_shape, **einsum_kwargs)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
 
     @property
     def _plan(self) -> keras_einsum.EinsumPlan:
@@ -435,15 +637,17 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = ops.einsum(self.equation, inputs, self._kernel)
-        if not self.merged:
-            plan = self._plan
-            lora_inputs, factor = self._lora_inputs(inputs, training, dropout_mask)
-            hidden = ops.einsum(plan.to_hidden, lora_inputs, self._compute(self.lora_a))
-            low_rank = ops.einsum(plan.from_hidden, hidden * (self.scaling * factor), self._compute(self.lora_b))
+        low_rank = self._lora_update(inputs, training, dropout_mask)
+        if low_rank is not None:
             outputs = ops.add(outputs, low_rank)
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self._activate(outputs, training)
+
+    def _update(self, adapter, lora_inputs, scale, rows):
+        plan = self._plan
+        hidden = self._masked(ops.einsum(plan.to_hidden, lora_inputs, self._compute(adapter.lora_a)), rows)
+        return ops.einsum(plan.from_hidden, hidden * scale, self._compute(adapter.lora_b))
 
     def _lora_dims(self):
         return keras_einsum.plan(self.equation).dims(tuple(self._kernel.shape))
@@ -467,25 +671,34 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
     lora_kind = "embedding"
 
     def __init__(self, input_dim: int, output_dim: int, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False, **embedding_kwargs: Any):
+                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
+                 **embedding_kwargs: Any):
         _refuse_keras_lora(embedding_kwargs, "LoRAEmbedding")
         super().__init__(input_dim, output_dim, **embedding_kwargs)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
 
     @property
     def _base_weight(self) -> keras.Variable:
         return self._embeddings
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self._embeddings, inputs, axis=0)
-        if not self.merged:
-            hidden = ops.take(self.lora_a, inputs, axis=0) * self.scaling
-            outputs = ops.add(outputs, ops.cast(ops.matmul(hidden, self.lora_b), outputs.dtype))
+        total = None
+        for adapter, rows in self._running(inputs, training):
+            update = self._update(adapter, inputs, adapter.scaling, rows)
+            total = update if total is None else ops.add(total, update)
+        if total is not None:
+            outputs = ops.add(outputs, ops.cast(total, outputs.dtype))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _lora_a_initializer(self, fan_in):
+    def _update(self, adapter, ids, scale, rows):
+        hidden = self._masked(ops.take(adapter.lora_a, ids, axis=0) * scale, rows)
+        return ops.matmul(hidden, adapter.lora_b)
+
+    def _lora_a_initializer(self, adapter, fan_in):
         return keras.initializers.Zeros()
 
     def _lora_b_initializer(self):
@@ -515,11 +728,14 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     lora_kind = "conv2d"
 
     def __init__(self, filters: int, kernel_size, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False, **conv_kwargs: Any):
+                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
+                 **conv_kwargs: Any):
         _refuse_keras_lora(conv_kwargs, "LoRAConv2D")
         super().__init__(filters, kernel_size, **conv_kwargs)
-        _check_groups(self, r)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias)
+        for spec in (adapters or {DEFAULT_ADAPTER: {"r": r}}).values():
+            _check_groups(self, spec.get("r", 8))
+        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
 
     @classmethod
     def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None) -> None:
@@ -527,13 +743,18 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         if r is not None:
             _check_groups(layer, r)
 
+    @classmethod
+    def check_groups(cls, layer: keras.layers.Layer, r: int) -> None:
+        _check_groups(layer, r)
+
+    def _update(self, adapter, lora_inputs, scale, rows):
+        hidden = self._masked(self.convolution_op(lora_inputs, self._compute(adapter.lora_a)), rows)
+        return ops.conv(hidden, self._compute(adapter.lora_b) * scale, data_format=self.data_format)
+
     def call(self, inputs, training=None, dropout_mask=None):
         outputs = self.convolution_op(inputs, self._kernel)
-        if not self.merged:
-            lora_inputs, factor = self._lora_inputs(inputs, training, dropout_mask)
-            hidden = self.convolution_op(lora_inputs, self._compute(self.lora_a))
-            low_rank = ops.conv(hidden, self._compute(self.lora_b) * (self.scaling * factor),
-                                data_format=self.data_format)
+        low_rank = self._lora_update(inputs, training, dropout_mask)
+        if low_rank is not None:
             outputs = ops.add(outputs, low_rank)
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
@@ -545,14 +766,14 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         height, width, in_per_group, out = layer._kernel.shape
         return (r, in_per_group, height, width), (out, r // layer.groups, 1, 1)
 
-    def _lora_shapes(self):
+    def _lora_shapes(self, r):
         height, width, in_per_group, out = self._kernel.shape
-        return (height, width, in_per_group, self.r), (1, 1, self.r // self.groups, out)
+        return (height, width, in_per_group, r), (1, 1, r // self.groups, out)
 
-    def _factors_to_reference(self, lora_a, lora_b):
+    def _factors_to_reference(self, adapter, lora_a, lora_b):
         return lora_a.transpose(3, 2, 0, 1), lora_b.transpose(3, 2, 0, 1)
 
-    def _factors_from_reference(self, lora_a, lora_b):
+    def _factors_from_reference(self, adapter, lora_a, lora_b):
         return lora_a.transpose(2, 3, 1, 0), lora_b.transpose(2, 3, 1, 0)
 
     def _to_reference(self, value):

@@ -3,42 +3,47 @@
 Keys follow what PEFT writes: `<path>.lora_A.weight` (embeddings: `<path>.lora_embedding_A`),
 `<path>.<param>` for a module to save, `<path>.base_layer.bias` / `<path>.bias` for trained
 biases. PEFT's `bias="all"` files also hold `<path>.modules_to_save.<param>` and
-`<path>.original_module.<param>` for modules to save; both are read.
+`<path>.original_module.<param>` for modules to save; both are read. Several adapters are stored
+as PEFT stores them: `"default"` in the folder itself, any other in `<folder>/<name>/`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from lora_spec.adapter_io import PREFIX, AdapterWeights, load_adapter_dir, save_adapter_dir
+from lora_spec.adapter_io import (PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir,
+                                  save_adapter_dir)
 from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer_for
-from lora_spec.backends.torch_model import (CONFIG_ATTRIBUTE, ModulesToSave, config_of, lora_layers, plan,
-                                            refuse_wrapper, unwrap, uses_fan_in_fan_out, wrap)
-from lora_spec.config import LoRAConfig
+from lora_spec.backends.torch_model import (ACTIVE_ATTRIBUTE, CONFIGS_ATTRIBUTE, ModulesToSave, check_names,
+                                            configs_of, lora_layers, modules_to_save, plan, remove_from_modules,
+                                            refuse_wrapper, set_adapter, unwrap, uses_fan_in_fan_out, wrap)
+from lora_spec.config import LoRAConfig, check_backend_support, config_for_layers
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    # NumPy has no bfloat16: float32 holds every bfloat16 value exactly.
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU NumPy copy of `tensor` (bfloat16 as float32, which holds every bfloat16 value exactly)."""
     tensor = tensor.detach().cpu()
     if hasattr(tensor, "full_tensor"):  # a DTensor shard under FSDP2: every rank gathers the whole tensor
         tensor = tensor.full_tensor()
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
-def _trained_extras(model: nn.Module, config: LoRAConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Fully trained tensors under their file names: modules to save, then biases."""
+def _trained_extras(model: nn.Module, config: LoRAConfig, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Fully trained tensors of one adapter under their file names: its modules to save, then biases."""
     saved_prefixes = []
-    for path, module in model.named_modules():
-        if isinstance(module, ModulesToSave):
-            saved_prefixes.append(path + ".")
-            for name, tensor in module.trained_module.state_dict().items():
+    for path, module in modules_to_save(model):
+        saved_prefixes.append(path + ".")
+        if adapter_name in module.modules_to_save:
+            for name, tensor in module.modules_to_save[adapter_name].state_dict().items():
                 yield f"{path}.{name}", tensor
-    lora_biases = {f"{path}.base_layer.bias" for path, _ in lora_layers(model)}
+    lora_biases = {f"{path}.base_layer.bias" for path, layer in lora_layers(model) if adapter_name in layer.adapters}
     for name, parameter in model.named_parameters():
         if name.startswith(tuple(saved_prefixes)) or name.rsplit(".", 1)[-1] != "bias":
             continue
@@ -46,29 +51,49 @@ def _trained_extras(model: nn.Module, config: LoRAConfig) -> Iterator[tuple[str,
             yield name, parameter
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter of `model` to the directory `path` (created if needed), as PEFT does.
-
-    `peft.PeftModel.from_pretrained(base_model, path)` loads it; so does `load_adapter`.
-    """
-    config = config_of(model)
-    model = unwrap(model)
-    weights = AdapterWeights()
+def adapter_file(model: nn.Module, adapter_name: str) -> tuple[dict, AdapterWeights]:
+    """`(adapter_config.json content, tensors)` of one adapter of `model` (unwrapped)."""
+    weights, ranks = AdapterWeights(), {}
     for module_path, layer in lora_layers(model):
-        weights.lora[module_path] = (_to_numpy(layer.lora_A), _to_numpy(layer.lora_B))
-        if isinstance(layer, LoRAEmbedding):
-            weights.embeddings.add(module_path)
-    weights.extra = {name: _to_numpy(tensor) for name, tensor in _trained_extras(model, config)}
-    target_paths = [module_path for module_path, _ in lora_layers(model)]
-    save_adapter_dir(path, config.to_peft_dict(target_paths, fan_in_fan_out=uses_fan_in_fan_out(model)), weights)
+        if adapter_name in layer.adapters:
+            adapter = layer.adapters[adapter_name]
+            weights.lora[module_path] = tuple(to_numpy(factor) for factor in adapter.factors())
+            ranks[module_path] = (adapter.r, adapter.alpha)
+            if isinstance(layer, LoRAEmbedding):
+                weights.embeddings.add(module_path)
+    config = getattr(model, CONFIGS_ATTRIBUTE)[adapter_name]
+    weights.extra = {name: to_numpy(tensor) for name, tensor in _trained_extras(model, config, adapter_name)}
+    config_dict = config_for_layers(config, ranks).to_peft_dict(
+        list(ranks), fan_in_fan_out=uses_fan_in_fan_out(model, adapter_name))
+    return config_dict, weights
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None) -> None:
+    """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
+
+    `adapter_name` None saves every adapter, a name or a list those only: `"default"` goes in
+    `path` itself and any other adapter in `path/<name>/`, as PEFT's `save_pretrained` does, so
+    `peft.PeftModel.from_pretrained(base, path)` plus `load_adapter(path/<name>, adapter_name=<name>)`
+    read them, and so does `load_adapter(model, path)`. Every adapter is checked before any is written.
+    """
+    names = list(configs_of(model)) if adapter_name is None else (
+        [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    check_names(model, names)
+    model = unwrap(model)
+    files = [(adapter_folder(path, name), *adapter_file(model, name)) for name in names]
+    for _, _, weights in files:
+        weights.check_finite()
+    for folder, config_dict, weights in files:
+        save_adapter_dir(folder, config_dict, weights)
 
 
 def _key(name: str) -> str:
     return PREFIX + name
 
 
-def _extra_tensor(model: nn.Module, name: str, save_paths: list[str]) -> torch.Tensor | None:
-    """The model tensor an extra key names, seen through LoRA wrappers whether or not applied yet."""
+def extra_tensor(model: nn.Module, name: str, save_paths: list[str], adapter_name: str) -> torch.Tensor | None:
+    """The model tensor an extra key names, seen through LoRA wrappers whether or not applied yet: a module
+    to save's tensors are adapter `adapter_name`'s copy (the original until the copy exists)."""
     owner = max((p for p in save_paths if name.startswith(p + ".")), key=len, default=None)
     if owner is not None:
         module, rest = model.get_submodule(owner), name[len(owner) + 1:]
@@ -76,7 +101,9 @@ def _extra_tensor(model: nn.Module, name: str, save_paths: list[str]) -> torch.T
         if role in ("modules_to_save", "original_module") and inner:
             rest = inner
         if isinstance(module, ModulesToSave):
-            module = module.original_module if role == "original_module" else module.trained_module
+            copies = module.modules_to_save
+            trained = role != "original_module" and adapter_name in copies
+            module = copies[adapter_name] if trained else module.original_module
     else:
         module_path, _, rest = name.rpartition(".")
         try:
@@ -95,12 +122,10 @@ def _expected_lora_shapes(model: nn.Module, config: LoRAConfig, target_paths: li
     shapes = {}
     for path in target_paths:
         module = model.get_submodule(path)
-        if isinstance(module, LoRALayer):
-            shapes[path] = (tuple(module.lora_A.shape), tuple(module.lora_B.shape), isinstance(module, LoRAEmbedding))
-        else:
-            layer = lora_layer_for(module)
-            a_shape, b_shape = layer.lora_shapes(module, config.rank_for(path))
-            shapes[path] = (tuple(a_shape), tuple(b_shape), layer is LoRAEmbedding)
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        layer = lora_layer_for(base)
+        a_shape, b_shape = layer.lora_shapes(base, config.rank_for(path))
+        shapes[path] = (tuple(a_shape), tuple(b_shape), layer is LoRAEmbedding)
     return shapes
 
 
@@ -126,9 +151,11 @@ def _check_lora(weights: AdapterWeights, expected: dict[str, tuple]) -> None:
                          "the file is incomplete or its target_modules do not match it.")
 
 
-def _check_extras(model: nn.Module, weights: AdapterWeights, save_paths: list[str]) -> None:
+def check_extras_fit(model: nn.Module, weights: AdapterWeights, save_paths: list[str],
+                     adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Raise, naming the key, when a full tensor of `weights` has no place in `model` or another shape."""
     for name, value in weights.extra.items():
-        tensor = _extra_tensor(model, name, save_paths)
+        tensor = extra_tensor(model, name, save_paths, adapter_name)
         if tensor is None:
             raise ValueError(f"adapter key {_key(name)} names no parameter of this model: "
                              "load the adapter into the model it was trained on.")
@@ -137,41 +164,52 @@ def _check_extras(model: nn.Module, weights: AdapterWeights, save_paths: list[st
                              f"is {tuple(tensor.shape)}: the adapter was trained on another architecture.")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter directory written by `save_adapter` or PEFT's `save_pretrained`; returns `model`.
+def _planned(model: nn.Module, name: str, folder: Path) -> tuple:
+    """Read one adapter folder and check it against `model`, which stays untouched."""
+    try:
+        config, _, weights = load_adapter_dir(folder)
+        check_backend_support(config)
+        config, target_paths, save_paths = plan(model, config, require_modules_to_save=False, adapter_name=None)
+        _check_lora(weights, _expected_lora_shapes(model, config, target_paths))
+        check_extras_fit(model, weights, save_paths)
+    except ValueError as error:
+        raise ValueError(f"adapter {name!r}: {error}" if name != DEFAULT_ADAPTER else str(error)) from None
+    return name, config, target_paths, save_paths, weights
 
-    When `model` has no LoRA yet, it is applied first with the file's config. Everything is
-    checked before the model changes: a name or shape that does not fit raises ValueError
-    naming the first offending key, and leaves the model as it was.
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Load adapters written by `save_adapter` or PEFT's `save_pretrained` into `model`; returns `model`.
+
+    With `adapter_name`, the folder `path` is loaded under that name, replacing an adapter of the
+    same name. Without it, `path` itself is loaded as `"default"` and each subfolder holding an
+    adapter_config.json under the subfolder's name (PEFT's layout for several adapters). Targets,
+    ranks and alphas are the files'. A model without LoRA gets the loaded adapters with the first
+    one active; otherwise the active adapters stay as they were (a replaced one stays active).
+    Everything is checked before the model changes: a name or shape that does not fit raises
+    ValueError naming the first offending key, and leaves the model as it was.
     """
-    config, _, weights = load_adapter_dir(path)
+    entries = [(check_adapter_name(adapter_name), Path(path))] if adapter_name is not None else adapter_folders(path)
     wrapper, model = model, unwrap(model)
-    if getattr(model, CONFIG_ATTRIBUTE, None) is not None:
-        target_paths = [module_path for module_path, _ in lora_layers(model)]
-        save_paths = [module_path for module_path, module in model.named_modules() if isinstance(module, ModulesToSave)]
-        if any(layer.merged for _, layer in lora_layers(model)):
-            raise ValueError("the model's adapter is merged: call unmerge(model) before load_adapter.")
-    else:
+    configs = getattr(model, CONFIGS_ATTRIBUTE, None)
+    if configs is None:
         refuse_wrapper(wrapper, "load an adapter into")
-        config, target_paths, save_paths = plan(model, config, require_modules_to_save=False)
-    _check_lora(weights, _expected_lora_shapes(model, config, target_paths))
-    _check_extras(model, weights, save_paths)
-    if getattr(model, CONFIG_ATTRIBUTE, None) is None:
-        wrap(model, config, target_paths, save_paths)
-    else:
-        # The model keeps its structure (targets, saved modules, trainable biases); the math is the file's.
-        current = config_of(model)
-        config = config.replace(target_modules=current.target_modules, exclude_modules=current.exclude_modules,
-                                modules_to_save=current.modules_to_save, bias=current.bias)
-        setattr(model, CONFIG_ATTRIBUTE, config)
-    layers = dict(lora_layers(model))
-    with torch.no_grad():
-        for module_path, (lora_a, lora_b) in weights.lora.items():
-            layer = layers[module_path]
-            layer.lora_A.copy_(torch.from_numpy(lora_a))
-            layer.lora_B.copy_(torch.from_numpy(lora_b))
-            layer.scaling, layer.alpha, layer.dropout = (config.scaling_for(module_path), config.alpha_for(module_path),
-                                                         config.dropout)
-        for name, value in weights.extra.items():
-            _extra_tensor(model, name, save_paths).copy_(torch.from_numpy(value))
+    elif any(layer.merged for _, layer in lora_layers(model)):
+        raise ValueError("the model's adapters are merged: call unmerge(model) before load_adapter.")
+    planned = [_planned(model, name, folder) for name, folder in entries]
+    active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [planned[0][0]])
+    for name, config, target_paths, save_paths, weights in planned:
+        if configs is not None and name in configs:
+            remove_from_modules(model, name)  # replaced: the new one keeps its place among the active adapters
+        wrap(model, config, target_paths, save_paths, adapter_name=name)
+        _fill(model, name, weights, save_paths)
+    set_adapter(model, [name for name in active if name in getattr(model, CONFIGS_ATTRIBUTE)])
     return wrapper
+
+
+def _fill(model: nn.Module, name: str, weights: AdapterWeights, save_paths: list[str]) -> None:
+    layers = dict(lora_layers(model))
+    for module_path, (lora_a, lora_b) in weights.lora.items():
+        layers[module_path].adapters[name].assign(torch.from_numpy(lora_a), torch.from_numpy(lora_b))
+    with torch.no_grad():
+        for key, value in weights.extra.items():
+            extra_tensor(model, key, save_paths, name).copy_(torch.from_numpy(value))

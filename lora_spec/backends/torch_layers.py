@@ -1,15 +1,20 @@
-"""LoRA modules for PyTorch: each wraps a base layer (`base_layer`) and adds `lora_A`, `lora_B`.
+"""LoRA modules for PyTorch: each wraps a base layer (`base_layer`) and holds named adapters (`adapters`).
 
 Layouts, initialisation and scaling are the reference's (`lora_spec.reference`): a linear's
 `A (r, in)`, `B (out, r)`; an embedding's `A (r, num_embeddings)`, `B (dim, r)`; a conv's
-`A (r, in/groups, kh, kw)`, `B (out, r/groups, 1, 1)`. Merging is a state transition tracked by
-one flag; `unmerge` restores the weight saved at `merge`, so it is exact in every dtype.
+`A (r, in/groups, kh, kw)`, `B (out, r/groups, 1, 1)`. One `LoRAAdapter` holds one adapter's
+factors and hyper-parameters; the layer adds the updates of its active adapters to the base
+output, or routes each row of a batch through its own adapter (`lora_spec.multi_adapter`).
+Merging is a state transition tracked by the list of merged adapters; `unmerge` restores the
+weight saved at `merge`, so it is exact in every dtype.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +22,10 @@ from torch import nn
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_linear import linear_lora
 from lora_spec.config import LoRAConfig
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name, row_groups
+
+# Attributes of the one active adapter that a layer shows as its own, as it did with one adapter.
+_SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -41,53 +50,182 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-class LoRALayer(nn.Module):
-    """State shared by the LoRA modules: base layer, rank, alpha, scaling, dropout, merged flag.
+class LoRAAdapter(nn.Module):
+    """One adapter on one layer: the factors `lora_A`, `lora_B` and its rank, alpha, scaling and dropout.
 
-    Unknown attributes are read from the base layer (`weight`, `in_features`, `nf`, ...), so
-    code that inspects the wrapped module keeps working.
+    `scaling` is a float, or a 0-d tensor once the model is prepared for compiled hot-swapping (so
+    that a new alpha does not recompile). The factors may be zero-padded beyond the rank `r` for
+    the same reason; `factors()` gives them at rank `r`.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float,
-                 a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: int, alpha: float, scaling: float,
+                 dropout: float, factory: dict) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
-        weight = base_layer.weight
-        factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
         self.lora_A = nn.Parameter(torch.zeros(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
-        self.merged = False
+        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={float(self.scaling):g}, dropout={self.dropout}"
+
+    @property
+    def groups(self) -> int:
+        """How many groups the factors are split into (a grouped conv's; 1 otherwise)."""
+        return self.lora_A.shape[0] // self.lora_B.shape[1] if self.lora_A.dim() == 4 else 1
+
+    def _grouped(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of factors with the rank split per group: `A (groups, r/groups, ...)`, `B (groups, out/groups,
+        r/groups, ...)`, so that padding and slicing the rank keeps each group's block."""
+        groups, rank = self.groups, lora_a.shape[0]
+        return (lora_a.view(groups, rank // groups, *lora_a.shape[1:]),
+                lora_b.view(groups, lora_b.shape[0] // groups, rank // groups, *lora_b.shape[2:]))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(A, B)` at rank `r`, without the zero padding hot-swapping may have added."""
+        if self.lora_A.shape[0] == self.r:
+            return self.lora_A, self.lora_B
+        grouped_a, grouped_b = self._grouped(self.lora_A, self.lora_B)
+        per_group = self.r // self.groups
+        return (grouped_a[:, :per_group].reshape(self.r, *self.lora_A.shape[1:]),
+                grouped_b[:, :, :per_group].reshape(self.lora_B.shape[0], per_group, *self.lora_B.shape[2:]))
+
+    def assign(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Write factors of any rank up to the capacity (zero-padding the rest) and take their rank as `r`."""
+        rank = lora_a.shape[0]
+        new_a, new_b = self._grouped(lora_a.contiguous(), lora_b.contiguous())
+        with torch.no_grad():
+            grouped_a, grouped_b = self._grouped(self.lora_A, self.lora_B)
+            self.lora_A.zero_()
+            self.lora_B.zero_()
+            grouped_a[:, :rank // self.groups] = new_a
+            grouped_b[:, :, :rank // self.groups] = new_b
+        self.r = rank
+
+
+def _rename_single_adapter_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Read state dicts saved when a layer held one adapter (`<layer>.lora_A`) into its first adapter."""
+    first = next(iter(module.adapters), None)
+    for half in ("lora_A", "lora_B"):
+        if prefix + half in state_dict and first is not None:
+            state_dict[f"{prefix}adapters.{first}.{half}"] = state_dict.pop(prefix + half)
+
+
+class LoRALayer(nn.Module):
+    """A base layer with named adapters: which are active, which are merged, whether adapters are enabled.
+
+    Unknown attributes are read from the base layer (`weight`, `in_features`, `nf`, ...), so code
+    that inspects the wrapped module keeps working; `lora_A`, `lora_B`, `r`, `alpha`, `scaling`
+    and `dropout` are those of the one active adapter, read and written (`layer.adapters[name]`
+    for any other).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = [adapter_name]
+        self.merged_adapters: list[str] = []
         self.adapter_enabled = True
         self._weight_before_merge: torch.Tensor | None = None
+        self._routes: tuple[int, list[tuple[Hashable, slice | np.ndarray]]] | None = None
+        self.add_adapter(adapter_name, r, alpha, scaling, dropout)
+        self.register_load_state_dict_pre_hook(_rename_single_adapter_keys)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":
+            if name in ("base_layer", "adapters"):
                 raise
+            if name in _SINGLE_ADAPTER_ATTRIBUTES:
+                return getattr(self.adapter(), name)
             return getattr(self.base_layer, name)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SINGLE_ADAPTER_ATTRIBUTES and "adapters" in self._modules:
+            setattr(self.adapter(), name, value)
+        else:
+            super().__setattr__(name, value)
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, merged={self.merged}"
+        return f"active_adapters={self.active_adapters}, merged_adapters={self.merged_adapters}"
 
-    def reset_lora_parameters(self, init: str) -> None:
-        """A by kaiming-uniform (bound 1/sqrt(fan_in)) or N(0, 1/r), B zeros: the update starts at 0."""
-        with torch.no_grad():
-            if init == "gaussian":
-                self.lora_A.normal_(0.0, 1.0 / self.r)
-            else:
-                bound = 1.0 / math.sqrt(self.lora_A[0].numel())
-                self.lora_A.uniform_(-bound, bound)
-            self.lora_B.zero_()
+    # -- adapters -------------------------------------------------------------------------------
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`s * B @ A` in the base weight's layout, computed in `dtype` (default: the adapter's)."""
+    @classmethod
+    def lora_shapes(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of `A` and `B` of a rank-`r` adapter on `base_layer`."""
         raise NotImplementedError
 
+    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
+                    init: str | None = None) -> LoRAAdapter:
+        """Add an adapter called `name` (inactive unless it is already named in `active_adapters`).
+
+        Without `init` its factors are zeros; with it, `reset_lora_parameters(init, name)` runs.
+        """
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter {name!r}: delete it first or choose another name.")
+        weight = self.base_layer.weight
+        factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
+        self.adapters[name] = LoRAAdapter(*self.lora_shapes(self.base_layer, r), r, alpha, scaling, dropout, factory)
+        if init is not None:
+            self.reset_lora_parameters(init, name)
+        return self.adapters[name]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the adapter called `name` (unmerged), and its name from the active ones."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into this layer: unmerge before deleting it.")
+        del self.adapters[name]
+        self.active_adapters = [active for active in self.active_adapters if active != name]
+
+    def adapter(self, name: str | None = None) -> LoRAAdapter:
+        """The adapter called `name`, or, by default, the one active adapter of this layer."""
+        if name is not None:
+            return self.adapters[name]
+        active = [active for active in self.active_adapters if active in self.adapters]
+        if len(active) != 1:
+            raise ValueError(f"this layer has {len(active)} active adapters ({', '.join(active) or 'none'}) of "
+                             f"{', '.join(self.adapters) or 'none'}: name one, layer.adapters[name].")
+        return self.adapters[active[0]]
+
+    def reset_lora_parameters(self, init: str, adapter_name: str | None = None) -> None:
+        """A by kaiming-uniform (bound 1/sqrt(fan_in)) or N(0, 1/r), B zeros: the update starts at 0."""
+        adapter = self.adapter(adapter_name)
+        with torch.no_grad():
+            if init == "gaussian":
+                adapter.lora_A.normal_(0.0, 1.0 / adapter.r)
+            else:
+                bound = 1.0 / math.sqrt(adapter.lora_A[0].numel())
+                adapter.lora_A.uniform_(-bound, bound)
+            adapter.lora_B.zero_()
+
+    def _running(self) -> list[LoRAAdapter]:
+        """The adapters whose updates the forward pass adds: the active ones, unless disabled or merged."""
+        if not self.adapter_enabled or self.merged_adapters:
+            return []
+        return [self.adapters[name] for name in self.active_adapters if name in self.adapters]
+
+    # -- merge --------------------------------------------------------------------------------
+
+    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One adapter's `s * B @ A` in the base weight's layout, computed in `dtype` (default: the adapter's)."""
+        raise NotImplementedError
+
+    def delta_weight(self, dtype: torch.dtype | None = None, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        """The sum of the updates of `adapter_names` (default: the active adapters) in the base weight's layout."""
+        names = [name for name in (self.active_adapters if adapter_names is None else adapter_names)
+                 if name in self.adapters]
+        compute = dtype or _adapter_dtype(self.base_layer.weight)
+        delta = torch.zeros_like(self.base_layer.weight, dtype=compute)
+        for name in names:
+            delta += self.adapter_delta(self.adapters[name], compute)
+        return delta
+
     def merged_weight(self) -> torch.Tensor:
-        """The base weight plus the update, in at least float32 and cast once to the weight's dtype.
+        """The base weight plus the active adapters' updates, in at least float32, cast once to the weight's dtype.
 
         Raises ValueError when the sum holds NaN or inf; touches nothing.
         """
@@ -99,19 +237,25 @@ class LoRALayer(nn.Module):
                              f"weights in {weight.dtype}: check the adapter for overflow, or merge in a wider dtype.")
         return merged
 
+    @property
+    def merged(self) -> bool:
+        """Whether adapters are merged into the base weight."""
+        return bool(self.merged_adapters)
+
     def merge(self, keep_original: bool = True) -> None:
-        """Write `merged_weight()` into the base weight; no-op when merged.
+        """Write `merged_weight()` (the active adapters) into the base weight; no-op when merged or none is active.
 
         `keep_original` saves the weight for an exact `unmerge`; without it the merge is for good.
         """
-        if self.merged:
+        names = [name for name in self.active_adapters if name in self.adapters]
+        if self.merged or not names:
             return
         merged = self.merged_weight()
         if keep_original:
             self._weight_before_merge = self.base_layer.weight.detach().clone()
         with torch.no_grad():
             self.base_layer.weight.copy_(merged)
-        self.merged = True
+        self.merged_adapters = names
 
     def unmerge(self) -> None:
         """Restore the base weight saved by `merge`, bit for bit; no-op when not merged."""
@@ -122,26 +266,72 @@ class LoRALayer(nn.Module):
         with torch.no_grad():
             self.base_layer.weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
-        self.merged = False
+        self.merged_adapters = []
 
-    def _lora_active(self) -> bool:
-        return self.adapter_enabled and not self.merged
+    # -- forward ------------------------------------------------------------------------------
 
-    def _dropped(self, x: torch.Tensor, dropout_mask: DropoutMask | None) -> torch.Tensor:
+    def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """One adapter's scaled low-rank update for input `x` (cast to the adapter's dtype), in the adapter's dtype."""
+        raise NotImplementedError
+
+    def route(self, adapter_per_row: Sequence[Hashable | None] | None) -> None:
+        """Send row `i` of the next batches through adapter `adapter_per_row[i]` (None or "__base__": the
+        base alone) instead of the active adapters; None ends routing."""
+        self._routes = None if adapter_per_row is None else (len(adapter_per_row), row_groups(adapter_per_row))
+
+    def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """`dropout_mask` overrides the random mask (tests); by default one is drawn when training."""
+        result = self.base_layer(x)
+        if self._routes is not None and self.adapter_enabled:
+            return self._routed(x, result)
+        for adapter in self._running():
+            result = self.add_update(result, adapter, x, dropout_mask)
+        return result
+
+    def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
+                   dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """`result` plus one adapter's update for input `x`; a subclass may add in place where autograd allows."""
+        return result + _cast(self.update(adapter, x, dropout_mask), result.dtype)
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.training or self.merged:
+            raise ValueError("routed batches are for inference on an unmerged model: call model.eval() and "
+                             "unmerge(model) before running them.")
+        rows_expected, groups = self._routes
+        if x.shape[0] != rows_expected:
+            raise ValueError(f"the routing names {rows_expected} adapters, one per row, but this batch has "
+                             f"{x.shape[0]} rows: give routed() one adapter name per row of the batch.")
+        for name, rows in groups:
+            if name not in self.adapters:
+                continue
+            adapter = self.adapters[name]
+            if isinstance(rows, slice):  # a view: the update goes straight into the batch's output
+                target = result[rows]
+                updated = self.add_update(target, adapter, x[rows])
+                if updated is not target:
+                    target.copy_(updated)
+            else:
+                index = torch.as_tensor(rows, device=x.device)
+                result.index_add_(0, index, _cast(self.update(adapter, x[index]), result.dtype))
+        return result
+
+    def _dropped(self, x: torch.Tensor, adapter: LoRAAdapter, dropout_mask: DropoutMask | None) -> torch.Tensor:
         if dropout_mask is not None:
             return x * dropout_mask.keep * dropout_mask.scale
-        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return F.dropout(x, adapter.dropout, self.training) if adapter.dropout else x
 
 
 class LoRALinear(LoRALayer):
     """LoRA around `nn.Linear`, or Hugging Face's `Conv1D` whose weight is `(in, out)` (fan_in_fan_out).
 
-    Eager training runs `linear_lora` (one fused Function, seeded dropout mask from 16-bit draws);
-    evaluation, tracing, export and compilation run `base(x) + s * ((x @ A.T) @ B.T)` in plain ops.
+    Eager training with one active adapter runs `linear_lora` (one fused Function, seeded dropout
+    mask from 16-bit draws); otherwise `base(x) + s * ((x @ A.T) @ B.T)` per adapter, in plain ops
+    under tracing, export and compilation.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, alpha, scaling, dropout, *self.lora_shapes(base_layer, r))
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__(base_layer, r, alpha, scaling, dropout, adapter_name)
         self.fan_in_fan_out = is_conv1d(base_layer)
 
     @staticmethod
@@ -160,57 +350,76 @@ class LoRALinear(LoRALayer):
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        lora_a, lora_b = (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
-        delta = self.scaling * (lora_b @ lora_a)
+    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
+        lora_a, lora_b = adapter.lora_A, adapter.lora_B
+        if dtype is not None:
+            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        delta = adapter.scaling * (lora_b @ lora_a)
         return delta.T if self.fan_in_fan_out else delta
 
-    def _fused_path_applies(self, x: torch.Tensor) -> bool:
+    def _fused_path_applies(self, x: torch.Tensor, adapter: LoRAAdapter) -> bool:
         weight = self.base_layer.weight
         return (self.training and torch.is_grad_enabled() and not weight.requires_grad
-                and x.dtype == weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled()
-                and not _plain_ops_required())
+                and x.dtype == weight.dtype == adapter.lora_A.dtype and not torch.is_autocast_enabled()
+                and isinstance(adapter.scaling, float) and not _plain_ops_required())
 
     def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
-        """`dropout_mask` overrides the random mask (tests); by default one is drawn when training."""
-        if not self._lora_active():
-            return self.base_layer(x)
-        if self._fused_path_applies(x):
-            mask = SeededMask.new(self.dropout) if dropout_mask is None and self.dropout else dropout_mask
-            return linear_lora(x, self.weight_out_in(), self.base_layer.bias, self.lora_A, self.lora_B,
-                               self.scaling, mask)
-        result = self.base_layer(x)
-        hidden = F.linear(self._dropped(_cast(x, self.lora_A.dtype), dropout_mask), self.lora_A)
-        return result + _cast(self.scaling * F.linear(hidden, self.lora_B), result.dtype)
+        running = self._running()
+        if len(running) == 1 and self._routes is None and self._fused_path_applies(x, running[0]):
+            adapter = running[0]
+            mask = SeededMask.new(adapter.dropout) if dropout_mask is None and adapter.dropout else dropout_mask
+            return linear_lora(x, self.weight_out_in(), self.base_layer.bias, adapter.lora_A, adapter.lora_B,
+                               adapter.scaling, mask)
+        return super().forward(x, dropout_mask)
+
+    def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        hidden = F.linear(self._dropped(_cast(x, adapter.lora_A.dtype), adapter, dropout_mask), adapter.lora_A)
+        return adapter.scaling * F.linear(hidden, adapter.lora_B)
+
+    def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
+                   dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """In inference (nothing needs a gradient), the update is one `addmm_` into `result`: no full-size
+        temporary. Otherwise, and under tracing, export or compilation, the plain sum."""
+        if not self._adds_in_place(result, adapter, x, dropout_mask):
+            return super().add_update(result, adapter, x, dropout_mask)
+        hidden = F.linear(x, adapter.lora_A)
+        result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), adapter.lora_B.T,
+                                                 alpha=adapter.scaling)
+        return result
+
+    def _adds_in_place(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
+                       dropout_mask: DropoutMask | None) -> bool:
+        needs_graph = torch.is_grad_enabled() and any(
+            tensor.requires_grad for tensor in (result, x, adapter.lora_A, adapter.lora_B))
+        dropping = dropout_mask is not None or (self.training and adapter.dropout)
+        return (not needs_graph and not dropping and isinstance(adapter.scaling, float) and result.is_contiguous()
+                and result.dtype == x.dtype == adapter.lora_A.dtype and not _plain_ops_required())
 
 
 class LoRAEmbedding(LoRALayer):
-    """LoRA around `nn.Embedding`: `W[ids] + s * A.T[ids] @ B.T`; A starts at zero, B ~ N(0, 1)."""
-
-    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, scaling: float, dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, alpha, scaling, dropout, *self.lora_shapes(base_layer, r))
+    """LoRA around `nn.Embedding`: `W[ids] + s * A.T[ids] @ B.T`; A starts at zero, B ~ N(0, 1); no dropout."""
 
     @staticmethod
     def lora_shapes(base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = base_layer.weight.shape
         return (r, num_embeddings), (dim, r)
 
-    def reset_lora_parameters(self, init: str) -> None:
+    def reset_lora_parameters(self, init: str, adapter_name: str | None = None) -> None:
+        adapter = self.adapter(adapter_name)
         with torch.no_grad():
-            self.lora_A.zero_()
-            self.lora_B.normal_()
+            adapter.lora_A.zero_()
+            adapter.lora_B.normal_()
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        lora_a, lora_b = (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
-        return self.scaling * (lora_b @ lora_a).T
+    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
+        lora_a, lora_b = adapter.lora_A, adapter.lora_B
+        if dtype is not None:
+            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        return adapter.scaling * (lora_b @ lora_a).T
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(ids)
-        if not self._lora_active():
-            return result
+    def update(self, adapter: LoRAAdapter, ids: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         # padding_idx as the base: the padding row of A gets no gradient, as in PEFT.
-        rows = F.embedding(ids, self.lora_A.T, padding_idx=self.base_layer.padding_idx)
-        return result + _cast(self.scaling * (rows @ self.lora_B.T), result.dtype)
+        rows = F.embedding(ids, adapter.lora_A.T, padding_idx=self.base_layer.padding_idx)
+        return adapter.scaling * (rows @ adapter.lora_B.T)
 
 
 class LoRAConv2d(LoRALayer):
@@ -219,9 +428,6 @@ class LoRAConv2d(LoRALayer):
     Grouping both like the base keeps the update block-diagonal, so it merges exactly; the rank
     must then be a multiple of `groups`.
     """
-
-    def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, scaling: float, dropout: float = 0.0) -> None:
-        super().__init__(base_layer, r, alpha, scaling, dropout, *self.lora_shapes(base_layer, r))
 
     @staticmethod
     def lora_shapes(base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -232,22 +438,20 @@ class LoRAConv2d(LoRALayer):
                              f"choose r (or its rank_pattern entry) divisible by {groups}.")
         return (r, in_per_group, kernel_h, kernel_w), (out_channels, r // groups, 1, 1)
 
-    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        lora_a, lora_b = (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
-        groups = self.base_layer.groups
-        grouped_a = lora_a.reshape(groups, self.r // groups, -1)
-        grouped_b = lora_b.reshape(groups, lora_b.shape[0] // groups, self.r // groups)
-        return self.scaling * (grouped_b @ grouped_a).reshape(lora_b.shape[0], *lora_a.shape[1:])
+    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
+        lora_a, lora_b = adapter.lora_A, adapter.lora_B
+        if dtype is not None:
+            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        groups, rank = self.base_layer.groups, lora_a.shape[0]
+        grouped_a = lora_a.reshape(groups, rank // groups, -1)
+        grouped_b = lora_b.reshape(groups, lora_b.shape[0] // groups, rank // groups)
+        return adapter.scaling * (grouped_b @ grouped_a).reshape(lora_b.shape[0], *lora_a.shape[1:])
 
-    def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
-        result = self.base_layer(x)
-        if not self._lora_active():
-            return result
-        dropped = self._dropped(_cast(x, self.lora_A.dtype), dropout_mask)
+    def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        dropped = self._dropped(_cast(x, adapter.lora_A.dtype), adapter, dropout_mask)
         # The base's own conv call, so padding modes and geometry are exactly the base's.
-        hidden = self.base_layer._conv_forward(dropped, self.lora_A, None)
-        update = F.conv2d(hidden, self.lora_B, groups=self.base_layer.groups)
-        return result + _cast(self.scaling * update, result.dtype)
+        hidden = self.base_layer._conv_forward(dropped, adapter.lora_A, None)
+        return adapter.scaling * F.conv2d(hidden, adapter.lora_B, groups=self.base_layer.groups)
 
 
 def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:
@@ -261,9 +465,15 @@ def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:
     return None
 
 
-def make_lora_layer(module: nn.Module, path: str, config: LoRAConfig) -> LoRALayer:
-    """Wrap `module` (found at `path`) with the rank, alpha and init `config` gives that path."""
-    layer = lora_layer_for(module)(module, config.rank_for(path), config.alpha_for(path), config.scaling_for(path),
-                                   config.dropout)
-    layer.reset_lora_parameters(config.init)
+def adapter_arguments(config: LoRAConfig, path: str) -> dict:
+    """The rank, alpha, scaling and dropout `config` gives the module at `path`."""
+    return dict(r=config.rank_for(path), alpha=config.alpha_for(path), scaling=config.scaling_for(path),
+                dropout=config.dropout)
+
+
+def make_lora_layer(module: nn.Module, path: str, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRALayer:
+    """Wrap `module` (found at `path`) with an adapter `adapter_name` of the rank, alpha and init `config`
+    gives that path."""
+    layer = lora_layer_for(module)(module, adapter_name=adapter_name, **adapter_arguments(config, path))
+    layer.reset_lora_parameters(config.init, adapter_name)
     return layer

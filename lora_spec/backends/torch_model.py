@@ -1,41 +1,99 @@
-"""Whole-model LoRA for PyTorch: apply, merge, unmerge, merge_and_unload, disable_adapters, counts."""
+"""Whole-model LoRA for PyTorch: apply named adapters, switch, delete, merge, unmerge, merge_and_unload, counts.
+
+A model with LoRA holds its adapters' configs in `model.lora_configs` (name -> `LoRAConfig`, in
+the order they were added) and the names of the active ones in `model.lora_active_adapters`;
+every LoRA layer and `ModulesToSave` wrapper holds the same active list.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
-from lora_spec.backends.torch_layers import LoRALayer, is_conv1d, lora_layer_for, make_lora_layer
+from lora_spec.backends.torch_layers import (DEFAULT_ADAPTER, LoRALayer, adapter_arguments, is_conv1d,
+                                             lora_layer_for, make_lora_layer)
 from lora_spec.config import LoRAConfig, resolve_config
 from lora_spec.merging import merge_all_or_none
+from lora_spec.multi_adapter import BASE_MODEL, check_adapter_name, row_groups
 from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
-CONFIG_ATTRIBUTE = "lora_config"
+CONFIGS_ATTRIBUTE = "lora_configs"
+ACTIVE_ATTRIBUTE = "lora_active_adapters"
 _KINDS = {"LoRALinear": "linear", "LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}
 
 
-class ModulesToSave(nn.Module):
-    """A module trained fully: `trained_module`, a trainable copy of the frozen `original_module`.
+def _rename_single_copy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Read state dicts saved when a module to save had one copy (`<path>.trained_module.*`) into its first copy."""
+    first = next(iter(module.modules_to_save), None)
+    old = prefix + "trained_module."
+    for key in [key for key in state_dict if key.startswith(old)]:
+        if first is not None:
+            state_dict[f"{prefix}modules_to_save.{first}.{key[len(old):]}"] = state_dict.pop(key)
 
-    Stored whole in the adapter file (PEFT's `modules_to_save`); `disable_adapters` runs the original.
+
+class ModulesToSave(nn.Module):
+    """A module trained fully: one trainable copy per adapter (`modules_to_save[name]`) of the frozen
+    `original_module`, as PEFT's `ModulesToSaveWrapper`.
+
+    Stored whole in the adapter file (PEFT's `modules_to_save`). The copy of the first active
+    adapter that has one runs; `disable_adapters`, or no such copy, runs the original.
     """
 
-    def __init__(self, original_module: nn.Module) -> None:
+    def __init__(self, original_module: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.original_module = original_module
-        self.trained_module = copy.deepcopy(original_module)
-        self.trained_module.requires_grad_(True)
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = [adapter_name]
         self.adapter_enabled = True
+        self._routes: tuple[int, list] | None = None
+        self.add_adapter(adapter_name)
+        self.register_load_state_dict_pre_hook(_rename_single_copy_keys)
+
+    def add_adapter(self, name: str) -> nn.Module:
+        """A trainable copy of the original module for adapter `name`."""
+        copied = copy.deepcopy(self.original_module)
+        copied.requires_grad_(True)
+        self.modules_to_save[name] = copied
+        return copied
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter `name`'s copy."""
+        del self.modules_to_save[name]
+        self.active_adapters = [active for active in self.active_adapters if active != name]
+
+    @property
+    def trained_module(self) -> nn.Module | None:
+        """The copy that runs now: the first active adapter's, or None (the original runs)."""
+        return next((self.modules_to_save[name] for name in self.active_adapters if name in self.modules_to_save), None)
+
+    def route(self, adapter_per_row: Sequence[Hashable | None] | None) -> None:
+        """As `LoRALayer.route`: row `i` runs through adapter `adapter_per_row[i]`'s copy."""
+        self._routes = None if adapter_per_row is None else (len(adapter_per_row), row_groups(adapter_per_row))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.trained_module if self.adapter_enabled else self.original_module
-        return module(*args, **kwargs)
+        if not self.adapter_enabled:
+            return self.original_module(*args, **kwargs)
+        if self._routes is not None:
+            return self._routed(*args, **kwargs)
+        return (self.trained_module or self.original_module)(*args, **kwargs)
+
+    def _routed(self, *args: Any, **kwargs: Any) -> Any:
+        rows_expected, groups = self._routes
+        if len(args) != 1 or kwargs or args[0].shape[0] != rows_expected:
+            raise ValueError(f"routing {rows_expected} rows through the module to save {type(self.original_module).__name__} "
+                             "needs one input tensor with one row per adapter name: give routed() one name per row.")
+        (x,) = args
+        result = self.original_module(x)
+        for name, rows in groups:
+            if name in self.modules_to_save:
+                result[rows] = self.modules_to_save[name](x[rows])
+        return result
 
 
 def _kind(module: nn.Module) -> str:
@@ -71,8 +129,14 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
     return ((path, module) for path, module in model.named_modules() if isinstance(module, LoRALayer))
 
 
-def _modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+def modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """`(path, wrapper)` for every module to save of `model`."""
     return ((path, module) for path, module in model.named_modules() if isinstance(module, ModulesToSave))
+
+
+def _switches(model: nn.Module) -> list[LoRALayer | ModulesToSave]:
+    """Every module that holds adapters: LoRA layers and modules to save."""
+    return [module for module in model.modules() if isinstance(module, (LoRALayer, ModulesToSave))]
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -80,13 +144,14 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), name, module)
 
 
-def plan(model: nn.Module, config: LoRAConfig,
-         require_modules_to_save: bool = True) -> tuple[LoRAConfig, list[str], list[str]]:
+def plan(model: nn.Module, config: LoRAConfig, require_modules_to_save: bool = True,
+         adapter_name: str | None = DEFAULT_ADAPTER) -> tuple[LoRAConfig, list[str], list[str]]:
     """`(config with resolved targets, paths to adapt, paths of modules_to_save)`, touching nothing.
 
     An entry of `modules_to_save` that matches nothing raises, unless `require_modules_to_save`
     is False (PEFT's files list task heads such as "classifier" and "score" whether or not the
-    model has them).
+    model has them). A target that cannot hold an adapter of its rank raises, naming it, unless
+    it already holds adapter `adapter_name`, which `apply` keeps.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
@@ -95,50 +160,76 @@ def plan(model: nn.Module, config: LoRAConfig,
     save_paths = modules_to_save_paths(modules, config, require_modules_to_save)
     for match in matches:
         module = model.get_submodule(match.path)
-        if not isinstance(module, LoRALayer):
-            try:
-                lora_layer_for(module).lora_shapes(module, config.rank_for(match.path))
-            except ValueError as error:
-                raise ValueError(f"module {match.path!r}: {error}") from None
+        if isinstance(module, LoRALayer) and adapter_name in module.adapters:
+            continue
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        try:
+            lora_layer_for(base).lora_shapes(base, config.rank_for(match.path))
+        except ValueError as error:
+            raise ValueError(f"module {match.path!r}: {error}") from None
     return config, [m.path for m in matches], save_paths
 
 
-def apply(model: nn.Module, config: LoRAConfig | None = None, **overrides: Any) -> nn.Module:
-    """Wrap the targeted modules of `model` with LoRA in place and freeze the rest; returns `model`.
+def apply(model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER,
+          **overrides: Any) -> nn.Module:
+    """Add an adapter called `adapter_name` to the targeted modules of `model` in place; returns `model`.
 
-    `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`). Modules that
-    are already LoRA layers are kept as they are, so applying twice does not wrap twice.
-    Trainable afterwards: every `lora_A`/`lora_B`, the copies of `modules_to_save`, and the
-    biases that `config.bias` names ("all": every bias; "lora_only": those of adapted layers).
+    `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`). The first
+    adapter of a model becomes active and everything else is frozen. Another name adds an
+    adapter, with its own targets, rank and alpha, that stays inactive until `set_adapter`
+    (PEFT's `add_adapter`). A module that already holds the adapter keeps it, so applying the same
+    name twice does not wrap twice. Trainable afterwards: the active adapters' `lora_A`/`lora_B`
+    and copies of `modules_to_save`, and the biases `config.bias` names ("all": every bias;
+    "lora_only": those of adapted layers).
     """
     refuse_wrapper(model, "apply LoRA to")
-    return wrap(model, *plan(model, resolve_config(config, overrides)))
+    check_adapter_name(adapter_name)
+    config = resolve_config(config, overrides)
+    return wrap(model, *plan(model, config, adapter_name=adapter_name), adapter_name=adapter_name)
 
 
-def wrap(model: nn.Module, config: LoRAConfig, target_paths: list[str], save_paths: list[str]) -> nn.Module:
+def wrap(model: nn.Module, config: LoRAConfig, target_paths: list[str], save_paths: list[str],
+         adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """`apply` for targets already resolved by `plan`."""
+    configs = dict(getattr(model, CONFIGS_ATTRIBUTE, None) or {})
+    active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [adapter_name])
     for path in target_paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoRALayer):
-            _replace(model, path, make_lora_layer(module, path, config))
+            module = make_lora_layer(module, path, config, adapter_name)
+            _replace(model, path, module)
+        elif adapter_name not in module.adapters:
+            module.add_adapter(adapter_name, init=config.init, **adapter_arguments(config, path))
+        module.active_adapters = list(active)
     for path in save_paths:
-        if not isinstance(model.get_submodule(path), ModulesToSave):
-            _replace(model, path, ModulesToSave(model.get_submodule(path)))
-    _set_trainable(model, config.bias)
-    setattr(model, CONFIG_ATTRIBUTE, config)
+        module = model.get_submodule(path)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, adapter_name)
+            _replace(model, path, module)
+        elif adapter_name not in module.modules_to_save:
+            module.add_adapter(adapter_name)
+        module.active_adapters = list(active)
+    configs[adapter_name] = config
+    setattr(model, CONFIGS_ATTRIBUTE, configs)
+    setattr(model, ACTIVE_ATTRIBUTE, active)
+    _set_trainable(model)
     return model
 
 
-def _set_trainable(model: nn.Module, bias: str) -> None:
+def _set_trainable(model: nn.Module) -> None:
+    """Only the active adapters train (with the biases their configs name); everything else is frozen."""
+    active, configs = getattr(model, ACTIVE_ATTRIBUTE), getattr(model, CONFIGS_ATTRIBUTE)
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-            layer.base_layer.bias.requires_grad_(True)
-    for _, wrapper in _modules_to_save(model):
-        wrapper.trained_module.requires_grad_(True)
-    if bias == "all":
+        for name in active:
+            if name in layer.adapters:
+                layer.adapters[name].requires_grad_(True)
+                if configs[name].bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+    for _, wrapper in modules_to_save(model):
+        if wrapper.trained_module is not None:
+            wrapper.trained_module.requires_grad_(True)
+    if any(configs[name].bias == "all" for name in active):
         for name, parameter in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
                 parameter.requires_grad_(True)
@@ -163,18 +254,126 @@ def refuse_wrapper(model: nn.Module, action: str) -> None:
                          "parameters): call it on the bare model, then wrap.")
 
 
-def config_of(model: nn.Module) -> LoRAConfig:
-    """The resolved config `apply` stored on `model` (or the model inside its wrappers); ValueError
-    when LoRA was never applied."""
-    config = getattr(unwrap(model), CONFIG_ATTRIBUTE, None)
-    if not isinstance(config, LoRAConfig):
+def configs_of(model: nn.Module) -> dict[str, LoRAConfig]:
+    """The configs of the model's adapters by name (the model inside its wrappers); ValueError when LoRA
+    was never applied."""
+    configs = getattr(unwrap(model), CONFIGS_ATTRIBUTE, None)
+    if not configs:
         raise ValueError("this model has no LoRA adapter: call lora_spec.torch.apply(model) first.")
-    return config
+    return configs
 
 
-def uses_fan_in_fan_out(model: nn.Module) -> bool:
-    """Whether an adapted layer is a Conv1D, whose weight is `(in, out)` (PEFT's `fan_in_fan_out`)."""
-    return any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model))
+def check_names(model: nn.Module, names: Sequence[str]) -> None:
+    """Raise, listing the model's adapters, when one of `names` is not among them."""
+    configs = configs_of(model)
+    for name in names:
+        if name not in configs:
+            raise ValueError(f"unknown adapter {name!r}: the model has adapters {', '.join(map(repr, configs))}.")
+
+
+def config_of(model: nn.Module, adapter_name: str | None = None) -> LoRAConfig:
+    """The config of adapter `adapter_name` (default: the first active one, else the first)."""
+    configs = configs_of(model)
+    if adapter_name is None:
+        active = active_adapters(model)
+        adapter_name = active[0] if active else next(iter(configs))
+    check_names(model, [adapter_name])
+    return configs[adapter_name]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
+    return list(configs_of(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters the model runs (their updates add up)."""
+    configs_of(model)
+    return list(getattr(unwrap(model), ACTIVE_ATTRIBUTE))
+
+
+def _adapter_list(names: str | Sequence[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("no adapter named: pass one name or several (use disable_adapters(model) to run the base).")
+    return names
+
+
+def _check_one_copy_per_module(model: nn.Module, names: Sequence[str], action: str) -> None:
+    for path, wrapper in modules_to_save(model):
+        holders = [name for name in names if name in wrapper.modules_to_save]
+        if len(holders) > 1:
+            raise ValueError(f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
+                             f"and one module cannot run two copies: {action} at most one of them.")
+
+
+def _unmerge_with_warning(model: nn.Module, reason: str) -> None:
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    if merged:
+        warnings.warn(f"the model's adapters are merged; unmerging them to {reason}.", stacklevel=3)
+        for layer in merged:
+            layer.unmerge()
+
+
+def _activate(model: nn.Module, names: list[str]) -> None:
+    setattr(model, ACTIVE_ATTRIBUTE, list(names))
+    for module in _switches(model):
+        module.active_adapters = list(names)
+    _set_trainable(model)
+
+
+def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Module:
+    """Run (and train) the adapter `adapter_name`, or the sum of several (a list); returns `model`.
+
+    Only the active adapters train; the others are frozen. A merged model is unmerged first, with
+    a warning (as PEFT does). Two active adapters cannot both have a copy of one module to save.
+    """
+    names = _adapter_list(adapter_name)
+    check_names(model, names)
+    inner = unwrap(model)
+    _check_one_copy_per_module(inner, names, "activate")
+    _unmerge_with_warning(inner, f"activate {names}")
+    _activate(inner, names)
+    return model
+
+
+def remove_from_modules(model: nn.Module, adapter_name: str) -> None:
+    """Take adapter `adapter_name` out of every (unmerged) module; a module left without adapters turns back
+    into its base module. The model's configs and active list are the caller's to update."""
+    for path, layer in list(lora_layers(model)):
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                _replace(model, path, layer.base_layer)
+    for path, wrapper in list(modules_to_save(model)):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.modules_to_save:
+                _replace(model, path, wrapper.original_module)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Remove adapter `adapter_name` from every module; returns `model`.
+
+    Deleting an active adapter activates the first remaining one, with a warning (as PEFT does);
+    deleting the last one leaves the plain base model. A merged model is unmerged first, with a warning.
+    """
+    check_names(model, [adapter_name])
+    inner = unwrap(model)
+    _unmerge_with_warning(inner, f"delete {adapter_name!r}")
+    remove_from_modules(inner, adapter_name)
+    configs = getattr(inner, CONFIGS_ATTRIBUTE)
+    del configs[adapter_name]
+    if not configs:
+        delattr(inner, CONFIGS_ATTRIBUTE)
+        delattr(inner, ACTIVE_ATTRIBUTE)
+        return model
+    active = [name for name in getattr(inner, ACTIVE_ATTRIBUTE) if name != adapter_name]
+    if not active:
+        active = [next(iter(configs))]
+        warnings.warn(f"adapter {adapter_name!r} was active and is deleted: {active[0]!r} is active now.", stacklevel=2)
+    _activate(inner, active)
+    return model
 
 
 def _untie_adapted_weights(model: nn.Module) -> None:
@@ -206,12 +405,12 @@ def _untie_adapted_weights(model: nn.Module) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight (undo with `unmerge`); returns `model`.
+    """Merge the active adapters into the base weights (undo with `unmerge`); returns `model`.
 
     All or nothing: when one merged weight would hold NaN or inf, the layers merged so far are
     restored and ValueError names the module.
     """
-    config_of(model)
+    configs_of(model)
     inner = unwrap(model)
     _untie_adapted_weights(inner)
     merge_all_or_none(lora_layers(inner))
@@ -220,20 +419,20 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged base weight bit for bit; returns `model`."""
-    config_of(model)
+    configs_of(model)
     for _, layer in lora_layers(unwrap(model)):
         layer.unmerge()
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the adapters for good and return `model` made of plain torch layers, no LoRA code left.
+    """Merge the active adapters for good and return `model` made of plain torch layers, no LoRA code left.
 
-    `modules_to_save` are replaced by their trained copies. Every merged weight is checked before
-    any is written (on NaN or inf: ValueError, model untouched), and no copy of the base weights
-    is kept, so memory does not grow.
+    Inactive adapters are dropped; `modules_to_save` are replaced by the active adapter's copy. Every
+    merged weight is checked before any is written (on NaN or inf: ValueError, model untouched), and
+    no copy of the base weights is kept, so memory does not grow.
     """
-    config_of(model)
+    configs_of(model)
     inner = unwrap(model)
     layers = list(lora_layers(inner))
     for path, layer in layers:
@@ -246,9 +445,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for path, layer in layers:
         layer.merge(keep_original=False)
         _replace(inner, path, layer.base_layer)
-    for path, wrapper in list(_modules_to_save(inner)):
-        _replace(inner, path, wrapper.trained_module)
-    delattr(inner, CONFIG_ATTRIBUTE)
+    for path, wrapper in list(modules_to_save(inner)):
+        _replace(inner, path, wrapper.trained_module or wrapper.original_module)
+    delattr(inner, CONFIGS_ATTRIBUTE)
+    delattr(inner, ACTIVE_ATTRIBUTE)
     return model
 
 
@@ -258,9 +458,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Merged layers are unmerged for the block and merged again after it (both exact).
     """
-    config_of(model)
+    configs_of(model)
     inner = unwrap(model)
-    switches = [module for _, module in lora_layers(inner)] + [module for _, module in _modules_to_save(inner)]
+    switches = _switches(inner)
     was_merged = [layer for _, layer in lora_layers(inner) if layer.merged]
     for layer in was_merged:
         layer.unmerge()
@@ -273,6 +473,39 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             module.adapter_enabled = True
         for layer in was_merged:
             layer.merge()
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row `i` of each batch runs through adapter `adapter_per_row[i]` (None or
+    `"__base__"`: the base model), as PEFT's `adapter_names=` argument does.
+
+    For inference: the model must be in evaluation mode and unmerged. The rows of each adapter run
+    together (a contiguous run of rows as one view, no copy), not one at a time. `disable_adapters`
+    inside the block runs the base for every row.
+    """
+    routes = list(adapter_per_row)
+    check_names(model, [name for name in routes if name is not None and name != BASE_MODEL])
+    inner = unwrap(model)
+    if inner.training:
+        raise ValueError("routed() is for inference, and the model is in training mode: call model.eval() first.")
+    if any(layer.merged for _, layer in lora_layers(inner)):
+        raise ValueError("the model's adapters are merged, so rows cannot take different adapters: call "
+                         "unmerge(model) before routed().")
+    switches = _switches(inner)
+    for module in switches:
+        module.route(routes)
+    try:
+        yield model
+    finally:
+        for module in switches:
+            module.route(None)
+
+
+def uses_fan_in_fan_out(model: nn.Module, adapter_name: str | None = None) -> bool:
+    """Whether a layer holding the adapter is a Conv1D, whose weight is `(in, out)` (PEFT's `fan_in_fan_out`)."""
+    return any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model)
+               if adapter_name is None or adapter_name in layer.adapters)
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:

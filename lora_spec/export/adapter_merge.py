@@ -21,7 +21,9 @@ The weight may reach its node through `Identity`, `Cast` and `Transpose` nodes. 
 then like the initializer behind any `Transpose`.
 
 Several adapters merge as `W' = W + sum_k weight_k * delta_k`, in at least float32, cast once to
-the initializer's dtype. Full tensors stored in an adapter (`modules_to_save`, trained biases)
+the initializer's dtype. A DoRA adapter (`use_dora`) merges as `lora_spec.dora.dora_merge`,
+`W' = (m/n) * (W + s * B @ A)` with the norm `n` of the graph's own weight: it takes weight 1 only
+(the normalisation leaves no meaning to another), and no other adapter may change the same weight. Full tensors stored in an adapter (`modules_to_save`, trained biases)
 replace the base tensor as they are: an adapter's weight scales only its low-rank deltas, a
 full tensor may come from one adapter with a non-zero weight only, and deltas of other adapters
 are added on top of it. An adapter with weight 0 contributes nothing.
@@ -40,7 +42,7 @@ from numbers import Real
 import numpy as np
 import onnx
 
-from lora_spec import reference
+from lora_spec import dora, reference
 from lora_spec.adapter_io import AdapterWeights, load_adapter_dir
 from lora_spec.config import LoRAConfig
 from lora_spec.export.graph import FLOAT_TYPES, attribute, initializer_behind
@@ -161,6 +163,11 @@ class WeightSite:
         """A weight in the reference layout (delta or full), as the initializer must hold it."""
         operand = reference_value.T if self.transposed else reference_value
         return self.weight.from_operand(operand / self.factor)
+
+    def to_reference(self, initializer_value: np.ndarray) -> np.ndarray:
+        """The weight the node applies, in the reference layout, from the initializer's value."""
+        operand = np.transpose(initializer_value, self.weight.perm) * self.factor
+        return operand.T if self.transposed else operand
 
 
 class _Graph:
@@ -361,8 +368,13 @@ def load_adapter(directory: str | os.PathLike, weight: float) -> LoadedAdapter:
         raise AdapterMergeError(f"cannot read adapter {os.fspath(directory)}: {error}") from None
     # A saved BatchNorm's step counter has no effect on inference and no tensor in the graph.
     tensors.extra = {key: value for key, value in tensors.extra.items() if not key.endswith(_TRAINING_COUNTER)}
+    if config.use_dora and weight != 1:
+        raise AdapterMergeError(f"adapter {os.fspath(directory)} is a DoRA adapter (use_dora=true) and has weight "
+                                f"{weight:g}: DoRA normalises each output feature of the merged weight, which leaves no "
+                                "meaning to a weight; merge it with weight 1.")
     named = [(f"{path}.lora_A", pair[0]) for path, pair in tensors.lora.items()]
     named += [(f"{path}.lora_B", pair[1]) for path, pair in tensors.lora.items()] + list(tensors.extra.items())
+    named += [(f"{path}.lora_magnitude_vector", value) for path, value in tensors.magnitudes.items()]
     for name, value in named:
         if not np.issubdtype(value.dtype, np.floating):
             raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} has dtype {value.dtype}, not a "
@@ -408,6 +420,7 @@ class _Accumulator:
         self.locations: dict[tuple[str, int], TensorLocation] = {}
         self.replacements: dict[tuple[str, int], tuple[np.ndarray, str]] = {}
         self.deltas: dict[tuple[str, int], list[Callable[[], np.ndarray]]] = {}
+        self.dora_merges: dict[tuple[str, int], tuple[Callable[[np.ndarray], np.ndarray], str]] = {}
 
     def replace(self, location: TensorLocation, value: np.ndarray, source: str) -> None:
         key = (location.consumer, location.input_index)
@@ -417,10 +430,22 @@ class _Accumulator:
         self.locations[key] = location
         self.replacements[key] = (value, source)
 
-    def add(self, location: TensorLocation, delta: Callable[[], np.ndarray]) -> None:
+    def add(self, location: TensorLocation, delta: Callable[[], np.ndarray], source: str) -> None:
         key = (location.consumer, location.input_index)
+        if key in self.dora_merges:
+            raise _beside_dora(self.dora_merges[key][1], source, key)
         self.locations[key] = location
-        self.deltas.setdefault(key, []).append(delta)
+        self.deltas.setdefault(key, []).append((delta, source))
+
+    def add_dora(self, location: TensorLocation, merge: Callable[[np.ndarray], np.ndarray], source: str) -> None:
+        """`merge` maps the weight (the base's, or its replacement) to its DoRA-merged value."""
+        key = (location.consumer, location.input_index)
+        others = [other for _, other in self.deltas.get(key, [])]
+        others += [self.dora_merges[key][1]] if key in self.dora_merges else []
+        if others:
+            raise _beside_dora(source, others[0], key)
+        self.locations[key] = location
+        self.dora_merges[key] = (merge, source)
 
     def updates(self) -> list[WeightUpdate]:
         by_initializer: dict[str, list[tuple[str, int]]] = {}
@@ -438,9 +463,16 @@ class _Accumulator:
                                     f"declares {tuple(initializer.dims)}: fix the tensor reader.")
         base = self.replacements[key][0] if key in self.replacements else _to_float(stored, initializer.data_type)
         value = base.astype(_compute_dtype(initializer.data_type), copy=True)
-        for delta in self.deltas.get(key, []):
+        if key in self.dora_merges:
+            value = self.dora_merges[key][0](value)
+        for delta, _ in self.deltas.get(key, []):
             value += delta()
         return _like(value, stored)
+
+
+def _beside_dora(dora_source: str, other_source: str, key: tuple[str, int]) -> AdapterMergeError:
+    return AdapterMergeError(f"{dora_source} is DoRA and {other_source} changes the same weight (read by node "
+                             f"{key[0]!r}): DoRA rescales the whole weight, so merge one adapter per module there.")
 
 
 def _compute_dtype(data_type: int) -> np.dtype:
@@ -464,8 +496,8 @@ def _like(value: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return value.astype(stored.dtype)
 
 
-def _check_factors(adapter: LoadedAdapter, path: str, site: WeightSite) -> None:
-    """Refuse factors whose rank disagrees with the config or whose shapes do not fit the site's weight."""
+def _checked_factors(adapter: LoadedAdapter, path: str, site: WeightSite) -> tuple[np.ndarray, np.ndarray]:
+    """A and B of `path`, checked against the config's rank and the site's weight, before anything is read."""
     site.check_unfolded(adapter, path)
     lora_a, lora_b = adapter.tensors.lora[path]
     rank = adapter.config.rank_for(path)
@@ -477,11 +509,29 @@ def _check_factors(adapter: LoadedAdapter, path: str, site: WeightSite) -> None:
             f"adapter {adapter.directory}: module {path} has lora_A {lora_a.shape} and lora_B {lora_b.shape}, which "
             f"do not fit the weight {site.reference_shape()} (reference layout) of node {site.node.name!r}: "
             "the adapter was trained on another model.")
+    return lora_a, lora_b
+
+
+def _dora_merge(adapter: LoadedAdapter, path: str, site: WeightSite) -> Callable[[np.ndarray], np.ndarray]:
+    """The DoRA merge of `path` as a function of the initializer's value (compute dtype)."""
+    lora_a, lora_b = _checked_factors(adapter, path, site)
+    try:
+        dora.check_supported(site.kind, lora_a, lora_b)
+    except ValueError as error:
+        raise AdapterMergeError(f"adapter {adapter.directory}: module {path}: {error}") from None
+    magnitude, scaling = adapter.tensors.magnitudes[path], adapter.config.scaling_for(path)
+
+    def merge(value: np.ndarray) -> np.ndarray:
+        merged = dora.dora_merge(site.to_reference(value), lora_a.astype(value.dtype), lora_b.astype(value.dtype),
+                                 scaling, magnitude.astype(value.dtype), site.kind)
+        return site.to_initializer(merged).astype(value.dtype, copy=False)
+
+    return merge
 
 
 def _delta(adapter: LoadedAdapter, path: str, site: WeightSite) -> Callable[[], np.ndarray]:
     """`weight * s * B @ A` for `path`, laid out like the site's initializer, computed when called."""
-    lora_a, lora_b = adapter.tensors.lora[path]
+    lora_a, lora_b = _checked_factors(adapter, path, site)
     compute = _compute_dtype(site.weight.initializer.data_type)
     scaling = adapter.config.scaling_for(path)
 
@@ -664,7 +714,7 @@ def resolve_adapters(model: onnx.ModelProto, adapters: Sequence[tuple[str | os.P
                 unmatched.append(path)
                 continue
             for site in found:
-                _check_factors(adapter, path, site)
+                _checked_factors(adapter, path, site)
                 matched.append((path, site.node.name))
             lora.append(LoRATarget(adapter, path, kind, found))
         for key, value in adapter.tensors.extra.items():
@@ -715,9 +765,12 @@ def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.n
     targets = resolve_adapters(model, adapters, allow_partial)
     accumulator = _Accumulator(read_tensor)
     for target in targets.lora:
-        if target.adapter.weight:
-            for site in target.sites:
-                accumulator.add(site.weight, _delta(target.adapter, target.path, site))
+        source = f"adapter {target.adapter.directory} ({target.path})"
+        for site in target.sites:
+            if target.path in target.adapter.tensors.magnitudes:
+                accumulator.add_dora(site.weight, _dora_merge(target.adapter, target.path, site), source)
+            elif target.adapter.weight:
+                accumulator.add(site.weight, _delta(target.adapter, target.path, site), source)
     for target in targets.full:
         if target.adapter.weight:
             for location, full, _ in target.locations:

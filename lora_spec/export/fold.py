@@ -7,7 +7,7 @@ One rule per base product. The rules only translate layouts; the merge itself is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -52,6 +52,20 @@ class FoldRule:
         """A `(r, in)` and B `(out, r)` in the reference layout, from how the products read them."""
         return reference_factors(branch.lora_a, branch.lora_b, read_tensor)
 
+    def output_scales(self, branch: LoRABranch) -> tuple[float | np.ndarray, float | np.ndarray]:
+        """What the layer multiplies the base product and the low-rank product by (per output feature
+        or for all): `branch.scale` on the branch, 1 on the base."""
+        return 1.0, branch.scale
+
+    def describe(self, fold: Fold) -> str:
+        branch = fold.branch
+        return (f"{fold.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
+                f"{branch.lora_b.initializer}" + ("" if fold.target == branch.weight else f" (copied to {fold.target})"))
+
+    def other_values(self, branch: LoRABranch) -> dict[str, np.ndarray]:
+        """New values of tensors other than the weight (a rescaled bias), by initializer name."""
+        return {}
+
     def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
                       lora_b: np.ndarray) -> np.ndarray:
         """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`.
@@ -90,20 +104,20 @@ def detach_branch(graph: Graph, branch: LoRABranch) -> None:
         branch.base_chain, branch.base_output = graph.duplicate_chain(branch.base_chain, before=branch.add)
         branch.base = branch.base_chain[0]
     graph.bypass(branch.add, branch.base_output)
-    _drop_no_op_casts(graph, branch, graph.initializers[branch.weight].data_type)
+    drop_no_op_casts(graph, branch.add.output[0], branch.base_chain, graph.initializers[branch.weight].data_type)
 
 
-def _drop_no_op_casts(graph: Graph, branch: LoRABranch, weight_type: int) -> None:
-    """Exporters cast the LoRA sum back to the layer's dtype: on the base output alone that is a
-    no-op, and so is a cast up that the base output took to meet a float32 branch."""
-    output = branch.add.output[0]
+def drop_no_op_casts(graph: Graph, output: str, base_chain: list[onnx.NodeProto], weight_type: int) -> None:
+    """Exporters cast the LoRA sum (now `output`, made by the base chain) back to the layer's dtype:
+    on the base output alone that is a no-op, and so is a cast up that the base output took to meet
+    a float32 branch."""
     cast = graph.only_reader(output)
     if cast is None or cast.op_type != "Cast":
         return
     types = [weight_type]
-    for node in branch.base_chain:
+    for node in base_chain:
         types.append(attribute(node, "to") if node.op_type == "Cast" else types[-1])
-    last = branch.base_chain[-1]
+    last = base_chain[-1]
     if attribute(cast, "to") == types[-1]:
         graph.bypass(cast, output)
     elif last.op_type == "Cast" and attribute(cast, "to") == types[-2] and (types[-2], types[-1]) in _EXACT_UPCASTS:
@@ -190,9 +204,7 @@ class Fold:
         return self.branch.name
 
     def describe(self) -> str:
-        branch = self.branch
-        return (f"{self.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
-                f"{branch.lora_b.initializer}" + ("" if self.target == branch.weight else f" (copied to {self.target})"))
+        return self.rule.describe(self)
 
     def merged_weight(self, read_tensor: ReadTensor, check: LayerCheck | None = None) -> np.ndarray:
         """The target's new value, merged in the array `read_tensor` returned for the weight.
@@ -211,22 +223,29 @@ class Fold:
         return merged
 
 
-def fold_all(graph: Graph, find_branches: Callable[[Graph], tuple[list[LoRABranch], list[str]]]
+# A pattern: its branches and the reasons near-matches were refused; and its rules by base op.
+Finder = Callable[[Graph], tuple[list, list[str]]]
+
+
+def fold_all(graph: Graph, patterns: Sequence[tuple[Finder, Mapping[str, FoldRule]]]
              ) -> tuple[list[Fold], list[str]]:
-    """Fold every branch a rule accepts, again until none is left (stacked adapters fold one per
-    pass); returns the folds and the reasons for the branches refused in the last pass."""
+    """Fold every branch a rule accepts, pattern after pattern, again until none is left (stacked
+    adapters fold one per pass); returns the folds and the reasons for the branches refused in the
+    last pass."""
     folds: list[Fold] = []
     while True:
-        branches, refusals = find_branches(graph)
-        folded = False
-        for branch in branches:
-            rule = RULES[branch.base.op_type]
-            reason = rule.check(graph, branch)
-            if reason:
-                refusals.append(f"{branch.name}: {reason}")
-                continue
-            previous = next((fold for fold in reversed(folds) if fold.target == branch.weight), None)
-            folds.append(Fold(branch, rule, rule.rewrite(graph, branch), previous))
-            folded = True
+        folded, refusals = False, []
+        for find_branches, rules in patterns:
+            branches, reasons = find_branches(graph)
+            refusals += reasons
+            for branch in branches:
+                rule = rules[branch.base.op_type]
+                reason = rule.check(graph, branch)
+                if reason:
+                    refusals.append(f"{branch.name}: {reason}")
+                    continue
+                previous = next((fold for fold in reversed(folds) if fold.target == branch.weight), None)
+                folds.append(Fold(branch, rule, rule.rewrite(graph, branch), previous))
+                folded = True
         if not folded:
             return folds, refusals

@@ -16,6 +16,8 @@ import onnx
 from onnx import numpy_helper
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+# Ops whose output is not a function of their inputs: never evaluated as constants.
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):
@@ -64,6 +66,8 @@ class Graph:
             self._index(node)
         self._removed: set[int] = set()
         self.shapes = _inferred_shapes(model)
+        self._is_constant: dict[str, bool] = {}
+        self._constant_values: dict[str, np.ndarray] = {}
 
     def _index(self, node: onnx.NodeProto) -> None:
         for output in node.output:
@@ -105,6 +109,72 @@ class Graph:
             if item.name in ("value_float", "value_int", "value_floats", "value_ints"):
                 return np.asarray(onnx.helper.get_attribute_value(item))
         return None
+
+    def is_constant(self, tensor: str) -> bool:
+        """Whether `tensor` is computed from initializers and `Constant` nodes alone (standard ops,
+        no randomness, no subgraphs), so that its value is known without running the model."""
+        pending = [tensor]
+        while pending:
+            name = pending[-1]
+            if name in self._is_constant:
+                pending.pop()
+                continue
+            node = self.producer.get(name)
+            if name in self.initializers or node is None or node.op_type in _RANDOM_OPS or node.domain not in (
+                    "", "ai.onnx") or _has_subgraph(node):
+                self._is_constant[name] = name in self.initializers
+                pending.pop()
+                continue
+            unknown = [item for item in node.input if item and item not in self._is_constant]
+            if unknown:
+                pending.extend(unknown)
+                continue
+            self._is_constant[name] = all(self._is_constant[item] for item in node.input if item)
+            pending.pop()
+        return self._is_constant[tensor]
+
+    def evaluate_constant(self, tensor: str) -> np.ndarray | None:
+        """The value of a tensor that `is_constant`, computed by onnx's reference evaluator from the
+        nodes that produce it; None when it is not constant or the evaluator cannot run them.
+
+        Exporters leave computations on weights in graphs (PyTorch's TorchScript exporter keeps a
+        DoRA layer's weight norm), and their values are needed to fold them. Computed values are
+        kept, and a later evaluation starts from them: evaluate a tensor's ancestors first.
+        """
+        if not self.is_constant(tensor):
+            return None
+        name = self.initializer_behind(tensor)
+        if name is not None:
+            return np.asarray(self.read_tensor(name))
+        if tensor in self._constant_values:
+            return self._constant_values[tensor]
+        nodes, feeds, pending, seen = [], {}, [tensor], set()
+        while pending:
+            name = pending.pop()
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            if name in self.initializers or (name in self._constant_values and name != tensor):
+                feeds[name] = self._constant_values.get(name)
+            else:
+                nodes.append(self.producer[name])
+                pending.extend(self.producer[name].input)
+        feeds = {name: np.asarray(self.read_tensor(name)) if value is None else value for name, value in feeds.items()}
+        order = {id(node): index for index, node in enumerate(self.nodes)}
+        nodes = sorted({id(node): node for node in nodes}.values(), key=lambda node: order[id(node)])
+        from onnx.reference import ReferenceEvaluator
+
+        inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                     list(value.shape)) for name, value in feeds.items()]
+        graph = onnx.helper.make_graph(nodes, "constant", inputs, [onnx.helper.make_empty_tensor_value_info(tensor)])
+        model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                       ir_version=self.model.ir_version)
+        try:
+            value = np.asarray(ReferenceEvaluator(model).run([tensor], feeds)[0])
+        except Exception:  # noqa: BLE001 - an op the evaluator lacks: the value stays unknown
+            return None
+        self._constant_values[tensor] = value
+        return value
 
     def initializer_readers(self, name: str) -> int:
         """Readers of initializer `name`, counting through every `Identity` that forwards it."""
@@ -265,6 +335,10 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
             shapes[value.name] = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
                                   for dim in value.type.tensor_type.shape.dim]
     return shapes
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(item.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for item in node.attribute)
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 
 from lora_spec.export import verify as checks
-from lora_spec.export.fold import Fold, fold_all
+from lora_spec.export.dora_fold import DORA_RULES, find_dora_branches
+from lora_spec.export.fold import RULES, Fold, fold_all
 from lora_spec.export.graph import Graph
 from lora_spec.export.model_io import (
     ExportError,
@@ -92,7 +93,7 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     adapter_plan = _plan_adapters(onnx_model, source, adapters, allow_partial)
 
     graph = Graph(onnx_model, source.read)
-    folds, refused = fold_all(graph, find_branches)
+    folds, refused = fold_all(graph, [(find_dora_branches, DORA_RULES), (find_branches, RULES)])
     refused += unrecognised_low_rank_products(graph)
     values = _fold_values(folds, source.read)
     values.update(_adapter_values(graph, adapter_plan, {fold.branch.base.name for fold in folds}))
@@ -165,7 +166,11 @@ def _plan_adapters(model: onnx.ModelProto, source: TensorSource, adapters, allow
 
 
 def _fold_values(folds: list[Fold], read_tensor) -> dict[str, Callable[[], np.ndarray]]:
-    return {fold.target: (lambda fold=fold: fold.merged_weight(read_tensor)) for fold in folds}
+    values = {}
+    for fold in folds:
+        values[fold.target] = lambda fold=fold: fold.merged_weight(read_tensor)
+        values.update({name: (lambda value=value: value) for name, value in fold.rule.other_values(fold.branch).items()})
+    return values
 
 
 def _adapter_values(graph: Graph, plan, folded_nodes: set[str]) -> dict[str, Callable[[], np.ndarray]]:

@@ -112,7 +112,7 @@ def _before_scalings(graph: Graph, tensor: str) -> str:
     """Walk back from `tensor` over no-op nodes and scalar scalings."""
     while tensor in graph.producer:
         node = graph.producer[tensor]
-        following = _passthrough_input(graph, node)
+        following = passthrough_input(graph, node)
         if following is None:
             scaling = _scaling(graph, node)
             following = scaling[1] if scaling else None
@@ -125,7 +125,7 @@ def _before_scalings(graph: Graph, tensor: str) -> str:
 def _joins_a_refused_add(graph: Graph, node: onnx.NodeProto) -> bool:
     reader = graph.only_reader(node.output[0])
     while reader is not None and reader.op_type != "Add" and (
-            _passthrough_input(graph, reader) is not None or _scaling(graph, reader) is not None):
+            passthrough_input(graph, reader) is not None or _scaling(graph, reader) is not None):
         reader = graph.only_reader(reader.output[0])
     return reader is not None and reader.op_type == "Add" and len(reader.input) == 2 and any(
         isinstance(match(graph, reader, reader.input[side], reader.input[1 - side]), str) for side in (0, 1))
@@ -136,11 +136,11 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     paired = _paired_reshapes(graph, add, base_side, branch_side)
     base_start, base_reader = (paired[0].input[0], paired[0]) if paired else (base_side, add)
     branch_start, branch_reader = (paired[1].input[0], paired[1]) if paired else (branch_side, add)
-    chain = _low_rank_chain(graph, branch_start, branch_reader)
+    chain = low_rank_chain(graph, branch_start, branch_reader)
     if chain is None:
         return None
     factors, scale, branch_input, reshaped = chain
-    base_chain = _base_chain(graph, base_start, base_reader)
+    base_chain = base_chain_to(graph, base_start, base_reader)
     if base_chain is None:
         return "the other input of the Add is not a MatMul/Gemm on an initializer"
     if isinstance(base_chain, str):
@@ -151,6 +151,19 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
         base_shared = base_shared or graph.only_reader(base_side) is not add
     base = base_chain[0]
     weight = graph.initializer_behind(base.input[WEIGHT_INPUT[base.op_type]])
+    reason = pair_mismatch(graph, base, weight, factors, branch_input, reshaped)
+    if reason:
+        return reason
+    if not np.isfinite(scale):
+        return f"the branch's scale is {scale}"
+    lora_a, lora_b = factors
+    return LoRABranch(add=add, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale,
+                      base_output=base_side, base_chain=base_chain, base_shared=base_shared)
+
+
+def pair_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, factors: list[Factor], branch_input: str,
+                  reshaped: bool) -> str | None:
+    """Why a base product and a low-rank pair (from `low_rank_chain`) are not one adapted layer, or None."""
     convolution = base.op_type == "Conv"
     if (convolution and reshaped) or any((factor.conv is not None) != convolution for factor in factors):
         return "a convolution and a matrix product are mixed in one branch"
@@ -162,14 +175,8 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     lora_a, lora_b = factors
     if lora_a.gathered != (base.op_type == "Gather"):
         return "an embedding lookup and a matrix product are mixed in one branch"
-    reason = (_conv_mismatch(graph, base, weight, lora_a, lora_b) if convolution
-              else _shape_mismatch(graph, base, weight, lora_a, lora_b))
-    if reason:
-        return reason
-    if not np.isfinite(scale):
-        return f"the branch's scale is {scale}"
-    return LoRABranch(add=add, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale,
-                      base_output=base_side, base_chain=base_chain, base_shared=base_shared)
+    return (_conv_mismatch(graph, base, weight, lora_a, lora_b) if convolution
+            else _shape_mismatch(graph, base, weight, lora_a, lora_b))
 
 
 def _paired_reshapes(graph: Graph, add: onnx.NodeProto, base_side: str,
@@ -196,7 +203,7 @@ def _paired_reshapes(graph: Graph, add: onnx.NodeProto, base_side: str,
     return base, branch
 
 
-def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
+def low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
     """Walk back from `tensor` over two products on initializers: `(factors, scale, input)` or None."""
     factors: list[Factor] = []
     scale, reshaped = 1.0, False
@@ -206,7 +213,7 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
         node = graph.producer.get(tensor)
         if node is None:
             return None
-        step = _passthrough_input(graph, node)
+        step = passthrough_input(graph, node)
         reshaped = reshaped or (step is not None and node.op_type == "Reshape")
         if step is None:
             step = _scaling(graph, node)
@@ -232,7 +239,7 @@ def _low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
     return factors, scale, tensor, reshaped
 
 
-def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
+def base_chain_to(graph: Graph, tensor: str, reader: onnx.NodeProto):
     """`(nodes from the base product to tensor, read elsewhere?)`, through bias `Add`, `Identity`, `Reshape`,
     and `Cast` (PEFT adds a half-precision base output to the float32 branch after casting it up)."""
     chain, shared = [], False
@@ -255,13 +262,13 @@ def _base_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
                 return None
             tensor, reader = node.input[1 - constant_sides[0]], node
             continue
-        following = _passthrough_input(graph, node)
+        following = passthrough_input(graph, node)
         if following is None:
             return None
         tensor, reader = following, node
 
 
-def _passthrough_input(graph: Graph, node: onnx.NodeProto, casts: bool = True, reshapes: bool = True) -> str | None:
+def passthrough_input(graph: Graph, node: onnx.NodeProto, casts: bool = True, reshapes: bool = True) -> str | None:
     """The input of a node that does not change the rows' values, else None."""
     op = node.op_type
     if op == "Identity":
@@ -337,7 +344,7 @@ def activation_source(graph: Graph, tensor: str, transposed: bool = False, resha
         if node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [1, 0]:
             tensor, transposed = node.input[0], not transposed
             continue
-        following = None if transposed else _passthrough_input(graph, node, reshapes=reshapes)
+        following = None if transposed else passthrough_input(graph, node, reshapes=reshapes)
         if following is None:
             break
         tensor = following

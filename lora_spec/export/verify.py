@@ -87,8 +87,9 @@ def layer_check(fold: Fold, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.n
 
     x = rng.standard_normal((rows, picked.size)).astype(compute)
     alpha = rule.alpha(node)
+    weight_scale, branch_scale = rule.output_scales(fold.branch)
     branch = (x @ lora_a[:, picked].astype(compute).T) @ lora_b.astype(compute).T
-    expected = alpha * (x @ picked_inputs(weight)) + fold.branch.scale * branch
+    expected = alpha * weight_scale * (x @ picked_inputs(weight)) + branch_scale * branch
     return lambda merged: relative_difference(alpha * (x @ picked_inputs(merged)), expected)
 
 
@@ -102,9 +103,12 @@ def _conv_layer_check(fold: Fold, weight, lora_a, lora_b, rng, compute) -> Calla
     reach = [dilation[axis] * (weight.shape[2 + axis] - 1) + 1 + stride[axis] for axis in range(2)]
     x = rng.standard_normal((1, weight.shape[1] * groups, *reach)).astype(compute)
     geometry = dict(stride=stride, dilation=dilation, groups=groups)
-    factors = [array.astype(compute) for array in (lora_a, lora_b)]
-    expected = reference.conv2d_forward(x, weight.astype(compute), None, *factors, fold.branch.scale, **geometry)
-    no_branch = (factors[0], np.zeros_like(factors[1]), 0.0)
+    lora_a, lora_b = (array.astype(compute) for array in (lora_a, lora_b))
+    no_branch = (lora_a, np.zeros_like(lora_b), 0.0)
+    per_channel = [np.reshape(scale, (-1, 1, 1)) for scale in fold.rule.output_scales(fold.branch)]
+    base = reference.conv2d_forward(x, weight.astype(compute), None, *no_branch, **geometry)
+    branch = reference.conv2d_forward(x, np.zeros_like(weight, compute), None, lora_a, lora_b, 1.0, **geometry)
+    expected = per_channel[0] * base + per_channel[1] * branch
     return lambda merged: relative_difference(
         reference.conv2d_forward(x, merged.astype(compute), None, *no_branch, **geometry), expected)
 

@@ -91,18 +91,23 @@ def _weights(model):
     return [w.numpy().copy() for w in model.weights]
 
 
-@pytest.mark.parametrize(("target", "overrides", "message"), [
-    ("adapted", dict(r=2), r"layer 'embed' has an adapter with r=2, .* call unload\(model\)"),
-    ("base", dict(target_modules=["fc1"]), r"adapter key base_model.model.embed.lora_embedding_A names no LoRA target"),
-])
-def test_a_file_that_does_not_fit_is_refused_and_the_model_is_untouched(tmp_path, target, overrides, message):
+def test_loading_a_file_of_another_rank_replaces_the_adapter(tmp_path):
+    source = randomize(lora.apply(keras_base(), **TARGETS))
+    lora.save_adapter(source, tmp_path)
+    model = lora.apply(keras_base(), **{**TARGETS, "r": 2})
+    lora.load_adapter(model, tmp_path)
+    assert {layer.r for _, layer in lora.lora_layers(model)} == {4}
+    np.testing.assert_array_equal(model(IDS), source(IDS))
+
+
+@pytest.mark.parametrize("target", ["adapted", "base"])
+def test_a_file_that_does_not_fit_is_refused_and_the_model_is_untouched(tmp_path, target):
     lora.save_adapter(randomize(lora.apply(keras_base(), **TARGETS)), tmp_path)
-    model = lora.apply(keras_base(), **{**TARGETS, **overrides}) if target == "adapted" else keras_base()
-    if target == "base":
-        config = json.loads((tmp_path / "adapter_config.json").read_text())
-        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **overrides}))
+    model = lora.apply(keras_base(), **TARGETS) if target == "adapted" else keras_base()
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["fc1"]}))
     before = _weights(model)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"adapter key base_model.model.embed.lora_embedding_A names no LoRA target"):
         lora.load_adapter(model, tmp_path)
     for old, new in zip(before, _weights(model)):
         np.testing.assert_array_equal(old, new)
@@ -116,6 +121,33 @@ def test_a_shape_mismatch_names_the_tensor(tmp_path):
                                  keras.layers.Dense(3, name="head")])
     with pytest.raises(ValueError, match=r"adapter tensor B of 'embed' has shape \(8, 4\), but this model needs \(4, 4\)"):
         lora.load_adapter(narrower, tmp_path)
+
+
+@pytest.mark.parametrize("change, feature", [(dict(use_dora=True), "use_dora=True"), (dict(init="pissa_niter_2"),
+                                                                                       "init='pissa_niter_2'")])
+@pytest.mark.parametrize("already_applied", [False, True])
+def test_dora_and_weight_init_adapters_are_refused_by_name_until_the_backend_has_them(tmp_path, change, feature,
+                                                                                     already_applied):
+    from lora_spec.adapter_io import load_adapter_dir, save_adapter_dir
+    from lora_spec.dora import magnitude_shape
+
+    lora.save_adapter(randomize(lora.apply(keras_base(), **TARGETS)), tmp_path)
+    config, raw, weights = load_adapter_dir(tmp_path)
+    if change.get("use_dora"):
+        weights.magnitudes = {path: np.ones(magnitude_shape(weights.layer(path), pair[1].shape[0]))
+                              for path, pair in weights.lora.items()}
+    save_adapter_dir(tmp_path, config.replace(**change).to_peft_dict(raw["target_modules"]), weights)
+    model = lora.apply(keras_base(), **TARGETS) if already_applied else keras_base()
+    before = _weights(model)
+    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
+        lora.load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value)
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        lora.apply(keras_base(), **TARGETS, use_dora=True)
+    with pytest.raises(ValueError, match="init='olora' is not supported"):
+        lora.LoRADense(4, init="olora")
 
 
 def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):

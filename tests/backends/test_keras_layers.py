@@ -89,7 +89,7 @@ def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exa
     state = layer.seed_generator.state.numpy().copy()
     trained = layer(x, training=True).numpy()
     layer.seed_generator.state.assign(state)
-    keep = np.asarray(layer._keep(keras.ops.convert_to_tensor(x)))
+    keep = np.asarray(layer._keep(layer.adapter(), keras.ops.convert_to_tensor(x)))
     assert keep.shape == x.shape and 0 < keep.mean() < 1
     A, B = layer.lora_weights()
     expected = reference.forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling,
@@ -101,7 +101,7 @@ def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exa
 def test_drawn_masks_keep_each_input_at_the_stated_rate(p):
     layer = LoRADense(5, r=2, dropout=p)
     layer.build((1000, 1001))
-    keep = np.asarray(layer._keep(keras.ops.zeros((1000, 1001))))
+    keep = np.asarray(layer._keep(layer.adapter(), keras.ops.zeros((1000, 1001))))
     # 1e6 Bernoulli draws: the standard deviation of the rate is at most 5e-4.
     assert abs(keep.mean() - keep_probability(p)) < 3e-3
 

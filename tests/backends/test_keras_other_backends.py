@@ -52,7 +52,23 @@ def _checks() -> dict:
         path = os.path.join(directory, "model.keras")
         model.save(path)
         loaded = keras.saving.load_model(path)
+
+    # A second adapter: switching in the compiled model, and rows routed per adapter through predict.
+    lora.apply(model, adapter_name="other", r=3, target_modules=["fc1"])
+    fc1 = model.get_layer("fc1")
+    fc1.set_lora_weights(*(rng.standard_normal(shape) for shape in ((3, 6), (8, 3))), "other")
+    default_output = keras.ops.convert_to_numpy(model(x))
+    lora.set_adapter(model, "other")
+    other_output = model.predict(x, verbose=0)
+    lora.set_adapter(model, "default")
+    ids = np.asarray([1, 0, -1, 1], np.int32)
+    routed = lora.RoutedModel(model).predict([x, ids], batch_size=2, verbose=0)
+    with lora.disable_adapters(model):
+        base_output = keras.ops.convert_to_numpy(model(x))
+    expected_routed = np.stack([other_output[0], default_output[1], base_output[2], other_output[3]])
     return {
+        "switch_changed_outputs": bool(not np.allclose(other_output, default_output)),
+        "routed_error": float(np.max(np.abs(routed - expected_routed))),
         "reload_error": float(np.max(np.abs(keras.ops.convert_to_numpy(loaded(x) - model(x))))),
         "reload_trainable": sorted(f"{layer.name}/{v.name}" for layer in loaded.layers for v in layer.trainable_weights),
         "backend": keras.backend.backend(),
@@ -80,6 +96,7 @@ def test_lora_dense_matches_the_reference_and_trains_on_another_keras_backend(ba
     assert result["reload_error"] == 0.0
     assert result["reload_trainable"] == ["fc1/lora_a", "fc1/lora_b"]
     assert result["changed"] == ["fc1/lora_a", "fc1/lora_b"]
+    assert result["switch_changed_outputs"] and result["routed_error"] < 1e-5
 
 
 if __name__ == "__main__":

@@ -151,9 +151,30 @@ def test_a_mismatched_adapter_names_the_first_offending_key_and_leaves_the_model
 def test_an_unsupported_peft_field_is_refused_by_name(tmp_path):
     lora.save_adapter(adapted(target_modules=["q_proj"]), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"layer_replication": [[0, 1]]}))
+    with pytest.raises(ValueError, match="layer_replication=.* is not supported"):
         lora.load_adapter(fresh_base(), tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
+@pytest.mark.parametrize("options, feature", [(dict(use_dora=True), "use_dora=True"),
+                                              (dict(init_lora_weights="pissa"), "init='pissa'"),
+                                              (dict(init_lora_weights="olora"), "init='olora'")])
+@pytest.mark.parametrize("already_applied", [False, True])
+def test_dora_and_weight_init_adapters_are_refused_by_name_until_the_backend_has_them(tmp_path, options, feature,
+                                                                                     already_applied):
+    peft_model(fresh_base(), target_modules=["q_proj"], **options).save_pretrained(tmp_path)
+    model = adapted(target_modules=["q_proj"]) if already_applied else fresh_base()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
+        lora.load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value)
+    if already_applied:
+        with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends"):
+            lora.hotswap_adapter(model, tmp_path)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        lora.apply(fresh_base(), target_modules=["q_proj"], use_dora=True)
 
 
 def test_a_pickled_adapter_is_never_loaded(tmp_path):
@@ -182,7 +203,7 @@ def test_loading_into_a_lora_model_takes_the_files_scaling_and_saves_it_again(tm
     lora.save_adapter(source, tmp_path / "source")
     other_adapter = randomise(adapted(r=4, alpha=4, target_modules=["q_proj", "v_proj"]), seed=9)
     model = lora.load_adapter(other_adapter, tmp_path / "source")
-    assert model.attention.q_proj.scaling == 3.0 and model.lora_config.alpha == 12
+    assert model.attention.q_proj.scaling == 3.0 and model.lora_configs["default"].alpha == 12
     torch.testing.assert_close(model.eval()(*inputs()), source(*inputs()))
     lora.save_adapter(model, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_alpha"] == 12

@@ -28,7 +28,7 @@ def test_forward_and_backward_under_torch_compile_match_eager():
     compiled = torch.compile(compiled_model, fullgraph=True)
     compiled(x).square().sum().backward()
     expected, actual = gradients(eager), gradients(compiled_model)
-    assert actual.keys() == expected.keys() == {f"{i}.lora_{half}" for i in (0, 2) for half in "AB"}
+    assert actual.keys() == expected.keys() == {f"{i}.adapters.default.lora_{half}" for i in (0, 2) for half in "AB"}
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
 

@@ -57,7 +57,7 @@ def test_apply_wraps_the_targets_in_place_and_freezes_everything_else():
     assert isinstance(model.attention.q_proj, lora.LoRALinear) and isinstance(model.embed, lora.LoRAEmbedding)
     assert isinstance(model.conv, lora.LoRAConv2d) and isinstance(model.attention.k_proj, nn.Linear)
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
-    assert trainable == sorted(f"{path}.lora_{half}" for path in ("attention.q_proj", "attention.v_proj", "embed", "conv")
+    assert trainable == sorted(f"{path}.adapters.default.lora_{half}" for path in ("attention.q_proj", "attention.v_proj", "embed", "conv")
                                for half in "AB")
     assert model.attention.q_proj.lora_A.shape == (2, 8) and model.attention.q_proj.lora_B.shape == (8, 2)
     assert model.conv.lora_A.shape == (2, 1, 3, 3) and model.conv.lora_B.shape == (4, 1, 1, 1)
@@ -193,7 +193,7 @@ def test_merge_and_unload_gives_plain_layers_and_the_same_outputs():
     assert plain is model
     assert not any(isinstance(m, (lora.LoRALayer, lora.ModulesToSave)) for m in plain.modules())
     assert type(plain.attention.q_proj) is nn.Linear and type(plain.embed) is nn.Embedding
-    assert not hasattr(plain, "lora_config")
+    assert not hasattr(plain, "lora_configs")
     torch.testing.assert_close(plain(*inputs()), before, rtol=1e-5, atol=1e-5)
 
 
@@ -227,7 +227,7 @@ def test_merge_on_a_model_without_lora_says_to_apply_first():
 @pytest.mark.parametrize("config", [LoRAConfig(r=2, target_modules=["q_proj"]), None])
 def test_apply_takes_a_config_or_keywords(config):
     model = lora.apply(TinyModel(), config) if config else lora.apply(TinyModel(), r=2, target_modules=["q_proj"])
-    assert model.lora_config.r == 2 and model.lora_config.target_modules == ("q_proj",)
+    assert model.lora_configs["default"].r == 2 and model.lora_configs["default"].target_modules == ("q_proj",)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -248,7 +248,7 @@ def test_a_rank_a_grouped_conv_cannot_take_is_refused_before_any_module_is_wrapp
     model = TinyModel()
     with pytest.raises(ValueError, match=r"module 'conv': rank 3 is not a multiple of the conv's groups=2"):
         lora.apply(model, r=3, target_modules=["q_proj", "conv"])
-    assert type(model.attention.q_proj) is nn.Linear and not hasattr(model, "lora_config")
+    assert type(model.attention.q_proj) is nn.Linear and not hasattr(model, "lora_configs")
 
 
 

@@ -140,9 +140,11 @@ def run(model: onnx.ModelProto, **feeds: np.ndarray) -> np.ndarray:
 
 
 def write_adapter(directory: Path, lora: dict, embeddings=(), extra=None, r: int | None = None, alpha: float = 1.0,
-                  **config) -> Path:
-    """An adapter directory holding `lora` pairs `(A, B)` and `extra` full tensors."""
+                  magnitudes=None, **config) -> Path:
+    """An adapter directory holding `lora` pairs `(A, B)`, `extra` full tensors and DoRA `magnitudes`."""
     rank = r or next(iter(lora.values()))[0].shape[0]
-    peft = LoRAConfig(r=rank, alpha=alpha, **config).to_peft_dict([path.rsplit(".", 1)[-1] for path in lora] or None)
-    save_adapter_dir(directory, peft, AdapterWeights(lora=dict(lora), embeddings=set(embeddings), extra=extra or {}))
+    peft = LoRAConfig(r=rank, alpha=alpha, use_dora=bool(magnitudes), **config).to_peft_dict(
+        [path.rsplit(".", 1)[-1] for path in lora] or None)
+    save_adapter_dir(directory, peft, AdapterWeights(lora=dict(lora), embeddings=set(embeddings), extra=extra or {},
+                                                     magnitudes=dict(magnitudes or {})))
     return directory

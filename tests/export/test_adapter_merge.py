@@ -41,6 +41,7 @@ from tests.export.onnx_graphs import (  # noqa: E402
     write_adapter,
 )
 
+
 def merged_linear(weight, adapters) -> np.ndarray:
     """`W + sum_k weight_k * s_k * B_k @ A_k` in float64."""
     return weight + sum(w * reference.delta_weight(a.astype(np.float64), b.astype(np.float64), s)
@@ -370,8 +371,8 @@ def _corrupt(directory: Path, change) -> Path:
     (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}),
                         lambda a: (a / WEIGHTS_NAME).write_bytes(b"\x00" * 3)), "not a valid safetensors file"),
     (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / CONFIG_NAME).write_text(
-        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "use_dora": True}))),
-     "use_dora=True is not supported"),
+        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "layer_replication": [[0, 1]]}))),
+     "layer_replication=.* is not supported"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :3], LORA_B)}),
      r"module block.proj has lora_A \(2, 3\) and lora_B \(3, 2\), which do not fit the weight \(3, 4\)"),
     (lambda d: write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}, r=2, rank_pattern={"proj": 4}),

@@ -213,6 +213,27 @@ def test_weighted_adapters_merge_like_numpy_sum_of_their_deltas(transformer_grap
     assert_close(actual, expected_model(*token_inputs()).detach().numpy(), np.float32, factor=10)
 
 
+def test_a_cat_combination_exported_and_folded_equals_merging_the_weighted_adapter_files(
+        transformer_graphs, lora_spec_bert_adapters, tmp_path):
+    """`add_weighted_adapter(..., "cat")`, exported with its branches and folded by `lora-export --merge`,
+    is `lora-export --merge base.onnx --adapter A:w1 --adapter B:w2`."""
+    lora = pytest.importorskip("lora_spec.torch")
+    from lora_spec.export import merge_onnx
+
+    _, models, graphs = transformer_graphs
+    weights = (0.7, -0.4)
+    model = copy.deepcopy(models["bert"])
+    for name, directory in zip(("first", "second"), lora_spec_bert_adapters):
+        lora.load_adapter(model, directory, adapter_name=name)
+    lora.add_weighted_adapter(model, ["first", "second"], list(weights), "mixed", combination_type="cat")
+    lora.set_adapter(model, "mixed")
+    export(model, token_inputs(), tmp_path / "mixed.onnx", dynamo=False, names=["input_ids", "attention_mask"])
+    folded = merge_onnx(tmp_path / "mixed.onnx", verify="full", progress=False).output
+    from_files = merge_onnx(graphs["bert", "torchscript"], tmp_path / "files.onnx", verify="off", progress=False,
+                            adapters=list(zip(lora_spec_bert_adapters, weights))).output
+    assert_close(run(onnx.load(str(folded)), **feeds()), run(onnx.load(str(from_files)), **feeds()), np.float32, factor=10)
+
+
 # --- Keras: layer scopes with TensorFlow's uniquifier -----------------------------------------------------------
 
 KERAS_SCRIPT = textwrap.dedent("""

@@ -40,23 +40,24 @@ _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_de
            "conv2d": reference.conv2d_delta_weight}
 
 
-def _base_graph(case: strategies.ServedLayerCase, layout: str):
-    """The layer's ONNX graph at module `block.proj`, its feeds, and its output for a weight `W`."""
-    layer = case.layer_case
+def _base_graph(case: strategies.AdapterSetCase, layout: str):
+    """The layer's ONNX graph (float32) at module `block.proj`, its feeds, and its output for a weight `W`."""
+    layer = case.base
     if case.layer == "embedding":
         return embedding_model(layer.W), {"ids": layer.ids.astype(np.int64)}, lambda W: W[layer.ids]
     if case.layer == "conv2d":
-        return conv_model(layer), {"x": layer.x}, lambda W: reference.conv2d_forward(
-            layer.x.astype(np.float64), W, layer.b, layer.A, np.zeros(layer.B.shape), 0.0, **layer.geometry)
-    x = layer.x.reshape(-1, layer.x.shape[-1])
-    bias = layer.b if layer.b is not None else np.zeros(layer.W.shape[0], np.float32)
+        x = layer.x.astype(np.float32)
+        return conv_model(layer), {"x": x}, lambda W: reference.conv2d_forward(
+            x.astype(np.float64), W, layer.b, layer.A, np.zeros(layer.B.shape), 0.0, **layer.geometry)
+    x = layer.x.reshape(-1, layer.x.shape[-1]).astype(np.float32)
+    bias = layer.b if layer.b is not None else np.zeros(layer.W.shape[0])
     return linear_model(layer.W, bias, layout), {"x": x}, lambda W: x @ W.T + bias
 
 
-@given(case=strategies.served_layer_cases(), layout=st.sampled_from(["matmul", "gemm", "gemm_trans_b"]))
+@given(case=strategies.adapter_set_cases(), layout=st.sampled_from(["matmul", "gemm", "gemm_trans_b"]))
 def test_packed_adapters_switched_per_run_equal_the_reference_weighted_merge(case, layout):
     model, feeds, forward = _base_graph(case, layout)
-    base_weight = case.layer_case.W.astype(np.float64)
+    base_weight = case.W
     merged = base_weight + sum(weight * _DELTAS[case.layer](*adapter) for adapter, weight
                                in zip(case.adapters, case.weights))
     with tempfile.TemporaryDirectory() as folder:
