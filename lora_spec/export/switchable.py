@@ -19,6 +19,7 @@ import onnx
 
 from lora_spec.export import verify as checks
 from lora_spec.export.adapter_merge import AdapterMergeError, AdapterTargets, WeightSite, resolve_adapters, weight_sites
+from lora_spec.export.dora_fold import find_dora_branches
 from lora_spec.export.fold import RULES as FOLD_RULES
 from lora_spec.export.fold import detach_branch
 from lora_spec.export.graph import Graph
@@ -176,7 +177,13 @@ def _unweighted(adapter: str | os.PathLike) -> str | os.PathLike:
 
 
 def _detach_exported(graph: Graph, read_tensor) -> tuple[list[_Exported], list[str]]:
-    """Detach every LoRA branch the exporter left, keeping what it was; refuse a module with two (stacked)."""
+    """Detach every LoRA branch the exporter left, keeping what it was; refuse a module with two (stacked),
+    and a DoRA layer."""
+    dora_layers, _ = find_dora_branches(graph)
+    if dora_layers:
+        raise ExportError(f"node {dora_layers[0].name} is a DoRA layer: DoRA rescales each column of the adapted "
+                          "weight, which is not an additive low-rank input, so it cannot be switched per run: merge "
+                          "it (lora-export --merge), or serve LoRA adapters on the base model's export.")
     branches, refused = find_branches(graph)
     exported = []
     for branch in branches:

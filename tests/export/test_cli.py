@@ -301,6 +301,7 @@ def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, ar
     (["--switchable", "{model}", "--adapter", "{folder}/wide"], 1, "module first has lora_A (2, 7) and lora_B (5, 2), "
      "which do not fit the weight (5, 4)"),
     (["--switchable", "{model}", "--adapter", "{folder}/one:0.5"], 1, "has a weight (0.5)"),
+    (["--switchable", "{model}", "--adapter", "{folder}/dora"], 1, "is a DoRA adapter (use_dora)"),
     (["--pack", "{model}", "--adapter", "{folder}/one", "-o", "{folder}/a.onnx_adapter"], 1, "is not switchable"),
     (["--pack", "{served}", "--adapter", "{folder}/wide", "-o", "{folder}/a.onnx_adapter"], 1,
      "module first has lora_A (2, 7)"),
@@ -316,8 +317,8 @@ def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, ar
      "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, which is not an additive low-rank "
      "input"),
     (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the input model"),
-], ids=["switchable-nothing", "switchable-other-base", "switchable-weight", "pack-not-switchable", "pack-other-base",
-        "pack-unmatched", "pack-partly-unmatched", "pack-two-full-tensors", "pack-missing-adapter",
+], ids=["switchable-nothing", "switchable-other-base", "switchable-weight", "switchable-dora", "pack-not-switchable",
+        "pack-other-base", "pack-unmatched", "pack-partly-unmatched", "pack-two-full-tensors", "pack-missing-adapter",
         "pack-corrupt-adapter", "pack-dora", "pack-onto-the-model"])
 def test_bad_switchable_and_pack_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys, argv, status, message):
     served = _served_folder(tmp_path)

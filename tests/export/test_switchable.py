@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 from tests import strategies
 from tests.numerics import assert_close
@@ -174,6 +174,17 @@ def test_models_and_options_it_cannot_switch_are_refused_in_one_line_writing_not
         make_switchable(model, progress=False, **options)
     assert "\n" not in str(raised.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+@settings(max_examples=5)
+@given(case=strategies.dora_graph_cases())
+def test_an_exported_dora_layer_is_refused_by_name(case):
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(case.model, Path(folder) / "model.onnx")
+        with pytest.raises(ExportError, match="is a DoRA layer: DoRA rescales each column of the adapted weight, "
+                                              "which is not an additive low-rank input"):
+            make_switchable(Path(folder) / "model.onnx", progress=False)
+        assert [path.name for path in Path(folder).iterdir()] == ["model.onnx"]
 
 
 def test_a_dry_run_lists_the_modules_and_writes_nothing(tmp_path):
