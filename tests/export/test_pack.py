@@ -91,6 +91,30 @@ def test_one_session_switches_adapters_per_run_and_runs_the_base_without_one(ser
     np.testing.assert_array_equal(runner.run(None, {"x": X})[0], base)
 
 
+def test_two_active_adapter_files_do_not_add_up(served, tmp_path):
+    """What the README says: onnxruntime sets each active file's inputs in turn, and every file sets
+    them all, so one file applies (onnxruntime 1.32: the one added first); a weighted pack adds up."""
+    model, one, both = served
+    files = [pack_adapter(model, [adapter], tmp_path / f"{number}.onnx_adapter", verify="off").output
+             for number, adapter in enumerate((one, both))]
+    mixed = pack_adapter(model, [one, both], tmp_path / "mixed.onnx_adapter", verify="off").output
+    runner, adapters = session(model), [ort.LoraAdapter() for _ in range(3)]
+    outputs = []
+    for active in ([0], [1], [0, 1], [1, 0]):
+        options = ort.RunOptions()
+        for index in active:
+            adapters[index].Load(str(files[index]))
+            options.add_active_adapter(adapters[index])
+        outputs.append(runner.run(None, {"x": X}, options)[0])
+    adapters[2].Load(str(mixed))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapters[2])
+    summed = runner.run(None, {"x": X}, options)[0]
+    for both_active in outputs[2:]:
+        assert any(np.array_equal(both_active, single) for single in outputs[:2])
+        assert not np.allclose(both_active, summed)
+
+
 def test_a_float16_model_gets_a_float16_adapter(tmp_path):
     one = write_adapter(tmp_path / "one", {"first": (RNG.standard_normal((2, 4)), RNG.standard_normal((5, 2)))},
                         alpha=2.0)
