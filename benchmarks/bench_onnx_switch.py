@@ -10,7 +10,8 @@ threads with spinning off, as in `bench_onnx_latency.py`.
   against creating an `InferenceSession` of a merged model, in interleaved rounds; and the first
   run after loading a new adapter against a steady-state run with it (batch 32).
 - Per-run latency at batch 1, 32 and 512: the switchable model with an adapter active, the same
-  without adapter (rank 0), and the merged model, in interleaved rounds (medians).
+  without adapter (rank 0), and the merged model, in interleaved rounds (medians); then the same in
+  CPU time (every thread of the process), which other jobs on shared cores disturb far less.
 - Memory: resident memory added by one switchable session with the 8 adapters loaded (each run
   once), against 8 sessions of the merged models (each run once); each case in its own process,
   over that process's resident memory after its imports; the median of `--memory-repeats` processes.
@@ -103,18 +104,18 @@ def first_run(paths: dict, feeds: dict, rounds: int) -> tuple[float, float]:
     return statistics.median(first), statistics.median(steady)
 
 
-def latencies(paths: dict, feeds: dict, rounds: int) -> dict[str, float]:
+def latencies(paths: dict, feeds: dict, rounds: int, clock) -> dict[str, float]:
+    """Median `clock` seconds per run: with an adapter active, without one (rank 0), and of the merged model."""
     served, merged = session(paths["served"]), session(paths["merged"][0])
     options, _adapter = options_with(paths["files"][0])
     return interleaved_medians({"adapter": lambda: served.run(None, feeds, options),
                                 "rank 0": lambda: served.run(None, feeds),
-                                "merged": lambda: merged.run(None, feeds)}, rounds)
+                                "merged": lambda: merged.run(None, feeds)}, rounds, clock=clock)
 
 
 # Each memory case runs in a fresh interpreter: its pages are its own, measured over its baseline.
 _MEMORY_CASE = """
 import json, sys
-import numpy as np
 import onnxruntime
 from bench_onnx_latency import MODELS, session
 from bench_onnx_switch import options_with
@@ -172,11 +173,13 @@ def main() -> None:
                                f"{cost['session'] / cost['switch']:.0f} | {first * 1e3:.2f} | {steady * 1e3:.2f} | "
                                f"{first / steady:.3f} |")
             for batch in batches:
-                median = latencies(paths, inputs(batch), rounds(batch))
+                wall = latencies(paths, inputs(batch), rounds(batch), time.perf_counter)
+                cpu = latencies(paths, inputs(batch), rounds(batch), time.process_time)
                 latency_rows.append(
-                    f"| {name} | {batch} | {median['merged'] * 1e3:.2f} | {median['adapter'] * 1e3:.2f} | "
-                    f"{median['rank 0'] * 1e3:.2f} | {median['adapter'] / median['merged']:.3f} | "
-                    f"{median['rank 0'] / median['merged']:.3f} |")
+                    f"| {name} | {batch} | {wall['merged'] * 1e3:.2f} | {wall['adapter'] * 1e3:.2f} | "
+                    f"{wall['rank 0'] * 1e3:.2f} | {wall['adapter'] / wall['merged']:.3f} | "
+                    f"{wall['rank 0'] / wall['merged']:.3f} | {cpu['adapter'] / cpu['merged']:.3f} | "
+                    f"{cpu['rank 0'] / cpu['merged']:.3f} |")
             added = memory(paths, name, repeats)
             memory_rows.append(f"| {name} | {added['served'] / 2**20:.1f} | {added['merged'] / 2**20:.1f} | "
                                f"{added['served'] / added['merged']:.3f} |")
@@ -189,8 +192,8 @@ def main() -> None:
     print("\n".join(switch_rows))
     print(f"\nPer-run latency (required: adapter / merged <= {LATENCY_MAX} at batch 32):\n")
     print("| model | batch | merged (ms) | switchable, adapter active (ms) | switchable, no adapter (ms) | "
-          "adapter / merged | no adapter / merged |")
-    print("|---|---|---|---|---|---|---|")
+          "adapter / merged | no adapter / merged | adapter / merged, CPU time | no adapter / merged, CPU time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(latency_rows))
     print(f"\nResident memory added (required: served / merged <= {MEMORY_MAX}):\n")
     print(f"| model | 1 switchable session + {ADAPTERS} adapter files (MiB) | {ADAPTERS} merged sessions (MiB) | "
