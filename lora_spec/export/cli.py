@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 EPILOG = """\
-exit status: 0 merged, 1 bad input, 2 bad arguments, 3 no LoRA branch found, 4 verification failed.
+exit status: 0 done, 1 bad input, 2 bad arguments, 3 no LoRA branch found, 4 verification failed.
 
 examples:
   lora-export --merge model.onnx                      # writes model.merged.onnx (+ .data), verified
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="merge (or make switchable, or pack) the adapter keys that match the graph and list the "
                              "rest, instead of failing")
     parser.add_argument("--no-verify", dest="verify", action="store_const", const="off",
-                        help="skip the verification of the merged model")
+                        help="skip the verification of the output")
     parser.add_argument("--verify", dest="verify", choices=("auto", "full", "layers"),
                         help="full: run original and merged in onnxruntime on the same random inputs (with "
                              "--adapter, whose merge changes the outputs: run the merged model and require finite "
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dims of a model input for verification, e.g. input_ids=1,128 (default: dynamic "
                              "dims set to 2); repeat for several inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be merged and write nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be merged, made switchable or packed, and write nothing")
     parser.set_defaults(verify="auto")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
     return parser
