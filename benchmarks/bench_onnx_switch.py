@@ -116,7 +116,6 @@ def latencies(paths: dict, feeds: dict, rounds: int, clock) -> dict[str, float]:
 # Each memory case runs in a fresh interpreter: its pages are its own, measured over its baseline.
 _MEMORY_CASE = """
 import json, sys
-import onnxruntime
 from bench_onnx_latency import MODELS, session
 from bench_onnx_switch import options_with
 
