@@ -23,7 +23,6 @@ other op is refused by name (onnxruntime's `FusedMatMul`, say, from a graph it o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -49,9 +48,9 @@ class SwitchRule:
     op_types: tuple[str, ...] = ("MatMul", "Gemm")
     rank_axes = (1, 0)  # the axis of A's and of B's dims that is the rank
 
-    def factor_shapes(self, reference_shape: Sequence[int], rank: int | str) -> tuple[list, list]:
-        """The dims of A and B for a weight of `reference_shape` (the reference layout) and `rank`."""
-        features_out, features_in = reference_shape
+    def factor_shapes(self, site: WeightSite, rank: int | str) -> tuple[list, list]:
+        """The dims of A and B for the weight `site` reads, at `rank` (a number, or a dim's name)."""
+        features_out, features_in = site.reference_shape()
         return [features_in, rank], [rank, features_out]
 
     def served_factors(self, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +75,8 @@ class GatherSwitch(SwitchRule):
 
     op_types = ("Gather",)
 
-    def factor_shapes(self, reference_shape: Sequence[int], rank: int | str) -> tuple[list, list]:
-        rows, dim = reference_shape
+    def factor_shapes(self, site: WeightSite, rank: int | str) -> tuple[list, list]:
+        rows, dim = site.reference_shape()
         return [rows, rank], [rank, dim]
 
     def rewrite(self, graph: Graph, node: onnx.NodeProto, lora_a: str, lora_b: str) -> tuple[list, str]:
@@ -94,8 +93,9 @@ class ConvSwitch(SwitchRule):
     op_types = ("Conv",)
     rank_axes = (0, 1)
 
-    def factor_shapes(self, reference_shape: Sequence[int], rank: int | str, groups: int = 1) -> tuple[list, list]:
-        features_out, in_per_group, *kernel = reference_shape
+    def factor_shapes(self, site: WeightSite, rank: int | str) -> tuple[list, list]:
+        features_out, in_per_group, *kernel = site.reference_shape()
+        groups = int(attribute(site.node, "group", 1))
         rank_per_group = rank // groups if isinstance(rank, int) else (rank if groups == 1 else f"{rank}/{groups}")
         return [rank, in_per_group, *kernel], [features_out, rank_per_group, 1, 1]
 
@@ -128,15 +128,8 @@ class SwitchableModule:
     default: tuple[np.ndarray, np.ndarray] | None = None
     origin: str = ""
 
-    @property
-    def groups(self) -> int:
-        return int(attribute(self.sites[0].node, "group", 1)) if isinstance(self.rule, ConvSwitch) else 1
-
     def factor_shapes(self, rank: int | str) -> tuple[list, list]:
-        shape = self.sites[0].reference_shape()
-        if isinstance(self.rule, ConvSwitch):
-            return self.rule.factor_shapes(shape, rank, self.groups)
-        return self.rule.factor_shapes(shape, rank)
+        return self.rule.factor_shapes(self.sites[0], rank)
 
     def rank_zero(self) -> tuple[np.ndarray, np.ndarray]:
         """Factors of rank 0 in the weights' dtype: the branch adds nothing."""
