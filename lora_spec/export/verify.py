@@ -27,7 +27,7 @@ _INDEX_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Ide
 
 @dataclasses.dataclass
 class Verification:
-    """How a merge was checked and the largest relative difference found."""
+    """How a merge was checked and the largest relative difference found (mode "skipped": not checked)."""
 
     mode: str
     max_relative_difference: float
@@ -38,6 +38,9 @@ class Verification:
         return self.max_relative_difference <= self.tolerance
 
     def describe(self) -> str:
+        if self.mode == "skipped":
+            return ("not verified: the weights are above what --verify auto runs in onnxruntime (1 GiB, three copies "
+                    "in half the free memory); pass --verify full to check them")
         what = {"full": "original vs merged in onnxruntime", "layers": "each folded layer in NumPy",
                 "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy",
                 "served": "switchable model without adapter vs the original in onnxruntime",

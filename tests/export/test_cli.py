@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +356,18 @@ def test_a_failed_switchable_or_pack_check_exits_4_and_writes_nothing(tmp_path, 
     status, _, err = _run(capsys, *argv)
     assert status == 4 and "above the tolerance" in err and err.count("\n") == 1
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("mode", ["switchable", "pack"])
+def test_above_the_auto_limit_the_output_is_written_and_said_not_verified(tmp_path, capsys, monkeypatch, mode):
+    from lora_spec.export import options
+
+    served = _served_folder(tmp_path)
+    monkeypatch.setattr(options, "FULL_VERIFY_LIMIT", 0)
+    argv = (["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
+            if mode == "switchable" else
+            ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
+    capsys.readouterr()
+    status, out, _ = _run(capsys, *argv)
+    assert status == 0 and out.splitlines()[-2].startswith("not verified: the weights are above what --verify auto")
+    assert Path(str(argv[-1])).is_file()
