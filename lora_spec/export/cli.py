@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dims of a model input for verification, e.g. input_ids=1,128 (default: dynamic "
                              "dims set to 2); repeat for several inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs (default 0)")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be merged, made switchable or packed, and write nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list what would be merged, made switchable or packed, and write nothing")
     parser.set_defaults(verify="auto")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
     return parser
