@@ -16,6 +16,7 @@ pytest.importorskip("tf2onnx")
 
 from lora_spec.export import merge_onnx  # noqa: E402
 from lora_spec.export.verify import session  # noqa: E402
+from tests.export.keras_models import CASES, adapted  # noqa: E402
 from tests.export.onnx_roundtrip import (  # noqa: E402
     INPUT_SHAPES,
     assert_folds_to_the_base_compute_nodes,
@@ -24,30 +25,6 @@ from tests.export.onnx_roundtrip import (  # noqa: E402
 from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
-
-
-def mlp(dims: int) -> keras.Model:
-    inputs = keras.Input(INPUT_SHAPES[dims][1:])
-    hidden = keras.layers.Dense(6, activation="gelu", name="hidden")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
-
-
-def attention(dims: int) -> keras.Model:
-    inputs = keras.Input(INPUT_SHAPES[dims][1:])
-    attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, name="attention")(inputs, inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, name="head")(attended))
-
-
-def cnn(dims: int) -> keras.Model:
-    images = keras.Input(INPUT_SHAPES[dims][1:])
-    hidden = keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu", name="conv1")(images)
-    hidden = keras.layers.Conv2D(5, 3, dilation_rate=2, padding="same", name="conv2")(hidden)
-    return keras.Model(images, keras.layers.GlobalAveragePooling2D()(hidden))
-
-
-CASES = {"2d": (mlp, 2, ["hidden", "head"]), "3d": (mlp, 3, ["hidden", "head"]),
-         "attention": (attention, 3, ["query", "key", "value", "attention_output"]),
-         "cnn": (cnn, 4, ["conv1", "conv2"])}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -61,13 +38,7 @@ def keras_export(request, tmp_path_factory):
     base(x)
     folder = tmp_path_factory.mktemp("keras")
     base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
-    model = keras.models.clone_model(base)
-    model.set_weights(base.get_weights())
-    lora.apply(model, r=2, alpha=6, target_modules=targets)
-    rng = np.random.default_rng(2)
-    for variable in model.weights:
-        if "lora_b" in variable.path:
-            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+    model = adapted(base, targets)
     expected = np.asarray(model(x))
     model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
     lora.save_adapter(model, folder / "adapter")
