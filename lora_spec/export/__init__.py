@@ -8,14 +8,26 @@
 The command line is `lora-export --merge model.onnx` (`--switchable`, `--pack`; see `lora-export --help`).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from lora_spec._lazy import require
 
-require("onnx", "onnx")
+# Public name -> the module defining it. Imported on first use, so that `lora-export --help` (which
+# imports lora_spec.export.cli) works without onnx, and a missing onnx names the extra to install.
+_PUBLIC = {
+    "ExportError": "model_io", "NoLoRABranchError": "model_io", "VerificationError": "model_io",
+    "MergeResult": "merge", "merge_onnx": "merge", "PackResult": "pack", "pack_adapter": "pack",
+    "SwitchableResult": "switchable", "make_switchable": "switchable",
+}
 
-from lora_spec.export.merge import MergeResult, merge_onnx  # noqa: E402
-from lora_spec.export.model_io import ExportError, NoLoRABranchError, VerificationError  # noqa: E402
-from lora_spec.export.pack import PackResult, pack_adapter  # noqa: E402
-from lora_spec.export.switchable import SwitchableResult, make_switchable  # noqa: E402
+__all__ = sorted(_PUBLIC)
 
-__all__ = ["ExportError", "MergeResult", "NoLoRABranchError", "PackResult", "SwitchableResult", "VerificationError",
-           "make_switchable", "merge_onnx", "pack_adapter"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'lora_spec.export' has no attribute {name!r}")
+    require("onnx", "onnx")
+    return getattr(importlib.import_module(f"lora_spec.export.{_PUBLIC[name]}"), name)
