@@ -25,7 +25,8 @@ from lora_spec.reference import (
     unmerge,
 )
 
-__version__ = "0.1.0"
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.2.0"
 
 __all__ = [
     "AdapterWeights", "BASE_MODEL", "Factors", "Gradients", "LoRAConfig", "backward", "combine", "conv2d_backward",

@@ -576,3 +576,38 @@ def dora_graph_cases(draw) -> DoRAGraphCase:
                                  magnitude)
     return DoRAGraphCase(model=model, base_model=base_model, x=case.x, expected=expected, form=form, base=base_op,
                          bias=bias)
+
+
+    return AdapterSetCase(W=W, adapters=adapters, weights=weights, layer=layer)
+
+
+# --- Keras layers that are blocks of one transformers layer (KerasHub's GPT-2 q/k/v in c_attn) -------------------
+
+MAX_FUSED_LAYERS = 3
+
+
+@dataclasses.dataclass
+class FusedLinearCase:
+    """Keras layers, each `(rows, columns, A, B, s)`, whose weights are blocks of one `(out, in)` transformers
+    weight: rows and columns are where a layer's `(out, in)` indices sit in it; some rows may belong to none."""
+
+    out_features: int
+    in_features: int
+    layers: list
+
+
+@st.composite
+def fused_linear_cases(draw) -> FusedLinearCase:
+    """1 to `MAX_FUSED_LAYERS` layers of their own size, rank and scaling, in float64, whose rows are disjoint
+    parts of a shuffled `range(out)` and whose columns are each a shuffle of `range(in)`."""
+    fan_in = draw(st.integers(1, MAX_FEATURES))
+    sizes = draw(st.lists(st.integers(1, MAX_FEATURES), min_size=1, max_size=MAX_FUSED_LAYERS))
+    out = sum(sizes) + draw(st.integers(0, 2))
+    rng = np.random.default_rng(draw(seeds))
+    rows, layers, start = rng.permutation(out), [], 0
+    for size in sizes:
+        rank = draw(st.integers(1, MAX_RANK))
+        layers.append((rows[start:start + size], rng.permutation(fan_in), draw(arrays((rank, fan_in), np.float64, 0.5)),
+                       draw(arrays((size, rank), np.float64, 0.5)), draw(scales)))
+        start += size
+    return FusedLinearCase(out_features=out, in_features=fan_in, layers=layers)

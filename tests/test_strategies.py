@@ -35,3 +35,12 @@ def test_conv2d_cases_give_a_non_empty_output_and_a_rank_divisible_by_groups(cas
 @given(strategies.embedding_cases())
 def test_embedding_ids_index_the_table(case):
     assert case.ids.min() >= 0 and case.ids.max() < case.W.shape[0] == case.A.shape[1]
+
+
+@given(strategies.fused_linear_cases())
+def test_fused_linear_cases_are_disjoint_blocks_of_one_weight(case):
+    rows = np.concatenate([layer_rows for layer_rows, *_ in case.layers])
+    assert len(np.unique(rows)) == len(rows) and rows.max() < case.out_features
+    for layer_rows, columns, A, B, _ in case.layers:
+        assert sorted(columns) == list(range(case.in_features))
+        assert A.shape == (B.shape[1], case.in_features) and B.shape[0] == len(layer_rows)

@@ -144,14 +144,17 @@ def adapter_file(model: keras.layers.Layer, adapter_name: str, convert_to_lora: 
     return (inits.converted_config(config) if convert else config).to_peft_dict(list(ranks)), weights
 
 
-def save_adapter(model: keras.layers.Layer, path: str | os.PathLike,
-                 adapter_name: str | Sequence[str] | None = None, convert_to_lora: bool = True) -> None:
+def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None,
+                 naming: str = "keras", transformers_class: type | str | None = None,
+                 convert_to_lora: bool = True) -> None:
     """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
 
     `adapter_name` None saves every adapter, a name or a list those only: `"default"` in `path`,
     any other in `path/<name>/`. `lora_spec.torch.load_adapter` and `peft.PeftModel.from_pretrained`
     read them on a PyTorch model with the same module paths. Every adapter is checked before any
-    is written.
+    is written. `naming="transformers"` names them for the Hugging Face model that a KerasHub
+    `model` converts from (the `*ForCausalLM` class, `BertModel` for BERT, or `transformers_class`),
+    in its layouts (`lora_spec.backends.keras_hub_names`).
 
     A PiSSA or OLoRA adapter trained the residual of its init, not the model's original base
     weight. With `convert_to_lora` (default) it is saved as a plain LoRA (or DoRA) adapter of rank
@@ -161,10 +164,16 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike,
     on the base and then sets A and B: right only on the original base (not the residual this model
     holds), and only with a deterministic init ("pissa", "olora"; "pissa_niter_<K>" draws at random).
     """
+    from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
+
+    keras_hub_names.check_naming(naming, transformers_class)
     names = list(configs_of(model)) if adapter_name is None else (
         [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
     check_names(model, names)
     files = [(adapter_folder(path, name), *adapter_file(model, name, convert_to_lora)) for name in names]
+    if naming == "transformers":
+        files = [(folder, *keras_hub_names.to_transformers_naming(model, config_dict, weights, transformers_class))
+                 for folder, config_dict, weights in files]
     for _, _, weights in files:
         weights.check_finite()
     for folder, config_dict, weights in files:
@@ -237,8 +246,11 @@ def _checked_extras(by_path: dict[str, keras.layers.Layer],
 
 def _planned(model: keras.layers.Layer, name: str, folder) -> tuple:
     """Read one adapter folder and check it against `model`, which stays untouched."""
+    from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
+
     try:
         file_config, _, weights = load_adapter_dir(folder)
+        file_config, weights = keras_hub_names.to_keras_naming(model, file_config, weights)
         config, target_paths, save_paths = plan(model, file_config, require_modules_to_save=False, adapter_name=None)
         by_path = dict(named_layers(model))
         _check_lora(by_path, weights, config, target_paths)
@@ -256,7 +268,8 @@ def load_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_nam
     subfolder holding an adapter_config.json under its own name. Targets, ranks and alphas are the
     files'; a model without LoRA gets the first loaded adapter active, otherwise the active adapters
     stay. Everything is checked before the model changes: a name or shape that does not fit raises
-    ValueError naming it.
+    ValueError naming it. A KerasHub `model` also reads adapters named for its Hugging Face model
+    (PEFT's), found from the keys.
     """
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"model must be a keras.Model or keras.layers.Layer, not {type(model).__name__}.")

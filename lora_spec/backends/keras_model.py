@@ -103,7 +103,7 @@ def plan(model: keras.layers.Layer, config: LoRAConfig, require_modules_to_save:
 
 
 def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER,
-          **overrides: Any) -> keras.layers.Layer:
+          naming: str = "keras", **overrides: Any) -> keras.layers.Layer:
     """Add adapter `adapter_name` to the targeted `Dense`, `EinsumDense`, `Embedding` and `Conv2D` layers of
     `model` in place; returns `model`.
 
@@ -113,11 +113,15 @@ def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, adapter_n
     alpha (PEFT's `add_adapter`). Layers that already hold the adapter keep it, so applying the
     same name twice does not wrap twice. Afterwards only the active adapters, their
     `modules_to_save` and the biases their configs name train; other layers get
-    `trainable = False`, Keras's way of freezing. Compile after `apply`.
+    `trainable = False`, Keras's way of freezing. Compile after `apply`. `naming="transformers"` reads
+    module names as those of the Hugging Face model that a KerasHub `model` converts from
+    (`target_modules=["q_proj", "v_proj"]`).
     """
+    from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
+
     check_adapter_name(adapter_name)
-    return adapt(model, *plan(model, resolve_config(config, overrides, backend="keras"), adapter_name=adapter_name),
-                 adapter_name=adapter_name)
+    config = keras_hub_names.keras_config(model, resolve_config(config, overrides, backend="keras"), naming)
+    return adapt(model, *plan(model, config, adapter_name=adapter_name), adapter_name=adapter_name)
 
 
 def adapt(model: keras.layers.Layer, config: LoRAConfig, target_paths: list[str], save_paths: list[str],

@@ -12,9 +12,8 @@ weight saved at `merge`, so it is exact in every dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +21,7 @@ from torch import nn
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_linear import linear_lora
 from lora_spec.config import LoRAConfig
-from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name, row_groups
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, Routing, check_adapter_name
 
 # Attributes of the one active adapter that a layer shows as its own, as it did with one adapter.
 _SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout")
@@ -128,7 +127,7 @@ class LoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
         self._weight_before_merge: torch.Tensor | None = None
-        self._routes: tuple[int, list[tuple[Hashable, slice | np.ndarray]]] | None = None
+        self._routes: Routing | None = None
         self.add_adapter(adapter_name, r, alpha, scaling, dropout)
         self.register_load_state_dict_pre_hook(_rename_single_adapter_keys)
 
@@ -274,10 +273,10 @@ class LoRALayer(nn.Module):
         """One adapter's scaled low-rank update for input `x` (cast to the adapter's dtype), in the adapter's dtype."""
         raise NotImplementedError
 
-    def route(self, adapter_per_row: Sequence[Hashable | None] | None) -> None:
-        """Send row `i` of the next batches through adapter `adapter_per_row[i]` (None or "__base__": the
-        base alone) instead of the active adapters; None ends routing."""
-        self._routes = None if adapter_per_row is None else (len(adapter_per_row), row_groups(adapter_per_row))
+    def route(self, routing: Routing | None) -> None:
+        """Send the rows of the next batches through the adapters `routing` gives them (rows of no adapter
+        or of "__base__": the base alone) instead of the active adapters; None ends routing."""
+        self._routes = routing
 
     def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         """`dropout_mask` overrides the random mask (tests); by default one is drawn when training."""

@@ -31,7 +31,6 @@ are added on top of it. An adapter with weight 0 contributes nothing.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import math
@@ -47,6 +46,7 @@ from lora_spec import dora, reference
 from lora_spec.adapter_io import AdapterWeights, load_adapter_dir
 from lora_spec.config import LoRAConfig
 from lora_spec.export.graph import FLOAT_TYPES, attribute, initializer_behind
+from lora_spec.export.naming import PEFT_WRAPPER, TF_UNIQUIFIER, node_module, tf_scopes
 
 _KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "FusedMatMul": "linear", "Gather": "embedding",
                "Conv": "conv2d"}
@@ -58,8 +58,6 @@ _DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_de
            "conv2d": reference.conv2d_delta_weight}
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
 _FORWARDING_OPS = ("Identity", "Cast", "Transpose")
-_TF_UNIQUIFIER = r"(_\d+)?"
-_TF_CALL_SCOPE = r"(Stateful)?PartitionedCall(_\d+)?"
 # Inputs of normalization nodes holding a module's parameters, by PyTorch's parameter names.
 _NORMALIZATION_INPUTS = {
     "LayerNormalization": {"weight": 1, "bias": 2},
@@ -69,8 +67,6 @@ _NORMALIZATION_INPUTS = {
     "SimplifiedLayerNormalization": {"weight": 1},
     "RMSNormalization": {"weight": 1},
 }
-# PEFT saves the trained bias of an adapted layer under the layer it wraps: `<path>.base_layer.bias`.
-_PEFT_WRAPPER = ".base_layer"
 _TRAINING_COUNTER = ".num_batches_tracked"
 
 
@@ -115,13 +111,14 @@ class AdapterMergeError(ValueError):
 
 
 @dataclasses.dataclass
-class _Location:
+class TensorLocation:
     """Where a tensor is read: the reading node's input and the initializer behind it."""
 
     consumer: str
     input_index: int
     initializer: onnx.TensorProto
     perm: tuple[int, ...]  # the reading compute node sees `initializer.transpose(perm)`
+    element_type: int  # the type the reading compute node sees: a `Cast` on the way may change it
 
     def from_operand(self, operand: np.ndarray) -> np.ndarray:
         """A tensor laid out like the compute node's operand, laid out like the initializer."""
@@ -133,12 +130,12 @@ class _Location:
 
 
 @dataclasses.dataclass
-class _WeightSite:
+class WeightSite:
     """A compute node reading a weight initializer, with the module paths its names suggest."""
 
     node: onnx.NodeProto
     kind: str
-    weight: _Location
+    weight: TensorLocation
     transposed: bool  # the operand is the reference layout transposed: `(in, out)`
     factor: float  # Gemm's alpha: the node multiplies its operand by it
     paths: set[str]
@@ -148,7 +145,7 @@ class _WeightSite:
         shape = self.weight.operand_shape
         return shape[::-1] if self.transposed else shape
 
-    def check_unfolded(self, adapter: _Adapter, key: str) -> None:
+    def check_unfolded(self, adapter: LoadedAdapter, key: str) -> None:
         """Refuse a conv weight the TorchScript exporter computed rather than kept.
 
         A conv needs no transposed copy, so an anonymous `onnx::` weight behind a TorchScript
@@ -190,9 +187,9 @@ class _Graph:
         """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed."""
         return initializer_behind(tensor, self.initializers, self.producers)
 
-    def trace(self, node: onnx.NodeProto, index: int) -> _Location | None:
+    def trace(self, node: onnx.NodeProto, index: int) -> TensorLocation | None:
         """The initializer behind `node.input[index]`, through Identity, Cast and Transpose nodes."""
-        consumer, consumer_index, name, perm = node, index, node.input[index], None
+        consumer, consumer_index, name, perm, element_type = node, index, node.input[index], None, None
         while name not in self.initializers:
             producer = self.producers.get(name)
             if producer is None or producer.op_type not in _FORWARDING_OPS or not producer.input:
@@ -200,13 +197,16 @@ class _Graph:
             if producer.op_type == "Transpose":
                 step = attribute(producer, "perm", None)
                 perm = (tuple(step) if step is not None else None, perm)
+            if producer.op_type == "Cast" and element_type is None:
+                element_type = attribute(producer, "to")
             if producer.op_type != "Identity":
                 consumer, consumer_index = producer, 0
             name = producer.input[0]
         tensor = self.initializers[name]
-        return _Location(consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)))
+        return TensorLocation(consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)),
+                              element_type or tensor.data_type)
 
-    def readers(self, tensor: str) -> list[tuple[onnx.NodeProto, _Location]]:
+    def readers(self, tensor: str) -> list[tuple[onnx.NodeProto, TensorLocation]]:
         """The nodes reading `tensor` (an initializer or an `Identity` of one), through Identity nodes."""
         name = self.behind_identities(tensor)
         if name is None:
@@ -218,7 +218,8 @@ class _Graph:
                 if node.op_type == "Identity":
                     pending.append(node.output[0])
                 else:
-                    found.append((node, _Location(node.name, index, initializer, same_layout)))
+                    found.append((node, TensorLocation(node.name, index, initializer, same_layout,
+                                                       initializer.data_type)))
         return found
 
 
@@ -232,20 +233,6 @@ def _compose(perms, rank: int) -> tuple[int, ...]:
     return total
 
 
-def _node_module(node: onnx.NodeProto) -> str | None:
-    """The module that ran `node` as the node records it: dynamo metadata or a TorchScript name."""
-    metadata = {entry.key: entry.value for entry in node.metadata_props}
-    scopes = _literal_list(metadata.get("pkg.torch.onnx.name_scopes"))
-    if len(scopes) >= 2:
-        return str(scopes[-2]) or None
-    if "namespace" in metadata:
-        modules = [part.split(": ")[0].strip() for part in metadata["namespace"].split("/")[:-1]]
-        return modules[-1] if modules and modules[-1] else None
-    if node.name.startswith("/"):
-        return ".".join(node.name.split("/")[1:-1]) or None
-    return None
-
-
 def _torch_paths(node: onnx.NodeProto, weight_names: Sequence[str]) -> set[str]:
     """The module path a PyTorch exporter gives the node: its own record, else its weight's name.
 
@@ -254,37 +241,20 @@ def _torch_paths(node: onnx.NodeProto, weight_names: Sequence[str]) -> set[str]:
     of it (TorchScript), and must not be merged with module `0`'s adapter. The base layer of a
     model exported with its LoRA wrappers (`<path>.base_layer`) is the module at `<path>`.
     """
-    module = _node_module(node)
+    module = node_module(node)
     if module is None:
         kept = [name for name in weight_names if "/" not in name and name.endswith(".weight")]
         module = kept[0][:-len(".weight")] if kept else None
-    return {module.removesuffix(_PEFT_WRAPPER)} if module else set()
+    return {module.removesuffix(PEFT_WRAPPER)} if module else set()
 
 
-def _literal_list(text: str | None) -> list:
-    try:
-        value = ast.literal_eval(text) if text else []
-    except (ValueError, SyntaxError):
-        return []
-    return value if isinstance(value, list) else []
+def weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
+    """Every compute node of `model`'s main graph that reads a weight initializer, with the module
+    paths its names suggest."""
+    return _weight_sites(_Graph(model))
 
 
-def _tf_scopes(*names: str) -> list[list[str]]:
-    """TensorFlow scope components of tf2onnx names (`model_1/dense_1/MatMul`), without `:0`.
-
-    The scopes of a traced `tf.function` (`StatefulPartitionedCall/...`) come before the model's.
-    """
-    scopes = []
-    for name in names:
-        if "/" in name and not name.startswith("/"):
-            components = name.split(":")[0].split("/")
-            while len(components) > 1 and re.fullmatch(_TF_CALL_SCOPE, components[0]):
-                components = components[1:]
-            scopes.append(components)
-    return scopes
-
-
-def _weight_sites(graph: _Graph) -> list[_WeightSite]:
+def _weight_sites(graph: _Graph) -> list[WeightSite]:
     sites = []
     for node in graph.nodes:
         kind = _KIND_OF_OP.get(node.op_type)
@@ -298,12 +268,35 @@ def _weight_sites(graph: _Graph) -> list[_WeightSite]:
             continue
         scaled = node.op_type in _SCALED_OPS
         transposed = node.op_type == "MatMul" or (scaled and not attribute(node, "transB", 0))
-        sites.append(_WeightSite(
+        site = WeightSite(
             node=node, kind=kind, weight=location, transposed=transposed,
             factor=float(attribute(node, "alpha", 1.0)) if scaled else 1.0,
             paths=_torch_paths(node, [node.input[_WEIGHT_INPUT[node.op_type]], location.initializer.name]),
-            tf_scopes=_tf_scopes(node.name) or _tf_scopes(location.initializer.name)))
+            tf_scopes=tf_scopes(node.name) or tf_scopes(location.initializer.name))
+        site.paths |= _first_call_paths(graph, site)
+        sites.append(site)
     return sites
+
+
+def _first_call_paths(graph: _Graph, site: WeightSite) -> set[str]:
+    """The path of a module that the TorchScript exporter names `<name>_1` on its second call.
+
+    A module run twice (one MLP on two inputs) has its second call's nodes under `mlp.0_1`
+    (`/mlp/mlp.0_1/MatMul`, a transposed copy of the weight); it is module `mlp.0` when its
+    weight or bias is the parameter the exporter kept as `mlp.0.weight` or `mlp.0.bias` (or a
+    name ending so). A module really named `fc_1` reads its own `fc_1.bias`.
+    """
+    module = node_module(site.node) if site.node.name.startswith("/") else None
+    first = re.sub(r"_\d+(?=\.|$)", "", module) if module else None
+    if first is None or first == module:
+        return set()
+    bias = _bias_location(graph, site)
+    kept = [site.weight.initializer.name, *([bias[0].initializer.name] if bias else [])]
+    parameters = (f"{first}.weight", f"{first}.bias")
+    # PEFT's TorchScript names start below its wrappers: `model.mlp.0` for `base_model.model.mlp.0`.
+    if any(name in parameters or name.endswith(tuple("." + parameter for parameter in parameters)) for name in kept):
+        return {first.removesuffix(PEFT_WRAPPER)}
+    return set()
 
 
 def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:
@@ -319,18 +312,18 @@ def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:
     for component, part in zip(body, parts):
         if component == part:
             continue
-        if not re.fullmatch(re.escape(part) + _TF_UNIQUIFIER, component):
+        if not re.fullmatch(re.escape(part) + TF_UNIQUIFIER, component):
             return None
         score += 1
     return score
 
 
-def _tf_site_score(site: _WeightSite, parts: list[str]) -> int | None:
+def _tf_site_score(site: WeightSite, parts: list[str]) -> int | None:
     scores = [score for scope in site.tf_scopes if (score := _tf_match_score(scope, parts)) is not None]
     return max(scores, default=None)
 
 
-def _find_sites(path: str, sites: Iterable[_WeightSite]) -> list[_WeightSite]:
+def _find_sites(path: str, sites: Iterable[WeightSite]) -> list[WeightSite]:
     """The sites of the module at `path`: exact names first, then Keras scopes, then a unique suffix.
 
     With TensorFlow's uniquifier a layer `dense_1` may appear as `dense_1_2` while `dense`
@@ -346,7 +339,7 @@ def _find_sites(path: str, sites: Iterable[_WeightSite]) -> list[_WeightSite]:
     if scored:
         best = max(score for score, _ in scored)
         return [site for score, site in scored if score == best]
-    related: dict[str, list[_WeightSite]] = {}
+    related: dict[str, list[WeightSite]] = {}
     for site in sites:
         for other in site.paths:
             if other.endswith("." + path) or path.endswith("." + other):
@@ -357,7 +350,9 @@ def _find_sites(path: str, sites: Iterable[_WeightSite]) -> list[_WeightSite]:
 
 
 @dataclasses.dataclass
-class _Adapter:
+class LoadedAdapter:
+    """An adapter directory's config and tensors, checked (float, finite), with its weight."""
+
     directory: str
     weight: float
     config: LoRAConfig
@@ -365,7 +360,8 @@ class _Adapter:
     tensors: AdapterWeights
 
 
-def _load_adapter(directory: str | os.PathLike, weight: float) -> _Adapter:
+def load_adapter(directory: str | os.PathLike, weight: float) -> LoadedAdapter:
+    """The adapter at `directory`; AdapterMergeError names the file and the problem."""
     try:
         config, raw, tensors = load_adapter_dir(directory)
     except ValueError as error:
@@ -386,16 +382,19 @@ def _load_adapter(directory: str | os.PathLike, weight: float) -> _Adapter:
         if not np.all(np.isfinite(value)):
             raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} holds NaN or inf: the training "
                                     "diverged; re-train the adapter or save an earlier checkpoint.")
-    return _Adapter(os.fspath(directory), float(weight), config, bool(raw.get("fan_in_fan_out")), tensors)
+    return LoadedAdapter(os.fspath(directory), float(weight), config, bool(raw.get("fan_in_fan_out")), tensors)
 
 
-def _check_arguments(model, read_tensor, adapters) -> list[tuple[str | os.PathLike, float]]:
+def _check_arguments(model, read_tensor) -> None:
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model is a {type(model).__name__}: pass an onnx.ModelProto "
                         "(onnx.load(path, load_external_data=False)).")
     if not callable(read_tensor):
         raise TypeError(f"read_tensor={read_tensor!r} is not callable: pass a function from initializer name "
                         "to its NumPy values.")
+
+
+def _checked_adapters(adapters) -> list[tuple[str | os.PathLike, float]]:
     if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError(f"adapters={adapters!r} is invalid: pass a non-empty list of (directory, weight) pairs.")
     checked = []
@@ -418,12 +417,12 @@ class _Accumulator:
 
     def __init__(self, read_tensor: Callable[[str], np.ndarray]) -> None:
         self.read_tensor = read_tensor
-        self.locations: dict[tuple[str, int], _Location] = {}
+        self.locations: dict[tuple[str, int], TensorLocation] = {}
         self.replacements: dict[tuple[str, int], tuple[np.ndarray, str]] = {}
         self.deltas: dict[tuple[str, int], list[Callable[[], np.ndarray]]] = {}
         self.dora_merges: dict[tuple[str, int], tuple[Callable[[np.ndarray], np.ndarray], str]] = {}
 
-    def replace(self, location: _Location, value: np.ndarray, source: str) -> None:
+    def replace(self, location: TensorLocation, value: np.ndarray, source: str) -> None:
         key = (location.consumer, location.input_index)
         if key in self.replacements and self.replacements[key][1] != source:
             raise AdapterMergeError(f"two adapters replace the weight read by node {location.consumer!r} "
@@ -431,14 +430,14 @@ class _Accumulator:
         self.locations[key] = location
         self.replacements[key] = (value, source)
 
-    def add(self, location: _Location, delta: Callable[[], np.ndarray], source: str) -> None:
+    def add(self, location: TensorLocation, delta: Callable[[], np.ndarray], source: str) -> None:
         key = (location.consumer, location.input_index)
         if key in self.dora_merges:
             raise _beside_dora(self.dora_merges[key][1], source, key)
         self.locations[key] = location
         self.deltas.setdefault(key, []).append((delta, source))
 
-    def add_dora(self, location: _Location, merge: Callable[[np.ndarray], np.ndarray], source: str) -> None:
+    def add_dora(self, location: TensorLocation, merge: Callable[[np.ndarray], np.ndarray], source: str) -> None:
         """`merge` maps the weight (the base's, or its replacement) to its DoRA-merged value."""
         key = (location.consumer, location.input_index)
         others = [other for _, other in self.deltas.get(key, [])]
@@ -497,7 +496,7 @@ def _like(value: np.ndarray, stored: np.ndarray) -> np.ndarray:
     return value.astype(stored.dtype)
 
 
-def _checked_factors(adapter: _Adapter, path: str, site: _WeightSite) -> tuple[np.ndarray, np.ndarray]:
+def _checked_factors(adapter: LoadedAdapter, path: str, site: WeightSite) -> tuple[np.ndarray, np.ndarray]:
     """A and B of `path`, checked against the config's rank and the site's weight, before anything is read."""
     site.check_unfolded(adapter, path)
     lora_a, lora_b = adapter.tensors.lora[path]
@@ -513,8 +512,8 @@ def _checked_factors(adapter: _Adapter, path: str, site: _WeightSite) -> tuple[n
     return lora_a, lora_b
 
 
-def _dora_merge(adapter: _Adapter, path: str, site: _WeightSite) -> Callable[[np.ndarray], np.ndarray]:
-    """The DoRA merge of `path` as a function of the initializer's value (compute dtype), checked now."""
+def _dora_merge(adapter: LoadedAdapter, path: str, site: WeightSite) -> Callable[[np.ndarray], np.ndarray]:
+    """The DoRA merge of `path` as a function of the initializer's value (compute dtype)."""
     lora_a, lora_b = _checked_factors(adapter, path, site)
     try:
         dora.check_supported(site.kind, lora_a, lora_b)
@@ -530,11 +529,8 @@ def _dora_merge(adapter: _Adapter, path: str, site: _WeightSite) -> Callable[[np
     return merge
 
 
-def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> Callable[[], np.ndarray]:
-    """`weight * s * B @ A` for `path`, laid out like the site's initializer, computed when called.
-
-    The shapes and the rank are checked now, so that a bad adapter fails before anything is read.
-    """
+def _delta(adapter: LoadedAdapter, path: str, site: WeightSite) -> Callable[[], np.ndarray]:
+    """`weight * s * B @ A` for `path`, laid out like the site's initializer, computed when called."""
     lora_a, lora_b = _checked_factors(adapter, path, site)
     compute = _compute_dtype(site.weight.initializer.data_type)
     scaling = adapter.config.scaling_for(path)
@@ -546,7 +542,7 @@ def _delta(adapter: _Adapter, path: str, site: _WeightSite) -> Callable[[], np.n
     return compute_delta
 
 
-def _fits(site: _WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
+def _fits(site: WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
     """Whether `A` and `B` make a delta of the site's shape (and, for a conv, of its groups)."""
     expected = site.reference_shape()
     if site.kind == "embedding":
@@ -560,7 +556,7 @@ def _fits(site: _WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
             and lora_b.shape[1] * groups == lora_a.shape[0] and (lora_b.shape[0], *lora_a.shape[1:]) == expected)
 
 
-def _bias_location(graph: _Graph, site: _WeightSite) -> tuple[_Location, float] | None:
+def _bias_location(graph: _Graph, site: WeightSite) -> tuple[TensorLocation, float] | None:
     """The bias of a site's module and the factor its node multiplies it by (Gemm's beta)."""
     node = site.node
     if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
@@ -575,15 +571,15 @@ def _bias_location(graph: _Graph, site: _WeightSite) -> tuple[_Location, float] 
     return None
 
 
-def _check_full_shape(adapter: _Adapter, key: str, value: np.ndarray, expected: tuple[int, ...], node: str) -> None:
+def _check_full_shape(adapter: LoadedAdapter, key: str, value: np.ndarray, expected: tuple[int, ...], node: str) -> None:
     if tuple(value.shape) != tuple(expected):
         raise AdapterMergeError(f"adapter {adapter.directory}: tensor {key} has shape {tuple(value.shape)} but the "
                                 f"graph's tensor read by node {node!r} is {tuple(expected)}: the adapter was trained "
                                 "on another model.")
 
 
-def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adapter, key: str,
-                         value: np.ndarray) -> list[tuple[_Location, np.ndarray, str]]:
+def _full_tensor_targets(graph: _Graph, sites: list[WeightSite], adapter: LoadedAdapter, key: str,
+                         value: np.ndarray) -> list[tuple[TensorLocation, np.ndarray, str]]:
     """`(location, value in the initializer's layout, reading node)` for a full tensor `<path>.<param>`.
 
     `weight` of a module with a compute node is its weight: as the initializer holds it when the
@@ -595,7 +591,7 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
     """
     value = value.astype(np.promote_types(value.dtype, np.float32))
     path, _, param = key.rpartition(".")
-    path = path.removesuffix(_PEFT_WRAPPER)
+    path = path.removesuffix(PEFT_WRAPPER)
     targets = []
     for site in _find_sites(path, sites) if param in ("weight", "bias") else ():
         if param == "weight" and f"{path}.weight" in (site.node.input[_WEIGHT_INPUT[site.node.op_type]],
@@ -614,19 +610,19 @@ def _full_tensor_targets(graph: _Graph, sites: list[_WeightSite], adapter: _Adap
             targets.append((location, location.from_operand(value / beta), site.node.name))
     if targets:
         return targets
-    readers = [location for node in graph.nodes if _node_module(node) == path
+    readers = [location for node in graph.nodes if node_module(node) == path
                for index in [_NORMALIZATION_INPUTS.get(node.op_type, {}).get(param)]
                if index is not None and index < len(node.input)
                for location in [graph.trace(node, index)] if location is not None]
     if not readers:
         readers = [location for node, location in graph.readers(f"{path}.{param}")
-                   if _node_module(node) in (None, path)]
+                   if node_module(node) in (None, path)]
     for location in readers:
         _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
     return [(location, value, location.consumer) for location in readers]
 
 
-def _lora_kind(adapter: _Adapter, path: str) -> str:
+def _lora_kind(adapter: LoadedAdapter, path: str) -> str:
     if path in adapter.tensors.embeddings:
         return "embedding"
     dims = adapter.tensors.lora[path][0].ndim
@@ -641,7 +637,7 @@ def _unique(items: Iterable) -> list:
     return list(dict.fromkeys(items))
 
 
-def _unmatched_message(unmatched: list[str], total: int, sites: list[_WeightSite], fix: str) -> str:
+def _unmatched_message(unmatched: list[str], total: int, sites: list[WeightSite], fix: str) -> str:
     shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
     names = sorted({path for site in sites for path in site.paths}
                    | {"/".join(scope) for site in sites for scope in site.tf_scopes})
@@ -650,7 +646,7 @@ def _unmatched_message(unmatched: list[str], total: int, sites: list[_WeightSite
             f"{_fused_hint(unmatched, sites)}; the graph's weights belong to modules such as {examples}: {fix}.")
 
 
-def _fused_hint(unmatched: list[str], sites: list[_WeightSite]) -> str:
+def _fused_hint(unmatched: list[str], sites: list[WeightSite]) -> str:
     """Why a module's kept weight is read only by another module's node: the exporter fused the two."""
     for path in unmatched:
         readers = [site for site in sites if site.weight.initializer.name == f"{path}.weight"]
@@ -659,6 +655,85 @@ def _fused_hint(unmatched: list[str], sites: list[_WeightSite]) -> str:
             return (f" ({path}.weight is read by node {site.node.name!r} of module {', '.join(sorted(site.paths))}: "
                     "the exporter fused the two, e.g. a BatchNorm folded into a conv, and no exact merge exists)")
     return ""
+
+
+@dataclasses.dataclass
+class LoRATarget:
+    """An adapter's LoRA pair for module `path` (a `kind` of layer) and the compute nodes it adapts."""
+
+    adapter: LoadedAdapter
+    path: str
+    kind: str
+    sites: list[WeightSite]
+
+
+@dataclasses.dataclass
+class FullTarget:
+    """An adapter's full tensor `key` and where it goes: `(location, value in the initializer's layout,
+    reading node)` for each place the graph reads it."""
+
+    adapter: LoadedAdapter
+    key: str
+    locations: list[tuple[TensorLocation, np.ndarray, str]]
+
+
+@dataclasses.dataclass
+class AdapterTargets:
+    """Where every key of some adapters goes in a graph; `matched` and `unmatched` as in `AdapterMergePlan`."""
+
+    lora: list[LoRATarget]
+    full: list[FullTarget]
+    matched: list[tuple[str, str]]
+    unmatched: list[str]
+
+
+def resolve_adapters(model: onnx.ModelProto, adapters: Sequence[tuple[str | os.PathLike, float]],
+                     allow_partial: bool = False, sites: list[WeightSite] | None = None,
+                     verb: str = "merge") -> AdapterTargets:
+    """Load `adapters` (`(directory, weight)` pairs) and find the graph tensors each key adapts or replaces.
+
+    `sites` defaults to `weight_sites(model)`; a caller may leave some out or give them more paths.
+    Every LoRA pair is checked against each weight it adapts (rank, shapes) and every full tensor
+    against the tensor it replaces, before any weight is read. `verb` says what the caller does with
+    the matches, in the message for unmatched keys.
+
+    Raises:
+        AdapterMergeError: an unreadable adapter, a tensor with NaN/inf, shapes that do not fit the
+            graph, unmatched keys without `allow_partial`, or nothing matched at all.
+    """
+    loaded = [load_adapter(directory, weight) for directory, weight in _checked_adapters(adapters)]
+    graph = _Graph(model)
+    sites = _weight_sites(graph) if sites is None else sites
+    lora, full, matched, unmatched, keys = [], [], [], [], []
+    for adapter in loaded:
+        for path in adapter.tensors.lora:
+            keys.append(path)
+            kind = _lora_kind(adapter, path)
+            found = _find_sites(path, [site for site in sites if site.kind == kind])
+            if not found:
+                unmatched.append(path)
+                continue
+            for site in found:
+                _checked_factors(adapter, path, site)
+                matched.append((path, site.node.name))
+            lora.append(LoRATarget(adapter, path, kind, found))
+        for key, value in adapter.tensors.extra.items():
+            keys.append(key)
+            locations = _full_tensor_targets(graph, sites, adapter, key, value)
+            if not locations:
+                unmatched.append(key)
+                continue
+            matched += [(key, node_name) for _, _, node_name in locations]
+            full.append(FullTarget(adapter, key, locations))
+    unmatched, keys = _unique(unmatched), _unique(keys)
+    if not matched:
+        raise AdapterMergeError(_unmatched_message(unmatched, len(keys), sites,
+                                                   f"nothing to {verb}; use adapters trained on this model"))
+    if unmatched and not allow_partial:
+        raise AdapterMergeError(_unmatched_message(
+            unmatched, len(keys), sites, "use adapters trained on this model, or pass allow_partial=True "
+            f"(--allow-partial) to {verb} the keys that match"))
+    return AdapterTargets(lora=lora, full=full, matched=_unique(matched), unmatched=unmatched)
 
 
 def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.ndarray],
@@ -686,43 +761,18 @@ def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.n
             the graph, two adapters replacing the same full tensor, unmatched keys without
             `allow_partial`, or nothing matched at all.
     """
-    checked = _check_arguments(model, read_tensor, adapters)
-    loaded = [_load_adapter(directory, weight) for directory, weight in checked]
-    graph = _Graph(model)
-    sites = _weight_sites(graph)
+    _check_arguments(model, read_tensor)
+    targets = resolve_adapters(model, adapters, allow_partial)
     accumulator = _Accumulator(read_tensor)
-    matched, unmatched, keys = [], [], []
-    for adapter in loaded:
-        for path in adapter.tensors.lora:
-            keys.append(path)
-            kind = _lora_kind(adapter, path)
-            found = _find_sites(path, [site for site in sites if site.kind == kind])
-            if not found:
-                unmatched.append(path)
-            for site in found:
-                matched.append((path, site.node.name))
-                source = f"adapter {adapter.directory} ({path})"
-                if path in adapter.tensors.magnitudes:
-                    accumulator.add_dora(site.weight, _dora_merge(adapter, path, site), source)
-                    continue
-                delta = _delta(adapter, path, site)
-                if adapter.weight:
-                    accumulator.add(site.weight, delta, source)
-        for key, value in adapter.tensors.extra.items():
-            keys.append(key)
-            targets = _full_tensor_targets(graph, sites, adapter, key, value)
-            if not targets:
-                unmatched.append(key)
-            for location, full, node_name in targets:
-                matched.append((key, node_name))
-                if adapter.weight:
-                    accumulator.replace(location, full, f"{adapter.directory} ({key})")
-    unmatched, keys = _unique(unmatched), _unique(keys)
-    if not matched:
-        raise AdapterMergeError(_unmatched_message(unmatched, len(keys), sites,
-                                                   "nothing to merge; use adapters trained on this model"))
-    if unmatched and not allow_partial:
-        raise AdapterMergeError(_unmatched_message(
-            unmatched, len(keys), sites, "use adapters trained on this model, or pass allow_partial=True "
-            "(--allow-partial) to merge the keys that match"))
-    return AdapterMergePlan(updates=accumulator.updates(), matched=_unique(matched), unmatched=unmatched)
+    for target in targets.lora:
+        source = f"adapter {target.adapter.directory} ({target.path})"
+        for site in target.sites:
+            if target.path in target.adapter.tensors.magnitudes:
+                accumulator.add_dora(site.weight, _dora_merge(target.adapter, target.path, site), source)
+            elif target.adapter.weight:
+                accumulator.add(site.weight, _delta(target.adapter, target.path, site), source)
+    for target in targets.full:
+        if target.adapter.weight:
+            for location, full, _ in target.locations:
+                accumulator.replace(location, full, f"{target.adapter.directory} ({target.key})")
+    return AdapterMergePlan(updates=accumulator.updates(), matched=targets.matched, unmatched=targets.unmatched)

@@ -126,7 +126,7 @@ class DoRABranch(LoRABranch):
     The base chain takes over `add`'s output; `scale` is the low-rank pair's own; `weight_scale` (C) and `delta_scale` (D, `scale` included)
     are per output feature; `expression` holds the nodes that go; `bias` is the bias input to
     change and its new value, or None. When the base chain has no bias but the expression adds one
-    (TensorFlow's graph optimizer moves a bias onto the low-rank side of the sum: `base + (pair + b)`),
+    (TensorFlow's graph optimizer moves a bias onto the low-rank side of the sum: `f * base + (pair + b)`),
     `bias` is `(None, the initializer that held it, new value)`, and `add` stays to add it.
     """
 
@@ -194,10 +194,9 @@ def match(graph: Graph, node: onnx.NodeProto) -> DoRABranch | tuple[str, set[int
     if isinstance(sums, str):
         return refused(sums)
     weight_scale, delta_scale, constant, by_vector = sums
-    moved_bias = np.any(constant != 0) and not _bias_holders(graph, chain)
-    if np.all(weight_scale == 1) and np.all(delta_scale == delta_scale[0]) and not by_vector and not moved_bias:
-        # Plain LoRA, scaled by scalars only: the LoRA rule's. Not a DoRA factor that happens to be 1
-        # (a DoRA layer exported untrained), nor a bias moved onto the low-rank side: the LoRA rule has neither.
+    if np.all(weight_scale == 1) and np.all(delta_scale == delta_scale[0]) and not by_vector:
+        # Plain LoRA, scaled by scalars only: the LoRA rule's. Not a DoRA factor that happens to be 1 (a
+        # DoRA layer exported untrained), which the LoRA rule does not read.
         return None
     bias = _bias_update(graph, chain, weight_scale, constant, features, expression.terms)
     if isinstance(bias, str):

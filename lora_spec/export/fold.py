@@ -82,21 +82,29 @@ class FoldRule:
     def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
         """Point the base at the initializer that will hold the merged weight and delete the branch.
 
-        Returns that initializer's name: a copy when anything else reads the original weight. A
-        base product that other nodes also read is first duplicated for this branch alone.
+        Returns that initializer's name: a copy when anything else reads the original weight.
         """
-        if branch.base_shared:
-            branch.base_chain, branch.base_output = graph.duplicate_chain(branch.base_chain, before=branch.add)
-            branch.base = branch.base_chain[0]
+        detach_branch(graph, branch)
         target = branch.weight
         if graph.initializer_readers(target) > 1:
             target = graph.copy_initializer(target, f"{target}.merged")
         weight_input = WEIGHT_INPUT[self.op_type]
         if branch.base.input[weight_input] != target:
             graph.replace_input(branch.base, weight_input, target)
-        graph.bypass(branch.add, branch.base_output)
-        drop_no_op_casts(graph, branch.add.output[0], branch.base_chain, graph.initializers[target].data_type)
         return target
+
+
+def detach_branch(graph: Graph, branch: LoRABranch) -> None:
+    """Delete the branch: the base's output takes the name of the sum, so its readers read the base alone.
+
+    A base product that other nodes also read is first duplicated for this branch alone (and
+    `branch.base` becomes the copy), so that a later change to this base changes nothing else.
+    """
+    if branch.base_shared:
+        branch.base_chain, branch.base_output = graph.duplicate_chain(branch.base_chain, before=branch.add)
+        branch.base = branch.base_chain[0]
+    graph.bypass(branch.add, branch.base_output)
+    drop_no_op_casts(graph, branch.add.output[0], branch.base_chain, graph.initializers[branch.weight].data_type)
 
 
 def drop_no_op_casts(graph: Graph, output: str, base_chain: list[onnx.NodeProto], weight_type: int) -> None:

@@ -205,6 +205,22 @@ class Graph:
         self.initializers[new_name] = self.graph.initializer[-1]
         return new_name
 
+    def add_initializer(self, tensor: onnx.TensorProto) -> None:
+        """Add `tensor` (whose name is fresh) as an initializer."""
+        self.graph.initializer.append(tensor)
+        self.initializers[tensor.name] = self.graph.initializer[-1]
+
+    def add_input(self, name: str, element_type: int, dims: Iterable[int | str]) -> None:
+        """List `name` among the graph inputs, with `dims` (ints, or names of dims a run chooses)."""
+        self.graph.input.append(onnx.helper.make_tensor_value_info(name, element_type, list(dims)))
+
+    def insert_after(self, node: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
+        """Place `new_nodes` (which read only what exists at `node`, or each other) right after `node`."""
+        position = next(index for index, existing in enumerate(self.nodes) if existing is node) + 1
+        self.nodes[position:position] = new_nodes
+        for new in new_nodes:
+            self._index(new)
+
     def fresh_name(self, hint: str) -> str:
         taken = (set(self.initializers) | set(self.producer) | {value.name for value in self.graph.input}
                  | {node.name for node in self.nodes})
@@ -296,10 +312,15 @@ class Graph:
             self.graph.value_info.remove(value)
 
     def _drop_unread_initializers(self) -> None:
+        """Drop unread initializers, and their entries among the graph inputs (which would else be
+        inputs a run must feed)."""
         unread = [tensor for tensor in self.graph.initializer if not self.readers(tensor.name)]
         for tensor in unread:
             self.graph.initializer.remove(tensor)
             del self.initializers[tensor.name]
+        names = {tensor.name for tensor in unread}
+        for value in [value for value in self.graph.input if value.name in names]:
+            self.graph.input.remove(value)
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:

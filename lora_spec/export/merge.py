@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import math
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +15,27 @@ from lora_spec.export import verify as checks
 from lora_spec.export.dora_fold import DORA_RULES, find_dora_branches
 from lora_spec.export.fold import RULES, Fold, fold_all
 from lora_spec.export.graph import Graph
-from lora_spec.export.mend import mend_missing_ops
 from lora_spec.export.model_io import (
     ExportError,
     NoLoRABranchError,
     TensorSource,
-    data_path_for,
-    load_graph,
-    staged_model,
+    VerificationError,
+    checked_staged_model,
+    progress_bar,
+)
+from lora_spec.export.options import (
+    adapter_specs,
+    check_tolerance,
+    default_tolerance,
+    open_input,
+    parse_adapter,
+    resolve_mode,
+    verify_mode as checked_verify_mode,
 )
 from lora_spec.export.patterns import find_branches, unrecognised_low_rank_products
+from lora_spec.export.verify import RunnableModel
 
-VERIFY_MODES = ("auto", "full", "layers", "off")  # and "run": "full" when adapter files change the outputs
-# "auto" runs both models in onnxruntime up to this size of weights; above it (or when three
-# copies would not fit in half the free memory) each folded layer is checked on its own.
-FULL_VERIFY_LIMIT = 2**30
-HALF_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-
-
-class VerificationError(ExportError):
-    """The merged model's outputs differ from the original's by more than the tolerance."""
-
-    exit_code = 4
+__all__ = ["MergeResult", "VerificationError", "default_output", "merge_onnx", "parse_adapter"]
 
 
 @dataclasses.dataclass
@@ -58,30 +54,12 @@ class MergeResult:
         lines += [f"fold {line}" for line in self.folds]
         lines += [f"adapter {path} -> {node}" for path, node in self.adapter_matches]
         lines += [f"not folded: {reason}" for reason in self.refused]
-        if self.verification is not None:
-            lines.append(self.verification.describe())
-        if self.output is not None:
-            lines.append(f"wrote {self.output}")
-        return "\n".join(lines)
+        return checks.summary(lines, self.verification, self.output)
 
 
 def default_output(model: Path) -> Path:
     """`<name>.merged.onnx` beside `model`."""
     return model.with_name(f"{model.stem}.merged.onnx" if model.suffix == ".onnx" else f"{model.name}.merged.onnx")
-
-
-def parse_adapter(spec: str) -> tuple[str, float]:
-    """`DIR[:WEIGHT]` -> `(DIR, WEIGHT)`; only a suffix that parses as a number is a weight, so paths may hold ':'."""
-    head, separator, tail = spec.rpartition(":")
-    if separator and head:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return spec, 1.0
-        if not math.isfinite(weight):
-            raise ExportError(f"adapter weight {tail!r} in {spec!r} is not finite: use a number such as {head}:0.5.")
-        return head, weight
-    return spec, 1.0
 
 
 def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
@@ -106,17 +84,12 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     nothing to merge, `VerificationError` when the check fails.
     """
     source_path = Path(model)
-    verify_mode = _verify_mode(verify)
-    if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
-        raise ExportError(f"tolerance must be a positive number, got {tolerance!r}: e.g. 1e-4.")
+    verify_mode = checked_verify_mode(verify)
+    check_tolerance(tolerance)
     target = Path(output) if output is not None else default_output(source_path)
-    onnx_model = load_graph(source_path)
-    source = TensorSource(onnx_model, source_path)
-    mended = mend_missing_ops(onnx_model)
-    runnable_original = _copy(onnx_model) if mended else None
-    if not dry_run:
-        _check_output(source_path, target, source)
-    shapes = _input_shapes(onnx_model, input_shapes or {})
+    opened = open_input(source_path, target, input_shapes, dry_run)
+    onnx_model, source, mended, runnable_original, shapes = (opened.model, opened.source, opened.mended,
+                                                             opened.runnable, opened.shapes)
     adapter_plan = _plan_adapters(onnx_model, source, adapters, allow_partial)
 
     graph = Graph(onnx_model, source.read)
@@ -134,58 +107,28 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
         return result
     graph.finish()
 
-    mode = _resolve_mode(verify_mode, source)
+    mode = resolve_mode(verify_mode, source)
     if adapter_plan is not None and mode == "full":
         # Adapters change the outputs on purpose: the merged model is run (finite outputs) but not
         # compared with the original, and folded branches are checked layer by layer.
         mode = "run"
     rng = np.random.default_rng(seed)
-    tolerance = tolerance or _default_tolerance(graph, values)
+    tolerance = tolerance or default_tolerance(graph.initializers[name].data_type for name in values
+                                               if name in graph.initializers)
     layer_differences: list[float] = []
     if mode in ("layers", "run"):
         values = _with_layer_checks(values, folds, source.read, rng, layer_differences)
-    input_is_valid = _checker_error(runnable_original if mended else source_path) is None
-    with staged_model(onnx_model, source, values, target, _progress_bar(progress)) as staged:
-        # An input the checker already refuses cannot come out valid; then only the fold is ours to check.
-        error = _checker_error(staged) if input_is_valid else None
-        if error:
-            raise ExportError(f"the merged model fails onnx.checker ({error}): nothing was written; please report "
-                              "this with the model.")
+    with checked_staged_model(onnx_model, source, values, target, progress_bar(progress),
+                              runnable_original if mended else source_path, "merged") as staged:
         if mode != "off":
-            original = _RunnableOriginal(source_path, source, runnable_original)
+            original = RunnableModel(source_path, source, runnable_original)
             result.verification = _verification(mode, original, staged, graph, shapes, rng, layer_differences,
                                                 tolerance)
     result.output = target
     return result
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
-@dataclasses.dataclass
-class _RunnableOriginal:
-    """The input model as onnxruntime can run it: its file, or, when ops were mended, the mended
-    model (`mended`, unfolded), which `path()` writes beside the staged output for the comparison."""
-
-    source_path: Path
-    source: TensorSource
-    mended: onnx.ModelProto | None
-
-    @contextlib.contextmanager
-    def path(self, beside: Path) -> Iterator[Path]:
-        if self.mended is None:
-            yield self.source_path
-            return
-        with tempfile.TemporaryDirectory(dir=beside.parent) as folder, \
-                staged_model(self.mended, self.source, {}, Path(folder) / "original.onnx", _progress_bar(False)) \
-                as path:
-            yield path
-
-
-def _verification(mode: str, original: _RunnableOriginal, staged: Path, graph: Graph, shapes, rng,
+def _verification(mode: str, original: RunnableModel, staged: Path, graph: Graph, shapes, rng,
                   layer_differences: list[float], tolerance: float) -> checks.Verification:
     """The check of the staged model in `mode`; raises VerificationError above the tolerance."""
     source_path = original.source_path
@@ -205,64 +148,10 @@ def _verification(mode: str, original: _RunnableOriginal, staged: Path, graph: G
     return verification
 
 
-def _verify_mode(verify: str | bool) -> str:
-    if verify is True or verify is False:
-        return "auto" if verify else "off"
-    if verify not in VERIFY_MODES:
-        raise ExportError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}.")
-    return verify
-
-
-def _resolve_mode(mode: str, source: TensorSource) -> str:
-    if mode != "auto":
-        return mode
-    weights = source.total_bytes()
-    return "full" if weights <= FULL_VERIFY_LIMIT and 3 * weights <= _available_memory() / 2 else "layers"
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _check_output(source_path: Path, target: Path, source: TensorSource) -> None:
-    resolved = target.resolve()
-    if resolved == source_path.resolve():
-        raise ExportError(f"output {target} is the input model: choose another path with -o; the input is never "
-                          "modified.")
-    if data_path_for(target).resolve() in source.data_files:
-        raise ExportError(f"output data {data_path_for(target)} is the input's external data: choose another -o.")
-    if not resolved.parent.is_dir():
-        raise ExportError(f"output folder {target.parent} does not exist: create it or choose another -o.")
-
-
-def _input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    inputs = {value.name: len(value.type.tensor_type.shape.dim) for value in model.graph.input
-              if value.name not in initializers}
-    checked = {}
-    for name, dims in shapes.items():
-        if name not in inputs:
-            raise ExportError(f"--input-shape names {name!r}, which is not an input of the model: its inputs are "
-                              f"{', '.join(inputs) or 'none'}.")
-        dims = tuple(int(dim) for dim in dims)
-        if len(dims) != inputs[name] or any(dim <= 0 for dim in dims):
-            raise ExportError(f"--input-shape {name}={','.join(map(str, dims))} does not fit: the input has "
-                              f"{inputs[name]} dims, each a positive size.")
-        checked[name] = dims
-    return checked
-
-
 def _plan_adapters(model: onnx.ModelProto, source: TensorSource, adapters, allow_partial: bool):
     if not adapters:
         return None
-    specs = [parse_adapter(spec) if isinstance(spec, str) else (spec[0], float(spec[1])) for spec in adapters]
+    specs = adapter_specs(adapters)
     try:
         from lora_spec.export.adapter_merge import plan_adapter_merge
     except ImportError:
@@ -318,11 +207,6 @@ def _finite_value(update) -> np.ndarray:
     return value
 
 
-def _default_tolerance(graph: Graph, values: Mapping[str, object]) -> float:
-    half = any(graph.initializers[name].data_type in HALF_PRECISION for name in values if name in graph.initializers)
-    return 1e-2 if half else 1e-4
-
-
 def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences: list[float]):
     """`values` whose fold computations also check the folded layer against its branch."""
     # A generator per fold, drawn now: the folds run on several threads, in no fixed order.
@@ -337,22 +221,3 @@ def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences:
     for fold in folds:
         checked[fold.target] = lambda fold=fold: fold.merged_weight(read_tensor, check)
     return checked
-
-
-def _checker_error(model: Path | onnx.ModelProto) -> str | None:
-    """The first line of onnx.checker's complaint about the model (at a path, or in memory), or None."""
-    try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
-    except onnx.checker.ValidationError as error:
-        return str(error).splitlines()[0]
-    return None
-
-
-def _progress_bar(enabled: bool):
-    def bar(items, **options):
-        if not enabled:
-            return items
-        from tqdm import tqdm
-
-        return tqdm(items, disable=None, leave=False, **options)
-    return bar

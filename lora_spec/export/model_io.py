@@ -39,6 +39,12 @@ class NoLoRABranchError(ExportError):
     exit_code = 3
 
 
+class VerificationError(ExportError):
+    """The written model's outputs differ from the expected ones by more than the tolerance."""
+
+    exit_code = 4
+
+
 def load_graph(path: Path) -> onnx.ModelProto:
     """The model at `path` without its external data; one-line errors for missing or corrupt files."""
     if not path.is_file():
@@ -52,6 +58,13 @@ def load_graph(path: Path) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.graph.node:
         raise ExportError(f"{path} is not an ONNX model (no graph nodes): pass an .onnx file written by an exporter.")
     return model
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of `model` (the graph, and inline tensors)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def is_external(tensor: onnx.TensorProto) -> bool:
@@ -259,6 +272,41 @@ def staged_model(model: onnx.ModelProto, source: TensorSource, values: Mapping[s
             staged_onnx.write_bytes(model.SerializeToString())
 
 
+def checker_error(model: Path | onnx.ModelProto) -> str | None:
+    """The first line of onnx.checker's complaint about the model (at a path, or in memory), or None."""
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
+    except onnx.checker.ValidationError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+@contextlib.contextmanager
+def checked_staged_model(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
+                         target: Path, progress, runnable_input: Path | onnx.ModelProto, what: str) -> Iterator[Path]:
+    """`staged_model`, refused (ExportError, nothing written) when onnx.checker refuses the staged model
+    while it accepts the input (`runnable_input`): an input it already refuses cannot come out valid,
+    so then only our edit is ours to check. `what` names the output in the message ("merged")."""
+    input_is_valid = checker_error(runnable_input) is None
+    with staged_model(model, source, values, target, progress) as staged:
+        error = checker_error(staged) if input_is_valid else None
+        if error:
+            raise ExportError(f"the {what} model fails onnx.checker ({error}): nothing was written; please report "
+                              "this with the model.")
+        yield staged
+
+
 def data_path_for(target: Path) -> Path:
     """`<name>.onnx.data` beside `target`."""
     return target.with_name(target.name + ".data")
+
+
+def progress_bar(enabled: bool):
+    """A `tqdm`-like wrapper of iterables: a bar on a terminal when `enabled`, else the iterable itself."""
+    def bar(items, **options):
+        if not enabled:
+            return items
+        from tqdm import tqdm
+
+        return tqdm(items, disable=None, leave=False, **options)
+    return bar

@@ -6,8 +6,10 @@ so one tolerance fits models of any output scale.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import onnx
 from lora_spec import reference
 from lora_spec.export.fold import Fold
 from lora_spec.export.graph import Graph, attribute
-from lora_spec.export.model_io import ExportError
+from lora_spec.export.model_io import ExportError, TensorSource, progress_bar, staged_model
 
 DEFAULT_DYNAMIC_SIZE = 2
 # Integer inputs reach an embedding's indices through these without changing values.
@@ -25,7 +27,7 @@ _INDEX_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Ide
 
 @dataclasses.dataclass
 class Verification:
-    """How a merge was checked and the largest relative difference found."""
+    """How a merge was checked and the largest relative difference found (mode "skipped": not checked)."""
 
     mode: str
     max_relative_difference: float
@@ -36,10 +38,26 @@ class Verification:
         return self.max_relative_difference <= self.tolerance
 
     def describe(self) -> str:
+        if self.mode == "skipped":
+            return ("not verified: the weights are above what --verify auto runs in onnxruntime (1 GiB, three copies "
+                    "in half the free memory); pass --verify full to check them")
         what = {"full": "original vs merged in onnxruntime", "layers": "each folded layer in NumPy",
-                "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy"}[self.mode]
+                "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy",
+                "served": "switchable model without adapter vs the original in onnxruntime",
+                "packed": "switchable model with the adapter file vs the base merged with the same adapters in "
+                          "onnxruntime"}[self.mode]
         return (f"verified {what}: max |difference| / max |output| = {self.max_relative_difference:.3g} "
                 f"(tolerance {self.tolerance:g})")
+
+
+def summary(lines: list[str], verification: Verification | None, output: Path | None) -> str:
+    """What a `lora-export` mode did, one line each, then how it was checked and what it wrote."""
+    lines = list(lines)
+    if verification is not None:
+        lines.append(verification.describe())
+    if output is not None:
+        lines.append(f"wrote {output}")
+    return "\n".join(lines)
 
 
 def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -151,30 +169,37 @@ def session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str) -> list:
+_LAYERS_HINT = "or check each folded layer in NumPy instead with --verify layers"
+
+
+def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str, hint: str = _LAYERS_HINT,
+              run_options=None) -> list:
     """The outputs of the model at `path` (`label` names it to the user) on `feeds`, in onnxruntime.
 
     ExportError in one line when onnxruntime cannot load or run it (an op it lacks, an input
-    that needs particular sizes): the user can then verify without onnxruntime.
+    that needs particular sizes), ending with `hint`: what the user can do instead.
     """
     try:
-        return session(path).run(None, dict(feeds))
+        return session(path).run(None, dict(feeds), run_options)
     except Exception as error:  # onnxruntime's errors derive from Exception only
         if not type(error).__module__.startswith("onnxruntime"):
             raise
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise ExportError(f"onnxruntime cannot run {label} on random inputs ({reason}); nothing was written: pass "
-                          "--input-shape NAME=DIMS if an input needs particular sizes, or check each folded layer "
-                          "in NumPy instead with --verify layers.") from None
+                          f"--input-shape NAME=DIMS if an input needs particular sizes, {hint}.") from None
+
+
+def compare_outputs(actual: list, expected: list) -> float:
+    """The largest relative difference over the float outputs of two runs."""
+    differences = [relative_difference(got, want) for got, want in zip(actual, expected)
+                   if np.asarray(want).dtype.kind == "f"]
+    return max(differences, default=0.0)
 
 
 def compare_models(original: Path, merged: Path, feeds: Mapping[str, np.ndarray], original_label: str) -> float:
     """The largest relative difference over the float outputs of the two models on `feeds`."""
     expected = run_model(original, feeds, original_label)
-    actual = run_model(merged, feeds, "the merged model")
-    differences = [relative_difference(got, want) for got, want in zip(actual, expected)
-                   if np.asarray(want).dtype.kind == "f"]
-    return max(differences, default=0.0)
+    return compare_outputs(run_model(merged, feeds, "the merged model"), expected)
 
 
 def non_finite_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> float:
@@ -182,3 +207,23 @@ def non_finite_outputs(path: Path, feeds: Mapping[str, np.ndarray]) -> float:
     outputs = run_model(path, feeds, "the merged model")
     finite = all(np.isfinite(output).all() for output in outputs if np.asarray(output).dtype.kind == "f")
     return 0.0 if finite else float("inf")
+
+
+@dataclasses.dataclass
+class RunnableModel:
+    """A model as onnxruntime can run it: the file at `source_path`, or, when `edited` is given, that
+    graph (with the file's tensors), which `path()` writes beside another file for the comparison."""
+
+    source_path: Path
+    source: TensorSource
+    edited: onnx.ModelProto | None = None
+
+    @contextlib.contextmanager
+    def path(self, beside: Path) -> Iterator[Path]:
+        if self.edited is None:
+            yield self.source_path
+            return
+        with tempfile.TemporaryDirectory(dir=beside.parent) as folder, \
+                staged_model(self.edited, self.source, {}, Path(folder) / "original.onnx", progress_bar(False)) \
+                as path:
+            yield path

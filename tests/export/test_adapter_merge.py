@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_spec import reference
-from lora_spec.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterWeights, save_adapter_dir
+from lora_spec.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 from lora_spec.config import LoRAConfig
 from tests import strategies
 from tests.numerics import assert_close
@@ -26,136 +26,20 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from lora_spec.export.adapter_merge import AdapterMergeError, AdapterMergePlan, plan_adapter_merge  # noqa: E402
-
-PATH = "block.proj"
-LINEAR_LAYOUTS = ("matmul", "matmul_transpose", "gemm_trans_b", "gemm", "fused_matmul")
-NAMINGS = ("initializer", "torchscript_node", "dynamo_metadata", "dynamo_namespace", "keras")
-
-
-# --- graphs -------------------------------------------------------------------------------------------
-
-def _names(naming: str, op: str) -> tuple[str, str, list]:
-    """`(initializer name, node name, metadata)` of the weight of module `block.proj` under `naming`."""
-    if naming == "initializer":
-        return f"{PATH}.weight", "n0", []
-    if naming == "torchscript_node":
-        return "onnx::MatMul_7", f"/block/proj/{op}", []
-    if naming == "dynamo_metadata":
-        return "val_3", "node_linear", [("pkg.torch.onnx.name_scopes", "['', 'block', 'block.proj', 'linear']")]
-    if naming == "dynamo_namespace":
-        namespace = ": M/block: B/block.proj: torch.nn.modules.linear.Linear/linear: aten.linear.default"
-        return "val_3", "node_linear", [("namespace", namespace)]
-    return "model_1/block_1/proj_1/Cast/ReadVariableOp:0", f"model_1/block_1/proj_1/{op}", []
-
-
-def _model(nodes, initializers, inputs, output: str = "y") -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-                              initializer=initializers)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets)
-
-
-def _node(op: str, inputs: list[str], output: str, name: str, metadata=(), **attributes) -> onnx.NodeProto:
-    node = helper.make_node(op, inputs, [output], name=name, **attributes)
-    for key, value in metadata:
-        node.metadata_props.add(key=key, value=value)
-    return node
-
-
-def linear_model(weight: np.ndarray, bias: np.ndarray, layout: str, naming: str = "initializer",
-                 alpha: float = 1.0) -> onnx.ModelProto:
-    """`y = x @ weight.T + bias` for `x (batch, in)`, the weight stored as `layout` wants it.
-
-    `fused_matmul` is onnxruntime's `FusedMatMul` (transB=1, alpha) from an optimized graph.
-    """
-    op = {"gemm": "Gemm", "gemm_trans_b": "Gemm", "fused_matmul": "FusedMatMul"}.get(layout, "MatMul")
-    weight_name, node_name, metadata = _names(naming, op)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.shape[1]])
-    bias_tensor = numpy_helper.from_array(bias.astype(np.float32), "bias")
-    if layout == "gemm_trans_b":
-        stored, nodes = weight / alpha, [_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata,
-                                               transB=1, alpha=alpha)]
-    elif layout == "gemm":
-        stored, nodes = weight.T / alpha, [_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata,
-                                                 alpha=alpha)]
-    elif layout == "fused_matmul":
-        stored, nodes = weight / alpha, [_node("FusedMatMul", ["x", weight_name], "xw", node_name, metadata,
-                                               domain="com.microsoft", transB=1, alpha=alpha),
-                                         _node("Add", ["xw", "bias"], "y", "add")]
-    else:
-        stored, read = weight.T, weight_name
-        nodes = []
-        if layout == "matmul_transpose":
-            stored, read = weight, "weight_t"
-            nodes.append(helper.make_node("Transpose", [weight_name], [read], name="transpose", perm=[1, 0]))
-        nodes += [_node("MatMul", ["x", read], "xw", node_name, metadata), _node("Add", ["xw", "bias"], "y", "add")]
-    initializers = [numpy_helper.from_array(np.ascontiguousarray(stored, np.float32), weight_name), bias_tensor]
-    return _model(nodes, initializers, [x])
-
-
-def embedding_model(table: np.ndarray, naming: str = "initializer") -> onnx.ModelProto:
-    weight_name, node_name, metadata = _names(naming, "Gather")
-    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, None)
-    return _model([_node("Gather", [weight_name, "ids"], "y", node_name, metadata)],
-                  [numpy_helper.from_array(table.astype(np.float32), weight_name)], [ids])
-
-
-def conv_model(case: strategies.Conv2dCase) -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
-    inputs = ["x", f"{PATH}.weight"] + (["bias"] if case.b is not None else [])
-    initializers = [numpy_helper.from_array(case.W.astype(np.float32), f"{PATH}.weight")]
-    if case.b is not None:
-        initializers.append(numpy_helper.from_array(case.b.astype(np.float32), "bias"))
-    pads = [case.padding[0], case.padding[1], case.padding[0], case.padding[1]]
-    node = _node("Conv", inputs, "y", "/block/proj/Conv", strides=list(case.stride), pads=pads,
-                 dilations=list(case.dilation), group=case.groups)
-    return _model([node], initializers, [x])
-
-
-# --- plans, files and sessions ----------------------------------------------------------------------------
-
-def initializer_reader(model: onnx.ModelProto):
-    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
-    return lambda name: numpy_helper.to_array(tensors[name])
-
-
-def apply_plan(model: onnx.ModelProto, plan: AdapterMergePlan) -> onnx.ModelProto:
-    """A copy of `model` whose updated inputs each read a new initializer holding the update's value."""
-    merged = onnx.ModelProto()
-    merged.CopyFrom(model)
-    initializers = {tensor.name: tensor for tensor in merged.graph.initializer}
-    producers = {output: node for node in merged.graph.node for output in node.output}
-    nodes = {node.name: node for node in merged.graph.node}
-    for number, update in enumerate(plan.updates):
-        node = nodes[update.node_name]
-        source = node.input[update.input_index]
-        while source not in initializers:
-            source = producers[source].input[0]
-        name = f"{source}.merged{number}"
-        if initializers[source].data_type == TensorProto.BFLOAT16 and update.value.dtype == np.uint16:
-            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, update.value.shape, update.value.tobytes(),
-                                        raw=True)
-        else:
-            tensor = numpy_helper.from_array(update.value, name)
-        merged.graph.initializer.append(tensor)
-        node.input[update.input_index] = name
-    return merged
-
-
-def run(model: onnx.ModelProto, **feeds: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
-
-
-def write_adapter(directory: Path, lora: dict, embeddings=(), extra=None, r: int | None = None, alpha: float = 1.0,
-                  magnitudes=None, **config) -> Path:
-    """An adapter directory holding `lora` pairs `(A, B)`, `extra` full tensors and DoRA `magnitudes`."""
-    rank = r or next(iter(lora.values()))[0].shape[0]
-    peft = LoRAConfig(r=rank, alpha=alpha, use_dora=bool(magnitudes), **config).to_peft_dict(
-        [path.rsplit(".", 1)[-1] for path in lora] or None)
-    save_adapter_dir(directory, peft, AdapterWeights(lora=dict(lora), embeddings=set(embeddings), extra=extra or {},
-                                                     magnitudes=dict(magnitudes or {})))
-    return directory
+from tests.export.onnx_graphs import (  # noqa: E402
+    LINEAR_LAYOUTS,
+    NAMINGS,
+    PATH,
+    apply_plan,
+    conv_model,
+    embedding_model,
+    initializer_reader,
+    linear_model,
+    make_model,
+    make_node,
+    run,
+    write_adapter,
+)
 
 
 def merged_linear(weight, adapters) -> np.ndarray:
@@ -235,8 +119,8 @@ def test_conv_kernel_stored_in_keras_layout_behind_a_transpose_is_updated_in_tha
     stored = np.transpose(weight, (2, 3, 1, 0)).astype(np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
     nodes = [helper.make_node("Transpose", ["kernel"], ["w"], name="model_1/conv_1/transpose", perm=[3, 2, 0, 1]),
-             _node("Conv", ["x", "w"], "y", "model_1/conv_1/Conv2D")]
-    model = _model(nodes, [numpy_helper.from_array(stored, "kernel")], [x])
+             make_node("Conv", ["x", "w"], "y", "model_1/conv_1/Conv2D")]
+    model = make_model(nodes, [numpy_helper.from_array(stored, "kernel")], [x])
     directory = write_adapter(tmp_path / "a", {"conv": (lora_a, lora_b)}, alpha=4.0)
     (update,) = plan_for(model, [(directory, 1.0)]).updates
     assert (update.node_name, update.input_index) == ("model_1/conv_1/transpose", 0)
@@ -271,8 +155,8 @@ def _half_model(stored: np.ndarray, data_type: int) -> onnx.ModelProto:
         tensor = numpy_helper.from_array(stored, f"{PATH}.weight")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, stored.shape[0]])
     nodes = [helper.make_node("Cast", [f"{PATH}.weight"], ["w32"], name="cast", to=TensorProto.FLOAT),
-             _node("MatMul", ["x", "w32"], "y", "/block/proj/MatMul")]
-    return _model(nodes, [tensor], [x])
+             make_node("MatMul", ["x", "w32"], "y", "/block/proj/MatMul")]
+    return make_model(nodes, [tensor], [x])
 
 
 def test_float16_weight_is_merged_in_float32_and_cast_once(adapter):
@@ -325,9 +209,9 @@ def test_modules_sharing_one_initializer_through_identity_get_separate_updates(t
     """The TorchScript exporter stores equal weights once: each module's update must start from it."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     nodes = [helper.make_node("Identity", ["shared"], ["shared_again"], name="identity"),
-             _node("MatMul", ["x", "shared"], "h", "/first/MatMul"),
-             _node("MatMul", ["x", "shared_again"], "y", "/second/MatMul")]
-    model = _model(nodes, [numpy_helper.from_array(WEIGHT.T.copy(), "shared")], [x])
+             make_node("MatMul", ["x", "shared"], "h", "/first/MatMul"),
+             make_node("MatMul", ["x", "shared_again"], "y", "/second/MatMul")]
+    model = make_model(nodes, [numpy_helper.from_array(WEIGHT.T.copy(), "shared")], [x])
     directory = write_adapter(tmp_path / "a", {"first": (LORA_A, LORA_B), "second": (LORA_A, -LORA_B)}, alpha=2.0)
     plan = plan_for(model, [(directory, 1.0)])
     values = {(update.node_name, update.input_index): update.value for update in plan.updates}
@@ -376,9 +260,10 @@ def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path, call_s
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     weights = {f"{call_scope}functional_1/dense_1/Cast/ReadVariableOp:0": WEIGHT.T,
                f"{call_scope}functional_1/dense_1_2/Cast/ReadVariableOp:0": -WEIGHT.T}
-    nodes = [_node("MatMul", ["x", name], f"y{number}", name.replace("Cast/ReadVariableOp:0", "MatMul"))
+    nodes = [make_node("MatMul", ["x", name], f"y{number}", name.replace("Cast/ReadVariableOp:0", "MatMul"))
              for number, name in enumerate(weights)]
-    model = _model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x], "y0")
+    model = make_model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x],
+                       "y0")
     directory = write_adapter(tmp_path / "a", {"dense": (LORA_A, LORA_B), "dense_1": (LORA_A, 2 * LORA_B)})
     plan = plan_for(model, [(directory, 1.0)])
     assert sorted(plan.matched) == [("dense", f"{call_scope}functional_1/dense_1/MatMul"),
@@ -397,11 +282,36 @@ def test_module_paths_match_by_unique_dotted_suffix(tmp_path, adapter_path, grap
     assert plan_for(model, [(directory, 1.0)]).matched == [(adapter_path, "n0")]
 
 
+@pytest.mark.parametrize("prefix", ["", "model/"], ids=["lora_spec", "peft-wrapped"])
+def test_a_torchscript_module_run_twice_is_merged_at_both_calls_and_a_module_named_like_a_repeat_is_not(tmp_path,
+                                                                                                       prefix):
+    """TorchScript names a second call `mlp.0_1`; its bias is still the kept `mlp.0.bias` (or PEFT's
+    `base_model.model.mlp.0.bias`). A module really named `mlp.0_1` would read its own bias."""
+    kept = "base_model.model." if prefix else ""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    nodes = [make_node("Gemm", ["x", f"{kept}mlp.0.weight", f"{kept}mlp.0.bias"], "y", f"/{prefix}mlp/mlp.0/Gemm",
+                       transB=1),
+             make_node("MatMul", ["x", "onnx::MatMul_9"], "h", f"/{prefix}mlp/mlp.0_1/MatMul"),
+             make_node("Add", [f"{kept}mlp.0.bias", "h"], "z", f"/{prefix}mlp/mlp.0_1/Add"),
+             make_node("MatMul", ["x", "onnx::MatMul_10"], "g", f"/{prefix}mlp/mlp.2_1/MatMul"),
+             make_node("Add", ["mlp.2_1.bias", "g"], "w", f"/{prefix}mlp/mlp.2_1/Add")]
+    initializers = [numpy_helper.from_array(value, name) for name, value in [
+        (f"{kept}mlp.0.weight", WEIGHT), (f"{kept}mlp.0.bias", np.zeros(3, np.float32)),
+        ("onnx::MatMul_9", WEIGHT.T.copy()), ("onnx::MatMul_10", WEIGHT.T.copy()),
+        ("mlp.2_1.bias", np.zeros(3, np.float32))]]
+    model = make_model(nodes, initializers, [x])
+    directory = write_adapter(tmp_path / "a", {"mlp.0": (LORA_A, LORA_B), "mlp.2": (LORA_A, LORA_B)})
+    plan = plan_for(model, [(directory, 1.0)], allow_partial=True)
+    assert plan.matched == [("mlp.0", f"/{prefix}mlp/mlp.0/Gemm"), ("mlp.0", f"/{prefix}mlp/mlp.0_1/MatMul")]
+    assert plan.unmatched == ["mlp.2"]
+
+
 def test_an_ambiguous_suffix_matches_nothing(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    nodes = [_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}") for number in (0, 1)]
+    nodes = [make_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}")
+             for number in (0, 1)]
     initializers = [numpy_helper.from_array(WEIGHT.T.copy(), f"layer.{number}.query.weight") for number in (0, 1)]
-    model = _model(nodes, initializers, [x], "y0")
+    model = make_model(nodes, initializers, [x], "y0")
     directory = write_adapter(tmp_path / "a", {"query": (LORA_A, LORA_B), "layer.1.query": (LORA_A, LORA_B)})
     plan = plan_for(model, [(directory, 1.0)], allow_partial=True)
     assert plan.unmatched == ["query"] and plan.matched == [("layer.1.query", "n1")]
@@ -417,7 +327,7 @@ def test_a_saved_batch_norm_step_counter_is_not_a_key_to_merge(tmp_path):
 def test_an_integer_table_is_never_taken_for_an_embedding(tmp_path):
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, None)
     table = numpy_helper.from_array(np.arange(12, dtype=np.int64).reshape(4, 3), f"{PATH}.weight")
-    model = _model([_node("Gather", [f"{PATH}.weight", "ids"], "y", "/block/proj/Gather")], [table], [ids])
+    model = make_model([make_node("Gather", [f"{PATH}.weight", "ids"], "y", "/block/proj/Gather")], [table], [ids])
     directory = write_adapter(tmp_path / "a", {PATH: (np.ones((2, 4)), np.ones((3, 2)))}, embeddings=[PATH])
     with pytest.raises(AdapterMergeError, match="1 of 1 adapter keys matched no weight"):
         plan_for(model, [(directory, 1.0)])

@@ -19,7 +19,6 @@ import pytest
 
 from lora_spec import reference
 from lora_spec.adapter_io import load_adapter_dir
-from tests.export.test_adapter_merge import apply_plan, initializer_reader, run
 from tests.numerics import assert_close
 
 torch = pytest.importorskip("torch")
@@ -29,36 +28,18 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge  # noqa: E402
-
-EXPORTERS = {"torchscript": False, "dynamo": True}
-
-
-def export(model: torch.nn.Module, args: tuple, path: Path, dynamo: bool, names: list[str]) -> Path:
-    """The exported file (the dynamo exporter may put the weights in external data beside it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        options = {"verbose": False} if dynamo else {"opset_version": 17}
-        torch.onnx.export(model.eval(), args, str(path), dynamo=dynamo, input_names=names, **options)
-    return path
-
-
-def randomize(model: torch.nn.Module, names: tuple[str, ...], seed: int = 0) -> None:
-    """Non-zero values for every parameter whose name contains one of `names`, so the merge shows."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part in name for part in names):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-
-
-def peft_adapter(base: torch.nn.Module, directory: Path, **config) -> torch.nn.Module:
-    """A PEFT adapter of a copy of `base` saved to `directory`; returns PEFT's merged model."""
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    trained_biases = ("base_layer.bias",) if config.get("bias", "none") != "none" else ()
-    randomize(model, ("lora_B", "lora_embedding_A", "modules_to_save", *trained_biases))
-    model.save_pretrained(str(directory))
-    return model.merge_and_unload().eval()
-
+from tests.export.onnx_graphs import apply_plan, initializer_reader, run  # noqa: E402
+from tests.export.torch_models import (  # noqa: E402
+    EXPORTERS,
+    Classifier,
+    convolutions,
+    export,
+    feeds,
+    peft_adapter,
+    randomize,
+    tiny_bert,
+    token_inputs,
+)
 
 def merged_output(path: Path, adapters, feeds: dict) -> np.ndarray:
     """Plan on the graph alone, as `lora-export` loads it, reading tensors from the complete model."""
@@ -123,18 +104,6 @@ def test_layers_with_equal_base_weights_are_merged_separately(twin_graphs, tmp_p
     assert_close(actual, merged(inputs[rank]).detach().numpy(), np.float32, factor=4)
 
 
-def convolutions(batch_norm: bool) -> torch.nn.Module:
-    torch.manual_seed(0)
-    norm = [torch.nn.BatchNorm2d(4)] if batch_norm else []
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), *norm, torch.nn.ReLU(),
-                                torch.nn.Conv2d(4, 2, (1, 2), stride=2))
-    if batch_norm:
-        with torch.no_grad():
-            model[1].running_var.uniform_(0.5, 2.0)
-            model[1].weight.uniform_(0.5, 2.0)
-    return model.eval()
-
-
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_peft_conv2d_adapter_merges_into_exported_convolutions(tmp_path, exporter):
     base, x = convolutions(batch_norm=False), torch.randn(2, 3, 6, 6)
@@ -158,36 +127,11 @@ def test_a_conv_with_a_batch_norm_folded_into_it_is_never_merged(tmp_path, expor
 
 # --- a tiny BERT classifier: embeddings, attention, kept and anonymous weights --------------------------------
 
-class Classifier(torch.nn.Module):
-    """An encoder and a linear head over every token, like a token-classification model."""
-
-    def __init__(self, encoder: torch.nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, 3)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.classifier(hidden)
-
-
-def tiny_bert() -> Classifier:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=16, max_position_embeddings=16)
-    return Classifier(transformers.BertModel(config)).eval()
-
-
 def tiny_gpt2() -> Classifier:
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=2, n_head=2, n_positions=16,
                                      bos_token_id=0, eos_token_id=0)
     return Classifier(transformers.GPT2Model(config)).eval()
-
-
-def token_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(1))
-    return ids, torch.ones_like(ids)
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +149,6 @@ PEFT_CONFIGS = {
                  modules_to_save=["classifier", "LayerNorm"]),
     "gpt2": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "wte"], fan_in_fan_out=True),
 }
-
-
-def feeds() -> dict[str, np.ndarray]:
-    ids, mask = token_inputs()
-    return {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

@@ -1,9 +1,11 @@
 """`lora-export`: every flag documented, one-line errors with distinct exit codes, nothing left on disk."""
 
 import hashlib
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from lora_spec import reference  # noqa: E402
 from lora_spec.export import cli, merge  # noqa: E402
 from lora_spec.export.verify import session  # noqa: E402
 from tests import strategies  # noqa: E402
+from tests.export.onnx_graphs import write_adapter  # noqa: E402
 
 RNG = np.random.default_rng(0)
 W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(5, 4), (5,), (2, 4), (5, 2)])
@@ -157,6 +160,13 @@ def test_output_beside_the_input_data_is_refused(tmp_path, capsys):
     assert status == 1 and "is the input's external data" in err
 
 
+def test_output_onto_the_input_data_is_refused(tmp_path, capsys):
+    model = _save(tmp_path, external=True)
+    before = _snapshot(tmp_path)
+    status, _, err = _run(capsys, "--merge", model, "-o", tmp_path / "model.onnx.data")
+    assert status == 1 and "is the input's external data" in err and _snapshot(tmp_path) == before
+
+
 def test_a_graph_without_lora_exits_with_its_own_status(tmp_path, capsys):
     model = _save(tmp_path, lora=False)
     status, _, err = _run(capsys, "--merge", model)
@@ -223,3 +233,141 @@ def test_an_erfc_model_is_mended_reported_and_verified_against_the_mended_origin
     expected = [math.erfc(value) for value in (X @ reference.merge(W, A, B, 0.5).T + BIAS).ravel()]
     merged = session(tmp_path / "model.merged.onnx").run(None, {"x": X})[0]
     np.testing.assert_allclose(merged.ravel(), expected, rtol=0, atol=1e-6)
+
+
+# --- --switchable and --pack ------------------------------------------------------------------------------------
+
+def _served_folder(folder):
+    """A plain two-layer model, and adapter folders: `one` (rank 2 on `first`), `headed` (rank 1 on `second`
+    and a trained `second.weight`), `twin` (the same), `wide` (for another model), `stray` (no such module),
+    `dora`; `base.switchable.onnx` made from `one` and `headed`."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])
+    nodes = [onnx.helper.make_node("MatMul", ["x", "first.weight"], ["h"], name="/first/MatMul"),
+             onnx.helper.make_node("MatMul", ["h", "second.weight"], ["y"], name="/second/MatMul")]
+    weights = [onnx.numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+               for name, shape in [("first.weight", (4, 5)), ("second.weight", (5, 3))]]
+    graph = onnx.helper.make_graph(nodes, "g", [x], [onnx.helper.make_tensor_value_info("y", 1, None)], weights)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), folder / "base.onnx")
+    head = RNG.standard_normal((5, 3)).astype(np.float32)
+    write_adapter(folder / "one", {"first": (RNG.standard_normal((2, 4)), RNG.standard_normal((5, 2)))})
+    for name in ("headed", "twin"):
+        write_adapter(folder / name, {"second": (np.ones((1, 5)), np.ones((3, 1)))}, extra={"second.weight": head})
+    write_adapter(folder / "wide", {"first": (np.ones((2, 7)), np.ones((5, 2)))})
+    write_adapter(folder / "stray", {"third": (np.ones((2, 4)), np.ones((5, 2)))})
+    dora = write_adapter(folder / "dora", {"first": (np.ones((2, 4)), np.ones((5, 2)))}) / "adapter_config.json"
+    dora.write_text(json.dumps({**json.loads(dora.read_text()), "use_dora": True}))
+    assert cli.main(["--switchable", str(folder / "base.onnx"), "--adapter", str(folder / "one"), "--adapter",
+                     str(folder / "headed"), "-q"]) == 0
+    return folder / "base.switchable.onnx"
+
+
+def test_switchable_then_pack_then_switch_per_run_from_the_command_line(tmp_path, capsys):
+    served = _served_folder(tmp_path)
+    capsys.readouterr()
+    status, out, _ = _run(capsys, "--pack", served, "--adapter", f"{tmp_path / 'one'}:0.5", "--adapter",
+                          tmp_path / "headed", "-o", tmp_path / "mix.onnx_adapter")
+    assert status == 0 and "verified switchable model with the adapter file" in out
+    assert out.splitlines()[-1] == f"wrote {tmp_path / 'mix.onnx_adapter'}"
+    merged_status = cli.main(["--merge", str(tmp_path / "base.onnx"), "--adapter", f"{tmp_path / 'one'}:0.5",
+                              "--adapter", str(tmp_path / "headed"), "-o", str(tmp_path / "merged.onnx"), "-q"])
+    from lora_spec.export.pack import active_adapter
+
+    options, _adapter = active_adapter(tmp_path / "mix.onnx_adapter")
+    assert merged_status == 0
+    np.testing.assert_allclose(session(served).run(None, {"x": X[:, :4]}, options)[0],
+                               session(tmp_path / "merged.onnx").run(None, {"x": X[:, :4]})[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--merge", "{model}", "--pack", "{served}"], "not allowed with argument"),
+    ([], "one of the arguments --merge --switchable --pack is required"),
+    (["--merge", "{model}", "--keep-default"], "--keep-default applies to --switchable only"),
+    (["--switchable", "{model}", "--verify", "layers"], "--verify layers applies to --merge only"),
+    (["--pack", "{served}", "--adapter", "{folder}/one"], "--pack needs -o NAME.onnx_adapter"),
+    (["--pack", "{served}", "-o", "{folder}/a.onnx_adapter"], "--pack needs at least one --adapter"),
+], ids=["two-modes", "no-mode", "keep-default-with-merge", "layers-with-switchable", "pack-without-output",
+        "pack-without-adapter"])
+def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, argv, message):
+    served = _served_folder(tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([item.format(model=tmp_path / "base.onnx", served=served, folder=tmp_path) for item in argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, status, message", [
+    (["--switchable", "{model}"], 3, "no LoRA branch found"),
+    (["--switchable", "{model}", "--adapter", "{folder}/wide"], 1, "module first has lora_A (2, 7) and lora_B (5, 2), "
+     "which do not fit the weight (5, 4)"),
+    (["--switchable", "{model}", "--adapter", "{folder}/one:0.5"], 1, "has a weight (0.5)"),
+    (["--switchable", "{model}", "--adapter", "{folder}/dora"], 1, "is a DoRA adapter (use_dora)"),
+    (["--pack", "{model}", "--adapter", "{folder}/one", "-o", "{folder}/a.onnx_adapter"], 1, "is not switchable"),
+    (["--pack", "{served}", "--adapter", "{folder}/wide", "-o", "{folder}/a.onnx_adapter"], 1,
+     "module first has lora_A (2, 7)"),
+    (["--pack", "{served}", "--adapter", "{folder}/stray", "-o", "{folder}/a.onnx_adapter"], 1,
+     "1 of 1 adapter keys matched no weight of the graph: third"),
+    (["--pack", "{served}", "--adapter", "{folder}/one", "--adapter", "{folder}/stray", "-o",
+      "{folder}/a.onnx_adapter"], 1, "or pass allow_partial=True (--allow-partial) to pack the keys that match"),
+    (["--pack", "{served}", "--adapter", "{folder}/headed", "--adapter", "{folder}/twin", "-o",
+      "{folder}/a.onnx_adapter"], 1, "two adapters carry the full tensor second.weight"),
+    (["--pack", "{served}", "--adapter", "{folder}/missing", "-o", "{folder}/a.onnx_adapter"], 1, "does not exist"),
+    (["--pack", "{served}", "--adapter", "{folder}/corrupt", "-o", "{folder}/a.onnx_adapter"], 1, "is not valid JSON"),
+    (["--pack", "{served}", "--adapter", "{folder}/dora", "-o", "{folder}/a.onnx_adapter"], 1,
+     "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, which is not an additive low-rank "
+     "input"),
+    (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the input model"),
+], ids=["switchable-nothing", "switchable-other-base", "switchable-weight", "switchable-dora", "pack-not-switchable",
+        "pack-other-base", "pack-unmatched", "pack-partly-unmatched", "pack-two-full-tensors", "pack-missing-adapter",
+        "pack-corrupt-adapter", "pack-dora", "pack-onto-the-model"])
+def test_bad_switchable_and_pack_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys, argv, status, message):
+    served = _served_folder(tmp_path)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "adapter_config.json").write_text("{not json")
+    (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"")
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    got, out, err = _run(capsys, *[item.format(model=tmp_path / "base.onnx", served=served, folder=tmp_path)
+                                   for item in argv])
+    assert (got, out) == (status, "") and err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_allow_partial_packs_what_matches_and_lists_the_rest(tmp_path, capsys):
+    served = _served_folder(tmp_path)
+    capsys.readouterr()
+    status, out, _ = _run(capsys, "--pack", served, "--adapter", tmp_path / "one", "--adapter", tmp_path / "stray",
+                          "--allow-partial", "-o", tmp_path / "a.onnx_adapter")
+    assert status == 0 and "not packed: third" in out and (tmp_path / "a.onnx_adapter").is_file()
+
+
+@pytest.mark.parametrize("mode", ["switchable", "pack"])
+def test_a_failed_switchable_or_pack_check_exits_4_and_writes_nothing(tmp_path, capsys, monkeypatch, mode):
+    from lora_spec.export import verify
+
+    served = _served_folder(tmp_path)
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(verify, "compare_outputs", lambda actual, expected: 0.5)
+    argv = (["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
+            if mode == "switchable" else
+            ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
+    capsys.readouterr()
+    status, _, err = _run(capsys, *argv)
+    assert status == 4 and "above the tolerance" in err and err.count("\n") == 1
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("mode", ["switchable", "pack"])
+def test_above_the_auto_limit_the_output_is_written_and_said_not_verified(tmp_path, capsys, monkeypatch, mode):
+    from lora_spec.export import options
+
+    served = _served_folder(tmp_path)
+    monkeypatch.setattr(options, "FULL_VERIFY_LIMIT", 0)
+    argv = (["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
+            if mode == "switchable" else
+            ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
+    capsys.readouterr()
+    status, out, _ = _run(capsys, *argv)
+    assert status == 0 and out.splitlines()[-2].startswith("not verified: the weights are above what --verify auto")
+    assert Path(str(argv[-1])).is_file()

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 
 from lora_spec.export import ExportError, merge_onnx  # noqa: E402
 from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge  # noqa: E402
-from tests.export.test_adapter_merge import (  # noqa: E402
+from tests.export.onnx_graphs import (  # noqa: E402
     LINEAR_LAYOUTS,
     NAMINGS,
     PATH,

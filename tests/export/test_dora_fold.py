@@ -63,12 +63,11 @@ def test_a_scale_that_varies_along_the_batch_is_refused_not_folded(tmp_path):
 
 
 def _keras_like_graph(form: str):
-    """One layer as tf2onnx writes Keras's DoRA (and LoRA) layers after TensorFlow's graph optimizer, on a (2, 4)
+    """One layer as tf2onnx writes Keras's DoRA layers after TensorFlow's graph optimizer, on a (2, 4)
     input with 6 output features: `(x W) * f + (x A) (B * s * f)` in one of these forms, and its weights.
 
     - "untrained": f is all ones (the magnitude still at its norm), the bias after the sum;
     - "moved_bias": the optimizer moved the bias onto the low-rank side, `(x W) * f + ((x A) B' + b)`;
-    - "plain_moved_bias": the same for plain LoRA, `x W + ((x A) B' + b)`, which the LoRA rule does not read;
     - "heads": both sides reshaped into (2, 3) heads and scaled by a (2, 3) factor, the bias after;
     - "per_head_only": the same with a (2, 1) factor, one value per head: refused.
     """
@@ -92,9 +91,8 @@ def _keras_like_graph(form: str):
         nodes += [node("Mul", ["base", "factor"], ["rescaled"]), node("Add", ["rescaled", "up"], ["sum"]),
                   node("Add", ["sum", "bias"], ["y"])]
     else:
-        rescaled = "base" if form == "plain_moved_bias" else "rescaled"
-        nodes += [node("Mul", ["base", "factor"], ["rescaled"])] if rescaled == "rescaled" else []
-        nodes += [node("Add", ["up", "bias"], ["biased"]), node("Add", [rescaled, "biased"], ["y"])]
+        nodes += [node("Mul", ["base", "factor"], ["rescaled"]), node("Add", ["up", "bias"], ["biased"]),
+                  node("Add", ["rescaled", "biased"], ["y"])]
     output_shape = [2, 2, 3] if heads else [2, 6]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
@@ -103,8 +101,8 @@ def _keras_like_graph(form: str):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("form", ["untrained", "moved_bias", "plain_moved_bias", "heads"])
-def test_tf2onnx_forms_of_keras_layers_fold_to_a_product_and_a_bias_add(tmp_path, form):
+@pytest.mark.parametrize("form", ["untrained", "moved_bias", "heads"])
+def test_tf2onnx_forms_of_keras_dora_layers_fold_to_a_product_and_a_bias_add(tmp_path, form):
     onnx.save(_keras_like_graph(form), tmp_path / "model.onnx")
     x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
     (expected,) = session(tmp_path / "model.onnx").run(None, {"x": x})

@@ -2,11 +2,8 @@
 
 Each model is exported with its LoRA branches, merged by `merge_onnx`, and run in onnxruntime:
 the output equals the framework's, and the merged graph has the compute nodes of the base model
-exported without LoRA. The helpers are shared with the Keras module.
+exported without LoRA. The models and exports are shared (`torch_models.py`).
 """
-
-import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -25,42 +22,7 @@ from tests.numerics import assert_close  # noqa: E402
 
 torch = pytest.importorskip("torch")
 
-
-class _MLP(torch.nn.Module):
-    """One MLP applied to a 2-D and a 3-D input, so one export covers both forms of each layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
-
-    def forward(self, matrix, batch):
-        return self.mlp(matrix), self.mlp(batch)
-
-
-def _adapted(library: str, base: "torch.nn.Module", targets=("mlp.0", "mlp.2")) -> "torch.nn.Module":
-    model = copy.deepcopy(base)
-    if library == "peft":
-        peft = pytest.importorskip("peft")
-        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=6, target_modules=list(targets)))
-    else:
-        import lora_spec.torch as lora
-
-        lora.apply(model, r=2, alpha=6, target_modules=list(targets))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:  # B starts at zero: make the branch show in the output
-                parameter.normal_()
-    return model.eval()
-
-
-def _torch_export(model, inputs, path, dynamo: bool, output_names=("y2", "y3")) -> None:
-    if dynamo:
-        pytest.importorskip("onnxscript")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(path), input_names=["matrix", "batch"][:len(inputs)],
-                          output_names=list(output_names), dynamo=dynamo, **({} if dynamo else {"opset_version": 17}))
+from tests.export.torch_models import MLP, adapted, export_torch  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=[(library, dynamo) for library in ("peft", "lora_spec") for dynamo in (False, True)],
@@ -69,12 +31,12 @@ def torch_export(request, tmp_path_factory):
     """The adapted model exported with its LoRA branches, and the base model (TorchScript: same compute nodes)."""
     library, dynamo = request.param
     folder = tmp_path_factory.mktemp("torch")
-    base = _MLP().eval()
-    model = _adapted(library, base)
+    base = MLP().eval()
+    model = adapted(library, base)
     generator = torch.Generator().manual_seed(1)
     inputs = (torch.randn(INPUT_SHAPES[2], generator=generator), torch.randn(INPUT_SHAPES[3], generator=generator))
-    _torch_export(model, inputs, folder / "model.onnx", dynamo)
-    _torch_export(base, inputs, folder / "base.onnx", dynamo=False)
+    export_torch(model, inputs, folder / "model.onnx", dynamo)
+    export_torch(base, inputs, folder / "base.onnx", dynamo=False)
     with torch.no_grad():
         expected = [output.numpy() for output in model(*inputs)]
     return folder, {"matrix": inputs[0].numpy(), "batch": inputs[1].numpy()}, expected
@@ -111,7 +73,7 @@ def test_layers_with_equal_base_weights_and_zero_b_merge_each_their_own_adapter(
     with torch.no_grad():
         model.query.lora_B.normal_()  # value's B stays all zeros, as exported right after initialisation
     x = torch.randn(3, 4)
-    _torch_export(model, (x,), tmp_path / "twins.onnx", dynamo, output_names=("q", "v"))
+    export_torch(model, (x,), tmp_path / "twins.onnx", dynamo, output_names=("q", "v"))
     result = merge_onnx(tmp_path / "twins.onnx", verify="full", progress=False)
     query, value = session(result.output).run(None, {"matrix": x.numpy()})
     with torch.no_grad():
@@ -141,7 +103,7 @@ def test_peft_embedding_lora_folds_into_the_table(tmp_path, dynamo):
                 parameter.normal_()
     model.eval()
     ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
-    _torch_export(model, (ids,), tmp_path / "tokens.onnx", dynamo, output_names=("logits",))
+    export_torch(model, (ids,), tmp_path / "tokens.onnx", dynamo, output_names=("logits",))
     result = merge_onnx(tmp_path / "tokens.onnx", verify="full", progress=False)
     assert len(result.folds) == 2 and result.verification.passed
     nodes = [node.op_type for node in onnx.load(result.output).graph.node]
@@ -163,9 +125,9 @@ class _ConvNet(torch.nn.Module):
 
 @pytest.mark.parametrize("library", ["peft", "lora_spec"])
 def test_conv_lora_folds_into_the_conv_weight(tmp_path, library):
-    model = _adapted(library, _ConvNet(groups=1), targets=["conv"])
+    model = adapted(library, _ConvNet(groups=1), targets=["conv"])
     x = torch.randn(1, 4, 8, 8)
-    _torch_export(model, (x,), tmp_path / "conv.onnx", dynamo=False, output_names=("y",))
+    export_torch(model, (x,), tmp_path / "conv.onnx", dynamo=False, output_names=("y",))
     result = merge_onnx(tmp_path / "conv.onnx", verify="full", progress=False)
     assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Conv"]
     with torch.no_grad():
@@ -186,7 +148,7 @@ def _peft_conv(groups: int):
 def test_peft_grouped_conv_lora_is_refused_with_the_reason(tmp_path):
     from lora_spec.export import NoLoRABranchError
 
-    _torch_export(_peft_conv(groups=2), (torch.randn(1, 4, 8, 8),), tmp_path / "conv.onnx", dynamo=False,
+    export_torch(_peft_conv(groups=2), (torch.randn(1, 4, 8, 8),), tmp_path / "conv.onnx", dynamo=False,
                   output_names=("y",))
     with pytest.raises(NoLoRABranchError, match="A conv's group"):
         merge_onnx(tmp_path / "conv.onnx", progress=False)
@@ -206,7 +168,7 @@ def test_peft_half_precision_export_folds_casts_and_all(tmp_path, dynamo):
                 parameter.normal_()
     model.eval()
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1)).half()
-    _torch_export(model, (x,), tmp_path / "half.onnx", dynamo, output_names=("y",))
+    export_torch(model, (x,), tmp_path / "half.onnx", dynamo, output_names=("y",))
     result = merge_onnx(tmp_path / "half.onnx", progress=False)
     assert result.verification.tolerance == 1e-2 and result.verification.passed
     assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Gemm", "Relu", "Gemm"]
