@@ -1,10 +1,12 @@
-"""Training-step time in Keras 3 (TensorFlow): full fine-tuning, Keras's `enable_lora` and `LoRADense` (issue 4).
+"""Training-step time in Keras 3 (TensorFlow): full fine-tuning, Keras's `enable_lora`, `LoRADense` (issue 4) and DoRA.
 
 Workload: the PyTorch benchmark's, a 4-layer MLP of width 1024 (Dense + GELU), a batch of 2048
 rows, r = 16, alpha = 32, AdamW; a step is forward + backward + optimizer step inside one
 `tf.function`. The rows run in interleaved rounds in one process, so machine drift hits them
 alike, and each row's median is reported. Required (issue 4): LoRADense/full <= 0.72 and
-LoRADense/enable_lora <= 0.85 at dropout 0.
+LoRADense/enable_lora <= 0.85 at dropout 0; (issue 13) DoRA/full <= 0.80 at dropout 0. The DoRA rows
+are `LoRADense` with `use_dora=True`: its norm `||W + s * B @ A||` per output feature is computed from
+the weights every step (detached), and rescales the layer's output.
 
 LoRA layers differentiate Keras's exact GELU in one pass on TensorFlow
 (`lora_spec/backends/keras_activations.py`), where Keras's `Dense` walks back through its chain of
@@ -35,8 +37,9 @@ from interleave import interleaved_medians  # noqa: E402
 
 WIDTH, DEPTH, BATCH, RANK, ALPHA = 1024, 4, 2048, 16, 32
 TARGETS = [f"dense_{i}" for i in range(DEPTH)]
-ROWS = ["full", "enable_lora", "LoRADense p=0", "LoRADense p=0.1", "LoRADense p=0, Keras's GELU", "frozen base"]
-REQUIRED = {("LoRADense p=0", "full"): 0.72, ("LoRADense p=0", "enable_lora"): 0.85}
+ROWS = ["full", "enable_lora", "LoRADense p=0", "LoRADense p=0.1", "LoRADense p=0, Keras's GELU", "frozen base",
+        "DoRA p=0", "DoRA p=0.1"]
+REQUIRED = {("LoRADense p=0", "full"): 0.72, ("LoRADense p=0", "enable_lora"): 0.85, ("DoRA p=0", "full"): 0.80}
 
 
 def mlp() -> keras.Model:
@@ -56,9 +59,9 @@ def build(row: str) -> keras.Model:
     if row == "enable_lora":
         for layer in model.layers:
             layer.enable_lora(RANK, lora_alpha=ALPHA)
-    elif row.startswith("LoRADense"):
+    elif row.startswith(("LoRADense", "DoRA")):
         dropout = float(row.split("p=")[1].split(",")[0])
-        lora.apply(model, r=RANK, alpha=ALPHA, dropout=dropout, target_modules=TARGETS)
+        lora.apply(model, r=RANK, alpha=ALPHA, dropout=dropout, target_modules=TARGETS, use_dora=row.startswith("DoRA"))
         if row.endswith("Keras's GELU"):
             for layer in model.layers:
                 layer.activation = keras_gelu

@@ -25,6 +25,7 @@ does. `layer` names the kind of layer, as in `lora_spec.reference.merge`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -230,6 +231,34 @@ def dora_unmerge(W_merged, A, B, s, magnitude, norm, layer: str = "linear") -> n
     unscaled = W_merged.astype(compute) / _feature_column(factor, layer, W_merged.ndim)
     return reference.unmerge(unscaled, A.astype(compute), B.astype(compute), s, layer,
                              overwrite_w=True).astype(W_merged.dtype, copy=False)
+
+
+def merge_adapters(W, adapters: Sequence[tuple[np.ndarray, np.ndarray, float]],
+                   magnitudes: Sequence[np.ndarray | None], layer: str = "linear") -> np.ndarray:
+    """What several active adapters `(A, B, s)` of one layer add up to in evaluation, as one weight.
+
+    Each adapter's update is taken against `W` as if it ran alone: `s * delta` for plain LoRA
+    (magnitude None), `(m/n - 1) * W + (m/n) * s * delta` for DoRA (PEFT's sum when DoRA adapters
+    come first), so the weight is `(1 + sum(m/n - 1)) * W + sum((m/n) * s * delta)`. One DoRA
+    adapter is `dora_merge`. Computed in at least float32, cast to W's dtype once.
+    """
+    if len(adapters) == 1 and magnitudes[0] is not None:
+        return dora_merge(W, *adapters[0], magnitudes[0], layer)
+    compute = np.promote_types(W.dtype, np.float32)
+    features = W.shape[_FEATURE_AXIS[layer]]
+    weight_scale = np.ones(features, compute)
+    parts_a, parts_b = [], []
+    for (A, B, s), magnitude in zip(adapters, magnitudes, strict=True):
+        delta_scale = np.full(features, s, compute)
+        if magnitude is not None:
+            factor = _factor(W, A, B, s, magnitude, layer, None).reshape(-1)
+            weight_scale += factor - 1
+            delta_scale *= factor
+        parts_a.append(A.astype(compute))
+        # B's first axis indexes the output features in every layout: scaling its rows scales theirs.
+        parts_b.append(B.astype(compute) * delta_scale.reshape((-1,) + (1,) * (B.ndim - 1)))
+    return merge_with_feature_scales(W, np.concatenate(parts_a, axis=0), np.concatenate(parts_b, axis=1), weight_scale,
+                                     1.0, layer)
 
 
 def merge_with_feature_scales(W, A, B, weight_scale, delta_scale, layer: str = "linear", *,

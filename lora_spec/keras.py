@@ -8,7 +8,8 @@
 
 Several adapters use PEFT's names, as `lora_spec.torch`: `apply(..., adapter_name=)`,
 `load_adapter(..., adapter_name=)`, `set_adapter`, `delete_adapter`, `add_weighted_adapter`,
-`routed` / `RoutedModel` (per-row adapters) and `disable_adapters`.
+`routed` / `RoutedModel` (per-row adapters) and `disable_adapters`. `use_dora=True` and
+`init="pissa"` / `"pissa_niter_<K>"` / `"olora"` work as in PEFT (`docs/dora_and_pissa.md`).
 """
 
 from lora_spec._lazy import require
@@ -17,6 +18,7 @@ require("keras", "keras")
 
 from lora_spec.backends.keras_adapter import load_adapter, save_adapter  # noqa: E402
 from lora_spec.backends.keras_layers import (  # noqa: E402
+    DoRAAdapter,
     LoRAAdapter,
     LoRAConv2D,
     LoRADense,
@@ -46,8 +48,8 @@ from lora_spec.backends.keras_model import (  # noqa: E402
 from lora_spec.config import LoRAConfig  # noqa: E402
 
 __all__ = [
-    "LoRAAdapter", "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRALayer",
-    "RoutedModel", "TrainableParameters", "active_adapters", "adapter_names", "add_weighted_adapter", "apply",
+    "DoRAAdapter", "LoRAAdapter", "LoRAConfig", "LoRAConv2D", "LoRADense", "LoRAEinsumDense", "LoRAEmbedding",
+    "LoRALayer", "RoutedModel", "TrainableParameters", "active_adapters", "adapter_names", "add_weighted_adapter", "apply",
     "delete_adapter", "disable_adapters", "load_adapter", "lora_layers", "merge", "merge_and_unload", "named_layers",
     "routed", "save_adapter", "set_adapter", "trainable_parameters", "unload", "unmerge",
 ]

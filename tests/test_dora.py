@@ -1,5 +1,7 @@
 """DoRA's reference: finite differences with the norm held, LoRA at the initial magnitude, merge, and PEFT itself."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -91,6 +93,24 @@ def test_merged_weight_computes_the_dora_layer(dora_case):
     merged = dora.dora_merge(case.W, case.A, case.B, case.s, dora_case.magnitude, dora_case.layer)
     assert merged.dtype == case.W.dtype
     assert_close(_base_only(dora_case, merged), _forward(dora_case), case.W.dtype, factor=100)
+
+
+@given(_dora_cases(dtype=np.float64, dropout=False), st.data())
+def test_merged_active_adapters_add_each_update_computed_against_the_base(dora_case, data):
+    """A DoRA adapter beside a LoRA adapter and a second DoRA adapter: each adds what it adds alone."""
+    case = dora_case.case
+    plain = (data.draw(strategies.arrays(case.A.shape)), data.draw(strategies.arrays(case.B.shape)),
+             data.draw(strategies.scales))
+    other_magnitude = dora_case.magnitude * data.draw(st.sampled_from([0.5, 2.0]))
+    merged = dora.merge_adapters(case.W, [(case.A, case.B, case.s), plain, (case.A, case.B, case.s)],
+                                 [dora_case.magnitude, None, other_magnitude], dora_case.layer)
+    base = _base_only(dora_case, case.W)
+    plain_case = dataclasses.replace(dora_case, case=dataclasses.replace(case, A=plain[0], B=plain[1], s=plain[2]))
+    expected = (_forward(dora_case) + _lora_forward(plain_case) + _forward(dora_case, other_magnitude) - 2 * base)
+    assert_close(_base_only(dora_case, merged), expected, np.float64, factor=100)
+    alone = dora.merge_adapters(case.W, [(case.A, case.B, case.s)], [dora_case.magnitude], dora_case.layer)
+    np.testing.assert_array_equal(alone, dora.dora_merge(case.W, case.A, case.B, case.s, dora_case.magnitude,
+                                                         dora_case.layer))
 
 
 @given(_dora_cases(dtype=np.float64, dropout=False))

@@ -17,13 +17,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from lora_spec import inits
 from lora_spec.adapter_io import PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir, save_adapter_dir
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LoRAEmbedding, LoRALayer, reference_shapes
 from lora_spec.backends.keras_model import (ACTIVE_ATTRIBUTE, activate, adapt, check_names, configs_of, lora_layers,
                                             named_layers, plan, remember, remove_from_layers)
 from lora_spec.backends.keras_saved_modules import SavedModules
-from lora_spec.config import LoRAConfig, check_backend_support, config_for_layers
+from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 Layout = Callable[[np.ndarray, keras.layers.Layer], np.ndarray]
@@ -119,22 +120,33 @@ def _trained_extras(model: keras.layers.Layer, config: LoRAConfig, adapter_name:
                 yield f"{path}.bias", _to_torch(value, layer.bias, layer)
 
 
-def adapter_file(model: keras.layers.Layer, adapter_name: str) -> tuple[dict, AdapterWeights]:
-    """`(adapter_config.json content, tensors)` of one adapter of `model`."""
+def adapter_file(model: keras.layers.Layer, adapter_name: str, convert_to_lora: bool = True) -> tuple[dict,
+                                                                                                   AdapterWeights]:
+    """`(adapter_config.json content, tensors)` of one adapter of `model`; a PiSSA or OLoRA adapter converted to
+    LoRA of the original base with `convert_to_lora`."""
+    config = configs_of(model)[adapter_name]
+    convert = convert_to_lora and is_weight_init(config.init)
     weights, ranks = AdapterWeights(), {}
     for module_path, layer in lora_layers(model):
         if adapter_name in layer.adapters:
-            weights.lora[module_path] = layer.lora_weights(adapter_name)
+            lora_a, lora_b = layer.lora_weights(adapter_name)
+            if convert:
+                lora_a, lora_b = inits.convert_to_lora(lora_a, lora_b, *layer.lora_weights(adapter_name, initial=True))
+            weights.lora[module_path] = (lora_a, lora_b)
+            magnitude = layer.lora_magnitude(adapter_name)
+            if magnitude is not None:
+                weights.magnitudes[module_path] = magnitude
             ranks[module_path] = (layer.adapter(adapter_name).r, layer.adapter(adapter_name).alpha)
             if isinstance(layer, LoRAEmbedding):
                 weights.embeddings.add(module_path)
-    config = configs_of(model)[adapter_name]
     weights.extra = dict(_trained_extras(model, config, adapter_name, set(ranks)))
-    return config_for_layers(config, ranks).to_peft_dict(list(ranks)), weights
+    config = config_for_layers(config, ranks)
+    return (inits.converted_config(config) if convert else config).to_peft_dict(list(ranks)), weights
 
 
 def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None,
-                 naming: str = "keras", transformers_class: type | str | None = None) -> None:
+                 naming: str = "keras", transformers_class: type | str | None = None,
+                 convert_to_lora: bool = True) -> None:
     """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
 
     `adapter_name` None saves every adapter, a name or a list those only: `"default"` in `path`,
@@ -143,6 +155,14 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_nam
     is written. `naming="transformers"` names them for the Hugging Face model that a KerasHub
     `model` converts from (the `*ForCausalLM` class, `BertModel` for BERT, or `transformers_class`),
     in its layouts (`lora_spec.backends.keras_hub_names`).
+
+    A PiSSA or OLoRA adapter trained the residual of its init, not the model's original base
+    weight. With `convert_to_lora` (default) it is saved as a plain LoRA (or DoRA) adapter of rank
+    `2r` of the original base, `[A; A0]` and `[B | -B0]` with the initial A0 and B0 kept on the
+    layer (PEFT's `path_initial_model_for_weight_conversion`): it loads anywhere the original base
+    does. `convert_to_lora=False` writes PEFT's unconverted form, whose loading runs the init again
+    on the base and then sets A and B: right only on the original base (not the residual this model
+    holds), and only with a deterministic init ("pissa", "olora"; "pissa_niter_<K>" draws at random).
     """
     from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
 
@@ -150,7 +170,7 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_nam
     names = list(configs_of(model)) if adapter_name is None else (
         [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
     check_names(model, names)
-    files = [(adapter_folder(path, name), *adapter_file(model, name)) for name in names]
+    files = [(adapter_folder(path, name), *adapter_file(model, name, convert_to_lora)) for name in names]
     if naming == "transformers":
         files = [(folder, *keras_hub_names.to_transformers_naming(model, config_dict, weights, transformers_class))
                  for folder, config_dict, weights in files]
@@ -230,7 +250,6 @@ def _planned(model: keras.layers.Layer, name: str, folder) -> tuple:
 
     try:
         file_config, _, weights = load_adapter_dir(folder)
-        check_backend_support(file_config)
         file_config, weights = keras_hub_names.to_keras_naming(model, file_config, weights)
         config, target_paths, save_paths = plan(model, file_config, require_modules_to_save=False, adapter_name=None)
         by_path = dict(named_layers(model))
@@ -271,7 +290,7 @@ def load_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_nam
         configs = configs_of(model)
         by_path = dict(named_layers(model))
         for module_path, (lora_a, lora_b) in weights.lora.items():
-            by_path[module_path].set_lora_weights(lora_a, lora_b, name)
+            by_path[module_path].set_lora_weights(lora_a, lora_b, name, weights.magnitudes.get(module_path))
         owners = {variable.path: save_path for save_path in save_paths for variable in by_path[save_path].weights}
         for variable, value in assignments:
             if variable.path in owners:

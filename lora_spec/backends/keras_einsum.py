@@ -26,6 +26,43 @@ class EinsumPlan:
     kernel_axes: str
     to_hidden: str
     from_hidden: str
+    output: str
+
+    @property
+    def feature_axes(self) -> str:
+        """The output axes in the order the layer's output has them."""
+        return "".join(a for a in self.output if a in self.output_axes)
+
+    @property
+    def feature_sums(self) -> str:
+        """The einsum that sums a kernel-shaped tensor over the input axes, leaving the output axes in kernel order."""
+        return f"{self.kernel_axes}->{self.output_axes}"
+
+    @property
+    def feature_tail(self) -> str | None:
+        """The output's axes from its first output axis on, along which a per-feature tensor broadcasts; None
+        when an ellipsis is among them (its rank is unknown)."""
+        tail = self.output[min(self.output.index(a) for a in self.output_axes):]
+        return None if "." in tail else tail
+
+    @property
+    def delta(self) -> str:
+        """The einsum of `lora_a (*input, r)` and `lora_b (r, *output)` that gives their product in the kernel's
+        axis order."""
+        rank = next(a for a in string.ascii_letters if a not in self.kernel_axes)
+        return f"{self.input_axes}{rank},{rank}{self.output_axes}->{self.kernel_axes}"
+
+    def feature_shape(self, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape that lays one value per output feature (`feature_axes` order) along `feature_tail`, 1 on
+        its other axes, so that it broadcasts against the output."""
+        size = dict(zip(self.kernel_axes, kernel_shape))
+        return tuple(size.get(a, 1) for a in self.feature_tail)
+
+    def features_from_reference(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """`(shape, permutation)`: a vector over the flattened output features (the reference's order, the
+        kernel's) reshaped to `shape` and transposed by `permutation` is in `feature_axes` order."""
+        _, outputs = self.dims(kernel_shape)
+        return outputs, tuple(self.output_axes.index(a) for a in self.feature_axes)
 
     def dims(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The kernel's input and output dimensions, in kernel order."""
@@ -64,4 +101,4 @@ def plan(equation: str) -> EinsumPlan | None:
     hidden = "".join(a for a in inputs if a not in input_axes) + rank
     return EinsumPlan(input_axes=input_axes, output_axes=output_axes, kernel_axes=kernel,
                       to_hidden=f"{inputs},{input_axes}{rank}->{hidden}",
-                      from_hidden=f"{hidden},{rank}{output_axes}->{output}")
+                      from_hidden=f"{hidden},{rank}{output_axes}->{output}", output=output)

@@ -31,7 +31,7 @@ from lora_spec.backends import keras_adapter
 from lora_spec.backends.keras_hub_architectures import backbone_of, is_keras_hub_model
 from lora_spec.backends.keras_hub_recording import LinearPlacement, Recording, is_kernel
 from lora_spec.backends.keras_model import named_layers
-from lora_spec.config import LoRAConfig, config_for_layers
+from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.targets import ALL_LINEAR, ModuleInfo, modules_to_save_paths, select_targets
 
 NAMINGS = ("keras", "transformers")
@@ -222,6 +222,17 @@ def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> 
     return _restated(resolved, settings, saved)
 
 
+def _check_plain_lora(config: LoRAConfig) -> None:
+    """Refuse what the mapping between KerasHub layers and transformers modules does not carry: DoRA's magnitudes
+    (one per output feature of a layer that may be fused or split) and PiSSA/OLoRA inits (computed on the
+    weight as each side holds it)."""
+    if config.use_dora or is_weight_init(config.init):
+        feature = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+        raise ValueError(f"{feature} is not supported between KerasHub's and transformers' names yet: move this "
+                         "adapter in Keras naming (save_adapter's default), or, for PiSSA/OLoRA, save it converted "
+                         "to LoRA (convert_to_lora=True, the default).")
+
+
 # -- load_adapter -----------------------------------------------------------------------------------
 
 def _lora_key(path: str, weights: AdapterWeights) -> str:
@@ -244,6 +255,7 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
     and the file names transformers modules, which are then mapped to its layers (config and tensors)."""
     if not is_keras_hub_model(model) or _names_keras_layers(model, weights):
         return config, weights
+    _check_plain_lora(config)
     names = TransformersNames(model)
     extras = {name: value for name, value in weights.extra.items() if ".original_module." not in name}
     unwrapped = {name: name.replace(".modules_to_save.", ".").replace(".base_layer.", ".") for name in extras}
@@ -296,6 +308,7 @@ def to_transformers_naming(model: keras.layers.Layer, config_dict: dict[str, Any
     (`config_dict` and `weights`, as `keras_adapter.adapter_file` gives them) under the names and layouts of
     its transformers class."""
     config = LoRAConfig.from_peft_dict(config_dict)
+    _check_plain_lora(config)
     names = TransformersNames(model)
     class_name = names.class_name(transformers_class)
     by_module: dict[str, list[tuple[str, LinearPlacement]]] = {}

@@ -1,12 +1,21 @@
 """Keras 3 LoRA layers: `LoRADense`, `LoRAEinsumDense`, `LoRAEmbedding`, `LoRAConv2D`, written with `keras.ops` only.
 
 Each is a subclass of the Keras layer it adapts, so it is a drop-in replacement and an existing
-layer can become one in place (`adapt_in_place`). A layer holds named adapters (`LoRAAdapter`)
-and adds the updates of the active ones. Keras layouts are the transpose of the reference's:
-`kernel = W.T (in, out)`, `lora_a = A.T (in, r)`, `lora_b = B.T (r, out)` (an `EinsumDense` keeps
-its kernel's input and output axes unflattened). The low-rank path runs on the activations,
-`((x @ lora_a) * s) @ lora_b`, so training never builds a full-size matrix. Merging calls the
+layer can become one in place (`adapt_in_place`). A layer holds named adapters (`LoRAAdapter`,
+`DoRAAdapter`) and adds the updates of the active ones. Keras layouts are the transpose of the
+reference's: `kernel = W.T (in, out)`, `lora_a = A.T (in, r)`, `lora_b = B.T (r, out)` (an
+`EinsumDense` keeps its kernel's input and output axes unflattened). The low-rank path runs on the
+activations, `(x @ lora_a) @ (s * lora_b)`, so training never builds a full-size matrix. Merging calls the
 reference on the weights; the unmerged kernel is kept so that `unmerge` restores it bit for bit.
+
+An adapter's variant is the adapter's own business: `LoRAAdapter.output` is the plain update, and
+`DoRAAdapter` (`lora_spec.dora`) rescales the base output per output feature by `m / n`, with the
+norm `n = ||W + s * delta||` computed from the variables each call and held constant for the
+gradient. Its magnitude `m` is a variable of one value per output feature, in the reference's
+order (PEFT's shape in files). PiSSA and OLoRA (`lora_spec.inits`) compute the adapter from the
+base weight when it is built, the weight becoming the residual; the initial A and B stay on the
+layer (`initial_lora_a`...) so that `save_adapter` can convert the adapter to LoRA of the original
+base.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from lora_spec import reference
+from lora_spec import dora, inits, reference
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
-from lora_spec.config import LoRAConfig, check_backend_support, scaling
+from lora_spec.config import LoRAConfig, is_weight_init, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, combine
 
@@ -55,17 +64,21 @@ def _switch_class(layer: keras.layers.Layer, cls: type[keras.layers.Layer]) -> N
 
 class LoRAAdapter:
     """One adapter on one Keras layer: its variables `lora_a`, `lora_b` (Keras layout, created when the
-    layer is built), its hyper-parameters and, with dropout, its seed generator."""
+    layer is built), its hyper-parameters and, with dropout, its seed generator. With a PiSSA or
+    OLoRA init, `initial_lora_a` and `initial_lora_b` keep the A and B the init computed."""
+
+    use_dora = False
 
     def __init__(self, name: str, r: int, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
                  init: str = "kaiming") -> None:
         checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
-        check_backend_support(checked)
         self.name = check_adapter_name(name)
         self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout
         self.use_rslora, self.init = checked.use_rslora, checked.init
         self.lora_a: keras.Variable | None = None
         self.lora_b: keras.Variable | None = None
+        self.initial_lora_a: keras.Variable | None = None
+        self.initial_lora_b: keras.Variable | None = None
         self.seed_generator: keras.random.SeedGenerator | None = None
 
     @property
@@ -76,12 +89,72 @@ class LoRAAdapter:
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this adapter."""
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora,
-                "init": self.init}
+                "init": self.init, "use_dora": self.use_dora}
 
     def variable_name(self, half: str) -> str:
         """`lora_a`/`lora_b` for the default adapter (as files written before named adapters hold them),
         `lora_a_<name>` for others (Keras's torch backend refuses dots in variable names)."""
         return half if self.name == DEFAULT_ADAPTER else f"{half}_{self.name}"
+
+    @property
+    def trained_variables(self) -> list[keras.Variable]:
+        """The variables that train while the adapter is active."""
+        return [self.lora_a, self.lora_b]
+
+    @property
+    def variables(self) -> list[keras.Variable]:
+        """Every variable the adapter holds on its layer."""
+        initial = [variable for variable in (self.initial_lora_a, self.initial_lora_b) if variable is not None]
+        return self.trained_variables + initial
+
+    def build(self, layer: LoRALayer) -> None:
+        """Create what the variant adds to `lora_a` and `lora_b`, from the adapter as initialised on `layer`."""
+
+    def output(self, layer: LoRALayer, inputs, lora_inputs, keep_scale: float, rows):
+        """`(factor, update)`: what the adapter adds to the layer's base output for `inputs`, from the inputs of
+        its low-rank path (`lora_inputs`, dropped out and to be scaled by `keep_scale`), and the per-feature
+        factor it puts on the base output (None: none)."""
+        return None, layer._update(self, lora_inputs, self.scaling * keep_scale, rows)
+
+
+class DoRAAdapter(LoRAAdapter):
+    """A DoRA adapter (`lora_spec.dora`): a LoRA adapter and its `magnitude`, one trained value per output
+    feature (the reference's order), which starts at the norm of the initial adapted weight."""
+
+    use_dora = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.magnitude: keras.Variable | None = None
+
+    @property
+    def trained_variables(self) -> list[keras.Variable]:
+        return [self.lora_a, self.lora_b, self.magnitude]
+
+    def build(self, layer: LoRALayer) -> None:
+        norm = dora.init_magnitude(layer.base_weight(), *layer.lora_weights(self.name), self.scaling, layer.lora_kind)
+        # Read as stored (no autocast to a half-precision compute dtype): m / n is computed in float32.
+        self.magnitude = layer.add_weight(name=self.variable_name("lora_magnitude_vector"), shape=(norm.size,),
+                                          dtype=layer._adapter_dtype, initializer="ones", autocast=False)
+        self.magnitude.assign(norm.reshape(-1))
+
+    def output(self, layer: LoRALayer, inputs, lora_inputs, keep_scale: float, rows):
+        factor = layer._dora_factor(self)
+        # m/n rides on lora_b, a pass over the small factor instead of the update.
+        update = layer._update(self, lora_inputs, layer._lora_b_view(factor * (self.scaling * keep_scale)), rows)
+        if lora_inputs is inputs:
+            return layer._feature_view(factor), update
+        # With dropout, the rescaled base product is that of the dropped-out inputs (PEFT's, the reference's).
+        base_factor = layer._feature_view((factor - 1) * keep_scale)
+        return None, ops.add(ops.multiply(layer._base_product(lora_inputs), base_factor), update)
+
+
+def new_adapter(name: str, r: int = 8, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
+                init: str = "kaiming", use_dora: bool = False) -> LoRAAdapter:
+    """A `DoRAAdapter` with `use_dora`, else a `LoRAAdapter`."""
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora={use_dora!r} is invalid: use True or False.")
+    return (DoRAAdapter if use_dora else LoRAAdapter)(name, r, alpha, dropout, use_rslora, init)
 
 
 def _single(attribute: str) -> property:
@@ -112,6 +185,7 @@ class LoRALayer:
     dropout = _single("dropout")
     use_rslora = _single("use_rslora")
     init = _single("init")
+    use_dora = _single("use_dora")
     scaling = _single("scaling")
     lora_a = _single("lora_a")
     lora_b = _single("lora_b")
@@ -119,14 +193,15 @@ class LoRALayer:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _set_lora(self, r: int, alpha: float | None, dropout: float, use_rslora: bool, init: str, train_bias: bool,
-                  adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None) -> None:
+    def _set_lora(self, r: int, alpha: float | None, dropout: float, use_rslora: bool, init: str, use_dora: bool,
+                  train_bias: bool, adapters: dict[str, dict[str, Any]] | None = None,
+                  active_adapters: list[str] | None = None) -> None:
         if not isinstance(train_bias, bool):
             raise ValueError(f"train_bias={train_bias!r} is invalid: use True or False.")
-        arguments = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
+        arguments = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
         specs = adapters if adapters else {DEFAULT_ADAPTER: arguments}
         self.train_bias = train_bias
-        self._lora_adapters = {name: LoRAAdapter(name, **spec) for name, spec in specs.items()}
+        self._lora_adapters = {name: new_adapter(name, **spec) for name, spec in specs.items()}
         self.active_adapters = list(active_adapters) if active_adapters is not None else [next(iter(specs))]
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
@@ -138,29 +213,29 @@ class LoRALayer:
 
     @classmethod
     def adapt_in_place(cls, layer: keras.layers.Layer, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                       use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
-                       adapter_name: str = DEFAULT_ADAPTER) -> None:
+                       use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
+                       train_bias: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> None:
         """Turn a built `base_class` layer into this LoRA layer holding adapter `adapter_name`, keeping the
         object and its weights.
 
         Functional graphs, parents and optimisers keep pointing at the same layer, which is why
         `apply` converts in place instead of rebuilding the model.
         """
-        cls.check_adaptable(layer, r)
+        cls.check_adaptable(layer, r, init, use_dora)
         _switch_class(layer, cls)
         layer._tracker.unlock()
         try:
-            layer._set_lora(r, alpha, dropout, use_rslora, init, train_bias,
-                            adapters={adapter_name: dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                                         init=init)})
+            spec = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
+            layer._set_lora(**spec, train_bias=train_bias, adapters={adapter_name: spec})
             layer._build_lora()
         finally:
             layer._tracker.lock()
 
     @classmethod
-    def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None) -> None:
-        """Raise the reason `adapt_in_place` would refuse `layer` (with an adapter of rank `r`), before
-        anything changes."""
+    def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None, init: str = "kaiming",
+                        use_dora: bool = False) -> None:
+        """Raise the reason `adapt_in_place` would refuse `layer` (with an adapter of rank `r`, `init` and
+        `use_dora`), before anything changes."""
         if type(layer) is not cls.base_class:
             raise TypeError(f"{cls.__name__} adapts a keras.layers.{cls.base_class.__name__}, not a "
                             f"{type(layer).__name__}.")
@@ -173,15 +248,17 @@ class LoRALayer:
         if layer.quantization_mode is not None:
             raise ValueError(f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA "
                              "to the float model.")
+        if r is not None:
+            cls.check_adapter(layer, r, init, use_dora)
 
     def add_adapter(self, name: str, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "kaiming") -> LoRAAdapter:
+                    use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False) -> LoRAAdapter:
         """Add an inactive adapter called `name` to this built layer, initialised as `init` says."""
         if name in self._lora_adapters:
             raise ValueError(f"layer {self.name!r} already has an adapter {name!r}: delete it first or choose "
                              "another name.")
-        type(self).check_groups(self, r)
-        adapter = LoRAAdapter(name, r, alpha, dropout, use_rslora, init)
+        self.check_new_adapter(name, r, init, use_dora)
+        adapter = new_adapter(name, r, alpha, dropout, use_rslora, init, use_dora)
         self._tracker.unlock()
         try:
             if adapter.dropout:
@@ -197,7 +274,7 @@ class LoRALayer:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into layer {self.name!r}: unmerge before deleting it.")
         adapter = self._lora_adapters.pop(name)
-        for variable in (adapter.lora_a, adapter.lora_b):
+        for variable in adapter.variables:
             self._untrack_variable(variable)
         if adapter.seed_generator is not None:
             self._tracker.untrack(adapter.seed_generator)
@@ -224,7 +301,8 @@ class LoRALayer:
         self._freeze_base()
 
     def unload(self) -> keras.layers.Layer:
-        """Drop the adapters and turn back, in place, into a plain `base_class` layer with the base weights."""
+        """Drop the adapters and turn back, in place, into a plain `base_class` layer with the base weights
+        (the residual of a PiSSA or OLoRA init, as in PEFT)."""
         self.unmerge()
         return self._to_base_class()
 
@@ -252,19 +330,47 @@ class LoRALayer:
         `rank_pattern` and `alpha_pattern`.
         """
         config = config if config is not None else LoRAConfig()
-        cls.check_adaptable(layer, config.rank_for(layer.name))
+        arguments = lora_arguments(config, layer.name)
+        cls.check_adaptable(layer, arguments["r"], arguments["init"], arguments["use_dora"])
         base_config = {k: v for k, v in layer.get_config().items() if k not in _KERAS_LORA_ARGUMENTS}
-        adapted = cls.from_config({**base_config, **lora_arguments(config, layer.name)})
-        adapted.build_from_config(layer.get_build_config())
-        source = {variable.name: variable for variable in layer.weights}
-        for variable in adapted.weights:
-            if variable.name in source:
-                variable.assign(source[variable.name])
-        return adapted
+        copy = cls.base_class.from_config(base_config)
+        copy.build_from_config(layer.get_build_config())
+        for variable, source in zip(copy.weights, layer.weights, strict=True):
+            variable.assign(source)
+        # Adapted in place once it holds the weights: DoRA and PiSSA/OLoRA start from them.
+        cls.adapt_in_place(copy, **arguments)
+        return copy
 
     @classmethod
-    def check_groups(cls, layer: keras.layers.Layer, r: int) -> None:
-        """Raise when rank `r` does not fit the layer (a grouped conv's rank must be a multiple of its groups)."""
+    def check_adapter(cls, layer: keras.layers.Layer, r: int, init: str = "kaiming", use_dora: bool = False) -> None:
+        """Raise when an adapter of rank `r`, `init` and `use_dora` does not fit `layer` (a layer of `base_class`
+        or of this class): PiSSA and OLoRA initialise linear layers (`Dense`, `EinsumDense`) of at least `r`
+        directions, as in PEFT."""
+        if not is_weight_init(init):
+            return
+        if cls.lora_kind != "linear":
+            raise ValueError(f"init={init!r} initialises linear layers (Dense, EinsumDense) only, as PEFT's does, and "
+                             f"layer {layer.name!r} is a {cls.base_class.__name__}: leave it out of target_modules or "
+                             "use init='kaiming'.")
+        (_, in_features), (out_features, _) = cls.reference_shapes(layer, r)
+        if not isinstance(r, int) or r > min(in_features, out_features):
+            raise ValueError(f"rank r={r!r} does not fit init={init!r} of layer {layer.name!r}, whose weight is "
+                             f"{out_features}x{in_features}: use r <= {min(in_features, out_features)}.")
+
+    def check_new_adapter(self, name: str | None, r: int, init: str = "kaiming", use_dora: bool = False) -> None:
+        """Raise when this layer cannot take a new adapter `name` (None: any) of rank `r`, `init` and `use_dora`
+        beside the adapters it holds: a PiSSA or OLoRA init makes the base weight the residual of its own
+        adapter, which no other adapter of the layer was trained on (PEFT warns about it)."""
+        type(self).check_adapter(self, r, init, use_dora)
+        others = [adapter for adapter in self._lora_adapters.values() if adapter.name != name]
+        weight_init = next((held for held in [init] + [other.init for other in others] if is_weight_init(held)), None)
+        if others and weight_init is not None:
+            names = ", ".join(["the new adapter" if name is None else repr(name)]
+                              + [repr(other.name) for other in others])
+            raise ValueError(f"layer {self.name!r} would hold adapters {names}, one with init={weight_init!r}: PiSSA "
+                             "and OLoRA make the base weight the residual of their own adapter, which other adapters "
+                             "were not trained on (PEFT warns about it); put them on other layers, or use "
+                             "init='kaiming'.")
 
     def build(self, input_shape=None) -> None:
         super().build(input_shape)
@@ -276,17 +382,41 @@ class LoRALayer:
                 self._build_adapter(adapter)
         self._freeze_base()
 
+    @property
+    def _adapter_dtype(self) -> str:
+        # At least float32 whatever the policy: half-precision updates of A and B would underflow.
+        return "float64" if self.variable_dtype == "float64" else "float32"
+
     def _build_adapter(self, adapter: LoRAAdapter) -> None:
         a_shape, b_shape = self._lora_shapes(adapter.r)
         # A maps everything but its last axis (the rank) to the rank: that is its fan-in.
         fan_in = math.prod(a_shape[:-1])
-        # At least float32 whatever the policy: half-precision updates of A and B would underflow.
-        dtype = "float64" if self.variable_dtype == "float64" else "float32"
+        dtype = self._adapter_dtype
         adapter.lora_a = self.add_weight(name=adapter.variable_name("lora_a"), shape=a_shape, dtype=dtype,
                                          initializer=self._lora_a_initializer(adapter, fan_in))
         adapter.lora_b = self.add_weight(name=adapter.variable_name("lora_b"), shape=b_shape, dtype=dtype,
                                          initializer=self._lora_b_initializer())
+        if is_weight_init(adapter.init):
+            self._initialise_from_weight(adapter)
+        adapter.build(self)
         self._freeze_base()
+
+    def _initialise_from_weight(self, adapter: LoRAAdapter) -> None:
+        """PiSSA or OLoRA: A and B from the base weight, which becomes the residual; the initial A and B are kept
+        (not trained) for `save_adapter`'s conversion to LoRA of the original base."""
+        weight = self.base_weight()
+        # PEFT's randomized SVD draws from torch's global generator; this one from NumPy's, which
+        # keras.utils.set_random_seed seeds.
+        start = inits.init_from_weight(weight, adapter.init, adapter.r, adapter.scaling,
+                                       rng=np.random.default_rng(np.random.randint(2**31)))
+        self._base_weight.assign(self._from_reference(start.residual, tuple(self._base_weight.shape)))
+        self.set_lora_weights(start.lora_a, start.lora_b, adapter.name)
+        adapter.initial_lora_a, adapter.initial_lora_b = (
+            self.add_weight(name=f"initial_{adapter.variable_name(half)}", shape=variable.shape, dtype=variable.dtype,
+                            initializer="zeros", trainable=False)
+            for half, variable in (("lora_a", adapter.lora_a), ("lora_b", adapter.lora_b)))
+        adapter.initial_lora_a.assign(adapter.lora_a)
+        adapter.initial_lora_b.assign(adapter.lora_b)
 
     def _freeze_base(self) -> None:
         """The base weight never trains, the bias only with `train_bias`, and only active adapters train."""
@@ -295,7 +425,7 @@ class LoRALayer:
         if bias is not None:
             bias.trainable = self.trainable and self.train_bias
         for name, adapter in self._lora_adapters.items():
-            for variable in (adapter.lora_a, adapter.lora_b):
+            for variable in adapter.trained_variables:
                 if variable is not None:
                     variable.trainable = self.trainable and name in self.active_adapters
 
@@ -368,24 +498,54 @@ class LoRALayer:
 
     # -- the adapters in the reference layout ---------------------------------------------------
 
-    def lora_weights(self, adapter_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def lora_weights(self, adapter_name: str | None = None, initial: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """`(A, B)` of an adapter (default: the one active) in the reference layout (`A (r, in)`, `B (out, r)`;
-        a conv's are 4-D), as NumPy arrays."""
+        a conv's are 4-D), as NumPy arrays; with `initial`, those its PiSSA or OLoRA init computed."""
         adapter = self.adapter(adapter_name)
-        lora_a, lora_b = self._factors_to_reference(adapter, _snapshot(adapter.lora_a), _snapshot(adapter.lora_b))
+        halves = (adapter.initial_lora_a, adapter.initial_lora_b) if initial else (adapter.lora_a, adapter.lora_b)
+        if halves[0] is None:
+            raise ValueError(f"adapter {adapter.name!r} of layer {self.name!r} has init={adapter.init!r}, which does "
+                             "not compute A and B from the base weight: it has no initial A and B.")
+        lora_a, lora_b = self._factors_to_reference(adapter, *map(_snapshot, halves))
         # Contiguous, so NumPy's products sum in the same order as on arrays built in this layout.
         return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
-    def set_lora_weights(self, lora_a: np.ndarray, lora_b: np.ndarray, adapter_name: str | None = None) -> None:
-        """Assign an adapter's (default: the one active) `A` and `B` given in the reference layout."""
+    def lora_magnitude(self, adapter_name: str | None = None) -> np.ndarray | None:
+        """The DoRA magnitude of an adapter (default: the one active) in PEFT's shape (`lora_spec.dora`), or None
+        for a plain LoRA adapter."""
+        adapter = self.adapter(adapter_name)
+        if not adapter.use_dora:
+            return None
+        magnitude = _snapshot(adapter.magnitude)
+        return magnitude.reshape(dora.magnitude_shape(self.lora_kind, magnitude.size))
+
+    def set_lora_weights(self, lora_a: np.ndarray, lora_b: np.ndarray, adapter_name: str | None = None,
+                         magnitude: np.ndarray | None = None) -> None:
+        """Assign an adapter's (default: the one active) `A` and `B` given in the reference layout, and a DoRA
+        adapter's magnitude in PEFT's shape (None: kept)."""
         adapter = self.adapter(adapter_name)
         for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, adapter.r)):
             if tuple(np.shape(value)) != expected:
                 raise ValueError(f"LoRA {half} for layer {self.name!r} has shape {tuple(np.shape(value))}, but the "
                                  f"layer needs {expected}: the adapter was trained for another rank or shape.")
+        if magnitude is not None:
+            self._check_magnitude(adapter, magnitude)
         lora_a, lora_b = self._factors_from_reference(adapter, np.asarray(lora_a), np.asarray(lora_b))
         adapter.lora_a.assign(lora_a.astype(adapter.lora_a.dtype))
         adapter.lora_b.assign(lora_b.astype(adapter.lora_b.dtype))
+        if magnitude is not None:
+            adapter.magnitude.assign(np.asarray(magnitude, adapter.magnitude.dtype).reshape(-1))
+
+    def _check_magnitude(self, adapter: LoRAAdapter, magnitude: np.ndarray) -> None:
+        if not adapter.use_dora:
+            raise ValueError(f"adapter {adapter.name!r} of layer {self.name!r} is not a DoRA adapter, so it has no "
+                             "magnitude: apply it with use_dora=True.")
+        features = self.reference_shapes(self, adapter.r)[1][0]
+        expected = dora.magnitude_shape(self.lora_kind, features)
+        if tuple(np.shape(magnitude)) != expected:
+            raise ValueError(f"DoRA magnitude for layer {self.name!r} has shape {tuple(np.shape(magnitude))}, but the "
+                             f"layer has {features} output features, so PEFT's shape is {expected}: the magnitude "
+                             "belongs to another layer.")
 
     def base_weight(self) -> np.ndarray:
         """The unmerged base weight in the reference layout (`W (out, in)`; an embedding's table)."""
@@ -409,12 +569,16 @@ class LoRALayer:
             return
         unmerged = _snapshot(self._base_weight)
         factors = [Factors(*self.lora_weights(name), self._lora_adapters[name].scaling) for name in names]
-        # One adapter standing for their sum (the reference's exact "cat"), merged once in float32.
-        lora_a, lora_b = combine(factors, [1.0] * len(factors), "cat") if len(factors) > 1 else factors[0][:2]
-        scale = 1.0 if len(factors) > 1 else factors[0].s
+        magnitudes = [self.lora_magnitude(name) for name in names]
         weight = np.ascontiguousarray(self._to_reference(unmerged))
-        with np.errstate(invalid="ignore", over="ignore"):  # a diverged adapter is reported just below
-            merged = reference.merge(weight, lora_a, lora_b, scale, self.lora_kind)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):  # a diverged adapter is reported below
+            if any(magnitude is not None for magnitude in magnitudes):
+                merged = dora.merge_adapters(weight, factors, magnitudes, self.lora_kind)
+            else:
+                # One adapter standing for their sum (the reference's exact "cat"), merged once in float32.
+                lora_a, lora_b = combine(factors, [1.0] * len(factors), "cat") if len(factors) > 1 else factors[0][:2]
+                scale = 1.0 if len(factors) > 1 else factors[0].s
+                merged = reference.merge(weight, lora_a, lora_b, scale, self.lora_kind)
         if not np.all(np.isfinite(merged)):
             raise ValueError("the merged weight would hold NaN or inf: the adapter diverged; nothing was merged.")
         self._base_weight.assign(self._from_reference(merged, unmerged.shape))
@@ -432,8 +596,17 @@ class LoRALayer:
     def route(self, route_ids, adapter_indices: dict[str, int] | None = None) -> None:
         """Send row `i` of the next batches through the adapter whose index (in `adapter_indices`) is
         `route_ids[i]` (an int tensor; any other index: the base alone); None ends routing. A tensor
-        given inside a traced function stays data of that function."""
+        given inside a traced function stays data of that function. DoRA adapters are refused, as in PEFT."""
+        if route_ids is not None:
+            self.check_routable(adapter_indices)
         self._routes = None if route_ids is None else (route_ids, dict(adapter_indices))
+
+    def check_routable(self, names) -> None:
+        """Raise when one of the adapters `names` that this layer holds cannot take part in a routed batch."""
+        for name in names:
+            if name in self._lora_adapters and self._lora_adapters[name].use_dora:
+                raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches cannot run (PEFT "
+                                 "refuses it too): run its rows as a batch of their own with set_adapter.")
 
     def _running(self, inputs, training) -> list[tuple[LoRAAdapter, Any]]:
         """`(adapter, row mask or None)` for every adapter whose update the call adds."""
@@ -452,17 +625,44 @@ class LoRALayer:
                 if name in indices]
 
     def _lora_update(self, inputs, training, dropout_mask):
-        """The sum of the running adapters' updates, or None when none runs."""
-        total = None
+        """`(factor, update)`: the sum of the running adapters' updates (None when none runs), and the factor per
+        output feature that DoRA adapters put on the base output (None when none does): `1 + sum(m/n - 1)`."""
+        factor = total = None
         for adapter, rows in self._running(inputs, training):
-            lora_inputs, factor = self._lora_inputs(adapter, inputs, training, dropout_mask)
-            update = self._update(adapter, lora_inputs, adapter.scaling * factor, rows)
+            lora_inputs, keep_scale = self._lora_inputs(adapter, inputs, training, dropout_mask)
+            base_factor, update = adapter.output(self, inputs, lora_inputs, keep_scale, rows)
             total = update if total is None else ops.add(total, update)
-        return total
+            if base_factor is not None:
+                factor = base_factor if factor is None else ops.add(factor, base_factor - 1)
+        return factor, total
 
-    def _update(self, adapter: LoRAAdapter, lora_inputs, scale: float, rows):
-        """One adapter's update for its (dropped-out) inputs, times `scale`; `rows` (a boolean per batch row, or
-        None) keeps the rows routed to it."""
+    @staticmethod
+    def _updated(outputs, factor, update):
+        """`outputs * factor + update`, leaving out what is None."""
+        if factor is not None:
+            outputs = ops.multiply(outputs, factor)
+        return outputs if update is None else ops.add(outputs, update)
+
+    def _dora_factor(self, adapter: DoRAAdapter):
+        """`m / n` per output feature (the reference's order) in the compute dtype; the norm is a constant for
+        the gradient (the DoRA paper's section 4.3, PEFT's `detach`)."""
+        factor = ops.divide(adapter.magnitude, ops.stop_gradient(self._weight_norm(adapter)))
+        return ops.cast(factor, self.compute_dtype)
+
+    def _weight_norm(self, adapter: LoRAAdapter):
+        """`||W + s * delta||` per output feature (the reference's order), from the variables, in at least float32.
+
+        Under a mixed policy the kernel is read as the layer computes with it, in the compute dtype."""
+        dtype = self._adapter_dtype
+        # The scaling rides on lora_a: a pass over the small factor instead of the full-size product.
+        lora_a, lora_b = ops.cast(adapter.lora_a, dtype), ops.cast(adapter.lora_b, dtype)
+        delta = self._delta(ops.multiply(lora_a, adapter.scaling), lora_b)
+        return ops.sqrt(self._feature_sums(ops.square(ops.add(ops.cast(self._base_weight, dtype), delta))))
+
+    def _update(self, adapter: LoRAAdapter, lora_inputs, scale, rows):
+        """One adapter's update for its (dropped-out) inputs, with `lora_b` times `scale` (a float, or one value
+        per output feature shaped by `_lora_b_view`); `rows` (a boolean per batch row, or None) keeps the rows
+        routed to it."""
         raise NotImplementedError
 
     @staticmethod
@@ -478,9 +678,9 @@ class LoRALayer:
         return outputs if activation is None else activation(outputs)
 
     def _lora_inputs(self, adapter: LoRAAdapter, inputs, training, dropout_mask):
-        """The input of an adapter's low-rank path and the factor on its output, which takes the dropout scaling
-        (`1 / keep probability`) so that no pass over the inputs is spent on it: masked explicitly, by a
-        drawn dropout mask when training, or as is."""
+        """The input of an adapter's low-rank path (`inputs` itself when nothing is dropped) and the factor on its
+        output, which takes the dropout scaling (`1 / keep probability`) so that no pass over the inputs is spent
+        on it: masked explicitly, by a drawn dropout mask when training, or as is."""
         if dropout_mask is not None:
             return inputs * ops.cast(dropout_mask, inputs.dtype), 1.0
         if training and adapter.dropout:
@@ -513,6 +713,26 @@ class LoRALayer:
         """Input and output dimensions of the update: `lora_a` is `(*input, r)`, `lora_b` `(r, *output)`."""
         raise NotImplementedError
 
+    def _base_product(self, inputs):
+        """The base weight applied to `inputs`, without the bias."""
+        raise NotImplementedError
+
+    def _delta(self, lora_a, lora_b):
+        """`lora_a` times `lora_b` in the base weight's layout (the update without its scaling)."""
+        return ops.matmul(lora_a, lora_b)
+
+    def _feature_sums(self, value):
+        """A tensor of the base weight's layout summed per output feature, flat in the reference's order."""
+        return ops.sum(value, axis=tuple(range(len(value.shape) - 1)))
+
+    def _feature_view(self, vector):
+        """A vector over the output features (the reference's order) shaped to broadcast against the output."""
+        return vector
+
+    def _lora_b_view(self, vector):
+        """A vector over the output features (the reference's order) shaped to broadcast against `lora_b`."""
+        return vector
+
     @classmethod
     def reference_shapes(cls, layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of `A` and `B` (reference layout) of a rank-`r` adapter on `layer`, a layer of
@@ -543,7 +763,7 @@ class LoRALayer:
 def adapter_arguments(config: LoRAConfig, module_path: str) -> dict[str, Any]:
     """One adapter's arguments for the module at `module_path` under `config` (after its patterns)."""
     return {"r": config.rank_for(module_path), "alpha": config.alpha_for(module_path), "dropout": config.dropout,
-            "use_rslora": config.use_rslora, "init": config.init}
+            "use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
 
 
 def lora_arguments(config: LoRAConfig, module_path: str, train_bias: bool = False) -> dict[str, Any]:
@@ -553,11 +773,12 @@ def lora_arguments(config: LoRAConfig, module_path: str, train_bias: bool = Fals
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class LoRADense(LoRALayer, keras.layers.Dense):
-    """`keras.layers.Dense` with a LoRA adapter: `y = activation(x @ kernel + bias + s * ((x @ lora_a) @ lora_b))`.
+    """`keras.layers.Dense` with a LoRA adapter: `y = activation(x @ kernel + bias + s * ((x @ lora_a) @ lora_b))`;
+    with DoRA, `y = activation((m/n) * (x @ kernel + s * ((x @ lora_a) @ lora_b)) + bias)` without dropout.
 
     Args:
         units: as `Dense`.
-        r, alpha, dropout, use_rslora, init: the adapter's, as `lora_spec.LoRAConfig`.
+        r, alpha, dropout, use_rslora, init, use_dora: the adapter's, as `lora_spec.LoRAConfig`.
         train_bias: whether the bias trains with the adapter (PEFT's `bias="lora_only"`).
         adapters: named adapters, `{name: {"r": ..., "alpha": ..., ...}}`, instead of one called
             "default" made of the arguments above (what `get_config` writes for several).
@@ -572,12 +793,12 @@ class LoRADense(LoRALayer, keras.layers.Dense):
     base_class = keras.layers.Dense
 
     def __init__(self, units: int, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
                  adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
                  **dense_kwargs: Any):
         _refuse_keras_lora(dense_kwargs, "LoRADense")
         super().__init__(units, **dense_kwargs)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
+        self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
 
     @classmethod
     def from_dense(cls, dense: keras.layers.Dense, config: LoRAConfig | None = None) -> LoRADense:
@@ -585,20 +806,22 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         return cls.from_layer(dense, config)
 
     def call(self, inputs, training=None, dropout_mask=None):
-        outputs = ops.matmul(inputs, self._kernel)
-        low_rank = self._lora_update(inputs, training, dropout_mask)
+        outputs = self._base_product(inputs)
+        factor, low_rank = self._lora_update(inputs, training, dropout_mask)
         if low_rank is None:
-            if self.bias is not None:
-                outputs = ops.add(outputs, self.bias)
-        else:
-            if self.bias is not None:
-                low_rank = ops.add(low_rank, self.bias)
-            outputs = ops.add(outputs, low_rank)
-        return self._activate(outputs, training)
+            return self._activate(self._biased(outputs), training)
+        # The bias rides on the low-rank product: one full-size pass fewer than on the base output.
+        return self._activate(self._updated(outputs, factor, self._biased(low_rank)), training)
+
+    def _biased(self, outputs):
+        return outputs if self.bias is None else ops.add(outputs, self.bias)
 
     def _update(self, adapter, lora_inputs, scale, rows):
         hidden = self._masked(ops.matmul(lora_inputs, self._compute(adapter.lora_a)), rows)
         return ops.matmul(hidden, self._compute(adapter.lora_b) * scale)
+
+    def _base_product(self, inputs):
+        return ops.matmul(inputs, self._kernel)
 
     def _lora_dims(self):
         return (self._kernel.shape[0],), (self.units,)
@@ -621,7 +844,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     base_class = keras.layers.EinsumDense
 
     def __init__(self, equation: str, output_shape, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
                  adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
                  **einsum_kwargs: Any):
         _refuse_keras_lora(einsum_kwargs, "LoRAEinsumDense")
@@ -629,17 +852,21 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
             raise ValueError(f"equation {equation!r} is not a linear map LoRA can adapt: every kernel axis must "
                              "be contracted with the input or appear only in the output.")
         super().__init__(equation, output_shape, **einsum_kwargs)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
+        for spec in (adapters or {DEFAULT_ADAPTER: {"use_dora": use_dora}}).values():
+            _check_dora_equation(self, spec.get("use_dora", False))
+        self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
 
     @property
     def _plan(self) -> keras_einsum.EinsumPlan:
         return keras_einsum.plan(self.equation)
 
+    @classmethod
+    def check_adapter(cls, layer, r, init="kaiming", use_dora=False):
+        super().check_adapter(layer, r, init, use_dora)
+        _check_dora_equation(layer, use_dora)
+
     def call(self, inputs, training=None, dropout_mask=None):
-        outputs = ops.einsum(self.equation, inputs, self._kernel)
-        low_rank = self._lora_update(inputs, training, dropout_mask)
-        if low_rank is not None:
-            outputs = ops.add(outputs, low_rank)
+        outputs = self._updated(self._base_product(inputs), *self._lora_update(inputs, training, dropout_mask))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self._activate(outputs, training)
@@ -647,7 +874,24 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     def _update(self, adapter, lora_inputs, scale, rows):
         plan = self._plan
         hidden = self._masked(ops.einsum(plan.to_hidden, lora_inputs, self._compute(adapter.lora_a)), rows)
-        return ops.einsum(plan.from_hidden, hidden * scale, self._compute(adapter.lora_b))
+        return ops.einsum(plan.from_hidden, hidden, self._compute(adapter.lora_b) * scale)
+
+    def _base_product(self, inputs):
+        return ops.einsum(self.equation, inputs, self._kernel)
+
+    def _delta(self, lora_a, lora_b):
+        return ops.einsum(self._plan.delta, lora_a, lora_b)
+
+    def _feature_sums(self, value):
+        return ops.reshape(ops.einsum(self._plan.feature_sums, value), (-1,))
+
+    def _feature_view(self, vector):
+        plan, kernel_shape = self._plan, tuple(self._kernel.shape)
+        shape, permutation = plan.features_from_reference(kernel_shape)
+        return ops.reshape(ops.transpose(ops.reshape(vector, shape), permutation), plan.feature_shape(kernel_shape))
+
+    def _lora_b_view(self, vector):
+        return ops.reshape(vector, self._lora_dims()[1])
 
     def _lora_dims(self):
         return keras_einsum.plan(self.equation).dims(tuple(self._kernel.shape))
@@ -661,7 +905,8 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
-    """`keras.layers.Embedding` with a LoRA adapter: `y = embeddings[ids] + s * lora_a[ids] @ lora_b`.
+    """`keras.layers.Embedding` with a LoRA adapter: `y = embeddings[ids] + s * lora_a[ids] @ lora_b`; with DoRA,
+    `y = (m/n) * (embeddings[ids] + s * lora_a[ids] @ lora_b)`, the norms taken over the whole table's columns.
 
     As in PEFT, `lora_a (input_dim, r)` starts at zero and `lora_b (r, output_dim)` normal, and
     there is no dropout (`dropout` is accepted for a shared config and ignored).
@@ -671,12 +916,12 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
     lora_kind = "embedding"
 
     def __init__(self, input_dim: int, output_dim: int, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
                  adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
                  **embedding_kwargs: Any):
         _refuse_keras_lora(embedding_kwargs, "LoRAEmbedding")
         super().__init__(input_dim, output_dim, **embedding_kwargs)
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
+        self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
 
     @property
     def _base_weight(self) -> keras.Variable:
@@ -686,17 +931,19 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self._embeddings, inputs, axis=0)
-        total = None
-        for adapter, rows in self._running(inputs, training):
-            update = self._update(adapter, inputs, adapter.scaling, rows)
-            total = update if total is None else ops.add(total, update)
+        factor, total = self._lora_update(inputs, training, None)
+        if factor is not None:
+            outputs = ops.multiply(outputs, ops.cast(factor, outputs.dtype))
         if total is not None:
             outputs = ops.add(outputs, ops.cast(total, outputs.dtype))
         return ops.cast(outputs, self.compute_dtype)
 
+    def _lora_inputs(self, adapter, inputs, training, dropout_mask):
+        return inputs, 1.0
+
     def _update(self, adapter, ids, scale, rows):
-        hidden = self._masked(ops.take(adapter.lora_a, ids, axis=0) * scale, rows)
-        return ops.matmul(hidden, adapter.lora_b)
+        hidden = self._masked(ops.take(adapter.lora_a, ids, axis=0), rows)
+        return ops.matmul(hidden, adapter.lora_b * scale)
 
     def _lora_a_initializer(self, adapter, fan_in):
         return keras.initializers.Zeros()
@@ -728,34 +975,36 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     lora_kind = "conv2d"
 
     def __init__(self, filters: int, kernel_size, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", train_bias: bool = False,
+                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
                  adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
                  **conv_kwargs: Any):
         _refuse_keras_lora(conv_kwargs, "LoRAConv2D")
         super().__init__(filters, kernel_size, **conv_kwargs)
-        for spec in (adapters or {DEFAULT_ADAPTER: {"r": r}}).values():
-            _check_groups(self, spec.get("r", 8))
-        self._set_lora(r, alpha, dropout, use_rslora, init, train_bias, adapters, active_adapters)
+        for spec in (adapters or {DEFAULT_ADAPTER: {"r": r, "use_dora": use_dora}}).values():
+            _check_groups(self, spec.get("r", 8), spec.get("use_dora", False))
+        self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
 
     @classmethod
-    def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None) -> None:
-        super().check_adaptable(layer, r)
-        if r is not None:
-            _check_groups(layer, r)
-
-    @classmethod
-    def check_groups(cls, layer: keras.layers.Layer, r: int) -> None:
-        _check_groups(layer, r)
+    def check_adapter(cls, layer, r, init="kaiming", use_dora=False):
+        super().check_adapter(layer, r, init, use_dora)
+        _check_groups(layer, r, use_dora)
 
     def _update(self, adapter, lora_inputs, scale, rows):
         hidden = self._masked(self.convolution_op(lora_inputs, self._compute(adapter.lora_a)), rows)
         return ops.conv(hidden, self._compute(adapter.lora_b) * scale, data_format=self.data_format)
 
+    def _base_product(self, inputs):
+        return self.convolution_op(inputs, self._kernel)
+
+    def _delta(self, lora_a, lora_b):
+        # DoRA's convolutions are ungrouped: lora_b (1, 1, r, out) is one (r, out) matrix.
+        return ops.matmul(lora_a, lora_b[0, 0])
+
+    def _feature_view(self, vector):
+        return vector if self.data_format == "channels_last" else ops.reshape(vector, (-1, 1, 1))
+
     def call(self, inputs, training=None, dropout_mask=None):
-        outputs = self.convolution_op(inputs, self._kernel)
-        low_rank = self._lora_update(inputs, training, dropout_mask)
-        if low_rank is not None:
-            outputs = ops.add(outputs, low_rank)
+        outputs = self._updated(self._base_product(inputs), *self._lora_update(inputs, training, dropout_mask))
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1) if channels_last else (1, -1, 1, 1)))
@@ -783,10 +1032,21 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         return weight.transpose(2, 3, 1, 0)
 
 
-def _check_groups(layer: keras.layers.Layer, r: int) -> None:
+def _check_groups(layer: keras.layers.Layer, r: int, use_dora: bool = False) -> None:
     if isinstance(r, int) and r % layer.groups:
         raise ValueError(f"rank {r} is not a multiple of groups={layer.groups} of layer {layer.name!r}: choose r "
                          f"divisible by {layer.groups}, or set a rank_pattern for this layer.")
+    if use_dora and layer.groups != 1:
+        raise ValueError(f"DoRA on grouped convolution {layer.name!r} (groups={layer.groups}) is not supported: PEFT's "
+                         "DoRA puts a grouped update in the wrong channels, so their files would disagree; use plain "
+                         "LoRA on this layer (use_dora=False, or leave it out of target_modules).")
+
+
+def _check_dora_equation(layer: keras.layers.Layer, use_dora: bool) -> None:
+    if use_dora and keras_einsum.plan(layer.equation).feature_tail is None:
+        raise ValueError(f"DoRA on EinsumDense {layer.name!r} is not supported: its equation {layer.equation!r} puts "
+                         "an ellipsis among the output features, so their magnitudes cannot be laid along the output; "
+                         "use plain LoRA on this layer.")
 
 
 def reference_shapes(layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

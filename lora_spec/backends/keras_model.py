@@ -23,7 +23,7 @@ from keras import ops
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LORA_LAYERS, LoRALayer, adapter_arguments, lora_arguments
 from lora_spec.backends.keras_saved_modules import ORIGINAL, SavedModules
-from lora_spec.config import LoRAConfig, config_for_layers, resolve_config
+from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
 from lora_spec.multi_adapter import BASE_MODEL, COMBINATION_TYPES, DEFAULT_ADAPTER, Factors, check_adapter_name, combine
 from lora_spec.parameter_counts import TrainableParameters
@@ -93,11 +93,12 @@ def plan(model: keras.layers.Layer, config: LoRAConfig, require_modules_to_save:
     by_path = dict(named_layers(model))
     for match in matches:
         layer = by_path[match.path]
+        variant = (config.rank_for(match.path), config.init, config.use_dora)
         if isinstance(layer, LoRALayer):
             if adapter_name not in layer.adapters:
-                layer.check_groups(layer, config.rank_for(match.path))
+                layer.check_new_adapter(adapter_name, *variant)
         else:
-            LORA_LAYERS[type(layer)].check_adaptable(layer, config.rank_for(match.path))
+            LORA_LAYERS[type(layer)].check_adaptable(layer, *variant)
     return config, [m.path for m in matches], save_paths
 
 
@@ -119,7 +120,7 @@ def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, adapter_n
     from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
 
     check_adapter_name(adapter_name)
-    config = keras_hub_names.keras_config(model, resolve_config(config, overrides), naming)
+    config = keras_hub_names.keras_config(model, resolve_config(config, overrides, backend="keras"), naming)
     return adapt(model, *plan(model, config, adapter_name=adapter_name), adapter_name=adapter_name)
 
 
@@ -247,7 +248,7 @@ def configs_of(model: keras.layers.Layer) -> dict[str, LoRAConfig]:
 
 def _config_from_layers(holders: list[tuple[str, Any]], train_bias: bool) -> LoRAConfig:
     first = holders[0][1]
-    shared = {name: getattr(first, name) for name in ("dropout", "use_rslora", "init")}
+    shared = {name: getattr(first, name) for name in ("dropout", "use_rslora", "init", "use_dora")}
     for path, adapter in holders:
         for name, value in shared.items():
             if getattr(adapter, name) != value:
@@ -381,6 +382,12 @@ def add_weighted_adapter(model: keras.layers.Layer, adapters: Sequence[str], wei
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r} is invalid: use one of "
                          f"{', '.join(map(repr, COMBINATION_TYPES))}.")
+    for name in names:
+        if configs[name].use_dora or is_weight_init(configs[name].init):
+            variant = "a DoRA adapter, whose magnitudes do not combine" if configs[name].use_dora else (
+                f"initialised from the base weight (init={configs[name].init!r}), which is its residual now")
+            raise ValueError(f"adapter {name!r} is {variant}: add_weighted_adapter combines plain LoRA adapters; "
+                             "save it and merge it on its own instead.")
     combination = "linear" if len(names) == 1 else combination_type
     saved = SavedModules.of(model)
     copies = {}
@@ -440,10 +447,15 @@ def routed(model: keras.layers.Layer, adapter_per_row) -> Iterator[keras.layers.
     `jax.jit`) with a tensor argument, the choice stays data of that function; `RoutedModel` does
     that for `predict`. Each layer computes an adapter's low-rank path on every row and keeps the
     rows routed to it. For inference: call the model with `training=False`, unmerged; the routed
-    adapters must not train different copies of one module to save.
+    adapters must not train different copies of one module to save, nor be DoRA adapters (refused,
+    as in PEFT).
     """
     route_ids, indices = _route_ids(model, adapter_per_row)
+    if isinstance(adapter_per_row, (list, tuple)):  # only the adapters named run; any index may come in a tensor
+        indices = {name: index for name, index in indices.items() if name in adapter_per_row}
     layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.check_routable(indices)
     if any(layer.merged for layer in layers):
         raise ValueError("the model's adapters are merged, so rows cannot take different adapters: call "
                          "unmerge(model) before routed().")

@@ -35,6 +35,7 @@ every feature) is left to it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -96,7 +97,9 @@ class AffineExpression:
         if len(self.nodes) >= _MAX_NODES or self.visits > 4 * _MAX_NODES:
             return None
         self.nodes[id(node)] = node
-        following = passthrough_input(graph, node)
+        # Any Reshape: tf2onnx's Keras EinsumDense splits the features into heads on both sides, and a
+        # coefficient after a Reshape must still act per feature (`_per_feature`).
+        following = node.input[0] if node.op_type == "Reshape" else passthrough_input(graph, node)
         if following is not None:
             return self._read(following, term)
         op, inputs = node.op_type, list(node.input)
@@ -122,13 +125,15 @@ class DoRABranch(LoRABranch):
 
     The base chain takes over `add`'s output; `scale` is the low-rank pair's own; `weight_scale` (C) and `delta_scale` (D, `scale` included)
     are per output feature; `expression` holds the nodes that go; `bias` is the bias input to
-    change and its new value, or None.
+    change and its new value, or None. When the base chain has no bias but the expression adds one
+    (TensorFlow's graph optimizer moves a bias onto the low-rank side of the sum: `f * base + (pair + b)`),
+    `bias` is `(None, the initializer that held it, new value)`, and `add` stays to add it.
     """
 
     weight_scale: np.ndarray
     delta_scale: np.ndarray
     expression: list[onnx.NodeProto]
-    bias: tuple[onnx.NodeProto, int, np.ndarray] | None
+    bias: tuple[onnx.NodeProto | None, int | str, np.ndarray] | None
 
 
 def find_dora_branches(graph: Graph) -> tuple[list[DoRABranch], list[str]]:
@@ -188,10 +193,12 @@ def match(graph: Graph, node: onnx.NodeProto) -> DoRABranch | tuple[str, set[int
     sums = _coefficient_sums(graph, expression.terms, base_output, lora_leaf, features, convolution)
     if isinstance(sums, str):
         return refused(sums)
-    weight_scale, delta_scale, constant = sums
-    if np.all(weight_scale == 1) and np.all(delta_scale == delta_scale[0]):
-        return None  # plain LoRA: the LoRA rule's
-    bias = _bias_update(graph, chain, weight_scale, constant, features)
+    weight_scale, delta_scale, constant, by_vector = sums
+    if np.all(weight_scale == 1) and np.all(delta_scale == delta_scale[0]) and not by_vector:
+        # Plain LoRA, scaled by scalars only: the LoRA rule's. Not a DoRA factor that happens to be 1 (a
+        # DoRA layer exported untrained), which the LoRA rule does not read.
+        return None
+    bias = _bias_update(graph, chain, weight_scale, constant, features, expression.terms)
     if isinstance(bias, str):
         return refused(bias)
     lora_a, lora_b = factors
@@ -223,12 +230,15 @@ def _base_and_pair(graph: Graph, leaves: list[str]):
 
 def _base_output_chain(graph: Graph, paths: list[tuple[str, ...]], base: onnx.NodeProto):
     """The nodes from the base product to the tensor every path to it goes through, nearest the
-    expression's output, that is a base chain (bias `Add`s, `Cast`s, `Identity`, `Reshape`s)."""
+    expression's output, that is a base chain (bias `Add`s, `Cast`s, `Identity`, `Reshape`s that keep
+    the last dim), possibly ending with a `Reshape` that splits the features (into heads)."""
     for tensor in paths[0]:
         if all(tensor in path for path in paths[1:]):
-            found = base_chain_to(graph, tensor, None)
+            last = graph.producer.get(tensor)
+            split = last is not None and last.op_type == "Reshape" and passthrough_input(graph, last) is None
+            found = base_chain_to(graph, last.input[0], last) if split else base_chain_to(graph, tensor, None)
             if isinstance(found, tuple) and found[0][0] is base:
-                return found[0]
+                return found[0] + ([last] if split else [])
     return None
 
 
@@ -241,20 +251,28 @@ def _read_elsewhere(graph: Graph, nodes: Iterable[onnx.NodeProto], inside: set[i
 
 def _per_feature(value: np.ndarray, features: int, convolution: bool) -> np.ndarray | None:
     """A coefficient as a `(features,)` vector, or None when it varies along anything but the output
-    features: the last axis, or a convolution's channels (the third axis from the end)."""
+    features: a convolution's channels (the third axis from the end), or the last axis, or the last
+    axes when a Reshape in the base chain split the features (into heads, as tf2onnx's Keras
+    `EinsumDense` projections do; a Reshape splits row-major, so the coefficient flattens the same way)."""
     value = np.asarray(value, np.float64)
     if value.size == 1:
         return np.full(features, float(value.reshape(())))
-    axis = 3 if convolution else 1
-    if value.ndim < axis or value.size != value.shape[-axis] or value.size != features:
+    if value.size != features:
+        return None
+    if convolution:
+        if value.ndim < 3 or value.shape[-3] != features:
+            return None
+    elif 1 in value.shape[next(index for index, size in enumerate(value.shape) if size != 1):]:
         return None
     return value.reshape(-1).copy()
 
 
 def _coefficient_sums(graph: Graph, terms: list[Term], base_output: str, pair_output: str, features: int,
                       convolution: bool):
-    """`(C, D, K)` per output feature, or the reason they cannot be read."""
+    """`(C, D, K, whether the base or the pair is scaled by a vector)` per output feature, or the reason they
+    cannot be read."""
     sums = {"base": np.zeros(features), "pair": np.zeros(features), "constant": np.zeros(features)}
+    by_vector = False
     for term in terms:
         kind = "base" if term.leaf == base_output else "pair" if term.leaf == pair_output else "constant"
         if kind == "constant" and not graph.is_constant(term.leaf):
@@ -271,9 +289,10 @@ def _coefficient_sums(graph: Graph, terms: list[Term], base_output: str, pair_ou
         if vector is None:
             return f"a constant of shape {np.shape(coefficient)} does not act per output feature"
         sums[kind] += vector
+        by_vector = by_vector or (kind != "constant" and np.size(coefficient) > 1)
     if not np.all(np.isfinite(np.concatenate(list(sums.values())))):
         return "its per-feature scales are not finite"
-    return sums["base"], sums["pair"], sums["constant"]
+    return sums["base"], sums["pair"], sums["constant"], by_vector
 
 
 def _evaluated(graph: Graph, names: tuple[str, ...]) -> dict[str, np.ndarray] | str:
@@ -301,12 +320,21 @@ def _bias_holders(graph: Graph, chain: list[onnx.NodeProto]) -> list[tuple[onnx.
 
 
 def _bias_update(graph: Graph, chain: list[onnx.NodeProto], weight_scale: np.ndarray, constant: np.ndarray,
-                 features: int):
+                 features: int, terms: list[Term]):
     """The bias the base chain adds, with `C * b + K`: `(holder node, input index, new value)`, None when
-    it stays as it is, or the reason it cannot hold the expression's constants."""
+    it stays as it is, `(None, initializer, K)` when the chain has none and the expression adds one
+    initializer of a value per feature (the last node will add it), or the reason it cannot hold the
+    expression's constants."""
     holders = _bias_holders(graph, chain)
     if not holders:
-        return None if np.all(constant == 0) else "it adds a constant, and the base product has no bias to hold it"
+        if np.all(constant == 0):
+            return None
+        added = [graph.initializer_behind(term.leaf) for term in terms if graph.is_constant(term.leaf)]
+        if len(added) != 1 or added[0] is None or math.prod(graph.initializers[added[0]].dims) != features:
+            return "it adds a constant, and the base product has no bias to hold it"
+        stored = graph.initializers[added[0]]
+        return None, added[0], constant.reshape(tuple(stored.dims)).astype(onnx.helper.tensor_dtype_to_np_dtype(
+            stored.data_type))
     if len(holders) > 1:
         return "the base chain adds two biases"
     holder, index, factor = holders[0]
@@ -384,14 +412,21 @@ class DoRAFoldRule(FoldRule):
             original = branch.base_chain
             branch.base_chain, branch.base_output = graph.duplicate_chain(original, before=branch.add)
             branch.base = branch.base_chain[0]
-            if branch.bias is not None:
+            if branch.bias is not None and branch.bias[0] is not None:
                 holder, index, value = branch.bias
                 position = next(place for place, node in enumerate(original) if node is holder)
                 branch.bias = (branch.base_chain[position], index, value)
         # The last node reads the base output first, so that deleting the rest keeps the base chain.
         graph.replace_input(branch.add, 0, branch.base_output)
-        graph.remove([node for node in branch.expression if node is not branch.add])
-        graph.bypass(branch.add, branch.base_output)
+        if branch.bias is not None and branch.bias[0] is None:
+            # It stays, as the bias Add of the merged layer, reading its own copy of the bias.
+            _, held_by, value = branch.bias
+            graph.replace_input(branch.add, 1, graph.copy_initializer(held_by, f"{held_by}.merged"))
+            branch.bias = (branch.add, 1, -value if branch.add.op_type == "Sub" else value)
+            graph.remove([node for node in branch.expression if node is not branch.add])
+        else:
+            graph.remove([node for node in branch.expression if node is not branch.add])
+            graph.bypass(branch.add, branch.base_output)
         target = _own_initializer(graph, branch.base, WEIGHT_INPUT[self.op_type], branch.weight)
         if branch.bias is not None:
             holder, index, _ = branch.bias

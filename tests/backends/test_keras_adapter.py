@@ -123,33 +123,6 @@ def test_a_shape_mismatch_names_the_tensor(tmp_path):
         lora.load_adapter(narrower, tmp_path)
 
 
-@pytest.mark.parametrize("change, feature", [(dict(use_dora=True), "use_dora=True"), (dict(init="pissa_niter_2"),
-                                                                                       "init='pissa_niter_2'")])
-@pytest.mark.parametrize("already_applied", [False, True])
-def test_dora_and_weight_init_adapters_are_refused_by_name_until_the_backend_has_them(tmp_path, change, feature,
-                                                                                     already_applied):
-    from lora_spec.adapter_io import load_adapter_dir, save_adapter_dir
-    from lora_spec.dora import magnitude_shape
-
-    lora.save_adapter(randomize(lora.apply(keras_base(), **TARGETS)), tmp_path)
-    config, raw, weights = load_adapter_dir(tmp_path)
-    if change.get("use_dora"):
-        weights.magnitudes = {path: np.ones(magnitude_shape(weights.layer(path), pair[1].shape[0]))
-                              for path, pair in weights.lora.items()}
-    save_adapter_dir(tmp_path, config.replace(**change).to_peft_dict(raw["target_modules"]), weights)
-    model = lora.apply(keras_base(), **TARGETS) if already_applied else keras_base()
-    before = _weights(model)
-    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
-        lora.load_adapter(model, tmp_path)
-    assert "\n" not in str(error.value)
-    for old, new in zip(before, _weights(model)):
-        np.testing.assert_array_equal(old, new)
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
-        lora.apply(keras_base(), **TARGETS, use_dora=True)
-    with pytest.raises(ValueError, match="init='olora' is not supported"):
-        lora.LoRADense(4, init="olora")
-
-
 def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="adapter directory .* does not exist"):
         lora.load_adapter(keras_base(), tmp_path / "missing")
@@ -308,3 +281,90 @@ def test_conv_adapters_move_between_keras_and_pytorch_with_the_same_outputs(tmp_
     lora_torch.save_adapter(trained, tmp_path / "torch")
     keras_model = lora.load_adapter(keras_cnn(groups), tmp_path / "torch")
     np.testing.assert_allclose(keras_model(IMAGES), _torch_cnn_outputs(torch, trained.eval()), rtol=0, atol=1e-5)
+
+
+# -- DoRA --------------------------------------------------------------------------------------
+
+
+def _pytorch_dora_readers(torch):
+    """`{name: load(net, folder)}`: PEFT, and lora_spec.torch once it has DoRA."""
+    peft = pytest.importorskip("peft")
+    lora_torch = pytest.importorskip("lora_spec.torch")
+    readers = {"peft": lambda net, folder: peft.PeftModel.from_pretrained(net, str(folder))}
+    try:
+        lora_torch.apply(torch_twin(torch, keras_base()), target_modules=["fc1"], use_dora=True)
+        readers["lora_spec.torch"] = lora_torch.load_adapter
+    except ValueError as error:
+        assert "is not supported by the PyTorch" in str(error)
+    return readers
+
+
+def test_dora_adapter_files_have_peft_keys_and_shapes_and_load_back(tmp_path):
+    model = randomize(lora.apply(keras_base(), **TARGETS, use_dora=True))
+    lora.save_adapter(model, tmp_path)
+    tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
+    assert {key: value.shape for key, value in tensors.items() if "magnitude" in key} == {
+        "base_model.model.embed.lora_magnitude_vector": (WIDTH,),
+        "base_model.model.encoder.fc1.lora_magnitude_vector": (16,),
+        "base_model.model.encoder.fc2.lora_magnitude_vector": (16,),
+    }
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    loaded = lora.load_adapter(keras_base(), tmp_path)
+    np.testing.assert_array_equal(loaded(IDS), model(IDS))
+    assert all(layer.adapter().use_dora for _, layer in lora.lora_layers(loaded))
+
+
+def test_dora_adapter_trained_in_keras_runs_in_pytorch_with_the_same_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = randomize(lora.apply(keras_base(), **TARGETS, use_dora=True))
+    lora.save_adapter(model, tmp_path)
+    for load in _pytorch_dora_readers(torch).values():
+        net = load(torch_twin(torch, keras_base()), tmp_path)
+        np.testing.assert_allclose(_torch_outputs(torch, net.eval()), model(IDS), rtol=0, atol=1e-5)
+
+
+def test_dora_adapter_saved_by_peft_runs_in_keras_with_the_same_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = keras_base()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
+                             use_dora=True)
+    net = peft.get_peft_model(torch_twin(torch, base), config)
+    randomize_torch(torch, net)
+    net.save_pretrained(str(tmp_path))
+    keras_model = lora.load_adapter(base, tmp_path)
+    np.testing.assert_allclose(keras_model(IDS), _torch_outputs(torch, net.eval()), rtol=0, atol=1e-5)
+
+
+def test_conv_dora_adapters_move_between_keras_and_pytorch_with_the_same_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = randomize(lora.apply(keras_cnn(1), target_modules=["conv", "head"], r=2, alpha=3, use_dora=True))
+    lora.save_adapter(model, tmp_path / "keras")
+    tensors, _ = safetensors_io.load(tmp_path / "keras" / "adapter_model.safetensors")
+    assert tensors["base_model.model.conv.lora_magnitude_vector"].shape == (1, 6, 1, 1)
+    peft_net = peft.PeftModel.from_pretrained(torch_cnn(torch, keras_cnn(1)), str(tmp_path / "keras"))
+    np.testing.assert_allclose(_torch_cnn_outputs(torch, peft_net.eval()), model(IMAGES), rtol=0, atol=1e-5)
+
+    trained = peft.get_peft_model(torch_cnn(torch, keras_cnn(1)), peft.LoraConfig(
+        r=4, target_modules=["conv", "head"], use_dora=True))
+    randomize_torch(torch, trained)
+    trained.save_pretrained(str(tmp_path / "peft"))
+    keras_model = lora.load_adapter(keras_cnn(1), tmp_path / "peft")
+    np.testing.assert_allclose(keras_model(IMAGES), _torch_cnn_outputs(torch, trained.eval()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["adapted", "base"])
+def test_a_dora_file_whose_magnitude_does_not_fit_is_refused_and_the_model_is_untouched(tmp_path, target):
+    lora.save_adapter(randomize(lora.apply(keras_base(), **TARGETS, use_dora=True)), tmp_path)
+    tensors, metadata = safetensors_io.load(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.encoder.fc2.lora_magnitude_vector"] = np.ones(8, np.float32)
+    safetensors_io.save(tmp_path / "adapter_model.safetensors", tensors, metadata=metadata)
+    model = lora.apply(keras_base(), **TARGETS) if target == "adapted" else keras_base()
+    before = _weights(model)
+    with pytest.raises(ValueError, match=r"adapter tensor encoder.fc2.lora_magnitude_vector has shape \(8,\), but the "
+                                         r"module's lora_B makes 16 output features") as error:
+        lora.load_adapter(model, tmp_path)
+    assert "\n" not in str(error.value)
+    for old, new in zip(before, _weights(model)):
+        np.testing.assert_array_equal(old, new)

@@ -22,7 +22,7 @@ def _checks() -> dict:
     import numpy as np
 
     import lora_spec.keras as lora
-    from lora_spec import reference
+    from lora_spec import dora, reference
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -40,6 +40,23 @@ def _checks() -> dict:
     layer.merge()
     actual["merged"] = layer(x)
     layer.unmerge()
+
+    # DoRA: the reference's forward (dropout mask included) and merge, the norm detached in training.
+    dora_layer = lora.LoRADense(5, r=2, alpha=6, use_dora=True)
+    dora_layer.build(x.shape)
+    magnitude = rng.uniform(0.5, 2.0, 5)
+    dora_layer.set_lora_weights(A, B, magnitude=magnitude)
+    W, b = dora_layer.base_weight(), keras.ops.convert_to_numpy(dora_layer.bias)
+    expected |= {"dora": dora.dora_forward(x, W, b, A, B, dora_layer.scaling, magnitude, mask),
+                 "dora_merged": dora.dora_forward(x, W, b, A, B, dora_layer.scaling, magnitude)}
+    actual["dora"] = dora_layer(x, dropout_mask=mask.astype(np.float32))
+    dora_layer.merge()
+    actual["dora_merged"] = dora_layer(x)
+    dora_model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="fc1")])
+    lora.apply(dora_model, r=2, use_dora=True, target_modules=["fc1"])
+    dora_before = {v.name: keras.ops.convert_to_numpy(v).copy() for v in dora_model.weights}
+    dora_model.compile(optimizer="adam", loss="mse")
+    dora_model.fit(x, rng.standard_normal((4, 4)), epochs=2, verbose=0)
 
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"),
                               keras.layers.Dense(3, name="head")])
@@ -77,6 +94,8 @@ def _checks() -> dict:
         "unmerge_exact": bool(np.array_equal(keras.ops.convert_to_numpy(layer.kernel), kernel)),
         "changed": sorted(name for name, v in weights.items()
                           if not np.array_equal(before[name], keras.ops.convert_to_numpy(v))),
+        "dora_changed": sorted(v.name for v in dora_model.weights
+                               if not np.array_equal(dora_before[v.name], keras.ops.convert_to_numpy(v))),
     }
 
 
@@ -91,12 +110,13 @@ def test_lora_dense_matches_the_reference_and_trains_on_another_keras_backend(ba
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["backend"] == backend
-    assert result["relative_errors"]["forward"] < 2e-6 and result["relative_errors"]["merged"] < 2e-6
+    assert all(error < 2e-6 for error in result["relative_errors"].values()), result["relative_errors"]
     assert result["unmerge_exact"]
     assert result["reload_error"] == 0.0
     assert result["reload_trainable"] == ["fc1/lora_a", "fc1/lora_b"]
     assert result["changed"] == ["fc1/lora_a", "fc1/lora_b"]
     assert result["switch_changed_outputs"] and result["routed_error"] < 1e-5
+    assert result["dora_changed"] == ["lora_a", "lora_b", "lora_magnitude_vector"]
 
 
 if __name__ == "__main__":

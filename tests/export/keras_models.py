@@ -30,15 +30,18 @@ CASES = {"2d": (mlp, 2, ["hidden", "head"]), "3d": (mlp, 3, ["hidden", "head"]),
          "cnn": (cnn, 4, ["conv1", "conv2"])}
 
 
-def adapted(base: keras.Model, targets, r: int = 2, alpha: float = 6, seed: int = 2) -> keras.Model:
-    """A copy of `base` with `lora_spec.keras` LoRA on `targets`, B random (the branch shows)."""
+def adapted(base: keras.Model, targets, r: int = 2, alpha: float = 6, seed: int = 2, **options) -> keras.Model:
+    """A copy of `base` with `lora_spec.keras` LoRA on `targets` (`options`: more `LoRAConfig` fields), B random
+    (the branch shows) and DoRA magnitudes off their initial norms."""
     import lora_spec.keras as lora
 
     model = keras.models.clone_model(base)
     model.set_weights(base.get_weights())
-    lora.apply(model, r=r, alpha=alpha, target_modules=targets)
+    lora.apply(model, r=r, alpha=alpha, target_modules=targets, **options)
     rng = np.random.default_rng(seed)
     for variable in model.weights:
         if "lora_b" in variable.path:
             variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+        if "lora_magnitude_vector" in variable.path:
+            variable.assign(variable.numpy() * rng.uniform(0.5, 2.0, variable.shape).astype(np.float32))
     return model

@@ -62,6 +62,63 @@ def test_a_scale_that_varies_along_the_batch_is_refused_not_folded(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["model.onnx"]
 
 
+def _keras_like_graph(form: str):
+    """One layer as tf2onnx writes Keras's DoRA layers after TensorFlow's graph optimizer, on a (2, 4)
+    input with 6 output features: `(x W) * f + (x A) (B * s * f)` in one of these forms, and its weights.
+
+    - "untrained": f is all ones (the magnitude still at its norm), the bias after the sum;
+    - "moved_bias": the optimizer moved the bias onto the low-rank side, `(x W) * f + ((x A) B' + b)`;
+    - "heads": both sides reshaped into (2, 3) heads and scaled by a (2, 3) factor, the bias after;
+    - "per_head_only": the same with a (2, 1) factor, one value per head: refused.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    factor = {"untrained": np.ones(6), "per_head_only": rng.uniform(0.5, 2, (2, 1))}.get(form, rng.uniform(0.5, 2, 6))
+    heads = form in ("heads", "per_head_only")
+    shaped = factor.reshape(2, 3) if form == "heads" else factor
+    arrays = {"weight": rng.standard_normal((4, 6)), "lora_A": rng.standard_normal((4, 2)),
+              "lora_B": rng.standard_normal((2, 6)) * (1 if heads else factor), "factor": shaped,
+              "bias": rng.standard_normal((2, 3) if heads else 6), "heads": np.array([2, 2, 3])}
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", "weight"], ["base"]), node("MatMul", ["x", "lora_A"], ["low"]),
+             node("MatMul", ["low", "lora_B"], ["up"])]
+    if heads:
+        nodes += [node("Reshape", ["base", "heads"], ["base_heads"]), node("Reshape", ["up", "heads"], ["up_heads"]),
+                  node("Mul", ["base_heads", "factor"], ["rescaled"]), node("Mul", ["up_heads", "factor"], ["update"]),
+                  node("Add", ["rescaled", "update"], ["sum"]), node("Add", ["sum", "bias"], ["y"])]
+    elif form == "untrained":
+        nodes += [node("Mul", ["base", "factor"], ["rescaled"]), node("Add", ["rescaled", "up"], ["sum"]),
+                  node("Add", ["sum", "bias"], ["y"])]
+    else:
+        nodes += [node("Mul", ["base", "factor"], ["rescaled"]), node("Add", ["up", "bias"], ["biased"]),
+                  node("Add", ["rescaled", "biased"], ["y"])]
+    output_shape = [2, 2, 3] if heads else [2, 6]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+                              [numpy_helper.from_array(value.astype(np.int64 if name == "heads" else np.float32), name)
+                               for name, value in arrays.items() if any(name in item.input for item in nodes)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("form", ["untrained", "moved_bias", "heads"])
+def test_tf2onnx_forms_of_keras_dora_layers_fold_to_a_product_and_a_bias_add(tmp_path, form):
+    onnx.save(_keras_like_graph(form), tmp_path / "model.onnx")
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    (expected,) = session(tmp_path / "model.onnx").run(None, {"x": x})
+    result = merge_onnx(tmp_path / "model.onnx", verify="full", progress=False)
+    assert len(result.folds) == 1
+    assert sorted(node.op_type for node in onnx.load(result.output).graph.node) == (
+        ["Add", "MatMul", "Reshape"] if form == "heads" else ["Add", "MatMul"])
+    assert_close(session(result.output).run(None, {"x": x})[0], expected, np.float32, factor=10)
+
+
+def test_a_factor_per_head_rather_than_per_feature_is_refused(tmp_path):
+    onnx.save(_keras_like_graph("per_head_only"), tmp_path / "model.onnx")
+    with pytest.raises(NoLoRABranchError, match=r"a constant of shape \(2, 1\) does not act per output feature"):
+        merge_onnx(tmp_path / "model.onnx", progress=False)
+
+
 # --- PEFT's DoRA layers through PyTorch's exporters -----------------------------------------------------------
 
 torch = pytest.importorskip("torch")

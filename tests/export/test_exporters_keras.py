@@ -3,7 +3,8 @@
 The merged graph reproduces the Keras model in onnxruntime and has the compute nodes of the base
 model exported without LoRA, for 2-D inputs, for 3-D ones (tf2onnx's Reshape/MatMul/Reshape), for
 attention, whose `EinsumDense` projections reshape both sides of the LoRA sum into heads, and for
-`Conv2D` layers.
+`Conv2D` layers; with plain LoRA and with DoRA (whose per-feature factors tf2onnx folds into
+constants, laid along the heads for attention projections).
 """
 
 import numpy as np
@@ -27,18 +28,32 @@ from tests.numerics import assert_close  # noqa: E402
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=[(variant, case) for variant in ("lora", "dora") for case in sorted(CASES)],
+                ids=lambda param: "-".join(param))
 def keras_export(request, tmp_path_factory):
+    """Export a base model and a copy with adapters on the case's targets (`adapted`), and save its adapter;
+    `(folder, feeds, expected output, targets)`.
+
+    DoRA's base models have biases that are not zero (tf2onnx drops a zero bias), so folding must keep them
+    after the rescaled sum, where TensorFlow's graph optimizer moves them onto the low-rank side
+    (`f * base + (pair + b)`). Not for the convolutions: tf2onnx fuses a bias into the base export's `Conv`,
+    not into an adapted one's, whose merged graph then keeps one bias `Add` per convolution.
+    """
     import lora_spec.keras as lora
 
-    build, dims, targets = CASES[request.param]
+    variant, case = request.param
+    build, dims, targets = CASES[case]
     keras.utils.set_random_seed(0)
     base = build(dims)
     x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
     base(x)
-    folder = tmp_path_factory.mktemp("keras")
+    rng = np.random.default_rng(3)
+    for variable in base.weights:
+        if variable.name == "bias" and variant == "dora" and case != "cnn":
+            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+    folder = tmp_path_factory.mktemp(variant)
     base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
-    model = adapted(base, targets)
+    model = adapted(base, targets, use_dora=variant == "dora")
     expected = np.asarray(model(x))
     model.export(str(folder / "model.onnx"), format="onnx", verbose=False)
     lora.save_adapter(model, folder / "adapter")
