@@ -303,7 +303,7 @@ def is_weight_init(init: str) -> bool:
 
 
 def check_backend_support(config: LoRAConfig) -> None:
-    """Refuse, naming the feature, what the PyTorch and Keras backends do not implement yet.
+    """Refuse, naming the feature, what the Keras backend does not implement yet (the PyTorch backend does).
 
     The core reads and writes DoRA and PiSSA/OLoRA adapters (`lora_spec.dora`, `lora_spec.inits`,
     `lora-export --adapter`); a backend that ignored them would silently compute plain LoRA.
@@ -320,16 +320,19 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> LoRAConfig:
+def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any], *,
+                   check_support: bool = True) -> LoRAConfig:
     """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names.
 
-    The backends' `apply(model, config=None, **overrides)` convention.
+    The backends' `apply(model, config=None, **overrides)` convention. `check_support=False` is for
+    a backend that implements DoRA and PiSSA/OLoRA (PyTorch); the others get `check_backend_support`.
     """
     if config is not None and not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
                         "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
     resolved = (config or LoRAConfig()).replace(**overrides)
-    check_backend_support(resolved)
+    if check_support:
+        check_backend_support(resolved)
     return resolved
 
 

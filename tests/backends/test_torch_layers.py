@@ -14,6 +14,7 @@ transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask  # noqa: E402
 from lora_spec.dropout import keep_probability  # noqa: E402
+from lora_spec.backends import torch_variants  # noqa: E402
 from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALinear  # noqa: E402
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -92,12 +93,13 @@ def test_a_seeded_mask_draws_the_same_mask_every_time():
                                                                 torch.float64).keep)
 
 
-def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch):
+@pytest.mark.parametrize(("use_dora", "function"), [(False, "linear_lora"), (True, "linear_dora")])
+def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch, use_dora, function):
     calls = []
-    original = LoRALinear.forward.__globals__["linear_lora"]
-    monkeypatch.setitem(LoRALinear.forward.__globals__, "linear_lora", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = getattr(torch_variants, function)
+    monkeypatch.setattr(torch_variants, function, lambda *a, **k: calls.append(1) or original(*a, **k))
     base = torch.nn.Linear(4, 3).requires_grad_(False)
-    layer = LoRALinear(base, 2, alpha=2.0, scaling=1.0)
+    layer = LoRALinear(base, 2, alpha=2.0, scaling=1.0, use_dora=use_dora)
     layer.train()(torch.randn(2, 4))
     assert calls == [1]
     layer.eval()(torch.randn(2, 4))
