@@ -35,3 +35,22 @@ def test_conv2d_cases_give_a_non_empty_output_and_a_rank_divisible_by_groups(cas
 @given(strategies.embedding_cases())
 def test_embedding_ids_index_the_table(case):
     assert case.ids.min() >= 0 and case.ids.max() < case.W.shape[0] == case.A.shape[1]
+
+
+@given(strategies.dora_adapter_set_cases())
+def test_dora_adapter_sets_hold_a_dora_adapter_with_a_magnitude_of_pefts_shape_on_an_ungrouped_layer(case):
+    from lora_spec import dora
+
+    assert len(case.magnitudes) == len(case.adapters) and any(m is not None for m in case.magnitudes)
+    features = case.W.shape[1 if case.layer == "embedding" else 0]
+    for magnitude in case.magnitudes:
+        assert magnitude is None or magnitude.shape == dora.magnitude_shape(case.layer, features)
+    assert case.layer != "conv2d" or case.base.groups == 1
+
+
+@given(strategies.spectral_gap_weight_init_cases())
+def test_spectral_gap_weights_have_distinct_top_singular_values_far_above_the_rest(case):
+    W, r, _, _ = case
+    values = np.linalg.svd(W, compute_uv=False)
+    assert np.all(np.diff(values[:r]) < -0.1) and values[r - 1] > 0.9
+    assert np.all(values[r:] < 1e-4)
