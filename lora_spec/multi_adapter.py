@@ -149,6 +149,18 @@ def row_groups(adapter_per_row: Sequence[Hashable | None]) -> list[tuple[Hashabl
     return groups
 
 
+class Routing(NamedTuple):
+    """A routed batch, worked out once for every layer: its number of rows and its `row_groups`."""
+
+    rows: int
+    groups: list[tuple[Hashable, slice | np.ndarray]]
+
+    @classmethod
+    def of(cls, adapter_per_row: Sequence[Hashable | None]) -> Routing:
+        """The routing of a batch whose row `i` takes adapter `adapter_per_row[i]`."""
+        return cls(len(adapter_per_row), row_groups(adapter_per_row))
+
+
 def routed_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None, adapters: Mapping[Hashable, Factors],
                    adapter_per_row: Sequence[Hashable | None]) -> np.ndarray:
     """A linear layer on a batch whose row `i` (first axis of `x`) goes through adapter `adapter_per_row[i]`,

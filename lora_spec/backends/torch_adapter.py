@@ -1,9 +1,10 @@
 """Adapter files for PyTorch models, in PEFT's format, through `lora_spec.adapter_io`.
 
 Keys follow what PEFT writes: `<path>.lora_A.weight` (embeddings: `<path>.lora_embedding_A`),
-`<path>.lora_magnitude_vector` for a DoRA adapter, `<path>.<param>` for a module to save, `<path>.base_layer.bias` / `<path>.bias` for trained
-biases. PEFT's `bias="all"` files also hold `<path>.modules_to_save.<param>` and
-`<path>.original_module.<param>` for modules to save; both are read. Several adapters are stored
+`<path>.lora_magnitude_vector` for a DoRA adapter, `<path>.<param>` for a module to save,
+`<path>.base_layer.bias` / `<path>.bias` for trained biases. PEFT's `bias="all"` files also hold
+`<path>.modules_to_save.<param>` and `<path>.original_module.<param>` for modules to save; both
+are read. Several adapters are stored
 as PEFT stores them: `"default"` in the folder itself, any other in `<folder>/<name>/`.
 """
 

@@ -25,7 +25,7 @@ from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_inits import check_weight, init_from_weight, method_name
 from lora_spec.backends.torch_variants import DoRAAdapter, LoRAAdapter, cast_to
 from lora_spec.config import LoRAConfig, is_weight_init
-from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name, row_groups
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, Routing, check_adapter_name
 
 # Attributes of the one active adapter that a layer shows as its own, as it did with one adapter.
 _SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout", "lora_magnitude_vector")
@@ -80,7 +80,7 @@ class LoRALayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
         self._weight_before_merge: torch.Tensor | None = None
-        self._routes: tuple[int, list[tuple[Hashable, slice | np.ndarray]]] | None = None
+        self._routes: Routing | None = None
         self.add_adapter(adapter_name, r, alpha, scaling, dropout, use_dora=use_dora)
         self.register_load_state_dict_pre_hook(_rename_single_adapter_keys)
 
@@ -339,12 +339,12 @@ class LoRALayer(nn.Module):
                 raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
                                  "PEFT): run its rows as a batch of their own after set_adapter.")
 
-    def route(self, adapter_per_row: Sequence[Hashable | None] | None) -> None:
-        """Send row `i` of the next batches through adapter `adapter_per_row[i]` (None or "__base__": the
-        base alone) instead of the active adapters; None ends routing."""
-        if adapter_per_row is not None:
-            self.check_routable(adapter_per_row)
-        self._routes = None if adapter_per_row is None else (len(adapter_per_row), row_groups(adapter_per_row))
+    def route(self, routing: Routing | None) -> None:
+        """Send the rows of the next batches through the adapters `routing` gives them (rows of no adapter
+        or of "__base__": the base alone) instead of the active adapters; None ends routing."""
+        if routing is not None:
+            self.check_routable([name for name, _ in routing.groups])
+        self._routes = routing
 
     def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         """`dropout_mask` overrides the random mask (tests); by default one is drawn when training."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -20,7 +20,7 @@ from lora_spec.backends.torch_layers import (DEFAULT_ADAPTER, LoRALayer, adapter
                                              lora_layer_for, make_lora_layer)
 from lora_spec.config import LoRAConfig, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
-from lora_spec.multi_adapter import BASE_MODEL, check_adapter_name, row_groups
+from lora_spec.multi_adapter import BASE_MODEL, Routing, check_adapter_name
 from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
@@ -52,7 +52,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = [adapter_name]
         self.adapter_enabled = True
-        self._routes: tuple[int, list] | None = None
+        self._routes: Routing | None = None
         self.add_adapter(adapter_name)
         self.register_load_state_dict_pre_hook(_rename_single_copy_keys)
 
@@ -73,9 +73,9 @@ class ModulesToSave(nn.Module):
         """The copy that runs now: the first active adapter's, or None (the original runs)."""
         return next((self.modules_to_save[name] for name in self.active_adapters if name in self.modules_to_save), None)
 
-    def route(self, adapter_per_row: Sequence[Hashable | None] | None) -> None:
-        """As `LoRALayer.route`: row `i` runs through adapter `adapter_per_row[i]`'s copy."""
-        self._routes = None if adapter_per_row is None else (len(adapter_per_row), row_groups(adapter_per_row))
+    def route(self, routing: Routing | None) -> None:
+        """As `LoRALayer.route`: each row runs through its adapter's copy."""
+        self._routes = routing
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.adapter_enabled:
@@ -520,11 +520,11 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
     if any(layer.merged for _, layer in lora_layers(inner)):
         raise ValueError("the model's adapters are merged, so rows cannot take different adapters: call "
                          "unmerge(model) before routed().")
+    switches, routing = _switches(inner), Routing.of(routes)
     for _, layer in lora_layers(inner):
         layer.check_routable(routes)
-    switches = _switches(inner)
     for module in switches:
-        module.route(routes)
+        module.route(routing)
     try:
         yield model
     finally:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lora_spec.backends.torch_dora_linear import linear_dora
+from lora_spec.backends.torch_dora_linear import linear_dora, linear_weight_norm
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_linear import linear_lora
 
@@ -173,5 +173,7 @@ class DoRAAdapter(LoRAAdapter):
         return layer.feature_column(factor) * (merged + delta)
 
     def train_linear(self, layer: LoRALinear, x: torch.Tensor, mask: DropoutMask | SeededMask | None) -> torch.Tensor:
-        return linear_dora(x, layer.weight_out_in(), layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.lora_magnitude_vector, self.weight_norm(layer), mask)
+        weight = layer.weight_out_in()
+        norm = linear_weight_norm(weight, self.lora_A, self.lora_B, self.scaling)
+        return linear_dora(x, weight, layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling,
+                           self.lora_magnitude_vector, norm, mask)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason=
 
 def keras_layer(case):
     """A built LoRA layer holding the case's adapters `a0`, `a1`, ... (only `a0` active), and its input."""
-    base, first = case.base, case.adapters[0]
+    base = case.base
     adapters = {f"a{index}": dict(r=a.A.shape[0], alpha=a.s * a.A.shape[0]) for index, a in enumerate(case.adapters)}
     if case.layer == "linear":
         layer = lora.LoRADense(base.W.shape[0], use_bias=base.b is not None, dtype="float64", adapters=adapters)

@@ -192,7 +192,7 @@ def test_weight_inits_beside_other_adapters_on_the_same_layers_are_refused_both_
 
 def test_combining_or_hot_swapping_weight_init_adapters_is_refused_in_one_line(tmp_path):
     model = lora.apply(base_model(), r=2, target_modules=["linear"], init="pissa")
-    with pytest.raises(ValueError, match="adapter 'default' has init='pissa', so its layers' base weights are residuals"):
+    with pytest.raises(ValueError, match="adapter 'default' has init='pissa', so its layers' base weights are"):
         lora.add_weighted_adapter(model, ["default"], [1.0], "mix")
     lora.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="adapter 'default' has init='pissa', which changes the base weight"):

@@ -2,15 +2,14 @@
 routed batches, hot-swapping and the folders they are saved in."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_spec import reference
-from lora_spec.multi_adapter import BASE_MODEL, combine, routed_forward
+from lora_spec.multi_adapter import BASE_MODEL, Routing, combine, routed_forward
 from tests import strategies
 from tests.numerics import assert_close
 
@@ -96,7 +95,7 @@ def test_routed_rows_equal_their_own_adapters_forward(case, data, grad):
         names = [f"a{index}" for index in range(len(case.adapters))]
         rows = _layer_input(case).shape[0]
         routes = data.draw(st.lists(st.sampled_from(names + [None, BASE_MODEL]), min_size=rows, max_size=rows))
-        layer.route(routes)
+        layer.route(Routing.of(routes))
         actual = layer(_layer_input(case)).detach().numpy()
         zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
         for row, name in enumerate(routes):
@@ -109,7 +108,7 @@ def test_routed_rows_equal_their_own_adapters_forward(case, data, grad):
 
 def test_a_layer_refuses_a_routing_list_that_does_not_fit_the_batch_and_routing_in_training():
     layer = lora_layer_for(nn.Linear(3, 2))(nn.Linear(3, 2), 2, 2.0, 1.0).eval()
-    layer.route(["default", None])
+    layer.route(Routing.of(["default", None]))
     with pytest.raises(ValueError, match="names 2 adapters, one per row, but this batch has 3 rows"):
         layer(torch.randn(3, 3))
     with pytest.raises(ValueError, match="for inference"):
