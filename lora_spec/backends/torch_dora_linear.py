@@ -96,7 +96,7 @@ def linear_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     `||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T`, which reads W twice (a product of rank r
     and the squares) instead of writing, adding and reading a full-size matrix. Not differentiable."""
     with torch.no_grad():
-        squares = torch.linalg.vecdot(weight, weight)
+        squares = torch.linalg.vector_norm(weight, dim=1).square_()
         squares += torch.linalg.vecdot(weight @ lora_a.T, lora_b).mul_(2 * scaling)
         squares += torch.linalg.vecdot(lora_b @ (lora_a @ lora_a.T), lora_b).mul_(scaling * scaling)
         return squares.clamp_min_(0).sqrt_()
