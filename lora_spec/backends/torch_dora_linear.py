@@ -9,8 +9,8 @@ paper's section 4.3; PEFT detaches it). Without dropout that is `f * D + b` with
 - the input gradient is `g @ (f * W) + dh @ A`: the per-feature factor scales the rows of the
   weight (out x in) rather than the gradient (rows x out), and `dh`, `dB` take it on their
   small factors.
-With dropout, `y = (x @ W.T + b) - d(x) @ W.T + f * D` with `D` the direction of `d(x)`: one more
-product each way, as in PEFT. The mask is a `SeededMask` drawn again in backward, or an explicit
+With dropout, `D` is the direction of `d(x)` and the output `x @ W.T + b + (f - 1) * (d(x) @ W.T) +
+(f * s) * (d(x) @ A.T) @ B.T`: one more product each way, as in PEFT. The mask is a `SeededMask` drawn again in backward, or an explicit
 `DropoutMask` kept for it, as in `torch_linear`. The base weight is frozen.
 """
 
@@ -51,10 +51,11 @@ class LinearDoRAFunction(torch.autograd.Function):
                 torch.mm(rows, weight.T, out=out_rows)
             else:
                 torch.addmm(bias, rows, weight.T, out=out_rows)
-            direction = (dropped @ weight.T).mul_(dropout.scale)
-            out_rows.sub_(direction)
+            # beta=0: the first argument is ignored; alpha applies the dropout's scale in the product.
+            direction = torch.addmm(rows.new_zeros(()), dropped, weight.T, beta=0, alpha=dropout.scale)
+            out_rows.addcmul_(direction, factor - 1)
+            out_rows.addmm_(hidden, (lora_b * factor[:, None]).T, alpha=scaling)
             direction.addmm_(hidden, lora_b.T, alpha=scaling)
-            out_rows.addcmul_(direction, factor)
         stored_keep = dropout.keep if isinstance(mask, DropoutMask) else None
         ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, direction, factor, norm, stored_keep)
         ctx.scaling, ctx.mask = scaling, mask
