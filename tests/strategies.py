@@ -450,6 +450,7 @@ class AdapterSetCase:
     adapters: list
     weights: list
     layer: str
+    magnitudes: list = dataclasses.field(default_factory=list)  # per adapter: a DoRA magnitude, or None
 
     @property
     def W(self) -> np.ndarray:
@@ -457,7 +458,8 @@ class AdapterSetCase:
 
 
 @st.composite
-def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False) -> AdapterSetCase:
+def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False,
+                      max_groups: int = MAX_GROUPS) -> AdapterSetCase:
     """1 to `MAX_ADAPTERS` adapters of their own rank and scaling (equal ranks on request) on one
     linear, embedding or grouped conv layer, in float64, with weights of either sign."""
     from lora_spec.multi_adapter import Factors
@@ -468,7 +470,7 @@ def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False)
     shared_rank = draw(rank_draws)
     ranks = [shared_rank if equal_ranks else draw(rank_draws) for _ in range(count)]
     if layer == "conv2d":
-        base = draw(conv2d_cases(dtype=np.float64, dropout=False))
+        base = draw(conv2d_cases(dtype=np.float64, dropout=False, max_groups=max_groups))
         groups, kernel = base.groups, base.W.shape[2:]
         ranks = [groups * r for r in ranks]
         a_shape = lambda r: (r, base.W.shape[1], *kernel)
@@ -483,6 +485,52 @@ def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False)
                         draw(scales)) for r in ranks]
     weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
     return AdapterSetCase(base=base, adapters=adapters, weights=weights, layer=layer)
+
+
+@st.composite
+def dora_adapter_set_cases(draw, layer: str | None = None) -> AdapterSetCase:
+    """`adapter_set_cases` on an ungrouped layer where some adapters (at least one) are DoRA adapters, each
+    with a magnitude as training leaves it: its weight norm times 0.5 to 2 per output feature."""
+    from lora_spec import dora
+
+    case = draw(adapter_set_cases(layer, max_groups=1))
+    is_dora = draw(st.lists(st.booleans(), min_size=len(case.adapters), max_size=len(case.adapters)).filter(any))
+    rng = np.random.default_rng(draw(seeds))
+    norms = [dora.weight_norm(case.W, adapter.A, adapter.B, adapter.s, case.layer) for adapter in case.adapters]
+    case.magnitudes = [norm * rng.uniform(0.5, 2.0, norm.shape) if use else None for norm, use in zip(norms, is_dora)]
+    return case
+
+
+# --- weights that PiSSA and OLoRA start from ----------------------------------------------------------------------
+
+WEIGHT_INITS = ("pissa", "pissa_niter_0", "pissa_niter_3", "olora")
+
+
+@st.composite
+def weight_init_cases(draw, dtype=np.float64) -> tuple[np.ndarray, int, float, str]:
+    """`(W, r, s, init)`: a base weight, a rank that fits it, a scaling and one of the inits computed from the
+    weight (`lora_spec.inits`)."""
+    W = draw(base_weights(dtype))
+    return W, draw(st.integers(1, min(W.shape))), draw(scales), draw(st.sampled_from(WEIGHT_INITS))
+
+
+def low_rank_weight(shape: tuple[int, int], rank: int, seed: int = 0, gap: float = 1.0) -> np.ndarray:
+    """A weight of exactly `rank` directions (singular values 4 down to 1, distinct), plus `gap` times noise."""
+    rng = np.random.default_rng(seed)
+    left = np.linalg.qr(rng.standard_normal((shape[0], rank)))[0]
+    right = np.linalg.qr(rng.standard_normal((shape[1], rank)))[0]
+    noise = rng.standard_normal(shape) * gap
+    return (left * np.linspace(4.0, 1.0, rank)) @ right.T + noise
+
+
+@st.composite
+def spectral_gap_weight_init_cases(draw, dtype=np.float64) -> tuple[np.ndarray, int, float, str]:
+    """As `weight_init_cases`, on a weight whose top r singular values are distinct and far above the others
+    (noise of 1e-6), so that every init's A and B are unique up to the sign of each rank component."""
+    shape = (draw(out_features), draw(in_features))
+    r = draw(st.integers(1, min(shape)))
+    W = low_rank_weight(shape, r, draw(seeds), gap=1e-6).astype(dtype)
+    return W, r, draw(scales), draw(st.sampled_from(WEIGHT_INITS))
 
 
 # --- ONNX graphs with DoRA layers -----------------------------------------------------------------------------------

@@ -129,14 +129,11 @@ def test_dora_and_weight_inits_written_by_peft_read_back(tmp_path, options):
     assert config.init == options.get("init_lora_weights", "kaiming")
 
 
-@pytest.mark.parametrize("config, feature", [(LoRAConfig(use_dora=True), "use_dora=True"),
-                                             (LoRAConfig(init="pissa_niter_2"), "init='pissa_niter_2'"),
-                                             (LoRAConfig(init="olora"), "init='olora'")])
-def test_backends_refuse_dora_and_weight_inits_by_name_until_they_implement_them(config, feature):
-    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
-        resolve_config(config, {})
-    assert "\n" not in str(error.value)
-    assert resolve_config(None, {"init": "gaussian"}).init == "gaussian"
+@pytest.mark.parametrize("config", [LoRAConfig(use_dora=True), LoRAConfig(init="pissa_niter_2"),
+                                    LoRAConfig(init="olora", use_dora=True)])
+def test_dora_and_weight_inits_resolve_unchanged_now_that_both_backends_implement_them(config):
+    assert resolve_config(config, {}) == config
+    assert resolve_config(None, {"use_dora": config.use_dora, "init": config.init}) == config
 
 
 def test_config_written_by_peft_itself_reads_back_with_the_same_math(tmp_path):

@@ -6,33 +6,13 @@ import json
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 from lora_spec import LoRAConfig, dora, inits, reference
 from lora_spec.adapter_io import load_adapter_dir
 from tests import strategies
 from tests.numerics import assert_close
 
-WEIGHT_INITS = ("pissa", "pissa_niter_0", "pissa_niter_3", "olora")
-
-
-@st.composite
-def weight_init_cases(draw, dtype=np.float64):
-    """A base weight, a rank that fits it, a scaling and one of the inits computed from the weight."""
-    W = draw(strategies.base_weights(dtype))
-    return W, draw(st.integers(1, min(W.shape))), draw(strategies.scales), draw(st.sampled_from(WEIGHT_INITS))
-
-
-def _low_rank(shape, rank, seed=0, gap=1.0) -> np.ndarray:
-    """A weight of exactly `rank` directions (singular values 1 to 4), plus `gap` times noise."""
-    rng = np.random.default_rng(seed)
-    left = np.linalg.qr(rng.standard_normal((shape[0], rank)))[0]
-    right = np.linalg.qr(rng.standard_normal((shape[1], rank)))[0]
-    noise = rng.standard_normal(shape) * gap
-    return (left * np.linspace(4.0, 1.0, rank)) @ right.T + noise
-
-
-@given(weight_init_cases(), strategies.seeds)
+@given(strategies.weight_init_cases(), strategies.seeds)
 def test_residual_plus_the_scaled_update_is_the_weight(case, seed):
     W, r, s, init = case
     original = W.copy()
@@ -42,7 +22,7 @@ def test_residual_plus_the_scaled_update_is_the_weight(case, seed):
     assert_close(residual + s * lora_b @ lora_a, W, np.float64, factor=100)
 
 
-@given(weight_init_cases())
+@given(strategies.weight_init_cases())
 def test_pissa_update_is_the_best_rank_r_approximation(case):
     """Eckart-Young: the error of the best rank-r approximation is the norm of the other singular values."""
     W, r, s, _ = case
@@ -54,7 +34,7 @@ def test_pissa_update_is_the_best_rank_r_approximation(case):
 @given(strategies.base_weights(np.float64).filter(lambda W: min(W.shape) > 1), strategies.seeds)
 def test_randomized_pissa_is_exact_on_a_weight_of_rank_r(W, seed):
     r = min(W.shape) - 1
-    weight = _low_rank(W.shape, r, seed, gap=0.0)
+    weight = strategies.low_rank_weight(W.shape, r, seed, gap=0.0)
     exact = inits.pissa_init(weight, r, 2.0)
     fast = inits.pissa_init(weight, r, 2.0, niter=2, rng=np.random.default_rng(seed))
     np.testing.assert_allclose(fast.residual, 0.0, atol=1e-10 * np.abs(weight).max())
@@ -63,7 +43,7 @@ def test_randomized_pissa_is_exact_on_a_weight_of_rank_r(W, seed):
 
 @pytest.mark.parametrize("shape", [(30, 12), (12, 30)])
 def test_svd_lowrank_finds_the_top_triplets_of_a_tall_or_wide_matrix(shape):
-    W = _low_rank(shape, 4, gap=1e-3)
+    W = strategies.low_rank_weight(shape, 4, gap=1e-3)
     U, S, V = inits.svd_lowrank(W, 4, 2, np.random.default_rng(0))
     assert U.shape == (shape[0], 4) and V.shape == (shape[1], 4)
     np.testing.assert_allclose(U.T @ U, np.eye(4), atol=1e-12)
@@ -71,7 +51,7 @@ def test_svd_lowrank_finds_the_top_triplets_of_a_tall_or_wide_matrix(shape):
     np.testing.assert_allclose(S, np.linalg.svd(W, compute_uv=False)[:4], rtol=1e-6)
 
 
-@given(weight_init_cases())
+@given(strategies.weight_init_cases())
 def test_olora_b_has_orthonormal_columns_and_a_is_the_top_of_r(case):
     W, r, s, _ = case
     lora_a, lora_b, _ = inits.olora_init(W, r, s)
@@ -80,7 +60,7 @@ def test_olora_b_has_orthonormal_columns_and_a_is_the_top_of_r(case):
 
 
 def test_half_precision_is_computed_in_float32_and_the_residual_cast_once():
-    W = _low_rank((16, 8), 3, gap=0.1).astype(np.float16)
+    W = strategies.low_rank_weight((16, 8), 3, gap=0.1).astype(np.float16)
     for init in ("pissa", "olora"):
         lora_a, lora_b, residual = inits.init_from_weight(W, init, 3, 0.5)
         assert lora_a.dtype == lora_b.dtype == np.float32 and residual.dtype == np.float16
@@ -105,7 +85,7 @@ def test_bad_weights_and_settings_are_refused_in_one_line(call, message):
 
 # --- conversion to LoRA against the original base --------------------------------------------------------------
 
-@given(weight_init_cases(), strategies.seeds)
+@given(strategies.weight_init_cases(), strategies.seeds)
 def test_the_converted_adapter_on_the_original_base_is_the_trained_adapter_on_the_residual(case, seed):
     W, r, s, init = case
     initial = inits.init_from_weight(W, init, r, s, np.random.default_rng(seed))
@@ -178,7 +158,7 @@ def test_randomized_pissa_finds_pefts_update_on_a_weight_with_a_spectral_gap():
     torch = pytest.importorskip("torch")
     base = torch.nn.Linear(12, 7)
     with torch.no_grad():
-        base.weight.copy_(torch.from_numpy(_low_rank((7, 12), 3, gap=1e-4)))
+        base.weight.copy_(torch.from_numpy(strategies.low_rank_weight((7, 12), 3, gap=1e-4)))
     model, W = _peft_layer("pissa_niter_2", base)
     layer = model.base_model.model["layer"]
     ours = inits.init_from_weight(W, "pissa_niter_2", 3, layer.scaling["default"], np.random.default_rng(0))

@@ -44,3 +44,22 @@ def test_fused_linear_cases_are_disjoint_blocks_of_one_weight(case):
     for layer_rows, columns, A, B, _ in case.layers:
         assert sorted(columns) == list(range(case.in_features))
         assert A.shape == (B.shape[1], case.in_features) and B.shape[0] == len(layer_rows)
+
+
+@given(strategies.dora_adapter_set_cases())
+def test_dora_adapter_sets_hold_a_dora_adapter_with_a_magnitude_of_pefts_shape_on_an_ungrouped_layer(case):
+    from lora_spec import dora
+
+    assert len(case.magnitudes) == len(case.adapters) and any(m is not None for m in case.magnitudes)
+    features = case.W.shape[1 if case.layer == "embedding" else 0]
+    for magnitude in case.magnitudes:
+        assert magnitude is None or magnitude.shape == dora.magnitude_shape(case.layer, features)
+    assert case.layer != "conv2d" or case.base.groups == 1
+
+
+@given(strategies.spectral_gap_weight_init_cases())
+def test_spectral_gap_weights_have_distinct_top_singular_values_far_above_the_rest(case):
+    W, r, _, _ = case
+    values = np.linalg.svd(W, compute_uv=False)
+    assert np.all(np.diff(values[:r]) < -0.1) and values[r - 1] > 0.9
+    assert np.all(values[r:] < 1e-4)

@@ -120,7 +120,7 @@ def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, adapter_n
     from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
 
     check_adapter_name(adapter_name)
-    config = keras_hub_names.keras_config(model, resolve_config(config, overrides, backend="keras"), naming)
+    config = keras_hub_names.keras_config(model, resolve_config(config, overrides), naming)
     return adapt(model, *plan(model, config, adapter_name=adapter_name), adapter_name=adapter_name)
 
 

@@ -1,9 +1,10 @@
 """Adapter files for PyTorch models, in PEFT's format, through `lora_spec.adapter_io`.
 
 Keys follow what PEFT writes: `<path>.lora_A.weight` (embeddings: `<path>.lora_embedding_A`),
-`<path>.<param>` for a module to save, `<path>.base_layer.bias` / `<path>.bias` for trained
-biases. PEFT's `bias="all"` files also hold `<path>.modules_to_save.<param>` and
-`<path>.original_module.<param>` for modules to save; both are read. Several adapters are stored
+`<path>.lora_magnitude_vector` for a DoRA adapter, `<path>.<param>` for a module to save,
+`<path>.base_layer.bias` / `<path>.bias` for trained biases. PEFT's `bias="all"` files also hold
+`<path>.modules_to_save.<param>` and `<path>.original_module.<param>` for modules to save; both
+are read. Several adapters are stored
 as PEFT stores them: `"default"` in the folder itself, any other in `<folder>/<name>/`.
 """
 
@@ -20,10 +21,12 @@ from torch import nn
 from lora_spec.adapter_io import (PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir,
                                   save_adapter_dir)
 from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer_for
-from lora_spec.backends.torch_model import (ACTIVE_ATTRIBUTE, CONFIGS_ATTRIBUTE, ModulesToSave, check_names,
-                                            configs_of, lora_layers, modules_to_save, plan, remove_from_modules,
-                                            refuse_wrapper, set_adapter, unwrap, uses_fan_in_fan_out, wrap)
-from lora_spec.config import LoRAConfig, check_backend_support, config_for_layers
+from lora_spec.backends.torch_model import (ACTIVE_ATTRIBUTE, CONFIGS_ATTRIBUTE, ModulesToSave, check_alone,
+                                            check_names, configs_of, lora_layers, modules_to_save, plan,
+                                            remove_from_modules, refuse_wrapper, set_adapter, unwrap,
+                                            uses_fan_in_fan_out, wrap)
+from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
+from lora_spec.inits import convert_to_lora, converted_config
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
 
 
@@ -51,36 +54,64 @@ def _trained_extras(model: nn.Module, config: LoRAConfig, adapter_name: str) -> 
             yield name, parameter
 
 
-def adapter_file(model: nn.Module, adapter_name: str) -> tuple[dict, AdapterWeights]:
-    """`(adapter_config.json content, tensors)` of one adapter of `model` (unwrapped)."""
+def _file_factors(path: str, adapter_name: str, adapter: nn.Module, convert: bool) -> tuple[np.ndarray, np.ndarray]:
+    """An adapter's `(A, B)` as its file holds them: as trained, or converted to LoRA of the original base."""
+    factors = tuple(to_numpy(factor) for factor in adapter.factors())
+    if not convert:
+        return factors
+    initial = adapter.initial_factors()
+    if initial is None:
+        raise ValueError(f"adapter {adapter_name!r} at {path!r} has no initial factors to convert against (its weights "
+                         "were replaced after the init): save it with convert_to_lora=False.")
+    return convert_to_lora(*factors, *map(to_numpy, initial))
+
+
+def adapter_file(model: nn.Module, adapter_name: str, convert_to_lora: bool = True) -> tuple[dict, AdapterWeights]:
+    """`(adapter_config.json content, tensors)` of one adapter of `model` (unwrapped); an adapter initialised
+    from the base weight is converted to LoRA of the original base unless `convert_to_lora` is False."""
+    config = getattr(model, CONFIGS_ATTRIBUTE)[adapter_name]
+    convert = convert_to_lora and is_weight_init(config.init)
     weights, ranks = AdapterWeights(), {}
     for module_path, layer in lora_layers(model):
         if adapter_name in layer.adapters:
             adapter = layer.adapters[adapter_name]
-            weights.lora[module_path] = tuple(to_numpy(factor) for factor in adapter.factors())
+            weights.lora[module_path] = _file_factors(module_path, adapter_name, adapter, convert)
             ranks[module_path] = (adapter.r, adapter.alpha)
             if isinstance(layer, LoRAEmbedding):
                 weights.embeddings.add(module_path)
-    config = getattr(model, CONFIGS_ATTRIBUTE)[adapter_name]
+            magnitude = getattr(adapter, "lora_magnitude_vector", None)
+            if magnitude is not None:
+                weights.magnitudes[module_path] = to_numpy(magnitude)
     weights.extra = {name: to_numpy(tensor) for name, tensor in _trained_extras(model, config, adapter_name)}
-    config_dict = config_for_layers(config, ranks).to_peft_dict(
+    file_config = config_for_layers(config, ranks)
+    config_dict = (converted_config(file_config) if convert else file_config).to_peft_dict(
         list(ranks), fan_in_fan_out=uses_fan_in_fan_out(model, adapter_name))
     return config_dict, weights
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None,
+                 convert_to_lora: bool = True) -> None:
     """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
 
     `adapter_name` None saves every adapter, a name or a list those only: `"default"` goes in
     `path` itself and any other adapter in `path/<name>/`, as PEFT's `save_pretrained` does, so
     `peft.PeftModel.from_pretrained(base, path)` plus `load_adapter(path/<name>, adapter_name=<name>)`
     read them, and so does `load_adapter(model, path)`. Every adapter is checked before any is written.
+
+    An adapter initialised from the base weight (PiSSA, OLoRA) trains on the residual base. With
+    `convert_to_lora` (the default) it is written as a plain LoRA (or DoRA) adapter of rank 2r of the
+    original base, `[A; A0]` and `[B | -B0]` from the initial factors the layer kept (PEFT's
+    `path_initial_model_for_weight_conversion`): PEFT and `load_adapter` apply it to the unmodified
+    base model. `convert_to_lora=False` writes PEFT's unconverted form (the trained A and B, the init
+    in the config), and loading it re-runs the init on the base model, as PEFT does: right only on
+    the original base model and with a deterministic init ("pissa", "olora"; "pissa_niter_<K>"
+    draws a random test matrix, so only the same `torch.manual_seed` reproduces it).
     """
     names = list(configs_of(model)) if adapter_name is None else (
         [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
     check_names(model, names)
     model = unwrap(model)
-    files = [(adapter_folder(path, name), *adapter_file(model, name)) for name in names]
+    files = [(adapter_folder(path, name), *adapter_file(model, name, convert_to_lora)) for name in names]
     for _, _, weights in files:
         weights.check_finite()
     for folder, config_dict, weights in files:
@@ -168,8 +199,8 @@ def _planned(model: nn.Module, name: str, folder: Path) -> tuple:
     """Read one adapter folder and check it against `model`, which stays untouched."""
     try:
         config, _, weights = load_adapter_dir(folder)
-        check_backend_support(config)
         config, target_paths, save_paths = plan(model, config, require_modules_to_save=False, adapter_name=None)
+        check_alone(model, config, target_paths, name)
         _check_lora(weights, _expected_lora_shapes(model, config, target_paths))
         check_extras_fit(model, weights, save_paths)
     except ValueError as error:
@@ -186,7 +217,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     ranks and alphas are the files'. A model without LoRA gets the loaded adapters with the first
     one active; otherwise the active adapters stay as they were (a replaced one stays active).
     Everything is checked before the model changes: a name or shape that does not fit raises
-    ValueError naming the first offending key, and leaves the model as it was.
+    ValueError naming the first offending key, and leaves the model as it was. A DoRA file's
+    magnitudes load with it; a PiSSA/OLoRA file saved unconverted (its config names the init)
+    re-runs the init on the model's base weight, as PEFT does (see `save_adapter`).
     """
     entries = [(check_adapter_name(adapter_name), Path(path))] if adapter_name is not None else adapter_folders(path)
     wrapper, model = model, unwrap(model)
@@ -196,6 +229,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     elif any(layer.merged for _, layer in lora_layers(model)):
         raise ValueError("the model's adapters are merged: call unmerge(model) before load_adapter.")
     planned = [_planned(model, name, folder) for name, folder in entries]
+    _check_weight_inits_alone(planned)
     active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [planned[0][0]])
     for name, config, target_paths, save_paths, weights in planned:
         if configs is not None and name in configs:
@@ -206,10 +240,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     return wrapper
 
 
+def _check_weight_inits_alone(planned: list[tuple]) -> None:
+    """`check_alone` among the adapters of one load: a PiSSA/OLoRA file may share no module with another."""
+    for name, config, target_paths, *_ in planned:
+        if not is_weight_init(config.init):
+            continue
+        for other, _, other_paths, *_ in planned:
+            shared = sorted(set(target_paths) & set(other_paths)) if other != name else []
+            if shared:
+                raise ValueError(f"adapters {name!r} (init={config.init!r}) and {other!r} both target module "
+                                 f"{shared[0]!r}, whose base weight the first turns into a residual: load them into "
+                                 "separate models, or save the first with convert_to_lora=True.")
+
+
 def _fill(model: nn.Module, name: str, weights: AdapterWeights, save_paths: list[str]) -> None:
     layers = dict(lora_layers(model))
     for module_path, (lora_a, lora_b) in weights.lora.items():
-        layers[module_path].adapters[name].assign(torch.from_numpy(lora_a), torch.from_numpy(lora_b))
+        adapter = layers[module_path].adapters[name]
+        adapter.assign(torch.from_numpy(lora_a), torch.from_numpy(lora_b))
+        if module_path in weights.magnitudes:
+            with torch.no_grad():
+                adapter.lora_magnitude_vector.copy_(torch.from_numpy(weights.magnitudes[module_path]))
     with torch.no_grad():
         for key, value in weights.extra.items():
             extra_tensor(model, key, save_paths, name).copy_(torch.from_numpy(value))

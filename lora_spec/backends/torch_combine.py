@@ -11,7 +11,7 @@ from torch import nn
 from lora_spec.backends.torch_adapter import to_numpy
 from lora_spec.backends.torch_model import (CONFIGS_ATTRIBUTE, check_names, configs_of, lora_layers, modules_to_save,
                                             unwrap)
-from lora_spec.config import config_for_layers
+from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.multi_adapter import COMBINATION_TYPES, Factors, check_adapter_name, combine
 
 
@@ -26,7 +26,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     their targets; its scaling is 1 (alpha = rank, no rsLoRA) and each layer keeps its own rank. A
     module to save is copied from the one adapter with a non-zero weight that trains it (two are
     refused: full tensors cannot be weighted). The new adapter is inactive until `set_adapter`.
-    Everything is checked before the model changes.
+    DoRA adapters and adapters initialised from the base weight (PiSSA, OLoRA) are refused. Everything
+    is checked before the model changes.
     """
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     check_names(model, names)
@@ -39,6 +40,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r} is invalid: use one of "
                          f"{', '.join(map(repr, COMBINATION_TYPES))}.")
+    for name in names:
+        _check_combinable(name, configs[name])
     combination = "linear" if len(names) == 1 else combination_type
     inner = unwrap(model)
     copies = _copied_modules(inner, names, weights)
@@ -67,6 +70,17 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     ranks = {path: (lora_a.shape[0], float(lora_a.shape[0])) for path, (lora_a, _) in combined.items()}
     getattr(inner, CONFIGS_ATTRIBUTE)[adapter_name] = config_for_layers(first, ranks)
     return model
+
+
+def _check_combinable(name: str, config: LoRAConfig) -> None:
+    if config.use_dora:
+        raise ValueError(f"adapter {name!r} is a DoRA adapter: each DoRA adapter rescales its own adapted weight per "
+                         "feature, so a weighted sum of updates has no magnitude that means it (PEFT keeps one that "
+                         "means nothing); combine plain LoRA adapters, or run DoRA adapters with set_adapter.")
+    if is_weight_init(config.init):
+        raise ValueError(f"adapter {name!r} has init={config.init!r}, so its layers' base weights are residuals that a "
+                         "combined adapter beside it would see: save it with convert_to_lora=True, load the converted "
+                         "file into the original model and combine that.")
 
 
 def _copied_modules(model: nn.Module, names: Sequence[str], weights: Sequence[float]) -> dict[str, str]:

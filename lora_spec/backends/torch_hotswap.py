@@ -17,7 +17,7 @@ from lora_spec.adapter_io import load_adapter_dir
 from lora_spec.backends.torch_adapter import PREFIX, extra_tensor, check_extras_fit
 from lora_spec.backends.torch_layers import DEFAULT_ADAPTER, LoRAAdapter, LoRAEmbedding, LoRALayer
 from lora_spec.backends.torch_model import CONFIGS_ATTRIBUTE, check_names, configs_of, lora_layers, modules_to_save, unwrap
-from lora_spec.config import check_backend_support, config_for_layers
+from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 
 _CHECK_COMPILED = ("error", "warn", "ignore")
 
@@ -86,11 +86,12 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     The new adapter may target a subset of the modules holding `adapter_name` (the others get
     zeros), have another alpha, and any rank up to the one `prepare_model_for_compiled_hotswap`
     padded to; then a compiled model runs it without recompiling. Its modules to save must be among
-    the model's. Everything is checked before anything is written.
+    the model's. A DoRA adapter swaps with a DoRA file (its magnitudes too; a module it leaves out gets
+    the base's norm, so it runs the base). Everything is checked before anything is written.
     """
     check_names(model, [adapter_name])
     config, _, weights = load_adapter_dir(path)
-    check_backend_support(config)
+    _check_same_kind(config, configs_of(model)[adapter_name], adapter_name)
     inner = unwrap(model)
     layers = {module_path: layer for module_path, layer in lora_layers(inner) if adapter_name in layer.adapters}
     for module_path, (lora_a, lora_b) in weights.lora.items():
@@ -103,16 +104,33 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
             adapter.assign(*(torch.from_numpy(factor).to(adapter.lora_A) for factor in weights.lora[module_path]))
             _set_scaling(adapter, config.scaling_for(module_path))
             adapter.alpha = config.alpha_for(module_path)
+            if module_path in weights.magnitudes:
+                with torch.no_grad():
+                    adapter.lora_magnitude_vector.copy_(torch.from_numpy(weights.magnitudes[module_path]))
         else:
             with torch.no_grad():
                 adapter.lora_A.zero_()
                 adapter.lora_B.zero_()
+            adapter.initialise(layer)
     with torch.no_grad():
         for key, value in weights.extra.items():
             extra_tensor(inner, key, save_paths, adapter_name).copy_(torch.from_numpy(value))
     ranks = {module_path: (layer.adapters[adapter_name].r, layer.adapters[adapter_name].alpha)
              for module_path, layer in layers.items()}
     getattr(inner, CONFIGS_ATTRIBUTE)[adapter_name] = config_for_layers(config, ranks)
+
+
+def _check_same_kind(new: LoRAConfig, current: LoRAConfig, adapter_name: str) -> None:
+    """A swap writes adapter weights only: the variant must match (as PEFT checks), and the base weight
+    must be the original (not a PiSSA/OLoRA residual) on both sides."""
+    if new.use_dora != current.use_dora:
+        kinds = ("a DoRA", "a plain LoRA") if new.use_dora else ("a plain LoRA", "a DoRA")
+        raise ValueError(f"the new adapter is {kinds[0]} adapter and {adapter_name!r} is {kinds[1]} one: hot-swapping "
+                         "keeps the compiled graph, so swap adapters of the same kind (use_dora), as PEFT requires.")
+    for init, whose in ((new.init, "the new adapter"), (current.init, f"adapter {adapter_name!r}")):
+        if is_weight_init(init):
+            raise ValueError(f"{whose} has init={init!r}, which changes the base weight, and hot-swapping changes only "
+                             "adapter weights: save PiSSA/OLoRA adapters with convert_to_lora=True and swap those.")
 
 
 def _check_fits(module_path: str, layers: dict[str, LoRALayer], adapter_name: str, a_shape: tuple, b_shape: tuple,

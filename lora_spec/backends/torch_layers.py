@@ -2,9 +2,10 @@
 
 Layouts, initialisation and scaling are the reference's (`lora_spec.reference`): a linear's
 `A (r, in)`, `B (out, r)`; an embedding's `A (r, num_embeddings)`, `B (dim, r)`; a conv's
-`A (r, in/groups, kh, kw)`, `B (out, r/groups, 1, 1)`. One `LoRAAdapter` holds one adapter's
-factors and hyper-parameters; the layer adds the updates of its active adapters to the base
-output, or routes each row of a batch through its own adapter (`lora_spec.multi_adapter`).
+`A (r, in/groups, kh, kw)`, `B (out, r/groups, 1, 1)`. One `LoRAAdapter` (or `DoRAAdapter`,
+`torch_variants`) holds one adapter's factors and hyper-parameters; the layer runs its active
+adapters in order on the base output, or routes each row of a batch through its own adapter
+(`lora_spec.multi_adapter`).
 Merging is a state transition tracked by the list of merged adapters; `unmerge` restores the
 weight saved at `merge`, so it is exact in every dtype.
 """
@@ -12,19 +13,22 @@ weight saved at `merge`, so it is exact in every dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_spec import dora
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
-from lora_spec.backends.torch_linear import linear_lora
-from lora_spec.config import LoRAConfig
+from lora_spec.backends.torch_inits import check_weight, init_from_weight, method_name
+from lora_spec.backends.torch_variants import DoRAAdapter, LoRAAdapter, cast_to
+from lora_spec.config import LoRAConfig, is_weight_init
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Routing, check_adapter_name
 
 # Attributes of the one active adapter that a layer shows as its own, as it did with one adapter.
-_SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout")
+_SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout", "lora_magnitude_vector")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -44,63 +48,6 @@ def _plain_ops_required() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting() or torch.onnx.is_in_onnx_export()
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Only when needed: a same-dtype `.to` still shows up as a node in exported graphs.
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-class LoRAAdapter(nn.Module):
-    """One adapter on one layer: the factors `lora_A`, `lora_B` and its rank, alpha, scaling and dropout.
-
-    `scaling` is a float, or a 0-d tensor once the model is prepared for compiled hot-swapping (so
-    that a new alpha does not recompile). The factors may be zero-padded beyond the rank `r` for
-    the same reason; `factors()` gives them at rank `r`.
-    """
-
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: int, alpha: float, scaling: float,
-                 dropout: float, factory: dict) -> None:
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.zeros(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
-        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={float(self.scaling):g}, dropout={self.dropout}"
-
-    @property
-    def groups(self) -> int:
-        """How many groups the factors are split into (a grouped conv's; 1 otherwise)."""
-        return self.lora_A.shape[0] // self.lora_B.shape[1] if self.lora_A.dim() == 4 else 1
-
-    def _grouped(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of factors with the rank split per group: `A (groups, r/groups, ...)`, `B (groups, out/groups,
-        r/groups, ...)`, so that padding and slicing the rank keeps each group's block."""
-        groups, rank = self.groups, lora_a.shape[0]
-        return (lora_a.view(groups, rank // groups, *lora_a.shape[1:]),
-                lora_b.view(groups, lora_b.shape[0] // groups, rank // groups, *lora_b.shape[2:]))
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(A, B)` at rank `r`, without the zero padding hot-swapping may have added."""
-        if self.lora_A.shape[0] == self.r:
-            return self.lora_A, self.lora_B
-        grouped_a, grouped_b = self._grouped(self.lora_A, self.lora_B)
-        per_group = self.r // self.groups
-        return (grouped_a[:, :per_group].reshape(self.r, *self.lora_A.shape[1:]),
-                grouped_b[:, :, :per_group].reshape(self.lora_B.shape[0], per_group, *self.lora_B.shape[2:]))
-
-    def assign(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
-        """Write factors of any rank up to the capacity (zero-padding the rest) and take their rank as `r`."""
-        rank = lora_a.shape[0]
-        new_a, new_b = self._grouped(lora_a.contiguous(), lora_b.contiguous())
-        with torch.no_grad():
-            grouped_a, grouped_b = self._grouped(self.lora_A, self.lora_B)
-            self.lora_A.zero_()
-            self.lora_B.zero_()
-            grouped_a[:, :rank // self.groups] = new_a
-            grouped_b[:, :, :rank // self.groups] = new_b
-        self.r = rank
-
-
 def _rename_single_adapter_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Read state dicts saved when a layer held one adapter (`<layer>.lora_A`) into its first adapter."""
     first = next(iter(module.adapters), None)
@@ -113,13 +60,19 @@ class LoRALayer(nn.Module):
     """A base layer with named adapters: which are active, which are merged, whether adapters are enabled.
 
     Unknown attributes are read from the base layer (`weight`, `in_features`, `nf`, ...), so code
-    that inspects the wrapped module keeps working; `lora_A`, `lora_B`, `r`, `alpha`, `scaling`
-    and `dropout` are those of the one active adapter, read and written (`layer.adapters[name]`
-    for any other).
+    that inspects the wrapped module keeps working; `lora_A`, `lora_B`, `r`, `alpha`, `scaling`,
+    `dropout` and a DoRA adapter's `lora_magnitude_vector` are those of the one active adapter,
+    read and written (`layer.adapters[name]` for any other).
+
+    What an adapter computes is its own (`torch_variants`); a subclass supplies what depends on the
+    kind of layer: the shapes of the factors, the low-rank and base products, the delta in the
+    base weight's layout and the axis of the output features (DoRA's norms, PEFT's axes).
     """
 
+    kind = ""  # the reference's name of the kind of layer (`lora_spec.reference.merge`)
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
@@ -128,7 +81,7 @@ class LoRALayer(nn.Module):
         self.adapter_enabled = True
         self._weight_before_merge: torch.Tensor | None = None
         self._routes: Routing | None = None
-        self.add_adapter(adapter_name, r, alpha, scaling, dropout)
+        self.add_adapter(adapter_name, r, alpha, scaling, dropout, use_dora=use_dora)
         self.register_load_state_dict_pre_hook(_rename_single_adapter_keys)
 
     def __getattr__(self, name: str):
@@ -157,9 +110,30 @@ class LoRALayer(nn.Module):
         """The shapes of `A` and `B` of a rank-`r` adapter on `base_layer`."""
         raise NotImplementedError
 
+    @classmethod
+    def check_adapter(cls, base_layer: nn.Module, r: int, use_dora: bool = False, init: str = "kaiming") -> None:
+        """Raise ValueError, in one line, when `base_layer` cannot hold such an adapter; changes nothing."""
+        cls.lora_shapes(base_layer, r)
+        if use_dora:
+            cls.check_dora(base_layer)
+        if is_weight_init(init):
+            cls.check_weight_init(base_layer, init, r)
+
+    @classmethod
+    def check_dora(cls, base_layer: nn.Module) -> None:
+        """Raise when DoRA does not apply to `base_layer` (every kind has it, but grouped convolutions)."""
+
+    @classmethod
+    def check_weight_init(cls, base_layer: nn.Module, init: str, r: int) -> None:
+        """Raise when `init` (PiSSA, OLoRA) cannot start from `base_layer`'s weight."""
+        raise ValueError(f"init={init!r} computes A and B from a linear layer's weight, and this is "
+                         f"{type(base_layer).__name__}: PEFT's {method_name(init)} covers nn.Linear (and Conv1D) only "
+                         "(it silently ignores the init elsewhere); target linear layers, or use init='kaiming'.")
+
     def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                    init: str | None = None) -> LoRAAdapter:
-        """Add an adapter called `name` (inactive unless it is already named in `active_adapters`).
+                    init: str | None = None, use_dora: bool = False) -> LoRAAdapter:
+        """Add an adapter called `name` (inactive unless it is already named in `active_adapters`); a DoRA
+        adapter with `use_dora`.
 
         Without `init` its factors are zeros; with it, `reset_lora_parameters(init, name)` runs.
         """
@@ -168,15 +142,32 @@ class LoRALayer(nn.Module):
             raise ValueError(f"this layer already has an adapter {name!r}: delete it first or choose another name.")
         weight = self.base_layer.weight
         factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
-        self.adapters[name] = LoRAAdapter(*self.lora_shapes(self.base_layer, r), r, alpha, scaling, dropout, factory)
+        shapes = self.lora_shapes(self.base_layer, r)
+        if use_dora:
+            self.check_dora(self.base_layer)
+            magnitude = dora.magnitude_shape(self.kind, weight.shape[self.feature_axis])
+            self.adapters[name] = DoRAAdapter(*shapes, r, alpha, scaling, dropout, factory, magnitude)
+        else:
+            self.adapters[name] = LoRAAdapter(*shapes, r, alpha, scaling, dropout, factory)
         if init is not None:
             self.reset_lora_parameters(init, name)
         return self.adapters[name]
 
     def delete_adapter(self, name: str) -> None:
-        """Remove the adapter called `name` (unmerged), and its name from the active ones."""
+        """Remove the adapter called `name` (unmerged), and its name from the active ones.
+
+        An adapter initialised from the base weight (PiSSA, OLoRA) gives it back: the residual plus
+        the initial update, the original weight up to rounding.
+        """
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into this layer: unmerge before deleting it.")
+        initial = self.adapters[name].initial_factors()
+        if initial is not None:
+            weight = self.base_layer.weight
+            with torch.no_grad():
+                restored = weight.to(torch.promote_types(weight.dtype, torch.float32))
+                restored = restored + self.adapter_delta(self.adapters[name], restored.dtype, initial)
+                weight.copy_(restored)
         del self.adapters[name]
         self.active_adapters = [active for active in self.active_adapters if active != name]
 
@@ -191,8 +182,17 @@ class LoRALayer(nn.Module):
         return self.adapters[active[0]]
 
     def reset_lora_parameters(self, init: str, adapter_name: str | None = None) -> None:
-        """A by kaiming-uniform (bound 1/sqrt(fan_in)) or N(0, 1/r), B zeros: the update starts at 0."""
+        """Initialise an adapter's factors by `init` (`LoRAConfig.init`), then what its variant derives from
+        them (a DoRA magnitude). PiSSA and OLoRA also turn the base weight into the residual."""
         adapter = self.adapter(adapter_name)
+        if is_weight_init(init):
+            self.init_from_weight(adapter, init)
+        else:
+            self.init_factors(adapter, init)
+        adapter.initialise(self)
+
+    def init_factors(self, adapter: LoRAAdapter, init: str) -> None:
+        """A by kaiming-uniform (bound 1/sqrt(fan_in)) or N(0, 1/r), B zeros: the update starts at 0."""
         with torch.no_grad():
             if init == "gaussian":
                 adapter.lora_A.normal_(0.0, 1.0 / adapter.r)
@@ -201,20 +201,53 @@ class LoRALayer(nn.Module):
                 adapter.lora_A.uniform_(-bound, bound)
             adapter.lora_B.zero_()
 
+    def init_from_weight(self, adapter: LoRAAdapter, init: str) -> None:
+        """PiSSA or OLoRA: the factors from the base weight, which becomes the residual."""
+        self.check_weight_init(self.base_layer, init, adapter.r)
+
     def _running(self) -> list[LoRAAdapter]:
         """The adapters whose updates the forward pass adds: the active ones, unless disabled or merged."""
         if not self.adapter_enabled or self.merged_adapters:
             return []
         return [self.adapters[name] for name in self.active_adapters if name in self.adapters]
 
+    # -- the kind of layer ----------------------------------------------------------------------
+
+    @property
+    def feature_axis(self) -> int:
+        """The axis of the base weight that indexes output features (PEFT's DoRA axis)."""
+        raise NotImplementedError
+
+    def feature_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """The norm of each output feature's slice of a weight in the base layout, in DoRA's magnitude shape."""
+        axis = self.feature_axis
+        norms = torch.linalg.vector_norm(weight, dim=[dim for dim in range(weight.dim()) if dim != axis])
+        return norms.reshape(dora.magnitude_shape(self.kind, weight.shape[axis]))
+
+    def feature_column(self, vector: torch.Tensor) -> torch.Tensor:
+        """A per-feature vector shaped to broadcast along the output features of the base weight."""
+        shape = [1] * self.base_layer.weight.dim()
+        shape[self.feature_axis] = -1
+        return vector.reshape(shape)
+
     # -- merge --------------------------------------------------------------------------------
 
-    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One adapter's `s * B @ A` in the base weight's layout, computed in `dtype` (default: the adapter's)."""
+    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None,
+                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One adapter's `s * B @ A` in the base weight's layout, computed in `dtype` (default: the adapter's);
+        `factors` replace the adapter's `(A, B)`."""
+        lora_a, lora_b = (adapter.lora_A, adapter.lora_B) if factors is None else factors
+        if dtype is not None:
+            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+        return adapter.scaling * self.delta_layout(lora_a, lora_b)
+
+    def delta_layout(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """`B @ A` in the base weight's layout."""
         raise NotImplementedError
 
     def delta_weight(self, dtype: torch.dtype | None = None, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        """The sum of the updates of `adapter_names` (default: the active adapters) in the base weight's layout."""
+        """The sum of the low-rank updates `s * B @ A` of `adapter_names` (default: the active adapters) in the
+        base weight's layout (a DoRA adapter's merge also rescales: see `merged_weight`)."""
         names = [name for name in (self.active_adapters if adapter_names is None else adapter_names)
                  if name in self.adapters]
         compute = dtype or _adapter_dtype(self.base_layer.weight)
@@ -224,13 +257,19 @@ class LoRALayer(nn.Module):
         return delta
 
     def merged_weight(self) -> torch.Tensor:
-        """The base weight plus the active adapters' updates, in at least float32, cast once to the weight's dtype.
+        """The base weight with the active adapters merged in order (each adapter's `merge_into`), in at least
+        float32, cast once to the weight's dtype.
 
-        Raises ValueError when the sum holds NaN or inf; touches nothing.
+        Raises ValueError when the result holds NaN or inf; touches nothing.
         """
         weight = self.base_layer.weight
-        compute = torch.promote_types(weight.dtype, torch.float32)
-        merged = (weight.detach().to(compute) + self.delta_weight(compute)).to(weight.dtype)
+        with torch.no_grad():
+            base = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+            merged = base
+            for name in self.active_adapters:
+                if name in self.adapters:
+                    merged = self.adapters[name].merge_into(self, merged, base)
+            merged = merged.to(weight.dtype)
         if not bool(torch.isfinite(merged).all()):
             raise ValueError(f"merging the adapter into this {type(self.base_layer).__name__} gives NaN or inf "
                              f"weights in {weight.dtype}: check the adapter for overflow, or merge in a wider dtype.")
@@ -269,13 +308,42 @@ class LoRALayer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
+    def dropped(self, x: torch.Tensor, adapter: LoRAAdapter, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        """The low-rank path's input: `x` in the adapter's dtype, through the adapter's dropout when training
+        (or `dropout_mask`, which tests give)."""
+        x = cast_to(x, adapter.lora_A.dtype)
+        if dropout_mask is not None:
+            return x * dropout_mask.keep * dropout_mask.scale
+        return F.dropout(x, adapter.dropout, self.training) if adapter.dropout else x
+
+    def drops_input(self, adapter: LoRAAdapter, dropout_mask: DropoutMask | None = None) -> bool:
+        """Whether `dropped` changes the input (DoRA's formula then needs the base product of the dropped input)."""
+        return dropout_mask is not None or (self.training and bool(adapter.dropout))
+
+    def low_rank(self, adapter: LoRAAdapter, x: torch.Tensor) -> torch.Tensor:
+        """`s * B A x` for an input `x` already `dropped`, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output without its bias, computed in `x`'s dtype."""
+        raise NotImplementedError
+
     def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         """One adapter's scaled low-rank update for input `x` (cast to the adapter's dtype), in the adapter's dtype."""
-        raise NotImplementedError
+        return self.low_rank(adapter, self.dropped(x, adapter, dropout_mask))
+
+    def check_routable(self, names: Sequence[Hashable | None]) -> None:
+        """Raise when one of `names` is an adapter of this layer that routed batches cannot run (DoRA, as in PEFT)."""
+        for name in names:
+            if name in self.adapters and not self.adapters[name].supports_routing:
+                raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
+                                 "PEFT): run its rows as a batch of their own after set_adapter.")
 
     def route(self, routing: Routing | None) -> None:
         """Send the rows of the next batches through the adapters `routing` gives them (rows of no adapter
         or of "__base__": the base alone) instead of the active adapters; None ends routing."""
+        if routing is not None:
+            self.check_routable([name for name, _ in routing.groups])
         self._routes = routing
 
     def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
@@ -284,13 +352,13 @@ class LoRALayer(nn.Module):
         if self._routes is not None and self.adapter_enabled:
             return self._routed(x, result)
         for adapter in self._running():
-            result = self.add_update(result, adapter, x, dropout_mask)
+            result = adapter.add_to(self, result, x, dropout_mask)
         return result
 
     def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
                    dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         """`result` plus one adapter's update for input `x`; a subclass may add in place where autograd allows."""
-        return result + _cast(self.update(adapter, x, dropout_mask), result.dtype)
+        return result + cast_to(self.update(adapter, x, dropout_mask), result.dtype)
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.training or self.merged:
@@ -311,26 +379,24 @@ class LoRALayer(nn.Module):
                     target.copy_(updated)
             else:
                 index = torch.as_tensor(rows, device=x.device)
-                result.index_add_(0, index, _cast(self.update(adapter, x[index]), result.dtype))
+                result.index_add_(0, index, cast_to(self.update(adapter, x[index]), result.dtype))
         return result
-
-    def _dropped(self, x: torch.Tensor, adapter: LoRAAdapter, dropout_mask: DropoutMask | None) -> torch.Tensor:
-        if dropout_mask is not None:
-            return x * dropout_mask.keep * dropout_mask.scale
-        return F.dropout(x, adapter.dropout, self.training) if adapter.dropout else x
 
 
 class LoRALinear(LoRALayer):
     """LoRA around `nn.Linear`, or Hugging Face's `Conv1D` whose weight is `(in, out)` (fan_in_fan_out).
 
-    Eager training with one active adapter runs `linear_lora` (one fused Function, seeded dropout
-    mask from 16-bit draws); otherwise `base(x) + s * ((x @ A.T) @ B.T)` per adapter, in plain ops
-    under tracing, export and compilation.
+    Eager training with one active adapter runs that adapter's fused Function (`train_linear`: one
+    autograd Function, seeded dropout mask from 16-bit draws); otherwise `base(x) + s * ((x @ A.T) @
+    B.T)` per adapter (DoRA's formula for a DoRA adapter), in plain ops under tracing, export and
+    compilation. PiSSA and OLoRA initialise it (a Conv1D's on `W.T`, as PEFT's PiSSA).
     """
 
+    kind = "linear"
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
-        super().__init__(base_layer, r, alpha, scaling, dropout, adapter_name)
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False) -> None:
+        super().__init__(base_layer, r, alpha, scaling, dropout, adapter_name, use_dora)
         self.fan_in_fan_out = is_conv1d(base_layer)
 
     @staticmethod
@@ -344,16 +410,26 @@ class LoRALinear(LoRALayer):
         in_features, out_features = cls.features(base_layer)
         return (r, in_features), (out_features, r)
 
+    @classmethod
+    def check_weight_init(cls, base_layer: nn.Module, init: str, r: int) -> None:
+        check_weight(base_layer.weight.T if is_conv1d(base_layer) else base_layer.weight, init, r)
+
+    @property
+    def feature_axis(self) -> int:
+        return 1 if is_conv1d(self.base_layer) else 0
+
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as `(out, in)`: a transposed view for Conv1D."""
         weight = self.base_layer.weight
         return weight.T if self.fan_in_fan_out else weight
 
-    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
-        lora_a, lora_b = adapter.lora_A, adapter.lora_B
-        if dtype is not None:
-            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-        delta = adapter.scaling * (lora_b @ lora_a)
+    def init_from_weight(self, adapter: LoRAAdapter, init: str) -> None:
+        lora_a, lora_b = init_from_weight(self.weight_out_in(), init, adapter.r, float(adapter.scaling))
+        adapter.assign(lora_a.to(adapter.lora_A.dtype), lora_b.to(adapter.lora_B.dtype))
+        adapter.keep_initial_factors()
+
+    def delta_layout(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        delta = lora_b @ lora_a
         return delta.T if self.fan_in_fan_out else delta
 
     def _fused_path_applies(self, x: torch.Tensor, adapter: LoRAAdapter) -> bool:
@@ -367,13 +443,14 @@ class LoRALinear(LoRALayer):
         if len(running) == 1 and self._routes is None and self._fused_path_applies(x, running[0]):
             adapter = running[0]
             mask = SeededMask.new(adapter.dropout) if dropout_mask is None and adapter.dropout else dropout_mask
-            return linear_lora(x, self.weight_out_in(), self.base_layer.bias, adapter.lora_A, adapter.lora_B,
-                               adapter.scaling, mask)
+            return adapter.train_linear(self, x, mask)
         return super().forward(x, dropout_mask)
 
-    def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
-        hidden = F.linear(self._dropped(_cast(x, adapter.lora_A.dtype), adapter, dropout_mask), adapter.lora_A)
-        return adapter.scaling * F.linear(hidden, adapter.lora_B)
+    def low_rank(self, adapter: LoRAAdapter, x: torch.Tensor) -> torch.Tensor:
+        return adapter.scaling * F.linear(F.linear(x, adapter.lora_A), adapter.lora_B)
+
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, cast_to(self.weight_out_in(), x.dtype))
 
     def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
                    dropout_mask: DropoutMask | None = None) -> torch.Tensor:
@@ -398,24 +475,29 @@ class LoRALinear(LoRALayer):
 class LoRAEmbedding(LoRALayer):
     """LoRA around `nn.Embedding`: `W[ids] + s * A.T[ids] @ B.T`; A starts at zero, B ~ N(0, 1); no dropout."""
 
+    kind = "embedding"
+    feature_axis = 1
+
     @staticmethod
     def lora_shapes(base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num_embeddings, dim = base_layer.weight.shape
         return (r, num_embeddings), (dim, r)
 
-    def reset_lora_parameters(self, init: str, adapter_name: str | None = None) -> None:
-        adapter = self.adapter(adapter_name)
+    def init_factors(self, adapter: LoRAAdapter, init: str) -> None:
         with torch.no_grad():
             adapter.lora_A.zero_()
             adapter.lora_B.normal_()
 
-    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
-        lora_a, lora_b = adapter.lora_A, adapter.lora_B
-        if dtype is not None:
-            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
-        return adapter.scaling * (lora_b @ lora_a).T
+    def delta_layout(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        return (lora_b @ lora_a).T
 
-    def update(self, adapter: LoRAAdapter, ids: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+    def dropped(self, ids: torch.Tensor, adapter: LoRAAdapter, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+        return ids
+
+    def drops_input(self, adapter: LoRAAdapter, dropout_mask: DropoutMask | None = None) -> bool:
+        return False
+
+    def low_rank(self, adapter: LoRAAdapter, ids: torch.Tensor) -> torch.Tensor:
         # padding_idx as the base: the padding row of A gets no gradient, as in PEFT.
         rows = F.embedding(ids, adapter.lora_A.T, padding_idx=self.base_layer.padding_idx)
         return adapter.scaling * (rows @ adapter.lora_B.T)
@@ -425,8 +507,11 @@ class LoRAConv2d(LoRALayer):
     """LoRA around `nn.Conv2d`: A is a conv with the base's geometry and groups, B a grouped 1x1 conv.
 
     Grouping both like the base keeps the update block-diagonal, so it merges exactly; the rank
-    must then be a multiple of `groups`.
+    must then be a multiple of `groups`. DoRA refuses grouped convolutions, as the reference does.
     """
+
+    kind = "conv2d"
+    feature_axis = 0
 
     @staticmethod
     def lora_shapes(base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -437,20 +522,24 @@ class LoRAConv2d(LoRALayer):
                              f"choose r (or its rank_pattern entry) divisible by {groups}.")
         return (r, in_per_group, kernel_h, kernel_w), (out_channels, r // groups, 1, 1)
 
-    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None) -> torch.Tensor:
-        lora_a, lora_b = adapter.lora_A, adapter.lora_B
-        if dtype is not None:
-            lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+    @classmethod
+    def check_dora(cls, base_layer: nn.Module) -> None:
+        a_shape, b_shape = cls.lora_shapes(base_layer, base_layer.groups)
+        dora.check_supported(cls.kind, np.broadcast_to(np.float32(0), a_shape), np.broadcast_to(np.float32(0), b_shape))
+
+    def delta_layout(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         groups, rank = self.base_layer.groups, lora_a.shape[0]
         grouped_a = lora_a.reshape(groups, rank // groups, -1)
         grouped_b = lora_b.reshape(groups, lora_b.shape[0] // groups, rank // groups)
-        return adapter.scaling * (grouped_b @ grouped_a).reshape(lora_b.shape[0], *lora_a.shape[1:])
+        return (grouped_b @ grouped_a).reshape(lora_b.shape[0], *lora_a.shape[1:])
 
-    def update(self, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
-        dropped = self._dropped(_cast(x, adapter.lora_A.dtype), adapter, dropout_mask)
+    def low_rank(self, adapter: LoRAAdapter, x: torch.Tensor) -> torch.Tensor:
         # The base's own conv call, so padding modes and geometry are exactly the base's.
-        hidden = self.base_layer._conv_forward(dropped, adapter.lora_A, None)
+        hidden = self.base_layer._conv_forward(x, adapter.lora_A, None)
         return adapter.scaling * F.conv2d(hidden, adapter.lora_B, groups=self.base_layer.groups)
+
+    def base_product(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, cast_to(self.base_layer.weight, x.dtype), None)
 
 
 def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:
@@ -465,14 +554,14 @@ def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:
 
 
 def adapter_arguments(config: LoRAConfig, path: str) -> dict:
-    """The rank, alpha, scaling and dropout `config` gives the module at `path`."""
+    """The rank, alpha, scaling, dropout and variant `config` gives the module at `path`."""
     return dict(r=config.rank_for(path), alpha=config.alpha_for(path), scaling=config.scaling_for(path),
-                dropout=config.dropout)
+                dropout=config.dropout, use_dora=config.use_dora)
 
 
 def make_lora_layer(module: nn.Module, path: str, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRALayer:
-    """Wrap `module` (found at `path`) with an adapter `adapter_name` of the rank, alpha and init `config`
-    gives that path."""
+    """Wrap `module` (found at `path`) with an adapter `adapter_name` of the rank, alpha, variant and init
+    `config` gives that path."""
     layer = lora_layer_for(module)(module, adapter_name=adapter_name, **adapter_arguments(config, path))
     layer.reset_lora_parameters(config.init, adapter_name)
     return layer

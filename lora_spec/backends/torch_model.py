@@ -15,9 +15,10 @@ from typing import Any
 
 from torch import nn
 
+from lora_spec.backends.torch_inits import method_name
 from lora_spec.backends.torch_layers import (DEFAULT_ADAPTER, LoRALayer, adapter_arguments, is_conv1d,
                                              lora_layer_for, make_lora_layer)
-from lora_spec.config import LoRAConfig, resolve_config
+from lora_spec.config import LoRAConfig, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
 from lora_spec.multi_adapter import BASE_MODEL, Routing, check_adapter_name
 from lora_spec.parameter_counts import TrainableParameters
@@ -150,8 +151,9 @@ def plan(model: nn.Module, config: LoRAConfig, require_modules_to_save: bool = T
 
     An entry of `modules_to_save` that matches nothing raises, unless `require_modules_to_save`
     is False (PEFT's files list task heads such as "classifier" and "score" whether or not the
-    model has them). A target that cannot hold an adapter of its rank raises, naming it, unless
-    it already holds adapter `adapter_name`, which `apply` keeps.
+    model has them). A target that cannot hold the adapter (its rank, DoRA on a grouped conv, PiSSA
+    or OLoRA on a layer that is not linear or whose weight is not floating point) raises, naming
+    it, unless it already holds adapter `adapter_name`, which `apply` keeps.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
@@ -164,7 +166,7 @@ def plan(model: nn.Module, config: LoRAConfig, require_modules_to_save: bool = T
             continue
         base = module.base_layer if isinstance(module, LoRALayer) else module
         try:
-            lora_layer_for(base).lora_shapes(base, config.rank_for(match.path))
+            lora_layer_for(base).check_adapter(base, config.rank_for(match.path), config.use_dora, config.init)
         except ValueError as error:
             raise ValueError(f"module {match.path!r}: {error}") from None
     return config, [m.path for m in matches], save_paths
@@ -179,13 +181,39 @@ def apply(model: nn.Module, config: LoRAConfig | None = None, adapter_name: str 
     adapter, with its own targets, rank and alpha, that stays inactive until `set_adapter`
     (PEFT's `add_adapter`). A module that already holds the adapter keeps it, so applying the same
     name twice does not wrap twice. Trainable afterwards: the active adapters' `lora_A`/`lora_B`
-    and copies of `modules_to_save`, and the biases `config.bias` names ("all": every bias;
-    "lora_only": those of adapted layers).
+    (and a DoRA adapter's `lora_magnitude_vector`) and copies of `modules_to_save`, and the biases
+    `config.bias` names ("all": every bias; "lora_only": those of adapted layers).
+
+    `use_dora=True` adds DoRA adapters (`lora_spec.dora`; grouped convolutions refused);
+    `init="pissa"`, `"pissa_niter_<K>"` or `"olora"` computes A and B from each targeted linear
+    layer's weight, which becomes the residual (those adapters must have their layers to
+    themselves). Everything is checked before the model changes.
     """
     refuse_wrapper(model, "apply LoRA to")
     check_adapter_name(adapter_name)
     config = resolve_config(config, overrides)
-    return wrap(model, *plan(model, config, adapter_name=adapter_name), adapter_name=adapter_name)
+    config, target_paths, save_paths = plan(model, config, adapter_name=adapter_name)
+    check_alone(model, config, target_paths, adapter_name)
+    return wrap(model, config, target_paths, save_paths, adapter_name=adapter_name)
+
+
+def check_alone(model: nn.Module, config: LoRAConfig, target_paths: Sequence[str], adapter_name: str) -> None:
+    """PiSSA and OLoRA turn the base weight into a residual, which every other adapter of the layer
+    would see (PEFT warns about it): refuse either beside the other, naming the module."""
+    for path in target_paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoRALayer):
+            continue
+        others = {name: module.adapters[name] for name in module.adapters if name != adapter_name}
+        on_residual = [name for name, adapter in others.items() if adapter.initial_factors() is not None]
+        if on_residual:
+            raise ValueError(f"module {path!r} holds adapter {on_residual[0]!r}, initialised from its weight (PiSSA or "
+                             "OLoRA), so its base weight is a residual that another adapter would be trained on: "
+                             "target other modules, or delete that adapter first.")
+        if others and is_weight_init(config.init):
+            raise ValueError(f"module {path!r} holds adapter {next(iter(others))!r}, and init={config.init!r} would "
+                             f"turn its base weight into {method_name(config.init)}'s residual under it: give this "
+                             "adapter modules of its own, or delete the other adapter first.")
 
 
 def wrap(model: nn.Module, config: LoRAConfig, target_paths: list[str], save_paths: list[str],
@@ -493,6 +521,8 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
         raise ValueError("the model's adapters are merged, so rows cannot take different adapters: call "
                          "unmerge(model) before routed().")
     switches, routing = _switches(inner), Routing.of(routes)
+    for _, layer in lora_layers(inner):
+        layer.check_routable(routes)
     for module in switches:
         module.route(routing)
     try:

@@ -156,27 +156,6 @@ def test_an_unsupported_peft_field_is_refused_by_name(tmp_path):
         lora.load_adapter(fresh_base(), tmp_path)
 
 
-@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
-@pytest.mark.parametrize("options, feature", [(dict(use_dora=True), "use_dora=True"),
-                                              (dict(init_lora_weights="pissa"), "init='pissa'"),
-                                              (dict(init_lora_weights="olora"), "init='olora'")])
-@pytest.mark.parametrize("already_applied", [False, True])
-def test_dora_and_weight_init_adapters_are_refused_by_name_until_the_backend_has_them(tmp_path, options, feature,
-                                                                                     already_applied):
-    peft_model(fresh_base(), target_modules=["q_proj"], **options).save_pretrained(tmp_path)
-    model = adapted(target_modules=["q_proj"]) if already_applied else fresh_base()
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends") as error:
-        lora.load_adapter(model, tmp_path)
-    assert "\n" not in str(error.value)
-    if already_applied:
-        with pytest.raises(ValueError, match=f"{feature} is not supported by the PyTorch and Keras backends"):
-            lora.hotswap_adapter(model, tmp_path)
-    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
-    with pytest.raises(ValueError, match="use_dora=True is not supported"):
-        lora.apply(fresh_base(), target_modules=["q_proj"], use_dora=True)
-
-
 def test_a_pickled_adapter_is_never_loaded(tmp_path):
     lora.save_adapter(adapted(target_modules=["q_proj"]), tmp_path)
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")

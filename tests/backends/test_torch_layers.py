@@ -14,6 +14,7 @@ transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask  # noqa: E402
 from lora_spec.dropout import keep_probability  # noqa: E402
+from lora_spec.backends import torch_variants  # noqa: E402
 from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALinear  # noqa: E402
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -34,8 +35,9 @@ def with_adapter(layer, lora_a, lora_b):
     return layer
 
 
-def linear_layer(case, layer_type):
-    """A LoRALinear around nn.Linear or GPT-2's Conv1D (weight stored transposed) holding `case`."""
+def linear_layer(case, layer_type, use_dora=False):
+    """A LoRALinear around nn.Linear or GPT-2's Conv1D (weight stored transposed) holding `case`'s adapter (a DoRA
+    adapter with `use_dora`, whose magnitude the caller sets)."""
     out_features, in_features = case.W.shape
     if layer_type == "conv1d":
         base = transformers_pytorch_utils.Conv1D(out_features, in_features)
@@ -51,7 +53,7 @@ def linear_layer(case, layer_type):
         elif case.b is not None:
             base.bias.copy_(tensor(case.b))
     base.weight.requires_grad_(False)
-    layer = LoRALinear(base, case.A.shape[0], alpha=1.0, scaling=case.s)
+    layer = LoRALinear(base, case.A.shape[0], alpha=1.0, scaling=case.s, use_dora=use_dora)
     return with_adapter(layer, case.A, case.B)
 
 
@@ -92,12 +94,13 @@ def test_a_seeded_mask_draws_the_same_mask_every_time():
                                                                 torch.float64).keep)
 
 
-def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch):
+@pytest.mark.parametrize(("use_dora", "function"), [(False, "linear_lora"), (True, "linear_dora")])
+def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch, use_dora, function):
     calls = []
-    original = LoRALinear.forward.__globals__["linear_lora"]
-    monkeypatch.setitem(LoRALinear.forward.__globals__, "linear_lora", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = getattr(torch_variants, function)
+    monkeypatch.setattr(torch_variants, function, lambda *a, **k: calls.append(1) or original(*a, **k))
     base = torch.nn.Linear(4, 3).requires_grad_(False)
-    layer = LoRALinear(base, 2, alpha=2.0, scaling=1.0)
+    layer = LoRALinear(base, 2, alpha=2.0, scaling=1.0, use_dora=use_dora)
     layer.train()(torch.randn(2, 4))
     assert calls == [1]
     layer.eval()(torch.randn(2, 4))
@@ -142,12 +145,13 @@ def test_drawn_masks_keep_each_element_at_the_stated_rate(p):
     assert abs(keep.float().mean().item() - keep_probability(p)) < 3e-3
 
 
-def embedding_layer(case):
+def embedding_layer(case, use_dora=False):
     num, dim = case.W.shape
     base = torch.nn.Embedding(num, dim).to(TORCH_DTYPES[case.W.dtype]).requires_grad_(False)
     with torch.no_grad():
         base.weight.copy_(tensor(case.W))
-    return with_adapter(LoRAEmbedding(base, case.A.shape[0], alpha=1.0, scaling=case.s), case.A, case.B)
+    layer = LoRAEmbedding(base, case.A.shape[0], alpha=1.0, scaling=case.s, use_dora=use_dora)
+    return with_adapter(layer, case.A, case.B)
 
 
 @given(case=strategies.embedding_cases(), grad_seed=strategies.seeds)
@@ -162,7 +166,7 @@ def test_embedding_forward_and_gradients_match_reference(case, grad_seed):
     assert_close(numpy(layer.lora_B.grad), expected.dB, case.W.dtype, factor=10)
 
 
-def conv2d_layer(case):
+def conv2d_layer(case, use_dora=False):
     out_channels, _, kernel_h, kernel_w = case.W.shape
     base = torch.nn.Conv2d(case.x.shape[1], out_channels, (kernel_h, kernel_w), stride=case.stride,
                            padding=case.padding, dilation=case.dilation, groups=case.groups, bias=case.b is not None)
@@ -171,7 +175,8 @@ def conv2d_layer(case):
         base.weight.copy_(tensor(case.W))
         if case.b is not None:
             base.bias.copy_(tensor(case.b))
-    return with_adapter(LoRAConv2d(base, case.A.shape[0], alpha=1.0, scaling=case.s), case.A, case.B)
+    layer = LoRAConv2d(base, case.A.shape[0], alpha=1.0, scaling=case.s, use_dora=use_dora)
+    return with_adapter(layer, case.A, case.B)
 
 
 @given(case=strategies.conv2d_cases(), grad_seed=strategies.seeds)
