@@ -83,12 +83,8 @@ def test_a_weight_init_adapter_saved_as_lora_of_the_original_base_runs_there_in_
     assert config["use_dora"] is use_dora
     assert_close(lora.load_adapter(keras_base(), tmp_path)(IDS), expected, np.float32, factor=50)
     torch, loaders = _torch_loaders()
-    for name, load in loaders.items():
-        try:
-            net = load(torch_twin(torch, keras_base()), tmp_path)
-        except ValueError as error:  # lora_spec.torch without DoRA yet
-            assert name == "lora_spec.torch" and "is not supported by the PyTorch" in str(error)
-            continue
+    for load in loaders.values():
+        net = load(torch_twin(torch, keras_base()), tmp_path)
         assert_close(_torch_outputs(torch, net.eval()), expected, np.float32, factor=50)
 
 
