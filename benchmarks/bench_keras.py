@@ -28,17 +28,25 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
+from interleave import interleaved_medians
 
-import lora_spec.keras as lora  # noqa: E402
-from interleave import interleaved_medians  # noqa: E402
+import lora_spec.keras as lora
 
 WIDTH, DEPTH, BATCH, RANK, ALPHA = 1024, 4, 2048, 16, 32
 TARGETS = [f"dense_{i}" for i in range(DEPTH)]
-ROWS = ["full", "enable_lora", "LoRADense p=0", "LoRADense p=0.1", "LoRADense p=0, Keras's GELU", "frozen base",
-        "DoRA p=0", "DoRA p=0.1"]
+ROWS = [
+    "full",
+    "enable_lora",
+    "LoRADense p=0",
+    "LoRADense p=0.1",
+    "LoRADense p=0, Keras's GELU",
+    "frozen base",
+    "DoRA p=0",
+    "DoRA p=0.1",
+]
 REQUIRED = {("LoRADense p=0", "full"): 0.72, ("LoRADense p=0", "enable_lora"): 0.85, ("DoRA p=0", "full"): 0.80}
 
 
@@ -102,8 +110,10 @@ def time_rows(rounds: int, warmup: int) -> dict[str, float]:
 def table(times: dict[str, float]) -> str:
     lines = ["| row | ms / step | vs full | vs enable_lora |", "|---|---:|---:|---:|"]
     for row in ROWS:
-        lines.append(f"| {row} | {times[row] * 1e3:.1f} | {times[row] / times['full']:.3f} | "
-                     f"{times[row] / times['enable_lora']:.3f} |")
+        lines.append(
+            f"| {row} | {times[row] * 1e3:.1f} | {times[row] / times['full']:.3f} | "
+            f"{times[row] / times['enable_lora']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -111,7 +121,8 @@ def verdicts(times: dict[str, float]) -> str:
     return "\n".join(
         f"{row}/{reference} = {times[row] / times[reference]:.3f} (required <= {limit}): "
         f"{'met' if times[row] / times[reference] <= limit else 'NOT met'}"
-        for (row, reference), limit in REQUIRED.items())
+        for (row, reference), limit in REQUIRED.items()
+    )
 
 
 def main() -> None:
@@ -122,9 +133,11 @@ def main() -> None:
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds} is invalid: use 1 or more.")
     rounds, warmup = (3, 1) if args.quick else (args.rounds, 3)
-    print(f"keras {keras.__version__}, tensorflow {tf.__version__}, {os.cpu_count()} CPUs; MLP {DEPTH}x{WIDTH}, "
-          f"batch {BATCH}, r={RANK}, alpha={ALPHA}, AdamW, step in tf.function; {rounds} interleaved rounds, medians",
-          flush=True)
+    print(
+        f"keras {keras.__version__}, tensorflow {tf.__version__}, {os.cpu_count()} CPUs; MLP {DEPTH}x{WIDTH}, "
+        f"batch {BATCH}, r={RANK}, alpha={ALPHA}, AdamW, step in tf.function; {rounds} interleaved rounds, medians",
+        flush=True,
+    )
     times = time_rows(rounds, warmup)
     print(table(times))
     print(verdicts(times))

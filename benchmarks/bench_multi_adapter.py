@@ -78,12 +78,13 @@ def mixed_batch_rows() -> dict[str, object]:
         def run():
             with lora.routed(ours, routes):
                 ours(x)
+
         return run
 
     def peft_passes():
         for index, name in enumerate(ADAPTERS):
             theirs.set_adapter(name)
-            theirs(x[index * ROWS_PER_ADAPTER:(index + 1) * ROWS_PER_ADAPTER])
+            theirs(x[index * ROWS_PER_ADAPTER : (index + 1) * ROWS_PER_ADAPTER])
 
     return {
         "base model alone": lambda: base(x),
@@ -146,12 +147,16 @@ def hotswap_table(rounds: int, swaps: int) -> str:
 
     x = torch.randn(len(ADAPTERS) * ROWS_PER_ADAPTER, WIDTH, generator=torch.Generator().manual_seed(3))
     rows = {
-        "lora_spec hotswap_adapter": (lambda path: lora.load_adapter(mlp(), path).eval(),
-                                      lambda model: lora.prepare_model_for_compiled_hotswap(model, target_rank=16),
-                                      lambda model, path: lora.hotswap_adapter(model, path, "default")),
-        "PEFT hotswap_adapter": (lambda path: peft.PeftModel.from_pretrained(mlp(), path).eval(),
-                                 lambda model: peft_prepare(model, target_rank=16),
-                                 lambda model, path: peft_hotswap(model, str(path), "default", torch_device="cpu")),
+        "lora_spec hotswap_adapter": (
+            lambda path: lora.load_adapter(mlp(), path).eval(),
+            lambda model: lora.prepare_model_for_compiled_hotswap(model, target_rank=16),
+            lambda model, path: lora.hotswap_adapter(model, path, "default"),
+        ),
+        "PEFT hotswap_adapter": (
+            lambda path: peft.PeftModel.from_pretrained(mlp(), path).eval(),
+            lambda model: peft_prepare(model, target_rank=16),
+            lambda model, path: peft_hotswap(model, str(path), "default", torch_device="cpu"),
+        ),
     }
     samples = {row: [] for row in rows}
     recompiles = {row: 0 for row in rows}
@@ -166,8 +171,10 @@ def hotswap_table(rounds: int, swaps: int) -> str:
                 recompiles[row] += count
     medians = {row: statistics.median(values) for row, values in samples.items()}
     peft_median = medians["PEFT hotswap_adapter"]
-    lines = ["| row | swap + first forward (ms) | vs PEFT | recompiles after the first compile |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "| row | swap + first forward (ms) | vs PEFT | recompiles after the first compile |",
+        "|---|---:|---:|---:|",
+    ]
     for row, seconds in medians.items():
         lines.append(f"| {row} | {seconds * 1e3:.1f} | {seconds / peft_median:.3f} | {recompiles[row]} |")
     return "\n".join(lines)
@@ -182,11 +189,16 @@ def main() -> None:
     args = parser.parse_args()
     rounds, swap_rounds, swaps = (3, 1, 3) if args.quick else (args.rounds, args.swap_rounds, args.swaps)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {DEPTH}x{WIDTH}, {len(ADAPTERS)} adapters "
-          f"r={RANK}, {ROWS_PER_ADAPTER} rows each; {rounds} interleaved rounds, medians", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; MLP {DEPTH}x{WIDTH}, {len(ADAPTERS)} adapters "
+        f"r={RANK}, {ROWS_PER_ADAPTER} rows each; {rounds} interleaved rounds, medians",
+        flush=True,
+    )
     print(mixed_batch_table(rounds), flush=True)
-    print(f"\nhot-swap in a compiled model: {swap_rounds} compiled models per row, {swaps} swaps each, medians",
-          flush=True)
+    print(
+        f"\nhot-swap in a compiled model: {swap_rounds} compiled models per row, {swaps} swaps each, medians",
+        flush=True,
+    )
     print(hotswap_table(swap_rounds, swaps))
 
 

@@ -44,8 +44,14 @@ def small_bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=64,
+    )
     return BertModel(config, add_pooling_layer=False)
 
 
@@ -59,19 +65,32 @@ class _LastHidden(nn.Module):
 
 
 MODELS = {
-    "MLP 4x1024": (mlp, ["0", "2", "4", "6"], lambda batch: {"x": np.random.default_rng(0).standard_normal(
-        (batch, WIDTH)).astype(np.float32)}),
-    "BERT 4x256": (lambda: _LastHidden(small_bert()), ["query", "value"], lambda batch: {
-        "x": np.random.default_rng(0).integers(0, 1000, (batch, SEQUENCE)).astype(np.int64)}),
+    "MLP 4x1024": (
+        mlp,
+        ["0", "2", "4", "6"],
+        lambda batch: {"x": np.random.default_rng(0).standard_normal((batch, WIDTH)).astype(np.float32)},
+    ),
+    "BERT 4x256": (
+        lambda: _LastHidden(small_bert()),
+        ["query", "value"],
+        lambda batch: {"x": np.random.default_rng(0).integers(0, 1000, (batch, SEQUENCE)).astype(np.int64)},
+    ),
 }
 
 
 def export(model: nn.Module, example: dict, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.from_numpy(example["x"]),), str(path), input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        torch.onnx.export(
+            model.eval(),
+            (torch.from_numpy(example["x"]),),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 def build(folder: Path, name: str) -> dict[str, Path]:
@@ -101,18 +120,22 @@ def session(path: Path) -> onnxruntime.InferenceSession:
 def latencies(paths: dict[str, Path], feeds: dict, rounds: int) -> dict[str, float]:
     """Median seconds per run of each variant, in interleaved rounds with a rotating order."""
     sessions = {variant: session(path) for variant, path in paths.items()}
-    return interleaved_medians({variant: lambda runner=runner: runner.run(None, feeds)
-                                for variant, runner in sessions.items()}, rounds)
+    return interleaved_medians(
+        {variant: lambda runner=runner: runner.run(None, feeds) for variant, runner in sessions.items()}, rounds
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batches 1 and 32 only, 5 rounds")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per batch (default 400 for batch 1, 200 for 32, 20 for 512)")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds per batch (default 400 for batch 1, 200 for 32, 20 for 512)"
+    )
     arguments = parser.parse_args()
     batches = (1, 32) if arguments.quick else (1, 32, 512)
-    print(f"onnxruntime {onnxruntime.__version__}, CPU, {THREADS} threads, spinning off; medians of interleaved "
-          "rounds\n")
+    print(
+        f"onnxruntime {onnxruntime.__version__}, CPU, {THREADS} threads, spinning off; medians of interleaved rounds\n"
+    )
     print("| model | batch | base (ms) | merged (ms) | unmerged (ms) | merged / base | unmerged / merged |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench_onnx_latency_") as folder:
@@ -121,9 +144,12 @@ def main() -> None:
             for batch in batches:
                 rounds = arguments.rounds or (5 if arguments.quick else {1: 400, 32: 200}.get(batch, 20))
                 median = latencies(paths, inputs(batch), rounds)
-                print(f"| {name} | {batch} | {median['base'] * 1e3:.2f} | {median['merged'] * 1e3:.2f} | "
-                      f"{median['unmerged'] * 1e3:.2f} | {median['merged'] / median['base']:.3f} | "
-                      f"{median['unmerged'] / median['merged']:.3f} |", flush=True)
+                print(
+                    f"| {name} | {batch} | {median['base'] * 1e3:.2f} | {median['merged'] * 1e3:.2f} | "
+                    f"{median['unmerged'] * 1e3:.2f} | {median['merged'] / median['base']:.3f} | "
+                    f"{median['unmerged'] / median['merged']:.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

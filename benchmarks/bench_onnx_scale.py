@@ -41,6 +41,7 @@ def write_model(folder: Path, layers: int, width: int) -> Path:
     data_name = "model.onnx.data"
     initializers, nodes = [], []
     with open(folder / data_name, "wb") as data:
+
         def external(name: str, values: np.ndarray) -> str:
             proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(values.shape))
             proto.data_location = TensorProto.EXTERNAL
@@ -64,11 +65,18 @@ def write_model(folder: Path, layers: int, width: int) -> Path:
                 helper.make_node("MatMul", [hidden, lora_a], [f"{prefix}.low"], name=f"{prefix}.lora_A"),
                 helper.make_node("MatMul", [f"{prefix}.low", lora_b], [f"{prefix}.update"], name=f"{prefix}.lora_B"),
                 helper.make_node("Mul", [f"{prefix}.update", scale], [f"{prefix}.scaled"], name=f"{prefix}.scale"),
-                helper.make_node("Add", [f"{prefix}.base", f"{prefix}.scaled"], [f"{prefix}.out"], name=f"{prefix}.add"),
+                helper.make_node(
+                    "Add", [f"{prefix}.base", f"{prefix}.scaled"], [f"{prefix}.out"], name=f"{prefix}.add"
+                ),
             ]
             hidden = f"{prefix}.out"
-    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-                              [helper.make_tensor_value_info(hidden, TensorProto.FLOAT, ["batch", width])], initializers)
+    graph = helper.make_graph(
+        nodes,
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(hidden, TensorProto.FLOAT, ["batch", width])],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     (folder / "model.onnx").write_bytes(model.SerializeToString())
     return folder / "model.onnx"
@@ -117,12 +125,22 @@ def main() -> None:
     try:
         model = write_model(folder, layers, width)
         weight_bytes = (folder / "model.onnx.data").stat().st_size
-        print(f"model: {layers} layers of {width} x {width} float32 + LoRA r={RANK}, "
-              f"{weight_bytes / 2**30:.2f} GiB of external data\n")
+        print(
+            f"model: {layers} layers of {width} x {width} float32 + LoRA r={RANK}, "
+            f"{weight_bytes / 2**30:.2f} GiB of external data\n"
+        )
         copy_command = ["cp", str(model), str(model.with_name("model.onnx.data")), str(folder / "copy")]
         (folder / "copy").mkdir()
-        merge_command = [sys.executable, "-c", _MERGE_AND_REPORT, "--merge", str(model),
-                         "-o", str(folder / "merged.onnx"), "-q"]
+        merge_command = [
+            sys.executable,
+            "-c",
+            _MERGE_AND_REPORT,
+            "--merge",
+            str(model),
+            "-o",
+            str(folder / "merged.onnx"),
+            "-q",
+        ]
         copy_times, copy_cpus, merge_times, merge_cpus, merge_peaks = [], [], [], [], []
         for _ in range(rounds):
             elapsed, cpu, _ = timed(copy_command)
@@ -134,16 +152,24 @@ def main() -> None:
             merge_peaks.append(float(output.split()[-1]))
             for path in (folder / "merged.onnx", folder / "merged.onnx.data", *(folder / "copy").iterdir()):
                 path.unlink()
-        copy_time, merge_wall, merge_peak = statistics.median(copy_times), statistics.median(merge_times), max(merge_peaks)
+        copy_time, merge_wall, merge_peak = (
+            statistics.median(copy_times),
+            statistics.median(merge_times),
+            max(merge_peaks),
+        )
         print("| row | median wall (s) | median CPU, user + system (s) | peak RSS (MB) | time / copy |")
         print("|---|---|---|---|---|")
         copy_cpu, merge_cpu = statistics.median(copy_cpus), statistics.median(merge_cpus)
         print(f"| cp of model.onnx + model.onnx.data | {copy_time:.2f} | {copy_cpu:.2f} | - | 1.00 |")
-        print(f"| lora-export --merge (default verification) | {merge_wall:.2f} | {merge_cpu:.2f} | "
-              f"{merge_peak:.0f} | {merge_wall / copy_time:.2f} |")
-        print(f"\npeak RSS of the merge {merge_peak:.0f} MB (target <= {PEAK_RSS_LIMIT_MB}), "
-              f"wall time {merge_wall / copy_time:.2f} x the copy (target <= {TIME_RATIO_LIMIT:g}); "
-              f"{rounds} round(s), medians; the merge runs the default verification.")
+        print(
+            f"| lora-export --merge (default verification) | {merge_wall:.2f} | {merge_cpu:.2f} | "
+            f"{merge_peak:.0f} | {merge_wall / copy_time:.2f} |"
+        )
+        print(
+            f"\npeak RSS of the merge {merge_peak:.0f} MB (target <= {PEAK_RSS_LIMIT_MB}), "
+            f"wall time {merge_wall / copy_time:.2f} x the copy (target <= {TIME_RATIO_LIMIT:g}); "
+            f"{rounds} round(s), medians; the merge runs the default verification."
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

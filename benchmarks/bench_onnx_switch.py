@@ -67,10 +67,20 @@ def build(folder: Path, name: str) -> dict:
         directories.append(folder / f"{stem.name}_adapter{number}")
         lora.save_adapter(adapted, directories[-1])
     served = make_switchable(stem.with_suffix(".onnx"), adapters=directories[:1], progress=False).output
-    files = [pack_adapter(served, [directory], directory.with_suffix(".onnx_adapter"), progress=False).output
-             for directory in directories]
-    merged = [merge_onnx(stem.with_suffix(".onnx"), directory.with_suffix(".merged.onnx"), adapters=[directory],
-                         verify="off", progress=False).output for directory in directories]
+    files = [
+        pack_adapter(served, [directory], directory.with_suffix(".onnx_adapter"), progress=False).output
+        for directory in directories
+    ]
+    merged = [
+        merge_onnx(
+            stem.with_suffix(".onnx"),
+            directory.with_suffix(".merged.onnx"),
+            adapters=[directory],
+            verify="off",
+            progress=False,
+        ).output
+        for directory in directories
+    ]
     return {"served": served, "files": files, "merged": merged}
 
 
@@ -86,8 +96,9 @@ def options_with(path: Path) -> tuple:
 def switch_cost(paths: dict, rounds: int) -> dict[str, float]:
     """Median seconds to activate an adapter file and to create a merged model's session."""
     files = iter(paths["files"] * rounds * 2)
-    return interleaved_medians({"switch": lambda: options_with(next(files)),
-                                "session": lambda: session(paths["merged"][0])}, rounds)
+    return interleaved_medians(
+        {"switch": lambda: options_with(next(files)), "session": lambda: session(paths["merged"][0])}, rounds
+    )
 
 
 def first_run(paths: dict, feeds: dict, rounds: int) -> tuple[float, float]:
@@ -108,9 +119,15 @@ def latencies(paths: dict, feeds: dict, rounds: int, clock) -> dict[str, float]:
     """Median `clock` seconds per run: with an adapter active, without one (rank 0), and of the merged model."""
     served, merged = session(paths["served"]), session(paths["merged"][0])
     options, _adapter = options_with(paths["files"][0])
-    return interleaved_medians({"adapter": lambda: served.run(None, feeds, options),
-                                "rank 0": lambda: served.run(None, feeds),
-                                "merged": lambda: merged.run(None, feeds)}, rounds, clock=clock)
+    return interleaved_medians(
+        {
+            "adapter": lambda: served.run(None, feeds, options),
+            "rank 0": lambda: served.run(None, feeds),
+            "merged": lambda: merged.run(None, feeds),
+        },
+        rounds,
+        clock=clock,
+    )
 
 
 # Each memory case runs in a fresh interpreter: its pages are its own, measured over its baseline.
@@ -141,13 +158,19 @@ print(resident() - before)
 
 def memory(paths: dict, name: str, repeats: int) -> dict[str, float]:
     """Median bytes of resident memory each case adds, each measured in its own process."""
-    arguments = json.dumps({key: [str(path) for path in value] if isinstance(value, list) else str(value)
-                            for key, value in paths.items()})
+    arguments = json.dumps(
+        {key: [str(path) for path in value] if isinstance(value, list) else str(value) for key, value in paths.items()}
+    )
     samples: dict[str, list[int]] = {"served": [], "merged": []}
     for _ in range(repeats):
         for case in samples:
-            done = subprocess.run([sys.executable, "-c", _MEMORY_CASE, case, name, arguments], capture_output=True,
-                                  text=True, check=True, cwd=Path(__file__).parent)
+            done = subprocess.run(
+                [sys.executable, "-c", _MEMORY_CASE, case, name, arguments],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=Path(__file__).parent,
+            )
             samples[case].append(int(done.stdout.split()[-1]))
     return {case: statistics.median(values) for case, values in samples.items()}
 
@@ -160,17 +183,21 @@ def main() -> None:
     batches = (1, 32) if arguments.quick else (1, 32, 512)
     rounds = (lambda batch: 20) if arguments.quick else (lambda batch: {1: 400, 32: 200}.get(batch, 20))
     repeats = 1 if arguments.quick else arguments.memory_repeats
-    print(f"onnxruntime {onnxruntime.__version__}, CPU, {THREADS} threads, spinning off; {ADAPTERS} adapters of rank "
-          f"{RANK}; medians of interleaved rounds\n")
+    print(
+        f"onnxruntime {onnxruntime.__version__}, CPU, {THREADS} threads, spinning off; {ADAPTERS} adapters of rank "
+        f"{RANK}; medians of interleaved rounds\n"
+    )
     switch_rows, latency_rows, memory_rows = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_onnx_switch_") as folder:
         for name, (_, _, inputs) in MODELS.items():
             paths = build(Path(folder), name)
             cost = switch_cost(paths, 20 if arguments.quick else 100)
             first, steady = first_run(paths, inputs(32), 20 if arguments.quick else 50)
-            switch_rows.append(f"| {name} | {cost['switch'] * 1e3:.3f} | {cost['session'] * 1e3:.1f} | "
-                               f"{cost['session'] / cost['switch']:.0f} | {first * 1e3:.2f} | {steady * 1e3:.2f} | "
-                               f"{first / steady:.3f} |")
+            switch_rows.append(
+                f"| {name} | {cost['switch'] * 1e3:.3f} | {cost['session'] * 1e3:.1f} | "
+                f"{cost['session'] / cost['switch']:.0f} | {first * 1e3:.2f} | {steady * 1e3:.2f} | "
+                f"{first / steady:.3f} |"
+            )
             for batch in batches:
                 wall = latencies(paths, inputs(batch), rounds(batch), time.perf_counter)
                 cpu = latencies(paths, inputs(batch), rounds(batch), time.process_time)
@@ -178,25 +205,36 @@ def main() -> None:
                     f"| {name} | {batch} | {wall['merged'] * 1e3:.2f} | {wall['adapter'] * 1e3:.2f} | "
                     f"{wall['rank 0'] * 1e3:.2f} | {wall['adapter'] / wall['merged']:.3f} | "
                     f"{wall['rank 0'] / wall['merged']:.3f} | {cpu['adapter'] / cpu['merged']:.3f} | "
-                    f"{cpu['rank 0'] / cpu['merged']:.3f} |")
+                    f"{cpu['rank 0'] / cpu['merged']:.3f} |"
+                )
             added = memory(paths, name, repeats)
-            memory_rows.append(f"| {name} | {added['served'] / 2**20:.1f} | {added['merged'] / 2**20:.1f} | "
-                               f"{added['served'] / added['merged']:.3f} |")
+            memory_rows.append(
+                f"| {name} | {added['served'] / 2**20:.1f} | {added['merged'] / 2**20:.1f} | "
+                f"{added['served'] / added['merged']:.3f} |"
+            )
             print(f"measured {name}", file=sys.stderr, flush=True)
-    print(f"Switch cost (required: session / switch >= {SWITCH_RATIO_MIN:g}, first run / steady <= {FIRST_RUN_MAX}; "
-          "runs at batch 32):\n")
-    print("| model | load adapter file (ms) | new session of a merged model (ms) | session / switch | first run after "
-          "loading (ms) | steady run (ms) | first / steady |")
+    print(
+        f"Switch cost (required: session / switch >= {SWITCH_RATIO_MIN:g}, first run / steady <= {FIRST_RUN_MAX}; "
+        "runs at batch 32):\n"
+    )
+    print(
+        "| model | load adapter file (ms) | new session of a merged model (ms) | session / switch | first run after "
+        "loading (ms) | steady run (ms) | first / steady |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(switch_rows))
     print(f"\nPer-run latency (required: adapter / merged <= {LATENCY_MAX} at batch 32):\n")
-    print("| model | batch | merged (ms) | switchable, adapter active (ms) | switchable, no adapter (ms) | "
-          "adapter / merged | no adapter / merged | adapter / merged, CPU time | no adapter / merged, CPU time |")
+    print(
+        "| model | batch | merged (ms) | switchable, adapter active (ms) | switchable, no adapter (ms) | "
+        "adapter / merged | no adapter / merged | adapter / merged, CPU time | no adapter / merged, CPU time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(latency_rows))
     print(f"\nResident memory added (required: served / merged <= {MEMORY_MAX}):\n")
-    print(f"| model | 1 switchable session + {ADAPTERS} adapter files (MiB) | {ADAPTERS} merged sessions (MiB) | "
-          "served / merged |")
+    print(
+        f"| model | 1 switchable session + {ADAPTERS} adapter files (MiB) | {ADAPTERS} merged sessions (MiB) | "
+        "served / merged |"
+    )
     print("|---|---|---|---|")
     print("\n".join(memory_rows))
 

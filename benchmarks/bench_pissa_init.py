@@ -29,8 +29,10 @@ def peft_step():
     import peft
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(SIZE, SIZE)), peft.LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules=["0"], init_lora_weights=True))
+    model = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(SIZE, SIZE)),
+        peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["0"], init_lora_weights=True),
+    )
     layer = model.base_model.model[0]
     return lambda: layer.pissa_init("default", INIT)
 
@@ -57,10 +59,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every row once)")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}; {SIZE}x{SIZE} "
-          f"float32, r={RANK}, {INIT}; {rounds} interleaved rounds, medians", flush=True)
-    times = interleaved_medians({ROWS[0]: peft_step(), ROWS[1]: torch_backend_step(), ROWS[2]: reference_step()},
-                                rounds)
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}; {SIZE}x{SIZE} "
+        f"float32, r={RANK}, {INIT}; {rounds} interleaved rounds, medians",
+        flush=True,
+    )
+    times = interleaved_medians(
+        {ROWS[0]: peft_step(), ROWS[1]: torch_backend_step(), ROWS[2]: reference_step()}, rounds
+    )
     print("| row | ms / init | vs PEFT |\n|---|---:|---:|")
     for row in ROWS:
         print(f"| {row} | {times[row] * 1e3:.1f} | {times[row] / times[ROWS[0]]:.3f} |")

@@ -29,8 +29,17 @@ from torch import nn
 DEPTH, BATCH, RANK, ALPHA = 4, 2048, 16, 32
 MINILM_BATCH, MINILM_TOKENS, MINILM_RANK, MINILM_ALPHA = 32, 64, 8, 16
 MINILM_TARGETS = ["query", "key", "value", "dense"]
-ROWS = ["full", "peft p=0", "lora_spec p=0", "peft p=0.1", "lora_spec p=0.1",
-        "peft dora p=0", "lora_spec dora p=0", "peft dora p=0.1", "lora_spec dora p=0.1"]
+ROWS = [
+    "full",
+    "peft p=0",
+    "lora_spec p=0",
+    "peft p=0.1",
+    "lora_spec p=0.1",
+    "peft dora p=0",
+    "lora_spec dora p=0",
+    "peft dora p=0.1",
+    "lora_spec dora p=0.1",
+]
 WORKLOADS = ("mlp", "minilm")
 
 
@@ -73,12 +82,17 @@ def build(row: str, setting: Setting) -> nn.Module:
     if library == "peft":
         import peft
 
-        return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(dropout),
-                                                          target_modules=targets, use_dora=bool(use_dora)))
+        return peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=rank, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets, use_dora=bool(use_dora)
+            ),
+        )
     import lora_spec.torch as lora
 
-    return lora.apply(model, r=rank, alpha=alpha, dropout=float(dropout), target_modules=targets,
-                      use_dora=bool(use_dora))
+    return lora.apply(
+        model, r=rank, alpha=alpha, dropout=float(dropout), target_modules=targets, use_dora=bool(use_dora)
+    )
 
 
 class Trainer:
@@ -117,8 +131,20 @@ def time_rows(setting: Setting, rounds: int, warmup: int) -> dict[str, float]:
 
 def peak_memory(row: str, setting: Setting, steps: int) -> float:
     """Peak resident memory (MiB) of a fresh process that builds `row` and trains `steps` steps."""
-    command = [sys.executable, __file__, "--memory-of", row, "--steps", str(steps), "--workload", setting.workload,
-               "--width", str(setting.width), "--dtype", setting.dtype]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        row,
+        "--steps",
+        str(steps),
+        "--workload",
+        setting.workload,
+        "--width",
+        str(setting.width),
+        "--dtype",
+        setting.dtype,
+    ]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_mib"]
 
@@ -131,16 +157,20 @@ def _report_own_peak(row: str, setting: Setting, steps: int) -> None:
 
 
 def table(times: dict[str, float], memory: dict[str, float] | None) -> str:
-    lines = ["| row | ms / step | vs full | vs PEFT | peak memory (MiB) | memory vs PEFT |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| row | ms / step | vs full | vs PEFT | peak memory (MiB) | memory vs PEFT |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in ROWS:
         peft_row = row.replace("lora_spec", "peft")
         ours = row.startswith("lora_spec")
         versus_peft = f"{times[row] / times[peft_row]:.3f}" if ours else ""
         peak = f"{memory[row]:.0f}" if memory else "-"
         memory_peft = f"{memory[row] / memory[peft_row]:.3f}" if ours and memory else ""
-        lines.append(f"| {row} | {times[row] * 1e3:.1f} | {times[row] / times['full']:.3f} | {versus_peft} | "
-                     f"{peak} | {memory_peft} |")
+        lines.append(
+            f"| {row} | {times[row] * 1e3:.1f} | {times[row] / times['full']:.3f} | {versus_peft} | "
+            f"{peak} | {memory_peft} |"
+        )
     return "\n".join(lines)
 
 
@@ -148,10 +178,14 @@ def describe(setting: Setting, rounds: int) -> str:
     if setting.workload == "mlp":
         model = f"MLP {DEPTH}x{setting.width}, batch {BATCH}, r={RANK}, alpha={ALPHA}"
     else:
-        model = (f"all-MiniLM-L6-v2, batch {MINILM_BATCH}x{MINILM_TOKENS} tokens, r={MINILM_RANK}, "
-                 f"alpha={MINILM_ALPHA} on {'/'.join(MINILM_TARGETS)}")
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {setting.device}, {setting.dtype}; "
-            f"{model}, AdamW; {rounds} interleaved rounds, medians")
+        model = (
+            f"all-MiniLM-L6-v2, batch {MINILM_BATCH}x{MINILM_TOKENS} tokens, r={MINILM_RANK}, "
+            f"alpha={MINILM_ALPHA} on {'/'.join(MINILM_TARGETS)}"
+        )
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {setting.device}, {setting.dtype}; "
+        f"{model}, AdamW; {rounds} interleaved rounds, medians"
+    )
 
 
 def main() -> None:
@@ -160,9 +194,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (each runs every row once)")
     parser.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all", help="which model (default: all)")
     parser.add_argument("--width", type=int, default=1024, help="the MLP's width (default 1024)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="the model's dtype (default float32); LoRA weights stay float32")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; peak memory is measured on the CPU only")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="the model's dtype (default float32); LoRA weights stay float32",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda; peak memory is measured on the CPU only"
+    )
     parser.add_argument("--memory-of", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args(namespace=Setting())

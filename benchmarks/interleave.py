@@ -12,8 +12,12 @@ import time
 from collections.abc import Callable, Mapping
 
 
-def interleaved_medians(steps: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def interleaved_medians(
+    steps: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Median seconds of each row's `step()`, the rows interleaved within each round.
 
     `clock` is wall time by default; `time.process_time` gives the CPU time of every thread of

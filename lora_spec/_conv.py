@@ -15,9 +15,12 @@ def _windows(height: int, width: int, kernel: Pair, stride: Pair, padding: Pair,
     out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     slices = {
-        (i, j): (slice(i * dilation[0], i * dilation[0] + stride[0] * (out_h - 1) + 1, stride[0]),
-                 slice(j * dilation[1], j * dilation[1] + stride[1] * (out_w - 1) + 1, stride[1]))
-        for i in range(kernel[0]) for j in range(kernel[1])
+        (i, j): (
+            slice(i * dilation[0], i * dilation[0] + stride[0] * (out_h - 1) + 1, stride[0]),
+            slice(j * dilation[1], j * dilation[1] + stride[1] * (out_w - 1) + 1, stride[1]),
+        )
+        for i in range(kernel[0])
+        for j in range(kernel[1])
     }
     return slices, (out_h, out_w)
 
@@ -39,7 +42,7 @@ def fold(columns: np.ndarray, x_shape, stride: Pair, padding: Pair, dilation: Pa
     padded = np.zeros(x_shape[:2] + (x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1]), columns.dtype)
     for (i, j), (rows, cols) in slices.items():
         padded[:, :, rows, cols] += columns[:, :, i, j]
-    return padded[:, :, padding[0]:padding[0] + x_shape[2], padding[1]:padding[1] + x_shape[3]]
+    return padded[:, :, padding[0] : padding[0] + x_shape[2], padding[1] : padding[1] + x_shape[3]]
 
 
 def _grouped(columns: np.ndarray, weight: np.ndarray, groups: int):
@@ -50,8 +53,14 @@ def _grouped(columns: np.ndarray, weight: np.ndarray, groups: int):
     return grouped_columns, grouped_weight
 
 
-def conv2d(x: np.ndarray, weight: np.ndarray, stride: Pair = (1, 1), padding: Pair = (0, 0),
-           dilation: Pair = (1, 1), groups: int = 1) -> np.ndarray:
+def conv2d(
+    x: np.ndarray,
+    weight: np.ndarray,
+    stride: Pair = (1, 1),
+    padding: Pair = (0, 0),
+    dilation: Pair = (1, 1),
+    groups: int = 1,
+) -> np.ndarray:
     """Cross-correlation as PyTorch's `conv2d` computes it, without bias."""
     columns = unfold(x, weight.shape[2:], stride, padding, dilation)
     grouped_columns, grouped_weight = _grouped(columns, weight, groups)
@@ -59,8 +68,15 @@ def conv2d(x: np.ndarray, weight: np.ndarray, stride: Pair = (1, 1), padding: Pa
     return y.reshape(x.shape[0], weight.shape[0], *columns.shape[4:])
 
 
-def conv2d_grads(x: np.ndarray, weight: np.ndarray, grad_y: np.ndarray, stride: Pair = (1, 1),
-                 padding: Pair = (0, 0), dilation: Pair = (1, 1), groups: int = 1):
+def conv2d_grads(
+    x: np.ndarray,
+    weight: np.ndarray,
+    grad_y: np.ndarray,
+    stride: Pair = (1, 1),
+    padding: Pair = (0, 0),
+    dilation: Pair = (1, 1),
+    groups: int = 1,
+):
     """Gradients `(dx, dweight)` of `sum(grad_y * conv2d(x, weight))`."""
     columns = unfold(x, weight.shape[2:], stride, padding, dilation)
     grouped_columns, grouped_weight = _grouped(columns, weight, groups)

@@ -11,5 +11,6 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"this part of lora_spec needs {module!r} ({error}): "
-                          f'install it with pip install "lora-spec[{extra}]".') from None
+        raise ImportError(
+            f'this part of lora_spec needs {module!r} ({error}): install it with pip install "lora-spec[{extra}]".'
+        ) from None

@@ -29,8 +29,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _LORA_SUFFIXES = {
-    ".lora_A.weight": ("lora_A", False), ".lora_B.weight": ("lora_B", False),
-    ".lora_embedding_A": ("lora_A", True), ".lora_embedding_B": ("lora_B", True),
+    ".lora_A.weight": ("lora_A", False),
+    ".lora_B.weight": ("lora_B", False),
+    ".lora_embedding_A": ("lora_A", True),
+    ".lora_embedding_B": ("lora_B", True),
 }
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 # PEFT's files end with MAGNITUDE_SUFFIX; its modules hold the tensor one level down, as `.weight`.
@@ -62,8 +64,11 @@ class AdapterWeights:
         """The safetensors content, with PEFT's key names."""
         tensors = {}
         for path, (lora_a, lora_b) in self.lora.items():
-            a_suffix, b_suffix = (".lora_embedding_A", ".lora_embedding_B") if path in self.embeddings else (
-                ".lora_A.weight", ".lora_B.weight")
+            a_suffix, b_suffix = (
+                (".lora_embedding_A", ".lora_embedding_B")
+                if path in self.embeddings
+                else (".lora_A.weight", ".lora_B.weight")
+            )
             tensors[PREFIX + path + a_suffix] = lora_a
             tensors[PREFIX + path + b_suffix] = lora_b
         tensors.update({PREFIX + path + MAGNITUDE_SUFFIX: value for path, value in self.magnitudes.items()})
@@ -82,14 +87,14 @@ class AdapterWeights:
         or a magnitude without a pair or of a shape that does not fit it, raises."""
         weights, halves = cls(), {}
         for key, value in tensors.items():
-            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             magnitude_suffix = next((suffix for suffix in _MAGNITUDE_SUFFIXES if name.endswith(suffix)), None)
             if magnitude_suffix:
-                weights.magnitudes[name[:-len(magnitude_suffix)]] = value
+                weights.magnitudes[name[: -len(magnitude_suffix)]] = value
                 continue
             for suffix, (half, is_embedding) in _LORA_SUFFIXES.items():
                 if name.endswith(suffix):
-                    path = name[:-len(suffix)]
+                    path = name[: -len(suffix)]
                     halves.setdefault(path, {})[half] = value
                     if is_embedding:
                         weights.embeddings.add(path)
@@ -107,14 +112,18 @@ class AdapterWeights:
 
     def _check_magnitude(self, path: str, magnitude: np.ndarray) -> None:
         if path not in self.lora:
-            raise ValueError(f"adapter has a DoRA magnitude for module {path!r} but no lora_A/lora_B: the file is "
-                             "incomplete, re-save it.")
+            raise ValueError(
+                f"adapter has a DoRA magnitude for module {path!r} but no lora_A/lora_B: the file is "
+                "incomplete, re-save it."
+            )
         features = self.lora[path][1].shape[0]
         expected = magnitude_shape(self.layer(path), features)
         if tuple(magnitude.shape) != expected:
-            raise ValueError(f"adapter tensor {path}{MAGNITUDE_SUFFIX} has shape {tuple(magnitude.shape)}, but the "
-                             f"module's lora_B makes {features} output features, so PEFT's shape is {expected}: the "
-                             "file is inconsistent, re-save it.")
+            raise ValueError(
+                f"adapter tensor {path}{MAGNITUDE_SUFFIX} has shape {tuple(magnitude.shape)}, but the "
+                f"module's lora_B makes {features} output features, so PEFT's shape is {expected}: the "
+                "file is inconsistent, re-save it."
+            )
 
 
 def save_adapter_dir(path: str | os.PathLike, config_dict: Mapping[str, Any], weights: AdapterWeights) -> None:
@@ -143,8 +152,11 @@ def load_adapter_dir(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, Any
     if not config_file.is_file():
         raise ValueError(f"{path} has no {CONFIG_NAME}: pass a folder written by save_adapter or PEFT.")
     if not weights_file.is_file():
-        pickled = " (adapter_model.bin is pickle, which lora_spec never loads: re-save it with safetensors)" \
-            if (path / "adapter_model.bin").exists() else ""
+        pickled = (
+            " (adapter_model.bin is pickle, which lora_spec never loads: re-save it with safetensors)"
+            if (path / "adapter_model.bin").exists()
+            else ""
+        )
         raise ValueError(f"{path} has no {WEIGHTS_NAME}{pickled}.")
     try:
         raw = json.loads(config_file.read_text())
@@ -164,11 +176,15 @@ def _check_dora(config: LoRAConfig, weights: AdapterWeights, path: Path) -> None
     if config.use_dora:
         missing = [module for module in weights.lora if module not in weights.magnitudes]
         if missing:
-            raise ValueError(f"{path} is a DoRA adapter (use_dora=true) without a lora_magnitude_vector for module "
-                             f"{missing[0]!r}: the file is incomplete, re-save the adapter.")
+            raise ValueError(
+                f"{path} is a DoRA adapter (use_dora=true) without a lora_magnitude_vector for module "
+                f"{missing[0]!r}: the file is incomplete, re-save the adapter."
+            )
     elif weights.magnitudes:
-        raise ValueError(f"{path} holds DoRA magnitudes (module {next(iter(weights.magnitudes))!r}) but its config "
-                         "has use_dora=false: the files disagree, re-save the adapter.")
+        raise ValueError(
+            f"{path} holds DoRA magnitudes (module {next(iter(weights.magnitudes))!r}) but its config "
+            "has use_dora=false: the files disagree, re-save the adapter."
+        )
 
 
 def adapter_folder(path: str | os.PathLike, adapter_name: str) -> Path:
@@ -185,6 +201,7 @@ def adapter_folders(path: str | os.PathLike) -> list[tuple[str, Path]]:
     found = [(DEFAULT_ADAPTER, path)] if (path / CONFIG_NAME).is_file() else []
     found += sorted((child.name, child) for child in path.iterdir() if (child / CONFIG_NAME).is_file())
     if not found:
-        raise ValueError(f"{path} has no {CONFIG_NAME}, nor subfolders with one: pass a folder written by "
-                         "save_adapter or PEFT.")
+        raise ValueError(
+            f"{path} has no {CONFIG_NAME}, nor subfolders with one: pass a folder written by save_adapter or PEFT."
+        )
     return found

@@ -16,8 +16,14 @@ _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # PEFT fields that describe the run, not the math: read and ignored.
 _PEFT_METADATA = {
-    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-    "revision", "inference_mode", "fan_in_fan_out",
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "fan_in_fan_out",
 }
 # PEFT fields whose value is inert unless another field enables a feature we refuse anyway.
 _PEFT_INERT = {"megatron_core", "qalora_group_size"}
@@ -43,8 +49,10 @@ def layer_index(module_path: str, layers_pattern: str | Sequence[str] | None) ->
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_path)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        found = next(filter(None, (re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_path)
-                                   for pattern in patterns)), None)
+        found = next(
+            filter(None, (re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_path) for pattern in patterns)),
+            None,
+        )
     return None if found is None else int(found.group("idx"))
 
 
@@ -115,14 +123,17 @@ class LoRAConfig:
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora={self.use_rslora!r} is invalid: use True or False.")
         if not (isinstance(self.init, str) and (self.init in _NAMED_INITS or pissa_iterations(self.init) is not None)):
-            raise ValueError(f"init={self.init!r} is invalid: use one of {', '.join(map(repr, INIT_METHODS))} "
-                             "(K an integer >= 0).")
+            raise ValueError(
+                f"init={self.init!r} is invalid: use one of {', '.join(map(repr, INIT_METHODS))} (K an integer >= 0)."
+            )
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"use_dora={self.use_dora!r} is invalid: use True or False.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is invalid: use one of {', '.join(map(repr, BIAS_MODES))}.")
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            object.__setattr__(self, name, _module_names(name, getattr(self, name), allow_regex=name != "modules_to_save"))
+            object.__setattr__(
+                self, name, _module_names(name, getattr(self, name), allow_regex=name != "modules_to_save")
+            )
         for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             patterns = getattr(self, name)
             if not isinstance(patterns, Mapping):
@@ -138,8 +149,9 @@ class LoRAConfig:
         layers, pattern = self.layers_to_transform, self.layers_pattern
         for index in layers if isinstance(layers, (list, tuple)) else () if layers is None else (layers,):
             if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                raise ValueError(f"layers_to_transform={layers!r} is invalid: use a layer index or a list of them "
-                                 "(integers >= 0).")
+                raise ValueError(
+                    f"layers_to_transform={layers!r} is invalid: use a layer index or a list of them (integers >= 0)."
+                )
         if isinstance(layers, (list, tuple)):
             layers = tuple(layers)
             object.__setattr__(self, "layers_to_transform", layers)
@@ -151,9 +163,11 @@ class LoRAConfig:
         if pattern and layers is None:
             raise ValueError("layers_pattern is set without layers_to_transform: give the layer indices too.")
         if layers is not None and isinstance(self.target_modules, str):
-            raise ValueError("layers_to_transform cannot be used when target_modules is a string (a regular expression "
-                             "or 'all-linear'), as in PEFT: list module names, or put the layer indices in the "
-                             "expression.")
+            raise ValueError(
+                "layers_to_transform cannot be used when target_modules is a string (a regular expression "
+                "or 'all-linear'), as in PEFT: list module names, or put the layer indices in the "
+                "expression."
+            )
 
     @property
     def scaling(self) -> float:
@@ -227,7 +241,9 @@ class LoRAConfig:
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             "target_modules": targets,
-            "exclude_modules": list(self.exclude_modules) if isinstance(self.exclude_modules, tuple) else self.exclude_modules,
+            "exclude_modules": list(self.exclude_modules)
+            if isinstance(self.exclude_modules, tuple)
+            else self.exclude_modules,
             "use_rslora": self.use_rslora,
             "bias": self.bias,
             "init_lora_weights": True if self.init == "kaiming" else self.init,
@@ -249,17 +265,36 @@ class LoRAConfig:
         ...) raises `ValueError` naming it: silently dropping it would change the math.
         """
         if peft.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"peft_type={peft['peft_type']!r} is not supported: only LoRA adapters (peft_type 'LORA') load here.")
+            raise ValueError(
+                f"peft_type={peft['peft_type']!r} is not supported: only LoRA adapters (peft_type 'LORA') load here."
+            )
         if peft.get("lora_bias") and peft.get("use_dora"):
-            raise ValueError("adapter config sets lora_bias=true with use_dora=true, which PEFT refuses too: DoRA "
-                             "adapters have no LoRA bias; re-save the adapter without lora_bias.")
-        known = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "bias",
-                 "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                 "layers_pattern", "use_dora"}
+            raise ValueError(
+                "adapter config sets lora_bias=true with use_dora=true, which PEFT refuses too: DoRA "
+                "adapters have no LoRA bias; re-save the adapter without lora_bias."
+            )
+        known = {
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "exclude_modules",
+            "use_rslora",
+            "bias",
+            "init_lora_weights",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "layers_pattern",
+            "use_dora",
+        }
         for name, value in peft.items():
             if name not in known and name not in _PEFT_METADATA and name not in _PEFT_INERT and not _is_off(value):
-                raise ValueError(f"adapter config field {name}={value!r} is not supported by lora_spec: "
-                                 "retrain the adapter without it.")
+                raise ValueError(
+                    f"adapter config field {name}={value!r} is not supported by lora_spec: "
+                    "retrain the adapter without it."
+                )
         target_modules = peft.get("target_modules")
         return cls(
             r=peft.get("r", 8),
@@ -287,8 +322,10 @@ def _init_from_peft(value: Any) -> str:
         return "olora"
     if value in ("gaussian", "pissa") or (isinstance(value, str) and pissa_iterations(value) is not None):
         return value
-    raise ValueError(f"adapter config field init_lora_weights={value!r} is not supported: use true (kaiming), "
-                     "'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora'.")
+    raise ValueError(
+        f"adapter config field init_lora_weights={value!r} is not supported: use true (kaiming), "
+        "'gaussian', 'pissa', 'pissa_niter_<K>' or 'olora'."
+    )
 
 
 def pissa_iterations(init: str) -> int | None:
@@ -312,8 +349,10 @@ def resolve_config(config: LoRAConfig | None, overrides: Mapping[str, Any]) -> L
     The backends' `apply(model, config=None, **overrides)` convention.
     """
     if config is not None and not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
-                        "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords.")
+        raise TypeError(
+            f"config must be a lora_spec.LoRAConfig, not {type(config).__name__}: "
+            "build one with LoRAConfig(r=..., alpha=...) or pass fields as keywords."
+        )
     resolved = (config or LoRAConfig()).replace(**overrides)
     return resolved
 
@@ -344,7 +383,9 @@ def _check_regex(field: str, pattern: Any) -> None:
     try:
         re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"{field} {pattern!r} is not a valid regular expression ({error}): fix or escape it.") from None
+        raise ValueError(
+            f"{field} {pattern!r} is not a valid regular expression ({error}): fix or escape it."
+        ) from None
 
 
 def _module_names(field: str, value: Any, allow_regex: bool) -> str | tuple[str, ...] | None:
@@ -371,14 +412,18 @@ def config_for_layers(config: LoRAConfig, layers: Mapping[str, tuple[int, float]
     """
     paths = list(layers)
     first_rank, first_alpha = layers[paths[0]] if paths else (config.r, config.alpha)
-    base = config.replace(target_modules=tuple(paths) or config.target_modules, layers_to_transform=None,
-                          layers_pattern=None)
+    base = config.replace(
+        target_modules=tuple(paths) or config.target_modules, layers_to_transform=None, layers_pattern=None
+    )
     ranks = {path: rank for path, (rank, _) in layers.items()}
     alphas = {path: alpha for path, (_, alpha) in layers.items()}
-    if all(base.rank_for(path) == rank for path, rank in ranks.items()) and \
-            all(base.alpha_for(path) == alpha for path, alpha in alphas.items()):
+    if all(base.rank_for(path) == rank for path, rank in ranks.items()) and all(
+        base.alpha_for(path) == alpha for path, alpha in alphas.items()
+    ):
         return base
     return base.replace(
-        r=first_rank, alpha=first_alpha,
+        r=first_rank,
+        alpha=first_alpha,
         rank_pattern={f"^{re.escape(path)}": rank for path, rank in ranks.items() if rank != first_rank},
-        alpha_pattern={f"^{re.escape(path)}": alpha for path, alpha in alphas.items() if alpha != first_alpha})
+        alpha_pattern={f"^{re.escape(path)}": alpha for path, alpha in alphas.items() if alpha != first_alpha},
+    )

@@ -55,9 +55,11 @@ def magnitude_shape(layer: str, features: int) -> tuple[int, ...]:
 
 def _check_groups(groups: int) -> None:
     if groups != 1:
-        raise ValueError(f"DoRA on a grouped convolution (groups={groups}) is not supported: PEFT's DoRA puts the "
-                         "update of a grouped convolution in the wrong channels, so its files would not agree with "
-                         "ours; use plain LoRA on grouped convolutions.")
+        raise ValueError(
+            f"DoRA on a grouped convolution (groups={groups}) is not supported: PEFT's DoRA puts the "
+            "update of a grouped convolution in the wrong channels, so its files would not agree with "
+            "ours; use plain LoRA on grouped convolutions."
+        )
 
 
 def check_supported(layer: str, A: np.ndarray, B: np.ndarray) -> None:
@@ -98,8 +100,10 @@ def _factor(W, A, B, s, magnitude, layer: str, norm) -> np.ndarray:
     features = W.shape[_FEATURE_AXIS[layer]]
     expected = magnitude_shape(layer, features)
     if np.shape(magnitude) != expected:
-        raise ValueError(f"DoRA magnitude has shape {np.shape(magnitude)}, but this {layer} layer has {features} output "
-                         f"features, so PEFT's shape is {expected}: the magnitude belongs to another layer.")
+        raise ValueError(
+            f"DoRA magnitude has shape {np.shape(magnitude)}, but this {layer} layer has {features} output "
+            f"features, so PEFT's shape is {expected}: the magnitude belongs to another layer."
+        )
     return magnitude / (weight_norm(W, A, B, s, layer) if norm is None else norm)
 
 
@@ -111,6 +115,7 @@ def _feature_column(vector: np.ndarray, layer: str, ndim: int) -> np.ndarray:
 
 
 # --- linear -----------------------------------------------------------------------------------------------------
+
 
 def dora_forward(x, W, b, A, B, s, magnitude, dropout_mask=None, norm=None) -> np.ndarray:
     """`y = x @ W.T + b + (m/n - 1) * (d(x) @ W.T) + (m/n) * s * (d(x) @ A.T) @ B.T`, d the dropout mask.
@@ -149,6 +154,7 @@ def dora_backward(x, W, A, B, s, magnitude, grad_y, dropout_mask=None, norm=None
 
 # --- embedding --------------------------------------------------------------------------------------------------
 
+
 def dora_embedding_forward(ids, W, A, B, s, magnitude, norm=None) -> np.ndarray:
     """`y = (m/n) * (W[ids] + s * A.T[ids] @ B.T)` for a table `W (num, dim)`; no dropout."""
     factor = _factor(W, A, B, s, magnitude, "embedding", norm)
@@ -162,14 +168,17 @@ def dora_embedding_backward(ids, W, A, B, s, magnitude, grad_y, norm=None) -> Do
     factor = _factor(W, A, B, s, magnitude, "embedding", norm)
     lora = reference.embedding_backward(ids, A, B, s, grad_y * factor)
     direction = reference.embedding_forward(ids, W, A, B, s)
-    return DoRAGradients(dx=None, dA=lora.dA, dB=lora.dB, dmagnitude=_rows(grad_y * direction).sum(axis=0) / norm,
-                         db=None)
+    return DoRAGradients(
+        dx=None, dA=lora.dA, dB=lora.dB, dmagnitude=_rows(grad_y * direction).sum(axis=0) / norm, db=None
+    )
 
 
 # --- conv2d -----------------------------------------------------------------------------------------------------
 
-def dora_conv2d_forward(x, W, b, A, B, s, magnitude, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                        dropout_mask=None, norm=None) -> np.ndarray:
+
+def dora_conv2d_forward(
+    x, W, b, A, B, s, magnitude, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, dropout_mask=None, norm=None
+) -> np.ndarray:
     """`y = conv(x, W) + b + (m/n - 1) * conv(d(x), W) + (m/n) * s * conv1x1(conv(d(x), A), B)`.
 
     `m/n` is `(1, out, 1, 1)`, so it scales output channels. `groups` must be 1 (see the module).
@@ -185,8 +194,21 @@ def dora_conv2d_forward(x, W, b, A, B, s, magnitude, stride=(1, 1), padding=(0, 
     return y + (factor - 1) * _conv.conv2d(x_dropped, W, *geometry) + factor * s * update
 
 
-def dora_conv2d_backward(x, W, A, B, s, magnitude, grad_y, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                         dropout_mask=None, norm=None) -> DoRAGradients:
+def dora_conv2d_backward(
+    x,
+    W,
+    A,
+    B,
+    s,
+    magnitude,
+    grad_y,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups=1,
+    dropout_mask=None,
+    norm=None,
+) -> DoRAGradients:
     """Gradients of `sum(grad_y * dora_conv2d_forward(...))`, `n` held constant, by the chain rule
     through the convolutions (as `dora_backward`, with channels for features)."""
     _check_groups(groups)
@@ -201,13 +223,16 @@ def dora_conv2d_backward(x, W, A, B, s, magnitude, grad_y, stride=(1, 1), paddin
     grad_x_base, _ = _conv.conv2d_grads(x, W, grad_y, *geometry)
     direction = _conv.conv2d(x_dropped, W, *geometry) + s * _conv.conv2d(hidden, B)
     return DoRAGradients(
-        dx=grad_x_base + _dropped(grad_x_rescaled + grad_x_update, dropout_mask), dA=dA, dB=dB,
+        dx=grad_x_base + _dropped(grad_x_rescaled + grad_x_update, dropout_mask),
+        dA=dA,
+        dB=dB,
         dmagnitude=np.sum(grad_y * direction, axis=(0, 2, 3), keepdims=True) / norm,
         db=grad_y.sum(axis=(0, 2, 3)),
     )
 
 
 # --- merge ------------------------------------------------------------------------------------------------------
+
 
 def dora_merge(W, A, B, s, magnitude, layer: str = "linear") -> np.ndarray:
     """`(m/n) * (W + s * delta)` per output feature, computed in at least float32 and cast back to
@@ -229,12 +254,17 @@ def dora_unmerge(W_merged, A, B, s, magnitude, norm, layer: str = "linear") -> n
     compute = np.promote_types(W_merged.dtype, np.float32)
     factor = _factor(W_merged, A, B, s, magnitude, layer, norm)
     unscaled = W_merged.astype(compute) / _feature_column(factor, layer, W_merged.ndim)
-    return reference.unmerge(unscaled, A.astype(compute), B.astype(compute), s, layer,
-                             overwrite_w=True).astype(W_merged.dtype, copy=False)
+    return reference.unmerge(unscaled, A.astype(compute), B.astype(compute), s, layer, overwrite_w=True).astype(
+        W_merged.dtype, copy=False
+    )
 
 
-def merge_adapters(W, adapters: Sequence[tuple[np.ndarray, np.ndarray, float]],
-                   magnitudes: Sequence[np.ndarray | None], layer: str = "linear") -> np.ndarray:
+def merge_adapters(
+    W,
+    adapters: Sequence[tuple[np.ndarray, np.ndarray, float]],
+    magnitudes: Sequence[np.ndarray | None],
+    layer: str = "linear",
+) -> np.ndarray:
     """What several active adapters `(A, B, s)` of one layer add up to in evaluation, as one weight.
 
     Each adapter's update is taken against `W` as if it ran alone: `s * delta` for plain LoRA
@@ -257,12 +287,14 @@ def merge_adapters(W, adapters: Sequence[tuple[np.ndarray, np.ndarray, float]],
         parts_a.append(A.astype(compute))
         # B's first axis indexes the output features in every layout: scaling its rows scales theirs.
         parts_b.append(B.astype(compute) * delta_scale.reshape((-1,) + (1,) * (B.ndim - 1)))
-    return merge_with_feature_scales(W, np.concatenate(parts_a, axis=0), np.concatenate(parts_b, axis=1), weight_scale,
-                                     1.0, layer)
+    return merge_with_feature_scales(
+        W, np.concatenate(parts_a, axis=0), np.concatenate(parts_b, axis=1), weight_scale, 1.0, layer
+    )
 
 
-def merge_with_feature_scales(W, A, B, weight_scale, delta_scale, layer: str = "linear", *,
-                              overwrite_w: bool = False) -> np.ndarray:
+def merge_with_feature_scales(
+    W, A, B, weight_scale, delta_scale, layer: str = "linear", *, overwrite_w: bool = False
+) -> np.ndarray:
     """`weight_scale * W + delta_scale * delta(A, B)` per output feature, in W's layout and dtype.
 
     The scales are scalars or vectors over the output features (any shape holding `out` values).

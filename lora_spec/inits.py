@@ -41,13 +41,17 @@ def _compute_weight(W: np.ndarray, method: str, r: int) -> np.ndarray:
     """W as a float matrix of the compute dtype (W itself when it has it), after the checks every method needs."""
     W = np.asarray(W)
     if W.dtype.kind != "f" and W.dtype.name != "bfloat16":
-        raise ValueError(f"{method} needs a floating-point base weight, not {W.dtype}: initialise it on the float32, "
-                         "float16 or bfloat16 weight and quantise the residual afterwards, as PEFT advises.")
+        raise ValueError(
+            f"{method} needs a floating-point base weight, not {W.dtype}: initialise it on the float32, "
+            "float16 or bfloat16 weight and quantise the residual afterwards, as PEFT advises."
+        )
     if W.ndim != 2:
         raise ValueError(f"{method} initialises linear layers, whose weight is 2-D, not of shape {W.shape}.")
     if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 1 <= r <= min(W.shape):
-        raise ValueError(f"rank r={r!r} does not fit {method} of a {W.shape[0]}x{W.shape[1]} weight: use "
-                         f"1 <= r <= {min(W.shape)}, the number of directions W has.")
+        raise ValueError(
+            f"rank r={r!r} does not fit {method} of a {W.shape[0]}x{W.shape[1]} weight: use "
+            f"1 <= r <= {min(W.shape)}, the number of directions W has."
+        )
     return W.astype(np.promote_types(W.dtype, np.float32), copy=False)
 
 
@@ -63,8 +67,9 @@ def _orthonormal_basis(matrix: np.ndarray) -> np.ndarray:
     return np.linalg.qr(matrix)[0]
 
 
-def svd_lowrank(W: np.ndarray, q: int, niter: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
-                                                                                    np.ndarray]:
+def svd_lowrank(
+    W: np.ndarray, q: int, niter: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(U (m, q), S (q,), V (n, q))` with `W ~ U diag(S) V.T`: `torch.svd_lowrank`'s algorithm.
 
     A random Gaussian `(n, q)` test matrix (from `rng`) spans a guess of W's range, refined by
@@ -81,8 +86,9 @@ def svd_lowrank(W: np.ndarray, q: int, niter: int, rng: np.random.Generator) -> 
     return (U, values, V) if tall is W else (V, values, U)
 
 
-def pissa_init(W: np.ndarray, r: int, s: float, niter: int | None = None,
-               rng: np.random.Generator | None = None) -> WeightInit:
+def pissa_init(
+    W: np.ndarray, r: int, s: float, niter: int | None = None, rng: np.random.Generator | None = None
+) -> WeightInit:
     """PiSSA: A and B from W's top r singular triplets, scaled so that `s * B @ A` is their sum.
 
     `niter=None` takes them from the exact SVD ("pissa"), an integer from `svd_lowrank` with that
@@ -111,19 +117,20 @@ def olora_init(W: np.ndarray, r: int, s: float) -> WeightInit:
     return WeightInit(lora_a, lora_b, _residual(weight, lora_a, lora_b, s, np.asarray(W).dtype))
 
 
-def init_from_weight(W: np.ndarray, init: str, r: int, s: float,
-                     rng: np.random.Generator | None = None) -> WeightInit:
+def init_from_weight(W: np.ndarray, init: str, r: int, s: float, rng: np.random.Generator | None = None) -> WeightInit:
     """A, B and the residual for `init` ("pissa", "pissa_niter_<K>" or "olora", `LoRAConfig.init`)."""
     if init == "olora":
         return olora_init(W, r, s)
     if init == "pissa" or pissa_iterations(init) is not None:
         return pissa_init(W, r, s, pissa_iterations(init), rng)
-    raise ValueError(f"init={init!r} does not compute A and B from the base weight: use 'pissa', 'pissa_niter_<K>' "
-                     "or 'olora'.")
+    raise ValueError(
+        f"init={init!r} does not compute A and B from the base weight: use 'pissa', 'pissa_niter_<K>' or 'olora'."
+    )
 
 
-def convert_to_lora(lora_a: np.ndarray, lora_b: np.ndarray, initial_a: np.ndarray,
-                    initial_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def convert_to_lora(
+    lora_a: np.ndarray, lora_b: np.ndarray, initial_a: np.ndarray, initial_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """A trained adapter of the residual base as a rank-2r adapter of the original base.
 
     `W = residual + s * B0 @ A0`, so `residual + s * B @ A = W + s * (B @ A - B0 @ A0)
@@ -131,8 +138,7 @@ def convert_to_lora(lora_a: np.ndarray, lora_b: np.ndarray, initial_a: np.ndarra
     `converted_config`, which keeps `s` at twice the rank. A DoRA magnitude carries over as it
     is: the adapted weight, hence its norm, is the same.
     """
-    return (np.concatenate([lora_a, initial_a], axis=0),
-            np.concatenate([lora_b, -np.asarray(initial_b)], axis=1))
+    return (np.concatenate([lora_a, initial_a], axis=0), np.concatenate([lora_b, -np.asarray(initial_b)], axis=1))
 
 
 def converted_config(config: LoRAConfig) -> LoRAConfig:
@@ -143,12 +149,19 @@ def converted_config(config: LoRAConfig) -> LoRAConfig:
     rank or alpha patterns is refused, as PEFT refuses it.
     """
     if not is_weight_init(config.init):
-        raise ValueError(f"init={config.init!r} leaves the base weight as it is: only PiSSA and OLoRA adapters need "
-                         "converting to LoRA.")
+        raise ValueError(
+            f"init={config.init!r} leaves the base weight as it is: only PiSSA and OLoRA adapters need "
+            "converting to LoRA."
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        raise ValueError("converting to LoRA is not supported with use_rslora=True and rank_pattern or alpha_pattern, "
-                         "as in PEFT: their scaling cannot be kept at twice the rank.")
+        raise ValueError(
+            "converting to LoRA is not supported with use_rslora=True and rank_pattern or alpha_pattern, "
+            "as in PEFT: their scaling cannot be kept at twice the rank."
+        )
     return config.replace(
-        r=2 * config.r, alpha=config.alpha * (2 ** 0.5 if config.use_rslora else 2), init="kaiming",
+        r=2 * config.r,
+        alpha=config.alpha * (2**0.5 if config.use_rslora else 2),
+        init="kaiming",
         rank_pattern={key: 2 * value for key, value in config.rank_pattern.items()},
-        alpha_pattern={key: 2 * value for key, value in config.alpha_pattern.items()})
+        alpha_pattern={key: 2 * value for key, value in config.alpha_pattern.items()},
+    )

@@ -34,8 +34,10 @@ class Factors(NamedTuple):
 def check_adapter_name(name: object) -> str:
     """`name` if it can name an adapter (letters, digits, `_` and `-`, not `__base__`), else ValueError."""
     if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_MODEL:
-        raise ValueError(f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' (it becomes part of "
-                         f"parameter and folder names), and not {BASE_MODEL!r}, which means the base model.")
+        raise ValueError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' and '-' (it becomes part of "
+            f"parameter and folder names), and not {BASE_MODEL!r}, which means the base model."
+        )
     return name
 
 
@@ -47,15 +49,19 @@ def _groups(adapter: Factors) -> int:
 def _grouped(adapter: Factors, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """`(A_g (groups, r/groups, fan_in), B_g (groups, out/groups, r/groups))`: `delta_g = s * B_g @ A_g`."""
     rank = adapter.A.shape[0]
-    return (adapter.A.reshape(groups, rank // groups, -1),
-            adapter.B.reshape(groups, adapter.B.shape[0] // groups, rank // groups))
+    return (
+        adapter.A.reshape(groups, rank // groups, -1),
+        adapter.B.reshape(groups, adapter.B.shape[0] // groups, rank // groups),
+    )
 
 
 def _ungrouped(grouped_a: np.ndarray, grouped_b: np.ndarray, like: Factors) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of `_grouped`: factors shaped like `like`'s, with the rank of the grouped ones."""
     groups, rank_per_group, _ = grouped_a.shape
-    return (grouped_a.reshape(groups * rank_per_group, *like.A.shape[1:]),
-            grouped_b.reshape(like.B.shape[0], rank_per_group, *like.B.shape[2:]))
+    return (
+        grouped_a.reshape(groups * rank_per_group, *like.A.shape[1:]),
+        grouped_b.reshape(like.B.shape[0], rank_per_group, *like.B.shape[2:]),
+    )
 
 
 def _check(adapters: Sequence[Factors], weights: Sequence[float]) -> int:
@@ -66,15 +72,21 @@ def _check(adapters: Sequence[Factors], weights: Sequence[float]) -> int:
     first = adapters[0]
     groups = _groups(first)
     for adapter in adapters[1:]:
-        if adapter.A.shape[1:] != first.A.shape[1:] or adapter.B.shape[0] != first.B.shape[0] \
-                or _groups(adapter) != groups:
-            raise ValueError(f"adapters of shapes A {first.A.shape}, B {first.B.shape} and A {adapter.A.shape}, "
-                             f"B {adapter.B.shape} are not on the same layer: combine adapters of one base model.")
+        if (
+            adapter.A.shape[1:] != first.A.shape[1:]
+            or adapter.B.shape[0] != first.B.shape[0]
+            or _groups(adapter) != groups
+        ):
+            raise ValueError(
+                f"adapters of shapes A {first.A.shape}, B {first.B.shape} and A {adapter.A.shape}, "
+                f"B {adapter.B.shape} are not on the same layer: combine adapters of one base model."
+            )
     return groups
 
 
-def combine(adapters: Sequence[Factors], weights: Sequence[float], combination_type: str = "svd",
-            svd_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def combine(
+    adapters: Sequence[Factors], weights: Sequence[float], combination_type: str = "svd", svd_rank: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` of one adapter of scaling 1 standing for `sum_k weights[k] * delta_k`.
 
     - `"cat"`: ranks concatenated, `A = [w_k s_k A_k]`, `B = [B_k]`: exact whatever the scalings
@@ -100,21 +112,25 @@ def combine(adapters: Sequence[Factors], weights: Sequence[float], combination_t
     elif combination_type == "linear":
         ranks = sorted({adapter.A.shape[0] for adapter in adapters})
         if len(ranks) > 1:
-            raise ValueError(f"combination_type='linear' needs adapters of one rank, not ranks {ranks}: "
-                             "use 'cat' (exact) or 'svd'.")
+            raise ValueError(
+                f"combination_type='linear' needs adapters of one rank, not ranks {ranks}: use 'cat' (exact) or 'svd'."
+            )
         roots = [np.sqrt(abs(c)) for c in coefficients]
         grouped_a = sum(np.sign(c or 1.0) * root * a for c, root, (a, _) in zip(coefficients, roots, grouped))
         grouped_b = sum(root * b for root, (_, b) in zip(roots, grouped))
     elif combination_type == "svd":
         rank = svd_rank if svd_rank is not None else max(adapter.A.shape[0] for adapter in adapters)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank % groups:
-            raise ValueError(f"svd_rank={svd_rank!r} is invalid: use an integer >= 1" +
-                             (f" and a multiple of the conv's groups={groups}." if groups > 1 else "."))
+            raise ValueError(
+                f"svd_rank={svd_rank!r} is invalid: use an integer >= 1"
+                + (f" and a multiple of the conv's groups={groups}." if groups > 1 else ".")
+            )
         delta = sum(c * (b @ a) for c, (a, b) in zip(coefficients, grouped))
         grouped_a, grouped_b = _truncated_svd(delta, rank // groups)
     else:
-        raise ValueError(f"combination_type={combination_type!r} is invalid: use one of "
-                         f"{', '.join(map(repr, COMBINATION_TYPES))}.")
+        raise ValueError(
+            f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
+        )
     lora_a, lora_b = _ungrouped(grouped_a, grouped_b, like)
     return lora_a.astype(like.A.dtype), lora_b.astype(like.B.dtype)
 
@@ -161,8 +177,13 @@ class Routing(NamedTuple):
         return cls(len(adapter_per_row), row_groups(adapter_per_row))
 
 
-def routed_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None, adapters: Mapping[Hashable, Factors],
-                   adapter_per_row: Sequence[Hashable | None]) -> np.ndarray:
+def routed_forward(
+    x: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray | None,
+    adapters: Mapping[Hashable, Factors],
+    adapter_per_row: Sequence[Hashable | None],
+) -> np.ndarray:
     """A linear layer on a batch whose row `i` (first axis of `x`) goes through adapter `adapter_per_row[i]`,
     or through the base alone for `None` / `"__base__"`: `y[i] = x[i] @ W.T + b + s_k * (x[i] @ A_k.T) @ B_k.T`.
     """

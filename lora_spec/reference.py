@@ -34,20 +34,29 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1])
 
 
-def init_lora_a(shape: tuple[int, ...], fan_in: int, config: LoRAConfig, rng: np.random.Generator,
-                dtype=np.float32) -> np.ndarray:
+def init_lora_a(
+    shape: tuple[int, ...], fan_in: int, config: LoRAConfig, rng: np.random.Generator, dtype=np.float32
+) -> np.ndarray:
     """A by kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or N(0, 1/r)."""
     if is_weight_init(config.init):
-        raise ValueError(f"init={config.init!r} computes A and B from the base weight: use "
-                         "lora_spec.inits.init_from_weight(W, config.init, r, s) instead.")
+        raise ValueError(
+            f"init={config.init!r} computes A and B from the base weight: use "
+            "lora_spec.inits.init_from_weight(W, config.init, r, s) instead."
+        )
     if config.init == "gaussian":
         return rng.normal(0.0, 1.0 / shape[0], shape).astype(dtype)
     bound = 1.0 / np.sqrt(fan_in)
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
-def init(in_features: int, out_features: int, config: LoRAConfig, rng: np.random.Generator,
-         rank: int | None = None, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def init(
+    in_features: int,
+    out_features: int,
+    config: LoRAConfig,
+    rng: np.random.Generator,
+    rank: int | None = None,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` for a linear layer: A `(r, in)` from `init_lora_a`, B `(out, r)` zeros, so delta_W = 0."""
     r = rank or config.r
     return init_lora_a((r, in_features), in_features, config, rng, dtype), np.zeros((out_features, r), dtype)
@@ -90,8 +99,14 @@ def delta_weight(A, B, s) -> np.ndarray:
     return _scaled(B @ A, s)
 
 
-def embedding_init(num_embeddings: int, embedding_dim: int, config: LoRAConfig, rng: np.random.Generator,
-                   rank: int | None = None, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def embedding_init(
+    num_embeddings: int,
+    embedding_dim: int,
+    config: LoRAConfig,
+    rng: np.random.Generator,
+    rank: int | None = None,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` for an embedding, as PEFT: A `(r, num_embeddings)` zeros, B `(dim, r)` ~ N(0, 1)."""
     r = rank or config.r
     return np.zeros((r, num_embeddings), dtype), rng.standard_normal((embedding_dim, r)).astype(dtype)
@@ -115,9 +130,16 @@ def embedding_delta_weight(A, B, s) -> np.ndarray:
     return s * (B @ A).T
 
 
-def conv2d_init(in_channels: int, out_channels: int, kernel_size: tuple[int, int], config: LoRAConfig,
-                rng: np.random.Generator, groups: int = 1, rank: int | None = None,
-                dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def conv2d_init(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    config: LoRAConfig,
+    rng: np.random.Generator,
+    groups: int = 1,
+    rank: int | None = None,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` for a conv: A `(r, in/groups, kh, kw)`, B `(out, r/groups, 1, 1)` zeros.
 
     With `groups > 1` both low-rank convs are grouped like the base, so the update stays
@@ -131,8 +153,9 @@ def conv2d_init(in_channels: int, out_channels: int, kernel_size: tuple[int, int
     return init_lora_a(shape, fan_in, config, rng, dtype), np.zeros((out_channels, r // groups, 1, 1), dtype)
 
 
-def conv2d_forward(x, W, b, A, B, s, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                   dropout_mask=None) -> np.ndarray:
+def conv2d_forward(
+    x, W, b, A, B, s, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, dropout_mask=None
+) -> np.ndarray:
     """`y = conv(x, W) + b + s * conv1x1(conv(x * mask, A), B)`; A takes the base's geometry."""
     y = _conv.conv2d(x, W, stride, padding, dilation, groups)
     if b is not None:
@@ -141,8 +164,9 @@ def conv2d_forward(x, W, b, A, B, s, stride=(1, 1), padding=(0, 0), dilation=(1,
     return y + s * _conv.conv2d(hidden, B, groups=groups)
 
 
-def conv2d_backward(x, W, A, B, s, grad_y, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                    dropout_mask=None) -> Gradients:
+def conv2d_backward(
+    x, W, A, B, s, grad_y, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, dropout_mask=None
+) -> Gradients:
     """Gradients of `sum(grad_y * conv2d_forward(...))`, by the chain rule through the three convs."""
     geometry = (stride, padding, dilation, groups)
     x_dropped = _dropped(x, dropout_mask)
@@ -150,8 +174,9 @@ def conv2d_backward(x, W, A, B, s, grad_y, stride=(1, 1), padding=(0, 0), dilati
     grad_hidden, dB = _conv.conv2d_grads(hidden, B, s * grad_y, groups=groups)
     grad_x_dropped, dA = _conv.conv2d_grads(x_dropped, A, grad_hidden, *geometry)
     grad_x_base, _ = _conv.conv2d_grads(x, W, grad_y, *geometry)
-    return Gradients(dx=grad_x_base + _dropped(grad_x_dropped, dropout_mask), dA=dA, dB=dB,
-                     db=grad_y.sum(axis=(0, 2, 3)))
+    return Gradients(
+        dx=grad_x_base + _dropped(grad_x_dropped, dropout_mask), dA=dA, dB=dB, db=grad_y.sum(axis=(0, 2, 3))
+    )
 
 
 def conv2d_delta_weight(A, B, s) -> np.ndarray:

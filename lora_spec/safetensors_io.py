@@ -15,8 +15,15 @@ import numpy as np
 from lora_spec._files import write_bytes_atomic
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _NAMES = {np.dtype(dtype): name for name, dtype in _DTYPES.items()}
 
@@ -32,10 +39,15 @@ def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: M
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         if array.dtype not in _NAMES:
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store here: "
-                             "convert it to float32.")
+            raise ValueError(
+                f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store here: convert it to float32."
+            )
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -51,9 +63,9 @@ def load(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]
         header_length = int.from_bytes(blob[:8], "little")
         if len(blob) < 8 or 8 + header_length > len(blob):
             raise ValueError("header length points past the end of the file")
-        header = json.loads(blob[8:8 + header_length])
+        header = json.loads(blob[8 : 8 + header_length])
         metadata = header.pop("__metadata__", None) or {}
-        data = memoryview(blob)[8 + header_length:]
+        data = memoryview(blob)[8 + header_length :]
         return {name: _tensor(entry, data) for name, entry in header.items()}, metadata
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise SafetensorsError(f"{path} is not a valid safetensors file ({error}): re-save the adapter.") from None

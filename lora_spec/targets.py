@@ -11,8 +11,20 @@ ADAPTABLE_KINDS = ("linear", "embedding", "conv2d")
 
 # Attention projections the LoRA paper adapts (query and value), under the names of common
 # architectures: Llama/OPT, BERT, GPT-2 (fused qkv), T5, DistilBERT, Falcon/Bloom, MPT, Phi.
-ATTENTION_TARGETS = ("q_proj", "v_proj", "query", "value", "c_attn", "q", "v", "q_lin", "v_lin",
-                     "query_key_value", "Wqkv", "qkv_proj")
+ATTENTION_TARGETS = (
+    "q_proj",
+    "v_proj",
+    "query",
+    "value",
+    "c_attn",
+    "q",
+    "v",
+    "q_lin",
+    "v_lin",
+    "query_key_value",
+    "Wqkv",
+    "qkv_proj",
+)
 ALL_LINEAR = "all-linear"
 
 
@@ -55,12 +67,16 @@ def select_targets(modules: Sequence[ModuleInfo], config: LoRAConfig) -> tuple[L
     unsupported = [m for m in matches if m.kind not in ADAPTABLE_KINDS]
     if unsupported:
         bad = unsupported[0]
-        raise ValueError(f"target module {bad.path!r} is a {bad.type_name}, which LoRA cannot wrap: target its "
-                         f"linear, embedding or conv2d children instead.")
+        raise ValueError(
+            f"target module {bad.path!r} is a {bad.type_name}, which LoRA cannot wrap: target its "
+            f"linear, embedding or conv2d children instead."
+        )
     if not matches:
         names = sorted({_leaf(m.path) for m in modules if m.kind in ADAPTABLE_KINDS})
-        raise ValueError(f"target_modules={config.target_modules!r} matched no module: the model's adaptable "
-                         f"modules are named {', '.join(names) or '(none)'}.")
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module: the model's adaptable "
+            f"modules are named {', '.join(names) or '(none)'}."
+        )
     return config, matches
 
 
@@ -74,6 +90,7 @@ def modules_to_save_paths(modules: Sequence[ModuleInfo], config: LoRAConfig, req
     for name in (config.modules_to_save or ()) if require else ():
         if not any(path == name or path.endswith("." + name) for path in paths):
             names = ", ".join(sorted({_leaf(m.path) for m in modules if m.path})[:8])
-            raise ValueError(f"modules_to_save entry {name!r} matched no module: use a module name of the model "
-                             f"such as {names}.")
+            raise ValueError(
+                f"modules_to_save entry {name!r} matched no module: use a module name of the model such as {names}."
+            )
     return paths

@@ -33,7 +33,8 @@ in_features = st.shared(st.integers(1, MAX_FEATURES), key="in_features")
 out_features = st.shared(st.integers(1, MAX_FEATURES), key="out_features")
 ranks = st.shared(st.integers(1, MAX_RANK), key="rank")
 batch_shapes = st.shared(
-    st.lists(st.integers(1, MAX_BATCH_SIZE), min_size=1, max_size=MAX_BATCH_DIMS).map(tuple), key="batch_shape")
+    st.lists(st.integers(1, MAX_BATCH_SIZE), min_size=1, max_size=MAX_BATCH_DIMS).map(tuple), key="batch_shape"
+)
 dropout_probabilities = st.floats(0.0, MAX_DROPOUT)
 
 
@@ -98,8 +99,15 @@ def linear_cases(draw, dtype=None, dropout: bool = True) -> LinearCase:
     x = draw(inputs(dtype))
     bias = draw(st.none() | st.tuples(out_features).flatmap(lambda s: arrays(s, dtype)))
     mask = draw(dropout_masks(x.shape, dtype)) if dropout else None
-    return LinearCase(x=x, W=draw(base_weights(dtype)), b=bias, A=draw(lora_a(dtype)), B=draw(lora_b(dtype)),
-                      s=draw(scales), dropout_mask=mask)
+    return LinearCase(
+        x=x,
+        W=draw(base_weights(dtype)),
+        b=bias,
+        A=draw(lora_a(dtype)),
+        B=draw(lora_b(dtype)),
+        s=draw(scales),
+        dropout_mask=mask,
+    )
 
 
 @dataclasses.dataclass
@@ -119,8 +127,13 @@ def embedding_cases(draw, dtype=None) -> EmbeddingCase:
     num, dim, r = draw(st.integers(1, MAX_VOCABULARY)), draw(out_features), draw(ranks)
     batch = draw(batch_shapes)
     ids = np.random.default_rng(draw(seeds)).integers(0, num, batch)
-    return EmbeddingCase(ids=ids, W=draw(arrays((num, dim), dtype)), A=draw(arrays((r, num), dtype, 0.5)),
-                         B=draw(arrays((dim, r), dtype, 0.5)), s=draw(scales))
+    return EmbeddingCase(
+        ids=ids,
+        W=draw(arrays((num, dim), dtype)),
+        A=draw(arrays((r, num), dtype, 0.5)),
+        B=draw(arrays((dim, r), dtype, 0.5)),
+        s=draw(scales),
+    )
 
 
 @dataclasses.dataclass
@@ -159,7 +172,11 @@ def conv2d_cases(draw, dtype=None, dropout: bool = True, max_groups: int = MAX_G
         b=draw(st.none() | arrays((out_channels,), dtype)),
         A=draw(arrays((r, in_channels // groups, *kernel), dtype, 0.5)),
         B=draw(arrays((out_channels, r // groups, 1, 1), dtype, 0.5)),
-        s=draw(scales), stride=stride, padding=padding, dilation=dilation, groups=groups,
+        s=draw(scales),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
         dropout_mask=draw(dropout_masks(x.shape, dtype)) if dropout else None,
     )
 
@@ -173,8 +190,11 @@ class DoRACase:
     magnitude: np.ndarray
 
 
-LAYER_CASES = {"linear": linear_cases, "embedding": embedding_cases,
-               "conv2d": lambda dtype=None, dropout=True: conv2d_cases(dtype=dtype, dropout=dropout, max_groups=1)}
+LAYER_CASES = {
+    "linear": linear_cases,
+    "embedding": embedding_cases,
+    "conv2d": lambda dtype=None, dropout=True: conv2d_cases(dtype=dtype, dropout=dropout, max_groups=1),
+}
 
 
 @st.composite
@@ -212,9 +232,25 @@ class LoRAGraphCase:
 
 
 PLAIN_LORA_LAYOUT = dict(
-    base="MatMul", reshaped=False, trans_b=False, alpha=1.0, bias="add_before", lora_a_op="MatMul",
-    lora_b_op="MatMul", lora_a_trans=False, lora_b_trans=False, product_alpha=1.0, scale_at="after", scale_op="Mul",
-    scale_first=False, add_base_first=True, cast=False, identity=False, dropout=False, shared=None)
+    base="MatMul",
+    reshaped=False,
+    trans_b=False,
+    alpha=1.0,
+    bias="add_before",
+    lora_a_op="MatMul",
+    lora_b_op="MatMul",
+    lora_a_trans=False,
+    lora_b_trans=False,
+    product_alpha=1.0,
+    scale_at="after",
+    scale_op="Mul",
+    scale_first=False,
+    add_base_first=True,
+    cast=False,
+    identity=False,
+    dropout=False,
+    shared=None,
+)
 
 
 @st.composite
@@ -224,17 +260,27 @@ def lora_graph_layouts(draw, three_d: bool) -> dict:
     reshaped = three_d and base == "Gemm"  # Gemm is 2-D: Keras/tf2onnx-style Reshape around the products
     product_ops = ["MatMul", "Gemm"] if reshaped or not three_d else ["MatMul"]
     return dict(
-        base=base, reshaped=reshaped,
+        base=base,
+        reshaped=reshaped,
         trans_a=base == "Gemm" and draw(st.booleans()),  # the base reads Transpose(x) with transA=1
-        trans_b=draw(st.booleans()), alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
-        bias=draw(st.sampled_from(["gemm", "add_before", "add_after"] if base == "Gemm" else ["add_before", "add_after"])),
-        lora_a_op=draw(st.sampled_from(product_ops)), lora_b_op=draw(st.sampled_from(product_ops)),
-        lora_a_trans=draw(st.booleans()), lora_b_trans=draw(st.booleans()),
+        trans_b=draw(st.booleans()),
+        alpha=draw(st.sampled_from([1.0, 0.5, 2.0])),
+        bias=draw(
+            st.sampled_from(["gemm", "add_before", "add_after"] if base == "Gemm" else ["add_before", "add_after"])
+        ),
+        lora_a_op=draw(st.sampled_from(product_ops)),
+        lora_b_op=draw(st.sampled_from(product_ops)),
+        lora_a_trans=draw(st.booleans()),
+        lora_b_trans=draw(st.booleans()),
         product_alpha=draw(st.sampled_from([1.0, 2.0])),
         scale_at=draw(st.sampled_from(["after", "between", "before", "folded"])),
-        scale_op=draw(st.sampled_from(["Mul", "Div"])), scale_first=draw(st.booleans()),
-        add_base_first=draw(st.booleans()), cast=draw(st.booleans()), identity=draw(st.booleans()),
-        dropout=draw(st.booleans()), shared=draw(st.sampled_from([None, "direct", "identity"])),
+        scale_op=draw(st.sampled_from(["Mul", "Div"])),
+        scale_first=draw(st.booleans()),
+        add_base_first=draw(st.booleans()),
+        cast=draw(st.booleans()),
+        identity=draw(st.booleans()),
+        dropout=draw(st.booleans()),
+        shared=draw(st.sampled_from([None, "direct", "identity"])),
     )
 
 
@@ -289,8 +335,11 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
 
     features_in = x.shape[-1]
     source = node("Identity", ["x"], "x_identity") if layout["identity"] else "x"
-    rows = node("Reshape", [source, constant("rows_shape", [-1, features_in], np.int64)], "x_rows") \
-        if layout["reshaped"] else source
+    rows = (
+        node("Reshape", [source, constant("rows_shape", [-1, features_in], np.int64)], "x_rows")
+        if layout["reshaped"]
+        else source
+    )
     for index, (W, b, A, B, s) in enumerate(layers):
         prefix = f"layer{index}"
         weight_name = "base.weight" if layout["shared"] else f"{prefix}.weight"
@@ -302,10 +351,15 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
         weight_input = weight_name
         if layout["shared"] == "identity":
             weight_input = node("Identity", [weight_name], f"{prefix}.weight_identity")
-        base_rows = node("Transpose", [rows], f"{prefix}.rows_transposed", perm=[1, 0]) if layout.get("trans_a") else rows
+        base_rows = (
+            node("Transpose", [rows], f"{prefix}.rows_transposed", perm=[1, 0]) if layout.get("trans_a") else rows
+        )
         inputs = [base_rows, weight_input] + ([constant(f"{prefix}.bias", b)] if layout["bias"] == "gemm" else [])
-        attributes = dict(transA=int(layout.get("trans_a", False)), transB=int(layout["trans_b"]),
-                          alpha=layout["alpha"]) if layout["base"] == "Gemm" else {}
+        attributes = (
+            dict(transA=int(layout.get("trans_a", False)), transB=int(layout["trans_b"]), alpha=layout["alpha"])
+            if layout["base"] == "Gemm"
+            else {}
+        )
         base = node(layout["base"], inputs, f"{prefix}.base", **attributes)
         if layout["bias"] == "add_before":
             base = node("Add", [constant(f"{prefix}.bias", b), base], f"{prefix}.bias_add")
@@ -314,7 +368,11 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
             scale_name = constant("lora.scale" if layout["shared"] else f"{prefix}.scale", scale)
 
             def scaled(tensor, name):
-                pair = [scale_name, tensor] if layout["scale_first"] and layout["scale_op"] == "Mul" else [tensor, scale_name]
+                pair = (
+                    [scale_name, tensor]
+                    if layout["scale_first"] and layout["scale_op"] == "Mul"
+                    else [tensor, scale_name]
+                )
                 return node(layout["scale_op"], pair, name)
 
             branch = node("Cast", [rows], f"{prefix}.cast_in", to=TensorProto.FLOAT) if layout["cast"] else rows
@@ -322,8 +380,9 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
                 branch = node("Dropout", [branch], f"{prefix}.dropout")
             if layout["scale_at"] == "before":
                 branch = scaled(branch, f"{prefix}.scale_before")
-            branch = product(layout["lora_a_op"], branch, A.T, layout["lora_a_trans"], layout["product_alpha"],
-                             f"{prefix}.lora_A")
+            branch = product(
+                layout["lora_a_op"], branch, A.T, layout["lora_a_trans"], layout["product_alpha"], f"{prefix}.lora_A"
+            )
             if layout["scale_at"] == "between":
                 branch = scaled(branch, f"{prefix}.scale_between")
             lora_b = B.T * s if layout["scale_at"] == "folded" else B.T
@@ -337,13 +396,19 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
         if layout["bias"] == "add_after":
             base = node("Add", [base, constant(f"{prefix}.bias", b)], f"{prefix}.bias_add")
         if layout["reshaped"]:
-            base = node("Reshape", [base, constant(f"{prefix}.out_shape", [*x.shape[:-1], W.shape[0]], np.int64)],
-                        f"{prefix}.unrows")
+            base = node(
+                "Reshape",
+                [base, constant(f"{prefix}.out_shape", [*x.shape[:-1], W.shape[0]], np.int64)],
+                f"{prefix}.unrows",
+            )
         outputs.append((node("Identity", [base], f"y{index}"), [*x.shape[:-1], W.shape[0]]))
     graph = helper.make_graph(
-        nodes, "lora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        nodes,
+        "lora",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs],
-        list(initializers.values()))
+        list(initializers.values()),
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
 
 
@@ -365,18 +430,29 @@ def lora_embedding_graph_cases(draw) -> LoRAEmbeddingGraphCase:
     from lora_spec import reference
 
     case = draw(embedding_cases(dtype=np.float32))
-    layout = dict(scale_at=draw(st.sampled_from(["after", "between", "folded"])), identity=draw(st.booleans()),
-                  lora_b_op=draw(st.sampled_from(["MatMul", "Gemm"])), add_base_first=draw(st.booleans()))
+    layout = dict(
+        scale_at=draw(st.sampled_from(["after", "between", "folded"])),
+        identity=draw(st.booleans()),
+        lora_b_op=draw(st.sampled_from(["MatMul", "Gemm"])),
+        add_base_first=draw(st.booleans()),
+    )
     ids = case.ids.reshape(-1) if layout["lora_b_op"] == "Gemm" else case.ids  # Gemm needs 2-D rows
     lora_b = (case.B.T * case.s if layout["scale_at"] == "folded" else case.B.T).astype(np.float32)
-    initializers = [numpy_helper.from_array(case.W, "table"), numpy_helper.from_array(case.A.T.copy(), "lora_A"),
-                    numpy_helper.from_array(lora_b, "lora_B"), numpy_helper.from_array(np.float32(case.s), "scale")]
+    initializers = [
+        numpy_helper.from_array(case.W, "table"),
+        numpy_helper.from_array(case.A.T.copy(), "lora_A"),
+        numpy_helper.from_array(lora_b, "lora_B"),
+        numpy_helper.from_array(np.float32(case.s), "scale"),
+    ]
     table = "table"
     nodes = []
     if layout["identity"]:
         nodes.append(helper.make_node("Identity", ["table"], ["table_identity"]))
         table = "table_identity"
-    nodes += [helper.make_node("Gather", [table, "ids"], ["base"]), helper.make_node("Gather", ["lora_A", "ids"], ["rows"])]
+    nodes += [
+        helper.make_node("Gather", [table, "ids"], ["base"]),
+        helper.make_node("Gather", ["lora_A", "ids"], ["rows"]),
+    ]
     hidden = "rows"
     if layout["scale_at"] == "between":
         nodes.append(helper.make_node("Mul", ["rows", "scale"], ["scaled_rows"]))
@@ -387,12 +463,17 @@ def lora_embedding_graph_cases(draw) -> LoRAEmbeddingGraphCase:
         nodes.append(helper.make_node("Mul", ["scale", "update"], ["scaled_update"]))
         update = "scaled_update"
     nodes.append(helper.make_node("Add", ["base", update] if layout["add_base_first"] else [update, "base"], ["y"]))
-    graph = helper.make_graph(nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids.shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*ids.shape, case.W.shape[1]])],
-                              initializers)
+    graph = helper.make_graph(
+        nodes,
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*ids.shape, case.W.shape[1]])],
+        initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
-    merged = reference.merge(case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s,
-                             layer="embedding")
+    merged = reference.merge(
+        case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s, layer="embedding"
+    )
     return LoRAEmbeddingGraphCase(model=model, ids=ids, expected=merged[ids], layout=layout)
 
 
@@ -413,25 +494,40 @@ def lora_conv_graph_cases(draw) -> LoRAConvGraphCase:
     from lora_spec import reference
 
     case = draw(conv2d_cases(dtype=np.float32, dropout=False))
-    geometry = dict(strides=list(case.stride), dilations=list(case.dilation), group=case.groups,
-                    pads=[*case.padding, *case.padding])
+    geometry = dict(
+        strides=list(case.stride), dilations=list(case.dilation), group=case.groups, pads=[*case.padding, *case.padding]
+    )
     arrays = {"weight": case.W, "lora_A": case.A, "lora_B": case.B, "scale": np.float32(case.s)}
     base_inputs = ["x", "weight"]
     if case.b is not None:
         arrays["bias"] = case.b
         base_inputs.append("bias")
-    nodes = [helper.make_node("Conv", base_inputs, ["base"], kernel_shape=list(case.W.shape[2:]), **geometry),
-             helper.make_node("Conv", ["x", "lora_A"], ["low"], kernel_shape=list(case.A.shape[2:]), **geometry),
-             helper.make_node("Conv", ["low", "lora_B"], ["update"], kernel_shape=[1, 1], group=case.groups),
-             helper.make_node("Mul", ["update", "scale"], ["scaled"]),
-             helper.make_node("Add", ["base", "scaled"], ["y"])]
-    merged = reference.merge(case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s,
-                             layer="conv2d")
-    expected = reference.conv2d_forward(case.x.astype(np.float64), merged, case.b, case.A.astype(np.float64),
-                                        np.zeros(case.B.shape), 0.0, **case.geometry)
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x.shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(expected.shape))],
-                              [numpy_helper.from_array(np.asarray(value, np.float32), name) for name, value in arrays.items()])
+    nodes = [
+        helper.make_node("Conv", base_inputs, ["base"], kernel_shape=list(case.W.shape[2:]), **geometry),
+        helper.make_node("Conv", ["x", "lora_A"], ["low"], kernel_shape=list(case.A.shape[2:]), **geometry),
+        helper.make_node("Conv", ["low", "lora_B"], ["update"], kernel_shape=[1, 1], group=case.groups),
+        helper.make_node("Mul", ["update", "scale"], ["scaled"]),
+        helper.make_node("Add", ["base", "scaled"], ["y"]),
+    ]
+    merged = reference.merge(
+        case.W.astype(np.float64), case.A.astype(np.float64), case.B.astype(np.float64), case.s, layer="conv2d"
+    )
+    expected = reference.conv2d_forward(
+        case.x.astype(np.float64),
+        merged,
+        case.b,
+        case.A.astype(np.float64),
+        np.zeros(case.B.shape),
+        0.0,
+        **case.geometry,
+    )
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(expected.shape))],
+        [numpy_helper.from_array(np.asarray(value, np.float32), name) for name, value in arrays.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
     return LoRAConvGraphCase(model=model, x=case.x, expected=expected)
 
@@ -458,8 +554,9 @@ class AdapterSetCase:
 
 
 @st.composite
-def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False,
-                      max_groups: int = MAX_GROUPS) -> AdapterSetCase:
+def adapter_set_cases(
+    draw, layer: str | None = None, equal_ranks: bool = False, max_groups: int = MAX_GROUPS
+) -> AdapterSetCase:
     """1 to `MAX_ADAPTERS` adapters of their own rank and scaling (equal ranks on request) on one
     linear, embedding or grouped conv layer, in float64, with weights of either sign."""
     from lora_spec.multi_adapter import Factors
@@ -481,8 +578,10 @@ def adapter_set_cases(draw, layer: str | None = None, equal_ranks: bool = False,
     else:
         base = draw(linear_cases(dtype=np.float64, dropout=False))
         a_shape, b_shape = (lambda r: (r, base.W.shape[1])), (lambda r: (base.W.shape[0], r))
-    adapters = [Factors(draw(arrays(a_shape(r), np.float64, 0.5)), draw(arrays(b_shape(r), np.float64, 0.5)),
-                        draw(scales)) for r in ranks]
+    adapters = [
+        Factors(draw(arrays(a_shape(r), np.float64, 0.5)), draw(arrays(b_shape(r), np.float64, 0.5)), draw(scales))
+        for r in ranks
+    ]
     weights = [draw(st.sampled_from([1.0, 0.5, -0.7, 2.0])) for _ in adapters]
     return AdapterSetCase(base=base, adapters=adapters, weights=weights, layer=layer)
 
@@ -571,8 +670,13 @@ def dora_graph_cases(draw) -> DoRAGraphCase:
     bias = case.b is not None
     out = case.W.shape[0]
     factor = (magnitude / dora.weight_norm(case.W, case.A, case.B, case.s)).astype(np.float32)
-    arrays = {"weight": case.W.T if base_op == "MatMul" else case.W, "lora_A": case.A.T, "lora_B": case.B.T,
-              "scale": np.float32(case.s), "one": np.float32(1.0)}
+    arrays = {
+        "weight": case.W.T if base_op == "MatMul" else case.W,
+        "lora_A": case.A.T,
+        "lora_B": case.B.T,
+        "scale": np.float32(case.s),
+        "one": np.float32(1.0),
+    }
     if bias:
         arrays["bias"] = case.b
     nodes = []
@@ -589,10 +693,18 @@ def dora_graph_cases(draw) -> DoRAGraphCase:
 
     def finish(output: str):
         graph = helper.make_graph(
-            nodes, "dora", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x.shape))],
+            nodes,
+            "dora",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x.shape))],
             [helper.make_tensor_value_info(output, TensorProto.FLOAT, [*case.x.shape[:-1], out])],
-            [numpy_helper.from_array(np.asarray(value, np.int64 if np.asarray(value).dtype.kind == "i" else np.float32),
-                                     name) for name, value in arrays.items() if any(name in item.input for item in nodes)])
+            [
+                numpy_helper.from_array(
+                    np.asarray(value, np.int64 if np.asarray(value).dtype.kind == "i" else np.float32), name
+                )
+                for name, value in arrays.items()
+                if any(name in item.input for item in nodes)
+            ],
+        )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=8)
 
     base_model = finish(node("Identity", [base_product(bias)], "y"))
@@ -600,16 +712,24 @@ def dora_graph_cases(draw) -> DoRAGraphCase:
     lora = node("MatMul", [node("MatMul", ["x", "lora_A"], "lora_a"), "lora_B"], "lora_b")
     if form == "keras":
         arrays |= {"factor": factor, "lora_factor": factor * case.s}
-        total = node("Add", [node("Mul", [base_product(False), "factor"], "rescaled"),
-                             node("Mul", [lora, "lora_factor"], "update")], "dora")
+        total = node(
+            "Add",
+            [node("Mul", [base_product(False), "factor"], "rescaled"), node("Mul", [lora, "lora_factor"], "update")],
+            "dora",
+        )
         output = node("Add", [total, "bias"], "dora_bias") if bias else total
     else:
         if form == "dynamo":
             arrays |= {"factor": factor.reshape(1, out), "factor_minus_one": factor.reshape(1, out) - 1}
             factor_name, minus_one = "factor", "factor_minus_one"
         else:
-            arrays |= {"magnitude": magnitude, "weight_out_in": case.W, "lora_B_ref": case.B, "lora_A_ref": case.A,
-                       "row": np.array([1, -1], np.int64)}
+            arrays |= {
+                "magnitude": magnitude,
+                "weight_out_in": case.W,
+                "lora_B_ref": case.B,
+                "lora_A_ref": case.A,
+                "row": np.array([1, -1], np.int64),
+            }
             update = node("Mul", [node("MatMul", ["lora_B_ref", "lora_A_ref"], "delta"), "scale"], "scaled_delta")
             norm = node("ReduceL2", [node("Add", ["weight_out_in", update], "adapted")], "norm", axes=[1], keepdims=0)
             factor_name = node("Reshape", [node("Div", ["magnitude", norm], "ratio"), "row"], "factor")
@@ -620,13 +740,12 @@ def dora_graph_cases(draw) -> DoRAGraphCase:
         update = node("Mul", [node("Mul", [factor_name, lora], "lora_rescaled"), "scale"], "update")
         output = node("Add", [base, node("Add", [rescaled, update], "dora_terms")], "dora")
     model = finish(node("Identity", [output], "y"))
-    expected = dora.dora_forward(case.x.astype(np.float64), case.W.astype(np.float64), case.b, case.A, case.B, case.s,
-                                 magnitude)
-    return DoRAGraphCase(model=model, base_model=base_model, x=case.x, expected=expected, form=form, base=base_op,
-                         bias=bias)
-
-
-    return AdapterSetCase(W=W, adapters=adapters, weights=weights, layer=layer)
+    expected = dora.dora_forward(
+        case.x.astype(np.float64), case.W.astype(np.float64), case.b, case.A, case.B, case.s, magnitude
+    )
+    return DoRAGraphCase(
+        model=model, base_model=base_model, x=case.x, expected=expected, form=form, base=base_op, bias=bias
+    )
 
 
 # --- Keras layers that are blocks of one transformers layer (KerasHub's GPT-2 q/k/v in c_attn) -------------------
@@ -655,7 +774,14 @@ def fused_linear_cases(draw) -> FusedLinearCase:
     rows, layers, start = rng.permutation(out), [], 0
     for size in sizes:
         rank = draw(st.integers(1, MAX_RANK))
-        layers.append((rows[start:start + size], rng.permutation(fan_in), draw(arrays((rank, fan_in), np.float64, 0.5)),
-                       draw(arrays((size, rank), np.float64, 0.5)), draw(scales)))
+        layers.append(
+            (
+                rows[start : start + size],
+                rng.permutation(fan_in),
+                draw(arrays((rank, fan_in), np.float64, 0.5)),
+                draw(arrays((size, rank), np.float64, 0.5)),
+                draw(scales),
+            )
+        )
         start += size
     return FusedLinearCase(out_features=out, in_features=fan_in, layers=layers)

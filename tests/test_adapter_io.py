@@ -12,8 +12,10 @@ from lora_spec.adapter_io import CONFIG_NAME, WEIGHTS_NAME
 def _weights():
     rng = np.random.default_rng(0)
     return AdapterWeights(
-        lora={"encoder.query": (rng.standard_normal((2, 4)), rng.standard_normal((3, 2))),
-              "embeddings.word": (rng.standard_normal((2, 10)), rng.standard_normal((4, 2)))},
+        lora={
+            "encoder.query": (rng.standard_normal((2, 4)), rng.standard_normal((3, 2))),
+            "embeddings.word": (rng.standard_normal((2, 10)), rng.standard_normal((4, 2))),
+        },
         embeddings={"embeddings.word"},
         extra={"classifier.weight": rng.standard_normal((2, 3))},
     )
@@ -58,8 +60,11 @@ def _dora_weights():
     weights = _weights()
     rng = np.random.default_rng(1)
     weights.lora["features.conv"] = (rng.standard_normal((2, 3, 3, 3)), rng.standard_normal((5, 2, 1, 1)))
-    weights.magnitudes = {"encoder.query": rng.random(3), "embeddings.word": rng.random(4),
-                          "features.conv": rng.random((1, 5, 1, 1))}
+    weights.magnitudes = {
+        "encoder.query": rng.random(3),
+        "embeddings.word": rng.random(4),
+        "features.conv": rng.random((1, 5, 1, 1)),
+    }
     return weights
 
 
@@ -69,7 +74,8 @@ def test_dora_magnitudes_round_trip_under_pefts_keys(tmp_path):
     assert {key for key in _dora_weights().to_peft_tensors() if "magnitude" in key} == {
         "base_model.model.encoder.query.lora_magnitude_vector",
         "base_model.model.embeddings.word.lora_magnitude_vector",
-        "base_model.model.features.conv.lora_magnitude_vector"}
+        "base_model.model.features.conv.lora_magnitude_vector",
+    }
     loaded_config, raw, weights = load_adapter_dir(tmp_path / "adapter")
     assert loaded_config.use_dora and raw["use_dora"] is True
     for path, magnitude in _dora_weights().magnitudes.items():
@@ -80,27 +86,43 @@ def test_dora_magnitudes_round_trip_under_pefts_keys(tmp_path):
 def test_a_dora_adapter_saved_by_peft_loads_with_pefts_magnitude_shapes(tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(11, 4), "proj": torch.nn.Linear(4, 6),
-                                 "conv": torch.nn.Conv2d(3, 5, 3)})
-    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["embed", "proj", "conv"], use_dora=True)
-                        ).save_pretrained(tmp_path)
+    model = torch.nn.ModuleDict(
+        {"embed": torch.nn.Embedding(11, 4), "proj": torch.nn.Linear(4, 6), "conv": torch.nn.Conv2d(3, 5, 3)}
+    )
+    peft.get_peft_model(
+        model, peft.LoraConfig(r=2, target_modules=["embed", "proj", "conv"], use_dora=True)
+    ).save_pretrained(tmp_path)
     config, _, weights = load_adapter_dir(tmp_path)
     assert config.use_dora
     assert {path: value.shape for path, value in weights.magnitudes.items()} == {
-        "embed": (4,), "proj": (6,), "conv": (1, 5, 1, 1)}
+        "embed": (4,),
+        "proj": (6,),
+        "conv": (1, 5, 1, 1),
+    }
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t.update({"base_model.model.encoder.query.lora_magnitude_vector": np.ones(4)}),
-     r"encoder.query.lora_magnitude_vector has shape \(4,\), but the module's lora_B makes 3 output features, so "
-     r"PEFT's shape is \(3,\)"),
-    (lambda t: t.update({"base_model.model.features.conv.lora_magnitude_vector": np.ones(5)}),
-     r"PEFT's shape is \(1, 5, 1, 1\)"),
-    (lambda t: t.update({"base_model.model.other.lora_magnitude_vector": np.ones(3)}),
-     "DoRA magnitude for module 'other' but no lora_A/lora_B"),
-    (lambda t: t.pop("base_model.model.embeddings.word.lora_magnitude_vector"),
-     "DoRA adapter \\(use_dora=true\\) without a lora_magnitude_vector for module 'embeddings.word'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda t: t.update({"base_model.model.encoder.query.lora_magnitude_vector": np.ones(4)}),
+            r"encoder.query.lora_magnitude_vector has shape \(4,\), but the module's lora_B makes 3 output features, so "
+            r"PEFT's shape is \(3,\)",
+        ),
+        (
+            lambda t: t.update({"base_model.model.features.conv.lora_magnitude_vector": np.ones(5)}),
+            r"PEFT's shape is \(1, 5, 1, 1\)",
+        ),
+        (
+            lambda t: t.update({"base_model.model.other.lora_magnitude_vector": np.ones(3)}),
+            "DoRA magnitude for module 'other' but no lora_A/lora_B",
+        ),
+        (
+            lambda t: t.pop("base_model.model.embeddings.word.lora_magnitude_vector"),
+            "DoRA adapter \\(use_dora=true\\) without a lora_magnitude_vector for module 'embeddings.word'",
+        ),
+    ],
+)
 def test_dora_files_whose_magnitudes_do_not_fit_are_refused_in_one_line(tmp_path, change, message):
     from lora_spec import safetensors_io
 
@@ -119,16 +141,29 @@ def test_magnitudes_with_use_dora_false_are_refused(tmp_path):
         load_adapter_dir(tmp_path)
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda d: None, "does not exist"),
-    (lambda d: d.mkdir(), f"has no {CONFIG_NAME}"),
-    (lambda d: (d.mkdir(), (d / CONFIG_NAME).write_text("{}"), (d / "adapter_model.bin").write_bytes(b"x")),
-     "adapter_model.bin is pickle, which lora_spec never loads"),
-    (lambda d: (d.mkdir(), (d / CONFIG_NAME).write_text("{not json"), (d / WEIGHTS_NAME).write_bytes(b"")),
-     "is not valid JSON"),
-    (lambda d: (d.mkdir(), (d / CONFIG_NAME).write_text(json.dumps({"use_dora": True, "lora_bias": True})),
-                (d / WEIGHTS_NAME).write_bytes(b"\x02" + b"\x00" * 7 + b"{}")), "lora_bias=true with use_dora=true"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: d.mkdir(), f"has no {CONFIG_NAME}"),
+        (
+            lambda d: (d.mkdir(), (d / CONFIG_NAME).write_text("{}"), (d / "adapter_model.bin").write_bytes(b"x")),
+            "adapter_model.bin is pickle, which lora_spec never loads",
+        ),
+        (
+            lambda d: (d.mkdir(), (d / CONFIG_NAME).write_text("{not json"), (d / WEIGHTS_NAME).write_bytes(b"")),
+            "is not valid JSON",
+        ),
+        (
+            lambda d: (
+                d.mkdir(),
+                (d / CONFIG_NAME).write_text(json.dumps({"use_dora": True, "lora_bias": True})),
+                (d / WEIGHTS_NAME).write_bytes(b"\x02" + b"\x00" * 7 + b"{}"),
+            ),
+            "lora_bias=true with use_dora=true",
+        ),
+    ],
+)
 def test_bad_adapter_directories_raise_one_line_errors(tmp_path, setup, message):
     setup(tmp_path / "adapter")
     with pytest.raises(ValueError, match=message) as error:

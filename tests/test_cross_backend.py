@@ -22,8 +22,13 @@ lora_torch = pytest.importorskip("lora_spec.torch")
 lora_keras = pytest.importorskip("lora_spec.keras")
 export = pytest.importorskip("lora_spec.export")
 
-from tests.backends.keras_cases import (dense_output_and_gradients, keras_can_run, lora_conv2d,  # noqa: E402
-                                        lora_dense, nhwc)
+from tests.backends.keras_cases import (
+    dense_output_and_gradients,
+    keras_can_run,
+    lora_conv2d,
+    lora_dense,
+    nhwc,
+)
 
 # float32 products of up to MAX_FEATURES terms, compared across different summation orders
 FACTOR = 50
@@ -52,12 +57,19 @@ def _torch_layer(case):
 def _torch_run(case, grad_y):
     model = _torch_layer(case)
     x = torch.from_numpy(case.x).requires_grad_()
-    mask = None if case.dropout_mask is None else lora_torch.DropoutMask.from_reference(
-        torch.from_numpy(case.dropout_mask))
+    mask = (
+        None
+        if case.dropout_mask is None
+        else lora_torch.DropoutMask.from_reference(torch.from_numpy(case.dropout_mask))
+    )
     y = model.proj(x, dropout_mask=mask)
     y.backward(torch.from_numpy(grad_y))
-    grads = {"dx": x.grad, "dA": model.proj.lora_A.grad, "dB": model.proj.lora_B.grad,
-             "db": None if case.b is None else model.proj.base_layer.bias.grad}
+    grads = {
+        "dx": x.grad,
+        "dA": model.proj.lora_A.grad,
+        "dB": model.proj.lora_B.grad,
+        "db": None if case.b is None else model.proj.base_layer.bias.grad,
+    }
     return y.detach().numpy(), {k: None if v is None else v.numpy() for k, v in grads.items()}
 
 
@@ -68,8 +80,9 @@ def _keras_run(case, grad_y):
 def _onnx_merged_run(case, tmp_path):
     model = _torch_layer(case).eval()
     path = tmp_path / "layer.onnx"
-    torch.onnx.export(model, (torch.from_numpy(case.x),), str(path), input_names=["x"], output_names=["y"],
-                      dynamo=False)
+    torch.onnx.export(
+        model, (torch.from_numpy(case.x),), str(path), input_names=["x"], output_names=["y"], dynamo=False
+    )
     result = export.merge_onnx(path, tmp_path / "merged.onnx", verify="off", progress=False)
     session = onnxruntime.InferenceSession(str(result.output), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": case.x})[0]
@@ -100,9 +113,19 @@ def test_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, seed):
 def _torch_conv(case):
     out_channels, _, height, width = case.W.shape
     model = torch.nn.Sequential()
-    model.add_module("conv", torch.nn.Conv2d(case.x.shape[1], out_channels, (height, width), stride=case.stride,
-                                             padding=case.padding, dilation=case.dilation, groups=case.groups,
-                                             bias=case.b is not None))
+    model.add_module(
+        "conv",
+        torch.nn.Conv2d(
+            case.x.shape[1],
+            out_channels,
+            (height, width),
+            stride=case.stride,
+            padding=case.padding,
+            dilation=case.dilation,
+            groups=case.groups,
+            bias=case.b is not None,
+        ),
+    )
     with torch.no_grad():
         model.conv.weight.copy_(torch.from_numpy(case.W))
         if case.b is not None:
@@ -122,7 +145,11 @@ def _keras_conv_run(case, grad_y):
         y = layer(x)
         loss = tf.reduce_sum(y * nhwc(grad_y))
     d_lora_a, d_lora_b = tape.gradient(loss, [layer.lora_a, layer.lora_b])
-    return y.numpy().transpose(0, 3, 1, 2), d_lora_a.numpy().transpose(3, 2, 0, 1), d_lora_b.numpy().transpose(3, 2, 0, 1)
+    return (
+        y.numpy().transpose(0, 3, 1, 2),
+        d_lora_a.numpy().transpose(3, 2, 0, 1),
+        d_lora_b.numpy().transpose(3, 2, 0, 1),
+    )
 
 
 @settings(max_examples=10)
@@ -136,16 +163,24 @@ def test_conv2d_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, 
     model = _torch_conv(case)
     y = model.conv(torch.from_numpy(case.x))
     y.backward(torch.from_numpy(grad_y))
-    outputs = {"torch": (y.detach().numpy(), model.conv.lora_A.grad.numpy(), model.conv.lora_B.grad.numpy()),
-               "keras": _keras_conv_run(case, grad_y)}
+    outputs = {
+        "torch": (y.detach().numpy(), model.conv.lora_A.grad.numpy(), model.conv.lora_B.grad.numpy()),
+        "keras": _keras_conv_run(case, grad_y),
+    }
     for backend, (y, d_a, d_b) in outputs.items():
         assert_close(y, expected_y, np.float32, factor=FACTOR), backend
         assert_close(d_a, expected.dA, np.float32, factor=FACTOR), backend
         assert_close(d_b, expected.dB, np.float32, factor=FACTOR), backend
 
     folder = tmp_path_factory.mktemp("onnx")
-    torch.onnx.export(model.eval(), (torch.from_numpy(case.x),), str(folder / "conv.onnx"), input_names=["x"],
-                      output_names=["y"], dynamo=False)
+    torch.onnx.export(
+        model.eval(),
+        (torch.from_numpy(case.x),),
+        str(folder / "conv.onnx"),
+        input_names=["x"],
+        output_names=["y"],
+        dynamo=False,
+    )
     result = export.merge_onnx(folder / "conv.onnx", folder / "merged.onnx", verify="off", progress=False)
     session = onnxruntime.InferenceSession(str(result.output), providers=["CPUExecutionProvider"])
     assert_close(session.run(None, {"x": case.x})[0], expected_y, np.float32, factor=FACTOR)

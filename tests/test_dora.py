@@ -22,8 +22,9 @@ def _forward(dora_case: strategies.DoRACase, magnitude=None, norm=None, bias=Non
     b = case.b if bias is None else bias
     if dora_case.layer == "linear":
         return dora.dora_forward(case.x, case.W, b, case.A, case.B, case.s, m, case.dropout_mask, norm=norm)
-    return dora.dora_conv2d_forward(case.x, case.W, b, case.A, case.B, case.s, m, **case.geometry,
-                                    dropout_mask=case.dropout_mask, norm=norm)
+    return dora.dora_conv2d_forward(
+        case.x, case.W, b, case.A, case.B, case.s, m, **case.geometry, dropout_mask=case.dropout_mask, norm=norm
+    )
 
 
 def _backward(dora_case: strategies.DoRACase, grad_y) -> dora.DoRAGradients:
@@ -32,8 +33,9 @@ def _backward(dora_case: strategies.DoRACase, grad_y) -> dora.DoRAGradients:
         return dora.dora_embedding_backward(case.ids, case.W, case.A, case.B, case.s, m, grad_y)
     if dora_case.layer == "linear":
         return dora.dora_backward(case.x, case.W, case.A, case.B, case.s, m, grad_y, case.dropout_mask)
-    return dora.dora_conv2d_backward(case.x, case.W, case.A, case.B, case.s, m, grad_y, **case.geometry,
-                                     dropout_mask=case.dropout_mask)
+    return dora.dora_conv2d_backward(
+        case.x, case.W, case.A, case.B, case.s, m, grad_y, **case.geometry, dropout_mask=case.dropout_mask
+    )
 
 
 def _lora_forward(dora_case: strategies.DoRACase, W=None):
@@ -44,8 +46,9 @@ def _lora_forward(dora_case: strategies.DoRACase, W=None):
         return reference.embedding_forward(case.ids, W, case.A, case.B, case.s)
     if dora_case.layer == "linear":
         return reference.forward(case.x, W, case.b, case.A, case.B, case.s, case.dropout_mask)
-    return reference.conv2d_forward(case.x, W, case.b, case.A, case.B, case.s, **case.geometry,
-                                    dropout_mask=case.dropout_mask)
+    return reference.conv2d_forward(
+        case.x, W, case.b, case.A, case.B, case.s, **case.geometry, dropout_mask=case.dropout_mask
+    )
 
 
 def _dora_cases(dtype=None, dropout=True):
@@ -99,18 +102,26 @@ def test_merged_weight_computes_the_dora_layer(dora_case):
 def test_merged_active_adapters_add_each_update_computed_against_the_base(dora_case, data):
     """A DoRA adapter beside a LoRA adapter and a second DoRA adapter: each adds what it adds alone."""
     case = dora_case.case
-    plain = (data.draw(strategies.arrays(case.A.shape)), data.draw(strategies.arrays(case.B.shape)),
-             data.draw(strategies.scales))
+    plain = (
+        data.draw(strategies.arrays(case.A.shape)),
+        data.draw(strategies.arrays(case.B.shape)),
+        data.draw(strategies.scales),
+    )
     other_magnitude = dora_case.magnitude * data.draw(st.sampled_from([0.5, 2.0]))
-    merged = dora.merge_adapters(case.W, [(case.A, case.B, case.s), plain, (case.A, case.B, case.s)],
-                                 [dora_case.magnitude, None, other_magnitude], dora_case.layer)
+    merged = dora.merge_adapters(
+        case.W,
+        [(case.A, case.B, case.s), plain, (case.A, case.B, case.s)],
+        [dora_case.magnitude, None, other_magnitude],
+        dora_case.layer,
+    )
     base = _base_only(dora_case, case.W)
     plain_case = dataclasses.replace(dora_case, case=dataclasses.replace(case, A=plain[0], B=plain[1], s=plain[2]))
-    expected = (_forward(dora_case) + _lora_forward(plain_case) + _forward(dora_case, other_magnitude) - 2 * base)
+    expected = _forward(dora_case) + _lora_forward(plain_case) + _forward(dora_case, other_magnitude) - 2 * base
     assert_close(_base_only(dora_case, merged), expected, np.float64, factor=100)
     alone = dora.merge_adapters(case.W, [(case.A, case.B, case.s)], [dora_case.magnitude], dora_case.layer)
-    np.testing.assert_array_equal(alone, dora.dora_merge(case.W, case.A, case.B, case.s, dora_case.magnitude,
-                                                         dora_case.layer))
+    np.testing.assert_array_equal(
+        alone, dora.dora_merge(case.W, case.A, case.B, case.s, dora_case.magnitude, dora_case.layer)
+    )
 
 
 @given(_dora_cases(dtype=np.float64, dropout=False))
@@ -133,13 +144,17 @@ def test_merge_with_feature_scales_of_m_over_n_is_doras_merge(dora_case):
     assert_close(plain, reference.merge(case.W, case.A, case.B, case.s, dora_case.layer), case.W.dtype, factor=10)
 
 
-@pytest.mark.parametrize("layer, weight_shape, b_shape, expected", [
-    ("linear", (5, 3), (5, 2), (5,)),
-    ("embedding", (11, 4), (4, 2), (4,)),
-    ("conv2d", (6, 3, 3, 3), (6, 2, 1, 1), (1, 6, 1, 1)),
-])
-def test_initial_magnitude_has_peft_shape_and_is_the_base_norm_when_the_update_is_zero(layer, weight_shape, b_shape,
-                                                                                       expected):
+@pytest.mark.parametrize(
+    "layer, weight_shape, b_shape, expected",
+    [
+        ("linear", (5, 3), (5, 2), (5,)),
+        ("embedding", (11, 4), (4, 2), (4,)),
+        ("conv2d", (6, 3, 3, 3), (6, 2, 1, 1), (1, 6, 1, 1)),
+    ],
+)
+def test_initial_magnitude_has_peft_shape_and_is_the_base_norm_when_the_update_is_zero(
+    layer, weight_shape, b_shape, expected
+):
     rng = np.random.default_rng(0)
     W = rng.standard_normal(weight_shape)
     a_shape = (2, weight_shape[0]) if layer == "embedding" else (2, *weight_shape[1:])
@@ -165,33 +180,40 @@ def test_a_grouped_convolution_is_refused_in_one_line():
         dora.weight_norm(W, A, B, 1.0, "conv2d")
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match="groups=2"):
-        dora.dora_conv2d_forward(np.ones((1, 2, 3, 3)), W, None, A[:, :, :, :], B, 1.0, np.ones((1, 4, 1, 1)),
-                                 groups=2)
+        dora.dora_conv2d_forward(np.ones((1, 2, 3, 3)), W, None, A[:, :, :, :], B, 1.0, np.ones((1, 4, 1, 1)), groups=2)
 
 
-@pytest.mark.parametrize("layer, magnitude_shape", [("linear", (1, 5)), ("linear", (4,)), ("conv2d", (5,)),
-                                                    ("embedding", (11,))])
+@pytest.mark.parametrize(
+    "layer, magnitude_shape", [("linear", (1, 5)), ("linear", (4,)), ("conv2d", (5,)), ("embedding", (11,))]
+)
 def test_a_magnitude_that_does_not_fit_the_layer_is_refused_in_one_line(layer, magnitude_shape):
     rng = np.random.default_rng(0)
     W = {"linear": (5, 3), "embedding": (11, 5), "conv2d": (5, 3, 1, 1)}[layer]
     A = (2, 11) if layer == "embedding" else (2, *W[1:])
     B = (5, 2, 1, 1) if layer == "conv2d" else (5, 2)
     with pytest.raises(ValueError, match=r"DoRA magnitude has shape .* output features, so PEFT's shape is") as error:
-        dora.dora_merge(rng.standard_normal(W), rng.standard_normal(A), rng.standard_normal(B), 1.0,
-                        np.ones(magnitude_shape), layer)
+        dora.dora_merge(
+            rng.standard_normal(W), rng.standard_normal(A), rng.standard_normal(B), 1.0, np.ones(magnitude_shape), layer
+        )
     assert "\n" not in str(error.value)
 
 
 # --- PEFT itself ------------------------------------------------------------------------------------------------
 
+
 def _peft_dora_layer(layer: str, dropout: float):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = {"linear": lambda: torch.nn.Linear(4, 6), "embedding": lambda: torch.nn.Embedding(9, 5),
-            "conv2d": lambda: torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)}[layer]()
-    model = peft.get_peft_model(torch.nn.ModuleDict({"layer": base}).double(), peft.LoraConfig(
-        r=2, lora_alpha=6, lora_dropout=dropout, target_modules=["layer"], use_dora=True))
+    base = {
+        "linear": lambda: torch.nn.Linear(4, 6),
+        "embedding": lambda: torch.nn.Embedding(9, 5),
+        "conv2d": lambda: torch.nn.Conv2d(3, 4, 3, stride=2, padding=1),
+    }[layer]()
+    model = peft.get_peft_model(
+        torch.nn.ModuleDict({"layer": base}).double(),
+        peft.LoraConfig(r=2, lora_alpha=6, lora_dropout=dropout, target_modules=["layer"], use_dora=True),
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:  # B (or the embedding's A) starts at zero, the magnitude at the norm
@@ -205,8 +227,12 @@ def _peft_tensors(module, layer: str):
         factors = arrays(module.lora_embedding_A["default"], module.lora_embedding_B["default"])
     else:
         factors = arrays(module.lora_A["default"].weight, module.lora_B["default"].weight)
-    return (*arrays(module.base_layer.weight), *factors, module.scaling["default"],
-            *arrays(module.lora_magnitude_vector["default"].weight))
+    return (
+        *arrays(module.base_layer.weight),
+        *factors,
+        module.scaling["default"],
+        *arrays(module.lora_magnitude_vector["default"].weight),
+    )
 
 
 def _fixed_dropout(torch, mask):
@@ -225,8 +251,12 @@ def test_forward_gradients_and_merge_equal_pefts_dora(layer):
     if layer == "embedding":
         x = torch.randint(0, 9, (2, 3), generator=generator)
     else:
-        x = torch.randn((2, 3, 4) if layer == "linear" else (2, 3, 7, 7), generator=generator, dtype=torch.float64,
-                        requires_grad=True)
+        x = torch.randn(
+            (2, 3, 4) if layer == "linear" else (2, 3, 7, 7),
+            generator=generator,
+            dtype=torch.float64,
+            requires_grad=True,
+        )
         mask = (torch.rand(x.shape, generator=generator) > 0.5).double() * 2
         module.lora_dropout["default"] = _fixed_dropout(torch, mask)
     module.train(layer != "embedding")
@@ -238,10 +268,16 @@ def test_forward_gradients_and_merge_equal_pefts_dora(layer):
     dora_case = strategies.DoRACase(layer, case, magnitude)
     assert_close(_forward(dora_case), y.detach().numpy(), np.float64, factor=10)
     ours = _backward(dora_case, grad_y.numpy())
-    lora_a, lora_b = ((module.lora_embedding_A["default"], module.lora_embedding_B["default"]) if layer == "embedding"
-                      else (module.lora_A["default"].weight, module.lora_B["default"].weight))
-    peft_grads = {"dA": lora_a.grad, "dB": lora_b.grad,
-                  "dmagnitude": module.lora_magnitude_vector["default"].weight.grad}
+    lora_a, lora_b = (
+        (module.lora_embedding_A["default"], module.lora_embedding_B["default"])
+        if layer == "embedding"
+        else (module.lora_A["default"].weight, module.lora_B["default"].weight)
+    )
+    peft_grads = {
+        "dA": lora_a.grad,
+        "dB": lora_b.grad,
+        "dmagnitude": module.lora_magnitude_vector["default"].weight.grad,
+    }
     if layer != "embedding":
         peft_grads["dx"] = x.grad
     for name, expected in peft_grads.items():
@@ -256,8 +292,19 @@ def _case(layer, x, W, b, A, B, s, mask):
         return strategies.EmbeddingCase(ids=x.numpy(), W=W, A=A, B=B, s=s)
     if layer == "linear":
         return strategies.LinearCase(x=x.detach().numpy(), W=W, b=b, A=A, B=B, s=s, dropout_mask=mask)
-    return strategies.Conv2dCase(x=x.detach().numpy(), W=W, b=b, A=A, B=B, s=s, dropout_mask=mask, stride=(2, 2),
-                                 padding=(1, 1), dilation=(1, 1), groups=1)
+    return strategies.Conv2dCase(
+        x=x.detach().numpy(),
+        W=W,
+        b=b,
+        A=A,
+        B=B,
+        s=s,
+        dropout_mask=mask,
+        stride=(2, 2),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+    )
 
 
 def test_a_transposed_conv1d_weight_passed_as_w_t_gives_pefts_dora():
@@ -268,8 +315,10 @@ def test_a_transposed_conv1d_weight_passed_as_w_t_gives_pefts_dora():
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(torch.nn.ModuleDict({"layer": Conv1D(6, 4)}).double(), peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["layer"], use_dora=True, fan_in_fan_out=True))
+    model = peft.get_peft_model(
+        torch.nn.ModuleDict({"layer": Conv1D(6, 4)}).double(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], use_dora=True, fan_in_fan_out=True),
+    )
     module = model.base_model.model["layer"]
     with torch.no_grad():
         module.lora_B["default"].weight.normal_()
@@ -282,5 +331,9 @@ def test_a_transposed_conv1d_weight_passed_as_w_t_gives_pefts_dora():
     bias = module.base_layer.bias.detach().numpy()
     assert_close(dora.dora_forward(x.numpy(), stored.T, bias, A, B, s, magnitude), expected, np.float64, factor=10)
     module.merge()
-    assert_close(dora.dora_merge(stored.T, A, B, s, magnitude).T, module.base_layer.weight.detach().numpy(),
-                 np.float64, factor=10)
+    assert_close(
+        dora.dora_merge(stored.T, A, B, s, magnitude).T,
+        module.base_layer.weight.detach().numpy(),
+        np.float64,
+        factor=10,
+    )

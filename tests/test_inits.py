@@ -12,6 +12,7 @@ from lora_spec.adapter_io import load_adapter_dir
 from tests import strategies
 from tests.numerics import assert_close
 
+
 @given(strategies.weight_init_cases(), strategies.seeds)
 def test_residual_plus_the_scaled_update_is_the_weight(case, seed):
     W, r, s, init = case
@@ -67,16 +68,33 @@ def test_half_precision_is_computed_in_float32_and_the_residual_cast_once():
         assert_close(residual.astype(np.float32) + 0.5 * lora_b @ lora_a, W, np.float16, factor=2)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: inits.pissa_init(np.ones((4, 3), np.int8), 2, 1.0), "PiSSA needs a floating-point base weight, not int8"),
-    (lambda: inits.olora_init(np.ones((4, 3), np.uint8), 2, 1.0), "OLoRA needs a floating-point base weight, not uint8"),
-    (lambda: inits.pissa_init(np.ones((4, 3)), 4, 1.0), r"rank r=4 does not fit PiSSA of a 4x3 weight: use 1 <= r <= 3"),
-    (lambda: inits.olora_init(np.ones((2, 3, 3)), 1, 1.0), "OLoRA initialises linear layers"),
-    (lambda: inits.pissa_init(np.ones((4, 3)), 2, 1.0, niter=-1), "niter=-1 is invalid"),
-    (lambda: inits.init_from_weight(np.ones((4, 3)), "gaussian", 2, 1.0), "init='gaussian' does not compute A and B"),
-    (lambda: reference.init(3, 4, LoRAConfig(init="olora"), np.random.default_rng(0)),
-     "init='olora' computes A and B from the base weight"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: inits.pissa_init(np.ones((4, 3), np.int8), 2, 1.0),
+            "PiSSA needs a floating-point base weight, not int8",
+        ),
+        (
+            lambda: inits.olora_init(np.ones((4, 3), np.uint8), 2, 1.0),
+            "OLoRA needs a floating-point base weight, not uint8",
+        ),
+        (
+            lambda: inits.pissa_init(np.ones((4, 3)), 4, 1.0),
+            r"rank r=4 does not fit PiSSA of a 4x3 weight: use 1 <= r <= 3",
+        ),
+        (lambda: inits.olora_init(np.ones((2, 3, 3)), 1, 1.0), "OLoRA initialises linear layers"),
+        (lambda: inits.pissa_init(np.ones((4, 3)), 2, 1.0, niter=-1), "niter=-1 is invalid"),
+        (
+            lambda: inits.init_from_weight(np.ones((4, 3)), "gaussian", 2, 1.0),
+            "init='gaussian' does not compute A and B",
+        ),
+        (
+            lambda: reference.init(3, 4, LoRAConfig(init="olora"), np.random.default_rng(0)),
+            "init='olora' computes A and B from the base weight",
+        ),
+    ],
+)
 def test_bad_weights_and_settings_are_refused_in_one_line(call, message):
     with pytest.raises(ValueError, match=message) as error:
         call()
@@ -84,6 +102,7 @@ def test_bad_weights_and_settings_are_refused_in_one_line(call, message):
 
 
 # --- conversion to LoRA against the original base --------------------------------------------------------------
+
 
 @given(strategies.weight_init_cases(), strategies.seeds)
 def test_the_converted_adapter_on_the_original_base_is_the_trained_adapter_on_the_residual(case, seed):
@@ -96,29 +115,44 @@ def test_the_converted_adapter_on_the_original_base_is_the_trained_adapter_on_th
     converted = inits.converted_config(config)
     lora_a2, lora_b2 = inits.convert_to_lora(lora_a, lora_b, initial.lora_a, initial.lora_b)
     assert lora_a2.shape == (2 * r, W.shape[1]) and converted.r == 2 * r and converted.scaling == pytest.approx(s)
-    assert_close(reference.merge(W, lora_a2, lora_b2, converted.scaling),
-                 reference.merge(initial.residual, lora_a, lora_b, s), np.float64, factor=100)
+    assert_close(
+        reference.merge(W, lora_a2, lora_b2, converted.scaling),
+        reference.merge(initial.residual, lora_a, lora_b, s),
+        np.float64,
+        factor=100,
+    )
     magnitude = dora.weight_norm(initial.residual, lora_a, lora_b, s) * 1.5  # DoRA's carries over
     x = rng.standard_normal((2, W.shape[1]))
-    assert_close(dora.dora_forward(x, W, None, lora_a2, lora_b2, converted.scaling, magnitude),
-                 dora.dora_forward(x, initial.residual, None, lora_a, lora_b, s, magnitude), np.float64, factor=100)
+    assert_close(
+        dora.dora_forward(x, W, None, lora_a2, lora_b2, converted.scaling, magnitude),
+        dora.dora_forward(x, initial.residual, None, lora_a, lora_b, s, magnitude),
+        np.float64,
+        factor=100,
+    )
 
 
 def test_converted_config_doubles_ranks_and_keeps_every_scaling():
     config = LoRAConfig(r=4, alpha=8, init="pissa_niter_2", rank_pattern={"q": 2}, alpha_pattern={"v": 6})
     converted = inits.converted_config(config)
     assert (converted.r, converted.init, converted.rank_pattern, converted.alpha_pattern) == (
-        8, "kaiming", {"q": 4}, {"v": 12})
+        8,
+        "kaiming",
+        {"q": 4},
+        {"v": 12},
+    )
     for path in ("m.q", "m.v", "m.k"):
         assert converted.scaling_for(path) == pytest.approx(config.scaling_for(path))
     rslora = LoRAConfig(r=4, alpha=8, init="olora", use_rslora=True)
     assert inits.converted_config(rslora).scaling == pytest.approx(rslora.scaling)
 
 
-@pytest.mark.parametrize("config, message", [
-    (LoRAConfig(init="pissa", use_rslora=True, rank_pattern={"q": 2}), "not supported with use_rslora=True"),
-    (LoRAConfig(init="gaussian"), "only PiSSA and OLoRA adapters need converting"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (LoRAConfig(init="pissa", use_rslora=True, rank_pattern={"q": 2}), "not supported with use_rslora=True"),
+        (LoRAConfig(init="gaussian"), "only PiSSA and OLoRA adapters need converting"),
+    ],
+)
 def test_conversions_peft_refuses_are_refused(config, message):
     with pytest.raises(ValueError, match=message):
         inits.converted_config(config)
@@ -126,14 +160,17 @@ def test_conversions_peft_refuses_are_refused(config, message):
 
 # --- PEFT itself ------------------------------------------------------------------------------------------------
 
+
 def _peft_layer(init: str, base=None, **options):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = base if base is not None else torch.nn.Linear(12, 7)
     original = base.weight.detach().numpy().copy()
-    model = peft.get_peft_model(torch.nn.ModuleDict({"layer": base}), peft.LoraConfig(
-        r=3, lora_alpha=5, target_modules=["layer"], init_lora_weights=init, **options))
+    model = peft.get_peft_model(
+        torch.nn.ModuleDict({"layer": base}),
+        peft.LoraConfig(r=3, lora_alpha=5, target_modules=["layer"], init_lora_weights=init, **options),
+    )
     return model, original
 
 
@@ -196,6 +233,9 @@ def test_pefts_conversion_to_lora_is_ours(tmp_path):
         np.testing.assert_array_equal(theirs, mine)
     expected = inits.converted_config(trained_config)
     assert (converted_config.r, converted_config.alpha, converted_config.init) == (
-        expected.r, expected.alpha, expected.init)
+        expected.r,
+        expected.alpha,
+        expected.init,
+    )
     assert json.loads((tmp_path / "converted" / "adapter_config.json").read_text())["init_lora_weights"] is True
     assert raw["r"] == 6

@@ -12,8 +12,10 @@ from tests.numerics import assert_close
 
 
 def _weighted_delta(case):
-    return sum(w * reference.merge(np.zeros_like(case.W), a.A, a.B, a.s, case.layer)
-               for w, a in zip(case.weights, case.adapters))
+    return sum(
+        w * reference.merge(np.zeros_like(case.W), a.A, a.B, a.s, case.layer)
+        for w, a in zip(case.weights, case.adapters)
+    )
 
 
 def _delta(case, lora_a, lora_b):

@@ -37,14 +37,20 @@ def test_embedding_gradients_equal_central_finite_differences(case, seed):
 
 @given(strategies.conv2d_cases(dtype=np.float64), strategies.seeds)
 def test_conv2d_gradients_equal_central_finite_differences(case, seed):
-    y = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry,
-                                 dropout_mask=case.dropout_mask)
+    y = reference.conv2d_forward(
+        case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry, dropout_mask=case.dropout_mask
+    )
     grad_y = np.random.default_rng(seed).standard_normal(y.shape)
     bias = case.b if case.b is not None else np.zeros(case.W.shape[0])
-    loss = _loss(lambda: reference.conv2d_forward(case.x, case.W, bias, case.A, case.B, case.s, **case.geometry,
-                                                  dropout_mask=case.dropout_mask), grad_y)
-    grads = reference.conv2d_backward(case.x, case.W, case.A, case.B, case.s, grad_y, **case.geometry,
-                                      dropout_mask=case.dropout_mask)
+    loss = _loss(
+        lambda: reference.conv2d_forward(
+            case.x, case.W, bias, case.A, case.B, case.s, **case.geometry, dropout_mask=case.dropout_mask
+        ),
+        grad_y,
+    )
+    grads = reference.conv2d_backward(
+        case.x, case.W, case.A, case.B, case.s, grad_y, **case.geometry, dropout_mask=case.dropout_mask
+    )
     for name, array in (("dx", case.x), ("dA", case.A), ("dB", case.B), ("db", bias)):
         assert_close(getattr(grads, name), numerical_gradient(lambda _: loss(), array), factor=1e4)
 
@@ -53,7 +59,8 @@ def test_conv2d_gradients_equal_central_finite_differences(case, seed):
 def test_linear_forward_equals_einsum_formula(case):
     x_dropped = case.x if case.dropout_mask is None else case.x * case.dropout_mask
     expected = np.einsum("...i,oi->...o", case.x, case.W) + case.s * np.einsum(
-        "...i,ki,ok->...o", x_dropped, case.A, case.B)
+        "...i,ki,ok->...o", x_dropped, case.A, case.B
+    )
     if case.b is not None:
         expected = expected + case.b
     actual = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s, case.dropout_mask)
@@ -104,7 +111,10 @@ def test_unmerge_of_merge_returns_the_base_weight_within_rounding(case):
 def test_half_precision_merge_computes_in_float32_and_casts_once():
     rng = np.random.default_rng(0)
     W = rng.standard_normal((16, 16)).astype(np.float16)
-    A, B = (0.1 * rng.standard_normal((8, 16))).astype(np.float16), (0.1 * rng.standard_normal((16, 8))).astype(np.float16)
+    A, B = (
+        (0.1 * rng.standard_normal((8, 16))).astype(np.float16),
+        (0.1 * rng.standard_normal((16, 8))).astype(np.float16),
+    )
     merged = reference.merge(W, A, B, 0.37)
     in_float32 = W.astype(np.float32) + np.float32(0.37) * (B.astype(np.float32) @ A.astype(np.float32))
     assert merged.dtype == np.float16

@@ -44,26 +44,33 @@ def test_regex_targets_can_select_embeddings():
 
 
 def test_modules_to_save_are_never_adapted():
-    _, matches = select_targets(BERT_LIKE, LoRAConfig(target_modules=["classifier", "query"],
-                                                      modules_to_save=["classifier"]))
+    _, matches = select_targets(
+        BERT_LIKE, LoRAConfig(target_modules=["classifier", "query"], modules_to_save=["classifier"])
+    )
     assert _paths(matches) == ["encoder.layer.0.attention.self.query"]
 
 
 def test_a_target_that_matches_nothing_lists_the_names_that_exist():
-    with pytest.raises(ValueError, match=r"target_modules=\('q_proj',\) matched no module: the model's adaptable "
-                                         r"modules are named classifier, dense, key, query, value, word_embeddings\."):
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules=\('q_proj',\) matched no module: the model's adaptable "
+        r"modules are named classifier, dense, key, query, value, word_embeddings\.",
+    ):
         select_targets(BERT_LIKE, LoRAConfig(target_modules=["q_proj"]))
 
 
 def test_a_target_of_an_unsupported_kind_is_refused_with_its_type():
-    with pytest.raises(ValueError, match="'encoder.layer.0.attention.self' is a BertSelfAttention, which LoRA "
-                                         "cannot wrap"):
+    with pytest.raises(
+        ValueError, match="'encoder.layer.0.attention.self' is a BertSelfAttention, which LoRA cannot wrap"
+    ):
         select_targets(BERT_LIKE, LoRAConfig(target_modules=["self"]))
 
 
 def test_modules_to_save_follow_the_suffix_rule_and_an_unmatched_entry_raises_unless_optional():
     assert modules_to_save_paths(BERT_LIKE, LoRAConfig(modules_to_save=["classifier", "dense"])) == [
-        "encoder.layer.0.output.dense", "classifier"]
+        "encoder.layer.0.output.dense",
+        "classifier",
+    ]
     config = LoRAConfig(modules_to_save=["score"])
     with pytest.raises(ValueError, match="modules_to_save entry 'score' matched no module: .* such as classifier"):
         modules_to_save_paths(BERT_LIKE, config)

@@ -42,7 +42,11 @@ def _gelu_exact(z):
 def activation_of(layer: keras.layers.Layer, training: bool | None = None) -> Callable | None:
     """The function the layer applies after its linear map: its `activation`, or, in training, the
     one-pass GELU above in its place where that is Keras's exact GELU on TensorFlow."""
-    if (training and layer.activation is keras.activations.gelu and _KERAS_GELU_IS_EXACT
-            and keras.backend.backend() == "tensorflow"):
+    if (
+        training
+        and layer.activation is keras.activations.gelu
+        and _KERAS_GELU_IS_EXACT
+        and keras.backend.backend() == "tensorflow"
+    ):
         return _gelu_exact
     return layer.activation

@@ -18,11 +18,28 @@ import numpy as np
 from keras import ops
 
 from lora_spec import inits
-from lora_spec.adapter_io import PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir, save_adapter_dir
+from lora_spec.adapter_io import (
+    PREFIX,
+    AdapterWeights,
+    adapter_folder,
+    adapter_folders,
+    load_adapter_dir,
+    save_adapter_dir,
+)
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LoRAEmbedding, LoRALayer, reference_shapes
-from lora_spec.backends.keras_model import (ACTIVE_ATTRIBUTE, activate, adapt, check_names, configs_of, lora_layers,
-                                            named_layers, plan, remember, remove_from_layers)
+from lora_spec.backends.keras_model import (
+    ACTIVE_ATTRIBUTE,
+    activate,
+    adapt,
+    check_names,
+    configs_of,
+    lora_layers,
+    named_layers,
+    plan,
+    remember,
+    remove_from_layers,
+)
 from lora_spec.backends.keras_saved_modules import SavedModules
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
@@ -57,14 +74,20 @@ def _as_bias(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
 
 _AS_IS = (None, _same, _same)
 _MATRIX = _transposed((1, 0))
-_NORMALIZATION = {"gamma": ("weight", _same, _same), "beta": ("bias", _same, _same),
-                  "moving_mean": ("running_mean", _same, _same), "moving_variance": ("running_var", _same, _same)}
+_NORMALIZATION = {
+    "gamma": ("weight", _same, _same),
+    "beta": ("bias", _same, _same),
+    "moving_mean": ("running_mean", _same, _same),
+    "moving_variance": ("running_var", _same, _same),
+}
 # Keras variable name -> (PyTorch parameter name, to PyTorch's layout, back to Keras's), per layer class.
 _TORCH_NAMES: dict[type[keras.layers.Layer], dict[str, tuple[str, Layout, Layout]]] = {
     keras.layers.Dense: {"kernel": ("weight", *_MATRIX)},
     # A Linear's bias is flat where an EinsumDense's spans its output axes, (heads, head_dim) say.
-    keras.layers.EinsumDense: {"kernel": ("weight", _einsum_kernel_to_torch, _einsum_kernel_from_torch),
-                               "bias": ("bias", _flattened, _as_bias)},
+    keras.layers.EinsumDense: {
+        "kernel": ("weight", _einsum_kernel_to_torch, _einsum_kernel_from_torch),
+        "bias": ("bias", _flattened, _as_bias),
+    },
     keras.layers.Embedding: {"embeddings": ("weight", _same, _same)},
     keras.layers.Conv1D: {"kernel": ("weight", *_transposed((2, 1, 0)))},
     keras.layers.Conv2D: {"kernel": ("weight", *_transposed((3, 2, 0, 1)))},
@@ -99,15 +122,19 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == prefix or path.startswith(prefix + ".") for prefix in prefixes)
 
 
-def _trained_extras(model: keras.layers.Layer, config: LoRAConfig, adapter_name: str,
-                    holders: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+def _trained_extras(
+    model: keras.layers.Layer, config: LoRAConfig, adapter_name: str, holders: set[str]
+) -> Iterator[tuple[str, np.ndarray]]:
     """`(file name, value in PyTorch's layout)` of one adapter's fully trained tensors: its copies of modules
     to save, then biases (of the LoRA layers in `holders`, or every one with `bias="all"`)."""
     saved = SavedModules.of(model)
     by_path = dict(named_layers(model))
     save_paths = [path for path in saved.current if adapter_name in saved.owners(path)]
-    values = {variable_path: value for path in save_paths
-              for variable_path, value in saved.values(path, by_path[path], adapter_name).items()}
+    values = {
+        variable_path: value
+        for path in save_paths
+        for variable_path, value in saved.values(path, by_path[path], adapter_name).items()
+    }
     for path, layer in by_path.items():
         if _under(path, save_paths):
             for name, variable in _parameters(path, layer):
@@ -120,8 +147,9 @@ def _trained_extras(model: keras.layers.Layer, config: LoRAConfig, adapter_name:
                 yield f"{path}.bias", _to_torch(value, layer.bias, layer)
 
 
-def adapter_file(model: keras.layers.Layer, adapter_name: str, convert_to_lora: bool = True) -> tuple[dict,
-                                                                                                   AdapterWeights]:
+def adapter_file(
+    model: keras.layers.Layer, adapter_name: str, convert_to_lora: bool = True
+) -> tuple[dict, AdapterWeights]:
     """`(adapter_config.json content, tensors)` of one adapter of `model`; a PiSSA or OLoRA adapter converted to
     LoRA of the original base with `convert_to_lora`."""
     config = configs_of(model)[adapter_name]
@@ -144,9 +172,14 @@ def adapter_file(model: keras.layers.Layer, adapter_name: str, convert_to_lora: 
     return (inits.converted_config(config) if convert else config).to_peft_dict(list(ranks)), weights
 
 
-def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None,
-                 naming: str = "keras", transformers_class: type | str | None = None,
-                 convert_to_lora: bool = True) -> None:
+def save_adapter(
+    model: keras.layers.Layer,
+    path: str | os.PathLike,
+    adapter_name: str | Sequence[str] | None = None,
+    naming: str = "keras",
+    transformers_class: type | str | None = None,
+    convert_to_lora: bool = True,
+) -> None:
     """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
 
     `adapter_name` None saves every adapter, a name or a list those only: `"default"` in `path`,
@@ -167,13 +200,18 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_nam
     from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
 
     keras_hub_names.check_naming(naming, transformers_class)
-    names = list(configs_of(model)) if adapter_name is None else (
-        [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    names = (
+        list(configs_of(model))
+        if adapter_name is None
+        else ([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    )
     check_names(model, names)
     files = [(adapter_folder(path, name), *adapter_file(model, name, convert_to_lora)) for name in names]
     if naming == "transformers":
-        files = [(folder, *keras_hub_names.to_transformers_naming(model, config_dict, weights, transformers_class))
-                 for folder, config_dict, weights in files]
+        files = [
+            (folder, *keras_hub_names.to_transformers_naming(model, config_dict, weights, transformers_class))
+            for folder, config_dict, weights in files
+        ]
     for _, _, weights in files:
         weights.check_finite()
     for folder, config_dict, weights in files:
@@ -184,7 +222,9 @@ def _key(name: str) -> str:
     return PREFIX + name
 
 
-def _resolve_extra(by_path: dict[str, keras.layers.Layer], name: str) -> tuple[keras.Variable, keras.layers.Layer] | None:
+def _resolve_extra(
+    by_path: dict[str, keras.layers.Layer], name: str
+) -> tuple[keras.Variable, keras.layers.Layer] | None:
     """The variable a file name points at; PEFT's wrapper names (`base_layer`, `modules_to_save`) are
     seen through, and `original_module` tensors (the untrained copy) are skipped by the caller."""
     name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
@@ -198,13 +238,16 @@ def _resolve_extra(by_path: dict[str, keras.layers.Layer], name: str) -> tuple[k
     return None
 
 
-def _check_lora(by_path: dict[str, keras.layers.Layer], weights: AdapterWeights, config: LoRAConfig,
-                target_paths: list[str]) -> None:
+def _check_lora(
+    by_path: dict[str, keras.layers.Layer], weights: AdapterWeights, config: LoRAConfig, target_paths: list[str]
+) -> None:
     for path, (lora_a, lora_b) in weights.lora.items():
         suffix = ".lora_embedding_A" if path in weights.embeddings else ".lora_A.weight"
         if path not in target_paths:
-            raise ValueError(f"adapter key {_key(path + suffix)} names no LoRA target of this model: "
-                             "load the adapter into the model it was trained on.")
+            raise ValueError(
+                f"adapter key {_key(path + suffix)} names no LoRA target of this model: "
+                "load the adapter into the model it was trained on."
+            )
         layer = by_path[path]
         is_embedding = isinstance(layer, (LoRAEmbedding, keras.layers.Embedding))
         if is_embedding != (path in weights.embeddings):
@@ -213,33 +256,42 @@ def _check_lora(by_path: dict[str, keras.layers.Layer], weights: AdapterWeights,
         rank = config.rank_for(path)
         for half, tensor, shape in zip("AB", (lora_a, lora_b), reference_shapes(layer, rank)):
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"adapter tensor {half} of {path!r} has shape {tuple(tensor.shape)}, but this model "
-                                 f"needs {shape}: the adapter was trained on another architecture or rank.")
+                raise ValueError(
+                    f"adapter tensor {half} of {path!r} has shape {tuple(tensor.shape)}, but this model "
+                    f"needs {shape}: the adapter was trained on another architecture or rank."
+                )
     missing = sorted(set(target_paths) - set(weights.lora))
     if missing:
-        raise ValueError(f"adapter has no weights for layer {missing[0]!r} although its config targets it: "
-                         "the file is incomplete or its target_modules do not match it.")
+        raise ValueError(
+            f"adapter has no weights for layer {missing[0]!r} although its config targets it: "
+            "the file is incomplete or its target_modules do not match it."
+        )
 
 
-def _checked_extras(by_path: dict[str, keras.layers.Layer],
-                    weights: AdapterWeights) -> list[tuple[keras.Variable, np.ndarray]]:
+def _checked_extras(
+    by_path: dict[str, keras.layers.Layer], weights: AdapterWeights
+) -> list[tuple[keras.Variable, np.ndarray]]:
     assignments = []
     for name, value in weights.extra.items():
         if ".original_module." in name:
             continue
         resolved = _resolve_extra(by_path, name)
         if resolved is None:
-            raise ValueError(f"adapter key {_key(name)} names no weight of this model: "
-                             "load the adapter into the model it was trained on.")
+            raise ValueError(
+                f"adapter key {_key(name)} names no weight of this model: "
+                "load the adapter into the model it was trained on."
+            )
         variable, layer = resolved
         try:
             converted = _from_torch(value, variable, layer)
         except ValueError:  # a transpose or reshape that does not fit: reported as a shape mismatch below
             converted = value
         if tuple(converted.shape) != tuple(variable.shape):
-            raise ValueError(f"adapter key {_key(name)} has shape {tuple(value.shape)}, which does not fit this "
-                             f"model's weight of shape {tuple(variable.shape)}: the adapter was trained on another "
-                             "architecture.")
+            raise ValueError(
+                f"adapter key {_key(name)} has shape {tuple(value.shape)}, which does not fit this "
+                f"model's weight of shape {tuple(variable.shape)}: the adapter was trained on another "
+                "architecture."
+            )
         assignments.append((variable, converted))
     return assignments
 
@@ -260,7 +312,9 @@ def _planned(model: keras.layers.Layer, name: str, folder) -> tuple:
     return name, config, target_paths, save_paths, weights, assignments
 
 
-def load_adapter(model: keras.layers.Layer, path: str | os.PathLike, adapter_name: str | None = None) -> keras.layers.Layer:
+def load_adapter(
+    model: keras.layers.Layer, path: str | os.PathLike, adapter_name: str | None = None
+) -> keras.layers.Layer:
     """Load adapters written by `save_adapter` (Keras or PyTorch) or PEFT into `model`; returns `model`.
 
     As `lora_spec.torch.load_adapter`: with `adapter_name`, the folder `path` is loaded under that

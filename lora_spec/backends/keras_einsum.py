@@ -42,7 +42,7 @@ class EinsumPlan:
     def feature_tail(self) -> str | None:
         """The output's axes from its first output axis on, along which a per-feature tensor broadcasts; None
         when an ellipsis is among them (its rank is unknown)."""
-        tail = self.output[min(self.output.index(a) for a in self.output_axes):]
+        tail = self.output[min(self.output.index(a) for a in self.output_axes) :]
         return None if "." in tail else tail
 
     @property
@@ -99,6 +99,11 @@ def plan(equation: str) -> EinsumPlan | None:
         return None
     rank = next(a for a in string.ascii_letters if a not in equation)
     hidden = "".join(a for a in inputs if a not in input_axes) + rank
-    return EinsumPlan(input_axes=input_axes, output_axes=output_axes, kernel_axes=kernel,
-                      to_hidden=f"{inputs},{input_axes}{rank}->{hidden}",
-                      from_hidden=f"{hidden},{rank}{output_axes}->{output}", output=output)
+    return EinsumPlan(
+        input_axes=input_axes,
+        output_axes=output_axes,
+        kernel_axes=kernel,
+        to_hidden=f"{inputs},{input_axes}{rank}->{hidden}",
+        from_hidden=f"{hidden},{rank}{output_axes}->{output}",
+        output=output,
+    )

@@ -58,8 +58,10 @@ def _gemma(backbone: keras.Model) -> Architecture:
 
 def _gemma3(backbone: keras.Model) -> Architecture:
     if backbone.vision_encoder is not None:
-        raise ValueError("this Gemma3Backbone has a vision encoder: lora_spec names adapters for the text-only "
-                         "Gemma3ForCausalLM; load the text model (a gemma3_text checkpoint).")
+        raise ValueError(
+            "this Gemma3Backbone has a vision encoder: lora_spec names adapters for the text-only "
+            "Gemma3ForCausalLM; load the text model (a gemma3_text checkpoint)."
+        )
     return Architecture("gemma3_text", "Gemma3TextModel", "Gemma3ForCausalLM", "model")
 
 
@@ -70,8 +72,9 @@ _ARCHITECTURES: dict[str, Callable[[keras.Model], Architecture]] = {
     "Qwen3Backbone": lambda backbone: Architecture("qwen3", "Qwen3Model", "Qwen3ForCausalLM", "model"),
     "GemmaBackbone": _gemma,
     "Gemma3Backbone": _gemma3,
-    "GPT2Backbone": lambda backbone: Architecture("gpt2", "GPT2Model", "GPT2LMHeadModel", "transformer",
-                                                  lambda backbone: {"n_embd": backbone.hidden_dim}),
+    "GPT2Backbone": lambda backbone: Architecture(
+        "gpt2", "GPT2Model", "GPT2LMHeadModel", "transformer", lambda backbone: {"n_embd": backbone.hidden_dim}
+    ),
     "BertBackbone": lambda backbone: Architecture("bert", "BertModel", None, "bert", head=()),
 }
 SUPPORTED_BACKBONES = tuple(_ARCHITECTURES)
@@ -82,9 +85,11 @@ def keras_hub_module():
     keras_hub = require("keras_hub", "hub")
     minor = ".".join(keras_hub.__version__.split(".")[:2])
     if minor not in SUPPORTED_KERAS_HUB:
-        raise ImportError(f"lora_spec's transformers naming supports KerasHub {', '.join(SUPPORTED_KERAS_HUB)}, "
-                          f"not {keras_hub.__version__}: install a supported one with "
-                          'pip install "lora-spec[hub]".')
+        raise ImportError(
+            f"lora_spec's transformers naming supports KerasHub {', '.join(SUPPORTED_KERAS_HUB)}, "
+            f"not {keras_hub.__version__}: install a supported one with "
+            'pip install "lora-spec[hub]".'
+        )
     return keras_hub
 
 
@@ -93,6 +98,7 @@ def is_keras_hub_model(model: Any) -> bool:
     if "keras_hub" not in sys.modules or not isinstance(model, keras.layers.Layer):
         return False
     from keras_hub.src.models.backbone import Backbone
+
     return isinstance(model, Backbone) or isinstance(getattr(model, "backbone", None), Backbone)
 
 
@@ -104,12 +110,19 @@ def backbone_of(model: keras.layers.Layer) -> tuple[keras.Model, Architecture, A
 
     backbone = model if isinstance(model, Backbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, Backbone):
-        raise ValueError(f"naming='transformers' needs a KerasHub backbone or task model, not a "
-                         f"{type(model).__name__}: load the model with keras_hub's from_preset.")
+        raise ValueError(
+            f"naming='transformers' needs a KerasHub backbone or task model, not a "
+            f"{type(model).__name__}: load the model with keras_hub's from_preset."
+        )
     name = type(backbone).__name__
     if name not in _ARCHITECTURES:
-        raise ValueError(f"KerasHub's {name} has no transformers naming in lora_spec: the supported backbones are "
-                         f"{', '.join(SUPPORTED_BACKBONES)}.")
-    converter = next(module for attribute, module in vars(preset_loader).items()
-                     if attribute.startswith("convert_") and getattr(module, "backbone_cls", None) is type(backbone))
+        raise ValueError(
+            f"KerasHub's {name} has no transformers naming in lora_spec: the supported backbones are "
+            f"{', '.join(SUPPORTED_BACKBONES)}."
+        )
+    converter = next(
+        module
+        for attribute, module in vars(preset_loader).items()
+        if attribute.startswith("convert_") and getattr(module, "backbone_cls", None) is type(backbone)
+    )
     return backbone, _ARCHITECTURES[name](backbone), converter

@@ -42,8 +42,9 @@ def check_naming(naming: str, transformers_class: Any = None) -> None:
     if naming not in NAMINGS:
         raise ValueError(f"naming={naming!r} is invalid: use one of {', '.join(map(repr, NAMINGS))}.")
     if transformers_class is not None and naming != "transformers":
-        raise ValueError(f"transformers_class={transformers_class!r} names transformers modules: pass "
-                         "naming='transformers' with it.")
+        raise ValueError(
+            f"transformers_class={transformers_class!r} names transformers modules: pass naming='transformers' with it."
+        )
 
 
 def _module(key: str) -> str:
@@ -70,8 +71,11 @@ class TransformersNames:
         backbone, self.architecture, converter = backbone_of(model)
         self.recording = Recording(backbone, converter, self.architecture.converter_config(backbone))
         self.layers = dict(named_layers(model))
-        owners = {id(variable): (path, layer) for path, layer in self.layers.items()
-                  for variable in layer._trainable_variables + layer._non_trainable_variables}
+        owners = {
+            id(variable): (path, layer)
+            for path, layer in self.layers.items()
+            for variable in layer._trainable_variables + layer._non_trainable_variables
+        }
         # bare key -> [(Keras layer path, layer, variable)] for the variables the tensor feeds, in converter order
         self.fed: dict[str, list[tuple[str, keras.layers.Layer, keras.Variable]]] = {}
         for variable, key, _ in self.recording.ports.values():
@@ -96,8 +100,10 @@ class TransformersNames:
         """`bare` (a key or module path) as `class_name`'s state dict names it."""
         if self._is_head(bare):
             if class_name != self.architecture.causal_lm:
-                raise ValueError(f"transformers' {class_name} has no {bare.split('.')[0]}: save for "
-                                 f"{self.architecture.causal_lm}, or leave that module out of the adapter.")
+                raise ValueError(
+                    f"transformers' {class_name} has no {bare.split('.')[0]}: save for "
+                    f"{self.architecture.causal_lm}, or leave that module out of the adapter."
+                )
             return bare
         return bare if class_name == self.architecture.bare else f"{self.architecture.base_prefix}.{bare}"
 
@@ -110,8 +116,10 @@ class TransformersNames:
         known = [self.architecture.bare] + ([self.architecture.causal_lm] if self.architecture.causal_lm else [])
         stem = re.sub(r"(Text)?Model$", "", self.architecture.bare)
         if not isinstance(name, str) or not name.startswith(stem):
-            raise ValueError(f"transformers_class={transformers_class!r} is not a class of this model's architecture "
-                             f"({self.architecture.model_type}): use {' or '.join(known)}, or another {stem}* class.")
+            raise ValueError(
+                f"transformers_class={transformers_class!r} is not a class of this model's architecture "
+                f"({self.architecture.model_type}): use {' or '.join(known)}, or another {stem}* class."
+            )
         return name
 
     def bare_of(self, file_paths: list[str]) -> dict[str, str | None]:
@@ -121,10 +129,11 @@ class TransformersNames:
         class holding the bare model under its prefix (`model.layers.0...`); the prefix that fits most
         paths is the file's.
         """
+
         def strip(path: str, prefix: str) -> str | None:
             if self._is_head(path):
                 return path if path in self.modules else None
-            bare = path[len(prefix):] if path.startswith(prefix) else None
+            bare = path[len(prefix) :] if path.startswith(prefix) else None
             return bare if bare in self.modules else None
 
         prefixes = ("", self.architecture.base_prefix + ".")
@@ -140,16 +149,20 @@ class TransformersNames:
         if not members or not all(is_kernel(layer, variable) for _, layer, variable in members):
             path, layer, _ = members[0] if members else (None, None, None)
             held = "computes the logits with" if self._is_head(bare_module) else "holds it in"
-            raise ValueError(f"KerasHub {held} {type(layer).__name__} {path!r}, which lora_spec does not adapt (it maps "
-                             "adapters on linear layers only between KerasHub and transformers): leave "
-                             f"{bare_module} out of target_modules.")
+            raise ValueError(
+                f"KerasHub {held} {type(layer).__name__} {path!r}, which lora_spec does not adapt (it maps "
+                "adapters on linear layers only between KerasHub and transformers): leave "
+                f"{bare_module} out of target_modules."
+            )
         return [(path, self.recording.linear(layer)) for path, layer, _ in members]
 
     def linear(self, keras_path: str) -> LinearPlacement:
         layer = self.layers[keras_path]
         if self.recording.key_of(layer._kernel) is None:
-            raise ValueError(f"layer {keras_path!r} has no counterpart in transformers' {self.architecture.model_type} "
-                             "model (KerasHub's converter ports nothing into it): leave it out of target_modules.")
+            raise ValueError(
+                f"layer {keras_path!r} has no counterpart in transformers' {self.architecture.model_type} "
+                "model (KerasHub's converter ports nothing into it): leave it out of target_modules."
+            )
         return self.recording.linear(layer)
 
     def module_infos(self, class_name: str) -> list[ModuleInfo]:
@@ -171,8 +184,10 @@ class TransformersNames:
             if any(_module(key) == module or key.startswith(module + ".") for module in bare_modules):
                 for path, layer, _ in members:
                     if _is_tied_embedding(layer):
-                        raise ValueError(f"{_module(key)} is tied to the output head in this KerasHub model, but "
-                                         "PEFT's modules_to_save copy of it is not: leave it out of modules_to_save.")
+                        raise ValueError(
+                            f"{_module(key)} is tied to the output head in this KerasHub model, but "
+                            "PEFT's modules_to_save copy of it is not: leave it out of modules_to_save."
+                        )
                     paths[path] = None
         return list(paths)
 
@@ -192,12 +207,19 @@ class TransformersNames:
 def _restated(config: LoRAConfig, settings: dict[str, tuple[int, float]], save_paths: list[str]) -> LoRAConfig:
     """`config` for other module names: its targets the paths `settings` maps to their `(r, alpha)`, and its
     modules to save `save_paths` (the other side's patterns and filters name nothing here)."""
-    unnamed = config.replace(exclude_modules=None, modules_to_save=tuple(save_paths) or None, rank_pattern={},
-                             alpha_pattern={}, layers_to_transform=None, layers_pattern=None)
+    unnamed = config.replace(
+        exclude_modules=None,
+        modules_to_save=tuple(save_paths) or None,
+        rank_pattern={},
+        alpha_pattern={},
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
     return config_for_layers(unnamed, settings)
 
 
 # -- apply(naming="transformers") -------------------------------------------------------------------
+
 
 def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> LoRAConfig:
     """`config`, whose module names are transformers' (`target_modules=["q_proj", "v_proj"]`), resolved to
@@ -212,12 +234,20 @@ def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> 
         config = config.replace(target_modules=tuple(info.path for info in infos if info.kind == "linear"))
     bare = {info.path: names.bare(info.path) for info in infos}
     for info in infos:
-        if info.kind == "other" and info.path and config.target_modules is not None and config.is_target(info.path) \
-                and bare[info.path] in names.modules:
+        if (
+            info.kind == "other"
+            and info.path
+            and config.target_modules is not None
+            and config.is_target(info.path)
+            and bare[info.path] in names.modules
+        ):
             names.linears(bare[info.path])  # raises the reason it cannot be adapted
     resolved, matches = select_targets(infos, config)
-    settings = {keras_path: (resolved.rank_for(match.path), resolved.alpha_for(match.path))
-                for match in matches for keras_path, _ in names.linears(bare[match.path])}
+    settings = {
+        keras_path: (resolved.rank_for(match.path), resolved.alpha_for(match.path))
+        for match in matches
+        for keras_path, _ in names.linears(bare[match.path])
+    }
     saved = names.keras_paths_under([bare[path] for path in modules_to_save_paths(infos, resolved)])
     return _restated(resolved, settings, saved)
 
@@ -228,12 +258,15 @@ def _check_plain_lora(config: LoRAConfig) -> None:
     weight as each side holds it)."""
     if config.use_dora or is_weight_init(config.init):
         feature = "use_dora=True" if config.use_dora else f"init={config.init!r}"
-        raise ValueError(f"{feature} is not supported between KerasHub's and transformers' names yet: move this "
-                         "adapter in Keras naming (save_adapter's default), or, for PiSSA/OLoRA, save it converted "
-                         "to LoRA (convert_to_lora=True, the default).")
+        raise ValueError(
+            f"{feature} is not supported between KerasHub's and transformers' names yet: move this "
+            "adapter in Keras naming (save_adapter's default), or, for PiSSA/OLoRA, save it converted "
+            "to LoRA (convert_to_lora=True, the default)."
+        )
 
 
 # -- load_adapter -----------------------------------------------------------------------------------
+
 
 def _lora_key(path: str, weights: AdapterWeights) -> str:
     return PREFIX + path + (".lora_embedding_A" if path in weights.embeddings else ".lora_A.weight")
@@ -242,15 +275,17 @@ def _lora_key(path: str, weights: AdapterWeights) -> str:
 def _names_keras_layers(model: keras.layers.Layer, weights: AdapterWeights) -> bool:
     by_path = dict(named_layers(model))
     return all(path in by_path for path in weights.lora) and all(
-        ".original_module." in name or keras_adapter._resolve_extra(by_path, name) is not None for name in weights.extra)
+        ".original_module." in name or keras_adapter._resolve_extra(by_path, name) is not None for name in weights.extra
+    )
 
 
 def _saved_under(config: LoRAConfig, module: str) -> bool:
     return any(config.is_module_to_save(ancestor) for ancestor in _ancestors(module))
 
 
-def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
-                    weights: AdapterWeights) -> tuple[LoRAConfig, AdapterWeights]:
+def to_keras_naming(
+    model: keras.layers.Layer, config: LoRAConfig, weights: AdapterWeights
+) -> tuple[LoRAConfig, AdapterWeights]:
     """An adapter read from a file, in the Keras naming of `model`: unchanged unless `model` is a KerasHub model
     and the file names transformers modules, which are then mapped to its layers (config and tensors)."""
     if not is_keras_hub_model(model) or _names_keras_layers(model, weights):
@@ -262,17 +297,23 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
     bare = names.bare_of(list(weights.lora) + [_module(key) for key in unwrapped.values()])
     for path in weights.lora:
         if bare[path] is None:
-            raise ValueError(f"adapter key {_lora_key(path, weights)} names no module of transformers' "
-                             f"{names.architecture.model_type} model as KerasHub converts it: load the adapter into "
-                             "the model it was trained on.")
+            raise ValueError(
+                f"adapter key {_lora_key(path, weights)} names no module of transformers' "
+                f"{names.architecture.model_type} model as KerasHub converts it: load the adapter into "
+                "the model it was trained on."
+            )
     lora, settings = {}, {}
     for path, (lora_a, lora_b) in weights.lora.items():
         for keras_path, placement in names.linears(bare[path]):
-            for half, tensor, expected in (("A", lora_a, (lora_a.shape[0], placement.in_features)),
-                                           ("B", lora_b, (placement.out_features, lora_b.shape[1]))):
+            for half, tensor, expected in (
+                ("A", lora_a, (lora_a.shape[0], placement.in_features)),
+                ("B", lora_b, (placement.out_features, lora_b.shape[1])),
+            ):
                 if tuple(tensor.shape) != expected:
-                    raise ValueError(f"adapter tensor {half} of {path!r} has shape {tuple(tensor.shape)}, but this "
-                                     f"model needs {expected}: the adapter was trained on another model size.")
+                    raise ValueError(
+                        f"adapter tensor {half} of {path!r} has shape {tuple(tensor.shape)}, but this "
+                        f"model needs {expected}: the adapter was trained on another model size."
+                    )
             lora[keras_path] = split(placement, lora_a, lora_b)
             settings[keras_path] = (config.rank_for(path), config.alpha_for(path))
     extra, saved = {}, []
@@ -280,18 +321,23 @@ def to_keras_naming(model: keras.layers.Layer, config: LoRAConfig,
         module = _module(unwrapped[name])
         key = None if bare[module] is None else f"{bare[module]}.{unwrapped[name].rpartition('.')[2]}"
         if key not in names.fed:
-            raise ValueError(f"adapter key {PREFIX + name} names no weight of transformers' "
-                             f"{names.architecture.model_type} model as KerasHub converts it: load the adapter into "
-                             "the model it was trained on.")
+            raise ValueError(
+                f"adapter key {PREFIX + name} names no weight of transformers' "
+                f"{names.architecture.model_type} model as KerasHub converts it: load the adapter into "
+                "the model it was trained on."
+            )
         if _saved_under(config, module):
             saved += names.keras_paths_under([bare[module]])
         for keras_path, layer, variable in names.fed[key]:
             placement = names.recording.placement(layer, variable)
             if tuple(value.shape) != placement.shape:
-                raise ValueError(f"adapter key {PREFIX + name} has shape {tuple(value.shape)}, but this model's is "
-                                 f"{placement.shape}: the adapter was trained on another model size.")
+                raise ValueError(
+                    f"adapter key {PREFIX + name} has shape {tuple(value.shape)}, but this model's is "
+                    f"{placement.shape}: the adapter was trained on another model size."
+                )
             extra[_file_name(keras_path, layer, variable)] = keras_adapter._to_torch(
-                value.reshape(-1)[placement.index], variable, layer)
+                value.reshape(-1)[placement.index], variable, layer
+            )
     return _restated(config, settings, list(dict.fromkeys(saved))), AdapterWeights(lora=lora, extra=extra)
 
 
@@ -302,8 +348,10 @@ def _file_name(path: str, layer: keras.layers.Layer, variable: keras.Variable) -
 
 # -- save_adapter(naming="transformers") ------------------------------------------------------------
 
-def to_transformers_naming(model: keras.layers.Layer, config_dict: dict[str, Any], weights: AdapterWeights,
-                           transformers_class: Any = None) -> tuple[dict[str, Any], AdapterWeights]:
+
+def to_transformers_naming(
+    model: keras.layers.Layer, config_dict: dict[str, Any], weights: AdapterWeights, transformers_class: Any = None
+) -> tuple[dict[str, Any], AdapterWeights]:
     """`(adapter_config.json content, tensors)` of an adapter file of the KerasHub `model` in Keras naming
     (`config_dict` and `weights`, as `keras_adapter.adapter_file` gives them) under the names and layouts of
     its transformers class."""
@@ -314,26 +362,35 @@ def to_transformers_naming(model: keras.layers.Layer, config_dict: dict[str, Any
     by_module: dict[str, list[tuple[str, LinearPlacement]]] = {}
     for path in weights.lora:
         if path in weights.embeddings:
-            raise ValueError(f"layer {path!r} is an embedding: lora_spec maps adapters on linear layers only between "
-                             "KerasHub and transformers; leave it out of target_modules.")
+            raise ValueError(
+                f"layer {path!r} is an embedding: lora_spec maps adapters on linear layers only between "
+                "KerasHub and transformers; leave it out of target_modules."
+            )
         placement = names.linear(path)
         by_module.setdefault(names.class_path(_module(names.bare(placement.key)), class_name), []).append(
-            (path, placement))
+            (path, placement)
+        )
     lora, settings = {}, {}
     for module, members in by_module.items():
         lora[module] = fuse([(placement, *weights.lora[path], config.scaling_for(path)) for path, placement in members])
         rank, first = lora[module][0].shape[0], members[0][0]
         # Several layers in one: the rank is the sum and the scaling the first layer's (fuse folds the others in).
-        settings[module] = (rank, config.alpha_for(first) if len(members) == 1 else
-                            config.scaling_for(first) * (math.sqrt(rank) if config.use_rslora else rank))
+        settings[module] = (
+            rank,
+            config.alpha_for(first)
+            if len(members) == 1
+            else config.scaling_for(first) * (math.sqrt(rank) if config.use_rslora else rank),
+        )
     saved = _modules_to_save(names, config, class_name)
     file_keys, given = {}, {}
     for name, value in weights.extra.items():
         variable, layer = keras_adapter._resolve_extra(names.layers, name)
         key = names.recording.key_of(variable)
         if key is None:
-            raise ValueError(f"weight {name!r} has no counterpart in transformers' {class_name} (KerasHub's converter "
-                             "ports nothing into it): leave its layer out of modules_to_save.")
+            raise ValueError(
+                f"weight {name!r} has no counterpart in transformers' {class_name} (KerasHub's converter "
+                "ports nothing into it): leave its layer out of modules_to_save."
+            )
         file_key = names.class_path(names.bare(key), class_name)
         if ".base_layer." in name:
             file_key = f"{_module(file_key)}.base_layer.{file_key.rpartition('.')[2]}"
@@ -344,8 +401,9 @@ def to_transformers_naming(model: keras.layers.Layer, config_dict: dict[str, Any
     linear = [info.path for info in names.module_infos(class_name) if info.kind == "linear"]
     hf_config = _restated(config, settings, saved)
     transposed = any(placement.transposed for members in by_module.values() for _, placement in members)
-    return hf_config.to_peft_dict(list(_target_names(list(lora), linear)), fan_in_fan_out=transposed), \
-        AdapterWeights(lora=lora, extra=extra)
+    return hf_config.to_peft_dict(list(_target_names(list(lora), linear)), fan_in_fan_out=transposed), AdapterWeights(
+        lora=lora, extra=extra
+    )
 
 
 def fuse(parts: list[tuple[LinearPlacement, np.ndarray, np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -380,8 +438,10 @@ def _modules_to_save(names: TransformersNames, config: LoRAConfig, class_name: s
         if not config.is_module_to_save(path):
             continue
         if _is_tied_embedding(layer):
-            raise ValueError(f"layer {path!r} is tied to the output head in this KerasHub model, but PEFT's "
-                             "modules_to_save copy of it would not be: leave it out of modules_to_save.")
+            raise ValueError(
+                f"layer {path!r} is tied to the output head in this KerasHub model, but PEFT's "
+                "modules_to_save copy of it would not be: leave it out of modules_to_save."
+            )
         for variable in layer._trainable_variables + layer._non_trainable_variables:
             key = names.recording.key_of(variable)
             if key is not None:

@@ -137,13 +137,13 @@ class Recording:
         if len(members) == 1 and members[0][1] is None:  # ported as it is: no probe needed
             size = math.prod(shape)
             fits = shape == tuple(members[0][0].shape)
-            return [np.arange(size, dtype=np.int32 if size < 2 ** 31 else np.int64).reshape(shape)] if fits else None
+            return [np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(shape)] if fits else None
         signatures = tuple((_signature(hook), tuple(variable.shape)) for variable, hook in members)
         cache_key = None if any(signature is None for signature, _ in signatures) else (signatures, shape)
         if cache_key is not None and cache_key in self._probed:
             return self._probed[cache_key]
         size = math.prod(shape)
-        probe = np.arange(size, dtype=np.int32 if size < 2 ** 31 else np.int64).reshape(shape).view(_Probe)
+        probe = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(shape).view(_Probe)
         indices = []
         for variable, hook in members:
             try:
@@ -165,8 +165,7 @@ class Recording:
             self._probed[cache_key] = indices
         return indices
 
-    def _candidate_shapes(self, key: str, layer: keras.layers.Layer,
-                          variable: keras.Variable) -> list[tuple[int, ...]]:
+    def _candidate_shapes(self, key: str, layer: keras.layers.Layer, variable: keras.Variable) -> list[tuple[int, ...]]:
         """The shapes the tensor `key` may have: a transformers weight is a matrix (out, in) or, for GPT-2's
         Conv1D, (in, out); a bias or a norm's scale is a vector; an embedding table is (rows, width)."""
         size = sum(math.prod(member.shape) for member, _ in self.members[key])
@@ -195,11 +194,14 @@ class Recording:
             if is_kernel(layer, variable) and self._separation(layer, indices[position], shape) is None:
                 continue
             return Placement(key, shape, indices[position])
-        raise ValueError(f"KerasHub's converter ports {key} into {variable.path} in a way that is not a rearrangement "
-                         "of the tensor: lora_spec cannot map adapters on it.")
+        raise ValueError(
+            f"KerasHub's converter ports {key} into {variable.path} in a way that is not a rearrangement "
+            "of the tensor: lora_spec cannot map adapters on it."
+        )
 
-    def _separation(self, layer: keras.layers.Layer, index: np.ndarray,
-                    shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    def _separation(
+        self, layer: keras.layers.Layer, index: np.ndarray, shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray, bool] | None:
         """`_separated` for a kernel's indices; the layers of a model share their probes, and so this."""
         memo = (id(index), getattr(layer, "equation", None), shape)
         if memo not in self._separations:  # the entry keeps `index` alive, so that its id names it
@@ -212,6 +214,7 @@ class Recording:
             placement = self.placement(layer, layer._kernel)
             rows, columns, transposed = self._separation(layer, placement.index, placement.shape)
             out_features, in_features = placement.shape[::-1] if transposed else placement.shape
-            self._linears[id(layer)] = LinearPlacement(placement.key, out_features, in_features, rows, columns,
-                                                       transposed)
+            self._linears[id(layer)] = LinearPlacement(
+                placement.key, out_features, in_features, rows, columns, transposed
+            )
         return self._linears[id(layer)]

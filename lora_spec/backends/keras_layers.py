@@ -35,7 +35,6 @@ from lora_spec.config import LoRAConfig, is_weight_init, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, combine
 
-
 PACKAGE = "lora_spec"
 # Keras's own LoRA arguments: accepting them would stack a second, merged-on-save adapter.
 _KERAS_LORA_ARGUMENTS = ("lora_rank", "lora_alpha")
@@ -45,8 +44,9 @@ _MERGED_KEY = "merged"
 def _refuse_keras_lora(kwargs: dict[str, Any], layer: str) -> None:
     for name in _KERAS_LORA_ARGUMENTS:
         if kwargs.get(name) is not None:
-            raise TypeError(f"{layer} got Keras's own LoRA argument {name}={kwargs[name]!r}: "
-                            "use r= and alpha= instead.")
+            raise TypeError(
+                f"{layer} got Keras's own LoRA argument {name}={kwargs[name]!r}: use r= and alpha= instead."
+            )
         kwargs.pop(name, None)
 
 
@@ -69,8 +69,15 @@ class LoRAAdapter:
 
     use_dora = False
 
-    def __init__(self, name: str, r: int, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming") -> None:
+    def __init__(
+        self,
+        name: str,
+        r: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
         checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         self.name = check_adapter_name(name)
         self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout
@@ -88,8 +95,14 @@ class LoRAAdapter:
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this adapter."""
-        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "use_rslora": self.use_rslora,
-                "init": self.init, "use_dora": self.use_dora}
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "use_rslora": self.use_rslora,
+            "init": self.init,
+            "use_dora": self.use_dora,
+        }
 
     def variable_name(self, half: str) -> str:
         """`lora_a`/`lora_b` for the default adapter (as files written before named adapters hold them),
@@ -134,8 +147,13 @@ class DoRAAdapter(LoRAAdapter):
     def build(self, layer: LoRALayer) -> None:
         norm = dora.init_magnitude(layer.base_weight(), *layer.lora_weights(self.name), self.scaling, layer.lora_kind)
         # Read as stored (no autocast to a half-precision compute dtype): m / n is computed in float32.
-        self.magnitude = layer.add_weight(name=self.variable_name("lora_magnitude_vector"), shape=(norm.size,),
-                                          dtype=layer._adapter_dtype, initializer="ones", autocast=False)
+        self.magnitude = layer.add_weight(
+            name=self.variable_name("lora_magnitude_vector"),
+            shape=(norm.size,),
+            dtype=layer._adapter_dtype,
+            initializer="ones",
+            autocast=False,
+        )
         self.magnitude.assign(norm.reshape(-1))
 
     def output(self, layer: LoRALayer, inputs, lora_inputs, keep_scale: float, rows):
@@ -149,8 +167,15 @@ class DoRAAdapter(LoRAAdapter):
         return None, ops.add(ops.multiply(layer._base_product(lora_inputs), base_factor), update)
 
 
-def new_adapter(name: str, r: int = 8, alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
-                init: str = "kaiming", use_dora: bool = False) -> LoRAAdapter:
+def new_adapter(
+    name: str,
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    use_dora: bool = False,
+) -> LoRAAdapter:
     """A `DoRAAdapter` with `use_dora`, else a `LoRAAdapter`."""
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora={use_dora!r} is invalid: use True or False.")
@@ -193,9 +218,18 @@ class LoRALayer:
 
     # -- construction -------------------------------------------------------------------------
 
-    def _set_lora(self, r: int, alpha: float | None, dropout: float, use_rslora: bool, init: str, use_dora: bool,
-                  train_bias: bool, adapters: dict[str, dict[str, Any]] | None = None,
-                  active_adapters: list[str] | None = None) -> None:
+    def _set_lora(
+        self,
+        r: int,
+        alpha: float | None,
+        dropout: float,
+        use_rslora: bool,
+        init: str,
+        use_dora: bool,
+        train_bias: bool,
+        adapters: dict[str, dict[str, Any]] | None = None,
+        active_adapters: list[str] | None = None,
+    ) -> None:
         if not isinstance(train_bias, bool):
             raise ValueError(f"train_bias={train_bias!r} is invalid: use True or False.")
         arguments = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=use_dora)
@@ -212,9 +246,18 @@ class LoRALayer:
                 adapter.seed_generator = keras.random.SeedGenerator()
 
     @classmethod
-    def adapt_in_place(cls, layer: keras.layers.Layer, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                       use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False,
-                       train_bias: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    def adapt_in_place(
+        cls,
+        layer: keras.layers.Layer,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        train_bias: bool = False,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> None:
         """Turn a built `base_class` layer into this LoRA layer holding adapter `adapter_name`, keeping the
         object and its weights.
 
@@ -232,31 +275,47 @@ class LoRALayer:
             layer._tracker.lock()
 
     @classmethod
-    def check_adaptable(cls, layer: keras.layers.Layer, r: int | None = None, init: str = "kaiming",
-                        use_dora: bool = False) -> None:
+    def check_adaptable(
+        cls, layer: keras.layers.Layer, r: int | None = None, init: str = "kaiming", use_dora: bool = False
+    ) -> None:
         """Raise the reason `adapt_in_place` would refuse `layer` (with an adapter of rank `r`, `init` and
         `use_dora`), before anything changes."""
         if type(layer) is not cls.base_class:
-            raise TypeError(f"{cls.__name__} adapts a keras.layers.{cls.base_class.__name__}, not a "
-                            f"{type(layer).__name__}.")
+            raise TypeError(
+                f"{cls.__name__} adapts a keras.layers.{cls.base_class.__name__}, not a {type(layer).__name__}."
+            )
         if not layer.built:
-            raise ValueError(f"layer {layer.name!r} is not built: build the model (model.build(input_shape) "
-                             "or call it on a batch) before adding LoRA.")
+            raise ValueError(
+                f"layer {layer.name!r} is not built: build the model (model.build(input_shape) "
+                "or call it on a batch) before adding LoRA."
+            )
         if getattr(layer, "lora_enabled", False):
-            raise ValueError(f"layer {layer.name!r} has Keras's own LoRA enabled: rebuild it without "
-                             "enable_lora/lora_rank before adding lora_spec's adapter.")
+            raise ValueError(
+                f"layer {layer.name!r} has Keras's own LoRA enabled: rebuild it without "
+                "enable_lora/lora_rank before adding lora_spec's adapter."
+            )
         if layer.quantization_mode is not None:
-            raise ValueError(f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA "
-                             "to the float model.")
+            raise ValueError(
+                f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA to the float model."
+            )
         if r is not None:
             cls.check_adapter(layer, r, init, use_dora)
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                    use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False) -> LoRAAdapter:
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+    ) -> LoRAAdapter:
         """Add an inactive adapter called `name` to this built layer, initialised as `init` says."""
         if name in self._lora_adapters:
-            raise ValueError(f"layer {self.name!r} already has an adapter {name!r}: delete it first or choose "
-                             "another name.")
+            raise ValueError(
+                f"layer {self.name!r} already has an adapter {name!r}: delete it first or choose another name."
+            )
         self.check_new_adapter(name, r, init, use_dora)
         adapter = new_adapter(name, r, alpha, dropout, use_rslora, init, use_dora)
         self._tracker.unlock()
@@ -291,8 +350,10 @@ class LoRALayer:
             return self._lora_adapters[name]
         active = [active for active in self.active_adapters if active in self._lora_adapters]
         if len(active) != 1:
-            raise ValueError(f"layer {self.name!r} has {len(active)} active adapters ({', '.join(active) or 'none'}) "
-                             f"of {', '.join(self._lora_adapters) or 'none'}: name one, layer.adapter(name).")
+            raise ValueError(
+                f"layer {self.name!r} has {len(active)} active adapters ({', '.join(active) or 'none'}) "
+                f"of {', '.join(self._lora_adapters) or 'none'}: name one, layer.adapter(name)."
+            )
         return self._lora_adapters[active[0]]
 
     def set_active_adapters(self, names: list[str]) -> None:
@@ -315,8 +376,15 @@ class LoRALayer:
     def _to_base_class(self) -> keras.layers.Layer:
         for name in list(self._lora_adapters):
             self.delete_adapter(name)
-        for name in ("train_bias", "_lora_adapters", "active_adapters", "merged_adapters", "adapter_enabled",
-                     "_unmerged_weight", "_routes"):
+        for name in (
+            "train_bias",
+            "_lora_adapters",
+            "active_adapters",
+            "merged_adapters",
+            "adapter_enabled",
+            "_unmerged_weight",
+            "_routes",
+        ):
             self.__dict__.pop(name, None)
         # Trainability stays as it was (base weight frozen), as PEFT leaves requires_grad.
         _switch_class(self, self.base_class)
@@ -349,13 +417,17 @@ class LoRALayer:
         if not is_weight_init(init):
             return
         if cls.lora_kind != "linear":
-            raise ValueError(f"init={init!r} initialises linear layers (Dense, EinsumDense) only, as PEFT's does, and "
-                             f"layer {layer.name!r} is a {cls.base_class.__name__}: leave it out of target_modules or "
-                             "use init='kaiming'.")
+            raise ValueError(
+                f"init={init!r} initialises linear layers (Dense, EinsumDense) only, as PEFT's does, and "
+                f"layer {layer.name!r} is a {cls.base_class.__name__}: leave it out of target_modules or "
+                "use init='kaiming'."
+            )
         (_, in_features), (out_features, _) = cls.reference_shapes(layer, r)
         if not isinstance(r, int) or r > min(in_features, out_features):
-            raise ValueError(f"rank r={r!r} does not fit init={init!r} of layer {layer.name!r}, whose weight is "
-                             f"{out_features}x{in_features}: use r <= {min(in_features, out_features)}.")
+            raise ValueError(
+                f"rank r={r!r} does not fit init={init!r} of layer {layer.name!r}, whose weight is "
+                f"{out_features}x{in_features}: use r <= {min(in_features, out_features)}."
+            )
 
     def check_new_adapter(self, name: str | None, r: int, init: str = "kaiming", use_dora: bool = False) -> None:
         """Raise when this layer cannot take a new adapter `name` (None: any) of rank `r`, `init` and `use_dora`
@@ -365,12 +437,15 @@ class LoRALayer:
         others = [adapter for adapter in self._lora_adapters.values() if adapter.name != name]
         weight_init = next((held for held in [init] + [other.init for other in others] if is_weight_init(held)), None)
         if others and weight_init is not None:
-            names = ", ".join(["the new adapter" if name is None else repr(name)]
-                              + [repr(other.name) for other in others])
-            raise ValueError(f"layer {self.name!r} would hold adapters {names}, one with init={weight_init!r}: PiSSA "
-                             "and OLoRA make the base weight the residual of their own adapter, which other adapters "
-                             "were not trained on (PEFT warns about it); put them on other layers, or use "
-                             "init='kaiming'.")
+            names = ", ".join(
+                ["the new adapter" if name is None else repr(name)] + [repr(other.name) for other in others]
+            )
+            raise ValueError(
+                f"layer {self.name!r} would hold adapters {names}, one with init={weight_init!r}: PiSSA "
+                "and OLoRA make the base weight the residual of their own adapter, which other adapters "
+                "were not trained on (PEFT warns about it); put them on other layers, or use "
+                "init='kaiming'."
+            )
 
     def build(self, input_shape=None) -> None:
         super().build(input_shape)
@@ -392,10 +467,15 @@ class LoRALayer:
         # A maps everything but its last axis (the rank) to the rank: that is its fan-in.
         fan_in = math.prod(a_shape[:-1])
         dtype = self._adapter_dtype
-        adapter.lora_a = self.add_weight(name=adapter.variable_name("lora_a"), shape=a_shape, dtype=dtype,
-                                         initializer=self._lora_a_initializer(adapter, fan_in))
-        adapter.lora_b = self.add_weight(name=adapter.variable_name("lora_b"), shape=b_shape, dtype=dtype,
-                                         initializer=self._lora_b_initializer())
+        adapter.lora_a = self.add_weight(
+            name=adapter.variable_name("lora_a"),
+            shape=a_shape,
+            dtype=dtype,
+            initializer=self._lora_a_initializer(adapter, fan_in),
+        )
+        adapter.lora_b = self.add_weight(
+            name=adapter.variable_name("lora_b"), shape=b_shape, dtype=dtype, initializer=self._lora_b_initializer()
+        )
         if is_weight_init(adapter.init):
             self._initialise_from_weight(adapter)
         adapter.build(self)
@@ -407,14 +487,21 @@ class LoRALayer:
         weight = self.base_weight()
         # PEFT's randomized SVD draws from torch's global generator; this one from NumPy's, which
         # keras.utils.set_random_seed seeds.
-        start = inits.init_from_weight(weight, adapter.init, adapter.r, adapter.scaling,
-                                       rng=np.random.default_rng(np.random.randint(2**31)))
+        start = inits.init_from_weight(
+            weight, adapter.init, adapter.r, adapter.scaling, rng=np.random.default_rng(np.random.randint(2**31))
+        )
         self._base_weight.assign(self._from_reference(start.residual, tuple(self._base_weight.shape)))
         self.set_lora_weights(start.lora_a, start.lora_b, adapter.name)
         adapter.initial_lora_a, adapter.initial_lora_b = (
-            self.add_weight(name=f"initial_{adapter.variable_name(half)}", shape=variable.shape, dtype=variable.dtype,
-                            initializer="zeros", trainable=False)
-            for half, variable in (("lora_a", adapter.lora_a), ("lora_b", adapter.lora_b)))
+            self.add_weight(
+                name=f"initial_{adapter.variable_name(half)}",
+                shape=variable.shape,
+                dtype=variable.dtype,
+                initializer="zeros",
+                trainable=False,
+            )
+            for half, variable in (("lora_a", adapter.lora_a), ("lora_b", adapter.lora_b))
+        )
         adapter.initial_lora_a.assign(adapter.lora_a)
         adapter.initial_lora_b.assign(adapter.lora_b)
 
@@ -485,11 +572,15 @@ class LoRALayer:
         if not stored:
             # Keras keys a weights file by layer class, so a LoRA layer finds nothing in a file
             # saved before LoRA was added.
-            raise ValueError(f"the file has no weights for LoRA layer {self.name!r}: it was saved without LoRA; "
-                             "load base weights before lora_spec.keras.apply, and adapters with load_adapter.")
+            raise ValueError(
+                f"the file has no weights for LoRA layer {self.name!r}: it was saved without LoRA; "
+                "load base weights before lora_spec.keras.apply, and adapters with load_adapter."
+            )
         if stored != sorted(weights):
-            raise ValueError(f"layer {self.name!r} holds variables {sorted(weights)} but the file has {stored}: "
-                             "load the file into the model that saved it.")
+            raise ValueError(
+                f"layer {self.name!r} holds variables {sorted(weights)} but the file has {stored}: "
+                "load the file into the model that saved it."
+            )
         for name, variable in weights.items():
             variable.assign(store[name])
         self.merged_adapters, self._unmerged_weight = [], None
@@ -504,8 +595,10 @@ class LoRALayer:
         adapter = self.adapter(adapter_name)
         halves = (adapter.initial_lora_a, adapter.initial_lora_b) if initial else (adapter.lora_a, adapter.lora_b)
         if halves[0] is None:
-            raise ValueError(f"adapter {adapter.name!r} of layer {self.name!r} has init={adapter.init!r}, which does "
-                             "not compute A and B from the base weight: it has no initial A and B.")
+            raise ValueError(
+                f"adapter {adapter.name!r} of layer {self.name!r} has init={adapter.init!r}, which does "
+                "not compute A and B from the base weight: it has no initial A and B."
+            )
         lora_a, lora_b = self._factors_to_reference(adapter, *map(_snapshot, halves))
         # Contiguous, so NumPy's products sum in the same order as on arrays built in this layout.
         return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
@@ -519,15 +612,22 @@ class LoRALayer:
         magnitude = _snapshot(adapter.magnitude)
         return magnitude.reshape(dora.magnitude_shape(self.lora_kind, magnitude.size))
 
-    def set_lora_weights(self, lora_a: np.ndarray, lora_b: np.ndarray, adapter_name: str | None = None,
-                         magnitude: np.ndarray | None = None) -> None:
+    def set_lora_weights(
+        self,
+        lora_a: np.ndarray,
+        lora_b: np.ndarray,
+        adapter_name: str | None = None,
+        magnitude: np.ndarray | None = None,
+    ) -> None:
         """Assign an adapter's (default: the one active) `A` and `B` given in the reference layout, and a DoRA
         adapter's magnitude in PEFT's shape (None: kept)."""
         adapter = self.adapter(adapter_name)
         for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, adapter.r)):
             if tuple(np.shape(value)) != expected:
-                raise ValueError(f"LoRA {half} for layer {self.name!r} has shape {tuple(np.shape(value))}, but the "
-                                 f"layer needs {expected}: the adapter was trained for another rank or shape.")
+                raise ValueError(
+                    f"LoRA {half} for layer {self.name!r} has shape {tuple(np.shape(value))}, but the "
+                    f"layer needs {expected}: the adapter was trained for another rank or shape."
+                )
         if magnitude is not None:
             self._check_magnitude(adapter, magnitude)
         lora_a, lora_b = self._factors_from_reference(adapter, np.asarray(lora_a), np.asarray(lora_b))
@@ -538,14 +638,18 @@ class LoRALayer:
 
     def _check_magnitude(self, adapter: LoRAAdapter, magnitude: np.ndarray) -> None:
         if not adapter.use_dora:
-            raise ValueError(f"adapter {adapter.name!r} of layer {self.name!r} is not a DoRA adapter, so it has no "
-                             "magnitude: apply it with use_dora=True.")
+            raise ValueError(
+                f"adapter {adapter.name!r} of layer {self.name!r} is not a DoRA adapter, so it has no "
+                "magnitude: apply it with use_dora=True."
+            )
         features = self.reference_shapes(self, adapter.r)[1][0]
         expected = dora.magnitude_shape(self.lora_kind, features)
         if tuple(np.shape(magnitude)) != expected:
-            raise ValueError(f"DoRA magnitude for layer {self.name!r} has shape {tuple(np.shape(magnitude))}, but the "
-                             f"layer has {features} output features, so PEFT's shape is {expected}: the magnitude "
-                             "belongs to another layer.")
+            raise ValueError(
+                f"DoRA magnitude for layer {self.name!r} has shape {tuple(np.shape(magnitude))}, but the "
+                f"layer has {features} output features, so PEFT's shape is {expected}: the magnitude "
+                "belongs to another layer."
+            )
 
     def base_weight(self) -> np.ndarray:
         """The unmerged base weight in the reference layout (`W (out, in)`; an embedding's table)."""
@@ -605,8 +709,10 @@ class LoRALayer:
         """Raise when one of the adapters `names` that this layer holds cannot take part in a routed batch."""
         for name in names:
             if name in self._lora_adapters and self._lora_adapters[name].use_dora:
-                raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches cannot run (PEFT "
-                                 "refuses it too): run its rows as a batch of their own with set_adapter.")
+                raise ValueError(
+                    f"adapter {name!r} is a DoRA adapter, which routed batches cannot run (PEFT "
+                    "refuses it too): run its rows as a batch of their own with set_adapter."
+                )
 
     def _running(self, inputs, training) -> list[tuple[LoRAAdapter, Any]]:
         """`(adapter, row mask or None)` for every adapter whose update the call adds."""
@@ -619,10 +725,15 @@ class LoRALayer:
         route_ids, indices = self._routes
         rows, routed_rows = ops.shape(inputs)[0], ops.shape(route_ids)[0]
         if isinstance(rows, int) and isinstance(routed_rows, int) and rows != routed_rows:
-            raise ValueError(f"the routing names {routed_rows} adapters, one per row, but this batch has {rows} rows: "
-                             "give routed() one adapter per row of the batch.")
-        return [(adapter, ops.equal(route_ids, indices[name])) for name, adapter in self._lora_adapters.items()
-                if name in indices]
+            raise ValueError(
+                f"the routing names {routed_rows} adapters, one per row, but this batch has {rows} rows: "
+                "give routed() one adapter per row of the batch."
+            )
+        return [
+            (adapter, ops.equal(route_ids, indices[name]))
+            for name, adapter in self._lora_adapters.items()
+            if name in indices
+        ]
 
     def _lora_update(self, inputs, training, dropout_mask):
         """`(factor, update)`: the sum of the running adapters' updates (None when none runs), and the factor per
@@ -693,8 +804,9 @@ class LoRALayer:
         """Which inputs dropout keeps, from 16-bit draws (`lora_spec.dropout`), two per 32-bit word:
         drawing half as many random numbers as exact Bernoulli dropout is what makes it cheap."""
         *leading, features = ops.shape(inputs)
-        words = keras.random.randint((*leading, (features + 1) // 2), -(1 << 31), (1 << 31) - 1, dtype="int32",
-                                     seed=adapter.seed_generator)
+        words = keras.random.randint(
+            (*leading, (features + 1) // 2), -(1 << 31), (1 << 31) - 1, dtype="int32", seed=adapter.seed_generator
+        )
         halves = ops.view(words, "int16")
         if not isinstance(features, int) or features % 2:  # only an odd width drew one half too many
             halves = halves[..., :features]
@@ -745,12 +857,14 @@ class LoRALayer:
         input_dims, output_dims = self._lora_dims()
         return (*input_dims, r), (r, *output_dims)
 
-    def _factors_to_reference(self, adapter: LoRAAdapter, lora_a: np.ndarray,
-                              lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _factors_to_reference(
+        self, adapter: LoRAAdapter, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         return lora_a.reshape(-1, adapter.r).T, lora_b.reshape(adapter.r, -1).T
 
-    def _factors_from_reference(self, adapter: LoRAAdapter, lora_a: np.ndarray,
-                                lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _factors_from_reference(
+        self, adapter: LoRAAdapter, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         return lora_a.T.reshape(adapter.lora_a.shape), lora_b.T.reshape(adapter.lora_b.shape)
 
     def _to_reference(self, value: np.ndarray) -> np.ndarray:
@@ -762,8 +876,14 @@ class LoRALayer:
 
 def adapter_arguments(config: LoRAConfig, module_path: str) -> dict[str, Any]:
     """One adapter's arguments for the module at `module_path` under `config` (after its patterns)."""
-    return {"r": config.rank_for(module_path), "alpha": config.alpha_for(module_path), "dropout": config.dropout,
-            "use_rslora": config.use_rslora, "init": config.init, "use_dora": config.use_dora}
+    return {
+        "r": config.rank_for(module_path),
+        "alpha": config.alpha_for(module_path),
+        "dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "init": config.init,
+        "use_dora": config.use_dora,
+    }
 
 
 def lora_arguments(config: LoRAConfig, module_path: str, train_bias: bool = False) -> dict[str, Any]:
@@ -792,10 +912,20 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     base_class = keras.layers.Dense
 
-    def __init__(self, units: int, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
-                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
-                 **dense_kwargs: Any):
+    def __init__(
+        self,
+        units: int,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        train_bias: bool = False,
+        adapters: dict[str, dict[str, Any]] | None = None,
+        active_adapters: list[str] | None = None,
+        **dense_kwargs: Any,
+    ):
         _refuse_keras_lora(dense_kwargs, "LoRADense")
         super().__init__(units, **dense_kwargs)
         self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
@@ -843,14 +973,27 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     base_class = keras.layers.EinsumDense
 
-    def __init__(self, equation: str, output_shape, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
-                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
-                 **einsum_kwargs: Any):
+    def __init__(
+        self,
+        equation: str,
+        output_shape,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        train_bias: bool = False,
+        adapters: dict[str, dict[str, Any]] | None = None,
+        active_adapters: list[str] | None = None,
+        **einsum_kwargs: Any,
+    ):
         _refuse_keras_lora(einsum_kwargs, "LoRAEinsumDense")
         if keras_einsum.plan(equation) is None:
-            raise ValueError(f"equation {equation!r} is not a linear map LoRA can adapt: every kernel axis must "
-                             "be contracted with the input or appear only in the output.")
+            raise ValueError(
+                f"equation {equation!r} is not a linear map LoRA can adapt: every kernel axis must "
+                "be contracted with the input or appear only in the output."
+            )
         super().__init__(equation, output_shape, **einsum_kwargs)
         for spec in (adapters or {DEFAULT_ADAPTER: {"use_dora": use_dora}}).values():
             _check_dora_equation(self, spec.get("use_dora", False))
@@ -915,10 +1058,21 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
     base_class = keras.layers.Embedding
     lora_kind = "embedding"
 
-    def __init__(self, input_dim: int, output_dim: int, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
-                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
-                 **embedding_kwargs: Any):
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        train_bias: bool = False,
+        adapters: dict[str, dict[str, Any]] | None = None,
+        active_adapters: list[str] | None = None,
+        **embedding_kwargs: Any,
+    ):
         _refuse_keras_lora(embedding_kwargs, "LoRAEmbedding")
         super().__init__(input_dim, output_dim, **embedding_kwargs)
         self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
@@ -974,10 +1128,21 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     base_class = keras.layers.Conv2D
     lora_kind = "conv2d"
 
-    def __init__(self, filters: int, kernel_size, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming", use_dora: bool = False, train_bias: bool = False,
-                 adapters: dict[str, dict[str, Any]] | None = None, active_adapters: list[str] | None = None,
-                 **conv_kwargs: Any):
+    def __init__(
+        self,
+        filters: int,
+        kernel_size,
+        r: int = 8,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        use_dora: bool = False,
+        train_bias: bool = False,
+        adapters: dict[str, dict[str, Any]] | None = None,
+        active_adapters: list[str] | None = None,
+        **conv_kwargs: Any,
+    ):
         _refuse_keras_lora(conv_kwargs, "LoRAConv2D")
         super().__init__(filters, kernel_size, **conv_kwargs)
         for spec in (adapters or {DEFAULT_ADAPTER: {"r": r, "use_dora": use_dora}}).values():
@@ -1034,19 +1199,25 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
 
 def _check_groups(layer: keras.layers.Layer, r: int, use_dora: bool = False) -> None:
     if isinstance(r, int) and r % layer.groups:
-        raise ValueError(f"rank {r} is not a multiple of groups={layer.groups} of layer {layer.name!r}: choose r "
-                         f"divisible by {layer.groups}, or set a rank_pattern for this layer.")
+        raise ValueError(
+            f"rank {r} is not a multiple of groups={layer.groups} of layer {layer.name!r}: choose r "
+            f"divisible by {layer.groups}, or set a rank_pattern for this layer."
+        )
     if use_dora and layer.groups != 1:
-        raise ValueError(f"DoRA on grouped convolution {layer.name!r} (groups={layer.groups}) is not supported: PEFT's "
-                         "DoRA puts a grouped update in the wrong channels, so their files would disagree; use plain "
-                         "LoRA on this layer (use_dora=False, or leave it out of target_modules).")
+        raise ValueError(
+            f"DoRA on grouped convolution {layer.name!r} (groups={layer.groups}) is not supported: PEFT's "
+            "DoRA puts a grouped update in the wrong channels, so their files would disagree; use plain "
+            "LoRA on this layer (use_dora=False, or leave it out of target_modules)."
+        )
 
 
 def _check_dora_equation(layer: keras.layers.Layer, use_dora: bool) -> None:
     if use_dora and keras_einsum.plan(layer.equation).feature_tail is None:
-        raise ValueError(f"DoRA on EinsumDense {layer.name!r} is not supported: its equation {layer.equation!r} puts "
-                         "an ellipsis among the output features, so their magnitudes cannot be laid along the output; "
-                         "use plain LoRA on this layer.")
+        raise ValueError(
+            f"DoRA on EinsumDense {layer.name!r} is not supported: its equation {layer.equation!r} puts "
+            "an ellipsis among the output features, so their magnitudes cannot be laid along the output; "
+            "use plain LoRA on this layer."
+        )
 
 
 def reference_shapes(layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -1057,4 +1228,5 @@ def reference_shapes(layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...]
 
 
 LORA_LAYERS: dict[type[keras.layers.Layer], type[LoRALayer]] = {
-    layer.base_class: layer for layer in (LoRADense, LoRAEinsumDense, LoRAEmbedding, LoRAConv2D)}
+    layer.base_class: layer for layer in (LoRADense, LoRAEinsumDense, LoRAEmbedding, LoRAConv2D)
+}

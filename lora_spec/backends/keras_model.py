@@ -59,8 +59,9 @@ def _kind(layer: keras.layers.Layer) -> tuple[str, str]:
     if isinstance(layer, LoRALayer):
         return layer.lora_kind, layer.base_class.__name__
     lora_class = LORA_LAYERS.get(type(layer))
-    if lora_class is None or (lora_class.base_class is keras.layers.EinsumDense
-                              and keras_einsum.plan(layer.equation) is None):
+    if lora_class is None or (
+        lora_class.base_class is keras.layers.EinsumDense and keras_einsum.plan(layer.equation) is None
+    ):
         return "other", type(layer).__name__
     return lora_class.lora_kind, type(layer).__name__
 
@@ -70,8 +71,10 @@ def describe_layers(model: keras.layers.Layer) -> list[ModuleInfo]:
     infos, seen = [], set()
     for path, layer in named_layers(model):
         if path in seen:
-            raise ValueError(f"two layers of the model have the module path {path!r}: give them unique names "
-                             "(name=...) so that adapters can name them.")
+            raise ValueError(
+                f"two layers of the model have the module path {path!r}: give them unique names "
+                "(name=...) so that adapters can name them."
+            )
         seen.add(path)
         infos.append(ModuleInfo(path, *_kind(layer)))
     return infos
@@ -82,8 +85,12 @@ def _check_model(model: object) -> None:
         raise TypeError(f"model must be a keras.Model or keras.layers.Layer, not {type(model).__name__}.")
 
 
-def plan(model: keras.layers.Layer, config: LoRAConfig, require_modules_to_save: bool = True,
-         adapter_name: str | None = DEFAULT_ADAPTER) -> tuple[LoRAConfig, list[str], list[str]]:
+def plan(
+    model: keras.layers.Layer,
+    config: LoRAConfig,
+    require_modules_to_save: bool = True,
+    adapter_name: str | None = DEFAULT_ADAPTER,
+) -> tuple[LoRAConfig, list[str], list[str]]:
     """`(config with resolved targets, paths to adapt, paths of modules_to_save)`, touching nothing; a target
     that cannot take an adapter of its rank raises, unless it already holds adapter `adapter_name`."""
     _check_model(model)
@@ -102,8 +109,13 @@ def plan(model: keras.layers.Layer, config: LoRAConfig, require_modules_to_save:
     return config, [m.path for m in matches], save_paths
 
 
-def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER,
-          naming: str = "keras", **overrides: Any) -> keras.layers.Layer:
+def apply(
+    model: keras.layers.Layer,
+    config: LoRAConfig | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
+    naming: str = "keras",
+    **overrides: Any,
+) -> keras.layers.Layer:
     """Add adapter `adapter_name` to the targeted `Dense`, `EinsumDense`, `Embedding` and `Conv2D` layers of
     `model` in place; returns `model`.
 
@@ -124,8 +136,13 @@ def apply(model: keras.layers.Layer, config: LoRAConfig | None = None, adapter_n
     return adapt(model, *plan(model, config, adapter_name=adapter_name), adapter_name=adapter_name)
 
 
-def adapt(model: keras.layers.Layer, config: LoRAConfig, target_paths: list[str], save_paths: list[str],
-          adapter_name: str = DEFAULT_ADAPTER) -> keras.layers.Layer:
+def adapt(
+    model: keras.layers.Layer,
+    config: LoRAConfig,
+    target_paths: list[str],
+    save_paths: list[str],
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> keras.layers.Layer:
     """`apply` for targets already resolved by `plan`; applying a name again keeps its earlier modules to save."""
     by_path = dict(named_layers(model))
     configs = dict(_stored_configs(model))
@@ -133,15 +150,17 @@ def adapt(model: keras.layers.Layer, config: LoRAConfig, target_paths: list[str]
     if previous is not None and previous.modules_to_save:
         kept = modules_to_save_paths(describe_layers(model), previous, require=False)
         save_paths = list(dict.fromkeys(save_paths + kept))
-        config = config.replace(modules_to_save=tuple(dict.fromkeys((config.modules_to_save or ()) +
-                                                                    previous.modules_to_save)))
+        config = config.replace(
+            modules_to_save=tuple(dict.fromkeys((config.modules_to_save or ()) + previous.modules_to_save))
+        )
     active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [adapter_name])
     train_bias = config.bias != "none"
     for path in target_paths:
         layer = by_path[path]
         if not isinstance(layer, LoRALayer):
-            LORA_LAYERS[type(layer)].adapt_in_place(layer, adapter_name=adapter_name,
-                                                    **lora_arguments(config, path, train_bias))
+            LORA_LAYERS[type(layer)].adapt_in_place(
+                layer, adapter_name=adapter_name, **lora_arguments(config, path, train_bias)
+            )
         elif adapter_name not in layer.adapters:
             layer.add_adapter(adapter_name, **adapter_arguments(config, path))
             layer.train_bias = layer.train_bias or train_bias
@@ -175,13 +194,18 @@ def activate(model: keras.layers.Layer, active: list[str]) -> None:
     saved.show_active({path: by_path[path] for path in saved.current}, active)
     configs = configs_of(model)
     save_paths = [path for path in saved.current if saved.current[path] != ORIGINAL]
-    _set_trainable(model, by_path, save_paths, "all" if any(configs[name].bias == "all" for name in active
-                                                            if name in configs) else "none")
+    _set_trainable(
+        model,
+        by_path,
+        save_paths,
+        "all" if any(configs[name].bias == "all" for name in active if name in configs) else "none",
+    )
     reset_compiled_functions(model)
 
 
-def _set_trainable(model: keras.layers.Layer, by_path: dict[str, keras.layers.Layer], save_paths: list[str],
-                   bias: str) -> None:
+def _set_trainable(
+    model: keras.layers.Layer, by_path: dict[str, keras.layers.Layer], save_paths: list[str], bias: str
+) -> None:
     model.trainable = False
     trained = [path for path, layer in by_path.items() if isinstance(layer, LoRALayer)] + save_paths
     for path in trained:
@@ -214,8 +238,11 @@ def reset_compiled_functions(model: keras.layers.Layer) -> None:
             try:
                 model.compile_from_config(model.get_compile_config())
             except (TypeError, ValueError) as error:
-                warnings.warn(f"the model's trainable variables changed and its compile config cannot be read back "
-                              f"({error}): call model.compile(...) again before fit.", stacklevel=3)
+                warnings.warn(
+                    f"the model's trainable variables changed and its compile config cannot be read back "
+                    f"({error}): call model.compile(...) again before fit.",
+                    stacklevel=3,
+                )
 
 
 def configs_of(model: keras.layers.Layer) -> dict[str, LoRAConfig]:
@@ -227,22 +254,31 @@ def configs_of(model: keras.layers.Layer) -> dict[str, LoRAConfig]:
     """
     layers = _require_lora_layers(model)
     stored = _stored_configs(model)
-    names = list(dict.fromkeys([name for name in stored] +
-                               [name for _, layer in layers for name in layer.adapters]))
+    names = list(dict.fromkeys([name for name in stored] + [name for _, layer in layers for name in layer.adapters]))
     configs = {}
     for name in names:
         holders = [(path, layer.adapter(name)) for path, layer in layers if name in layer.adapters]
         config = stored.get(name)
-        if isinstance(config, LoRAConfig) and holders and all(
+        if (
+            isinstance(config, LoRAConfig)
+            and holders
+            and all(
                 (adapter.r, adapter.scaling) == (config.rank_for(path), config.scaling_for(path))
-                for path, adapter in holders):
+                for path, adapter in holders
+            )
+        ):
             configs[name] = config
             continue
         if not holders:
             continue
-        from_layers = _config_from_layers(holders, any(layer.train_bias for _, layer in layers if name in layer.adapters))
-        configs[name] = from_layers if config is None else from_layers.replace(
-            bias=config.bias, modules_to_save=config.modules_to_save)
+        from_layers = _config_from_layers(
+            holders, any(layer.train_bias for _, layer in layers if name in layer.adapters)
+        )
+        configs[name] = (
+            from_layers
+            if config is None
+            else from_layers.replace(bias=config.bias, modules_to_save=config.modules_to_save)
+        )
     return configs
 
 
@@ -252,8 +288,10 @@ def _config_from_layers(holders: list[tuple[str, Any]], train_bias: bool) -> LoR
     for path, adapter in holders:
         for name, value in shared.items():
             if getattr(adapter, name) != value:
-                raise ValueError(f"LoRA layers disagree on {name} ({value!r} and {getattr(adapter, name)!r} at "
-                                 f"{path!r}): one adapter file holds one value; apply them with one config.")
+                raise ValueError(
+                    f"LoRA layers disagree on {name} ({value!r} and {getattr(adapter, name)!r} at "
+                    f"{path!r}): one adapter file holds one value; apply them with one config."
+                )
     base = LoRAConfig(r=first.r, alpha=first.alpha, bias="lora_only" if train_bias else "none", **shared)
     return config_for_layers(base, {path: (adapter.r, adapter.alpha) for path, adapter in holders})
 
@@ -298,8 +336,10 @@ def _check_one_copy_per_module(model: keras.layers.Layer, names: Sequence[str], 
     for path in saved.current:
         holders = [name for name in names if name in saved.owners(path)]
         if len(holders) > 1:
-            raise ValueError(f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
-                             f"and one module cannot run two copies: {action} at most one of them.")
+            raise ValueError(
+                f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
+                f"and one module cannot run two copies: {action} at most one of them."
+            )
 
 
 def _unmerge_with_warning(model: keras.layers.Layer, reason: str) -> None:
@@ -362,9 +402,14 @@ def delete_adapter(model: keras.layers.Layer, adapter_name: str) -> keras.layers
     return model
 
 
-def add_weighted_adapter(model: keras.layers.Layer, adapters: Sequence[str], weights: Sequence[float],
-                         adapter_name: str, combination_type: str = "svd",
-                         svd_rank: int | None = None) -> keras.layers.Layer:
+def add_weighted_adapter(
+    model: keras.layers.Layer,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> keras.layers.Layer:
     """Add adapter `adapter_name` standing for `sum_k weights[k] * adapters[k]`; returns `model`.
 
     As `lora_spec.torch.add_weighted_adapter`: the reference's "cat" (exact), "svd" (default) or
@@ -380,22 +425,30 @@ def add_weighted_adapter(model: keras.layers.Layer, adapters: Sequence[str], wei
     if len(weights) != len(names):
         raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter.")
     if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"combination_type={combination_type!r} is invalid: use one of "
-                         f"{', '.join(map(repr, COMBINATION_TYPES))}.")
+        raise ValueError(
+            f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
+        )
     for name in names:
         if configs[name].use_dora or is_weight_init(configs[name].init):
-            variant = "a DoRA adapter, whose magnitudes do not combine" if configs[name].use_dora else (
-                f"initialised from the base weight (init={configs[name].init!r}), which is its residual now")
-            raise ValueError(f"adapter {name!r} is {variant}: add_weighted_adapter combines plain LoRA adapters; "
-                             "save it and merge it on its own instead.")
+            variant = (
+                "a DoRA adapter, whose magnitudes do not combine"
+                if configs[name].use_dora
+                else (f"initialised from the base weight (init={configs[name].init!r}), which is its residual now")
+            )
+            raise ValueError(
+                f"adapter {name!r} is {variant}: add_weighted_adapter combines plain LoRA adapters; "
+                "save it and merge it on its own instead."
+            )
     combination = "linear" if len(names) == 1 else combination_type
     saved = SavedModules.of(model)
     copies = {}
     for path in saved.current:
         holders = [name for name, weight in zip(names, weights) if weight and name in saved.owners(path)]
         if len(holders) > 1:
-            raise ValueError(f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
-                             "and full tensors cannot be weighted: give all but one of them weight 0.")
+            raise ValueError(
+                f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
+                "and full tensors cannot be weighted: give all but one of them weight 0."
+            )
         if holders:
             copies[path] = holders[0]
     combined = {}
@@ -418,10 +471,12 @@ def add_weighted_adapter(model: keras.layers.Layer, adapters: Sequence[str], wei
         saved.add(path, by_path[path], adapter_name)
         for variable in by_path[path].weights:
             saved.assign(path, adapter_name, variable, saved.values(path, by_path[path], source)[variable.path])
-    base = first.replace(use_rslora=False, rank_pattern={}, alpha_pattern={}, exclude_modules=None,
-                         modules_to_save=tuple(copies) or None)
-    configs[adapter_name] = config_for_layers(base, {path: (a.shape[0], float(a.shape[0]))
-                                                     for path, (a, _) in combined.items()})
+    base = first.replace(
+        use_rslora=False, rank_pattern={}, alpha_pattern={}, exclude_modules=None, modules_to_save=tuple(copies) or None
+    )
+    configs[adapter_name] = config_for_layers(
+        base, {path: (a.shape[0], float(a.shape[0])) for path, (a, _) in combined.items()}
+    )
     remember(model, configs, active_adapters(model))
     activate(model, active_adapters(model))
     return model
@@ -457,12 +512,16 @@ def routed(model: keras.layers.Layer, adapter_per_row) -> Iterator[keras.layers.
     for layer in layers:
         layer.check_routable(indices)
     if any(layer.merged for layer in layers):
-        raise ValueError("the model's adapters are merged, so rows cannot take different adapters: call "
-                         "unmerge(model) before routed().")
+        raise ValueError(
+            "the model's adapters are merged, so rows cannot take different adapters: call "
+            "unmerge(model) before routed()."
+        )
     saved = SavedModules.of(model)
     if any(len(saved.owners(path)) > 0 for path in saved.current):
-        raise ValueError("adapters of this model train their own copies of modules_to_save, which Keras cannot run "
-                         "per row: route a batch per adapter with set_adapter instead.")
+        raise ValueError(
+            "adapters of this model train their own copies of modules_to_save, which Keras cannot run "
+            "per row: route a batch per adapter with set_adapter instead."
+        )
     for layer in layers:
         layer.route(route_ids, indices)
     reset_compiled_functions(model)
@@ -582,4 +641,3 @@ def trainable_parameters(model: keras.layers.Layer) -> TrainableParameters:
 
 def _count(variables: list[keras.Variable]) -> int:
     return sum(math.prod(variable.shape) for variable in variables)
-

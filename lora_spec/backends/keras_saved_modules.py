@@ -40,7 +40,8 @@ class SavedModules:
     def owners(self, path: str) -> list[str]:
         """The adapters with a copy of the module at `path`."""
         return [owner for owner in self.copies.get(path, {}) if owner != ORIGINAL] + (
-            [self.current[path]] if self.current.get(path, ORIGINAL) != ORIGINAL else [])
+            [self.current[path]] if self.current.get(path, ORIGINAL) != ORIGINAL else []
+        )
 
     def add(self, path: str, layer: keras.layers.Layer, adapter_name: str) -> None:
         """Give adapter `adapter_name` a copy of the module at `path`, starting from the original values."""

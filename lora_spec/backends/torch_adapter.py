@@ -18,13 +18,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_spec.adapter_io import (PREFIX, AdapterWeights, adapter_folder, adapter_folders, load_adapter_dir,
-                                  save_adapter_dir)
+from lora_spec.adapter_io import (
+    PREFIX,
+    AdapterWeights,
+    adapter_folder,
+    adapter_folders,
+    load_adapter_dir,
+    save_adapter_dir,
+)
 from lora_spec.backends.torch_layers import LoRAEmbedding, LoRALayer, lora_layer_for
-from lora_spec.backends.torch_model import (ACTIVE_ATTRIBUTE, CONFIGS_ATTRIBUTE, ModulesToSave, check_alone,
-                                            check_names, configs_of, lora_layers, modules_to_save, plan,
-                                            remove_from_modules, refuse_wrapper, set_adapter, unwrap,
-                                            uses_fan_in_fan_out, wrap)
+from lora_spec.backends.torch_model import (
+    ACTIVE_ATTRIBUTE,
+    CONFIGS_ATTRIBUTE,
+    ModulesToSave,
+    check_alone,
+    check_names,
+    configs_of,
+    lora_layers,
+    modules_to_save,
+    plan,
+    refuse_wrapper,
+    remove_from_modules,
+    set_adapter,
+    unwrap,
+    uses_fan_in_fan_out,
+    wrap,
+)
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.inits import convert_to_lora, converted_config
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
@@ -61,8 +80,10 @@ def _file_factors(path: str, adapter_name: str, adapter: nn.Module, convert: boo
         return factors
     initial = adapter.initial_factors()
     if initial is None:
-        raise ValueError(f"adapter {adapter_name!r} at {path!r} has no initial factors to convert against (its weights "
-                         "were replaced after the init): save it with convert_to_lora=False.")
+        raise ValueError(
+            f"adapter {adapter_name!r} at {path!r} has no initial factors to convert against (its weights "
+            "were replaced after the init): save it with convert_to_lora=False."
+        )
     return convert_to_lora(*factors, *map(to_numpy, initial))
 
 
@@ -85,12 +106,17 @@ def adapter_file(model: nn.Module, adapter_name: str, convert_to_lora: bool = Tr
     weights.extra = {name: to_numpy(tensor) for name, tensor in _trained_extras(model, config, adapter_name)}
     file_config = config_for_layers(config, ranks)
     config_dict = (converted_config(file_config) if convert else file_config).to_peft_dict(
-        list(ranks), fan_in_fan_out=uses_fan_in_fan_out(model, adapter_name))
+        list(ranks), fan_in_fan_out=uses_fan_in_fan_out(model, adapter_name)
+    )
     return config_dict, weights
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | Sequence[str] | None = None,
-                 convert_to_lora: bool = True) -> None:
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | Sequence[str] | None = None,
+    convert_to_lora: bool = True,
+) -> None:
     """Write adapters of `model` to the directory `path` (created if needed) in PEFT's format and layout.
 
     `adapter_name` None saves every adapter, a name or a list those only: `"default"` goes in
@@ -107,8 +133,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     the original base model and with a deterministic init ("pissa", "olora"; "pissa_niter_<K>"
     draws a random test matrix, so only the same `torch.manual_seed` reproduces it).
     """
-    names = list(configs_of(model)) if adapter_name is None else (
-        [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    names = (
+        list(configs_of(model))
+        if adapter_name is None
+        else ([adapter_name] if isinstance(adapter_name, str) else list(adapter_name))
+    )
     check_names(model, names)
     model = unwrap(model)
     files = [(adapter_folder(path, name), *adapter_file(model, name, convert_to_lora)) for name in names]
@@ -127,7 +156,7 @@ def extra_tensor(model: nn.Module, name: str, save_paths: list[str], adapter_nam
     to save's tensors are adapter `adapter_name`'s copy (the original until the copy exists)."""
     owner = max((p for p in save_paths if name.startswith(p + ".")), key=len, default=None)
     if owner is not None:
-        module, rest = model.get_submodule(owner), name[len(owner) + 1:]
+        module, rest = model.get_submodule(owner), name[len(owner) + 1 :]
         role, _, inner = rest.partition(".")
         if role in ("modules_to_save", "original_module") and inner:
             rest = inner
@@ -164,8 +193,10 @@ def _check_lora(weights: AdapterWeights, expected: dict[str, tuple]) -> None:
     for path, (lora_a, lora_b) in weights.lora.items():
         suffix = ".lora_embedding_A" if path in weights.embeddings else ".lora_A.weight"
         if path not in expected:
-            raise ValueError(f"adapter key {_key(path + suffix)} names no LoRA target of this model: "
-                             f"load the adapter into the model it was trained on.")
+            raise ValueError(
+                f"adapter key {_key(path + suffix)} names no LoRA target of this model: "
+                f"load the adapter into the model it was trained on."
+            )
         a_shape, b_shape, is_embedding = expected[path]
         if is_embedding != (path in weights.embeddings):
             kind = "an embedding" if is_embedding else "not an embedding"
@@ -173,26 +204,35 @@ def _check_lora(weights: AdapterWeights, expected: dict[str, tuple]) -> None:
         for half, tensor, shape in (("A", lora_a, a_shape), ("B", lora_b, b_shape)):
             if tuple(tensor.shape) != shape:
                 name = f"lora_embedding_{half}" if is_embedding else f"lora_{half}.weight"
-                raise ValueError(f"adapter key {_key(f'{path}.{name}')} has shape {tuple(tensor.shape)}, but this "
-                                 f"model needs {shape}: the adapter was trained on another architecture or rank.")
+                raise ValueError(
+                    f"adapter key {_key(f'{path}.{name}')} has shape {tuple(tensor.shape)}, but this "
+                    f"model needs {shape}: the adapter was trained on another architecture or rank."
+                )
     missing = sorted(set(expected) - set(weights.lora))
     if missing:
         suffix = ".lora_embedding_A" if expected[missing[0]][2] else ".lora_A.weight"
-        raise ValueError(f"adapter has no {_key(missing[0] + suffix)} although its config targets that module: "
-                         "the file is incomplete or its target_modules do not match it.")
+        raise ValueError(
+            f"adapter has no {_key(missing[0] + suffix)} although its config targets that module: "
+            "the file is incomplete or its target_modules do not match it."
+        )
 
 
-def check_extras_fit(model: nn.Module, weights: AdapterWeights, save_paths: list[str],
-                     adapter_name: str = DEFAULT_ADAPTER) -> None:
+def check_extras_fit(
+    model: nn.Module, weights: AdapterWeights, save_paths: list[str], adapter_name: str = DEFAULT_ADAPTER
+) -> None:
     """Raise, naming the key, when a full tensor of `weights` has no place in `model` or another shape."""
     for name, value in weights.extra.items():
         tensor = extra_tensor(model, name, save_paths, adapter_name)
         if tensor is None:
-            raise ValueError(f"adapter key {_key(name)} names no parameter of this model: "
-                             "load the adapter into the model it was trained on.")
+            raise ValueError(
+                f"adapter key {_key(name)} names no parameter of this model: "
+                "load the adapter into the model it was trained on."
+            )
         if tuple(tensor.shape) != tuple(value.shape):
-            raise ValueError(f"adapter key {_key(name)} has shape {tuple(value.shape)}, but this model's tensor "
-                             f"is {tuple(tensor.shape)}: the adapter was trained on another architecture.")
+            raise ValueError(
+                f"adapter key {_key(name)} has shape {tuple(value.shape)}, but this model's tensor "
+                f"is {tuple(tensor.shape)}: the adapter was trained on another architecture."
+            )
 
 
 def _planned(model: nn.Module, name: str, folder: Path) -> tuple:
@@ -248,9 +288,11 @@ def _check_weight_inits_alone(planned: list[tuple]) -> None:
         for other, _, other_paths, *_ in planned:
             shared = sorted(set(target_paths) & set(other_paths)) if other != name else []
             if shared:
-                raise ValueError(f"adapters {name!r} (init={config.init!r}) and {other!r} both target module "
-                                 f"{shared[0]!r}, whose base weight the first turns into a residual: load them into "
-                                 "separate models, or save the first with convert_to_lora=True.")
+                raise ValueError(
+                    f"adapters {name!r} (init={config.init!r}) and {other!r} both target module "
+                    f"{shared[0]!r}, whose base weight the first turns into a residual: load them into "
+                    "separate models, or save the first with convert_to_lora=True."
+                )
 
 
 def _fill(model: nn.Module, name: str, weights: AdapterWeights, save_paths: list[str]) -> None:

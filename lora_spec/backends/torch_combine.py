@@ -9,14 +9,26 @@ import torch
 from torch import nn
 
 from lora_spec.backends.torch_adapter import to_numpy
-from lora_spec.backends.torch_model import (CONFIGS_ATTRIBUTE, check_names, configs_of, lora_layers, modules_to_save,
-                                            unwrap)
+from lora_spec.backends.torch_model import (
+    CONFIGS_ATTRIBUTE,
+    check_names,
+    configs_of,
+    lora_layers,
+    modules_to_save,
+    unwrap,
+)
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.multi_adapter import COMBINATION_TYPES, Factors, check_adapter_name, combine
 
 
-def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None) -> nn.Module:
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> nn.Module:
     """Add adapter `adapter_name` standing for `sum_k weights[k] * adapters[k]`, as PEFT's method; returns `model`.
 
     `combination_type` is the reference's (`lora_spec.combine`): "cat" (exact, ranks added up),
@@ -38,8 +50,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if len(weights) != len(names):
         raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter.")
     if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"combination_type={combination_type!r} is invalid: use one of "
-                         f"{', '.join(map(repr, COMBINATION_TYPES))}.")
+        raise ValueError(
+            f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
+        )
     for name in names:
         _check_combinable(name, configs[name])
     combination = "linear" if len(names) == 1 else combination_type
@@ -58,15 +71,17 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     layers = dict(lora_layers(inner))
     for path, (lora_a, lora_b) in combined.items():
         layer, rank = layers[path], lora_a.shape[0]
-        adapter = layer.add_adapter(adapter_name, r=rank, alpha=float(rank), scaling=1.0,
-                                    dropout=configs[names[0]].dropout)
+        adapter = layer.add_adapter(
+            adapter_name, r=rank, alpha=float(rank), scaling=1.0, dropout=configs[names[0]].dropout
+        )
         adapter.requires_grad_(False)
         adapter.assign(*(torch.from_numpy(factor).to(adapter.lora_A) for factor in (lora_a, lora_b)))
     wrappers = dict(modules_to_save(inner))
     for path, source in copies.items():
         wrappers[path].modules_to_save[adapter_name] = copy.deepcopy(wrappers[path].modules_to_save[source])
-    first = configs[names[0]].replace(use_rslora=False, rank_pattern={}, alpha_pattern={}, exclude_modules=None,
-                                      modules_to_save=tuple(copies) or None)
+    first = configs[names[0]].replace(
+        use_rslora=False, rank_pattern={}, alpha_pattern={}, exclude_modules=None, modules_to_save=tuple(copies) or None
+    )
     ranks = {path: (lora_a.shape[0], float(lora_a.shape[0])) for path, (lora_a, _) in combined.items()}
     getattr(inner, CONFIGS_ATTRIBUTE)[adapter_name] = config_for_layers(first, ranks)
     return model
@@ -74,13 +89,17 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
 def _check_combinable(name: str, config: LoRAConfig) -> None:
     if config.use_dora:
-        raise ValueError(f"adapter {name!r} is a DoRA adapter: each DoRA adapter rescales its own adapted weight per "
-                         "feature, so a weighted sum of updates has no magnitude that means it (PEFT keeps one that "
-                         "means nothing); combine plain LoRA adapters, or run DoRA adapters with set_adapter.")
+        raise ValueError(
+            f"adapter {name!r} is a DoRA adapter: each DoRA adapter rescales its own adapted weight per "
+            "feature, so a weighted sum of updates has no magnitude that means it (PEFT keeps one that "
+            "means nothing); combine plain LoRA adapters, or run DoRA adapters with set_adapter."
+        )
     if is_weight_init(config.init):
-        raise ValueError(f"adapter {name!r} has init={config.init!r}, so its layers' base weights are residuals that a "
-                         "combined adapter beside it would see: save it with convert_to_lora=True, load the converted "
-                         "file into the original model and combine that.")
+        raise ValueError(
+            f"adapter {name!r} has init={config.init!r}, so its layers' base weights are residuals that a "
+            "combined adapter beside it would see: save it with convert_to_lora=True, load the converted "
+            "file into the original model and combine that."
+        )
 
 
 def _copied_modules(model: nn.Module, names: Sequence[str], weights: Sequence[float]) -> dict[str, str]:
@@ -89,8 +108,10 @@ def _copied_modules(model: nn.Module, names: Sequence[str], weights: Sequence[fl
     for path, wrapper in modules_to_save(model):
         holders = [name for name, weight in zip(names, weights) if weight and name in wrapper.modules_to_save]
         if len(holders) > 1:
-            raise ValueError(f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
-                             "and full tensors cannot be weighted: give all but one of them weight 0.")
+            raise ValueError(
+                f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
+                "and full tensors cannot be weighted: give all but one of them weight 0."
+            )
         if holders:
             sources[path] = holders[0]
     return sources

@@ -91,8 +91,9 @@ class LinearDoRAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, grad_magnitude, None, None
 
 
-def linear_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       scaling: float) -> torch.Tensor:
+def linear_weight_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """`||W + s * B @ A||` of each row of `weight (out, in)`, without forming the out x in sum:
     `||W_i||^2 + 2 s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T`, which reads W twice (a product of rank r
     and the squares) instead of writing, adding and reading a full-size matrix. Not differentiable."""
@@ -103,9 +104,17 @@ def linear_weight_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         return squares.clamp_min_(0).sqrt_()
 
 
-def linear_dora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, magnitude: torch.Tensor, norm: torch.Tensor,
-                mask: DropoutMask | SeededMask | None = None) -> torch.Tensor:
+def linear_dora(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    mask: DropoutMask | SeededMask | None = None,
+) -> torch.Tensor:
     """The fused DoRA training path; `weight` is `(out, in)` (pass `W.T` for Conv1D's `(in, out)`), `norm`
     the constant `||W + s * B @ A||` per output feature."""
     return LinearDoRAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, mask)

@@ -25,11 +25,15 @@ def check_weight(weight: torch.Tensor, init: str, r: int) -> None:
     """Refuse in one line a weight `init` cannot start from: not floating point (quantised), or a rank it lacks."""
     method = method_name(init)
     if not weight.dtype.is_floating_point:
-        raise ValueError(f"{method} needs a floating-point base weight, not {weight.dtype}: initialise it on the "
-                         "float32, float16 or bfloat16 weight and quantise the residual afterwards, as PEFT advises.")
+        raise ValueError(
+            f"{method} needs a floating-point base weight, not {weight.dtype}: initialise it on the "
+            "float32, float16 or bfloat16 weight and quantise the residual afterwards, as PEFT advises."
+        )
     if not 1 <= r <= min(weight.shape):
-        raise ValueError(f"rank r={r} does not fit {method} of a {weight.shape[0]}x{weight.shape[1]} weight: use "
-                         f"1 <= r <= {min(weight.shape)}, the number of directions W has.")
+        raise ValueError(
+            f"rank r={r} does not fit {method} of a {weight.shape[0]}x{weight.shape[1]} weight: use "
+            f"1 <= r <= {min(weight.shape)}, the number of directions W has."
+        )
 
 
 def _principal_triplets(weight: torch.Tensor, init: str, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,8 +53,9 @@ def init_from_weight(weight: torch.Tensor, init: str, r: int, scaling: float) ->
     `A = R[:r]`; then `weight -= s * B @ A`. A and B have the compute dtype (at least float32).
     """
     if not is_weight_init(init):
-        raise ValueError(f"init={init!r} does not compute A and B from the base weight: use 'pissa', "
-                         "'pissa_niter_<K>' or 'olora'.")
+        raise ValueError(
+            f"init={init!r} does not compute A and B from the base weight: use 'pissa', 'pissa_niter_<K>' or 'olora'."
+        )
     check_weight(weight, init, r)
     compute = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():

@@ -71,8 +71,16 @@ class LoRALayer(nn.Module):
 
     kind = ""  # the reference's name of the kind of layer (`lora_spec.reference.merge`)
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        adapter_name: str = DEFAULT_ADAPTER,
+        use_dora: bool = False,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
@@ -126,12 +134,22 @@ class LoRALayer(nn.Module):
     @classmethod
     def check_weight_init(cls, base_layer: nn.Module, init: str, r: int) -> None:
         """Raise when `init` (PiSSA, OLoRA) cannot start from `base_layer`'s weight."""
-        raise ValueError(f"init={init!r} computes A and B from a linear layer's weight, and this is "
-                         f"{type(base_layer).__name__}: PEFT's {method_name(init)} covers nn.Linear (and Conv1D) only "
-                         "(it silently ignores the init elsewhere); target linear layers, or use init='kaiming'.")
+        raise ValueError(
+            f"init={init!r} computes A and B from a linear layer's weight, and this is "
+            f"{type(base_layer).__name__}: PEFT's {method_name(init)} covers nn.Linear (and Conv1D) only "
+            "(it silently ignores the init elsewhere); target linear layers, or use init='kaiming'."
+        )
 
-    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                    init: str | None = None, use_dora: bool = False) -> LoRAAdapter:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        init: str | None = None,
+        use_dora: bool = False,
+    ) -> LoRAAdapter:
         """Add an adapter called `name` (inactive unless it is already named in `active_adapters`); a DoRA
         adapter with `use_dora`.
 
@@ -177,8 +195,10 @@ class LoRALayer(nn.Module):
             return self.adapters[name]
         active = [active for active in self.active_adapters if active in self.adapters]
         if len(active) != 1:
-            raise ValueError(f"this layer has {len(active)} active adapters ({', '.join(active) or 'none'}) of "
-                             f"{', '.join(self.adapters) or 'none'}: name one, layer.adapters[name].")
+            raise ValueError(
+                f"this layer has {len(active)} active adapters ({', '.join(active) or 'none'}) of "
+                f"{', '.join(self.adapters) or 'none'}: name one, layer.adapters[name]."
+            )
         return self.adapters[active[0]]
 
     def reset_lora_parameters(self, init: str, adapter_name: str | None = None) -> None:
@@ -232,8 +252,12 @@ class LoRALayer(nn.Module):
 
     # -- merge --------------------------------------------------------------------------------
 
-    def adapter_delta(self, adapter: LoRAAdapter, dtype: torch.dtype | None = None,
-                      factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def adapter_delta(
+        self,
+        adapter: LoRAAdapter,
+        dtype: torch.dtype | None = None,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """One adapter's `s * B @ A` in the base weight's layout, computed in `dtype` (default: the adapter's);
         `factors` replace the adapter's `(A, B)`."""
         lora_a, lora_b = (adapter.lora_A, adapter.lora_B) if factors is None else factors
@@ -245,11 +269,14 @@ class LoRALayer(nn.Module):
         """`B @ A` in the base weight's layout."""
         raise NotImplementedError
 
-    def delta_weight(self, dtype: torch.dtype | None = None, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+    def delta_weight(
+        self, dtype: torch.dtype | None = None, adapter_names: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """The sum of the low-rank updates `s * B @ A` of `adapter_names` (default: the active adapters) in the
         base weight's layout (a DoRA adapter's merge also rescales: see `merged_weight`)."""
-        names = [name for name in (self.active_adapters if adapter_names is None else adapter_names)
-                 if name in self.adapters]
+        names = [
+            name for name in (self.active_adapters if adapter_names is None else adapter_names) if name in self.adapters
+        ]
         compute = dtype or _adapter_dtype(self.base_layer.weight)
         delta = torch.zeros_like(self.base_layer.weight, dtype=compute)
         for name in names:
@@ -271,8 +298,10 @@ class LoRALayer(nn.Module):
                     merged = self.adapters[name].merge_into(self, merged, base)
             merged = merged.to(weight.dtype)
         if not bool(torch.isfinite(merged).all()):
-            raise ValueError(f"merging the adapter into this {type(self.base_layer).__name__} gives NaN or inf "
-                             f"weights in {weight.dtype}: check the adapter for overflow, or merge in a wider dtype.")
+            raise ValueError(
+                f"merging the adapter into this {type(self.base_layer).__name__} gives NaN or inf "
+                f"weights in {weight.dtype}: check the adapter for overflow, or merge in a wider dtype."
+            )
         return merged
 
     @property
@@ -300,7 +329,9 @@ class LoRALayer(nn.Module):
         if not self.merged:
             return
         if self._weight_before_merge is None:
-            raise ValueError("this layer was merged for good (keep_original=False): its base weight cannot be restored.")
+            raise ValueError(
+                "this layer was merged for good (keep_original=False): its base weight cannot be restored."
+            )
         with torch.no_grad():
             self.base_layer.weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
@@ -336,8 +367,10 @@ class LoRALayer(nn.Module):
         """Raise when one of `names` is an adapter of this layer that routed batches cannot run (DoRA, as in PEFT)."""
         for name in names:
             if name in self.adapters and not self.adapters[name].supports_routing:
-                raise ValueError(f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
-                                 "PEFT): run its rows as a batch of their own after set_adapter.")
+                raise ValueError(
+                    f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
+                    "PEFT): run its rows as a batch of their own after set_adapter."
+                )
 
     def route(self, routing: Routing | None) -> None:
         """Send the rows of the next batches through the adapters `routing` gives them (rows of no adapter
@@ -355,19 +388,24 @@ class LoRALayer(nn.Module):
             result = adapter.add_to(self, result, x, dropout_mask)
         return result
 
-    def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
-                   dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+    def add_update(
+        self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None
+    ) -> torch.Tensor:
         """`result` plus one adapter's update for input `x`; a subclass may add in place where autograd allows."""
         return result + cast_to(self.update(adapter, x, dropout_mask), result.dtype)
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         if self.training or self.merged:
-            raise ValueError("routed batches are for inference on an unmerged model: call model.eval() and "
-                             "unmerge(model) before running them.")
+            raise ValueError(
+                "routed batches are for inference on an unmerged model: call model.eval() and "
+                "unmerge(model) before running them."
+            )
         rows_expected, groups = self._routes
         if x.shape[0] != rows_expected:
-            raise ValueError(f"the routing names {rows_expected} adapters, one per row, but this batch has "
-                             f"{x.shape[0]} rows: give routed() one adapter name per row of the batch.")
+            raise ValueError(
+                f"the routing names {rows_expected} adapters, one per row, but this batch has "
+                f"{x.shape[0]} rows: give routed() one adapter name per row of the batch."
+            )
         for name, rows in groups:
             if name not in self.adapters:
                 continue
@@ -394,8 +432,16 @@ class LoRALinear(LoRALayer):
 
     kind = "linear"
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, scaling: float, dropout: float = 0.0,
-                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        adapter_name: str = DEFAULT_ADAPTER,
+        use_dora: bool = False,
+    ) -> None:
         super().__init__(base_layer, r, alpha, scaling, dropout, adapter_name, use_dora)
         self.fan_in_fan_out = is_conv1d(base_layer)
 
@@ -434,9 +480,15 @@ class LoRALinear(LoRALayer):
 
     def _fused_path_applies(self, x: torch.Tensor, adapter: LoRAAdapter) -> bool:
         weight = self.base_layer.weight
-        return (self.training and torch.is_grad_enabled() and not weight.requires_grad
-                and x.dtype == weight.dtype == adapter.lora_A.dtype and not torch.is_autocast_enabled()
-                and isinstance(adapter.scaling, float) and not _plain_ops_required())
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and not weight.requires_grad
+            and x.dtype == weight.dtype == adapter.lora_A.dtype
+            and not torch.is_autocast_enabled()
+            and isinstance(adapter.scaling, float)
+            and not _plain_ops_required()
+        )
 
     def forward(self, x: torch.Tensor, dropout_mask: DropoutMask | None = None) -> torch.Tensor:
         running = self._running()
@@ -452,24 +504,34 @@ class LoRALinear(LoRALayer):
     def base_product(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, cast_to(self.weight_out_in(), x.dtype))
 
-    def add_update(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
-                   dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+    def add_update(
+        self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None = None
+    ) -> torch.Tensor:
         """In inference (nothing needs a gradient), the update is one `addmm_` into `result`: no full-size
         temporary. Otherwise, and under tracing, export or compilation, the plain sum."""
         if not self._adds_in_place(result, adapter, x, dropout_mask):
             return super().add_update(result, adapter, x, dropout_mask)
         hidden = F.linear(x, adapter.lora_A)
-        result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), adapter.lora_B.T,
-                                                 alpha=adapter.scaling)
+        result.view(-1, result.shape[-1]).addmm_(
+            hidden.reshape(-1, hidden.shape[-1]), adapter.lora_B.T, alpha=adapter.scaling
+        )
         return result
 
-    def _adds_in_place(self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor,
-                       dropout_mask: DropoutMask | None) -> bool:
+    def _adds_in_place(
+        self, result: torch.Tensor, adapter: LoRAAdapter, x: torch.Tensor, dropout_mask: DropoutMask | None
+    ) -> bool:
         needs_graph = torch.is_grad_enabled() and any(
-            tensor.requires_grad for tensor in (result, x, adapter.lora_A, adapter.lora_B))
+            tensor.requires_grad for tensor in (result, x, adapter.lora_A, adapter.lora_B)
+        )
         dropping = dropout_mask is not None or (self.training and adapter.dropout)
-        return (not needs_graph and not dropping and isinstance(adapter.scaling, float) and result.is_contiguous()
-                and result.dtype == x.dtype == adapter.lora_A.dtype and not _plain_ops_required())
+        return (
+            not needs_graph
+            and not dropping
+            and isinstance(adapter.scaling, float)
+            and result.is_contiguous()
+            and result.dtype == x.dtype == adapter.lora_A.dtype
+            and not _plain_ops_required()
+        )
 
 
 class LoRAEmbedding(LoRALayer):
@@ -518,8 +580,10 @@ class LoRAConv2d(LoRALayer):
         out_channels, in_per_group, kernel_h, kernel_w = base_layer.weight.shape
         groups = base_layer.groups
         if r % groups:
-            raise ValueError(f"rank {r} is not a multiple of the conv's groups={groups}: "
-                             f"choose r (or its rank_pattern entry) divisible by {groups}.")
+            raise ValueError(
+                f"rank {r} is not a multiple of the conv's groups={groups}: "
+                f"choose r (or its rank_pattern entry) divisible by {groups}."
+            )
         return (r, in_per_group, kernel_h, kernel_w), (out_channels, r // groups, 1, 1)
 
     @classmethod
@@ -555,8 +619,13 @@ def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:
 
 def adapter_arguments(config: LoRAConfig, path: str) -> dict:
     """The rank, alpha, scaling, dropout and variant `config` gives the module at `path`."""
-    return dict(r=config.rank_for(path), alpha=config.alpha_for(path), scaling=config.scaling_for(path),
-                dropout=config.dropout, use_dora=config.use_dora)
+    return dict(
+        r=config.rank_for(path),
+        alpha=config.alpha_for(path),
+        scaling=config.scaling_for(path),
+        dropout=config.dropout,
+        use_dora=config.use_dora,
+    )
 
 
 def make_lora_layer(module: nn.Module, path: str, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRALayer:

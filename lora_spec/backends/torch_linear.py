@@ -82,7 +82,14 @@ class LinearLoRAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
-def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: float, mask: DropoutMask | SeededMask | None = None) -> torch.Tensor:
+def linear_lora(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    mask: DropoutMask | SeededMask | None = None,
+) -> torch.Tensor:
     """The fused training path; `weight` is `(out, in)` (pass `W.T` for Conv1D's `(in, out)`)."""
     return LinearLoRAFunction.apply(x, weight, bias, lora_a, lora_b, scaling, mask)

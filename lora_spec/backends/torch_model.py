@@ -16,8 +16,14 @@ from typing import Any
 from torch import nn
 
 from lora_spec.backends.torch_inits import method_name
-from lora_spec.backends.torch_layers import (DEFAULT_ADAPTER, LoRALayer, adapter_arguments, is_conv1d,
-                                             lora_layer_for, make_lora_layer)
+from lora_spec.backends.torch_layers import (
+    DEFAULT_ADAPTER,
+    LoRALayer,
+    adapter_arguments,
+    is_conv1d,
+    lora_layer_for,
+    make_lora_layer,
+)
 from lora_spec.config import LoRAConfig, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
 from lora_spec.multi_adapter import BASE_MODEL, Routing, check_adapter_name
@@ -35,7 +41,7 @@ def _rename_single_copy_keys(module: nn.Module, state_dict: dict, prefix: str, *
     old = prefix + "trained_module."
     for key in [key for key in state_dict if key.startswith(old)]:
         if first is not None:
-            state_dict[f"{prefix}modules_to_save.{first}.{key[len(old):]}"] = state_dict.pop(key)
+            state_dict[f"{prefix}modules_to_save.{first}.{key[len(old) :]}"] = state_dict.pop(key)
 
 
 class ModulesToSave(nn.Module):
@@ -87,8 +93,10 @@ class ModulesToSave(nn.Module):
     def _routed(self, *args: Any, **kwargs: Any) -> Any:
         rows_expected, groups = self._routes
         if len(args) != 1 or kwargs or args[0].shape[0] != rows_expected:
-            raise ValueError(f"routing {rows_expected} rows through the module to save {type(self.original_module).__name__} "
-                             "needs one input tensor with one row per adapter name: give routed() one name per row.")
+            raise ValueError(
+                f"routing {rows_expected} rows through the module to save {type(self.original_module).__name__} "
+                "needs one input tensor with one row per adapter name: give routed() one name per row."
+            )
         (x,) = args
         result = self.original_module(x)
         for name, rows in groups:
@@ -145,8 +153,12 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), name, module)
 
 
-def plan(model: nn.Module, config: LoRAConfig, require_modules_to_save: bool = True,
-         adapter_name: str | None = DEFAULT_ADAPTER) -> tuple[LoRAConfig, list[str], list[str]]:
+def plan(
+    model: nn.Module,
+    config: LoRAConfig,
+    require_modules_to_save: bool = True,
+    adapter_name: str | None = DEFAULT_ADAPTER,
+) -> tuple[LoRAConfig, list[str], list[str]]:
     """`(config with resolved targets, paths to adapt, paths of modules_to_save)`, touching nothing.
 
     An entry of `modules_to_save` that matches nothing raises, unless `require_modules_to_save`
@@ -172,8 +184,9 @@ def plan(model: nn.Module, config: LoRAConfig, require_modules_to_save: bool = T
     return config, [m.path for m in matches], save_paths
 
 
-def apply(model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER,
-          **overrides: Any) -> nn.Module:
+def apply(
+    model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **overrides: Any
+) -> nn.Module:
     """Add an adapter called `adapter_name` to the targeted modules of `model` in place; returns `model`.
 
     `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`). The first
@@ -207,17 +220,26 @@ def check_alone(model: nn.Module, config: LoRAConfig, target_paths: Sequence[str
         others = {name: module.adapters[name] for name in module.adapters if name != adapter_name}
         on_residual = [name for name, adapter in others.items() if adapter.initial_factors() is not None]
         if on_residual:
-            raise ValueError(f"module {path!r} holds adapter {on_residual[0]!r}, initialised from its weight (PiSSA or "
-                             "OLoRA), so its base weight is a residual that another adapter would be trained on: "
-                             "target other modules, or delete that adapter first.")
+            raise ValueError(
+                f"module {path!r} holds adapter {on_residual[0]!r}, initialised from its weight (PiSSA or "
+                "OLoRA), so its base weight is a residual that another adapter would be trained on: "
+                "target other modules, or delete that adapter first."
+            )
         if others and is_weight_init(config.init):
-            raise ValueError(f"module {path!r} holds adapter {next(iter(others))!r}, and init={config.init!r} would "
-                             f"turn its base weight into {method_name(config.init)}'s residual under it: give this "
-                             "adapter modules of its own, or delete the other adapter first.")
+            raise ValueError(
+                f"module {path!r} holds adapter {next(iter(others))!r}, and init={config.init!r} would "
+                f"turn its base weight into {method_name(config.init)}'s residual under it: give this "
+                "adapter modules of its own, or delete the other adapter first."
+            )
 
 
-def wrap(model: nn.Module, config: LoRAConfig, target_paths: list[str], save_paths: list[str],
-         adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    config: LoRAConfig,
+    target_paths: list[str],
+    save_paths: list[str],
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> nn.Module:
     """`apply` for targets already resolved by `plan`."""
     configs = dict(getattr(model, CONFIGS_ATTRIBUTE, None) or {})
     active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [adapter_name])
@@ -278,8 +300,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 def refuse_wrapper(model: nn.Module, action: str) -> None:
     """Adding LoRA under a wrapper would miss the parameters it already registered."""
     if unwrap(model) is not model:
-        raise ValueError(f"{action} the model before wrapping it ({type(model).__name__} has already registered its "
-                         "parameters): call it on the bare model, then wrap.")
+        raise ValueError(
+            f"{action} the model before wrapping it ({type(model).__name__} has already registered its "
+            "parameters): call it on the bare model, then wrap."
+        )
 
 
 def configs_of(model: nn.Module) -> dict[str, LoRAConfig]:
@@ -331,8 +355,10 @@ def _check_one_copy_per_module(model: nn.Module, names: Sequence[str], action: s
     for path, wrapper in modules_to_save(model):
         holders = [name for name in names if name in wrapper.modules_to_save]
         if len(holders) > 1:
-            raise ValueError(f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
-                             f"and one module cannot run two copies: {action} at most one of them.")
+            raise ValueError(
+                f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
+                f"and one module cannot run two copies: {action} at most one of them."
+            )
 
 
 def _unmerge_with_warning(model: nn.Module, reason: str) -> None:
@@ -419,17 +445,22 @@ def _untie_adapted_weights(model: nn.Module) -> None:
         if layer.merged:
             continue
         weight = layer.base_layer.weight
-        tied = [(other, module, name) for other, module, name in holders.get(id(weight), ())
-                if module is not layer.base_layer]
+        tied = [
+            (other, module, name)
+            for other, module, name in holders.get(id(weight), ())
+            if module is not layer.base_layer
+        ]
         for other, module, name in tied:
             setattr(module, name, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
         if tied:
             config = getattr(model, "config", None)
             if getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
-            warnings.warn(f"the base weight of {path!r} is tied to {', '.join(repr(t[0]) for t in tied)}: each now "
-                          f"holds its own copy, so that merging changes only {path!r} and keeps the model's outputs.",
-                          stacklevel=3)
+            warnings.warn(
+                f"the base weight of {path!r} is tied to {', '.join(repr(t[0]) for t in tied)}: each now "
+                f"holds its own copy, so that merging changes only {path!r} and keeps the model's outputs.",
+                stacklevel=3,
+            )
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -518,8 +549,10 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
     if inner.training:
         raise ValueError("routed() is for inference, and the model is in training mode: call model.eval() first.")
     if any(layer.merged for _, layer in lora_layers(inner)):
-        raise ValueError("the model's adapters are merged, so rows cannot take different adapters: call "
-                         "unmerge(model) before routed().")
+        raise ValueError(
+            "the model's adapters are merged, so rows cannot take different adapters: call "
+            "unmerge(model) before routed()."
+        )
     switches, routing = _switches(inner), Routing.of(routes)
     for _, layer in lora_layers(inner):
         layer.check_routable(routes)
@@ -534,11 +567,16 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
 
 def uses_fan_in_fan_out(model: nn.Module, adapter_name: str | None = None) -> bool:
     """Whether a layer holding the adapter is a Conv1D, whose weight is `(in, out)` (PEFT's `fan_in_fan_out`)."""
-    return any(is_conv1d(layer.base_layer) for _, layer in lora_layers(model)
-               if adapter_name is None or adapter_name in layer.adapters)
+    return any(
+        is_conv1d(layer.base_layer)
+        for _, layer in lora_layers(model)
+        if adapter_name is None or adapter_name in layer.adapters
+    )
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """How many parameters train, out of all (shared parameters counted once)."""
     parameters = list(model.parameters())
-    return TrainableParameters(sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters))
+    return TrainableParameters(
+        sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+    )

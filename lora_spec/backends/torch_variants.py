@@ -44,8 +44,16 @@ class LoRAAdapter(nn.Module):
     # Whether a routed batch (PEFT's `adapter_names=`) may send rows through this adapter.
     supports_routing = True
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: int, alpha: float, scaling: float,
-                 dropout: float, factory: dict) -> None:
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        factory: dict,
+    ) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(torch.zeros(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
@@ -63,8 +71,10 @@ class LoRAAdapter(nn.Module):
         """Views of factors with the rank split per group: `A (groups, r/groups, ...)`, `B (groups, out/groups,
         r/groups, ...)`, so that padding and slicing the rank keeps each group's block."""
         groups, rank = self.groups, lora_a.shape[0]
-        return (lora_a.view(groups, rank // groups, *lora_a.shape[1:]),
-                lora_b.view(groups, lora_b.shape[0] // groups, rank // groups, *lora_b.shape[2:]))
+        return (
+            lora_a.view(groups, rank // groups, *lora_a.shape[1:]),
+            lora_b.view(groups, lora_b.shape[0] // groups, rank // groups, *lora_b.shape[2:]),
+        )
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(A, B)` at rank `r`, without the zero padding hot-swapping may have added."""
@@ -72,8 +82,10 @@ class LoRAAdapter(nn.Module):
             return self.lora_A, self.lora_B
         grouped_a, grouped_b = self._grouped(self.lora_A, self.lora_B)
         per_group = self.r // self.groups
-        return (grouped_a[:, :per_group].reshape(self.r, *self.lora_A.shape[1:]),
-                grouped_b[:, :, :per_group].reshape(self.lora_B.shape[0], per_group, *self.lora_B.shape[2:]))
+        return (
+            grouped_a[:, :per_group].reshape(self.r, *self.lora_A.shape[1:]),
+            grouped_b[:, :, :per_group].reshape(self.lora_B.shape[0], per_group, *self.lora_B.shape[2:]),
+        )
 
     def assign(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         """Write factors of any rank up to the capacity (zero-padding the rest) and take their rank as `r`."""
@@ -83,8 +95,8 @@ class LoRAAdapter(nn.Module):
             grouped_a, grouped_b = self._grouped(self.lora_A, self.lora_B)
             self.lora_A.zero_()
             self.lora_B.zero_()
-            grouped_a[:, :rank // self.groups] = new_a
-            grouped_b[:, :, :rank // self.groups] = new_b
+            grouped_a[:, : rank // self.groups] = new_a
+            grouped_b[:, :, : rank // self.groups] = new_b
         self.r = rank
 
     def keep_initial_factors(self) -> None:
@@ -103,8 +115,9 @@ class LoRAAdapter(nn.Module):
     def initialise(self, layer: LoRALayer) -> None:
         """Called once the factors have their initial values: nothing else to set for plain LoRA."""
 
-    def add_to(self, layer: LoRALayer, result: torch.Tensor, x: torch.Tensor,
-               dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+    def add_to(
+        self, layer: LoRALayer, result: torch.Tensor, x: torch.Tensor, dropout_mask: DropoutMask | None = None
+    ) -> torch.Tensor:
         """The layer's output `result` with this adapter's contribution for input `x`."""
         return layer.add_update(result, self, x, dropout_mask)
 
@@ -114,8 +127,9 @@ class LoRAAdapter(nn.Module):
 
     def train_linear(self, layer: LoRALinear, x: torch.Tensor, mask: DropoutMask | SeededMask | None) -> torch.Tensor:
         """A linear layer's output in eager training, this adapter alone active: one fused Function."""
-        return linear_lora(x, layer.weight_out_in(), layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling,
-                           mask)
+        return linear_lora(
+            x, layer.weight_out_in(), layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling, mask
+        )
 
 
 class DoRAAdapter(LoRAAdapter):
@@ -128,8 +142,17 @@ class DoRAAdapter(LoRAAdapter):
 
     supports_routing = False
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], r: int, alpha: float, scaling: float,
-                 dropout: float, factory: dict, magnitude_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        factory: dict,
+        magnitude_shape: tuple[int, ...],
+    ) -> None:
         super().__init__(a_shape, b_shape, r, alpha, scaling, dropout, factory)
         self.lora_magnitude_vector = nn.Parameter(torch.ones(magnitude_shape, **factory))
 
@@ -152,8 +175,9 @@ class DoRAAdapter(LoRAAdapter):
         """`m / n` in the magnitude's shape, which broadcasts against the layer's output."""
         return self.lora_magnitude_vector / self.weight_norm(layer)
 
-    def add_to(self, layer: LoRALayer, result: torch.Tensor, x: torch.Tensor,
-               dropout_mask: DropoutMask | None = None) -> torch.Tensor:
+    def add_to(
+        self, layer: LoRALayer, result: torch.Tensor, x: torch.Tensor, dropout_mask: DropoutMask | None = None
+    ) -> torch.Tensor:
         """PEFT's DoRA forward: `result + (f - 1) * base + f * s * B A d(x)` with `f = m / n` and `base`
         the output so far without the bias or, when the input is dropped, the base product of `d(x)`."""
         factor = self.factor(layer)
@@ -175,5 +199,14 @@ class DoRAAdapter(LoRAAdapter):
     def train_linear(self, layer: LoRALinear, x: torch.Tensor, mask: DropoutMask | SeededMask | None) -> torch.Tensor:
         weight = layer.weight_out_in()
         norm = linear_weight_norm(weight, self.lora_A, self.lora_B, self.scaling)
-        return linear_dora(x, weight, layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.lora_magnitude_vector, norm, mask)
+        return linear_dora(
+            x,
+            weight,
+            layer.base_layer.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self.lora_magnitude_vector,
+            norm,
+            mask,
+        )

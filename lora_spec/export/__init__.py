@@ -18,9 +18,15 @@ from lora_spec._lazy import require
 # Public name -> the module defining it. Imported on first use, so that `lora-export --help` (which
 # imports lora_spec.export.cli) works without onnx, and a missing onnx names the extra to install.
 _PUBLIC = {
-    "ExportError": "model_io", "NoLoRABranchError": "model_io", "VerificationError": "model_io",
-    "MergeResult": "merge", "merge_onnx": "merge", "PackResult": "pack", "pack_adapter": "pack",
-    "SwitchableResult": "switchable", "make_switchable": "switchable",
+    "ExportError": "model_io",
+    "NoLoRABranchError": "model_io",
+    "VerificationError": "model_io",
+    "MergeResult": "merge",
+    "merge_onnx": "merge",
+    "PackResult": "pack",
+    "pack_adapter": "pack",
+    "SwitchableResult": "switchable",
+    "make_switchable": "switchable",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -48,14 +48,16 @@ from lora_spec.config import LoRAConfig
 from lora_spec.export.graph import FLOAT_TYPES, attribute, initializer_behind
 from lora_spec.export.naming import PEFT_WRAPPER, TF_UNIQUIFIER, node_module, tf_scopes
 
-_KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "FusedMatMul": "linear", "Gather": "embedding",
-               "Conv": "conv2d"}
+_KIND_OF_OP = {"MatMul": "linear", "Gemm": "linear", "FusedMatMul": "linear", "Gather": "embedding", "Conv": "conv2d"}
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "Gather": 0, "Conv": 1}
 # Ops that scale their weight operand by `alpha` and read it transposed with `transB=1`.
 _SCALED_OPS = ("Gemm", "FusedMatMul")
 _WEIGHT_RANK = {"linear": 2, "embedding": 2, "conv2d": 4}
-_DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_delta_weight,
-           "conv2d": reference.conv2d_delta_weight}
+_DELTAS = {
+    "linear": reference.delta_weight,
+    "embedding": reference.embedding_delta_weight,
+    "conv2d": reference.conv2d_delta_weight,
+}
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
 _FORWARDING_OPS = ("Identity", "Cast", "Transpose")
 # Inputs of normalization nodes holding a module's parameters, by PyTorch's parameter names.
@@ -152,12 +154,16 @@ class WeightSite:
         `Conv` is a BatchNorm folded into it: adding the delta there would skip the BatchNorm's
         per-channel scale.
         """
-        if self.node.op_type == "Conv" and self.node.name.startswith("/") and (
-                self.weight.initializer.name.startswith("onnx::")):
+        if (
+            self.node.op_type == "Conv"
+            and self.node.name.startswith("/")
+            and (self.weight.initializer.name.startswith("onnx::"))
+        ):
             raise AdapterMergeError(
                 f"adapter {adapter.directory}: {key} targets node {self.node.name!r}, whose weight "
                 f"{self.weight.initializer.name} the exporter folded (a BatchNorm merged into the conv), so no exact "
-                "merge exists: export the base model with torch.onnx.export(..., do_constant_folding=False).")
+                "merge exists: export the base model with torch.onnx.export(..., do_constant_folding=False)."
+            )
 
     def to_initializer(self, reference_value: np.ndarray) -> np.ndarray:
         """A weight in the reference layout (delta or full), as the initializer must hold it."""
@@ -203,8 +209,9 @@ class _Graph:
                 consumer, consumer_index = producer, 0
             name = producer.input[0]
         tensor = self.initializers[name]
-        return TensorLocation(consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)),
-                              element_type or tensor.data_type)
+        return TensorLocation(
+            consumer.name, consumer_index, tensor, _compose(perm, len(tensor.dims)), element_type or tensor.data_type
+        )
 
     def readers(self, tensor: str) -> list[tuple[onnx.NodeProto, TensorLocation]]:
         """The nodes reading `tensor` (an initializer or an `Identity` of one), through Identity nodes."""
@@ -218,8 +225,9 @@ class _Graph:
                 if node.op_type == "Identity":
                     pending.append(node.output[0])
                 else:
-                    found.append((node, TensorLocation(node.name, index, initializer, same_layout,
-                                                       initializer.data_type)))
+                    found.append(
+                        (node, TensorLocation(node.name, index, initializer, same_layout, initializer.data_type))
+                    )
         return found
 
 
@@ -244,7 +252,7 @@ def _torch_paths(node: onnx.NodeProto, weight_names: Sequence[str]) -> set[str]:
     module = node_module(node)
     if module is None:
         kept = [name for name in weight_names if "/" not in name and name.endswith(".weight")]
-        module = kept[0][:-len(".weight")] if kept else None
+        module = kept[0][: -len(".weight")] if kept else None
     return {module.removesuffix(PEFT_WRAPPER)} if module else set()
 
 
@@ -263,16 +271,23 @@ def _weight_sites(graph: _Graph) -> list[WeightSite]:
         if node.op_type == "Gather" and attribute(node, "axis", 0) != 0:
             continue
         location = graph.trace(node, _WEIGHT_INPUT[node.op_type])
-        if (location is None or len(location.initializer.dims) != _WEIGHT_RANK[kind]
-                or location.initializer.data_type not in FLOAT_TYPES):
+        if (
+            location is None
+            or len(location.initializer.dims) != _WEIGHT_RANK[kind]
+            or location.initializer.data_type not in FLOAT_TYPES
+        ):
             continue
         scaled = node.op_type in _SCALED_OPS
         transposed = node.op_type == "MatMul" or (scaled and not attribute(node, "transB", 0))
         site = WeightSite(
-            node=node, kind=kind, weight=location, transposed=transposed,
+            node=node,
+            kind=kind,
+            weight=location,
+            transposed=transposed,
             factor=float(attribute(node, "alpha", 1.0)) if scaled else 1.0,
             paths=_torch_paths(node, [node.input[_WEIGHT_INPUT[node.op_type]], location.initializer.name]),
-            tf_scopes=tf_scopes(node.name) or tf_scopes(location.initializer.name))
+            tf_scopes=tf_scopes(node.name) or tf_scopes(location.initializer.name),
+        )
         site.paths |= _first_call_paths(graph, site)
         sites.append(site)
     return sites
@@ -369,29 +384,37 @@ def load_adapter(directory: str | os.PathLike, weight: float) -> LoadedAdapter:
     # A saved BatchNorm's step counter has no effect on inference and no tensor in the graph.
     tensors.extra = {key: value for key, value in tensors.extra.items() if not key.endswith(_TRAINING_COUNTER)}
     if config.use_dora and weight != 1:
-        raise AdapterMergeError(f"adapter {os.fspath(directory)} is a DoRA adapter (use_dora=true) and has weight "
-                                f"{weight:g}: DoRA normalises each output feature of the merged weight, which leaves no "
-                                "meaning to a weight; merge it with weight 1.")
+        raise AdapterMergeError(
+            f"adapter {os.fspath(directory)} is a DoRA adapter (use_dora=true) and has weight "
+            f"{weight:g}: DoRA normalises each output feature of the merged weight, which leaves no "
+            "meaning to a weight; merge it with weight 1."
+        )
     named = [(f"{path}.lora_A", pair[0]) for path, pair in tensors.lora.items()]
     named += [(f"{path}.lora_B", pair[1]) for path, pair in tensors.lora.items()] + list(tensors.extra.items())
     named += [(f"{path}.lora_magnitude_vector", value) for path, value in tensors.magnitudes.items()]
     for name, value in named:
         if not np.issubdtype(value.dtype, np.floating):
-            raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} has dtype {value.dtype}, not a "
-                                    "floating point type: re-save the adapter with float weights.")
+            raise AdapterMergeError(
+                f"adapter {os.fspath(directory)}: tensor {name} has dtype {value.dtype}, not a "
+                "floating point type: re-save the adapter with float weights."
+            )
         if not np.all(np.isfinite(value)):
-            raise AdapterMergeError(f"adapter {os.fspath(directory)}: tensor {name} holds NaN or inf: the training "
-                                    "diverged; re-train the adapter or save an earlier checkpoint.")
+            raise AdapterMergeError(
+                f"adapter {os.fspath(directory)}: tensor {name} holds NaN or inf: the training "
+                "diverged; re-train the adapter or save an earlier checkpoint."
+            )
     return LoadedAdapter(os.fspath(directory), float(weight), config, bool(raw.get("fan_in_fan_out")), tensors)
 
 
 def _check_arguments(model, read_tensor) -> None:
     if not isinstance(model, onnx.ModelProto):
-        raise TypeError(f"model is a {type(model).__name__}: pass an onnx.ModelProto "
-                        "(onnx.load(path, load_external_data=False)).")
+        raise TypeError(
+            f"model is a {type(model).__name__}: pass an onnx.ModelProto (onnx.load(path, load_external_data=False))."
+        )
     if not callable(read_tensor):
-        raise TypeError(f"read_tensor={read_tensor!r} is not callable: pass a function from initializer name "
-                        "to its NumPy values.")
+        raise TypeError(
+            f"read_tensor={read_tensor!r} is not callable: pass a function from initializer name to its NumPy values."
+        )
 
 
 def _checked_adapters(adapters) -> list[tuple[str | os.PathLike, float]]:
@@ -425,8 +448,10 @@ class _Accumulator:
     def replace(self, location: TensorLocation, value: np.ndarray, source: str) -> None:
         key = (location.consumer, location.input_index)
         if key in self.replacements and self.replacements[key][1] != source:
-            raise AdapterMergeError(f"two adapters replace the weight read by node {location.consumer!r} "
-                                    f"({self.replacements[key][1]} and {source}): give one of them weight 0.")
+            raise AdapterMergeError(
+                f"two adapters replace the weight read by node {location.consumer!r} "
+                f"({self.replacements[key][1]} and {source}): give one of them weight 0."
+            )
         self.locations[key] = location
         self.replacements[key] = (value, source)
 
@@ -451,16 +476,21 @@ class _Accumulator:
         by_initializer: dict[str, list[tuple[str, int]]] = {}
         for key, location in self.locations.items():
             by_initializer.setdefault(location.initializer.name, []).append(key)
-        return [WeightUpdate(key[0], key[1], functools.partial(self._new_weight, name, key))
-                for name, keys in by_initializer.items() for key in keys]
+        return [
+            WeightUpdate(key[0], key[1], functools.partial(self._new_weight, name, key))
+            for name, keys in by_initializer.items()
+            for key in keys
+        ]
 
     def _new_weight(self, name: str, key: tuple[str, int]) -> np.ndarray:
         """The base weight (or its replacement) plus every delta for `key`, in float32 or wider, cast once."""
         initializer = self.locations[key].initializer
         stored = self.read_tensor(name)
         if tuple(stored.shape) != tuple(initializer.dims):
-            raise AdapterMergeError(f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
-                                    f"declares {tuple(initializer.dims)}: fix the tensor reader.")
+            raise AdapterMergeError(
+                f"read_tensor({name!r}) returned shape {tuple(stored.shape)} but the graph "
+                f"declares {tuple(initializer.dims)}: fix the tensor reader."
+            )
         base = self.replacements[key][0] if key in self.replacements else _to_float(stored, initializer.data_type)
         value = base.astype(_compute_dtype(initializer.data_type), copy=True)
         if key in self.dora_merges:
@@ -471,8 +501,10 @@ class _Accumulator:
 
 
 def _beside_dora(dora_source: str, other_source: str, key: tuple[str, int]) -> AdapterMergeError:
-    return AdapterMergeError(f"{dora_source} is DoRA and {other_source} changes the same weight (read by node "
-                             f"{key[0]!r}): DoRA rescales the whole weight, so merge one adapter per module there.")
+    return AdapterMergeError(
+        f"{dora_source} is DoRA and {other_source} changes the same weight (read by node "
+        f"{key[0]!r}): DoRA rescales the whole weight, so merge one adapter per module there."
+    )
 
 
 def _compute_dtype(data_type: int) -> np.dtype:
@@ -502,13 +534,16 @@ def _checked_factors(adapter: LoadedAdapter, path: str, site: WeightSite) -> tup
     lora_a, lora_b = adapter.tensors.lora[path]
     rank = adapter.config.rank_for(path)
     if lora_a.shape[0] != rank:
-        raise AdapterMergeError(f"adapter {adapter.directory}: module {path} has rank {lora_a.shape[0]} in the "
-                                f"file but {rank} by its config: the files disagree, re-save the adapter.")
+        raise AdapterMergeError(
+            f"adapter {adapter.directory}: module {path} has rank {lora_a.shape[0]} in the "
+            f"file but {rank} by its config: the files disagree, re-save the adapter."
+        )
     if not _fits(site, lora_a, lora_b):
         raise AdapterMergeError(
             f"adapter {adapter.directory}: module {path} has lora_A {lora_a.shape} and lora_B {lora_b.shape}, which "
             f"do not fit the weight {site.reference_shape()} (reference layout) of node {site.node.name!r}: "
-            "the adapter was trained on another model.")
+            "the adapter was trained on another model."
+        )
     return lora_a, lora_b
 
 
@@ -522,8 +557,14 @@ def _dora_merge(adapter: LoadedAdapter, path: str, site: WeightSite) -> Callable
     magnitude, scaling = adapter.tensors.magnitudes[path], adapter.config.scaling_for(path)
 
     def merge(value: np.ndarray) -> np.ndarray:
-        merged = dora.dora_merge(site.to_reference(value), lora_a.astype(value.dtype), lora_b.astype(value.dtype),
-                                 scaling, magnitude.astype(value.dtype), site.kind)
+        merged = dora.dora_merge(
+            site.to_reference(value),
+            lora_a.astype(value.dtype),
+            lora_b.astype(value.dtype),
+            scaling,
+            magnitude.astype(value.dtype),
+            site.kind,
+        )
         return site.to_initializer(merged).astype(value.dtype, copy=False)
 
     return merge
@@ -546,14 +587,24 @@ def _fits(site: WeightSite, lora_a: np.ndarray, lora_b: np.ndarray) -> bool:
     """Whether `A` and `B` make a delta of the site's shape (and, for a conv, of its groups)."""
     expected = site.reference_shape()
     if site.kind == "embedding":
-        return lora_a.ndim == lora_b.ndim == 2 and lora_b.shape[1] == lora_a.shape[0] and (
-            lora_a.shape[1], lora_b.shape[0]) == expected
+        return (
+            lora_a.ndim == lora_b.ndim == 2
+            and lora_b.shape[1] == lora_a.shape[0]
+            and (lora_a.shape[1], lora_b.shape[0]) == expected
+        )
     if site.kind == "linear":
-        return lora_a.ndim == lora_b.ndim == 2 and lora_b.shape[1] == lora_a.shape[0] and (
-            lora_b.shape[0], lora_a.shape[1]) == expected
+        return (
+            lora_a.ndim == lora_b.ndim == 2
+            and lora_b.shape[1] == lora_a.shape[0]
+            and (lora_b.shape[0], lora_a.shape[1]) == expected
+        )
     groups = int(attribute(site.node, "group", 1))
-    return (lora_a.ndim == lora_b.ndim == 4 and lora_b.shape[2:] == (1, 1)
-            and lora_b.shape[1] * groups == lora_a.shape[0] and (lora_b.shape[0], *lora_a.shape[1:]) == expected)
+    return (
+        lora_a.ndim == lora_b.ndim == 4
+        and lora_b.shape[2:] == (1, 1)
+        and lora_b.shape[1] * groups == lora_a.shape[0]
+        and (lora_b.shape[0], *lora_a.shape[1:]) == expected
+    )
 
 
 def _bias_location(graph: _Graph, site: WeightSite) -> tuple[TensorLocation, float] | None:
@@ -571,15 +622,20 @@ def _bias_location(graph: _Graph, site: WeightSite) -> tuple[TensorLocation, flo
     return None
 
 
-def _check_full_shape(adapter: LoadedAdapter, key: str, value: np.ndarray, expected: tuple[int, ...], node: str) -> None:
+def _check_full_shape(
+    adapter: LoadedAdapter, key: str, value: np.ndarray, expected: tuple[int, ...], node: str
+) -> None:
     if tuple(value.shape) != tuple(expected):
-        raise AdapterMergeError(f"adapter {adapter.directory}: tensor {key} has shape {tuple(value.shape)} but the "
-                                f"graph's tensor read by node {node!r} is {tuple(expected)}: the adapter was trained "
-                                "on another model.")
+        raise AdapterMergeError(
+            f"adapter {adapter.directory}: tensor {key} has shape {tuple(value.shape)} but the "
+            f"graph's tensor read by node {node!r} is {tuple(expected)}: the adapter was trained "
+            "on another model."
+        )
 
 
-def _full_tensor_targets(graph: _Graph, sites: list[WeightSite], adapter: LoadedAdapter, key: str,
-                         value: np.ndarray) -> list[tuple[TensorLocation, np.ndarray, str]]:
+def _full_tensor_targets(
+    graph: _Graph, sites: list[WeightSite], adapter: LoadedAdapter, key: str, value: np.ndarray
+) -> list[tuple[TensorLocation, np.ndarray, str]]:
     """`(location, value in the initializer's layout, reading node)` for a full tensor `<path>.<param>`.
 
     `weight` of a module with a compute node is its weight: as the initializer holds it when the
@@ -594,8 +650,10 @@ def _full_tensor_targets(graph: _Graph, sites: list[WeightSite], adapter: Loaded
     path = path.removesuffix(PEFT_WRAPPER)
     targets = []
     for site in _find_sites(path, sites) if param in ("weight", "bias") else ():
-        if param == "weight" and f"{path}.weight" in (site.node.input[_WEIGHT_INPUT[site.node.op_type]],
-                                                      site.weight.initializer.name):
+        if param == "weight" and f"{path}.weight" in (
+            site.node.input[_WEIGHT_INPUT[site.node.op_type]],
+            site.weight.initializer.name,
+        ):
             # The exporter kept the parameter as it is: the tensor is already in its layout.
             _check_full_shape(adapter, key, value, tuple(site.weight.initializer.dims), site.node.name)
             targets.append((site.weight, value, site.node.name))
@@ -610,13 +668,17 @@ def _full_tensor_targets(graph: _Graph, sites: list[WeightSite], adapter: Loaded
             targets.append((location, location.from_operand(value / beta), site.node.name))
     if targets:
         return targets
-    readers = [location for node in graph.nodes if node_module(node) == path
-               for index in [_NORMALIZATION_INPUTS.get(node.op_type, {}).get(param)]
-               if index is not None and index < len(node.input)
-               for location in [graph.trace(node, index)] if location is not None]
+    readers = [
+        location
+        for node in graph.nodes
+        if node_module(node) == path
+        for index in [_NORMALIZATION_INPUTS.get(node.op_type, {}).get(param)]
+        if index is not None and index < len(node.input)
+        for location in [graph.trace(node, index)]
+        if location is not None
+    ]
     if not readers:
-        readers = [location for node, location in graph.readers(f"{path}.{param}")
-                   if node_module(node) in (None, path)]
+        readers = [location for node, location in graph.readers(f"{path}.{param}") if node_module(node) in (None, path)]
     for location in readers:
         _check_full_shape(adapter, key, value, tuple(location.initializer.dims), location.consumer)
     return [(location, value, location.consumer) for location in readers]
@@ -627,9 +689,11 @@ def _lora_kind(adapter: LoadedAdapter, path: str) -> str:
         return "embedding"
     dims = adapter.tensors.lora[path][0].ndim
     if dims not in (2, 4):
-        raise AdapterMergeError(f"adapter {adapter.directory}: module {path} has a {dims}-D lora_A, which is neither a "
-                                "linear (2-D) nor a 2-D convolution (4-D) adapter: lora_spec merges linear, embedding "
-                                "and Conv2d adapters only.")
+        raise AdapterMergeError(
+            f"adapter {adapter.directory}: module {path} has a {dims}-D lora_A, which is neither a "
+            "linear (2-D) nor a 2-D convolution (4-D) adapter: lora_spec merges linear, embedding "
+            "and Conv2d adapters only."
+        )
     return "conv2d" if dims == 4 else "linear"
 
 
@@ -639,11 +703,15 @@ def _unique(items: Iterable) -> list:
 
 def _unmatched_message(unmatched: list[str], total: int, sites: list[WeightSite], fix: str) -> str:
     shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
-    names = sorted({path for site in sites for path in site.paths}
-                   | {"/".join(scope) for site in sites for scope in site.tf_scopes})
+    names = sorted(
+        {path for site in sites for path in site.paths}
+        | {"/".join(scope) for site in sites for scope in site.tf_scopes}
+    )
     examples = ", ".join(names[:3]) or "(no weight initializer read by MatMul/Gemm/Gather/Conv)"
-    return (f"{len(unmatched)} of {total} adapter keys matched no weight of the graph: {shown}"
-            f"{_fused_hint(unmatched, sites)}; the graph's weights belong to modules such as {examples}: {fix}.")
+    return (
+        f"{len(unmatched)} of {total} adapter keys matched no weight of the graph: {shown}"
+        f"{_fused_hint(unmatched, sites)}; the graph's weights belong to modules such as {examples}: {fix}."
+    )
 
 
 def _fused_hint(unmatched: list[str], sites: list[WeightSite]) -> str:
@@ -652,8 +720,10 @@ def _fused_hint(unmatched: list[str], sites: list[WeightSite]) -> str:
         readers = [site for site in sites if site.weight.initializer.name == f"{path}.weight"]
         if readers:
             site = readers[0]
-            return (f" ({path}.weight is read by node {site.node.name!r} of module {', '.join(sorted(site.paths))}: "
-                    "the exporter fused the two, e.g. a BatchNorm folded into a conv, and no exact merge exists)")
+            return (
+                f" ({path}.weight is read by node {site.node.name!r} of module {', '.join(sorted(site.paths))}: "
+                "the exporter fused the two, e.g. a BatchNorm folded into a conv, and no exact merge exists)"
+            )
     return ""
 
 
@@ -687,9 +757,13 @@ class AdapterTargets:
     unmatched: list[str]
 
 
-def resolve_adapters(model: onnx.ModelProto, adapters: Sequence[tuple[str | os.PathLike, float]],
-                     allow_partial: bool = False, sites: list[WeightSite] | None = None,
-                     verb: str = "merge") -> AdapterTargets:
+def resolve_adapters(
+    model: onnx.ModelProto,
+    adapters: Sequence[tuple[str | os.PathLike, float]],
+    allow_partial: bool = False,
+    sites: list[WeightSite] | None = None,
+    verb: str = "merge",
+) -> AdapterTargets:
     """Load `adapters` (`(directory, weight)` pairs) and find the graph tensors each key adapts or replaces.
 
     `sites` defaults to `weight_sites(model)`; a caller may leave some out or give them more paths.
@@ -727,18 +801,28 @@ def resolve_adapters(model: onnx.ModelProto, adapters: Sequence[tuple[str | os.P
             full.append(FullTarget(adapter, key, locations))
     unmatched, keys = _unique(unmatched), _unique(keys)
     if not matched:
-        raise AdapterMergeError(_unmatched_message(unmatched, len(keys), sites,
-                                                   f"nothing to {verb}; use adapters trained on this model"))
+        raise AdapterMergeError(
+            _unmatched_message(unmatched, len(keys), sites, f"nothing to {verb}; use adapters trained on this model")
+        )
     if unmatched and not allow_partial:
-        raise AdapterMergeError(_unmatched_message(
-            unmatched, len(keys), sites, "use adapters trained on this model, or pass allow_partial=True "
-            f"(--allow-partial) to {verb} the keys that match"))
+        raise AdapterMergeError(
+            _unmatched_message(
+                unmatched,
+                len(keys),
+                sites,
+                "use adapters trained on this model, or pass allow_partial=True "
+                f"(--allow-partial) to {verb} the keys that match",
+            )
+        )
     return AdapterTargets(lora=lora, full=full, matched=_unique(matched), unmatched=unmatched)
 
 
-def plan_adapter_merge(model: onnx.ModelProto, read_tensor: Callable[[str], np.ndarray],
-                       adapters: Sequence[tuple[str | os.PathLike, float]],
-                       allow_partial: bool = False) -> AdapterMergePlan:
+def plan_adapter_merge(
+    model: onnx.ModelProto,
+    read_tensor: Callable[[str], np.ndarray],
+    adapters: Sequence[tuple[str | os.PathLike, float]],
+    allow_partial: bool = False,
+) -> AdapterMergePlan:
     """The new base weights of `model` with `adapters` merged: `W + sum_k weight_k * delta_k`.
 
     Args:

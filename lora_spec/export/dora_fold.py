@@ -147,8 +147,13 @@ def find_dora_branches(graph: Graph) -> tuple[list[DoRABranch], list[str]]:
     """
     branches, refusals, taken = [], [], set()
     for node in reversed(graph.nodes):
-        if (node.op_type not in ("Add", "Sub") or len(node.input) != 2 or id(node) in taken
-                or graph.producer.get(node.output[0]) is not node or any(map(graph.is_constant, node.input))):
+        if (
+            node.op_type not in ("Add", "Sub")
+            or len(node.input) != 2
+            or id(node) in taken
+            or graph.producer.get(node.output[0]) is not node
+            or any(map(graph.is_constant, node.input))
+        ):
             continue
         found = match(graph, node)
         if found is None:
@@ -203,10 +208,20 @@ def match(graph: Graph, node: onnx.NodeProto) -> DoRABranch | tuple[str, set[int
         return refused(bias)
     lora_a, lora_b = factors
     return DoRABranch(
-        add=node, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=pair_scale, base_output=base_output,
-        base_chain=chain, base_shared=_read_elsewhere(graph, chain, set(expression.nodes) | set(map(id, chain))),
-        weight_scale=weight_scale, delta_scale=delta_scale * pair_scale,
-        expression=list(expression.nodes.values()), bias=bias)
+        add=node,
+        base=base,
+        weight=weight,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        scale=pair_scale,
+        base_output=base_output,
+        base_chain=chain,
+        base_shared=_read_elsewhere(graph, chain, set(expression.nodes) | set(map(id, chain))),
+        weight_scale=weight_scale,
+        delta_scale=delta_scale * pair_scale,
+        expression=list(expression.nodes.values()),
+        bias=bias,
+    )
 
 
 def _base_and_pair(graph: Graph, leaves: list[str]):
@@ -221,8 +236,11 @@ def _base_and_pair(graph: Graph, leaves: list[str]):
         if pair is None or base is None:
             continue
         weight = graph.initializer_behind(base.input[WEIGHT_INPUT[base.op_type]])
-        if weight is None or len(graph.initializers[weight].dims) != WEIGHT_RANK[base.op_type] or (
-                base.op_type == "Gather" and attribute(base, "axis", 0) != 0):
+        if (
+            weight is None
+            or len(graph.initializers[weight].dims) != WEIGHT_RANK[base.op_type]
+            or (base.op_type == "Gather" and attribute(base, "axis", 0) != 0)
+        ):
             continue
         return base, weight, pair_leaf, pair
     return None
@@ -245,8 +263,12 @@ def _base_output_chain(graph: Graph, paths: list[tuple[str, ...]], base: onnx.No
 def _read_elsewhere(graph: Graph, nodes: Iterable[onnx.NodeProto], inside: set[int], output: str = "") -> bool:
     """Whether a tensor that `nodes` make, other than `output`, is a graph output or read by a node
     whose id is not in `inside` (deleting or changing it would change that reader)."""
-    return any(tensor in graph.graph_outputs or any(id(reader) not in inside for reader in graph.consumers.get(tensor, ()))
-               for node in nodes for tensor in node.output if tensor and tensor != output)
+    return any(
+        tensor in graph.graph_outputs or any(id(reader) not in inside for reader in graph.consumers.get(tensor, ()))
+        for node in nodes
+        for tensor in node.output
+        if tensor and tensor != output
+    )
 
 
 def _per_feature(value: np.ndarray, features: int, convolution: bool) -> np.ndarray | None:
@@ -262,13 +284,14 @@ def _per_feature(value: np.ndarray, features: int, convolution: bool) -> np.ndar
     if convolution:
         if value.ndim < 3 or value.shape[-3] != features:
             return None
-    elif 1 in value.shape[next(index for index, size in enumerate(value.shape) if size != 1):]:
+    elif 1 in value.shape[next(index for index, size in enumerate(value.shape) if size != 1) :]:
         return None
     return value.reshape(-1).copy()
 
 
-def _coefficient_sums(graph: Graph, terms: list[Term], base_output: str, pair_output: str, features: int,
-                      convolution: bool):
+def _coefficient_sums(
+    graph: Graph, terms: list[Term], base_output: str, pair_output: str, features: int, convolution: bool
+):
     """`(C, D, K, whether the base or the pair is scaled by a vector)` per output feature, or the reason they
     cannot be read."""
     sums = {"base": np.zeros(features), "pair": np.zeros(features), "constant": np.zeros(features)}
@@ -319,8 +342,14 @@ def _bias_holders(graph: Graph, chain: list[onnx.NodeProto]) -> list[tuple[onnx.
     return holders
 
 
-def _bias_update(graph: Graph, chain: list[onnx.NodeProto], weight_scale: np.ndarray, constant: np.ndarray,
-                 features: int, terms: list[Term]):
+def _bias_update(
+    graph: Graph,
+    chain: list[onnx.NodeProto],
+    weight_scale: np.ndarray,
+    constant: np.ndarray,
+    features: int,
+    terms: list[Term],
+):
     """The bias the base chain adds, with `C * b + K`: `(holder node, input index, new value)`, None when
     it stays as it is, `(None, initializer, K)` when the chain has none and the expression adds one
     initializer of a value per feature (the last node will add it), or the reason it cannot hold the
@@ -333,15 +362,23 @@ def _bias_update(graph: Graph, chain: list[onnx.NodeProto], weight_scale: np.nda
         if len(added) != 1 or added[0] is None or math.prod(graph.initializers[added[0]].dims) != features:
             return "it adds a constant, and the base product has no bias to hold it"
         stored = graph.initializers[added[0]]
-        return None, added[0], constant.reshape(tuple(stored.dims)).astype(onnx.helper.tensor_dtype_to_np_dtype(
-            stored.data_type))
+        return (
+            None,
+            added[0],
+            constant.reshape(tuple(stored.dims)).astype(onnx.helper.tensor_dtype_to_np_dtype(stored.data_type)),
+        )
     if len(holders) > 1:
         return "the base chain adds two biases"
     holder, index, factor = holders[0]
     stored = graph.evaluate_constant(holder.input[index])
     # A Conv's own bias input is a plain vector; everything else broadcasts against the output.
-    old = None if stored is None else _per_feature(
-        stored * factor, features, convolution=chain[0].op_type == "Conv" and holder.op_type != "Conv")
+    old = (
+        None
+        if stored is None
+        else _per_feature(
+            stored * factor, features, convolution=chain[0].op_type == "Conv" and holder.op_type != "Conv"
+        )
+    )
     if old is None:
         return "the base product's bias does not act per output feature"
     new = ((weight_scale * old + constant) / factor).astype(stored.dtype)
@@ -383,9 +420,12 @@ class DoRAFoldRule(FoldRule):
     def describe(self, fold: Fold) -> str:
         branch = fold.branch
         bias = f"; bias {branch.bias[0].input[branch.bias[1]]} rescaled" if branch.bias else ""
-        return (f"{fold.name}: {branch.weight} scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to "
-                f"{branch.weight_scale.max():.4g}) += {branch.lora_a.initializer} @ {branch.lora_b.initializer}"
-                + ("" if fold.target == branch.weight else f" (copied to {fold.target})") + bias)
+        return (
+            f"{fold.name}: {branch.weight} scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to "
+            f"{branch.weight_scale.max():.4g}) += {branch.lora_a.initializer} @ {branch.lora_b.initializer}"
+            + ("" if fold.target == branch.weight else f" (copied to {fold.target})")
+            + bias
+        )
 
     def other_values(self, branch: DoRABranch) -> dict[str, np.ndarray]:
         if branch.bias is None:
@@ -393,8 +433,9 @@ class DoRAFoldRule(FoldRule):
         holder, index, value = branch.bias
         return {holder.input[index]: value}
 
-    def merged_weight(self, branch: DoRABranch, weight: np.ndarray, lora_a: np.ndarray,
-                      lora_b: np.ndarray) -> np.ndarray:
+    def merged_weight(
+        self, branch: DoRABranch, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> np.ndarray:
         """`C * W + (D / alpha) * delta` per output feature, in the node's layout and dtype."""
         if self.op_type == "Conv":
             layer = "conv2d"
@@ -402,8 +443,15 @@ class DoRAFoldRule(FoldRule):
             # An (in, out) weight (MatMul, Gather's table) takes the update `(B @ A).T` and scales its
             # columns: the reference's embedding layout.
             layer = "linear" if self.weight_is_out_in(branch.base) else "embedding"
-        return dora.merge_with_feature_scales(weight, lora_a, lora_b, branch.weight_scale,
-                                              branch.delta_scale / self.alpha(branch.base), layer, overwrite_w=True)
+        return dora.merge_with_feature_scales(
+            weight,
+            lora_a,
+            lora_b,
+            branch.weight_scale,
+            branch.delta_scale / self.alpha(branch.base),
+            layer,
+            overwrite_w=True,
+        )
 
     def rewrite(self, graph: Graph, branch: DoRABranch) -> str:
         """Delete the expression, let the base chain (copied when read elsewhere) produce its output,

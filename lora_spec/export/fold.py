@@ -21,8 +21,13 @@ ReadTensor = Callable[[str], np.ndarray]
 LayerCheck = Callable[["Fold", np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], None]]
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 # (from, to) casts that every value survives, so casting back restores it bit for bit.
-_EXACT_UPCASTS = {(onnx.TensorProto.FLOAT16, _FLOAT), (onnx.TensorProto.BFLOAT16, _FLOAT),
-                  (onnx.TensorProto.FLOAT16, _DOUBLE), (onnx.TensorProto.BFLOAT16, _DOUBLE), (_FLOAT, _DOUBLE)}
+_EXACT_UPCASTS = {
+    (onnx.TensorProto.FLOAT16, _FLOAT),
+    (onnx.TensorProto.BFLOAT16, _FLOAT),
+    (onnx.TensorProto.FLOAT16, _DOUBLE),
+    (onnx.TensorProto.BFLOAT16, _DOUBLE),
+    (_FLOAT, _DOUBLE),
+}
 
 
 class FoldRule:
@@ -32,8 +37,12 @@ class FoldRule:
 
     def check(self, graph: Graph, branch: LoRABranch) -> str | None:
         """The reason this branch cannot be folded, or None."""
-        if graph.initializers[branch.weight].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
+        if graph.initializers[branch.weight].data_type not in (
+            onnx.TensorProto.FLOAT,
+            onnx.TensorProto.FLOAT16,
+            onnx.TensorProto.BFLOAT16,
+            onnx.TensorProto.DOUBLE,
+        ):
             return "the base weight is not a float tensor"
         return None
 
@@ -59,15 +68,18 @@ class FoldRule:
 
     def describe(self, fold: Fold) -> str:
         branch = fold.branch
-        return (f"{fold.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
-                f"{branch.lora_b.initializer}" + ("" if fold.target == branch.weight else f" (copied to {fold.target})"))
+        return (
+            f"{fold.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
+            f"{branch.lora_b.initializer}" + ("" if fold.target == branch.weight else f" (copied to {fold.target})")
+        )
 
     def other_values(self, branch: LoRABranch) -> dict[str, np.ndarray]:
         """New values of tensors other than the weight (a rescaled bias), by initializer name."""
         return {}
 
-    def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
-                      lora_b: np.ndarray) -> np.ndarray:
+    def merged_weight(
+        self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> np.ndarray:
         """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`.
 
         Computed in `weight`'s own memory when it can be (a float32 array the caller owns).
@@ -172,8 +184,9 @@ class ConvFold(FoldRule):
     def reference_factors(self, branch: LoRABranch, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
         return read_tensor(branch.lora_a.initializer), read_tensor(branch.lora_b.initializer)
 
-    def merged_weight(self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray,
-                      lora_b: np.ndarray) -> np.ndarray:
+    def merged_weight(
+        self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> np.ndarray:
         return reference.merge(weight, lora_a, lora_b, branch.scale, layer="conv2d", overwrite_w=True)
 
 
@@ -227,8 +240,7 @@ class Fold:
 Finder = Callable[[Graph], tuple[list, list[str]]]
 
 
-def fold_all(graph: Graph, patterns: Sequence[tuple[Finder, Mapping[str, FoldRule]]]
-             ) -> tuple[list[Fold], list[str]]:
+def fold_all(graph: Graph, patterns: Sequence[tuple[Finder, Mapping[str, FoldRule]]]) -> tuple[list[Fold], list[str]]:
     """Fold every branch a rule accepts, pattern after pattern, again until none is left (stacked
     adapters fold one per pass); returns the folds and the reasons for the branches refused in the
     last pass."""

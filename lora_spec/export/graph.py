@@ -28,8 +28,9 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def initializer_behind(tensor: str, initializers: Mapping[str, object],
-                       producers: Mapping[str, onnx.NodeProto]) -> str | None:
+def initializer_behind(
+    tensor: str, initializers: Mapping[str, object], producers: Mapping[str, onnx.NodeProto]
+) -> str | None:
     """The initializer `tensor` is, directly or through `Identity` nodes; None if it is computed.
 
     Exporters hand one stored tensor to several readers through `Identity` nodes.
@@ -120,8 +121,13 @@ class Graph:
                 pending.pop()
                 continue
             node = self.producer.get(name)
-            if name in self.initializers or node is None or node.op_type in _RANDOM_OPS or node.domain not in (
-                    "", "ai.onnx") or _has_subgraph(node):
+            if (
+                name in self.initializers
+                or node is None
+                or node.op_type in _RANDOM_OPS
+                or node.domain not in ("", "ai.onnx")
+                or _has_subgraph(node)
+            ):
                 self._is_constant[name] = name in self.initializers
                 pending.pop()
                 continue
@@ -164,14 +170,19 @@ class Graph:
         nodes = sorted({id(node): node for node in nodes}.values(), key=lambda node: order[id(node)])
         from onnx.reference import ReferenceEvaluator
 
-        inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
-                                                     list(value.shape)) for name, value in feeds.items()]
+        inputs = [
+            onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)
+            )
+            for name, value in feeds.items()
+        ]
         graph = onnx.helper.make_graph(nodes, "constant", inputs, [onnx.helper.make_empty_tensor_value_info(tensor)])
-        model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import),
-                                       ir_version=self.model.ir_version)
+        model = onnx.helper.make_model(
+            graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version
+        )
         try:
             value = np.asarray(ReferenceEvaluator(model).run([tensor], feeds)[0])
-        except Exception:  # noqa: BLE001 - an op the evaluator lacks: the value stays unknown
+        except Exception:
             return None
         self._constant_values[tensor] = value
         return value
@@ -222,8 +233,12 @@ class Graph:
             self._index(new)
 
     def fresh_name(self, hint: str) -> str:
-        taken = (set(self.initializers) | set(self.producer) | {value.name for value in self.graph.input}
-                 | {node.name for node in self.nodes})
+        taken = (
+            set(self.initializers)
+            | set(self.producer)
+            | {value.name for value in self.graph.input}
+            | {node.name for node in self.nodes}
+        )
         name, counter = hint, 1
         while name in taken:
             name, counter = f"{hint}_{counter}", counter + 1
@@ -327,13 +342,15 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Shapes by ONNX inference with data propagation (which follows Keras' Shape->Concat->Reshape)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - an unknown op or a bad shape only costs us the shapes
+    except Exception:
         return {}
     shapes = {}
     for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         if value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
-                                  for dim in value.type.tensor_type.shape.dim]
+            shapes[value.name] = [
+                dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                for dim in value.type.tensor_type.shape.dim
+            ]
     return shapes
 
 

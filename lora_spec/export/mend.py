@@ -26,7 +26,7 @@ def _graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
         for attribute in node.attribute:
-            for subgraph in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs):
+            for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
                 yield from _graphs(subgraph)
 
 
@@ -43,8 +43,10 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 def _erfc_as_one_minus_erf(node: onnx.NodeProto, element_type: int, cast_like: bool) -> list[onnx.NodeProto]:
     prefix = f"{node.name or node.output[0]}/mended"
     one = helper.make_tensor(f"{prefix}/one", element_type, [], [1])
-    nodes = [helper.make_node("Constant", [], [one.name], name=one.name, value=one),
-             helper.make_node("Erf", [node.input[0]], [f"{prefix}/erf"], name=f"{prefix}/erf")]
+    nodes = [
+        helper.make_node("Constant", [], [one.name], name=one.name, value=one),
+        helper.make_node("Erf", [node.input[0]], [f"{prefix}/erf"], name=f"{prefix}/erf"),
+    ]
     one_name = one.name
     if cast_like:  # the one in the input's type, whatever it is
         one_name = f"{prefix}/one_like"
@@ -56,8 +58,11 @@ def _erfc_as_one_minus_erf(node: onnx.NodeProto, element_type: int, cast_like: b
 def mend_missing_ops(model: onnx.ModelProto) -> list[str]:
     """Rewrite, in place, the ops of `model` that ONNX lacks and that have a standard form; return
     one line per kind of op rewritten (empty when there was none)."""
-    graphs = [graph for graph in _graphs(model.graph)
-              if any(node.op_type == "Erfc" and node.domain in _DEFAULT_DOMAINS for node in graph.node)]
+    graphs = [
+        graph
+        for graph in _graphs(model.graph)
+        if any(node.op_type == "Erfc" and node.domain in _DEFAULT_DOMAINS for node in graph.node)
+    ]
     if not graphs:
         return []
     cast_like = _opset(model) >= _CAST_LIKE_OPSET
@@ -74,5 +79,8 @@ def mend_missing_ops(model: onnx.ModelProto) -> list[str]:
                 nodes.append(node)
         del graph.node[:]
         graph.node.extend(nodes)
-    return [f"{mended} Erfc node(s) as 1 - Erf: ONNX has no Erfc (tf2onnx leaves TensorFlow's, from its exact GELU)"] \
-        if mended else []
+    return (
+        [f"{mended} Erfc node(s) as 1 - Erf: ONNX has no Erfc (tf2onnx leaves TensorFlow's, from its exact GELU)"]
+        if mended
+        else []
+    )

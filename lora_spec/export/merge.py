@@ -30,6 +30,8 @@ from lora_spec.export.options import (
     open_input,
     parse_adapter,
     resolve_mode,
+)
+from lora_spec.export.options import (
     verify_mode as checked_verify_mode,
 )
 from lora_spec.export.patterns import find_branches, unrecognised_low_rank_products
@@ -62,11 +64,19 @@ def default_output(model: Path) -> Path:
     return model.with_name(f"{model.stem}.merged.onnx" if model.suffix == ".onnx" else f"{model.name}.merged.onnx")
 
 
-def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
-               adapters: Sequence[tuple[str | os.PathLike, float] | str] = (), allow_partial: bool = False,
-               verify: str | bool = "auto", tolerance: float | None = None,
-               input_shapes: Mapping[str, Sequence[int]] | None = None, dry_run: bool = False,
-               progress: bool = True, seed: int = 0) -> MergeResult:
+def merge_onnx(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    adapters: Sequence[tuple[str | os.PathLike, float] | str] = (),
+    allow_partial: bool = False,
+    verify: str | bool = "auto",
+    tolerance: float | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+) -> MergeResult:
     """Fold the LoRA branches of the ONNX model at `model` into its base weights; write `output`.
 
     `output` defaults to `<name>.merged.onnx` beside the input (external data, if the input has
@@ -88,8 +98,13 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     check_tolerance(tolerance)
     target = Path(output) if output is not None else default_output(source_path)
     opened = open_input(source_path, target, input_shapes, dry_run)
-    onnx_model, source, mended, runnable_original, shapes = (opened.model, opened.source, opened.mended,
-                                                             opened.runnable, opened.shapes)
+    onnx_model, source, mended, runnable_original, shapes = (
+        opened.model,
+        opened.source,
+        opened.mended,
+        opened.runnable,
+        opened.shapes,
+    )
     adapter_plan = _plan_adapters(onnx_model, source, adapters, allow_partial)
 
     graph = Graph(onnx_model, source.read)
@@ -99,10 +114,18 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
     values.update(_adapter_values(graph, adapter_plan, {fold.branch.base.name for fold in folds}))
     if not values:
         reason = f" ({refused[0]})" if refused else ""
-        raise NoLoRABranchError(f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
-                                "unmerged, or pass --adapter DIR to merge adapter files.")
-    result = MergeResult(None, [fold.describe() for fold in folds],
-                         list(adapter_plan.matched) if adapter_plan else [], refused, None, mended)
+        raise NoLoRABranchError(
+            f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
+            "unmerged, or pass --adapter DIR to merge adapter files."
+        )
+    result = MergeResult(
+        None,
+        [fold.describe() for fold in folds],
+        list(adapter_plan.matched) if adapter_plan else [],
+        refused,
+        None,
+        mended,
+    )
     if dry_run:
         return result
     graph.finish()
@@ -113,23 +136,40 @@ def merge_onnx(model: str | os.PathLike, output: str | os.PathLike | None = None
         # compared with the original, and folded branches are checked layer by layer.
         mode = "run"
     rng = np.random.default_rng(seed)
-    tolerance = tolerance or default_tolerance(graph.initializers[name].data_type for name in values
-                                               if name in graph.initializers)
+    tolerance = tolerance or default_tolerance(
+        graph.initializers[name].data_type for name in values if name in graph.initializers
+    )
     layer_differences: list[float] = []
     if mode in ("layers", "run"):
         values = _with_layer_checks(values, folds, source.read, rng, layer_differences)
-    with checked_staged_model(onnx_model, source, values, target, progress_bar(progress),
-                              runnable_original if mended else source_path, "merged") as staged:
+    with checked_staged_model(
+        onnx_model,
+        source,
+        values,
+        target,
+        progress_bar(progress),
+        runnable_original if mended else source_path,
+        "merged",
+    ) as staged:
         if mode != "off":
             original = RunnableModel(source_path, source, runnable_original)
-            result.verification = _verification(mode, original, staged, graph, shapes, rng, layer_differences,
-                                                tolerance)
+            result.verification = _verification(
+                mode, original, staged, graph, shapes, rng, layer_differences, tolerance
+            )
     result.output = target
     return result
 
 
-def _verification(mode: str, original: RunnableModel, staged: Path, graph: Graph, shapes, rng,
-                  layer_differences: list[float], tolerance: float) -> checks.Verification:
+def _verification(
+    mode: str,
+    original: RunnableModel,
+    staged: Path,
+    graph: Graph,
+    shapes,
+    rng,
+    layer_differences: list[float],
+    tolerance: float,
+) -> checks.Verification:
     """The check of the staged model in `mode`; raises VerificationError above the tolerance."""
     source_path = original.source_path
     feeds = checks.random_inputs(graph, shapes, rng) if mode in ("full", "run") else {}
@@ -142,9 +182,11 @@ def _verification(mode: str, original: RunnableModel, staged: Path, graph: Graph
         difference = max(layer_differences, default=0.0)
     verification = checks.Verification(mode, difference, tolerance)
     if not verification.passed:
-        raise VerificationError(f"the merged model differs from {source_path} by {difference:.3g} of its largest "
-                                f"output, above the tolerance {tolerance:g}: nothing was written; check the model, "
-                                "or raise --tolerance if this precision is expected.")
+        raise VerificationError(
+            f"the merged model differs from {source_path} by {difference:.3g} of its largest "
+            f"output, above the tolerance {tolerance:g}: nothing was written; check the model, "
+            "or raise --tolerance if this precision is expected."
+        )
     return verification
 
 
@@ -155,8 +197,10 @@ def _plan_adapters(model: onnx.ModelProto, source: TensorSource, adapters, allow
     try:
         from lora_spec.export.adapter_merge import plan_adapter_merge
     except ImportError:
-        raise ExportError("merging adapter files needs lora_spec.export.adapter_merge, which this installation "
-                          "lacks: update lora-spec.") from None
+        raise ExportError(
+            "merging adapter files needs lora_spec.export.adapter_merge, which this installation "
+            "lacks: update lora-spec."
+        ) from None
     try:
         return plan_adapter_merge(model, source.read, specs, allow_partial=allow_partial)
     except ExportError:
@@ -169,7 +213,9 @@ def _fold_values(folds: list[Fold], read_tensor) -> dict[str, Callable[[], np.nd
     values = {}
     for fold in folds:
         values[fold.target] = lambda fold=fold: fold.merged_weight(read_tensor)
-        values.update({name: (lambda value=value: value) for name, value in fold.rule.other_values(fold.branch).items()})
+        values.update(
+            {name: (lambda value=value: value) for name, value in fold.rule.other_values(fold.branch).items()}
+        )
     return values
 
 
@@ -182,11 +228,15 @@ def _adapter_values(graph: Graph, plan, folded_nodes: set[str]) -> dict[str, Cal
     for update in plan.updates:
         node = nodes.get(update.node_name)
         if node is None or update.input_index >= len(node.input):
-            raise ExportError(f"adapter update names node {update.node_name!r} input {update.input_index}, "
-                              "which the graph does not have.")
+            raise ExportError(
+                f"adapter update names node {update.node_name!r} input {update.input_index}, "
+                "which the graph does not have."
+            )
         if update.node_name in folded_nodes:
-            raise ExportError(f"node {update.node_name!r} has a LoRA branch in the graph and an adapter update: "
-                              "merge one of them first.")
+            raise ExportError(
+                f"node {update.node_name!r} has a LoRA branch in the graph and an adapter update: "
+                "merge one of them first."
+            )
         weight = graph.initializer_behind(node.input[update.input_index])
         if weight is None:
             raise ExportError(f"input {update.input_index} of node {update.node_name!r} is not an initializer.")

@@ -52,9 +52,11 @@ def load_graph(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
-        raise ExportError(f"{path} is not a readable ONNX model ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else 'corrupt or truncated'}): "
-                          "check that the file is complete and was written by an ONNX exporter.") from None
+        raise ExportError(
+            f"{path} is not a readable ONNX model ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'corrupt or truncated'}): "
+            "check that the file is complete and was written by an ONNX exporter."
+        ) from None
     if not model.HasField("graph") or not model.graph.node:
         raise ExportError(f"{path} is not an ONNX model (no graph nodes): pass an .onnx file written by an exporter.")
     return model
@@ -115,17 +117,23 @@ class TensorSource:
         location = fields.get("location", "")
         path = (self.folder / location).resolve()
         if not location or Path(location).is_absolute() or not path.is_relative_to(self.folder):
-            raise ExportError(f"tensor {tensor.name!r} of {model_path} points to external data {location!r} outside "
-                              f"the model's folder {self.folder}: keep the data file beside the model.")
+            raise ExportError(
+                f"tensor {tensor.name!r} of {model_path} points to external data {location!r} outside "
+                f"the model's folder {self.folder}: keep the data file beside the model."
+            )
         if not path.is_file():
-            raise ExportError(f"external data {location!r} of {model_path} (tensor {tensor.name!r}) is missing: "
-                              f"put it in {self.folder}.")
+            raise ExportError(
+                f"external data {location!r} of {model_path} (tensor {tensor.name!r}) is missing: "
+                f"put it in {self.folder}."
+            )
         offset = int(fields.get("offset", 0))
         length = int(fields.get("length", byte_size(tensor)))
         if length != byte_size(tensor) or offset + length > path.stat().st_size:
-            raise ExportError(f"external data {location!r} of {model_path} is truncated or does not match tensor "
-                              f"{tensor.name!r} (needs bytes {offset}..{offset + byte_size(tensor)}, file has "
-                              f"{path.stat().st_size}): re-export the model.")
+            raise ExportError(
+                f"external data {location!r} of {model_path} is truncated or does not match tensor "
+                f"{tensor.name!r} (needs bytes {offset}..{offset + byte_size(tensor)}, file has "
+                f"{path.stat().st_size}): re-export the model."
+            )
         return path, offset, length
 
     def read(self, name: str) -> np.ndarray:
@@ -134,8 +142,9 @@ class TensorSource:
         if name not in self.external:
             return numpy_helper.to_array(tensor)
         path, offset, _ = self.external[name]
-        values = np.fromfile(path, dtype=numpy_dtype(tensor), count=int(np.prod(tensor.dims, dtype=np.int64)),
-                             offset=offset)
+        values = np.fromfile(
+            path, dtype=numpy_dtype(tensor), count=int(np.prod(tensor.dims, dtype=np.int64)), offset=offset
+        )
         return values.reshape(tuple(tensor.dims))
 
 
@@ -154,8 +163,9 @@ def _copy_range(source: Path, offset: int, length: int, target: int, target_offs
             if not copied:
                 copied = os.pwrite(target, os.pread(reader.fileno(), size, position), target_offset + copied_total)
             if not copied:
-                raise ExportError(f"external data {source} ended at byte {position}, before {offset + length}: "
-                                  "re-export the model.")
+                raise ExportError(
+                    f"external data {source} ended at byte {position}, before {offset + length}: re-export the model."
+                )
             copied_total += copied
 
 
@@ -169,13 +179,16 @@ def _write_at(target: int, value: np.ndarray, offset: int) -> None:
 def _as_stored(tensor: onnx.TensorProto, value: np.ndarray) -> np.ndarray:
     dtype = numpy_dtype(tensor)
     if value.dtype != dtype or value.shape != tuple(tensor.dims):
-        raise ExportError(f"new value of {tensor.name!r} is {value.dtype}{list(value.shape)}, but the tensor is "
-                          f"{dtype}{list(tensor.dims)}: the update does not fit the base weight.")
+        raise ExportError(
+            f"new value of {tensor.name!r} is {value.dtype}{list(value.shape)}, but the tensor is "
+            f"{dtype}{list(tensor.dims)}: the update does not fit the base weight."
+        )
     return np.ascontiguousarray(value)
 
 
-def _set_location(tensor: onnx.TensorProto, location: str, offset: int | None = None,
-                  length: int | None = None) -> None:
+def _set_location(
+    tensor: onnx.TensorProto, location: str, offset: int | None = None, length: int | None = None
+) -> None:
     fields = _external_fields(tensor)
     fields["location"] = location
     if offset is not None:
@@ -186,8 +199,13 @@ def _set_location(tensor: onnx.TensorProto, location: str, offset: int | None = 
         tensor.external_data.add(key=key, value=value)
 
 
-def _write_data(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
-                data_path: Path, progress) -> None:
+def _write_data(
+    model: onnx.ModelProto,
+    source: TensorSource,
+    values: Mapping[str, Callable[[], np.ndarray]],
+    data_path: Path,
+    progress,
+) -> None:
     """Write every external (or new external) tensor of `model` into `data_path`, in input order.
 
     Each tensor's place in the file is known up front (the sizes, aligned), so `WORKERS` threads
@@ -212,12 +230,16 @@ def _write_data(model: onnx.ModelProto, source: TensorSource, values: Mapping[st
 
     # "r+b", not "wb": the staged file exists (empty), and truncating it makes ext4 (auto_da_alloc)
     # start writing every dirty page back to disk on close, which took 0.5 s for 2 GB here.
-    with open(data_path, "r+b", buffering=0) as target, _one_blas_thread(), \
-            concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as workers:
+    with (
+        open(data_path, "r+b", buffering=0) as target,
+        _one_blas_thread(),
+        concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as workers,
+    ):
         jobs = [workers.submit(write, tensor, offset) for tensor, offset in zip(external, places)]
         try:
-            for job in progress(concurrent.futures.as_completed(jobs), total=len(jobs), desc="writing tensors",
-                                unit="tensor"):
+            for job in progress(
+                concurrent.futures.as_completed(jobs), total=len(jobs), desc="writing tensors", unit="tensor"
+            ):
                 job.result()
         except BaseException:
             for job in jobs:
@@ -242,15 +264,19 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
 def _write_inline(model: onnx.ModelProto, values: Mapping[str, Callable[[], np.ndarray]], progress) -> None:
     inline = {tensor.name: tensor for tensor in model.graph.initializer if not is_external(tensor)}
     # Every new value first: a value may be computed from a tensor that another one replaces.
-    computed = {name: _as_stored(inline[name], compute())
-                for name, compute in progress(list(values.items()), desc="merging", unit="weight") if name in inline}
+    computed = {
+        name: _as_stored(inline[name], compute())
+        for name, compute in progress(list(values.items()), desc="merging", unit="weight")
+        if name in inline
+    }
     for name, value in computed.items():
         inline[name].CopyFrom(numpy_helper.from_array(value, name))
 
 
 @contextlib.contextmanager
-def staged_model(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
-                 target: Path, progress) -> Iterator[Path]:
+def staged_model(
+    model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]], target: Path, progress
+) -> Iterator[Path]:
     """Write `model` with the new tensor `values` to temporary files beside `target`; yield the .onnx.
 
     The body checks the staged files; when it returns, the data file is renamed into place first
@@ -258,8 +284,10 @@ def staged_model(model: onnx.ModelProto, source: TensorSource, values: Mapping[s
     it raises, both temporary files are removed and nothing is renamed.
     """
     external = source.has_external_data
-    with atomic_path(target) as staged_onnx, \
-            (atomic_path(data_path_for(target)) if external else contextlib.nullcontext()) as staged_data:
+    with (
+        atomic_path(target) as staged_onnx,
+        atomic_path(data_path_for(target)) if external else contextlib.nullcontext() as staged_data,
+    ):
         if external:
             _write_data(model, source, values, staged_data, progress)
         _write_inline(model, values, progress)
@@ -282,8 +310,15 @@ def checker_error(model: Path | onnx.ModelProto) -> str | None:
 
 
 @contextlib.contextmanager
-def checked_staged_model(model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]],
-                         target: Path, progress, runnable_input: Path | onnx.ModelProto, what: str) -> Iterator[Path]:
+def checked_staged_model(
+    model: onnx.ModelProto,
+    source: TensorSource,
+    values: Mapping[str, Callable[[], np.ndarray]],
+    target: Path,
+    progress,
+    runnable_input: Path | onnx.ModelProto,
+    what: str,
+) -> Iterator[Path]:
     """`staged_model`, refused (ExportError, nothing written) when onnx.checker refuses the staged model
     while it accepts the input (`runnable_input`): an input it already refuses cannot come out valid,
     so then only our edit is ours to check. `what` names the output in the message ("merged")."""
@@ -291,8 +326,10 @@ def checked_staged_model(model: onnx.ModelProto, source: TensorSource, values: M
     with staged_model(model, source, values, target, progress) as staged:
         error = checker_error(staged) if input_is_valid else None
         if error:
-            raise ExportError(f"the {what} model fails onnx.checker ({error}): nothing was written; please report "
-                              "this with the model.")
+            raise ExportError(
+                f"the {what} model fails onnx.checker ({error}): nothing was written; please report "
+                "this with the model."
+            )
         yield staged
 
 
@@ -303,10 +340,12 @@ def data_path_for(target: Path) -> Path:
 
 def progress_bar(enabled: bool):
     """A `tqdm`-like wrapper of iterables: a bar on a terminal when `enabled`, else the iterable itself."""
+
     def bar(items, **options):
         if not enabled:
             return items
         from tqdm import tqdm
 
         return tqdm(items, disable=None, leave=False, **options)
+
     return bar

@@ -48,10 +48,14 @@ def _torchscript_module(components: list[str]) -> str | None:
     for component in components:
         atoms = component.split(".")
         named = [index for index, atom in enumerate(parts) if not _INDEX.fullmatch(atom)]
-        tail = parts[named[-1]:] if named else []
-        if tail and atoms[:len(tail)] == tail and len(atoms) > len(tail) and all(
-                _INDEX.fullmatch(atom) for atom in atoms[len(tail):]):
-            atoms = atoms[len(tail):]
+        tail = parts[named[-1] :] if named else []
+        if (
+            tail
+            and atoms[: len(tail)] == tail
+            and len(atoms) > len(tail)
+            and all(_INDEX.fullmatch(atom) for atom in atoms[len(tail) :])
+        ):
+            atoms = atoms[len(tail) :]
         parts += atoms
     return ".".join(parts) or None
 

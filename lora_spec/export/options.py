@@ -46,8 +46,9 @@ def open_input(path: Path, target: Path, shapes: Mapping[str, Sequence[int]] | N
     mended = mend_missing_ops(model)
     if not dry_run:
         check_output(path, target, source)
-    return InputModel(path, model, source, mended, copy_model(model) if mended else None,
-                      input_shapes(model, shapes or {}))
+    return InputModel(
+        path, model, source, mended, copy_model(model) if mended else None, input_shapes(model, shapes or {})
+    )
 
 
 def verify_mode(verify: str | bool, modes: Sequence[str] = VERIFY_MODES) -> str:
@@ -60,7 +61,7 @@ def verify_mode(verify: str | bool, modes: Sequence[str] = VERIFY_MODES) -> str:
 
 
 def resolve_mode(mode: str, source: TensorSource, too_large: str = "layers") -> str:
-    """"full" for "auto" when the weights fit (`FULL_VERIFY_LIMIT`, three copies in half the free
+    """ "full" for "auto" when the weights fit (`FULL_VERIFY_LIMIT`, three copies in half the free
     memory), else `too_large`; any other mode as it is."""
     if mode != "auto":
         return mode
@@ -93,8 +94,9 @@ def check_output(source_path: Path, target: Path, source: TensorSource) -> None:
     """Refuse an output that would overwrite the input or its data, or that has no folder."""
     resolved = target.resolve()
     if resolved == source_path.resolve():
-        raise ExportError(f"output {target} is the input model: choose another path with -o; the input is never "
-                          "modified.")
+        raise ExportError(
+            f"output {target} is the input model: choose another path with -o; the input is never modified."
+        )
     if resolved in source.data_files:
         raise ExportError(f"output {target} is the input's external data: choose another -o.")
     if data_path_for(target).resolve() in source.data_files:
@@ -106,17 +108,24 @@ def check_output(source_path: Path, target: Path, source: TensorSource) -> None:
 def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
     """`shapes` checked against the model's inputs (initializers, which a run may override, excluded)."""
     initializers = {tensor.name for tensor in model.graph.initializer}
-    inputs = {value.name: len(value.type.tensor_type.shape.dim) for value in model.graph.input
-              if value.name not in initializers}
+    inputs = {
+        value.name: len(value.type.tensor_type.shape.dim)
+        for value in model.graph.input
+        if value.name not in initializers
+    }
     checked = {}
     for name, dims in shapes.items():
         if name not in inputs:
-            raise ExportError(f"--input-shape names {name!r}, which is not an input of the model: its inputs are "
-                              f"{', '.join(inputs) or 'none'}.")
+            raise ExportError(
+                f"--input-shape names {name!r}, which is not an input of the model: its inputs are "
+                f"{', '.join(inputs) or 'none'}."
+            )
         dims = tuple(int(dim) for dim in dims)
         if len(dims) != inputs[name] or any(dim <= 0 for dim in dims):
-            raise ExportError(f"--input-shape {name}={','.join(map(str, dims))} does not fit: the input has "
-                              f"{inputs[name]} dims, each a positive size.")
+            raise ExportError(
+                f"--input-shape {name}={','.join(map(str, dims))} does not fit: the input has "
+                f"{inputs[name]} dims, each a positive size."
+            )
         checked[name] = dims
     return checked
 
@@ -135,11 +144,18 @@ def parse_adapter(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def adapter_specs(adapters: Sequence[tuple[str | os.PathLike, float] | str | os.PathLike]
-                  ) -> list[tuple[str | os.PathLike, float]]:
+def adapter_specs(
+    adapters: Sequence[tuple[str | os.PathLike, float] | str | os.PathLike],
+) -> list[tuple[str | os.PathLike, float]]:
     """Each adapter as `(directory, weight)`, from a pair, a `"DIR[:WEIGHT]"` string or a path (weight 1)."""
-    return [parse_adapter(spec) if isinstance(spec, str) else (spec, 1.0) if isinstance(spec, os.PathLike)
-            else (spec[0], float(spec[1])) for spec in adapters]
+    return [
+        parse_adapter(spec)
+        if isinstance(spec, str)
+        else (spec, 1.0)
+        if isinstance(spec, os.PathLike)
+        else (spec[0], float(spec[1]))
+        for spec in adapters
+    ]
 
 
 def refuse_dora(directory: str | os.PathLike) -> None:
@@ -150,6 +166,8 @@ def refuse_dora(directory: str | os.PathLike) -> None:
     except (OSError, ValueError):
         return  # reading the adapter reports a missing or corrupt config, with its fix
     if isinstance(config, dict) and config.get("use_dora"):
-        raise ExportError(f"adapter {os.fspath(directory)} is a DoRA adapter (use_dora): DoRA rescales each column "
-                          "of the adapted weight, which is not an additive low-rank input, so it cannot be switched "
-                          "per run: merge it into the model instead.")
+        raise ExportError(
+            f"adapter {os.fspath(directory)} is a DoRA adapter (use_dora): DoRA rescales each column "
+            "of the adapted weight, which is not an additive low-rank input, so it cannot be switched "
+            "per run: merge it into the model instead."
+        )

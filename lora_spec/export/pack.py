@@ -31,6 +31,8 @@ from lora_spec.export.options import (
     open_input,
     refuse_dora,
     resolve_mode,
+)
+from lora_spec.export.options import (
     verify_mode as checked_verify_mode,
 )
 from lora_spec.export.switch import ServedModule, input_names, numpy_dtype_of, served_modules
@@ -58,10 +60,19 @@ class PackResult:
         return checks.summary(lines, self.verification, self.output)
 
 
-def pack_adapter(served: str | os.PathLike, adapters: Sequence[tuple[str | os.PathLike, float] | str],
-                 output: str | os.PathLike, *, allow_partial: bool = False, verify: str | bool = "auto",
-                 tolerance: float | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                 dry_run: bool = False, progress: bool = True, seed: int = 0) -> PackResult:
+def pack_adapter(
+    served: str | os.PathLike,
+    adapters: Sequence[tuple[str | os.PathLike, float] | str],
+    output: str | os.PathLike,
+    *,
+    allow_partial: bool = False,
+    verify: str | bool = "auto",
+    tolerance: float | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+) -> PackResult:
     """Write `output`, an ONNX Runtime adapter file of `adapters` for the switchable model at `served`.
 
     `adapters` are PEFT-format folders (ours, PEFT's, Keras's), each `(dir, weight)` or
@@ -90,8 +101,10 @@ def pack_adapter(served: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
     graph = Graph(model, source.read)
     modules = served_modules(graph)
     if not modules:
-        raise ExportError(f"{served_path} is not switchable: it has no LoRA inputs <module>.lora_A/.lora_B; make it "
-                          "with lora-export --switchable.")
+        raise ExportError(
+            f"{served_path} is not switchable: it has no LoRA inputs <module>.lora_A/.lora_B; make it "
+            "with lora-export --switchable."
+        )
     targets = _resolve(model, modules, specs, allow_partial)
     packed, lines, unmatched = _module_factors(graph, modules, targets, served_path, allow_partial)
     full, full_lines = _full_tensors(graph, targets, served_path)
@@ -106,8 +119,9 @@ def pack_adapter(served: str | os.PathLike, adapters: Sequence[tuple[str | os.Pa
         if mode == "off" and verify in ("auto", True):
             result.verification = checks.Verification("skipped", 0.0, tolerance)
         if mode == "full":
-            result.verification = _verification(graph, served_path, source, staged, specs, allow_partial, shapes,
-                                                seed, tolerance, progress)
+            result.verification = _verification(
+                graph, served_path, source, staged, specs, allow_partial, shapes, seed, tolerance, progress
+            )
     result.output = target
     return result
 
@@ -127,8 +141,9 @@ def _resolve(model: onnx.ModelProto, modules: dict[str, ServedModule], specs, al
         raise ExportError(str(error).splitlines()[0]) from None
 
 
-def _module_factors(graph: Graph, modules: dict[str, ServedModule], targets: AdapterTargets, served_path: Path,
-                    allow_partial: bool) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+def _module_factors(
+    graph: Graph, modules: dict[str, ServedModule], targets: AdapterTargets, served_path: Path, allow_partial: bool
+) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """Each module's two inputs: the `cat` combination of the adapters targeting it, else rank 0."""
     module_of = {branch.base.output[0]: module for module in modules.values() for branch in module.branches}
     contributions: dict[str, dict[tuple[str, str], tuple[Factors, float]]] = {path: {} for path in modules}
@@ -138,10 +153,12 @@ def _module_factors(graph: Graph, modules: dict[str, ServedModule], targets: Ada
             module = module_of.get(site.node.output[0])
             if module is None:
                 if not allow_partial:
-                    raise ExportError(f"adapter {target.adapter.directory}: module {target.path} (node "
-                                      f"{site.node.name!r}) is not switchable in {served_path}: make the served model "
-                                      f"with lora-export --switchable ... --adapter {target.adapter.directory}, or "
-                                      "pass --allow-partial to pack the rest.")
+                    raise ExportError(
+                        f"adapter {target.adapter.directory}: module {target.path} (node "
+                        f"{site.node.name!r}) is not switchable in {served_path}: make the served model "
+                        f"with lora-export --switchable ... --adapter {target.adapter.directory}, or "
+                        "pass --allow-partial to pack the rest."
+                    )
                 unmatched.append(f"{target.path} (node {site.node.name!r} is not switchable)")
                 continue
             if target.adapter.weight:
@@ -160,8 +177,12 @@ def _module_factors(graph: Graph, modules: dict[str, ServedModule], targets: Ada
             values = module.rank_zero(graph)
         for name, value in zip(names, values):
             tensors[name] = np.ascontiguousarray(value.astype(numpy_dtype_of(element_type)))
-        sources = " + ".join(f"{weight:g} x {directory} ({key})" for (directory, key), (_, weight)
-                             in contributions[path].items()) or "no adapter targets it"
+        sources = (
+            " + ".join(
+                f"{weight:g} x {directory} ({key})" for (directory, key), (_, weight) in contributions[path].items()
+            )
+            or "no adapter targets it"
+        )
         lines.append(f"{path}: rank {sum(factors.A.shape[0] for factors, _ in parts)} from {sources}")
     return tensors, lines, unmatched
 
@@ -177,12 +198,16 @@ def _full_tensors(graph: Graph, targets: AdapterTargets, served_path: Path) -> t
         for location, value, _ in target.locations:
             name = location.initializer.name
             if name not in overridable:
-                raise ExportError(f"adapter {target.adapter.directory} carries {target.key}, which {served_path} does "
-                                  "not take as an input: make the served model with lora-export --switchable ... "
-                                  f"--adapter {target.adapter.directory}.")
+                raise ExportError(
+                    f"adapter {target.adapter.directory} carries {target.key}, which {served_path} does "
+                    "not take as an input: make the served model with lora-export --switchable ... "
+                    f"--adapter {target.adapter.directory}."
+                )
             if name in sources and sources[name] != source:
-                raise ExportError(f"two adapters carry the full tensor {name}: {sources[name]} and {source}; a file "
-                                  "sets it once: pack one of them, or give the other weight 0.")
+                raise ExportError(
+                    f"two adapters carry the full tensor {name}: {sources[name]} and {source}; a file "
+                    "sets it once: pack one of them, or give the other weight 0."
+                )
             if name not in sources:
                 tensors[name] = np.ascontiguousarray(value.astype(numpy_dtype_of(location.initializer.data_type)))
                 sources[name] = source
@@ -195,13 +220,16 @@ def write_adapter_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
     import onnxruntime
 
     if not hasattr(onnxruntime, "AdapterFormat"):
-        raise ExportError(f"writing .onnx_adapter files needs onnxruntime 1.20 or later, not "
-                          f"{onnxruntime.__version__}: pip install -U onnxruntime.")
+        raise ExportError(
+            f"writing .onnx_adapter files needs onnxruntime 1.20 or later, not "
+            f"{onnxruntime.__version__}: pip install -U onnxruntime."
+        )
     values = {}
     for name, value in tensors.items():
         if value.dtype.name == "bfloat16":  # onnxruntime builds these from their bits only
             values[name] = onnxruntime.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                value.view(np.uint16), onnx.TensorProto.BFLOAT16)
+                value.view(np.uint16), onnx.TensorProto.BFLOAT16
+            )
         else:
             values[name] = onnxruntime.OrtValue.ortvalue_from_numpy(value)
     adapter = onnxruntime.AdapterFormat()
@@ -223,8 +251,18 @@ def active_adapter(path: Path) -> tuple:
     return options, adapter
 
 
-def _verification(graph: Graph, served_path: Path, source: TensorSource, staged: Path, specs, allow_partial: bool,
-                  shapes, seed: int, tolerance: float, progress: bool) -> checks.Verification:
+def _verification(
+    graph: Graph,
+    served_path: Path,
+    source: TensorSource,
+    staged: Path,
+    specs,
+    allow_partial: bool,
+    shapes,
+    seed: int,
+    tolerance: float,
+    progress: bool,
+) -> checks.Verification:
     """The served model with the staged file active against the base (the served model without its
     branches) merged with the same adapters by `merge_onnx`."""
     base = Graph(copy_model(graph.model), source.read)
@@ -234,8 +272,14 @@ def _verification(graph: Graph, served_path: Path, source: TensorSource, staged:
     base.finish()
     feeds = checks.random_inputs(graph, shapes, np.random.default_rng(seed))
     with checks.RunnableModel(served_path, source, base.model).path(beside=staged) as base_path:
-        merged = merge_onnx(base_path, base_path.with_name("merged.onnx"), adapters=specs, allow_partial=allow_partial,
-                            verify="off", progress=progress)
+        merged = merge_onnx(
+            base_path,
+            base_path.with_name("merged.onnx"),
+            adapters=specs,
+            allow_partial=allow_partial,
+            verify="off",
+            progress=progress,
+        )
         expected = checks.run_model(merged.output, feeds, "the base merged with the adapters", _HINT)
     options, _adapter = active_adapter(staged)
     actual = checks.run_model(served_path, feeds, "the switchable model with the adapter file", _HINT, options)
@@ -244,5 +288,6 @@ def _verification(graph: Graph, served_path: Path, source: TensorSource, staged:
         raise VerificationError(
             f"{served_path} with the adapter file differs from the base merged with the same adapters by "
             f"{verification.max_relative_difference:.3g} of its largest output, above the tolerance {tolerance:g}: "
-            "nothing was written; check the adapters, or raise --tolerance if this precision is expected.")
+            "nothing was written; check the adapters, or raise --tolerance if this precision is expected."
+        )
     return verification

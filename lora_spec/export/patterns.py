@@ -103,8 +103,10 @@ def unrecognised_low_rank_products(graph: Graph) -> list[str]:
         (features_in, rank), (_, features_out) = matrix_dims(graph, found[0]), matrix_dims(graph, second[0])
         if 2 * rank > min(features_in, features_out) or _joins_a_refused_add(graph, node):
             continue
-        notes.append(f"{node.name or node.output[0]}: a rank-{rank} product pair ({first.name or first.output[0]} "
-                     "then this) is not added to a base product in a form lora-export knows, so it stays unmerged")
+        notes.append(
+            f"{node.name or node.output[0]}: a rank-{rank} product pair ({first.name or first.output[0]} "
+            "then this) is not added to a base product in a form lora-export knows, so it stays unmerged"
+        )
     return notes
 
 
@@ -124,11 +126,18 @@ def _before_scalings(graph: Graph, tensor: str) -> str:
 
 def _joins_a_refused_add(graph: Graph, node: onnx.NodeProto) -> bool:
     reader = graph.only_reader(node.output[0])
-    while reader is not None and reader.op_type != "Add" and (
-            passthrough_input(graph, reader) is not None or _scaling(graph, reader) is not None):
+    while (
+        reader is not None
+        and reader.op_type != "Add"
+        and (passthrough_input(graph, reader) is not None or _scaling(graph, reader) is not None)
+    ):
         reader = graph.only_reader(reader.output[0])
-    return reader is not None and reader.op_type == "Add" and len(reader.input) == 2 and any(
-        isinstance(match(graph, reader, reader.input[side], reader.input[1 - side]), str) for side in (0, 1))
+    return (
+        reader is not None
+        and reader.op_type == "Add"
+        and len(reader.input) == 2
+        and any(isinstance(match(graph, reader, reader.input[side], reader.input[1 - side]), str) for side in (0, 1))
+    )
 
 
 def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -> LoRABranch | str | None:
@@ -157,30 +166,48 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     if not np.isfinite(scale):
         return f"the branch's scale is {scale}"
     lora_a, lora_b = factors
-    return LoRABranch(add=add, base=base, weight=weight, lora_a=lora_a, lora_b=lora_b, scale=scale,
-                      base_output=base_side, base_chain=base_chain, base_shared=base_shared)
+    return LoRABranch(
+        add=add,
+        base=base,
+        weight=weight,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        scale=scale,
+        base_output=base_side,
+        base_chain=base_chain,
+        base_shared=base_shared,
+    )
 
 
-def pair_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, factors: list[Factor], branch_input: str,
-                  reshaped: bool) -> str | None:
+def pair_mismatch(
+    graph: Graph, base: onnx.NodeProto, weight: str, factors: list[Factor], branch_input: str, reshaped: bool
+) -> str | None:
     """Why a base product and a low-rank pair (from `low_rank_chain`) are not one adapted layer, or None."""
     convolution = base.op_type == "Conv"
     if (convolution and reshaped) or any((factor.conv is not None) != convolution for factor in factors):
         return "a convolution and a matrix product are mixed in one branch"
     # Reshapes keep rows (the last dim) but move channels: a convolution's input must be the same tensor.
-    base_input = activation_source(graph, base.input[ACTIVATION_INPUT[base.op_type]], reshapes=not convolution,
-                                   transposed=base.op_type == "Gemm" and bool(attribute(base, "transA", 0)))
+    base_input = activation_source(
+        graph,
+        base.input[ACTIVATION_INPUT[base.op_type]],
+        reshapes=not convolution,
+        transposed=base.op_type == "Gemm" and bool(attribute(base, "transA", 0)),
+    )
     if base_input != activation_source(graph, branch_input, reshapes=not convolution):
         return "the LoRA branch and the base product read different inputs"
     lora_a, lora_b = factors
     if lora_a.gathered != (base.op_type == "Gather"):
         return "an embedding lookup and a matrix product are mixed in one branch"
-    return (_conv_mismatch(graph, base, weight, lora_a, lora_b) if convolution
-            else _shape_mismatch(graph, base, weight, lora_a, lora_b))
+    return (
+        _conv_mismatch(graph, base, weight, lora_a, lora_b)
+        if convolution
+        else _shape_mismatch(graph, base, weight, lora_a, lora_b)
+    )
 
 
-def _paired_reshapes(graph: Graph, add: onnx.NodeProto, base_side: str,
-                     branch_side: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+def _paired_reshapes(
+    graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str
+) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
     """The two `Reshape`s feeding `add` when both sides are reshaped alike, else None.
 
     Keras's `EinsumDense` (attention projections) splits its output into heads after the product,
@@ -191,7 +218,9 @@ def _paired_reshapes(graph: Graph, add: onnx.NodeProto, base_side: str,
     base, branch = graph.producer.get(base_side), graph.producer.get(branch_side)
     if base is None or branch is None or base.op_type != "Reshape" or branch.op_type != "Reshape":
         return None
-    if graph.only_reader(branch_side) is not add or attribute(base, "allowzero", 0) != attribute(branch, "allowzero", 0):
+    if graph.only_reader(branch_side) is not add or attribute(base, "allowzero", 0) != attribute(
+        branch, "allowzero", 0
+    ):
         return None
     source_shape = graph.shape(base.input[0])
     if not source_shape or None in source_shape or source_shape != graph.shape(branch.input[0]):
@@ -333,8 +362,11 @@ def _product(graph: Graph, node: onnx.NodeProto, lora_a: bool) -> tuple[Factor, 
         return Factor(weight, transposed=False), 1.0, node.input[0]
     if attribute(node, "transA", 0) or (len(node.input) > 2 and node.input[2]):
         return None
-    return Factor(weight, transposed=bool(attribute(node, "transB", 0))), float(attribute(node, "alpha", 1.0)), \
-        node.input[0]
+    return (
+        Factor(weight, transposed=bool(attribute(node, "transB", 0))),
+        float(attribute(node, "alpha", 1.0)),
+        node.input[0],
+    )
 
 
 def activation_source(graph: Graph, tensor: str, transposed: bool = False, reshapes: bool = True) -> tuple[str, bool]:
@@ -368,8 +400,10 @@ def _shape_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, lora_a: Fac
     a_in, rank = matrix_dims(graph, lora_a)
     b_rank, b_out = matrix_dims(graph, lora_b)
     if (a_in, rank, b_out) != (features_in, b_rank, features_out):
-        return (f"LoRA factors map {a_in}->{rank} and {b_rank}->{b_out} but the base weight maps "
-                f"{features_in}->{features_out}")
+        return (
+            f"LoRA factors map {a_in}->{rank} and {b_rank}->{b_out} but the base weight maps "
+            f"{features_in}->{features_out}"
+        )
     return None
 
 
@@ -381,19 +415,26 @@ def _conv_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, lora_a: Fact
     """
     for name, default in _CONV_GEOMETRY:
         if attribute(lora_a.conv, name, default) != attribute(base, name, default):
-            return (f"the LoRA A conv's {name} ({attribute(lora_a.conv, name, default)}) differs from the base conv's "
-                    f"({attribute(base, name, default)}): its update cannot be merged")
+            return (
+                f"the LoRA A conv's {name} ({attribute(lora_a.conv, name, default)}) differs from the base conv's "
+                f"({attribute(base, name, default)}): its update cannot be merged"
+            )
     groups = attribute(base, "group", 1)
-    pointwise = (list(graph.initializers[lora_b.initializer].dims[2:]) == [1, 1]
-                 and set(attribute(lora_b.conv, "strides", [1, 1])) == {1} and not any(attribute(lora_b.conv, "pads", []))
-                 and set(attribute(lora_b.conv, "dilations", [1, 1])) == {1}
-                 and attribute(lora_b.conv, "group", 1) == groups)
+    pointwise = (
+        list(graph.initializers[lora_b.initializer].dims[2:]) == [1, 1]
+        and set(attribute(lora_b.conv, "strides", [1, 1])) == {1}
+        and not any(attribute(lora_b.conv, "pads", []))
+        and set(attribute(lora_b.conv, "dilations", [1, 1])) == {1}
+        and attribute(lora_b.conv, "group", 1) == groups
+    )
     if not pointwise:
         return "the LoRA B conv is not a plain 1x1 conv grouped like the base"
     out_channels, in_per_group, *kernel = graph.initializers[weight].dims
     rank, a_in, *a_kernel = graph.initializers[lora_a.initializer].dims
     b_out, b_rank, _, _ = graph.initializers[lora_b.initializer].dims
     if (a_in, a_kernel, b_out, b_rank * groups) != (in_per_group, kernel, out_channels, rank):
-        return (f"LoRA conv weights {[rank, a_in, *a_kernel]} and {[b_out, b_rank, 1, 1]} do not fit the base conv "
-                f"{[out_channels, in_per_group, *kernel]} with groups={groups}")
+        return (
+            f"LoRA conv weights {[rank, a_in, *a_kernel]} and {[b_out, b_rank, 1, 1]} do not fit the base conv "
+            f"{[out_channels, in_per_group, *kernel]} with groups={groups}"
+        )
     return None

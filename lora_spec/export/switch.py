@@ -65,8 +65,10 @@ class SwitchRule:
             nodes.append(helper.make_node("Transpose", [node.input[0]], [features], name=features, perm=[1, 0]))
         rows = graph.fresh_name(f"{lora_a}/rows")
         update = graph.fresh_name(f"{lora_b}/update")
-        return nodes + [helper.make_node("MatMul", [features, lora_a], [rows], name=rows),
-                        helper.make_node("MatMul", [rows, lora_b], [update], name=update)], update
+        return nodes + [
+            helper.make_node("MatMul", [features, lora_a], [rows], name=rows),
+            helper.make_node("MatMul", [rows, lora_b], [update], name=update),
+        ], update
 
 
 class GatherSwitch(SwitchRule):
@@ -82,8 +84,10 @@ class GatherSwitch(SwitchRule):
     def rewrite(self, graph: Graph, node: onnx.NodeProto, lora_a: str, lora_b: str) -> tuple[list, str]:
         rows = graph.fresh_name(f"{lora_a}/rows")
         update = graph.fresh_name(f"{lora_b}/update")
-        return [helper.make_node("Gather", [lora_a, node.input[1]], [rows], name=rows, axis=0),
-                helper.make_node("MatMul", [rows, lora_b], [update], name=update)], update
+        return [
+            helper.make_node("Gather", [lora_a, node.input[1]], [rows], name=rows, axis=0),
+            helper.make_node("MatMul", [rows, lora_b], [update], name=update),
+        ], update
 
 
 class ConvSwitch(SwitchRule):
@@ -105,11 +109,15 @@ class ConvSwitch(SwitchRule):
     def rewrite(self, graph: Graph, node: onnx.NodeProto, lora_a: str, lora_b: str) -> tuple[list, str]:
         low = graph.fresh_name(f"{lora_a}/low")
         update = graph.fresh_name(f"{lora_b}/update")
-        geometry = {item.name: helper.get_attribute_value(item) for item in node.attribute
-                    if item.name in _CONV_GEOMETRY}
-        return [helper.make_node("Conv", [node.input[0], lora_a], [low], name=low, **geometry),
-                helper.make_node("Conv", [low, lora_b], [update], name=update, kernel_shape=[1, 1],
-                                 group=attribute(node, "group", 1))], update
+        geometry = {
+            item.name: helper.get_attribute_value(item) for item in node.attribute if item.name in _CONV_GEOMETRY
+        }
+        return [
+            helper.make_node("Conv", [node.input[0], lora_a], [low], name=low, **geometry),
+            helper.make_node(
+                "Conv", [low, lora_b], [update], name=update, kernel_shape=[1, 1], group=attribute(node, "group", 1)
+            ),
+        ], update
 
 
 RULES = {op: rule for rule in (SwitchRule(), GatherSwitch(), ConvSwitch()) for op in rule.op_types}
@@ -141,8 +149,9 @@ class SwitchableModule:
         dims_a, dims_b = self.factor_shapes("r")
         nodes = ", ".join(site.node.name or site.node.output[0] for site in self.sites)
         default = "" if self.default is None else f", default rank {self.default[0].shape[self.rule.rank_axes[0]]}"
-        return (f"{self.path}: inputs {lora_a} {dims_a} and {lora_b} {dims_b} at {nodes}{default}"
-                + (f" ({self.origin})" if self.origin else ""))
+        return f"{self.path}: inputs {lora_a} {dims_a} and {lora_b} {dims_b} at {nodes}{default}" + (
+            f" ({self.origin})" if self.origin else ""
+        )
 
 
 def numpy_dtype_of(element_type: int) -> np.dtype:
@@ -156,8 +165,10 @@ def switch_module(graph: Graph, module: SwitchableModule) -> None:
     names = input_names(module.path)
     taken = [name for name in names if name in graph.initializers or name in graph.producer]
     if taken:
-        raise ExportError(f"cannot name the inputs of module {module.path}: the graph already has a tensor "
-                          f"{taken[0]!r}; rename it in the exported model.")
+        raise ExportError(
+            f"cannot name the inputs of module {module.path}: the graph already has a tensor "
+            f"{taken[0]!r}; rename it in the exported model."
+        )
     values = module.default if module.default is not None else module.rank_zero()
     for name, value, dims in zip(names, values, module.factor_shapes(f"r_{module.path}")):
         stored = np.ascontiguousarray(np.asarray(value).astype(numpy_dtype_of(module.element_type)))
@@ -180,8 +191,12 @@ def _join(graph: Graph, node: onnx.NodeProto) -> onnx.NodeProto:
     A `MatMul` followed by its bias stays one `Gemm` or fused `MatMul` in onnxruntime.
     """
     reader = graph.only_reader(node.output[0])
-    if node.op_type == "MatMul" and reader is not None and reader.op_type == "Add" and any(
-            graph.initializer_behind(name) is not None for name in reader.input if name != node.output[0]):
+    if (
+        node.op_type == "MatMul"
+        and reader is not None
+        and reader.op_type == "Add"
+        and any(graph.initializer_behind(name) is not None for name in reader.input if name != node.output[0])
+    ):
         return reader
     return node
 

@@ -39,6 +39,8 @@ from lora_spec.export.options import (
     parse_adapter,
     refuse_dora,
     resolve_mode,
+)
+from lora_spec.export.options import (
     verify_mode as checked_verify_mode,
 )
 from lora_spec.export.patterns import LoRABranch, find_branches, unrecognised_low_rank_products
@@ -86,11 +88,20 @@ class _Exported:
     module: SwitchableModule | None = None
 
 
-def make_switchable(model: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                    adapters: Sequence[str | os.PathLike] = (), keep_default: bool = False,
-                    allow_partial: bool = False, verify: str | bool = "auto", tolerance: float | None = None,
-                    input_shapes: Mapping[str, Sequence[int]] | None = None, dry_run: bool = False,
-                    progress: bool = True, seed: int = 0) -> SwitchableResult:
+def make_switchable(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    adapters: Sequence[str | os.PathLike] = (),
+    keep_default: bool = False,
+    allow_partial: bool = False,
+    verify: str | bool = "auto",
+    tolerance: float | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+) -> SwitchableResult:
     """Write `output`: the ONNX model at `model` with every LoRA module's factors as overridable inputs.
 
     The LoRA branches the exporter left in the graph, and the modules that the adapter folders in
@@ -120,19 +131,28 @@ def make_switchable(model: str | os.PathLike, output: str | os.PathLike | None =
         refuse_dora(directory)
     target = Path(output) if output is not None else default_output(source_path)
     opened = open_input(source_path, target, input_shapes, dry_run)
-    onnx_model, source, mended, original, shapes = (opened.model, opened.source, opened.mended, opened.runnable,
-                                                    opened.shapes)
+    onnx_model, source, mended, original, shapes = (
+        opened.model,
+        opened.source,
+        opened.mended,
+        opened.runnable,
+        opened.shapes,
+    )
 
     graph = Graph(onnx_model, source.read)
     exported, refused = _detach_exported(graph, source.read)
     refused += unrecognised_low_rank_products(graph)
     if not exported and not directories:
         reason = f" ({refused[0]})" if refused else ""
-        raise NoLoRABranchError(f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
-                                "unmerged, or pass --adapter DIR to make the adapters' target modules switchable.")
+        raise NoLoRABranchError(
+            f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
+            "unmerged, or pass --adapter DIR to make the adapters' target modules switchable."
+        )
     if keep_default and not exported:
-        raise ExportError(f"--keep-default keeps the LoRA branches exported in the model, but {source_path} has "
-                          "none: drop --keep-default (the default is then the base model).")
+        raise ExportError(
+            f"--keep-default keeps the LoRA branches exported in the model, but {source_path} has "
+            "none: drop --keep-default (the default is then the base model)."
+        )
     graph.finish()
     mode = "off" if dry_run else resolve_mode(mode, source, too_large="off")
     base = copy_model(onnx_model) if exported and not keep_default and mode == "full" else None
@@ -145,8 +165,9 @@ def make_switchable(model: str | os.PathLike, output: str | os.PathLike | None =
     overridable, copies = _full_tensor_inputs(graph, targets, source.read)
     for module in modules.values():
         _check_module(module)
-    result = SwitchableResult(None, [module.describe() for module in modules.values()], overridable, refused, None,
-                              mended)
+    result = SwitchableResult(
+        None, [module.describe() for module in modules.values()], overridable, refused, None, mended
+    )
     if dry_run:
         return result
     for module in modules.values():
@@ -154,8 +175,9 @@ def make_switchable(model: str | os.PathLike, output: str | os.PathLike | None =
     graph.finish()
 
     tolerance = tolerance or default_tolerance(module.element_type for module in modules.values())
-    with checked_staged_model(onnx_model, source, copies, target, progress_bar(progress),
-                              original if mended else source_path, "switchable") as staged:
+    with checked_staged_model(
+        onnx_model, source, copies, target, progress_bar(progress), original if mended else source_path, "switchable"
+    ) as staged:
         if mode == "off" and verify in ("auto", True):
             result.verification = checks.Verification("skipped", 0.0, tolerance)
         if mode == "full":
@@ -170,9 +192,11 @@ def _unweighted(adapter: str | os.PathLike) -> str | os.PathLike:
     if isinstance(adapter, str):
         directory, weight = parse_adapter(adapter)
         if directory != adapter:
-            raise ExportError(f"--adapter {adapter} has a weight ({weight:g}), which making a model switchable does "
-                              f"not use: pass {directory}, and give weights when packing (--pack ... --adapter "
-                              f"{directory}:{weight:g}).")
+            raise ExportError(
+                f"--adapter {adapter} has a weight ({weight:g}), which making a model switchable does "
+                f"not use: pass {directory}, and give weights when packing (--pack ... --adapter "
+                f"{directory}:{weight:g})."
+            )
     elif not isinstance(adapter, os.PathLike):
         raise ExportError(f"adapter {adapter!r} is not a folder path: pass the adapter directories.")
     return adapter
@@ -183,9 +207,11 @@ def _detach_exported(graph: Graph, read_tensor) -> tuple[list[_Exported], list[s
     and a DoRA layer."""
     dora_layers, _ = find_dora_branches(graph)
     if dora_layers:
-        raise ExportError(f"node {dora_layers[0].name} is a DoRA layer: DoRA rescales each column of the adapted "
-                          "weight, which is not an additive low-rank input, so it cannot be switched per run: merge "
-                          "it (lora-export --merge), or serve LoRA adapters on the base model's export.")
+        raise ExportError(
+            f"node {dora_layers[0].name} is a DoRA layer: DoRA rescales each column of the adapted "
+            "weight, which is not an additive low-rank input, so it cannot be switched per run: merge "
+            "it (lora-export --merge), or serve LoRA adapters on the base model's export."
+        )
     branches, refused = find_branches(graph)
     exported = []
     for branch in branches:
@@ -197,8 +223,10 @@ def _detach_exported(graph: Graph, read_tensor) -> tuple[list[_Exported], list[s
         exported.append(_Exported(path, branch.base.output[0], rule, factors))
     stacked, _ = find_branches(graph)
     if stacked:
-        raise ExportError(f"node {stacked[0].name} has two LoRA branches (stacked adapters), and a switchable "
-                          "module has one pair of factors: merge one of them first (lora-export --merge).")
+        raise ExportError(
+            f"node {stacked[0].name} has two LoRA branches (stacked adapters), and a switchable "
+            "module has one pair of factors: merge one of them first (lora-export --merge)."
+        )
     return exported, refused
 
 
@@ -219,8 +247,9 @@ def _exported_path(graph: Graph, branch: LoRABranch) -> str:
     return kept[0] if kept else branch.base.name or branch.base.output[0]
 
 
-def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
-                      keep_default: bool) -> dict[str, SwitchableModule]:
+def _exported_modules(
+    exported: list[_Exported], sites: list[WeightSite], keep_default: bool
+) -> dict[str, SwitchableModule]:
     """One module per distinct exported adapter: the branches of a module the model runs twice have equal
     factors and join one module (named by its first branch); different factors under one name get a suffix."""
     by_output = {site.node.output[0]: site for site in sites}
@@ -229,16 +258,24 @@ def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
     for branch in exported:
         site = by_output.get(branch.base_output)
         if site is None:
-            raise ExportError(f"the LoRA branch of module {branch.path} adds to node output {branch.base_output!r}, "
-                              "whose weight the graph does not hold as a float initializer: please report this with "
-                              "the model.")
+            raise ExportError(
+                f"the LoRA branch of module {branch.path} adds to node output {branch.base_output!r}, "
+                "whose weight the graph does not hold as a float initializer: please report this with "
+                "the model."
+            )
         module = next((module for first, module in groups if _same_adapter(first, branch)), None)
         if module is None:
             path, counter = branch.path, 1
             while path in modules:
                 path, counter = f"{branch.path}_{counter}", counter + 1
-            module = SwitchableModule(path, [], branch.rule, site.weight.element_type,
-                                      branch.factors if keep_default else None, "exported branch")
+            module = SwitchableModule(
+                path,
+                [],
+                branch.rule,
+                site.weight.element_type,
+                branch.factors if keep_default else None,
+                "exported branch",
+            )
             modules[path] = module
             groups.append((branch, module))
         site.paths.add(module.path)
@@ -249,16 +286,23 @@ def _exported_modules(exported: list[_Exported], sites: list[WeightSite],
 
 def _same_adapter(first: _Exported, other: _Exported) -> bool:
     return first.rule is other.rule and all(
-        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first.factors, other.factors))
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first.factors, other.factors)
+    )
 
 
-def _resolve(model: onnx.ModelProto, sites: list[WeightSite], modules: dict[str, SwitchableModule],
-             directories: list, allow_partial: bool) -> AdapterTargets | None:
+def _resolve(
+    model: onnx.ModelProto,
+    sites: list[WeightSite],
+    modules: dict[str, SwitchableModule],
+    directories: list,
+    allow_partial: bool,
+) -> AdapterTargets | None:
     if not directories:
         return None
     try:
-        return resolve_adapters(model, [(directory, 1.0) for directory in directories], allow_partial, sites,
-                                verb="make switchable")
+        return resolve_adapters(
+            model, [(directory, 1.0) for directory in directories], allow_partial, sites, verb="make switchable"
+        )
     except AdapterMergeError as error:
         raise ExportError(str(error).splitlines()[0]) from None
 
@@ -272,13 +316,19 @@ def _add_adapter_modules(modules: dict[str, SwitchableModule], targets: AdapterT
                 continue
             module = modules.get(target.path)
             if site.node.op_type not in RULES:
-                raise ExportError(f"module {target.path} runs at node {site.node.name!r}, a {site.node.op_type}, which "
-                                  f"--switchable does not switch (it switches {', '.join(sorted(RULES))}): make the "
-                                  "model switchable from the exporter's graph, before onnxruntime optimizes it.")
+                raise ExportError(
+                    f"module {target.path} runs at node {site.node.name!r}, a {site.node.op_type}, which "
+                    f"--switchable does not switch (it switches {', '.join(sorted(RULES))}): make the "
+                    "model switchable from the exporter's graph, before onnxruntime optimizes it."
+                )
             if module is None:
                 module = modules[target.path] = SwitchableModule(
-                    target.path, [], RULES[site.node.op_type], site.weight.element_type,
-                    origin=f"adapter {target.adapter.directory}")
+                    target.path,
+                    [],
+                    RULES[site.node.op_type],
+                    site.weight.element_type,
+                    origin=f"adapter {target.adapter.directory}",
+                )
             module.sites.append(site)
             module_of[site.node.output[0]] = module
 
@@ -288,10 +338,15 @@ def _check_module(module: SwitchableModule) -> None:
     for site in module.sites:
         first = module.sites[0]
         if (site.reference_shape(), site.weight.element_type, site.node.op_type in module.rule.op_types) != (
-                first.reference_shape(), module.element_type, True):
-            raise ExportError(f"module {module.path} runs at nodes {first.node.name!r} and {site.node.name!r} with "
-                              "weights of different shapes, types or kinds: one pair of factors cannot serve both; "
-                              "check the adapter's module paths.")
+            first.reference_shape(),
+            module.element_type,
+            True,
+        ):
+            raise ExportError(
+                f"module {module.path} runs at nodes {first.node.name!r} and {site.node.name!r} with "
+                "weights of different shapes, types or kinds: one pair of factors cannot serve both; "
+                "check the adapter's module paths."
+            )
 
 
 def _full_tensor_inputs(graph: Graph, targets: AdapterTargets | None, read_tensor) -> tuple[list[str], dict]:
@@ -322,8 +377,16 @@ def _full_tensor_inputs(graph: Graph, targets: AdapterTargets | None, read_tenso
     return [f"{name} {list(graph.initializers[name].dims)} (full tensor)" for name in exposed], copies
 
 
-def _verification(graph: Graph, shapes, seed: int, staged: Path, runnable: checks.RunnableModel,
-                  expected: checks.RunnableModel, exported: list[_Exported], tolerance: float) -> checks.Verification:
+def _verification(
+    graph: Graph,
+    shapes,
+    seed: int,
+    staged: Path,
+    runnable: checks.RunnableModel,
+    expected: checks.RunnableModel,
+    exported: list[_Exported],
+    tolerance: float,
+) -> checks.Verification:
     """The written model without adapter against `expected` (the input, or the base the input was
     exported from), and, if that is the base, fed the exported factors against the input."""
     feeds = checks.random_inputs(graph, shapes, np.random.default_rng(seed))
@@ -346,5 +409,6 @@ def _verification(graph: Graph, shapes, seed: int, staged: Path, runnable: check
         raise VerificationError(
             f"the switchable model differs from {runnable.source_path} by {verification.max_relative_difference:.3g} "
             f"of its largest output, above the tolerance {tolerance:g}: nothing was written; check the model, or "
-            "raise --tolerance if this precision is expected.")
+            "raise --tolerance if this precision is expected."
+        )
     return verification

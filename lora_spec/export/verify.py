@@ -39,15 +39,21 @@ class Verification:
 
     def describe(self) -> str:
         if self.mode == "skipped":
-            return ("not verified: the weights are above what --verify auto runs in onnxruntime (1 GiB, three copies "
-                    "in half the free memory); pass --verify full to check them")
-        what = {"full": "original vs merged in onnxruntime", "layers": "each folded layer in NumPy",
-                "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy",
-                "served": "switchable model without adapter vs the original in onnxruntime",
-                "packed": "switchable model with the adapter file vs the base merged with the same adapters in "
-                          "onnxruntime"}[self.mode]
-        return (f"verified {what}: max |difference| / max |output| = {self.max_relative_difference:.3g} "
-                f"(tolerance {self.tolerance:g})")
+            return (
+                "not verified: the weights are above what --verify auto runs in onnxruntime (1 GiB, three copies "
+                "in half the free memory); pass --verify full to check them"
+            )
+        what = {
+            "full": "original vs merged in onnxruntime",
+            "layers": "each folded layer in NumPy",
+            "run": "merged model runs in onnxruntime with finite outputs; folded layers in NumPy",
+            "served": "switchable model without adapter vs the original in onnxruntime",
+            "packed": "switchable model with the adapter file vs the base merged with the same adapters in onnxruntime",
+        }[self.mode]
+        return (
+            f"verified {what}: max |difference| / max |output| = {self.max_relative_difference:.3g} "
+            f"(tolerance {self.tolerance:g})"
+        )
 
 
 def summary(lines: list[str], verification: Verification | None, output: Path | None) -> str:
@@ -69,8 +75,15 @@ def relative_difference(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual - expected), initial=0.0)) / scale
 
 
-def layer_check(fold: Fold, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, rng: np.random.Generator,
-                rows: int = 2, features: int = 256) -> Callable[[np.ndarray], float]:
+def layer_check(
+    fold: Fold,
+    weight: np.ndarray,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    rng: np.random.Generator,
+    rows: int = 2,
+    features: int = 256,
+) -> Callable[[np.ndarray], float]:
     """A function of the merged weight: the folded node's output with it against base + branch.
 
     The expected output is computed now, on random sparse rows, from the unmerged weight, which
@@ -113,7 +126,8 @@ def _conv_layer_check(fold: Fold, weight, lora_a, lora_b, rng, compute) -> Calla
     branch = reference.conv2d_forward(x, np.zeros_like(weight, compute), None, lora_a, lora_b, 1.0, **geometry)
     expected = per_channel[0] * base + per_channel[1] * branch
     return lambda merged: relative_difference(
-        reference.conv2d_forward(x, merged.astype(compute), None, *no_branch, **geometry), expected)
+        reference.conv2d_forward(x, merged.astype(compute), None, *no_branch, **geometry), expected
+    )
 
 
 def _embedding_sizes(graph: Graph) -> dict[str, int]:
@@ -138,8 +152,9 @@ def _embedding_sizes(graph: Graph) -> dict[str, int]:
     return sizes
 
 
-def random_inputs(graph: Graph, input_shapes: Mapping[str, tuple[int, ...]], rng: np.random.Generator
-                  ) -> dict[str, np.ndarray]:
+def random_inputs(
+    graph: Graph, input_shapes: Mapping[str, tuple[int, ...]], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """One random feed per graph input: dynamic dims small, token ids within their embedding's range."""
     tables = _embedding_sizes(graph)
     feeds = {}
@@ -149,7 +164,8 @@ def random_inputs(graph: Graph, input_shapes: Mapping[str, tuple[int, ...]], rng
         tensor_type = value.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         shape = input_shapes.get(value.name) or tuple(
-            dim.dim_value if dim.HasField("dim_value") else DEFAULT_DYNAMIC_SIZE for dim in tensor_type.shape.dim)
+            dim.dim_value if dim.HasField("dim_value") else DEFAULT_DYNAMIC_SIZE for dim in tensor_type.shape.dim
+        )
         if dtype.kind == "f":
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu" and value.name in tables:
@@ -172,8 +188,9 @@ def session(path: Path):
 _LAYERS_HINT = "or check each folded layer in NumPy instead with --verify layers"
 
 
-def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str, hint: str = _LAYERS_HINT,
-              run_options=None) -> list:
+def run_model(
+    path: Path, feeds: Mapping[str, np.ndarray], label: str, hint: str = _LAYERS_HINT, run_options=None
+) -> list:
     """The outputs of the model at `path` (`label` names it to the user) on `feeds`, in onnxruntime.
 
     ExportError in one line when onnxruntime cannot load or run it (an op it lacks, an input
@@ -185,14 +202,17 @@ def run_model(path: Path, feeds: Mapping[str, np.ndarray], label: str, hint: str
         if not type(error).__module__.startswith("onnxruntime"):
             raise
         reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise ExportError(f"onnxruntime cannot run {label} on random inputs ({reason}); nothing was written: pass "
-                          f"--input-shape NAME=DIMS if an input needs particular sizes, {hint}.") from None
+        raise ExportError(
+            f"onnxruntime cannot run {label} on random inputs ({reason}); nothing was written: pass "
+            f"--input-shape NAME=DIMS if an input needs particular sizes, {hint}."
+        ) from None
 
 
 def compare_outputs(actual: list, expected: list) -> float:
     """The largest relative difference over the float outputs of two runs."""
-    differences = [relative_difference(got, want) for got, want in zip(actual, expected)
-                   if np.asarray(want).dtype.kind == "f"]
+    differences = [
+        relative_difference(got, want) for got, want in zip(actual, expected) if np.asarray(want).dtype.kind == "f"
+    ]
     return max(differences, default=0.0)
 
 
@@ -223,7 +243,8 @@ class RunnableModel:
         if self.edited is None:
             yield self.source_path
             return
-        with tempfile.TemporaryDirectory(dir=beside.parent) as folder, \
-                staged_model(self.edited, self.source, {}, Path(folder) / "original.onnx", progress_bar(False)) \
-                as path:
+        with (
+            tempfile.TemporaryDirectory(dir=beside.parent) as folder,
+            staged_model(self.edited, self.source, {}, Path(folder) / "original.onnx", progress_bar(False)) as path,
+        ):
             yield path

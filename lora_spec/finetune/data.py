@@ -62,8 +62,10 @@ def vader_lexicon_path() -> Path:
     try:
         import vaderSentiment
     except ImportError:
-        raise ValueError('the default data set needs the vaderSentiment package: pip install "lora-spec[demo]", '
-                         "or pass --data FILE with text,label rows.") from None
+        raise ValueError(
+            'the default data set needs the vaderSentiment package: pip install "lora-spec[demo]", '
+            "or pass --data FILE with text,label rows."
+        ) from None
     return Path(vaderSentiment.__file__).resolve().parent / VADER_FILE
 
 
@@ -80,15 +82,18 @@ def load_vader(path: str | os.PathLike | None = None) -> TextDataset:
         try:
             mean = float(fields[1])
         except (IndexError, ValueError):
-            raise ValueError(f"{path}:{number} is not a VADER lexicon line (token<TAB>mean rating<TAB>...): "
-                             "pass the original vader_lexicon.txt.") from None
+            raise ValueError(
+                f"{path}:{number} is not a VADER lexicon line (token<TAB>mean rating<TAB>...): "
+                "pass the original vader_lexicon.txt."
+            ) from None
         texts.append(fields[0])
         labels.append(VADER_LABELS.index(vader_class(mean)))
     return TextDataset(tuple(texts), np.array(labels, dtype=np.int64), VADER_LABELS, f"VADER lexicon ({path.name})")
 
 
-def load_table(path: str | os.PathLike, labels: Sequence[str] | None = None, text_column: str = "text",
-               label_column: str = "label") -> TextDataset:
+def load_table(
+    path: str | os.PathLike, labels: Sequence[str] | None = None, text_column: str = "text", label_column: str = "label"
+) -> TextDataset:
     """A CSV (with a header row) or JSONL (one object per line) file of texts and labels.
 
     `labels` fixes the label names and their order; a row with another label is an error.
@@ -96,7 +101,9 @@ def load_table(path: str | os.PathLike, labels: Sequence[str] | None = None, tex
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {path} does not exist: pass a CSV or JSONL file with {text_column},{label_column}.")
+        raise ValueError(
+            f"data file {path} does not exist: pass a CSV or JSONL file with {text_column},{label_column}."
+        )
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _read_csv(path, text_column, label_column)
@@ -116,13 +123,19 @@ def load_table(path: str | os.PathLike, labels: Sequence[str] | None = None, tex
             raise ValueError(f"--labels {','.join(label_names)} is invalid: list each label once, none empty.")
         for _, label, where in rows:
             if label not in label_names:
-                raise ValueError(f"{where} has label {label!r}, which is not one of --labels "
-                                 f"{','.join(label_names)}: fix the row or add the label.")
+                raise ValueError(
+                    f"{where} has label {label!r}, which is not one of --labels "
+                    f"{','.join(label_names)}: fix the row or add the label."
+                )
     if len(found) < 2:
         raise ValueError(f"data file {path} has only the label {found.pop()!r}: a classifier needs at least two.")
     index = {name: i for i, name in enumerate(label_names)}
-    return TextDataset(tuple(text for text, _, _ in rows), np.array([index[label] for _, label, _ in rows], np.int64),
-                       label_names, path.name)
+    return TextDataset(
+        tuple(text for text, _, _ in rows),
+        np.array([index[label] for _, label, _ in rows], np.int64),
+        label_names,
+        path.name,
+    )
 
 
 def _label_order(label: str) -> tuple[int, float | str]:
@@ -146,10 +159,14 @@ def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str
         columns = reader.fieldnames or []
         missing = [name for name in (text_column, label_column) if name not in columns]
         if missing:
-            raise ValueError(f"{path} has columns {', '.join(map(repr, columns)) or '(none)'} but no {missing[0]!r}: "
-                             f"add a header row with {text_column},{label_column} (or pass --text-column/--label-column).")
-        return [_checked_row(f"{path}:{reader.line_num}", row[text_column], row[label_column], text_column)
-                for row in reader]
+            raise ValueError(
+                f"{path} has columns {', '.join(map(repr, columns)) or '(none)'} but no {missing[0]!r}: "
+                f"add a header row with {text_column},{label_column} (or pass --text-column/--label-column)."
+            )
+        return [
+            _checked_row(f"{path}:{reader.line_num}", row[text_column], row[label_column], text_column)
+            for row in reader
+        ]
 
 
 def _read_jsonl(path: Path, text_column: str, label_column: str) -> list[tuple[str, str, str]]:
@@ -163,11 +180,15 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> list[tuple[s
         except json.JSONDecodeError as error:
             raise ValueError(f"{where} is not valid JSON ({error.msg}): write one JSON object per line.") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{where} is not a JSON object: write one {{\"{text_column}\": ..., \"{label_column}\": ...}} per line.")
+            raise ValueError(
+                f'{where} is not a JSON object: write one {{"{text_column}": ..., "{label_column}": ...}} per line.'
+            )
         missing = [name for name in (text_column, label_column) if name not in record]
         if missing:
-            raise ValueError(f"{where} has keys {', '.join(map(repr, record)) or '(none)'} but no {missing[0]!r}: "
-                             f"give every line {text_column} and {label_column} (or pass --text-column/--label-column).")
+            raise ValueError(
+                f"{where} has keys {', '.join(map(repr, record)) or '(none)'} but no {missing[0]!r}: "
+                f"give every line {text_column} and {label_column} (or pass --text-column/--label-column)."
+            )
         rows.append(_checked_row(where, record[text_column], record[label_column], text_column))
     return rows
 
@@ -186,8 +207,10 @@ def stratified_split(labels: np.ndarray, validation_fraction: float, seed: int) 
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         if len(members) < 2:
-            raise ValueError(f"class {int(label)} has {len(members)} example: every class needs at least 2 "
-                             "(one to train on, one to validate).")
+            raise ValueError(
+                f"class {int(label)} has {len(members)} example: every class needs at least 2 "
+                "(one to train on, one to validate)."
+            )
         count = min(max(round(len(members) * validation_fraction), 1), len(members) - 1)
         validation.append(members[:count])
         train.append(members[count:])

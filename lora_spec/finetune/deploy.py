@@ -27,10 +27,16 @@ def export_onnx(model: torch.nn.Module, path: Path, example_ids: Sequence[Sequen
     dynamic = {0: "batch", 1: "sequence"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
-        torch.onnx.export(model, pad_batch(example_ids, pad_id), str(path), input_names=list(INPUT_NAMES),
-                          output_names=["logits"], dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic,
-                                                                 "logits": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            model,
+            pad_batch(example_ids, pad_id),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=["logits"],
+            dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "logits": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def merge_onnx_file(source: Path, target: Path, progress: bool = True):
@@ -59,13 +65,14 @@ def onnx_logits(path: Path, token_ids: Sequence[Sequence[int]], pad_id: int, bat
     runner = session(path)
     outputs = []
     for start in range(0, len(token_ids), batch_size):
-        input_ids, attention_mask = pad_batch(token_ids[start:start + batch_size], pad_id)
+        input_ids, attention_mask = pad_batch(token_ids[start : start + batch_size], pad_id)
         outputs.append(runner.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0])
     return np.concatenate(outputs)
 
 
-def latencies(paths: Mapping[str, Path], token_ids: Sequence[Sequence[int]], pad_id: int,
-              rounds: int = 30, warmup: int = 3) -> dict[str, float]:
+def latencies(
+    paths: Mapping[str, Path], token_ids: Sequence[Sequence[int]], pad_id: int, rounds: int = 30, warmup: int = 3
+) -> dict[str, float]:
     """Median seconds per batch of each model on the same batch, timed in interleaved rounds.
 
     Interleaving spreads machine drift over every model alike, so their ratios hold on a

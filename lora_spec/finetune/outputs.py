@@ -29,14 +29,17 @@ def check_output_dir(output: str | os.PathLike) -> Path:
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} is a file: pass --output a folder path.")
     if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
-        raise ValueError(f"output folder {output} holds files that are not a lora-spec run: "
-                         "pass another --output or empty it.")
+        raise ValueError(
+            f"output folder {output} holds files that are not a lora-spec run: pass another --output or empty it."
+        )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.mkdtemp(prefix=f".{output.name}.check-", dir=output.parent)
     except OSError as error:
-        raise ValueError(f"output folder {output} cannot be written ({error.strerror or error}): "
-                         "pass --output a folder you can write to.") from None
+        raise ValueError(
+            f"output folder {output} cannot be written ({error.strerror or error}): "
+            "pass --output a folder you can write to."
+        ) from None
     os.rmdir(probe)
     return output
 

@@ -16,7 +16,8 @@ import torch
 from lora_spec import torch as lora_torch
 from lora_spec._lazy import require
 from lora_spec.finetune import data as data_module
-from lora_spec.finetune import deploy, model as model_module, outputs, report, train
+from lora_spec.finetune import deploy, outputs, report, train
+from lora_spec.finetune import model as model_module
 from lora_spec.finetune.model import HEAD, SentenceClassifier
 from lora_spec.finetune.options import FinetuneOptions
 
@@ -71,18 +72,27 @@ def prepare(options: FinetuneOptions, seed: int) -> Prepared:
         dataset = dataset.subset(data_module.stratified_sample(dataset.labels, options.max_examples, seed))
     for name, count in dataset.class_counts().items():
         if count < 2:
-            raise ValueError(f"label {name!r} has {count} example{'s' * (count != 1)} in {dataset.source}: every label needs at least 2 "
-                             "(one to train on, one to validate); add examples or drop the label.")
+            raise ValueError(
+                f"label {name!r} has {count} example{'s' * (count != 1)} in {dataset.source}: every label needs at least 2 "
+                "(one to train on, one to validate); add examples or drop the label."
+            )
     train_indices, validation_indices = data_module.stratified_split(dataset.labels, options.validation_fraction, seed)
     model_dir = model_module.check_model_dir(options.model) if options.model else model_module.default_model_dir()
     torch.manual_seed(seed)
     tokenizer, base = model_module.load_pretrained(model_dir, len(dataset.label_names), options.pooling)
     base.requires_grad_(False)
-    lora_model = lora_torch.apply(copy.deepcopy(base), r=options.r, alpha=options.alpha, dropout=options.dropout,
-                                  target_modules=list(options.targets), modules_to_save=[HEAD])
+    lora_model = lora_torch.apply(
+        copy.deepcopy(base),
+        r=options.r,
+        alpha=options.alpha,
+        dropout=options.dropout,
+        target_modules=list(options.targets),
+        modules_to_save=[HEAD],
+    )
     token_ids = model_module.tokenize(tokenizer, dataset.texts, options.max_length)
-    return Prepared(dataset, sampled_from, train_indices, validation_indices, tokenizer, base, lora_model, token_ids,
-                    model_dir)
+    return Prepared(
+        dataset, sampled_from, train_indices, validation_indices, tokenizer, base, lora_model, token_ids, model_dir
+    )
 
 
 def train_head_only(prepared: Prepared, options: FinetuneOptions, seed: int) -> tuple[float, list[float]]:
@@ -92,14 +102,22 @@ def train_head_only(prepared: Prepared, options: FinetuneOptions, seed: int) -> 
     head trains on them for many cheap epochs: the strongest baseline a frozen base allows.
     """
     base = prepared.base.eval()
-    features = train.run_batches(base.features, prepared.token_ids, prepared.pad_id, EVALUATION_BATCH_SIZE,
-                                 "frozen features", options.progress)
+    features = train.run_batches(
+        base.features, prepared.token_ids, prepared.pad_id, EVALUATION_BATCH_SIZE, "frozen features", options.progress
+    )
     head = base.classifier.requires_grad_(True)
     labels = prepared.dataset.labels
-    losses = train.train(train.head_loss(head, features[prepared.train_indices], labels[prepared.train_indices]),
-                         head.parameters(), len(prepared.train_indices), epochs=options.head_epochs,
-                         batch_size=options.batch_size, learning_rate=options.head_learning_rate, seed=seed,
-                         description="head only", progress=options.progress)
+    losses = train.train(
+        train.head_loss(head, features[prepared.train_indices], labels[prepared.train_indices]),
+        head.parameters(),
+        len(prepared.train_indices),
+        epochs=options.head_epochs,
+        batch_size=options.batch_size,
+        learning_rate=options.head_learning_rate,
+        seed=seed,
+        description="head only",
+        progress=options.progress,
+    )
     head.requires_grad_(False)
     with torch.no_grad():
         logits = head(features[prepared.validation_indices])
@@ -112,15 +130,29 @@ def train_lora(prepared: Prepared, options: FinetuneOptions, seed: int) -> tuple
     labels = prepared.dataset.labels
     torch.manual_seed(seed)
     started = time.perf_counter()
-    losses = train.train(train.classifier_loss(model, prepared.ids(prepared.train_indices),
-                                               labels[prepared.train_indices], prepared.pad_id),
-                         model.parameters(), len(prepared.train_indices), epochs=options.epochs,
-                         batch_size=options.batch_size, learning_rate=options.learning_rate, seed=seed,
-                         description="LoRA", progress=options.progress)
+    losses = train.train(
+        train.classifier_loss(
+            model, prepared.ids(prepared.train_indices), labels[prepared.train_indices], prepared.pad_id
+        ),
+        model.parameters(),
+        len(prepared.train_indices),
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        seed=seed,
+        description="LoRA",
+        progress=options.progress,
+    )
     seconds = time.perf_counter() - started
     model.eval()
-    logits = train.run_batches(model, prepared.ids(prepared.validation_indices), prepared.pad_id,
-                               EVALUATION_BATCH_SIZE, "evaluating", options.progress)
+    logits = train.run_batches(
+        model,
+        prepared.ids(prepared.validation_indices),
+        prepared.pad_id,
+        EVALUATION_BATCH_SIZE,
+        "evaluating",
+        options.progress,
+    )
     return logits.numpy(), losses, seconds
 
 
@@ -147,8 +179,10 @@ def run(options: FinetuneOptions) -> report.Summary:
     dataset = prepared.dataset
     if prepared.sampled_from is not None:
         log(f"sampled {len(dataset)} of {prepared.sampled_from} examples (--max-examples), keeping class proportions")
-    log(f"data: {dataset.source}, {len(prepared.train_indices)} train / {len(prepared.validation_indices)} validation, "
-        f"classes {dataset.class_counts()}")
+    log(
+        f"data: {dataset.source}, {len(prepared.train_indices)} train / {len(prepared.validation_indices)} validation, "
+        f"classes {dataset.class_counts()}"
+    )
     with outputs.staged_output(output) as staging:
         head_accuracy, head_losses = train_head_only(prepared, options, options.seed)
         log(f"head only: validation accuracy {100 * head_accuracy:.1f}%")
@@ -160,15 +194,23 @@ def run(options: FinetuneOptions) -> report.Summary:
         deployment = deploy_onnx(prepared, options, staging, lora_logits)
         summary = report.Summary(
             data=dataset.source + (f" (sampled from {prepared.sampled_from})" if prepared.sampled_from else ""),
-            train_examples=len(prepared.train_indices), validation_examples=len(prepared.validation_indices),
+            train_examples=len(prepared.train_indices),
+            validation_examples=len(prepared.validation_indices),
             trainable_parameters=lora_torch.trainable_parameters(prepared.lora_model).trainable,
             head_parameters=sum(p.numel() for p in prepared.base.classifier.parameters()),
             total_parameters=sum(p.numel() for p in prepared.base.parameters()),
-            head_only_accuracy=head_accuracy, lora_accuracy=lora_accuracy,
-            adapter_bytes=_files_bytes(staging / "adapter", ("*",)), model_bytes=_model_bytes(prepared),
-            train_seconds=train_seconds, **deployment)
-        report.plot_losses({"LoRA": lora_losses, "head only (frozen base)": head_losses},
-                           -(-len(prepared.train_indices) // options.batch_size), staging / "loss_curve.png")
+            head_only_accuracy=head_accuracy,
+            lora_accuracy=lora_accuracy,
+            adapter_bytes=_files_bytes(staging / "adapter", ("*",)),
+            model_bytes=_model_bytes(prepared),
+            train_seconds=train_seconds,
+            **deployment,
+        )
+        report.plot_losses(
+            {"LoRA": lora_losses, "head only (frozen base)": head_losses},
+            -(-len(prepared.train_indices) // options.batch_size),
+            staging / "loss_curve.png",
+        )
         (staging / "summary.md").write_text(report.summary_table(summary) + "\n")
         metrics = dataclasses.asdict(summary) | {"options": _plain(options), "labels": list(dataset.label_names)}
         (staging / outputs.MARKER).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -189,23 +231,31 @@ def deploy_onnx(prepared: Prepared, options: FinetuneOptions, staging: Path, lor
     result = deploy.merge_onnx_file(unmerged, merged, options.progress)
     log(f"lora-export folded {len(result.folds)} LoRA branches; {result.verification.describe()}")
     deploy.export_onnx(prepared.base, base, example, prepared.pad_id)
-    merged_logits = deploy.onnx_logits(merged, prepared.ids(prepared.validation_indices), prepared.pad_id,
-                                       EVALUATION_BATCH_SIZE)
+    merged_logits = deploy.onnx_logits(
+        merged, prepared.ids(prepared.validation_indices), prepared.pad_id, EVALUATION_BATCH_SIZE
+    )
     log("timing the base, unmerged and merged ONNX models")
     latency = deploy.latencies({"base": base, "unmerged": unmerged, "merged": merged}, example, prepared.pad_id)
     base.unlink()
-    return dict(latency_batch_size=len(example), base_latency_s=latency["base"],
-                unmerged_latency_s=latency["unmerged"], merged_latency_s=latency["merged"],
-                matching_predictions=int(np.sum(merged_logits.argmax(-1) == lora_logits.argmax(-1))),
-                max_logit_difference=float(np.abs(merged_logits - lora_logits).max()))
+    return dict(
+        latency_batch_size=len(example),
+        base_latency_s=latency["base"],
+        unmerged_latency_s=latency["unmerged"],
+        merged_latency_s=latency["merged"],
+        matching_predictions=int(np.sum(merged_logits.argmax(-1) == lora_logits.argmax(-1))),
+        max_logit_difference=float(np.abs(merged_logits - lora_logits).max()),
+    )
 
 
 def _plain(options: FinetuneOptions) -> dict:
-    return {name: (str(value) if isinstance(value, Path) else value) for name, value in dataclasses.asdict(options).items()}
+    return {
+        name: (str(value) if isinstance(value, Path) else value) for name, value in dataclasses.asdict(options).items()
+    }
 
 
-def compare_seeds(options: FinetuneOptions, seeds: Sequence[int],
-                  on_result: Callable[[report.SeedResult], None] = lambda result: None) -> list[report.SeedResult]:
+def compare_seeds(
+    options: FinetuneOptions, seeds: Sequence[int], on_result: Callable[[report.SeedResult], None] = lambda result: None
+) -> list[report.SeedResult]:
     """Head-only and LoRA validation accuracy for each seed (its own split, initialisation and data order)."""
     results = []
     for seed in seeds:
@@ -213,7 +263,9 @@ def compare_seeds(options: FinetuneOptions, seeds: Sequence[int],
         prepared = prepare(options, seed)
         head_accuracy, _ = train_head_only(prepared, options, seed)
         logits, _, _ = train_lora(prepared, options, seed)
-        result = report.SeedResult(seed, head_accuracy, train.accuracy(logits, prepared.dataset.labels[prepared.validation_indices]))
+        result = report.SeedResult(
+            seed, head_accuracy, train.accuracy(logits, prepared.dataset.labels[prepared.validation_indices])
+        )
         on_result(result)
         results.append(result)
     return results

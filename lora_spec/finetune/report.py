@@ -51,19 +51,30 @@ def summary_table(summary: Summary) -> str:
     gain = (s.lora_accuracy - s.head_only_accuracy) * 100
     rows = [
         ("data", f"{s.data}: {s.train_examples} train, {s.validation_examples} validation"),
-        ("trainable parameters, head only", f"{s.head_parameters:,} ({100 * s.head_parameters / s.total_parameters:.3f}%)"),
-        ("trainable parameters, LoRA + head",
-         f"{s.trainable_parameters:,} of {s.total_parameters:,} ({100 * s.trainable_parameters / s.total_parameters:.2f}%)"),
+        (
+            "trainable parameters, head only",
+            f"{s.head_parameters:,} ({100 * s.head_parameters / s.total_parameters:.3f}%)",
+        ),
+        (
+            "trainable parameters, LoRA + head",
+            f"{s.trainable_parameters:,} of {s.total_parameters:,} ({100 * s.trainable_parameters / s.total_parameters:.2f}%)",
+        ),
         ("validation accuracy, head only (frozen base)", f"{100 * s.head_only_accuracy:.1f}%"),
         ("validation accuracy, LoRA", f"{100 * s.lora_accuracy:.1f}% ({gain:+.1f} points)"),
-        ("adapter on disk vs model", f"{_size(s.adapter_bytes)} vs {_size(s.model_bytes)} "
-                                     f"({100 * s.adapter_bytes / s.model_bytes:.2f}%)"),
-        (f"ONNX latency per batch of {s.latency_batch_size}: base / unmerged / merged",
-         f"{1e3 * s.base_latency_s:.2f} / {1e3 * s.unmerged_latency_s:.2f} / {1e3 * s.merged_latency_s:.2f} ms "
-         f"(merged/base {s.merged_latency_s / s.base_latency_s:.2f}x, unmerged/merged "
-         f"{s.unmerged_latency_s / s.merged_latency_s:.2f}x)"),
-        ("merged ONNX predictions equal PyTorch's",
-         f"{s.matching_predictions} of {s.validation_examples} (max logit difference {s.max_logit_difference:.1e})"),
+        (
+            "adapter on disk vs model",
+            f"{_size(s.adapter_bytes)} vs {_size(s.model_bytes)} ({100 * s.adapter_bytes / s.model_bytes:.2f}%)",
+        ),
+        (
+            f"ONNX latency per batch of {s.latency_batch_size}: base / unmerged / merged",
+            f"{1e3 * s.base_latency_s:.2f} / {1e3 * s.unmerged_latency_s:.2f} / {1e3 * s.merged_latency_s:.2f} ms "
+            f"(merged/base {s.merged_latency_s / s.base_latency_s:.2f}x, unmerged/merged "
+            f"{s.unmerged_latency_s / s.merged_latency_s:.2f}x)",
+        ),
+        (
+            "merged ONNX predictions equal PyTorch's",
+            f"{s.matching_predictions} of {s.validation_examples} (max logit difference {s.max_logit_difference:.1e})",
+        ),
         ("LoRA training time", f"{s.train_seconds:.0f} s"),
     ]
     return _markdown(("quantity", "value"), rows)
@@ -90,7 +101,7 @@ def plot_losses(curves: dict[str, Sequence[float]], steps_per_epoch: int, path: 
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         axes.plot(epochs, losses, color="tab:blue", alpha=0.25 if window > 1 else 1.0, linewidth=0.7, label="per step")
         if window > 1:
-            axes.plot(epochs[window - 1:], smooth, color="tab:blue", label=f"moving average of {window} steps")
+            axes.plot(epochs[window - 1 :], smooth, color="tab:blue", label=f"moving average of {window} steps")
         axes.set_title(name)
         axes.set_xlabel("epoch")
         axes.grid(True, alpha=0.3)
@@ -121,15 +132,30 @@ def seeds_table(results: Sequence[SeedResult]) -> tuple[str, bool]:
     The spread is the sum of the two standard deviations: the gain must clear both methods'
     seed-to-seed variation at once.
     """
-    rows = [(str(r.seed), f"{100 * r.head_only_accuracy:.1f}%", f"{100 * r.lora_accuracy:.1f}%",
-             f"{100 * (r.lora_accuracy - r.head_only_accuracy):+.1f}") for r in results]
+    rows = [
+        (
+            str(r.seed),
+            f"{100 * r.head_only_accuracy:.1f}%",
+            f"{100 * r.lora_accuracy:.1f}%",
+            f"{100 * (r.lora_accuracy - r.head_only_accuracy):+.1f}",
+        )
+        for r in results
+    ]
     head_mean, head_spread = _mean_spread([r.head_only_accuracy for r in results])
     lora_mean, lora_spread = _mean_spread([r.lora_accuracy for r in results])
     gain, spread = lora_mean - head_mean, head_spread + lora_spread
-    rows.append(("mean ± std", f"{100 * head_mean:.1f} ± {100 * head_spread:.1f}%",
-                 f"{100 * lora_mean:.1f} ± {100 * lora_spread:.1f}%", f"{100 * gain:+.1f}"))
+    rows.append(
+        (
+            "mean ± std",
+            f"{100 * head_mean:.1f} ± {100 * head_spread:.1f}%",
+            f"{100 * lora_mean:.1f} ± {100 * lora_spread:.1f}%",
+            f"{100 * gain:+.1f}",
+        )
+    )
     table = _markdown(("seed", "head only", "LoRA", "gain (points)"), rows)
     beats = gain > spread
-    verdict = (f"LoRA {'beats' if beats else 'does not beat'} head-only by {100 * gain:.1f} points on the mean, "
-               f"{'more' if beats else 'no more'} than the spread ({100 * spread:.1f} points, the sum of both standard deviations).")
+    verdict = (
+        f"LoRA {'beats' if beats else 'does not beat'} head-only by {100 * gain:.1f} points on the mean, "
+        f"{'more' if beats else 'no more'} than the spread ({100 * spread:.1f} points, the sum of both standard deviations)."
+    )
     return table + "\n\n" + verdict, beats

@@ -17,8 +17,9 @@ def lora_dense(case, **kwargs) -> LoRADense:
     """A built LoRADense holding the case's weights (kernel = W.T, lora_a = A.T, lora_b = B.T)."""
     out_features, in_features = case.W.shape
     r = case.A.shape[0]
-    layer = LoRADense(out_features, r=r, alpha=case.s * r, use_bias=case.b is not None,
-                      dtype=DTYPE_NAMES[case.x.dtype], **kwargs)
+    layer = LoRADense(
+        out_features, r=r, alpha=case.s * r, use_bias=case.b is not None, dtype=DTYPE_NAMES[case.x.dtype], **kwargs
+    )
     layer.build(case.x.shape)
     layer.kernel.assign(case.W.T)
     if case.b is not None:
@@ -33,8 +34,9 @@ def dense_output_and_gradients(layer: LoRADense, case, grad_y: np.ndarray) -> tu
     return layer_output_and_gradients(layer, case.x, case.dropout_mask, grad_y)
 
 
-def layer_output_and_gradients(layer, x: np.ndarray, dropout_mask: np.ndarray | None,
-                               grad_y: np.ndarray) -> tuple[np.ndarray, dict]:
+def layer_output_and_gradients(
+    layer, x: np.ndarray, dropout_mask: np.ndarray | None, grad_y: np.ndarray
+) -> tuple[np.ndarray, dict]:
     """A LoRA layer's training output on `x` (Keras's layout; token ids for an embedding) and the gradients of
     `sum(y * grad_y)`: `dx` (None for ids) in Keras's layout, `dA`, `dB` in the reference's, `dmagnitude` (a DoRA
     adapter's, in PEFT's shape) and `db` (None without a trained bias)."""
@@ -56,8 +58,9 @@ def layer_output_and_gradients(layer, x: np.ndarray, dropout_mask: np.ndarray | 
         y = layer(x, training=True, **kwargs)
         loss = tf.reduce_sum(y * grad_y)
     gradients = dict(zip(["dx", *sources], tape.gradient(loss, [x] + [v.value for v in sources.values()])))
-    gradients = {name: None if value is None else np.asarray(tf.convert_to_tensor(value)) for name, value in
-                 gradients.items()}
+    gradients = {
+        name: None if value is None else np.asarray(tf.convert_to_tensor(value)) for name, value in gradients.items()
+    }
     gradients["dA"], gradients["dB"] = layer._factors_to_reference(adapter, gradients["dA"], gradients["dB"])
     if adapter.use_dora:
         magnitude = gradients["dmagnitude"]
@@ -85,9 +88,18 @@ def lora_conv2d(case, **kwargs) -> tuple[LoRAConv2D, np.ndarray, np.ndarray | No
     the reference pads them, channels last (Keras pads only 'valid' or 'same')."""
     out_channels, _, height, width = case.W.shape
     r = case.A.shape[0]
-    layer = LoRAConv2D(out_channels, (height, width), strides=case.stride, dilation_rate=case.dilation,
-                       groups=case.groups, use_bias=case.b is not None, r=r, alpha=case.s * r,
-                       dtype=DTYPE_NAMES[case.x.dtype], **kwargs)
+    layer = LoRAConv2D(
+        out_channels,
+        (height, width),
+        strides=case.stride,
+        dilation_rate=case.dilation,
+        groups=case.groups,
+        use_bias=case.b is not None,
+        r=r,
+        alpha=case.s * r,
+        dtype=DTYPE_NAMES[case.x.dtype],
+        **kwargs,
+    )
     pad = reference_padding(case)
     x = nhwc(np.pad(case.x, pad))
     layer.build(x.shape)

@@ -19,8 +19,15 @@ import numpy as np
 
 TOKEN_IDS = np.array([[1, 5, 9, 3, 7, 2, 11, 4], [3, 3, 8, 1, 0, 6, 2, 9]], dtype="int32")
 NEXT_TOKENS = np.roll(TOKEN_IDS, -1, axis=1)
-DECODER = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
+DECODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 4, 8
 
@@ -43,32 +50,79 @@ class Case:
 
 
 CASES = {
-    "llama": Case("LlamaConfig", dict(DECODER, tie_word_embeddings=False), "LlamaForCausalLM", "Llama3CausalLM",
-                  PROJECTIONS, dict(rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0}, use_rslora=True)),
-    "mistral": Case("MistralConfig", dict(DECODER, tie_word_embeddings=False), "MistralForCausalLM", "MistralCausalLM",
-                    PROJECTIONS),
-    "qwen2": Case("Qwen2Config", dict(DECODER, tie_word_embeddings=True), "Qwen2ForCausalLM", "QwenCausalLM",
-                  PROJECTIONS),
-    "qwen3": Case("Qwen3Config", dict(DECODER, head_dim=8, tie_word_embeddings=True), "Qwen3ForCausalLM",
-                  "Qwen3CausalLM", PROJECTIONS),
+    "llama": Case(
+        "LlamaConfig",
+        dict(DECODER, tie_word_embeddings=False),
+        "LlamaForCausalLM",
+        "Llama3CausalLM",
+        PROJECTIONS,
+        dict(rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0}, use_rslora=True),
+    ),
+    "mistral": Case(
+        "MistralConfig", dict(DECODER, tie_word_embeddings=False), "MistralForCausalLM", "MistralCausalLM", PROJECTIONS
+    ),
+    "qwen2": Case(
+        "Qwen2Config", dict(DECODER, tie_word_embeddings=True), "Qwen2ForCausalLM", "QwenCausalLM", PROJECTIONS
+    ),
+    "qwen3": Case(
+        "Qwen3Config",
+        dict(DECODER, head_dim=8, tie_word_embeddings=True),
+        "Qwen3ForCausalLM",
+        "Qwen3CausalLM",
+        PROJECTIONS,
+    ),
     # One key-value head: multi-query attention, the Gemma 2B layout.
-    "gemma": Case("GemmaConfig", dict(DECODER, num_key_value_heads=1, head_dim=8), "GemmaForCausalLM", "GemmaCausalLM",
-                  PROJECTIONS),
+    "gemma": Case(
+        "GemmaConfig",
+        dict(DECODER, num_key_value_heads=1, head_dim=8),
+        "GemmaForCausalLM",
+        "GemmaCausalLM",
+        PROJECTIONS,
+    ),
     # query_pre_attn_scalar = head_dim: the query scaling KerasHub's converter can express.
-    "gemma2": Case("Gemma2Config", dict(DECODER, head_dim=8, sliding_window=16, query_pre_attn_scalar=8),
-                   "Gemma2ForCausalLM", "GemmaCausalLM", PROJECTIONS),
-    "gemma3": Case("Gemma3TextConfig", dict(DECODER, head_dim=8, sliding_window=16, query_pre_attn_scalar=8),
-                   "Gemma3ForCausalLM", "Gemma3CausalLM", PROJECTIONS),
-    "gpt2": Case("GPT2Config", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64), "GPT2LMHeadModel",
-                 "GPT2CausalLM", ("c_attn", "c_proj", "c_fc"), dict(use_rslora=True)),
+    "gemma2": Case(
+        "Gemma2Config",
+        dict(DECODER, head_dim=8, sliding_window=16, query_pre_attn_scalar=8),
+        "Gemma2ForCausalLM",
+        "GemmaCausalLM",
+        PROJECTIONS,
+    ),
+    "gemma3": Case(
+        "Gemma3TextConfig",
+        dict(DECODER, head_dim=8, sliding_window=16, query_pre_attn_scalar=8),
+        "Gemma3ForCausalLM",
+        "Gemma3CausalLM",
+        PROJECTIONS,
+    ),
+    "gpt2": Case(
+        "GPT2Config",
+        dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "GPT2LMHeadModel",
+        "GPT2CausalLM",
+        ("c_attn", "c_proj", "c_fc"),
+        dict(use_rslora=True),
+    ),
     # KerasHub's BERT uses the tanh GELU ("gelu_new"); BERT checkpoints' erf GELU differs from it by up to 1e-3.
-    "bert": Case("BertConfig", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=48, max_position_embeddings=64, hidden_act="gelu_new"),
-                 "BertModel", "BertTextClassifier", ("query", "key", "value", "dense")),
+    "bert": Case(
+        "BertConfig",
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            hidden_act="gelu_new",
+        ),
+        "BertModel",
+        "BertTextClassifier",
+        ("query", "key", "value", "dense"),
+    ),
 }
 
 
 # -- the transformers side (PyTorch) -------------------------------------------------------------------
+
 
 def transformers_model(name: str, folder: Path | None = None, seed: int = 0):
     """The random transformers model of `name`, in eval mode; saved to `folder` when given.
@@ -120,8 +174,15 @@ def peft_adapter(name: str, checkpoint: Path, folder: Path, **options):
     `folder`; returns the PEFT model."""
     import peft
 
-    config = peft.LoraConfig(**{"r": RANK, "lora_alpha": ALPHA, "target_modules": list(CASES[name].targets),
-                                **CASES[name].options, **options})
+    config = peft.LoraConfig(
+        **{
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "target_modules": list(CASES[name].targets),
+            **CASES[name].options,
+            **options,
+        }
+    )
     model = peft.get_peft_model(transformers_model(name, checkpoint), config)
     randomize_peft(model)
     model.save_pretrained(folder)
@@ -129,6 +190,7 @@ def peft_adapter(name: str, checkpoint: Path, folder: Path, **options):
 
 
 # -- the KerasHub side (any Keras backend) -----------------------------------------------------------------
+
 
 def keras_task(name: str, checkpoint: Path):
     """The KerasHub task of `name` over the backbone loaded from the Hugging Face `checkpoint` folder."""
@@ -153,8 +215,13 @@ def keras_outputs(name: str, model) -> np.ndarray:
 
     if CASES[name].is_encoder:
         outputs = getattr(model, "backbone", model)(keras_inputs(name))
-        return np.concatenate([keras.ops.convert_to_numpy(outputs["sequence_output"]),
-                               keras.ops.convert_to_numpy(outputs["pooled_output"])[:, None]], axis=1)
+        return np.concatenate(
+            [
+                keras.ops.convert_to_numpy(outputs["sequence_output"]),
+                keras.ops.convert_to_numpy(outputs["pooled_output"])[:, None],
+            ],
+            axis=1,
+        )
     return keras.ops.convert_to_numpy(model(keras_inputs(name)))
 
 
@@ -168,14 +235,18 @@ def train(name: str, model, steps: int = 2, seed: int = 2):
     if steps:
         labels = TOKEN_IDS[:, 0] % 2 if CASES[name].is_encoder else NEXT_TOKENS
         # Eager: tracing a whole KerasHub model costs seconds, far more than a few steps of a tiny one.
-        model.compile(optimizer=keras.optimizers.SGD(0.1),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            run_eagerly=True,
+        )
         for _ in range(steps):
             model.train_on_batch(keras_inputs(name), labels)
     return model
 
 
 # -- the other backends, in a subprocess ---------------------------------------------------------------
+
 
 def prepare(folder: Path, names: list[str]) -> None:
     """For each architecture, under `folder/name`: its checkpoint, the base model's outputs, a PEFT adapter
@@ -204,8 +275,14 @@ def run_on_this_backend(folder: Path, output: Path, names: list[str], steps: int
         peft = np.max(np.abs(keras_outputs(name, model) - np.load(folder / name / "peft_outputs.npy")))
         results[name] = {"base": float(base), "peft": float(peft)}
         model = keras_task(name, folder / name / "checkpoint")
-        lora.apply(model, naming="transformers", target_modules=list(CASES[name].targets), r=RANK, alpha=ALPHA,
-                   **CASES[name].options)
+        lora.apply(
+            model,
+            naming="transformers",
+            target_modules=list(CASES[name].targets),
+            r=RANK,
+            alpha=ALPHA,
+            **CASES[name].options,
+        )
         train(name, model, steps)
         lora.save_adapter(model, output / name / "keras", naming="transformers")
         np.save(output / name / "keras_outputs.npy", keras_outputs(name, model))

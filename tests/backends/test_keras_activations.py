@@ -17,6 +17,7 @@ from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
+
 def _keras_gelu_and_gradient(z: tf.Tensor, upstream: tf.Tensor, gelu) -> tuple[np.ndarray, np.ndarray]:
     with tf.GradientTape() as tape:
         tape.watch(z)
@@ -52,7 +53,9 @@ def _assert_near_exact_gelu(z: np.ndarray, upstream: np.ndarray) -> None:
 @given(st.data(), strategies.float_dtypes)
 def test_outputs_and_gradients_are_the_exact_gelus(data, dtype):
     shape = data.draw(strategies.batch_shapes)
-    _assert_near_exact_gelu(data.draw(strategies.arrays(shape, dtype, scale=4.0)), data.draw(strategies.arrays(shape, dtype)))
+    _assert_near_exact_gelu(
+        data.draw(strategies.arrays(shape, dtype, scale=4.0)), data.draw(strategies.arrays(shape, dtype))
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -73,16 +76,21 @@ def test_half_precision_is_at_least_as_close_to_the_exact_gelu_as_kerass(dtype):
     assert worst(gradient, exact_gradient) <= worst(keras_gradient, exact_gradient)
 
 
-@pytest.mark.parametrize("make", [
-    lambda activation: LoRADense(5, r=2, activation=activation),
-    lambda activation: LoRAEinsumDense("ab,bc->ac", 5, r=2, activation=activation),
-    lambda activation: LoRAConv2D(3, 2, r=2, activation=activation),
-], ids=["dense", "einsum_dense", "conv2d"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda activation: LoRADense(5, r=2, activation=activation),
+        lambda activation: LoRAEinsumDense("ab,bc->ac", 5, r=2, activation=activation),
+        lambda activation: LoRAConv2D(3, 2, r=2, activation=activation),
+    ],
+    ids=["dense", "einsum_dense", "conv2d"],
+)
 def test_layers_with_gelu_train_as_with_kerass_gelu_and_still_save_it_as_gelu(make):
     keras.utils.set_random_seed(0)
     layer = make("gelu")
-    x = tf.constant(np.random.default_rng(0).standard_normal((2, 6, 6, 4) if isinstance(layer, LoRAConv2D) else (3, 4)),
-                    tf.float32)
+    x = tf.constant(
+        np.random.default_rng(0).standard_normal((2, 6, 6, 4) if isinstance(layer, LoRAConv2D) else (3, 4)), tf.float32
+    )
     layer.build(x.shape)
     layer.lora_b.assign(np.random.default_rng(1).standard_normal(layer.lora_b.shape))
     one_pass = activation_of(layer, training=True)

@@ -22,9 +22,14 @@ TARGETS = dict(target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
 def keras_base(seed=0) -> keras.Model:
     """Module paths `embed`, `encoder.fc1`, `encoder.fc2`, `norm`, `head`: those of `TorchNet`."""
     keras.utils.set_random_seed(seed)
-    encoder = keras.Sequential([keras.Input((SEQUENCE, WIDTH)),
-                                keras.layers.Dense(16, activation="gelu", name="fc1"),
-                                keras.layers.Dense(16, name="fc2")], name="encoder")
+    encoder = keras.Sequential(
+        [
+            keras.Input((SEQUENCE, WIDTH)),
+            keras.layers.Dense(16, activation="gelu", name="fc1"),
+            keras.layers.Dense(16, name="fc2"),
+        ],
+        name="encoder",
+    )
     ids = keras.Input((SEQUENCE,), dtype="int32")
     hidden = encoder(keras.layers.Embedding(VOCABULARY, WIDTH, name="embed")(ids))
     hidden = keras.layers.LayerNormalization(epsilon=1e-5, name="norm")(hidden)
@@ -116,10 +121,18 @@ def test_a_file_that_does_not_fit_is_refused_and_the_model_is_untouched(tmp_path
 
 def test_a_shape_mismatch_names_the_tensor(tmp_path):
     lora.save_adapter(lora.apply(keras_base(), **TARGETS), tmp_path)
-    narrower = keras.Sequential([keras.Input((SEQUENCE,), dtype="int32"), keras.layers.Embedding(VOCABULARY, 4, name="embed"),
-                                 keras.layers.Dense(16, name="fc1"), keras.layers.Dense(16, name="fc2"),
-                                 keras.layers.Dense(3, name="head")])
-    with pytest.raises(ValueError, match=r"adapter tensor B of 'embed' has shape \(8, 4\), but this model needs \(4, 4\)"):
+    narrower = keras.Sequential(
+        [
+            keras.Input((SEQUENCE,), dtype="int32"),
+            keras.layers.Embedding(VOCABULARY, 4, name="embed"),
+            keras.layers.Dense(16, name="fc1"),
+            keras.layers.Dense(16, name="fc2"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+    with pytest.raises(
+        ValueError, match=r"adapter tensor B of 'embed' has shape \(8, 4\), but this model needs \(4, 4\)"
+    ):
         lora.load_adapter(narrower, tmp_path)
 
 
@@ -135,6 +148,7 @@ def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
 
 def test_attention_biases_are_stored_flat_as_pytorch_linear_biases_and_load_back(tmp_path):
     from tests.backends.test_keras_model import attention_model
+
     model = randomize(lora.apply(attention_model(), r=2, target_modules=["query", "value"], bias="lora_only"))
     lora.save_adapter(model, tmp_path)
     tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
@@ -153,8 +167,9 @@ def _torch_net(torch):
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(VOCABULARY, WIDTH)
-            self.encoder = nn.Sequential(collections.OrderedDict(
-                fc1=nn.Linear(WIDTH, 16), act=nn.GELU(), fc2=nn.Linear(16, 16)))
+            self.encoder = nn.Sequential(
+                collections.OrderedDict(fc1=nn.Linear(WIDTH, 16), act=nn.GELU(), fc2=nn.Linear(16, 16))
+            )
             self.norm = nn.LayerNorm(16)
             self.head = nn.Linear(16, 3)
 
@@ -223,8 +238,14 @@ def test_adapter_saved_by_peft_runs_in_keras_with_the_same_outputs(tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     base = keras_base()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
-                             bias="lora_only", use_rslora=True)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed", "fc1", "fc2"],
+        modules_to_save=["head"],
+        bias="lora_only",
+        use_rslora=True,
+    )
     net = peft.get_peft_model(torch_twin(torch, base), config)
     randomize_torch(torch, net)
     net.save_pretrained(str(tmp_path))
@@ -327,8 +348,9 @@ def test_dora_adapter_saved_by_peft_runs_in_keras_with_the_same_outputs(tmp_path
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     base = keras_base()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"],
-                             use_dora=True)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["embed", "fc1", "fc2"], modules_to_save=["head"], use_dora=True
+    )
     net = peft.get_peft_model(torch_twin(torch, base), config)
     randomize_torch(torch, net)
     net.save_pretrained(str(tmp_path))
@@ -346,8 +368,9 @@ def test_conv_dora_adapters_move_between_keras_and_pytorch_with_the_same_outputs
     peft_net = peft.PeftModel.from_pretrained(torch_cnn(torch, keras_cnn(1)), str(tmp_path / "keras"))
     np.testing.assert_allclose(_torch_cnn_outputs(torch, peft_net.eval()), model(IMAGES), rtol=0, atol=1e-5)
 
-    trained = peft.get_peft_model(torch_cnn(torch, keras_cnn(1)), peft.LoraConfig(
-        r=4, target_modules=["conv", "head"], use_dora=True))
+    trained = peft.get_peft_model(
+        torch_cnn(torch, keras_cnn(1)), peft.LoraConfig(r=4, target_modules=["conv", "head"], use_dora=True)
+    )
     randomize_torch(torch, trained)
     trained.save_pretrained(str(tmp_path / "peft"))
     keras_model = lora.load_adapter(keras_cnn(1), tmp_path / "peft")
@@ -362,8 +385,11 @@ def test_a_dora_file_whose_magnitude_does_not_fit_is_refused_and_the_model_is_un
     safetensors_io.save(tmp_path / "adapter_model.safetensors", tensors, metadata=metadata)
     model = lora.apply(keras_base(), **TARGETS) if target == "adapted" else keras_base()
     before = _weights(model)
-    with pytest.raises(ValueError, match=r"adapter tensor encoder.fc2.lora_magnitude_vector has shape \(8,\), but the "
-                                         r"module's lora_B makes 16 output features") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"adapter tensor encoder.fc2.lora_magnitude_vector has shape \(8,\), but the "
+        r"module's lora_B makes 16 output features",
+    ) as error:
         lora.load_adapter(model, tmp_path)
     assert "\n" not in str(error.value)
     for old, new in zip(before, _weights(model)):

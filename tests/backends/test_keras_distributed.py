@@ -29,9 +29,14 @@ def _training_step() -> dict:
     strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(REPLICAS)])
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="gelu", name="fc1"),
-                                  keras.layers.Dense(16, activation="gelu", name="fc2"),
-                                  keras.layers.Dense(4, name="head")])
+        model = keras.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="gelu", name="fc1"),
+                keras.layers.Dense(16, activation="gelu", name="fc2"),
+                keras.layers.Dense(4, name="head"),
+            ]
+        )
         lora.apply(model, r=4, alpha=8, dropout=0.1)
         model.compile(optimizer=keras.optimizers.AdamW(0.01), loss="mse")
     before = {f"{layer.name}/{v.name}": v.numpy().copy() for layer in model.layers for v in layer.weights}
@@ -40,17 +45,22 @@ def _training_step() -> dict:
     after = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
     replicas_agree = all(
         np.array_equal(*(np.asarray(value) for value in strategy.experimental_local_results(variable.value)))
-        for variable in after.values())
-    return {"replicas": strategy.num_replicas_in_sync, "replicas_agree": bool(replicas_agree),
-            "mirrored": type(model.get_layer("fc1").lora_a.value).__name__,
-            "changed": sorted(name for name, value in before.items() if not np.array_equal(value, after[name].numpy()))}
+        for variable in after.values()
+    )
+    return {
+        "replicas": strategy.num_replicas_in_sync,
+        "replicas_agree": bool(replicas_agree),
+        "mirrored": type(model.get_layer("fc1").lora_a.value).__name__,
+        "changed": sorted(name for name, value in before.items() if not np.array_equal(value, after[name].numpy())),
+    }
 
 
 def test_mirrored_strategy_step_on_two_devices_changes_only_lora_weights():
     pytest.importorskip("tensorflow")
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    completed = subprocess.run([sys.executable, __file__], cwd=ROOT, env=environment, capture_output=True, text=True,
-                               timeout=300)
+    completed = subprocess.run(
+        [sys.executable, __file__], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["replicas"] == REPLICAS and result["replicas_agree"]

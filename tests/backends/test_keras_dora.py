@@ -15,8 +15,13 @@ from lora_spec import dora, reference  # noqa: E402
 from lora_spec.dropout import keep_probability  # noqa: E402
 from lora_spec.multi_adapter import Factors  # noqa: E402
 from tests import strategies  # noqa: E402
-from tests.backends.keras_cases import (dora_layer, keras_can_run, layer_output_and_gradients, lora_dense,  # noqa: E402
-                                        nhwc, reference_padding)
+from tests.backends.keras_cases import (
+    dora_layer,
+    keras_can_run,
+    layer_output_and_gradients,
+    nhwc,
+    reference_padding,
+)
 from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
@@ -33,11 +38,15 @@ def _reference_output_and_gradients(dora_case, s, grad_y, dropout_mask):
     Keras's layout for the output and `dx`; `grad_y` in Keras's layout."""
     case, m = dora_case.case, dora_case.magnitude
     if dora_case.layer == "linear":
-        return (dora.dora_forward(case.x, case.W, case.b, case.A, case.B, s, m, case.dropout_mask),
-                dora.dora_backward(case.x, case.W, case.A, case.B, s, m, grad_y, case.dropout_mask))
+        return (
+            dora.dora_forward(case.x, case.W, case.b, case.A, case.B, s, m, case.dropout_mask),
+            dora.dora_backward(case.x, case.W, case.A, case.B, s, m, grad_y, case.dropout_mask),
+        )
     if dora_case.layer == "embedding":
-        return (dora.dora_embedding_forward(case.ids, case.W, case.A, case.B, s, m),
-                dora.dora_embedding_backward(case.ids, case.W, case.A, case.B, s, m, grad_y))
+        return (
+            dora.dora_embedding_forward(case.ids, case.W, case.A, case.B, s, m),
+            dora.dora_embedding_backward(case.ids, case.W, case.A, case.B, s, m, grad_y),
+        )
     # Keras pads only 'same' or 'valid': the reference runs unpadded on the padded input, channels first.
     pad = reference_padding(case)
     geometry = {**case.geometry, "padding": (0, 0)}
@@ -92,8 +101,16 @@ def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exa
     keep = np.asarray(layer._keep(layer.adapter(), keras.ops.convert_to_tensor(x)))
     assert 0 < keep.mean() < 1
     A, B = layer.lora_weights()
-    expected = dora.dora_forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling, magnitude,
-                                 keep / np.float32(keep_probability(p)))
+    expected = dora.dora_forward(
+        x,
+        layer.base_weight(),
+        layer.bias.numpy(),
+        A,
+        B,
+        layer.scaling,
+        magnitude,
+        keep / np.float32(keep_probability(p)),
+    )
     assert_close(trained, expected, np.float32, factor=20)
 
 
@@ -123,11 +140,23 @@ def test_a_new_dora_adapter_starts_at_its_norm_so_it_computes_plain_lora(dora_ca
     case = dora_case.case
     norm = dora.weight_norm(case.W, case.A, case.B, layer.scaling, dora_case.layer)
     layer.set_lora_weights(case.A, case.B, magnitude=norm)
-    plain = {"linear": lambda: reference.forward(case.x, case.W, case.b, case.A, case.B, layer.scaling),
-             "embedding": lambda: reference.embedding_forward(case.ids, case.W, case.A, case.B, layer.scaling),
-             "conv2d": lambda: nhwc(reference.conv2d_forward(np.pad(case.x, reference_padding(case)), case.W, case.b,
-                                                            case.A, case.B, layer.scaling, case.stride, (0, 0),
-                                                            case.dilation))}
+    plain = {
+        "linear": lambda: reference.forward(case.x, case.W, case.b, case.A, case.B, layer.scaling),
+        "embedding": lambda: reference.embedding_forward(case.ids, case.W, case.A, case.B, layer.scaling),
+        "conv2d": lambda: nhwc(
+            reference.conv2d_forward(
+                np.pad(case.x, reference_padding(case)),
+                case.W,
+                case.b,
+                case.A,
+                case.B,
+                layer.scaling,
+                case.stride,
+                (0, 0),
+                case.dilation,
+            )
+        ),
+    }
     assert_close(layer(x), plain[dora_case.layer](), case.W.dtype, factor=50)
 
 
@@ -153,11 +182,13 @@ EQUATIONS = [  # equation, output shape, input shape, bias axes
 
 
 @pytest.mark.parametrize(("equation", "output_shape", "input_shape", "bias_axes"), EQUATIONS)
-def test_einsum_dense_dora_computes_the_reference_merged_weight_on_its_flattened_axes(equation, output_shape,
-                                                                                      input_shape, bias_axes):
+def test_einsum_dense_dora_computes_the_reference_merged_weight_on_its_flattened_axes(
+    equation, output_shape, input_shape, bias_axes
+):
     rng = np.random.default_rng(0)
-    layer = lora.LoRAEinsumDense(equation, output_shape, r=3, alpha=6, use_dora=True, bias_axes=bias_axes,
-                                 dtype="float64")
+    layer = lora.LoRAEinsumDense(
+        equation, output_shape, r=3, alpha=6, use_dora=True, bias_axes=bias_axes, dtype="float64"
+    )
     x = rng.standard_normal(input_shape)
     layer.build(x.shape)
     W = layer.base_weight()
@@ -180,16 +211,24 @@ def test_einsum_dense_dora_computes_the_reference_merged_weight_on_its_flattened
 
 # --- several adapters ---------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=20)
 @given(strategies.dora_cases("linear", np.float64), st.data())
 def test_a_dora_adapter_beside_a_lora_adapter_adds_its_own_update_and_merges_as_the_reference(dora_case, data):
     case = dora_case.case
-    other = Factors(data.draw(strategies.arrays(case.A.shape, np.float64)), data.draw(strategies.arrays(case.B.shape)),
-                    data.draw(strategies.scales))
+    other = Factors(
+        data.draw(strategies.arrays(case.A.shape, np.float64)),
+        data.draw(strategies.arrays(case.B.shape)),
+        data.draw(strategies.scales),
+    )
     r = case.A.shape[0]
-    layer = lora.LoRADense(case.W.shape[0], use_bias=case.b is not None, dtype="float64", adapters={
-        "dora": dict(r=r, alpha=case.s * r, use_dora=True), "plain": dict(r=r, alpha=other.s * r)},
-        active_adapters=["plain", "dora"])
+    layer = lora.LoRADense(
+        case.W.shape[0],
+        use_bias=case.b is not None,
+        dtype="float64",
+        adapters={"dora": dict(r=r, alpha=case.s * r, use_dora=True), "plain": dict(r=r, alpha=other.s * r)},
+        active_adapters=["plain", "dora"],
+    )
     layer.build(case.x.shape)
     layer.kernel.assign(case.W.T)
     if case.b is not None:
@@ -200,21 +239,26 @@ def test_a_dora_adapter_beside_a_lora_adapter_adds_its_own_update_and_merges_as_
     base = reference.forward(case.x, case.W, case.b, case.A, np.zeros_like(case.B), s)
 
     def expected(mask=None):
-        return (dora.dora_forward(case.x, case.W, case.b, case.A, case.B, s, dora_case.magnitude, mask)
-                + reference.forward(case.x, case.W, case.b, other.A, other.B, plain_s, mask) - base)
+        return (
+            dora.dora_forward(case.x, case.W, case.b, case.A, case.B, s, dora_case.magnitude, mask)
+            + reference.forward(case.x, case.W, case.b, other.A, other.B, plain_s, mask)
+            - base
+        )
 
     assert_close(layer(case.x, dropout_mask=case.dropout_mask), expected(case.dropout_mask), factor=100)
     layer.merge()
-    merged = dora.merge_adapters(case.W, [Factors(case.A, case.B, s), other._replace(s=plain_s)],
-                                 [dora_case.magnitude, None])
+    merged = dora.merge_adapters(
+        case.W, [Factors(case.A, case.B, s), other._replace(s=plain_s)], [dora_case.magnitude, None]
+    )
     assert_close(layer._to_reference(layer.kernel.numpy()), merged)
     assert_close(layer(case.x), expected(), factor=100)
 
 
 def _model(use_dora=True, **kwargs):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"),
-                              keras.layers.Dense(3, name="head")])
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"), keras.layers.Dense(3, name="head")]
+    )
     return lora.apply(model, r=2, target_modules=["fc1", "head"], use_dora=use_dora, **kwargs)
 
 
@@ -235,8 +279,9 @@ def test_dora_model_trains_only_a_b_and_the_magnitude_and_reloads_from_a_keras_f
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     model.fit(X, np.ones((4, 3)), epochs=2, verbose=0)
     changed = sorted(name for name, v in weights.items() if not np.array_equal(before[name], v.numpy()))
-    assert changed == [f"{layer}/{name}" for layer in ("fc1", "head")
-                       for name in ("lora_a", "lora_b", "lora_magnitude_vector")]
+    assert changed == [
+        f"{layer}/{name}" for layer in ("fc1", "head") for name in ("lora_a", "lora_b", "lora_magnitude_vector")
+    ]
     lora.apply(model, adapter_name="plain", r=3, target_modules=["fc1"])
     lora.set_adapter(model, ["default", "plain"])
     model.save(tmp_path / "model.keras")
@@ -291,6 +336,7 @@ def test_mixed_precision_keeps_the_magnitude_in_float32_and_computes_in_half():
     y = layer(x)
     assert y.dtype == "float16"
     A, B = layer.lora_weights()
-    expected = dora.dora_forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling,
-                                 layer.lora_magnitude())
+    expected = dora.dora_forward(
+        x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling, layer.lora_magnitude()
+    )
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=0.02, atol=0.02)

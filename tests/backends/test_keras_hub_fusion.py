@@ -6,15 +6,17 @@ from hypothesis import given
 
 pytest.importorskip("keras")
 
-from lora_spec import reference  # noqa: E402
-from lora_spec.backends.keras_hub_names import fuse, split  # noqa: E402
-from lora_spec.backends.keras_hub_recording import LinearPlacement  # noqa: E402
-from tests import strategies  # noqa: E402
+from lora_spec import reference
+from lora_spec.backends.keras_hub_names import fuse, split
+from lora_spec.backends.keras_hub_recording import LinearPlacement
+from tests import strategies
 
 
 def _placements(case):
-    return [LinearPlacement("fused.weight", case.out_features, case.in_features, rows, columns, False)
-            for rows, columns, *_ in case.layers]
+    return [
+        LinearPlacement("fused.weight", case.out_features, case.in_features, rows, columns, False)
+        for rows, columns, *_ in case.layers
+    ]
 
 
 @given(strategies.fused_linear_cases())
@@ -25,7 +27,9 @@ def test_fused_adapter_holds_each_layer_update_in_its_block_and_zero_elsewhere(c
     delta = reference.delta_weight(lora_a, lora_b, case.layers[0][4])
     covered = np.zeros(delta.shape, bool)
     for rows, columns, A, B, s in case.layers:
-        np.testing.assert_allclose(delta[np.ix_(rows, columns)], reference.delta_weight(A, B, s), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            delta[np.ix_(rows, columns)], reference.delta_weight(A, B, s), rtol=1e-12, atol=1e-12
+        )
         covered[rows] = True
     assert not delta[~covered].any()
 
@@ -36,5 +40,9 @@ def test_split_gives_each_layer_its_block_of_the_transformers_update(case):
     lora_a, lora_b = fuse([(placement, A, B, s) for placement, (_, _, A, B, s) in zip(placements, case.layers)])
     scaling = case.layers[0][4]
     for placement, (_, _, A, B, s) in zip(placements, case.layers):
-        np.testing.assert_allclose(reference.delta_weight(*split(placement, lora_a, lora_b), scaling),
-                                   reference.delta_weight(A, B, s), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            reference.delta_weight(*split(placement, lora_a, lora_b), scaling),
+            reference.delta_weight(A, B, s),
+            rtol=1e-12,
+            atol=1e-12,
+        )

@@ -50,11 +50,15 @@ def check_both_directions(folder: Path, output: Path, name: str, result: dict) -
     transformers' names in `output`, gives in PEFT the outputs it gave in KerasHub; each adapter visibly
     changes them."""
     limit = tolerance(result["base"])
-    peft_outputs, base_outputs = np.load(folder / name / "peft_outputs.npy"), np.load(folder / name / "base_outputs.npy")
+    peft_outputs, base_outputs = (
+        np.load(folder / name / "peft_outputs.npy"),
+        np.load(folder / name / "base_outputs.npy"),
+    )
     assert result["peft"] <= limit
     assert np.max(np.abs(peft_outputs - base_outputs)) > 100 * limit
-    model = peft.PeftModel.from_pretrained(hub.transformers_model(name, folder / name / "checkpoint"),
-                                           str(output / name / "keras"))
+    model = peft.PeftModel.from_pretrained(
+        hub.transformers_model(name, folder / name / "checkpoint"), str(output / name / "keras")
+    )
     keras_outputs = np.load(output / name / "keras_outputs.npy")
     assert np.max(np.abs(hub.transformers_outputs(model.eval()) - keras_outputs)) <= limit
     assert np.max(np.abs(keras_outputs - base_outputs)) > 100 * limit
@@ -88,13 +92,25 @@ def other_backends(request, prepared):
     selected = {item.name for item in request.session.items}
     processes = {}
     for backend, options in OTHER_BACKENDS.items():
-        if f"{test_adapters_cross_on_keras_jax_and_torch_backends.__name__}[{backend}]" not in selected or \
-                importlib.util.find_spec(backend) is None:
+        if (
+            f"{test_adapters_cross_on_keras_jax_and_torch_backends.__name__}[{backend}]" not in selected
+            or importlib.util.find_spec(backend) is None
+        ):
             continue
-        environment = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT),
-                       **{key: value for key, value in options.items() if key.isupper()}}
-        command = [sys.executable, str(ROOT / "tests" / "backends" / "keras_hub_models.py"), str(prepared),
-                   str(prepared / backend), str(options["steps"]), *options["names"]]
+        environment = {
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "PYTHONPATH": str(ROOT),
+            **{key: value for key, value in options.items() if key.isupper()},
+        }
+        command = [
+            sys.executable,
+            str(ROOT / "tests" / "backends" / "keras_hub_models.py"),
+            str(prepared),
+            str(prepared / backend),
+            str(options["steps"]),
+            *options["names"],
+        ]
         (prepared / backend).mkdir()
         # Files, not pipes: a full pipe would stall one process while the test waits on the other.
         with open(prepared / backend / "stdout", "w") as stdout, open(prepared / backend / "stderr", "w") as stderr:
@@ -107,6 +123,7 @@ def other_backends(request, prepared):
 
 # -- the mapping is KerasHub's ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", hub.CASES)
 def test_recorded_mapping_reproduces_what_keras_hub_loads(prepared, name):
     model = hub.keras_task(name, prepared / name / "checkpoint")
@@ -116,7 +133,9 @@ def test_recorded_mapping_reproduces_what_keras_hub_loads(prepared, name):
     assert {id(variable) for _, variable in ported} == {id(variable) for variable in model.backbone.weights}
     for layer, variable in ported:
         placement = names.recording.placement(layer, variable)
-        tensor = next(value for key, value in tensors.items() if key == placement.key or key.endswith("." + placement.key))
+        tensor = next(
+            value for key, value in tensors.items() if key == placement.key or key.endswith("." + placement.key)
+        )
         assert tensor.shape == placement.shape
         np.testing.assert_array_equal(tensor.reshape(-1)[placement.index], keras.ops.convert_to_numpy(variable))
 
@@ -135,8 +154,9 @@ def test_saved_layouts_are_those_of_keras_hub_exporter(prepared, name):
     exported = MODEL_EXPORTERS[type(model.backbone).__name__](model.backbone, include_lm_head=True)
     class_name = names.architecture.default_class
     # The linear layers adapters are on (KerasHub's Gemma exporter writes Gemma 2's norms under Gemma's names).
-    keys = {names.class_path(bare, class_name): bare for bare, members in names.fed.items()
-            if is_kernel(*members[0][1:])}
+    keys = {
+        names.class_path(bare, class_name): bare for bare, members in names.fed.items() if is_kernel(*members[0][1:])
+    }
     assert set(keys) <= set(exported)
     for key, bare in keys.items():
         np.testing.assert_array_equal(names.values(bare, {}), keras.ops.convert_to_numpy(exported[key]), err_msg=key)
@@ -151,18 +171,32 @@ def test_architecture_rows_name_the_state_dicts_of_transformers_classes(prepared
     assert type(hf_model).__name__ == architecture.default_class
     assert type(hf_model).base_model_prefix == architecture.base_prefix
     assert type(hf_model.base_model).__name__ == architecture.bare
-    for class_name, state in ((architecture.default_class, hf_model.state_dict()),
-                              (architecture.bare, hf_model.base_model.state_dict())):
-        keys = {names.class_path(bare, class_name) for bare in names.fed
-                if class_name == architecture.causal_lm or bare.split(".")[0] not in architecture.head}
+    for class_name, state in (
+        (architecture.default_class, hf_model.state_dict()),
+        (architecture.bare, hf_model.base_model.state_dict()),
+    ):
+        keys = {
+            names.class_path(bare, class_name)
+            for bare in names.fed
+            if class_name == architecture.causal_lm or bare.split(".")[0] not in architecture.head
+        }
         assert keys <= set(state), sorted(keys - set(state))
 
 
 # -- GPT-2's fused attention -------------------------------------------------------------------------------
 
+
 def test_gpt2_query_key_value_are_written_as_c_attn_at_three_times_the_rank(prepared, tmp_path):
-    model = hub.train("gpt2", lora.apply(hub.keras_task("gpt2", prepared / "gpt2" / "checkpoint"),
-                                                   naming="transformers", target_modules=["c_attn"], r=2, alpha=3))
+    model = hub.train(
+        "gpt2",
+        lora.apply(
+            hub.keras_task("gpt2", prepared / "gpt2" / "checkpoint"),
+            naming="transformers",
+            target_modules=["c_attn"],
+            r=2,
+            alpha=3,
+        ),
+    )
     lora.save_adapter(model, tmp_path, naming="transformers")
     tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -176,9 +210,9 @@ def test_gpt2_query_key_value_are_written_as_c_attn_at_three_times_the_rank(prep
     layers = {path.partition(".")[2]: layer for path, layer in lora.lora_layers(model)}
     for block, part in enumerate(("query", "key", "value")):
         a, b = layers[f"transformer_layer_0.self_attention.{part}"].lora_weights()
-        np.testing.assert_array_equal(lora_a[2 * block:2 * block + 2], a)
-        np.testing.assert_array_equal(lora_b[32 * block:32 * block + 32, 2 * block:2 * block + 2], b)
-        off_diagonal = np.delete(lora_b[32 * block:32 * block + 32], np.s_[2 * block:2 * block + 2], axis=1)
+        np.testing.assert_array_equal(lora_a[2 * block : 2 * block + 2], a)
+        np.testing.assert_array_equal(lora_b[32 * block : 32 * block + 32, 2 * block : 2 * block + 2], b)
+        off_diagonal = np.delete(lora_b[32 * block : 32 * block + 32], np.s_[2 * block : 2 * block + 2], axis=1)
         assert not off_diagonal.any()
 
 
@@ -204,8 +238,9 @@ def test_named_adapters_cross_under_their_names(prepared, tmp_path):
     checkpoint = prepared / "llama" / "checkpoint"
     model = hub.keras_task("llama", checkpoint)
     lora.apply(model, naming="transformers", target_modules=["q_proj", "v_proj"], r=2)
-    lora.apply(model, adapter_name="head", naming="transformers", target_modules=["up_proj"], r=4,
-               modules_to_save=["lm_head"])
+    lora.apply(
+        model, adapter_name="head", naming="transformers", target_modules=["up_proj"], r=4, modules_to_save=["lm_head"]
+    )
     for seed, name in enumerate(("default", "head")):
         lora.set_adapter(model, name)
         hub.train("llama", model, steps=0, seed=seed)
@@ -243,9 +278,14 @@ def test_heads_and_biases_cross_both_ways_with_equal_outputs(prepared, tmp_path,
     lora.load_adapter(model, tmp_path / "peft")
     assert np.max(np.abs(hub.keras_outputs(name, model) - expected)) <= limit
 
-    trained = lora.apply(hub.keras_task(name, checkpoint), naming="transformers",
-                         target_modules=list(hub.CASES[name].targets), r=hub.RANK, alpha=hub.ALPHA,
-                         **{**hub.CASES[name].options, **options})
+    trained = lora.apply(
+        hub.keras_task(name, checkpoint),
+        naming="transformers",
+        target_modules=list(hub.CASES[name].targets),
+        r=hub.RANK,
+        alpha=hub.ALPHA,
+        **{**hub.CASES[name].options, **options},
+    )
     hub.train(name, trained, steps=1)
     lora.save_adapter(trained, tmp_path / "keras", naming="transformers")
     loaded = peft.PeftModel.from_pretrained(hub.transformers_model(name, checkpoint), str(tmp_path / "keras"))
@@ -253,6 +293,7 @@ def test_heads_and_biases_cross_both_ways_with_equal_outputs(prepared, tmp_path,
 
 
 # -- bad input: one line, model unchanged -------------------------------------------------------------------
+
 
 def _snapshot(model) -> list[np.ndarray]:
     return [keras.ops.convert_to_numpy(variable).copy() for variable in model.weights]
@@ -280,27 +321,42 @@ def _edited_adapter(source: Path, target: Path, edit) -> Path:
 
 def test_adapter_of_another_architecture_is_refused_naming_its_first_key(prepared):
     model = hub.keras_task("gpt2", prepared / "gpt2" / "checkpoint")
-    assert_refused(model, lambda: lora.load_adapter(model, prepared / "llama" / "peft"),
-                   "adapter key base_model.model.model.layers.", "names no module of transformers' gpt2 model")
+    assert_refused(
+        model,
+        lambda: lora.load_adapter(model, prepared / "llama" / "peft"),
+        "adapter key base_model.model.model.layers.",
+        "names no module of transformers' gpt2 model",
+    )
 
 
 def test_adapter_of_another_size_is_refused_naming_the_tensor(prepared, tmp_path):
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
-    wider = _edited_adapter(prepared / "llama" / "peft", tmp_path / "wider",
-                            lambda tensors: {**tensors, key: np.zeros((hub.RANK, 48), np.float32)})
+    wider = _edited_adapter(
+        prepared / "llama" / "peft",
+        tmp_path / "wider",
+        lambda tensors: {**tensors, key: np.zeros((hub.RANK, 48), np.float32)},
+    )
     model = hub.keras_task("llama", prepared / "llama" / "checkpoint")
-    assert_refused(model, lambda: lora.load_adapter(model, wider), "tensor A of 'model.layers.1.self_attn.q_proj'",
-                   "(4, 48)", "another model size")
-    deeper = _edited_adapter(prepared / "llama" / "peft", tmp_path / "deeper",
-                             lambda tensors: {name.replace(".layers.1.", ".layers.5."): value
-                                              for name, value in tensors.items()})
+    assert_refused(
+        model,
+        lambda: lora.load_adapter(model, wider),
+        "tensor A of 'model.layers.1.self_attn.q_proj'",
+        "(4, 48)",
+        "another model size",
+    )
+    deeper = _edited_adapter(
+        prepared / "llama" / "peft",
+        tmp_path / "deeper",
+        lambda tensors: {name.replace(".layers.1.", ".layers.5."): value for name, value in tensors.items()},
+    )
     assert_refused(model, lambda: lora.load_adapter(model, deeper), "model.layers.5.", "names no module")
 
 
 def test_peft_feature_not_implemented_is_refused_by_name(prepared, tmp_path):
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
     peft.get_peft_model(hub.transformers_model("gemma", prepared / "gemma" / "checkpoint"), config).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
     assert_refused(model, lambda: lora.load_adapter(model, tmp_path), "use_dora=True is not supported")
 
@@ -308,8 +364,9 @@ def test_peft_feature_not_implemented_is_refused_by_name(prepared, tmp_path):
 @pytest.mark.parametrize("target, fragment", [("lm_head", "computes the logits"), ("embed_tokens", "embed_tokens")])
 def test_adapters_on_the_embeddings_and_head_are_refused(prepared, tmp_path, target, fragment):
     config = peft.LoraConfig(r=2, target_modules=["q_proj", target])
-    net = hub.randomize_peft(peft.get_peft_model(hub.transformers_model("llama", prepared / "llama" / "checkpoint"),
-                                                 config))
+    net = hub.randomize_peft(
+        peft.get_peft_model(hub.transformers_model("llama", prepared / "llama" / "checkpoint"), config)
+    )
     net.save_pretrained(tmp_path)
     model = hub.keras_task("llama", prepared / "llama" / "checkpoint")
     assert_refused(model, lambda: lora.load_adapter(model, tmp_path), fragment, "ReversibleEmbedding")
@@ -318,15 +375,18 @@ def test_adapters_on_the_embeddings_and_head_are_refused(prepared, tmp_path, tar
 
 def test_tied_embedding_as_module_to_save_is_refused(prepared):
     model = hub.keras_task("gpt2", prepared / "gpt2" / "checkpoint")
-    assert_refused(model, lambda: lora.apply(model, naming="transformers", modules_to_save=["wte"]),
-                   "tied to the output head")
+    assert_refused(
+        model, lambda: lora.apply(model, naming="transformers", modules_to_save=["wte"]), "tied to the output head"
+    )
 
 
 def test_architectures_without_transformers_naming_are_refused_by_name():
-    unsupported = keras_hub.models.DistilBertBackbone(vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8,
-                                                      intermediate_dim=16, max_sequence_length=8)
-    assert_refused(unsupported, lambda: lora.apply(unsupported, naming="transformers"),
-                   "DistilBertBackbone", "Llama3Backbone")
+    unsupported = keras_hub.models.DistilBertBackbone(
+        vocabulary_size=16, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=8
+    )
+    assert_refused(
+        unsupported, lambda: lora.apply(unsupported, naming="transformers"), "DistilBertBackbone", "Llama3Backbone"
+    )
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="q_proj")])
     assert_refused(plain, lambda: lora.apply(plain, naming="transformers"), "needs a KerasHub backbone")
 
@@ -334,8 +394,10 @@ def test_architectures_without_transformers_naming_are_refused_by_name():
 def test_unsupported_keras_hub_version_is_refused_naming_the_supported_ones(prepared, monkeypatch):
     model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
     monkeypatch.setattr(keras_hub, "__version__", "0.31.1")
-    for action in (lambda: lora.apply(model, naming="transformers"),
-                   lambda: lora.load_adapter(model, prepared / "gemma" / "peft")):
+    for action in (
+        lambda: lora.apply(model, naming="transformers"),
+        lambda: lora.load_adapter(model, prepared / "gemma" / "peft"),
+    ):
         assert_refused(model, action, "KerasHub 0.32, not 0.31.1", error=ImportError)
 
 
@@ -343,16 +405,21 @@ def test_naming_arguments_are_checked(prepared, tmp_path):
     model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
     assert_refused(model, lambda: lora.apply(model, naming="hf"), "naming='hf' is invalid")
     lora.apply(model, naming="transformers", r=2)
-    for arguments, fragment in ((dict(naming="hf"), "naming='hf' is invalid"),
-                                (dict(transformers_class="GemmaModel"), "pass naming='transformers'"),
-                                (dict(naming="transformers", transformers_class="GPT2LMHeadModel"),
-                                 "not a class of this model's architecture (gemma)")):
+    for arguments, fragment in (
+        (dict(naming="hf"), "naming='hf' is invalid"),
+        (dict(transformers_class="GemmaModel"), "pass naming='transformers'"),
+        (
+            dict(naming="transformers", transformers_class="GPT2LMHeadModel"),
+            "not a class of this model's architecture (gemma)",
+        ),
+    ):
         with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             lora.save_adapter(model, tmp_path, **arguments)
         assert not list(tmp_path.iterdir())
 
 
 # -- the other backends, last: their subprocesses ran beside the tests above ------------------------------
+
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_adapters_cross_on_keras_jax_and_torch_backends(prepared, other_backends, backend):

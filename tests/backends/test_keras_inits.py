@@ -11,8 +11,13 @@ pytest.importorskip("tensorflow")
 
 import lora_spec.keras as lora  # noqa: E402
 from lora_spec import inits  # noqa: E402
-from tests.backends.test_keras_adapter import (IDS, _torch_outputs, keras_base, keras_cnn,  # noqa: E402
-                                               torch_twin)
+from tests.backends.test_keras_adapter import (
+    IDS,
+    _torch_outputs,
+    keras_base,
+    keras_cnn,
+    torch_twin,
+)
 from tests.backends.test_keras_model import attention_model  # noqa: E402
 from tests.numerics import assert_close  # noqa: E402
 
@@ -30,8 +35,9 @@ def _weights(model) -> list[np.ndarray]:
 def test_weight_inits_start_from_the_reference_init_with_the_kernel_as_its_residual(init, kind):
     build, targets = LINEAR[kind]
     model = build()
-    original = {path: layer.kernel.numpy().copy() for path, layer in lora.named_layers(model)
-                if path.split(".")[-1] in targets}
+    original = {
+        path: layer.kernel.numpy().copy() for path, layer in lora.named_layers(model) if path.split(".")[-1] in targets
+    }
     expected = np.asarray(model(IDS))
     # With DoRA the magnitude starts at the norm of the initial adapted weight, the original one.
     lora.apply(model, r=3, alpha=6, target_modules=targets, init=init, use_dora=init == "olora")
@@ -39,15 +45,17 @@ def test_weight_inits_start_from_the_reference_init_with_the_kernel_as_its_resid
     for path, layer in lora.lora_layers(model):
         W = layer._to_reference(original[path])
         A, B = layer.lora_weights()
-        np.testing.assert_array_equal(np.concatenate(layer.lora_weights(initial=True), axis=None),
-                                      np.concatenate((A, B), axis=None))
+        np.testing.assert_array_equal(
+            np.concatenate(layer.lora_weights(initial=True), axis=None), np.concatenate((A, B), axis=None)
+        )
         assert_close(layer.base_weight() + layer.scaling * B @ A, W, np.float32, factor=10)
         if init != "pissa_niter_2":  # the randomized SVD draws its test matrix
             start = inits.init_from_weight(W, init, 3, layer.scaling)
             for actual, want in zip((A, B, layer.base_weight()), start):
                 assert_close(actual, want, np.float32, factor=10)
         assert [v.name for v in layer.trainable_weights] == ["lora_a", "lora_b"] + (
-            ["lora_magnitude_vector"] if init == "olora" else [])
+            ["lora_magnitude_vector"] if init == "olora" else []
+        )
 
 
 def _trained(init, use_dora):
@@ -64,13 +72,17 @@ def _torch_loaders():
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     import lora_spec.torch as lora_torch
-    return torch, {"lora_spec.torch": lora_torch.load_adapter,
-                   "peft": lambda net, folder: peft.PeftModel.from_pretrained(net, str(folder))}
+
+    return torch, {
+        "lora_spec.torch": lora_torch.load_adapter,
+        "peft": lambda net, folder: peft.PeftModel.from_pretrained(net, str(folder)),
+    }
 
 
 @pytest.mark.parametrize(("init", "use_dora"), [("pissa", False), ("olora", True), ("pissa_niter_2", False)])
-def test_a_weight_init_adapter_saved_as_lora_of_the_original_base_runs_there_in_keras_and_pytorch(tmp_path, init,
-                                                                                               use_dora):
+def test_a_weight_init_adapter_saved_as_lora_of_the_original_base_runs_there_in_keras_and_pytorch(
+    tmp_path, init, use_dora
+):
     model = _trained(init, use_dora)
     expected = np.asarray(model(IDS))
     if init == "pissa_niter_2":  # a .keras file keeps the residual and the initial A and B
@@ -103,12 +115,20 @@ def test_the_unconverted_form_runs_the_init_again_on_the_original_base_in_keras_
 
 def test_weight_inits_are_refused_in_one_line_where_peft_has_none_and_the_model_is_unchanged():
     cases = [
-        (keras_base(), dict(target_modules=["embed", "fc1"]), r"init='pissa' initialises linear layers \(Dense, "
-                                                               r"EinsumDense\) only, as PEFT's does, and layer 'embed' "
-                                                               "is a Embedding"),
+        (
+            keras_base(),
+            dict(target_modules=["embed", "fc1"]),
+            r"init='pissa' initialises linear layers \(Dense, "
+            r"EinsumDense\) only, as PEFT's does, and layer 'embed' "
+            "is a Embedding",
+        ),
         (keras_cnn(1), dict(target_modules=["conv"]), "layer 'conv' is a Conv2D"),
-        (keras_base(), dict(target_modules=["fc1"], r=9), r"rank r=9 does not fit init='pissa' of layer 'fc1', whose "
-                                                          "weight is 16x8: use r <= 8"),
+        (
+            keras_base(),
+            dict(target_modules=["fc1"], r=9),
+            r"rank r=9 does not fit init='pissa' of layer 'fc1', whose "
+            "weight is 16x8: use r <= 8",
+        ),
     ]
     quantized = keras_base()
     quantized.get_layer("encoder").get_layer("fc1").quantize("int8")
@@ -127,8 +147,11 @@ def test_weight_inits_are_refused_in_one_line_where_peft_has_none_and_the_model_
 def test_a_weight_init_adapter_cannot_share_layers_with_another_adapter(first, second):
     model = lora.apply(keras_base(), r=2, target_modules=["fc1"], init=first)
     before = _weights(model)
-    with pytest.raises(ValueError, match=r"layer 'fc1' would hold adapters 'other', 'default', one with "
-                                         r"init='(pissa|olora)': PiSSA and OLoRA make the base weight the residual"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'fc1' would hold adapters 'other', 'default', one with "
+        r"init='(pissa|olora)': PiSSA and OLoRA make the base weight the residual",
+    ):
         lora.apply(model, adapter_name="other", r=2, target_modules=["fc1", "fc2"], init=second)
     assert lora.adapter_names(model) == ["default"]
     assert [path for path, _ in lora.lora_layers(model)] == ["encoder.fc1"]

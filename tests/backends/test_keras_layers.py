@@ -8,14 +8,22 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from lora_spec import LoRAConfig, reference  # noqa: E402
-from lora_spec.dropout import keep_probability  # noqa: E402
 from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense, LoRAEmbedding  # noqa: E402
+from lora_spec.dropout import keep_probability  # noqa: E402
 from tests import strategies  # noqa: E402
-from tests.backends.keras_cases import (DTYPE_NAMES, dense_output_and_gradients, keras_can_run,  # noqa: E402
-                                        lora_conv2d, lora_dense, nhwc, reference_padding)
+from tests.backends.keras_cases import (
+    DTYPE_NAMES,
+    dense_output_and_gradients,
+    keras_can_run,
+    lora_conv2d,
+    lora_dense,
+    nhwc,
+    reference_padding,
+)
 from tests.numerics import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
+
 
 @given(strategies.linear_cases())
 def test_dense_forward_equals_reference_with_explicit_dropout_mask(case):
@@ -92,8 +100,9 @@ def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exa
     keep = np.asarray(layer._keep(layer.adapter(), keras.ops.convert_to_tensor(x)))
     assert keep.shape == x.shape and 0 < keep.mean() < 1
     A, B = layer.lora_weights()
-    expected = reference.forward(x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling,
-                                 keep / np.float32(keep_probability(p)))
+    expected = reference.forward(
+        x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling, keep / np.float32(keep_probability(p))
+    )
     assert_close(trained, expected, np.float32, factor=10)
 
 
@@ -106,20 +115,26 @@ def test_drawn_masks_keep_each_input_at_the_stated_rate(p):
     assert abs(keep.mean() - keep_probability(p)) < 3e-3
 
 
-@pytest.mark.parametrize(("equation", "output_shape", "input_shape"), [
-    ("ab,bc->ac", (5,), (3, 4)),
-    ("abc,cd->abd", (None, 5), (2, 3, 4)),
-    ("abc,cde->abde", (None, 2, 3), (2, 3, 4)),
-    ("abcd,cde->abe", (None, 5), (2, 3, 2, 4)),
-    ("...b,bc->...c", (5,), (2, 3, 4)),
-    ("abc,dce->abde", (None, 2, 3), (2, 3, 4)),
-])
+@pytest.mark.parametrize(
+    ("equation", "output_shape", "input_shape"),
+    [
+        ("ab,bc->ac", (5,), (3, 4)),
+        ("abc,cd->abd", (None, 5), (2, 3, 4)),
+        ("abc,cde->abde", (None, 2, 3), (2, 3, 4)),
+        ("abcd,cde->abe", (None, 5), (2, 3, 2, 4)),
+        ("...b,bc->...c", (5,), (2, 3, 4)),
+        ("abc,dce->abde", (None, 2, 3), (2, 3, 4)),
+    ],
+)
 def test_einsum_dense_equals_reference_on_flattened_axes(equation, output_shape, input_shape):
     rng = np.random.default_rng(0)
     layer = LoRAEinsumDense(equation, output_shape, r=3, alpha=6, dtype="float64")
     x = rng.standard_normal(input_shape)
     layer.build(x.shape)
-    A, B = rng.standard_normal((3, layer.base_weight().shape[1])), rng.standard_normal((layer.base_weight().shape[0], 3))
+    A, B = (
+        rng.standard_normal((3, layer.base_weight().shape[1])),
+        rng.standard_normal((layer.base_weight().shape[0], 3)),
+    )
     layer.set_lora_weights(A, B)
     W = layer.base_weight()
     in_features = W.shape[1]
@@ -146,8 +161,9 @@ def test_embedding_forward_and_merge_equal_reference(case):
     expected = reference.embedding_forward(case.ids, case.W, case.A, case.B, case.s)
     assert_close(layer(case.ids), expected, case.W.dtype, factor=10)
     layer.merge()
-    np.testing.assert_array_equal(layer.embeddings.numpy(),
-                                  reference.merge(case.W, case.A, case.B, layer.scaling, layer="embedding"))
+    np.testing.assert_array_equal(
+        layer.embeddings.numpy(), reference.merge(case.W, case.A, case.B, layer.scaling, layer="embedding")
+    )
     layer.unmerge()
     np.testing.assert_array_equal(layer.embeddings.numpy(), case.W)
 
@@ -206,17 +222,27 @@ def test_lora_rank_and_dropout_follow_the_config_names():
     assert (layer.r, layer.alpha, layer.dropout, layer.scaling) == (4, 8, 0.25, 4.0)
     config = layer.get_config()
     assert {k: config[k] for k in ("r", "alpha", "dropout", "use_rslora", "init", "units", "activation")} == {
-        "r": 4, "alpha": 8, "dropout": 0.25, "use_rslora": True, "init": "kaiming", "units": 4, "activation": "relu"}
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.25,
+        "use_rslora": True,
+        "init": "kaiming",
+        "units": 4,
+        "activation": "relu",
+    }
     assert "lora_rank" not in config
     assert LoRADense.from_config(config).get_config() == config
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"r": 0}, "r=0 is invalid"),
-    ({"alpha": -1.0}, "alpha=-1.0 is invalid"),
-    ({"dropout": 1.0}, "dropout=1.0 is invalid"),
-    ({"init": "orthogonal"}, "init='orthogonal' is invalid"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": 0}, "r=0 is invalid"),
+        ({"alpha": -1.0}, "alpha=-1.0 is invalid"),
+        ({"dropout": 1.0}, "dropout=1.0 is invalid"),
+        ({"init": "orthogonal"}, "init='orthogonal' is invalid"),
+    ],
+)
 def test_bad_lora_arguments_raise_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoRADense(4, **kwargs)
@@ -286,10 +312,18 @@ def test_weights_file_keeps_the_adapter_separate_and_restores_merge_state(tmp_pa
 
 
 def test_every_dense_argument_works_as_in_dense():
-    arguments = dict(activation="relu", use_bias=True, kernel_initializer="ones", bias_initializer="ones",
-                     kernel_regularizer=keras.regularizers.L2(0.5), bias_regularizer=keras.regularizers.L1(0.25),
-                     activity_regularizer=keras.regularizers.L2(0.125), kernel_constraint="non_neg",
-                     bias_constraint="non_neg", name="proj")
+    arguments = dict(
+        activation="relu",
+        use_bias=True,
+        kernel_initializer="ones",
+        bias_initializer="ones",
+        kernel_regularizer=keras.regularizers.L2(0.5),
+        bias_regularizer=keras.regularizers.L1(0.25),
+        activity_regularizer=keras.regularizers.L2(0.125),
+        kernel_constraint="non_neg",
+        bias_constraint="non_neg",
+        name="proj",
+    )
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     dense, adapted = keras.layers.Dense(5, **arguments), LoRADense(5, r=2, train_bias=True, **arguments)
     np.testing.assert_array_equal(adapted(x), dense(x))
@@ -324,8 +358,9 @@ def test_initialisation_follows_peft_so_the_update_starts_at_zero(init):
 def test_conv2d_forward_equals_reference_with_explicit_dropout_mask(case):
     assume(keras_can_run(case))
     layer, x, mask = lora_conv2d(case)
-    expected = reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry,
-                                        dropout_mask=case.dropout_mask)
+    expected = reference.conv2d_forward(
+        case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry, dropout_mask=case.dropout_mask
+    )
     assert_close(layer(x, dropout_mask=mask), nhwc(expected), case.x.dtype, factor=20)
 
 
@@ -342,9 +377,16 @@ def test_conv2d_gradients_equal_reference_backward(case, seed):
     dx, d_lora_a, d_lora_b = tape.gradient(loss, [x, layer.lora_a, layer.lora_b])
     nchw_grad = np.ascontiguousarray(grad_y.transpose(0, 3, 1, 2))
     pad = reference_padding(case)
-    expected = reference.conv2d_backward(np.pad(case.x, pad), case.W, case.A, case.B, case.s, nchw_grad,
-                                         **{**case.geometry, "padding": (0, 0)},
-                                         dropout_mask=None if case.dropout_mask is None else np.pad(case.dropout_mask, pad))
+    expected = reference.conv2d_backward(
+        np.pad(case.x, pad),
+        case.W,
+        case.A,
+        case.B,
+        case.s,
+        nchw_grad,
+        **{**case.geometry, "padding": (0, 0)},
+        dropout_mask=None if case.dropout_mask is None else np.pad(case.dropout_mask, pad),
+    )
     assert_close(dx, nhwc(expected.dx), np.float64, factor=50)
     assert_close(d_lora_a, expected.dA.transpose(2, 3, 1, 0), np.float64, factor=50)
     assert_close(d_lora_b, expected.dB.transpose(2, 3, 1, 0), np.float64, factor=50)

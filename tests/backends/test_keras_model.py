@@ -19,8 +19,10 @@ Y = RNG.standard_normal((6, 3)).astype(np.float32)
 def mlp() -> keras.Model:
     """A functional model with a nested Sequential: paths `encoder.fc1`, `encoder.fc2`, `norm`, `head`."""
     keras.utils.set_random_seed(0)
-    encoder = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu", name="fc1"),
-                                keras.layers.Dense(16, name="fc2")], name="encoder")
+    encoder = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu", name="fc1"), keras.layers.Dense(16, name="fc2")],
+        name="encoder",
+    )
     inputs = keras.Input((8,))
     hidden = keras.layers.LayerNormalization(name="norm")(encoder(inputs))
     return keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden), name="mlp")
@@ -56,8 +58,11 @@ def _randomize_adapters(model):
 
 def _trained(model) -> list[str]:
     """`<module path>/<variable name>` of the weights that train, independent of Keras's variable paths."""
-    owners = {id(v): f"{path}/{v.name}" for path, layer in lora.named_layers(model)
-              for v in layer._trainable_variables + layer._non_trainable_variables}
+    owners = {
+        id(v): f"{path}/{v.name}"
+        for path, layer in lora.named_layers(model)
+        for v in layer._trainable_variables + layer._non_trainable_variables
+    }
     return sorted(owners[id(v)] for v in model.trainable_weights)
 
 
@@ -72,7 +77,9 @@ def test_apply_converts_layers_in_place_and_returns_the_same_model():
     assert lora.apply(model, r=4, target_modules=["fc1", "fc2"]) is model
     assert [id(layer) for _, layer in lora.named_layers(model)] == layer_ids
     assert {p: c for p, c in _classes(model).items() if c.startswith("LoRA")} == {
-        "encoder.fc1": "LoRADense", "encoder.fc2": "LoRADense"}
+        "encoder.fc1": "LoRADense",
+        "encoder.fc2": "LoRADense",
+    }
     np.testing.assert_array_equal(model(X), expected)  # B starts at zero
 
 
@@ -101,14 +108,20 @@ def test_subclassed_model_adapts_embeddings_and_attention_and_merges_exactly():
     np.testing.assert_array_equal(model(IDS), expected)
 
 
-@pytest.mark.parametrize(("overrides", "error", "message"), [
-    ({"target_modules": ["missing"]}, ValueError, "target_modules=.*matched no module.*fc1, fc2, head"),
-    ({"target_modules": ["norm"]}, ValueError, "'norm' is a LayerNormalization, which LoRA cannot wrap"),
-    ({"target_modules": ["fc1"], "modules_to_save": ["classifier"]}, ValueError,
-     "modules_to_save entry 'classifier' matched no module"),
-    ({"rank": 4}, ValueError, "unknown LoRAConfig field 'rank'"),
-    ({"r": 0}, ValueError, "r=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"target_modules": ["missing"]}, ValueError, "target_modules=.*matched no module.*fc1, fc2, head"),
+        ({"target_modules": ["norm"]}, ValueError, "'norm' is a LayerNormalization, which LoRA cannot wrap"),
+        (
+            {"target_modules": ["fc1"], "modules_to_save": ["classifier"]},
+            ValueError,
+            "modules_to_save entry 'classifier' matched no module",
+        ),
+        ({"rank": 4}, ValueError, "unknown LoRAConfig field 'rank'"),
+        ({"r": 0}, ValueError, "r=0 is invalid"),
+    ],
+)
 def test_bad_apply_arguments_raise_one_clear_error_and_change_nothing(overrides, error, message):
     model = mlp()
     with pytest.raises(error, match=message):
@@ -143,11 +156,24 @@ def test_applying_twice_does_not_wrap_twice():
     assert [v.path for v in model.trainable_weights] == ["encoder/fc1/lora_a", "encoder/fc1/lora_b"]
 
 
-@pytest.mark.parametrize(("bias", "trained"), [
-    ("none", ["encoder/fc1/lora_a", "encoder/fc1/lora_b", "head/kernel", "head/bias"]),
-    ("lora_only", ["encoder/fc1/bias", "encoder/fc1/lora_a", "encoder/fc1/lora_b", "head/kernel", "head/bias"]),
-    ("all", ["encoder/fc1/bias", "encoder/fc1/lora_a", "encoder/fc1/lora_b", "encoder/fc2/bias", "head/kernel", "head/bias"]),
-])
+@pytest.mark.parametrize(
+    ("bias", "trained"),
+    [
+        ("none", ["encoder/fc1/lora_a", "encoder/fc1/lora_b", "head/kernel", "head/bias"]),
+        ("lora_only", ["encoder/fc1/bias", "encoder/fc1/lora_a", "encoder/fc1/lora_b", "head/kernel", "head/bias"]),
+        (
+            "all",
+            [
+                "encoder/fc1/bias",
+                "encoder/fc1/lora_a",
+                "encoder/fc1/lora_b",
+                "encoder/fc2/bias",
+                "head/kernel",
+                "head/bias",
+            ],
+        ),
+    ],
+)
 def test_only_adapters_modules_to_save_and_chosen_biases_train(bias, trained):
     model = lora.apply(mlp(), r=4, target_modules=["fc1"], modules_to_save=["head"], bias=bias)
     assert sorted(v.path for v in model.trainable_weights) == sorted(trained)
@@ -242,8 +268,12 @@ def test_keras_file_round_trip_keeps_the_adapter_separate_and_trainable(tmp_path
     model.save(tmp_path / "model.keras")
     restored = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_array_equal(restored(X), expected)
-    assert _trained(restored) == ["encoder.fc1/lora_a", "encoder.fc1/lora_b",
-                                 "encoder.fc2/lora_a", "encoder.fc2/lora_b"]
+    assert _trained(restored) == [
+        "encoder.fc1/lora_a",
+        "encoder.fc1/lora_b",
+        "encoder.fc2/lora_a",
+        "encoder.fc2/lora_b",
+    ]
     layer = restored.get_layer("encoder").get_layer("fc1")
     assert (type(layer), layer.r, layer.alpha, layer.merged) == (lora.LoRADense, 4, 8, merged)
     lora.unmerge(restored)
@@ -280,8 +310,11 @@ def test_subclassed_model_weights_file_loads_into_a_rebuilt_model_with_the_same_
 def test_a_weights_file_saved_before_lora_is_refused_with_what_to_do_instead(tmp_path):
     mlp().save_weights(tmp_path / "base.weights.h5")
     model = lora.apply(mlp(), r=4, target_modules=["fc1", "fc2"])
-    with pytest.raises(ValueError, match="the file has no weights for LoRA layer 'fc1': it was saved without LoRA; "
-                                         "load base weights before lora_spec.keras.apply"):
+    with pytest.raises(
+        ValueError,
+        match="the file has no weights for LoRA layer 'fc1': it was saved without LoRA; "
+        "load base weights before lora_spec.keras.apply",
+    ):
         model.load_weights(tmp_path / "base.weights.h5")
 
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason=
 
 # --- one layer, several adapters ------------------------------------------------------------------------------
 
+
 def keras_layer(case):
     """A built LoRA layer holding the case's adapters `a0`, `a1`, ... (only `a0` active), and its input."""
     base = case.base
@@ -37,8 +38,16 @@ def keras_layer(case):
         x = base.ids
     else:
         conv, x, _ = lora_conv2d(base)  # for its geometry and the input as Keras pads it
-        layer = lora.LoRAConv2D(conv.filters, conv.kernel_size, strides=conv.strides, dilation_rate=conv.dilation_rate,
-                                groups=conv.groups, use_bias=base.b is not None, dtype="float64", adapters=adapters)
+        layer = lora.LoRAConv2D(
+            conv.filters,
+            conv.kernel_size,
+            strides=conv.strides,
+            dilation_rate=conv.dilation_rate,
+            groups=conv.groups,
+            use_bias=base.b is not None,
+            dtype="float64",
+            adapters=adapters,
+        )
         layer.build(x.shape)
         layer.kernel.assign(base.W.transpose(2, 3, 1, 0))
     if getattr(base, "b", None) is not None:
@@ -54,9 +63,17 @@ def _reference(case, adapter, rows=slice(None)):
         return reference.forward(base.x[rows], base.W, base.b, adapter.A, adapter.B, adapter.s)
     if case.layer == "embedding":
         return reference.embedding_forward(base.ids[rows], base.W, adapter.A, adapter.B, adapter.s)
-    y = reference.conv2d_forward(np.pad(base.x[rows], ((0, 0), (0, 0), (base.padding[0],) * 2,
-                                                       (base.padding[1],) * 2)), base.W, base.b, adapter.A, adapter.B,
-                                 adapter.s, stride=base.stride, dilation=base.dilation, groups=base.groups)
+    y = reference.conv2d_forward(
+        np.pad(base.x[rows], ((0, 0), (0, 0), (base.padding[0],) * 2, (base.padding[1],) * 2)),
+        base.W,
+        base.b,
+        adapter.A,
+        adapter.B,
+        adapter.s,
+        stride=base.stride,
+        dilation=base.dilation,
+        groups=base.groups,
+    )
     return nhwc(y)
 
 
@@ -78,8 +95,10 @@ def test_active_adapters_add_up_route_and_merge_as_the_reference(case, data):
     assert_close(np.asarray(layer(x)), expected, factor=100)
     layer.unmerge()
     routes = data.draw(st.lists(st.sampled_from(names + [BASE_MODEL]), min_size=len(x), max_size=len(x)))
-    layer.route(np.asarray([names.index(name) if name in names else -1 for name in routes], np.int32),
-                {name: index for index, name in enumerate(names)})
+    layer.route(
+        np.asarray([names.index(name) if name in names else -1 for name in routes], np.int32),
+        {name: index for index, name in enumerate(names)},
+    )
     routed = np.asarray(layer(x))
     for row, name in enumerate(routes):
         adapter = zero if name == BASE_MODEL else case.adapters[names.index(name)]
@@ -117,8 +136,9 @@ def randomize(model, seed=1):
     for _, layer in lora.lora_layers(model):
         for name in layer.adapters:
             lora_a, lora_b = layer.lora_weights(name)
-            layer.set_lora_weights(rng.standard_normal(lora_a.shape) * 0.3, rng.standard_normal(lora_b.shape) * 0.3,
-                                   name)
+            layer.set_lora_weights(
+                rng.standard_normal(lora_a.shape) * 0.3, rng.standard_normal(lora_b.shape) * 0.3, name
+            )
     return model
 
 
@@ -150,8 +170,9 @@ def test_set_adapter_takes_effect_in_a_model_compiled_for_predict_and_fit():
     np.testing.assert_allclose(model.predict(X, verbose=0), np.asarray(model(X)), rtol=1e-5, atol=1e-6)
     assert not np.allclose(model.predict(X, verbose=0), default_predictions)
     fc1 = model.get_layer("fc1")
-    before = {name: [w.numpy().copy() for w in (fc1.adapter(name).lora_a, fc1.adapter(name).lora_b)]
-              for name in fc1.adapters}
+    before = {
+        name: [w.numpy().copy() for w in (fc1.adapter(name).lora_a, fc1.adapter(name).lora_b)] for name in fc1.adapters
+    }
     other_b = model.get_layer("fc2").adapter("other").lora_b.numpy().copy()
     model.fit(X, Y, epochs=2, verbose=0)
     assert not np.allclose(model.get_layer("fc2").adapter("other").lora_b.numpy(), other_b)
@@ -219,7 +240,7 @@ def test_routed_batches_are_data_in_eager_calls_traced_functions_and_predict():
     lora.apply(model, adapter_name="other", r=4, target_modules=["fc2"])
     randomize(model)
     routes = ["other", BASE_MODEL, "default", "other"]
-    expected = np.concatenate([_through(model, X[row:row + 1], name) for row, name in enumerate(routes)])
+    expected = np.concatenate([_through(model, X[row : row + 1], name) for row, name in enumerate(routes)])
     with lora.routed(model, routes):
         np.testing.assert_allclose(np.asarray(model(X)), expected, rtol=1e-5, atol=1e-6)
 
@@ -233,8 +254,9 @@ def test_routed_batches_are_data_in_eager_calls_traced_functions_and_predict():
 
     np.testing.assert_allclose(serve(X, ids).numpy(), expected, rtol=1e-5, atol=1e-6)
     # The same trace with other data: every row through "default".
-    np.testing.assert_allclose(serve(X, np.zeros(4, np.int32)).numpy(), _through(model, X, "default"), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        serve(X, np.zeros(4, np.int32)).numpy(), _through(model, X, "default"), rtol=1e-5, atol=1e-6
+    )
     assert serve.experimental_get_tracing_count() == 1
     served = lora.RoutedModel(model)
     np.testing.assert_allclose(served.predict([X, ids], batch_size=3, verbose=0), expected, rtol=1e-5, atol=1e-6)
@@ -248,16 +270,13 @@ def test_routing_refuses_unknown_names_merged_models_copies_of_modules_to_save_a
         with pytest.raises(ValueError, match="for inference"):
             model(X[:3], training=True)
     lora.merge(model)
-    with pytest.raises(ValueError, match="merged.*unmerge"):
-        with lora.routed(model, ["default"] * 4):
-            pass
+    with pytest.raises(ValueError, match="merged.*unmerge"), lora.routed(model, ["default"] * 4):
+        pass
     model = two_adapters()
-    with pytest.raises(ValueError, match="unknown adapter 'x'"):
-        with lora.routed(model, ["x"] * 4):
-            pass
-    with pytest.raises(ValueError, match="modules_to_save"):
-        with lora.routed(model, ["other"] * 4):
-            pass
+    with pytest.raises(ValueError, match="unknown adapter 'x'"), lora.routed(model, ["x"] * 4):
+        pass
+    with pytest.raises(ValueError, match="modules_to_save"), lora.routed(model, ["other"] * 4):
+        pass
 
 
 def test_a_keras_file_keeps_every_adapter_and_the_active_ones(tmp_path):
@@ -280,8 +299,11 @@ def test_folders_move_between_keras_and_torch_by_name(tmp_path):
     lora.save_adapter(model, tmp_path / "keras")
     assert (tmp_path / "keras" / "other" / "adapter_config.json").is_file()
     torch_model = torch.nn.Sequential()
-    torch_model.fc1, torch_model.fc2, torch_model.head = (torch.nn.Linear(8, 16), torch.nn.Linear(16, 16),
-                                                          torch.nn.Linear(16, 3))
+    torch_model.fc1, torch_model.fc2, torch_model.head = (
+        torch.nn.Linear(8, 16),
+        torch.nn.Linear(16, 16),
+        torch.nn.Linear(16, 3),
+    )
     with torch.no_grad():
         for name in ("fc1", "fc2", "head"):
             getattr(torch_model, name).weight.copy_(torch.from_numpy(model.get_layer(name).kernel.numpy().T))

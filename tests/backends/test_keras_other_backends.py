@@ -33,8 +33,10 @@ def _checks() -> dict:
     layer.set_lora_weights(rng.standard_normal((2, 6)), rng.standard_normal((5, 2)))
     A, B = layer.lora_weights()
     W, b = layer.base_weight(), keras.ops.convert_to_numpy(layer.bias)
-    expected = {"forward": reference.forward(x, W, b, A, B, layer.scaling, mask),
-                "merged": reference.forward(x, W, b, A, B, layer.scaling)}
+    expected = {
+        "forward": reference.forward(x, W, b, A, B, layer.scaling, mask),
+        "merged": reference.forward(x, W, b, A, B, layer.scaling),
+    }
     actual = {"forward": layer(x, dropout_mask=mask.astype(np.float32))}
     kernel = keras.ops.convert_to_numpy(layer.kernel).copy()
     layer.merge()
@@ -47,8 +49,10 @@ def _checks() -> dict:
     magnitude = rng.uniform(0.5, 2.0, 5)
     dora_layer.set_lora_weights(A, B, magnitude=magnitude)
     W, b = dora_layer.base_weight(), keras.ops.convert_to_numpy(dora_layer.bias)
-    expected |= {"dora": dora.dora_forward(x, W, b, A, B, dora_layer.scaling, magnitude, mask),
-                 "dora_merged": dora.dora_forward(x, W, b, A, B, dora_layer.scaling, magnitude)}
+    expected |= {
+        "dora": dora.dora_forward(x, W, b, A, B, dora_layer.scaling, magnitude, mask),
+        "dora_merged": dora.dora_forward(x, W, b, A, B, dora_layer.scaling, magnitude),
+    }
     actual["dora"] = dora_layer(x, dropout_mask=mask.astype(np.float32))
     dora_layer.merge()
     actual["dora_merged"] = dora_layer(x)
@@ -58,8 +62,9 @@ def _checks() -> dict:
     dora_model.compile(optimizer="adam", loss="mse")
     dora_model.fit(x, rng.standard_normal((4, 4)), epochs=2, verbose=0)
 
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"),
-                              keras.layers.Dense(3, name="head")])
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="fc1"), keras.layers.Dense(3, name="head")]
+    )
     lora.apply(model, r=2, dropout=0.1)  # dropout draws from the layer's seed generator inside the compiled step
     weights = {f"{layer.name}/{v.name}": v for layer in model.layers for v in layer.weights}
     before = {name: keras.ops.convert_to_numpy(v).copy() for name, v in weights.items()}
@@ -87,15 +92,21 @@ def _checks() -> dict:
         "switch_changed_outputs": bool(not np.allclose(other_output, default_output)),
         "routed_error": float(np.max(np.abs(routed - expected_routed))),
         "reload_error": float(np.max(np.abs(keras.ops.convert_to_numpy(loaded(x) - model(x))))),
-        "reload_trainable": sorted(f"{layer.name}/{v.name}" for layer in loaded.layers for v in layer.trainable_weights),
+        "reload_trainable": sorted(
+            f"{layer.name}/{v.name}" for layer in loaded.layers for v in layer.trainable_weights
+        ),
         "backend": keras.backend.backend(),
-        "relative_errors": {name: float(np.max(np.abs(keras.ops.convert_to_numpy(actual[name]) - value))
-                                        / np.max(np.abs(value))) for name, value in expected.items()},
+        "relative_errors": {
+            name: float(np.max(np.abs(keras.ops.convert_to_numpy(actual[name]) - value)) / np.max(np.abs(value)))
+            for name, value in expected.items()
+        },
         "unmerge_exact": bool(np.array_equal(keras.ops.convert_to_numpy(layer.kernel), kernel)),
-        "changed": sorted(name for name, v in weights.items()
-                          if not np.array_equal(before[name], keras.ops.convert_to_numpy(v))),
-        "dora_changed": sorted(v.name for v in dora_model.weights
-                               if not np.array_equal(dora_before[v.name], keras.ops.convert_to_numpy(v))),
+        "changed": sorted(
+            name for name, v in weights.items() if not np.array_equal(before[name], keras.ops.convert_to_numpy(v))
+        ),
+        "dora_changed": sorted(
+            v.name for v in dora_model.weights if not np.array_equal(dora_before[v.name], keras.ops.convert_to_numpy(v))
+        ),
     }
 
 
@@ -105,8 +116,9 @@ def test_lora_dense_matches_the_reference_and_trains_on_another_keras_backend(ba
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed")
     environment = {**os.environ, "KERAS_BACKEND": backend}
-    completed = subprocess.run([sys.executable, __file__], cwd=ROOT, env=environment, capture_output=True, text=True,
-                               timeout=300)
+    completed = subprocess.run(
+        [sys.executable, __file__], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["backend"] == backend

@@ -39,33 +39,44 @@ def peft_model(base, **config):
 
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
 def test_save_then_load_reproduces_the_adapted_model(tmp_path, bias):
-    model = randomise(adapted(target_modules=ALL_KINDS, modules_to_save=["classifier"], bias=bias),
-                      names=("lora_", "trained_module", "bias")).eval()
+    model = randomise(
+        adapted(target_modules=ALL_KINDS, modules_to_save=["classifier"], bias=bias),
+        names=("lora_", "trained_module", "bias"),
+    ).eval()
     lora.save_adapter(model, tmp_path)
     loaded = lora.load_adapter(fresh_base(), tmp_path).eval()
     torch.testing.assert_close(loaded(*inputs()), model(*inputs()))
-    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
-        {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def test_saved_keys_and_config_follow_peft(tmp_path):
     lora.save_adapter(adapted(target_modules=["q_proj", "embed"], modules_to_save=["classifier"], r=2), tmp_path)
     tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
     assert sorted(tensors) == [
-        "base_model.model.attention.q_proj.lora_A.weight", "base_model.model.attention.q_proj.lora_B.weight",
-        "base_model.model.classifier.bias", "base_model.model.classifier.weight",
-        "base_model.model.embed.lora_embedding_A", "base_model.model.embed.lora_embedding_B"]
+        "base_model.model.attention.q_proj.lora_A.weight",
+        "base_model.model.attention.q_proj.lora_B.weight",
+        "base_model.model.classifier.bias",
+        "base_model.model.classifier.weight",
+        "base_model.model.embed.lora_embedding_A",
+        "base_model.model.embed.lora_embedding_B",
+    ]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["fan_in_fan_out"] is False
     assert sorted(config["target_modules"]) == ["attention.q_proj", "embed"]
     assert config["modules_to_save"] == ["classifier"]
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(use_rslora=True, alpha=6, rank_pattern={"v_proj": 2}, alpha_pattern={"embed": 3}),
-    dict(modules_to_save=["classifier"], bias="all"),
-], ids=["plain", "patterns-rslora", "modules-to-save-bias"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(use_rslora=True, alpha=6, rank_pattern={"v_proj": 2}, alpha_pattern={"embed": 3}),
+        dict(modules_to_save=["classifier"], bias="all"),
+    ],
+    ids=["plain", "patterns-rslora", "modules-to-save-bias"],
+)
 def test_peft_loads_our_adapter_and_gives_the_same_outputs(tmp_path, options):
     # groups=1 convs: PEFT's grouped-conv adapters have another shape (see the reference).
     model = fresh_base()
@@ -79,18 +90,35 @@ def test_peft_loads_our_adapter_and_gives_the_same_outputs(tmp_path, options):
     torch.testing.assert_close(theirs(*inputs()), model(*inputs()))
 
 
-@pytest.mark.parametrize("options", [
-    dict(target_modules=["q_proj", "v_proj"]),
-    dict(target_modules=["embed", "conv", "k_proj"], lora_dropout=0.1),
-    dict(target_modules=["q_proj", "v_proj"], use_rslora=True, lora_alpha=5, rank_pattern={"q_proj": 2},
-         alpha_pattern={"v_proj": 7}),
-    dict(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]),
-    dict(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], bias="all"),
-    dict(target_modules=["q_proj", "v_proj"], bias="lora_only"),
-    dict(target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
-    dict(target_modules=".*attention\\.(q|v)_proj"),
-], ids=["linear", "embedding-conv", "patterns-rslora", "modules-to-save", "bias-all", "bias-lora-only", "gaussian",
-        "regex"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(target_modules=["q_proj", "v_proj"]),
+        dict(target_modules=["embed", "conv", "k_proj"], lora_dropout=0.1),
+        dict(
+            target_modules=["q_proj", "v_proj"],
+            use_rslora=True,
+            lora_alpha=5,
+            rank_pattern={"q_proj": 2},
+            alpha_pattern={"v_proj": 7},
+        ),
+        dict(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]),
+        dict(target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"], bias="all"),
+        dict(target_modules=["q_proj", "v_proj"], bias="lora_only"),
+        dict(target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"),
+        dict(target_modules=".*attention\\.(q|v)_proj"),
+    ],
+    ids=[
+        "linear",
+        "embedding-conv",
+        "patterns-rslora",
+        "modules-to-save",
+        "bias-all",
+        "bias-lora-only",
+        "gaussian",
+        "regex",
+    ],
+)
 def test_peft_adapters_load_and_give_peft_outputs(tmp_path, options):
     def base():
         model = fresh_base()
@@ -121,19 +149,33 @@ def _tamper(path, changes):
 PREFIX = "base_model.model."
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"attention.v_proj.lora_B.weight": np.zeros((8, 3), np.float32)},
-     r"attention\.v_proj\.lora_B\.weight has shape \(8, 3\), but this model needs \(8, 4\)"),
-    ({"attention.k_proj.lora_A.weight": None, "attention.k_proj.lora_B.weight": None},
-     r"adapter has no base_model\.model\.attention\.k_proj\.lora_A\.weight"),
-    ({"attention.zz_proj.lora_A.weight": np.zeros((4, 8), np.float32),
-      "attention.zz_proj.lora_B.weight": np.zeros((8, 4), np.float32)}, r"zz_proj\.lora_A\.weight names no LoRA target"),
-    ({"classifier.gamma": np.zeros(3, np.float32)}, r"classifier\.gamma names no parameter"),
-    ({"classifier.weight": np.zeros((3, 9), np.float32)}, r"classifier\.weight has shape \(3, 9\)"),
-], ids=["shape", "missing", "unknown-module", "unknown-extra", "extra-shape"])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"attention.v_proj.lora_B.weight": np.zeros((8, 3), np.float32)},
+            r"attention\.v_proj\.lora_B\.weight has shape \(8, 3\), but this model needs \(8, 4\)",
+        ),
+        (
+            {"attention.k_proj.lora_A.weight": None, "attention.k_proj.lora_B.weight": None},
+            r"adapter has no base_model\.model\.attention\.k_proj\.lora_A\.weight",
+        ),
+        (
+            {
+                "attention.zz_proj.lora_A.weight": np.zeros((4, 8), np.float32),
+                "attention.zz_proj.lora_B.weight": np.zeros((8, 4), np.float32),
+            },
+            r"zz_proj\.lora_A\.weight names no LoRA target",
+        ),
+        ({"classifier.gamma": np.zeros(3, np.float32)}, r"classifier\.gamma names no parameter"),
+        ({"classifier.weight": np.zeros((3, 9), np.float32)}, r"classifier\.weight has shape \(3, 9\)"),
+    ],
+    ids=["shape", "missing", "unknown-module", "unknown-extra", "extra-shape"],
+)
 @pytest.mark.parametrize("already_applied", [False, True], ids=["plain-model", "lora-model"])
 def test_a_mismatched_adapter_names_the_first_offending_key_and_leaves_the_model_unchanged(
-        tmp_path, changes, message, already_applied):
+    tmp_path, changes, message, already_applied
+):
     options = dict(r=4, target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["classifier"])
     lora.save_adapter(adapted(**options), tmp_path)
     _tamper(tmp_path, {PREFIX + key: value for key, value in changes.items()})
@@ -206,8 +248,9 @@ def test_a_wrapped_model_saves_merges_and_loads_under_its_own_module_paths(tmp_p
     wrapped = wrapper(model)
     lora.save_adapter(wrapped, tmp_path / "wrapped")
     lora.save_adapter(model, tmp_path / "bare")
-    assert (tmp_path / "wrapped" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "bare" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "wrapped" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "bare" / "adapter_model.safetensors"
+    ).read_bytes()
     assert lora.merge(wrapped) is wrapped
     assert all(layer.merged for layer in model.modules() if isinstance(layer, lora.LoRALayer))
     torch.testing.assert_close(model(*inputs()), expected)

@@ -20,8 +20,9 @@ def _model(adapted=True):
     import lora_spec.torch as lora
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(),
-                                torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)
+    )
     if not adapted:
         return model
     lora.apply(model, r=4, alpha=8, dropout=0.1)
@@ -78,8 +79,11 @@ def _merge_keeps_outputs(model):
 
     model.eval()
     x = torch.randn(5, 8)
-    weights = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-               for name, p in model.named_parameters() if name.endswith("weight")}
+    weights = {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in model.named_parameters()
+        if name.endswith("weight")
+    }
     with torch.no_grad():
         expected = model(x)
         lora.merge(model)
@@ -110,8 +114,14 @@ def _worker(rank, engine, folder):
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_rank_training_step_gives_lora_gradients_only_identical_on_both_ranks(engine, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "tests.backends.test_torch_distributed", engine, str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.backends.test_torch_distributed", engine, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "both ranks agree" in result.stdout
     import lora_spec.torch as lora

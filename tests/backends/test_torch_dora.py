@@ -19,8 +19,14 @@ nn = torch.nn
 
 import lora_spec.torch as lora  # noqa: E402
 from lora_spec.backends.torch_layers import LoRALinear, lora_layer_for  # noqa: E402
-from tests.backends.test_torch_layers import (conv2d_layer, embedding_layer, linear_layer, mask_of,  # noqa: E402
-                                              numpy, tensor)
+from tests.backends.test_torch_layers import (
+    conv2d_layer,
+    embedding_layer,
+    linear_layer,
+    mask_of,
+    numpy,
+    tensor,
+)
 from tests.backends.test_torch_model import TinyModel, inputs  # noqa: E402
 from tests.backends.test_torch_multi_adapter import _base_module, _layer_input, _reference_forward  # noqa: E402
 
@@ -84,8 +90,11 @@ def test_dora_forward_and_gradients_match_the_reference(layer_type, mode, data, 
 
 def _merge_cases():
     layer_types = st.sampled_from(LAYER_TYPES)
-    return layer_types.flatmap(lambda layer_type: strategies.dora_cases(_kind(layer_type), dropout=False).map(
-        lambda dora_case: (layer_type, dora_case)))
+    return layer_types.flatmap(
+        lambda layer_type: strategies.dora_cases(_kind(layer_type), dropout=False).map(
+            lambda dora_case: (layer_type, dora_case)
+        )
+    )
 
 
 @given(_merge_cases())
@@ -110,8 +119,9 @@ def test_a_dora_adapter_starts_at_its_weight_norm_where_it_is_the_lora_layer(cas
     layer = linear_layer(case, "linear", use_dora=True).eval()
     adapter = layer.adapters["default"]
     adapter.initialise(layer)
-    assert_close(numpy(adapter.lora_magnitude_vector), dora.init_magnitude(case.W, case.A, case.B, case.s),
-                 case.dtype, factor=10)
+    assert_close(
+        numpy(adapter.lora_magnitude_vector), dora.init_magnitude(case.W, case.A, case.B, case.s), case.dtype, factor=10
+    )
     expected = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s)
     assert_close(numpy(layer(tensor(case.x))), expected, case.dtype, factor=10)
 
@@ -122,9 +132,11 @@ def test_apply_starts_dora_magnitudes_at_the_base_weight_norms_in_pefts_shapes()
     model.conv = nn.Conv2d(2, 4, 3, padding=1)
     lora.apply(model, r=2, target_modules=["q_proj", "embed", "conv"], use_dora=True)
     norm = torch.linalg.vector_norm
-    for layer, expected in ((model.attention.q_proj, norm(model.attention.q_proj.weight, dim=1)),
-                            (model.embed, norm(model.embed.weight, dim=0)),
-                            (model.conv, norm(model.conv.weight, dim=(1, 2, 3)).reshape(1, 4, 1, 1))):
+    for layer, expected in (
+        (model.attention.q_proj, norm(model.attention.q_proj.weight, dim=1)),
+        (model.embed, norm(model.embed.weight, dim=0)),
+        (model.conv, norm(model.conv.weight, dim=(1, 2, 3)).reshape(1, 4, 1, 1)),
+    ):
         magnitude = layer.adapters["default"].lora_magnitude_vector
         assert magnitude.requires_grad and magnitude.shape == expected.shape
         torch.testing.assert_close(magnitude.detach(), expected.detach())
@@ -132,11 +144,13 @@ def test_apply_starts_dora_magnitudes_at_the_base_weight_norms_in_pefts_shapes()
 
 # --- several adapters on one layer ---------------------------------------------------------------------------
 
+
 def _mixed_layer(case: strategies.AdapterSetCase):
     """A LoRA layer holding the case's adapters `a0`, `a1`, ...: DoRA ones where the case has a magnitude."""
     first = case.adapters[0]
-    layer = lora_layer_for(_base_module(case))(_base_module(case), first.A.shape[0], 1.0, first.s, adapter_name="a0",
-                                               use_dora=case.magnitudes[0] is not None)
+    layer = lora_layer_for(_base_module(case))(
+        _base_module(case), first.A.shape[0], 1.0, first.s, adapter_name="a0", use_dora=case.magnitudes[0] is not None
+    )
     for index, (adapter, magnitude) in enumerate(zip(case.adapters, case.magnitudes)):
         name = f"a{index}"
         if name not in layer.adapters:
@@ -195,10 +209,11 @@ def test_half_precision_dora_keeps_float32_magnitudes_norms_in_float32_and_merge
     assert_close(numpy(adapter.weight_norm(layer)), dora.weight_norm(W, A, B, 1.0), np.float32, factor=10)
     expected = dora.dora_merge(W, A, B, 1.0, m)
     layer.merge()
-    np.testing.assert_array_less(np.abs(base.weight.float().numpy() - expected), 2.0 ** -8 * np.abs(expected) + 1e-30)
+    np.testing.assert_array_less(np.abs(base.weight.float().numpy() - expected), 2.0**-8 * np.abs(expected) + 1e-30)
 
 
 # --- ONNX ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_an_exported_dora_model_folds_into_its_base_nodes(tmp_path, dynamo):
@@ -221,6 +236,7 @@ def test_an_exported_dora_model_folds_into_its_base_nodes(tmp_path, dynamo):
 
 
 # --- what DoRA refuses ---------------------------------------------------------------------------------------
+
 
 def test_dora_on_a_grouped_conv_is_refused_in_one_line_and_the_model_is_unchanged():
     model = TinyModel()

@@ -51,8 +51,11 @@ def _moved(model, seed=1):
 def _gradients(model, prefix=""):
     model.zero_grad()
     model(IDS).square().sum().backward()
-    return {name.removeprefix(prefix): parameter.grad for name, parameter in model.named_parameters()
-            if parameter.grad is not None}
+    return {
+        name.removeprefix(prefix): parameter.grad
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None
+    }
 
 
 def _peft_name(name: str) -> str:
@@ -68,8 +71,9 @@ def _peft_name(name: str) -> str:
 
 @pytest.fixture
 def peft_dora(tmp_path):
-    theirs = _moved(peft.get_peft_model(base_model(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS,
-                                                                      use_dora=True)))
+    theirs = _moved(
+        peft.get_peft_model(base_model(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=TARGETS, use_dora=True))
+    )
     theirs.save_pretrained(tmp_path)
     return theirs, tmp_path
 
@@ -94,13 +98,15 @@ def test_our_dora_adapter_loads_in_peft_with_equal_outputs(tmp_path):
     torch.testing.assert_close(theirs(IDS), ours(IDS))
 
 
-@pytest.mark.parametrize("kinds", [(True, True), (False, True), (True, False)], ids=["dora-dora", "lora-dora",
-                                                                                      "dora-lora"])
+@pytest.mark.parametrize(
+    "kinds", [(True, True), (False, True), (True, False)], ids=["dora-dora", "lora-dora", "dora-lora"]
+)
 def test_two_active_adapters_run_and_merge_as_in_peft(tmp_path, kinds):
     """PEFT runs them in order: a DoRA adapter rescales the output of the ones before it (without dropout)."""
     theirs = peft.get_peft_model(base_model(), peft.LoraConfig(r=2, target_modules=TARGETS, use_dora=kinds[0]))
-    theirs.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["linear", "conv"],
-                                                use_dora=kinds[1]))
+    theirs.add_adapter(
+        "other", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["linear", "conv"], use_dora=kinds[1])
+    )
     _moved(theirs).save_pretrained(tmp_path)
     ours = lora.load_adapter(base_model(), tmp_path)
     theirs.base_model.set_adapter(["default", "other"])

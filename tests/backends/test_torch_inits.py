@@ -36,8 +36,9 @@ def test_the_residual_plus_the_scaled_update_is_the_weight_and_the_factors_have_
         np.testing.assert_allclose(lora_b.T @ lora_b, np.eye(r), atol=1e-10)
         assert np.all(np.tril(lora_a, -1) == 0)
     elif init == "pissa":  # Eckart-Young: what is left is the norm of the other singular values
-        np.testing.assert_allclose(np.linalg.norm(residual), np.linalg.norm(np.linalg.svd(W, compute_uv=False)[r:]),
-                                   atol=1e-9)
+        np.testing.assert_allclose(
+            np.linalg.norm(residual), np.linalg.norm(np.linalg.svd(W, compute_uv=False)[r:]), atol=1e-9
+        )
 
 
 @given(strategies.spectral_gap_weight_init_cases())
@@ -151,6 +152,7 @@ def test_deleting_the_adapter_gives_the_base_weight_back():
 
 # --- what PiSSA and OLoRA refuse -------------------------------------------------------------------------------
 
+
 def _unchanged(model, before):
     after = model.state_dict()
     return before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
@@ -159,16 +161,26 @@ def _unchanged(model, before):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_embeddings_convs_quantised_weights_and_too_large_ranks_are_refused_in_one_line(init):
     method = "PiSSA" if init == "pissa" else "OLoRA"
-    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "conv": nn.Conv2d(2, 3, 3), "linear": nn.Linear(4, 3),
-                           "quantised": nn.Linear(4, 3)})
+    model = nn.ModuleDict(
+        {
+            "embed": nn.Embedding(10, 4),
+            "conv": nn.Conv2d(2, 3, 3),
+            "linear": nn.Linear(4, 3),
+            "quantised": nn.Linear(4, 3),
+        }
+    )
     model.quantised.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int8), requires_grad=False)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    for targets, r, message in ((["linear", "embed"], 2, f"module 'embed': init='{init}' computes A and B from a "
-                                                         f"linear layer's weight, and this is Embedding"),
-                                (["conv"], 2, "module 'conv': init=.* and this is Conv2d"),
-                                (["quantised"], 2, f"module 'quantised': {method} needs a floating-point base weight, "
-                                                   "not torch.int8"),
-                                (["linear"], 4, f"rank r=4 does not fit {method} of a 3x4 weight")):
+    for targets, r, message in (
+        (
+            ["linear", "embed"],
+            2,
+            f"module 'embed': init='{init}' computes A and B from a linear layer's weight, and this is Embedding",
+        ),
+        (["conv"], 2, "module 'conv': init=.* and this is Conv2d"),
+        (["quantised"], 2, f"module 'quantised': {method} needs a floating-point base weight, not torch.int8"),
+        (["linear"], 4, f"rank r=4 does not fit {method} of a 3x4 weight"),
+    ):
         with pytest.raises(ValueError, match=message) as error:
             lora.apply(model, r=r, target_modules=targets, init=init)
         assert "\n" not in str(error.value) and _unchanged(model, before)

@@ -12,10 +12,10 @@ from tests.numerics import assert_close
 torch = pytest.importorskip("torch")
 transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
-from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask  # noqa: E402
-from lora_spec.dropout import keep_probability  # noqa: E402
 from lora_spec.backends import torch_variants  # noqa: E402
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask  # noqa: E402
 from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALinear  # noqa: E402
+from lora_spec.dropout import keep_probability  # noqa: E402
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -72,8 +72,12 @@ def test_linear_forward_and_gradients_match_reference(layer_type, mode, case, gr
     x = tensor(case.x, requires_grad=True)
     y = layer(x, dropout_mask=mask_of(case))
     expected_bias = None if bias is None else numpy(bias)
-    assert_close(numpy(y), reference.forward(case.x, case.W, expected_bias, case.A, case.B, case.s, case.dropout_mask),
-                 case.dtype, factor=10)
+    assert_close(
+        numpy(y),
+        reference.forward(case.x, case.W, expected_bias, case.A, case.B, case.s, case.dropout_mask),
+        case.dtype,
+        factor=10,
+    )
 
     grad_y = np.random.default_rng(grad_seed).standard_normal(y.shape).astype(case.dtype)
     y.backward(tensor(grad_y))
@@ -90,8 +94,9 @@ def test_a_seeded_mask_draws_the_same_mask_every_time():
     mask = SeededMask(seed=123, p=0.3)
     first, second = (mask.draw(torch.Size((7, 9)), torch.device("cpu"), torch.float64) for _ in range(2))
     assert torch.equal(first.keep, second.keep) and first.keep.dtype == torch.float64
-    assert not torch.equal(first.keep, SeededMask(124, 0.3).draw(torch.Size((7, 9)), torch.device("cpu"),
-                                                                torch.float64).keep)
+    assert not torch.equal(
+        first.keep, SeededMask(124, 0.3).draw(torch.Size((7, 9)), torch.device("cpu"), torch.float64).keep
+    )
 
 
 @pytest.mark.parametrize(("use_dora", "function"), [(False, "linear_lora"), (True, "linear_dora")])
@@ -109,11 +114,15 @@ def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch, use_d
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep_probability(p):
-    case = strategies.LinearCase(x=np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32),
-                                 W=np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32), b=None,
-                                 A=np.random.default_rng(2).standard_normal((2, 5)).astype(np.float32),
-                                 B=np.random.default_rng(3).standard_normal((3, 2)).astype(np.float32), s=1.5,
-                                 dropout_mask=None)
+    case = strategies.LinearCase(
+        x=np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32),
+        W=np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32),
+        b=None,
+        A=np.random.default_rng(2).standard_normal((2, 5)).astype(np.float32),
+        B=np.random.default_rng(3).standard_normal((3, 2)).astype(np.float32),
+        s=1.5,
+        dropout_mask=None,
+    )
     layer = linear_layer(case, "linear").train()
     layer.dropout = p
     x = tensor(case.x, requires_grad=True)
@@ -123,8 +132,9 @@ def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep
     mask = draw_mask(x.shape, p, x.device)
     reference_mask = numpy(mask.keep) * np.float32(1 / keep_probability(p))
     assert mask.scale == 1 / keep_probability(p)
-    assert_close(numpy(y), reference.forward(case.x, case.W, None, case.A, case.B, case.s, reference_mask),
-                 np.float32, factor=10)
+    assert_close(
+        numpy(y), reference.forward(case.x, case.W, None, case.A, case.B, case.s, reference_mask), np.float32, factor=10
+    )
     # Backward draws the same mask again from its seed, after other draws moved the default generator.
     torch.rand(100)
     grad_y = np.random.default_rng(4).standard_normal(y.shape).astype(np.float32)
@@ -168,8 +178,16 @@ def test_embedding_forward_and_gradients_match_reference(case, grad_seed):
 
 def conv2d_layer(case, use_dora=False):
     out_channels, _, kernel_h, kernel_w = case.W.shape
-    base = torch.nn.Conv2d(case.x.shape[1], out_channels, (kernel_h, kernel_w), stride=case.stride,
-                           padding=case.padding, dilation=case.dilation, groups=case.groups, bias=case.b is not None)
+    base = torch.nn.Conv2d(
+        case.x.shape[1],
+        out_channels,
+        (kernel_h, kernel_w),
+        stride=case.stride,
+        padding=case.padding,
+        dilation=case.dilation,
+        groups=case.groups,
+        bias=case.b is not None,
+    )
     base.to(TORCH_DTYPES[case.x.dtype]).requires_grad_(False)
     with torch.no_grad():
         base.weight.copy_(tensor(case.W))
@@ -186,12 +204,19 @@ def test_conv2d_forward_and_gradients_match_reference(case, grad_seed):
         layer.base_layer.bias.requires_grad_(True)
     x = tensor(case.x, requires_grad=True)
     y = layer(x, dropout_mask=mask_of(case))
-    assert_close(numpy(y), reference.conv2d_forward(case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry,
-                                                    dropout_mask=case.dropout_mask), case.x.dtype, factor=10)
+    assert_close(
+        numpy(y),
+        reference.conv2d_forward(
+            case.x, case.W, case.b, case.A, case.B, case.s, **case.geometry, dropout_mask=case.dropout_mask
+        ),
+        case.x.dtype,
+        factor=10,
+    )
     grad_y = np.random.default_rng(grad_seed).standard_normal(y.shape).astype(case.x.dtype)
     y.backward(tensor(grad_y))
-    expected = reference.conv2d_backward(case.x, case.W, case.A, case.B, case.s, grad_y, **case.geometry,
-                                         dropout_mask=case.dropout_mask)
+    expected = reference.conv2d_backward(
+        case.x, case.W, case.A, case.B, case.s, grad_y, **case.geometry, dropout_mask=case.dropout_mask
+    )
     assert_close(numpy(x.grad), expected.dx, case.x.dtype, factor=10)
     assert_close(numpy(layer.lora_A.grad), expected.dA, case.x.dtype, factor=10)
     assert_close(numpy(layer.lora_B.grad), expected.dB, case.x.dtype, factor=10)
@@ -201,7 +226,8 @@ def test_conv2d_forward_and_gradients_match_reference(case, grad_seed):
 
 def _merge_cases():
     linear = st.tuples(st.sampled_from(["linear", "conv1d"]), strategies.linear_cases(dropout=False)).map(
-        lambda t: (linear_layer(t[1], t[0]), t[1].W, t[1], "linear"))
+        lambda t: (linear_layer(t[1], t[0]), t[1].W, t[1], "linear")
+    )
     embedding = strategies.embedding_cases().map(lambda case: (embedding_layer(case), case.W, case, "embedding"))
     conv2d = strategies.conv2d_cases(dropout=False).map(lambda case: (conv2d_layer(case), case.W, case, "conv2d"))
     return st.one_of(linear, embedding, conv2d)

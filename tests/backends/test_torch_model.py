@@ -57,8 +57,11 @@ def test_apply_wraps_the_targets_in_place_and_freezes_everything_else():
     assert isinstance(model.attention.q_proj, lora.LoRALinear) and isinstance(model.embed, lora.LoRAEmbedding)
     assert isinstance(model.conv, lora.LoRAConv2d) and isinstance(model.attention.k_proj, nn.Linear)
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
-    assert trainable == sorted(f"{path}.adapters.default.lora_{half}" for path in ("attention.q_proj", "attention.v_proj", "embed", "conv")
-                               for half in "AB")
+    assert trainable == sorted(
+        f"{path}.adapters.default.lora_{half}"
+        for path in ("attention.q_proj", "attention.v_proj", "embed", "conv")
+        for half in "AB"
+    )
     assert model.attention.q_proj.lora_A.shape == (2, 8) and model.attention.q_proj.lora_B.shape == (8, 2)
     assert model.conv.lora_A.shape == (2, 1, 3, 3) and model.conv.lora_B.shape == (4, 1, 1, 1)
     assert model.embed.lora_A.shape == (2, 11) and model.embed.lora_B.shape == (8, 2)
@@ -95,10 +98,17 @@ def test_alpha_defaults_to_the_given_rank():
 
 
 def test_rank_and_alpha_patterns_and_rslora_set_each_layers_scaling():
-    model = lora.apply(TinyModel(), r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                       rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 1})
+    model = lora.apply(
+        TinyModel(),
+        r=4,
+        alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"v_proj": 1},
+    )
     assert model.attention.q_proj.r == 4 and model.attention.q_proj.scaling == 8 / 2
-    assert model.attention.v_proj.r == 2 and model.attention.v_proj.scaling == pytest.approx(1 / 2 ** 0.5)
+    assert model.attention.v_proj.r == 2 and model.attention.v_proj.scaling == pytest.approx(1 / 2**0.5)
 
 
 def test_a_target_that_matches_nothing_lists_the_module_names():
@@ -131,12 +141,24 @@ def test_modules_to_save_that_match_nothing_are_refused():
         lora.apply(TinyModel(), target_modules=["q_proj"], modules_to_save=["head"])
 
 
-@pytest.mark.parametrize(("bias", "expected"), [
-    ("none", []),
-    ("lora_only", ["attention.q_proj.base_layer.bias"]),
-    ("all", ["attention.k_proj.bias", "attention.o_proj.bias", "attention.q_proj.base_layer.bias",
-             "attention.v_proj.bias", "classifier.bias", "conv.bias"]),
-])
+@pytest.mark.parametrize(
+    ("bias", "expected"),
+    [
+        ("none", []),
+        ("lora_only", ["attention.q_proj.base_layer.bias"]),
+        (
+            "all",
+            [
+                "attention.k_proj.bias",
+                "attention.o_proj.bias",
+                "attention.q_proj.base_layer.bias",
+                "attention.v_proj.bias",
+                "classifier.bias",
+                "conv.bias",
+            ],
+        ),
+    ],
+)
 def test_bias_modes_train_the_biases_they_name(bias, expected):
     model = lora.apply(TinyModel(), target_modules=["q_proj"], bias=bias)
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")) == expected
@@ -249,7 +271,6 @@ def test_a_rank_a_grouped_conv_cannot_take_is_refused_before_any_module_is_wrapp
     with pytest.raises(ValueError, match=r"module 'conv': rank 3 is not a multiple of the conv's groups=2"):
         lora.apply(model, r=3, target_modules=["q_proj", "conv"])
     assert type(model.attention.q_proj) is nn.Linear and not hasattr(model, "lora_configs")
-
 
 
 def test_multihead_attention_projections_are_never_wrapped():

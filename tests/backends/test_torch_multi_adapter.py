@@ -20,8 +20,8 @@ import lora_spec.torch as lora  # noqa: E402
 from lora_spec.backends.torch_layers import lora_layer_for  # noqa: E402
 from tests.backends.test_torch_model import TinyModel  # noqa: E402
 
-
 # --- one layer, several adapters, against the reference ---------------------------------------------------------
+
 
 def _base_module(case):
     base = case.base
@@ -30,8 +30,16 @@ def _base_module(case):
     elif case.layer == "embedding":
         module = nn.Embedding(*base.W.shape)
     else:
-        module = nn.Conv2d(base.W.shape[1] * base.groups, base.W.shape[0], base.W.shape[2:], stride=base.stride,
-                           padding=base.padding, dilation=base.dilation, groups=base.groups, bias=base.b is not None)
+        module = nn.Conv2d(
+            base.W.shape[1] * base.groups,
+            base.W.shape[0],
+            base.W.shape[2:],
+            stride=base.stride,
+            padding=base.padding,
+            dilation=base.dilation,
+            groups=base.groups,
+            bias=base.b is not None,
+        )
     module.double().requires_grad_(False)
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(base.W))
@@ -75,8 +83,9 @@ def test_active_adapters_add_up_and_merge_as_the_reference_sum(case, data, grad)
         layer.active_adapters = active
         zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
         base_output = _reference_forward(case, zero)
-        expected = base_output + sum(_reference_forward(case, case.adapters[names.index(name)]) - base_output
-                                     for name in active)
+        expected = base_output + sum(
+            _reference_forward(case, case.adapters[names.index(name)]) - base_output for name in active
+        )
         x = _layer_input(case)
         unmerged = layer(x).detach()
         assert_close(unmerged.numpy(), expected, factor=100)
@@ -117,6 +126,7 @@ def test_a_layer_refuses_a_routing_list_that_does_not_fit_the_batch_and_routing_
 
 # --- whole models -----------------------------------------------------------------------------------------------
 
+
 def _randomise(model, seed):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -133,8 +143,14 @@ def two_adapters(conv_groups=2):
     if conv_groups == 1:
         model.conv = nn.Conv2d(2, 4, 3, padding=1)
     lora.apply(model, r=2, alpha=4, target_modules=["q_proj", "v_proj"])
-    lora.apply(model, adapter_name="other", r=4, alpha=3, target_modules=["v_proj", "k_proj", "embed", "conv"],
-               modules_to_save=["classifier"])
+    lora.apply(
+        model,
+        adapter_name="other",
+        r=4,
+        alpha=3,
+        target_modules=["v_proj", "k_proj", "embed", "conv"],
+        modules_to_save=["classifier"],
+    )
     return _randomise(model, 1).eval()
 
 
@@ -199,8 +215,11 @@ def test_set_adapter_on_a_merged_model_unmerges_first_with_a_warning():
 
 def test_unknown_names_are_refused_with_the_existing_ones():
     model = two_adapters()
-    for call in (lambda: lora.set_adapter(model, "third"), lambda: lora.delete_adapter(model, "third"),
-                 lambda: lora.save_adapter(model, "unused", adapter_name="third")):
+    for call in (
+        lambda: lora.set_adapter(model, "third"),
+        lambda: lora.delete_adapter(model, "third"),
+        lambda: lora.save_adapter(model, "unused", adapter_name="third"),
+    ):
         with pytest.raises(ValueError, match="unknown adapter 'third': the model has adapters 'default', 'other'"):
             call()
 
@@ -232,8 +251,9 @@ def test_modules_to_save_keep_one_copy_per_adapter_and_switch_with_it():
 @pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
 def test_add_weighted_adapter_combines_each_layer_by_the_reference(combination_type):
     model = two_adapters()
-    lora.apply(model, adapter_name="third", r=4, alpha=2, use_rslora=True,
-               target_modules=["v_proj", "o_proj", "embed", "conv"])
+    lora.apply(
+        model, adapter_name="third", r=4, alpha=2, use_rslora=True, target_modules=["v_proj", "o_proj", "embed", "conv"]
+    )
     _randomise(model, 2)
     names, weights = (["other", "third"], [0.7, -1.3])
     lora.add_weighted_adapter(model, names, weights, "mixed", combination_type=combination_type, svd_rank=4)
@@ -263,8 +283,11 @@ def test_cat_gives_the_weighted_sum_of_the_adapters_outputs():
         base = model.attention.v_proj(torch.ones(1, 8))
     lora.add_weighted_adapter(model, ["default", "other"], [2.0, -0.5], "mixed", combination_type="cat")
     layer, x = model.attention.v_proj, torch.randn(3, 8)
-    expected = layer.base_layer(x) + 2.0 * layer.update(layer.adapters["default"], x) \
+    expected = (
+        layer.base_layer(x)
+        + 2.0 * layer.update(layer.adapters["default"], x)
         - 0.5 * layer.update(layer.adapters["other"], x)
+    )
     lora.set_adapter(model, "mixed")
     torch.testing.assert_close(layer(x), expected)
     assert base.shape == (1, 8)
@@ -296,14 +319,14 @@ def test_routed_batches_equal_each_rows_own_adapter_and_base_rows_equal_the_base
         actual = model(*batch())
     ids, image = batch()
     for row, name in enumerate(routes):
-        single = (ids[row:row + 1], image[row:row + 1])
+        single = (ids[row : row + 1], image[row : row + 1])
         if name == BASE_MODEL:
             with lora.disable_adapters(model):
                 expected = model(*single)
         else:
             lora.set_adapter(model, name)
             expected = model(*single)
-        torch.testing.assert_close(actual[row:row + 1], expected)
+        torch.testing.assert_close(actual[row : row + 1], expected)
     lora.set_adapter(model, "default")
     with lora.routed(model, routes), lora.disable_adapters(model):
         routed_base = model(*batch())
@@ -313,16 +336,13 @@ def test_routed_batches_equal_each_rows_own_adapter_and_base_rows_equal_the_base
 
 def test_routing_is_refused_in_training_on_merged_models_and_with_unknown_names():
     model = two_adapters()
-    with pytest.raises(ValueError, match="unknown adapter 'x'"):
-        with lora.routed(model, ["x", None]):
-            pass
-    with pytest.raises(ValueError, match="call model.eval"):
-        with lora.routed(model.train(), ["other", None]):
-            pass
+    with pytest.raises(ValueError, match="unknown adapter 'x'"), lora.routed(model, ["x", None]):
+        pass
+    with pytest.raises(ValueError, match="call model.eval"), lora.routed(model.train(), ["other", None]):
+        pass
     lora.merge(model.eval())
-    with pytest.raises(ValueError, match="merged.*unmerge"):
-        with lora.routed(model, ["other", None]):
-            pass
+    with pytest.raises(ValueError, match="merged.*unmerge"), lora.routed(model, ["other", None]):
+        pass
     lora.unmerge(model)
     with lora.routed(model, ["other", None, None]):
         with pytest.raises(ValueError, match="one per row, but this batch has 4 rows"):
@@ -361,12 +381,15 @@ def test_a_state_dict_saved_with_one_adapter_per_layer_still_loads():
     fresh.load_state_dict(old)
     torch.testing.assert_close(fresh.eval()(*batch()), model(*batch()))
     head = lora.apply(TinyModel(), target_modules=["q_proj"], modules_to_save=["classifier"])
-    renamed = {key.replace("modules_to_save.default.", "trained_module."): value for key, value in head.state_dict().items()}
+    renamed = {
+        key.replace("modules_to_save.default.", "trained_module."): value for key, value in head.state_dict().items()
+    }
     assert "classifier.trained_module.weight" in renamed
     head.load_state_dict(renamed)
 
 
 # --- adapter folders ------------------------------------------------------------------------------------------------
+
 
 def test_save_writes_peft_layout_and_load_reads_every_adapter_back(tmp_path):
     model = two_adapters()
@@ -378,8 +401,10 @@ def test_save_writes_peft_layout_and_load_reads_every_adapter_back(tmp_path):
     loaded = lora.load_adapter(TinyModel(), tmp_path).eval()
     assert lora.adapter_names(loaded) == ["default", "other"] and lora.active_adapters(loaded) == ["default"]
     with torch.no_grad():
-        loaded.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k},
-                               strict=False)
+        loaded.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k},
+            strict=False,
+        )
     for name in ("default", "other"):
         lora.set_adapter(model, name)
         lora.set_adapter(loaded, name)
@@ -405,6 +430,7 @@ def test_a_model_without_the_names_folders_is_refused_with_one_line(tmp_path):
 
 
 # --- hot-swap under torch.compile -------------------------------------------------------------------------------
+
 
 def _adapter_folder(tmp_path, name, seed, **options):
     torch.manual_seed(0)

@@ -15,15 +15,24 @@ SIZES = dict(vocab_size=99, max_position_embeddings=32)
 
 def bert(seed=0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                                     num_labels=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0, **SIZES)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=3,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.0,
+        **SIZES,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
 def gpt2(seed=0):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=99,
-                                     resid_pdrop=0.1, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=99, resid_pdrop=0.1, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
@@ -39,7 +48,11 @@ def loss_of(model, ids):
 
 
 ARCHITECTURES = {
-    "bert": (bert, dict(r=4, alpha=8, dropout=0.1, modules_to_save=["classifier"]), "bert.encoder.layer.0.attention.self.query"),
+    "bert": (
+        bert,
+        dict(r=4, alpha=8, dropout=0.1, modules_to_save=["classifier"]),
+        "bert.encoder.layer.0.attention.self.query",
+    ),
     "gpt2": (gpt2, dict(r=4, alpha=8, dropout=0.1), "transformer.h.0.attn.c_attn"),
 }
 
@@ -106,13 +119,16 @@ def test_peft_gpt2_adapter_loads_and_gives_peft_outputs(tmp_path):
 
 @pytest.mark.parametrize("layers, pattern", [([1], "layer"), (0, None)])
 def test_peft_adapter_on_some_layers_loads_into_those_layers_only(tmp_path, layers, pattern):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=layers,
-                             layers_pattern=pattern)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], layers_to_transform=layers, layers_pattern=pattern
+    )
     theirs = saved_peft_model(bert(), config, tmp_path)
     ours = lora.load_adapter(bert(), tmp_path).eval()
     index = layers[0] if isinstance(layers, list) else layers
     assert sorted(name for name, module in ours.named_modules() if isinstance(module, lora.LoRALayer)) == [
-        f"bert.encoder.layer.{index}.attention.self.query", f"bert.encoder.layer.{index}.attention.self.value"]
+        f"bert.encoder.layer.{index}.attention.self.query",
+        f"bert.encoder.layer.{index}.attention.self.value",
+    ]
     ids = batch(3)
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
@@ -120,7 +136,9 @@ def test_peft_adapter_on_some_layers_loads_into_those_layers_only(tmp_path, laye
 def test_apply_on_some_layers_adapts_those_layers_and_peft_reads_the_file(tmp_path):
     model = lora.apply(bert(), target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer")
     assert sorted(name for name, module in model.named_modules() if isinstance(module, lora.LoRALayer)) == [
-        "bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.value",
+    ]
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

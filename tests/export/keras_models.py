@@ -25,9 +25,12 @@ def cnn(dims: int) -> keras.Model:
     return keras.Model(images, keras.layers.GlobalAveragePooling2D()(hidden))
 
 
-CASES = {"2d": (mlp, 2, ["hidden", "head"]), "3d": (mlp, 3, ["hidden", "head"]),
-         "attention": (attention, 3, ["query", "key", "value", "attention_output"]),
-         "cnn": (cnn, 4, ["conv1", "conv2"])}
+CASES = {
+    "2d": (mlp, 2, ["hidden", "head"]),
+    "3d": (mlp, 3, ["hidden", "head"]),
+    "attention": (attention, 3, ["query", "key", "value", "attention_output"]),
+    "cnn": (cnn, 4, ["conv1", "conv2"]),
+}
 
 
 def adapted(base: keras.Model, targets, r: int = 2, alpha: float = 6, seed: int = 2, **options) -> keras.Model:

@@ -25,6 +25,7 @@ NAMINGS = ("initializer", "torchscript_node", "dynamo_metadata", "dynamo_namespa
 
 # --- graphs -------------------------------------------------------------------------------------------
 
+
 def module_names(naming: str, op: str) -> tuple[str, str, list]:
     """`(initializer name, node name, metadata)` of the weight of module `block.proj` under `naming`."""
     if naming == "initializer":
@@ -40,8 +41,9 @@ def module_names(naming: str, op: str) -> tuple[str, str, list]:
 
 
 def make_model(nodes, initializers, inputs, output: str = "y") -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-                              initializer=initializers)
+    graph = helper.make_graph(
+        nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], initializer=initializers
+    )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
 
@@ -53,8 +55,9 @@ def make_node(op: str, inputs: list[str], output: str, name: str, metadata=(), *
     return node
 
 
-def linear_model(weight: np.ndarray, bias: np.ndarray, layout: str, naming: str = "initializer",
-                 alpha: float = 1.0) -> onnx.ModelProto:
+def linear_model(
+    weight: np.ndarray, bias: np.ndarray, layout: str, naming: str = "initializer", alpha: float = 1.0
+) -> onnx.ModelProto:
     """`y = x @ weight.T + bias` for `x (batch, in)`, the weight stored as `layout` wants it.
 
     `fused_matmul` is onnxruntime's `FusedMatMul` (transB=1, alpha) from an optimized graph.
@@ -64,23 +67,42 @@ def linear_model(weight: np.ndarray, bias: np.ndarray, layout: str, naming: str 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, weight.shape[1]])
     bias_tensor = numpy_helper.from_array(bias.astype(np.float32), "bias")
     if layout == "gemm_trans_b":
-        stored, nodes = weight / alpha, [make_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata,
-                                                   transB=1, alpha=alpha)]
+        stored, nodes = (
+            weight / alpha,
+            [make_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata, transB=1, alpha=alpha)],
+        )
     elif layout == "gemm":
-        stored, nodes = weight.T / alpha, [make_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata,
-                                                     alpha=alpha)]
+        stored, nodes = (
+            weight.T / alpha,
+            [make_node("Gemm", ["x", weight_name, "bias"], "y", node_name, metadata, alpha=alpha)],
+        )
     elif layout == "fused_matmul":
-        stored, nodes = weight / alpha, [make_node("FusedMatMul", ["x", weight_name], "xw", node_name, metadata,
-                                                   domain="com.microsoft", transB=1, alpha=alpha),
-                                         make_node("Add", ["xw", "bias"], "y", "add")]
+        stored, nodes = (
+            weight / alpha,
+            [
+                make_node(
+                    "FusedMatMul",
+                    ["x", weight_name],
+                    "xw",
+                    node_name,
+                    metadata,
+                    domain="com.microsoft",
+                    transB=1,
+                    alpha=alpha,
+                ),
+                make_node("Add", ["xw", "bias"], "y", "add"),
+            ],
+        )
     else:
         stored, read = weight.T, weight_name
         nodes = []
         if layout == "matmul_transpose":
             stored, read = weight, "weight_t"
             nodes.append(helper.make_node("Transpose", [weight_name], [read], name="transpose", perm=[1, 0]))
-        nodes += [make_node("MatMul", ["x", read], "xw", node_name, metadata),
-                  make_node("Add", ["xw", "bias"], "y", "add")]
+        nodes += [
+            make_node("MatMul", ["x", read], "xw", node_name, metadata),
+            make_node("Add", ["xw", "bias"], "y", "add"),
+        ]
     initializers = [numpy_helper.from_array(np.ascontiguousarray(stored, np.float32), weight_name), bias_tensor]
     return make_model(nodes, initializers, [x])
 
@@ -88,8 +110,11 @@ def linear_model(weight: np.ndarray, bias: np.ndarray, layout: str, naming: str 
 def embedding_model(table: np.ndarray, naming: str = "initializer") -> onnx.ModelProto:
     weight_name, node_name, metadata = module_names(naming, "Gather")
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, None)
-    return make_model([make_node("Gather", [weight_name, "ids"], "y", node_name, metadata)],
-                      [numpy_helper.from_array(table.astype(np.float32), weight_name)], [ids])
+    return make_model(
+        [make_node("Gather", [weight_name, "ids"], "y", node_name, metadata)],
+        [numpy_helper.from_array(table.astype(np.float32), weight_name)],
+        [ids],
+    )
 
 
 def conv_model(case: strategies.Conv2dCase) -> onnx.ModelProto:
@@ -99,12 +124,21 @@ def conv_model(case: strategies.Conv2dCase) -> onnx.ModelProto:
     if case.b is not None:
         initializers.append(numpy_helper.from_array(case.b.astype(np.float32), "bias"))
     pads = [case.padding[0], case.padding[1], case.padding[0], case.padding[1]]
-    node = make_node("Conv", inputs, "y", "/block/proj/Conv", strides=list(case.stride), pads=pads,
-                 dilations=list(case.dilation), group=case.groups)
+    node = make_node(
+        "Conv",
+        inputs,
+        "y",
+        "/block/proj/Conv",
+        strides=list(case.stride),
+        pads=pads,
+        dilations=list(case.dilation),
+        group=case.groups,
+    )
     return make_model([node], initializers, [x])
 
 
 # --- plans, files and sessions ----------------------------------------------------------------------------
+
 
 def initializer_reader(model: onnx.ModelProto):
     tensors = {tensor.name: tensor for tensor in model.graph.initializer}
@@ -125,8 +159,9 @@ def apply_plan(model: onnx.ModelProto, plan: AdapterMergePlan) -> onnx.ModelProt
             source = producers[source].input[0]
         name = f"{source}.merged{number}"
         if initializers[source].data_type == TensorProto.BFLOAT16 and update.value.dtype == np.uint16:
-            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, update.value.shape, update.value.tobytes(),
-                                        raw=True)
+            tensor = helper.make_tensor(
+                name, TensorProto.BFLOAT16, update.value.shape, update.value.tobytes(), raw=True
+            )
         else:
             tensor = numpy_helper.from_array(update.value, name)
         merged.graph.initializer.append(tensor)
@@ -139,12 +174,26 @@ def run(model: onnx.ModelProto, **feeds: np.ndarray) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-def write_adapter(directory: Path, lora: dict, embeddings=(), extra=None, r: int | None = None, alpha: float = 1.0,
-                  magnitudes=None, **config) -> Path:
+def write_adapter(
+    directory: Path,
+    lora: dict,
+    embeddings=(),
+    extra=None,
+    r: int | None = None,
+    alpha: float = 1.0,
+    magnitudes=None,
+    **config,
+) -> Path:
     """An adapter directory holding `lora` pairs `(A, B)`, `extra` full tensors and DoRA `magnitudes`."""
     rank = r or next(iter(lora.values()))[0].shape[0]
     peft = LoRAConfig(r=rank, alpha=alpha, use_dora=bool(magnitudes), **config).to_peft_dict(
-        [path.rsplit(".", 1)[-1] for path in lora] or None)
-    save_adapter_dir(directory, peft, AdapterWeights(lora=dict(lora), embeddings=set(embeddings), extra=extra or {},
-                                                     magnitudes=dict(magnitudes or {})))
+        [path.rsplit(".", 1)[-1] for path in lora] or None
+    )
+    save_adapter_dir(
+        directory,
+        peft,
+        AdapterWeights(
+            lora=dict(lora), embeddings=set(embeddings), extra=extra or {}, magnitudes=dict(magnitudes or {})
+        ),
+    )
     return directory

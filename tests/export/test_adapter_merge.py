@@ -44,8 +44,9 @@ from tests.export.onnx_graphs import (  # noqa: E402
 
 def merged_linear(weight, adapters) -> np.ndarray:
     """`W + sum_k weight_k * s_k * B_k @ A_k` in float64."""
-    return weight + sum(w * reference.delta_weight(a.astype(np.float64), b.astype(np.float64), s)
-                        for a, b, s, w in adapters)
+    return weight + sum(
+        w * reference.delta_weight(a.astype(np.float64), b.astype(np.float64), s) for a, b, s, w in adapters
+    )
 
 
 # --- properties ---------------------------------------------------------------------------------------------
@@ -60,24 +61,38 @@ def weighted_adapters(draw):
     adapters = []
     for _ in range(draw(st.integers(1, 3))):
         rank = draw(st.integers(1, strategies.MAX_RANK))
-        adapters.append((draw(strategies.arrays((rank, features_in), np.float32, 0.5)),
-                         draw(strategies.arrays((features_out, rank), np.float32, 0.5)),
-                         draw(st.floats(0.5, 16.0)), draw(st.booleans()), draw(adapter_weights)))
+        adapters.append(
+            (
+                draw(strategies.arrays((rank, features_in), np.float32, 0.5)),
+                draw(strategies.arrays((features_out, rank), np.float32, 0.5)),
+                draw(st.floats(0.5, 16.0)),
+                draw(st.booleans()),
+                draw(adapter_weights),
+            )
+        )
     return adapters
 
 
-@given(adapters=weighted_adapters(), weight=strategies.base_weights(np.float32), x=strategies.inputs(np.float32),
-       layout=st.sampled_from(LINEAR_LAYOUTS), naming=st.sampled_from(NAMINGS), alpha=st.sampled_from([1.0, 0.5, 2.0]))
-def test_weighted_merge_of_linear_adapters_equals_numpy_in_every_layout_and_naming(adapters, weight, x, layout,
-                                                                                   naming, alpha):
+@given(
+    adapters=weighted_adapters(),
+    weight=strategies.base_weights(np.float32),
+    x=strategies.inputs(np.float32),
+    layout=st.sampled_from(LINEAR_LAYOUTS),
+    naming=st.sampled_from(NAMINGS),
+    alpha=st.sampled_from([1.0, 0.5, 2.0]),
+)
+def test_weighted_merge_of_linear_adapters_equals_numpy_in_every_layout_and_naming(
+    adapters, weight, x, layout, naming, alpha
+):
     x = x.reshape(-1, x.shape[-1])
     bias = np.linspace(-1, 1, weight.shape[0])
     model = linear_model(weight, bias, layout, naming, alpha=alpha if layout.startswith(("gemm", "fused")) else 1.0)
     with tempfile.TemporaryDirectory() as folder:
         specs, expected = [], []
         for number, (lora_a, lora_b, lora_alpha, rslora, adapter_weight) in enumerate(adapters):
-            directory = write_adapter(Path(folder) / str(number), {PATH: (lora_a, lora_b)}, alpha=lora_alpha,
-                                      use_rslora=rslora)
+            directory = write_adapter(
+                Path(folder) / str(number), {PATH: (lora_a, lora_b)}, alpha=lora_alpha, use_rslora=rslora
+            )
             scaling = LoRAConfig(r=lora_a.shape[0], alpha=lora_alpha, use_rslora=rslora).scaling
             specs.append((directory, adapter_weight))
             expected.append((lora_a, lora_b, scaling, adapter_weight))
@@ -106,20 +121,26 @@ def test_grouped_conv_merge_equals_reference_unmerged_forward(case):
     with tempfile.TemporaryDirectory() as folder:
         directory = write_adapter(Path(folder), {PATH: (case.A, case.B)}, alpha=case.s * rank)
         plan = plan_adapter_merge(model, initializer_reader(model), [(directory, 1.0)])
-    expected = reference.conv2d_forward(case.x.astype(np.float64), case.W, case.b, case.A, case.B, case.s,
-                                        **case.geometry)
+    expected = reference.conv2d_forward(
+        case.x.astype(np.float64), case.W, case.b, case.A, case.B, case.s, **case.geometry
+    )
     assert_close(run(apply_plan(model, plan), x=case.x), expected, np.float32, factor=8)
 
 
 def test_conv_kernel_stored_in_keras_layout_behind_a_transpose_is_updated_in_that_layout(tmp_path):
     """tf2onnx may keep Keras's `(kh, kw, in, out)` kernel and transpose it to ONNX's `(out, in, kh, kw)`."""
     rng = np.random.default_rng(3)
-    weight, lora_a, lora_b = rng.standard_normal((4, 3, 2, 2)), rng.standard_normal((2, 3, 2, 2)), rng.standard_normal(
-        (4, 2, 1, 1))
+    weight, lora_a, lora_b = (
+        rng.standard_normal((4, 3, 2, 2)),
+        rng.standard_normal((2, 3, 2, 2)),
+        rng.standard_normal((4, 2, 1, 1)),
+    )
     stored = np.transpose(weight, (2, 3, 1, 0)).astype(np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
-    nodes = [helper.make_node("Transpose", ["kernel"], ["w"], name="model_1/conv_1/transpose", perm=[3, 2, 0, 1]),
-             make_node("Conv", ["x", "w"], "y", "model_1/conv_1/Conv2D")]
+    nodes = [
+        helper.make_node("Transpose", ["kernel"], ["w"], name="model_1/conv_1/transpose", perm=[3, 2, 0, 1]),
+        make_node("Conv", ["x", "w"], "y", "model_1/conv_1/Conv2D"),
+    ]
     model = make_model(nodes, [numpy_helper.from_array(stored, "kernel")], [x])
     directory = write_adapter(tmp_path / "a", {"conv": (lora_a, lora_b)}, alpha=4.0)
     (update,) = plan_for(model, [(directory, 1.0)]).updates
@@ -147,6 +168,7 @@ def plan_for(model, adapters, **options) -> AdapterMergePlan:
 
 # --- precision ------------------------------------------------------------------------------------------------
 
+
 def _half_model(stored: np.ndarray, data_type: int) -> onnx.ModelProto:
     """MatMul on a half-precision weight `(in, out)` through a Cast to float32."""
     if data_type == TensorProto.BFLOAT16:
@@ -154,8 +176,10 @@ def _half_model(stored: np.ndarray, data_type: int) -> onnx.ModelProto:
     else:
         tensor = numpy_helper.from_array(stored, f"{PATH}.weight")
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, stored.shape[0]])
-    nodes = [helper.make_node("Cast", [f"{PATH}.weight"], ["w32"], name="cast", to=TensorProto.FLOAT),
-             make_node("MatMul", ["x", "w32"], "y", "/block/proj/MatMul")]
+    nodes = [
+        helper.make_node("Cast", [f"{PATH}.weight"], ["w32"], name="cast", to=TensorProto.FLOAT),
+        make_node("MatMul", ["x", "w32"], "y", "/block/proj/MatMul"),
+    ]
     return make_model(nodes, [tensor], [x])
 
 
@@ -185,11 +209,16 @@ def test_bfloat16_weight_is_merged_in_float32_and_rounded_once(adapter, represen
     np.testing.assert_array_equal(np.asarray(update.value).view(np.uint16), expected)
     assert update.value.dtype == reader(f"{PATH}.weight").dtype
     x = RNG.standard_normal((2, 4)).astype(np.float32)
-    assert_close(run(apply_plan(model, plan_for(model, [(adapter, 1.0)])), x=x), x @ (base.T + 2.0 * LORA_B @ LORA_A).T,
-                 np.float16, factor=8)
+    assert_close(
+        run(apply_plan(model, plan_for(model, [(adapter, 1.0)])), x=x),
+        x @ (base.T + 2.0 * LORA_B @ LORA_A).T,
+        np.float16,
+        factor=8,
+    )
 
 
 # --- weights, sharing, full tensors ----------------------------------------------------------------------------
+
 
 def test_adapter_with_weight_zero_changes_nothing_but_is_matched(adapter):
     model = linear_model(WEIGHT, np.zeros(3), "matmul")
@@ -208,9 +237,11 @@ def test_two_adapters_on_one_node_accumulate_into_one_update(adapter, tmp_path):
 def test_modules_sharing_one_initializer_through_identity_get_separate_updates(tmp_path):
     """The TorchScript exporter stores equal weights once: each module's update must start from it."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    nodes = [helper.make_node("Identity", ["shared"], ["shared_again"], name="identity"),
-             make_node("MatMul", ["x", "shared"], "h", "/first/MatMul"),
-             make_node("MatMul", ["x", "shared_again"], "y", "/second/MatMul")]
+    nodes = [
+        helper.make_node("Identity", ["shared"], ["shared_again"], name="identity"),
+        make_node("MatMul", ["x", "shared"], "h", "/first/MatMul"),
+        make_node("MatMul", ["x", "shared_again"], "y", "/second/MatMul"),
+    ]
     model = make_model(nodes, [numpy_helper.from_array(WEIGHT.T.copy(), "shared")], [x])
     directory = write_adapter(tmp_path / "a", {"first": (LORA_A, LORA_B), "second": (LORA_A, -LORA_B)}, alpha=2.0)
     plan = plan_for(model, [(directory, 1.0)])
@@ -254,27 +285,38 @@ def test_fan_in_fan_out_full_weight_is_read_in_conv1d_layout(tmp_path):
 
 # --- matching -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("call_scope", ["", "StatefulPartitionedCall/"])
 def test_keras_uniquified_scopes_match_the_layer_they_belong_to(tmp_path, call_scope):
     """TensorFlow names layer `dense` `dense_1` and layer `dense_1` `dense_1_2` in an exported graph."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    weights = {f"{call_scope}functional_1/dense_1/Cast/ReadVariableOp:0": WEIGHT.T,
-               f"{call_scope}functional_1/dense_1_2/Cast/ReadVariableOp:0": -WEIGHT.T}
-    nodes = [make_node("MatMul", ["x", name], f"y{number}", name.replace("Cast/ReadVariableOp:0", "MatMul"))
-             for number, name in enumerate(weights)]
-    model = make_model(nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x],
-                       "y0")
+    weights = {
+        f"{call_scope}functional_1/dense_1/Cast/ReadVariableOp:0": WEIGHT.T,
+        f"{call_scope}functional_1/dense_1_2/Cast/ReadVariableOp:0": -WEIGHT.T,
+    }
+    nodes = [
+        make_node("MatMul", ["x", name], f"y{number}", name.replace("Cast/ReadVariableOp:0", "MatMul"))
+        for number, name in enumerate(weights)
+    ]
+    model = make_model(
+        nodes, [numpy_helper.from_array(value.copy(), name) for name, value in weights.items()], [x], "y0"
+    )
     directory = write_adapter(tmp_path / "a", {"dense": (LORA_A, LORA_B), "dense_1": (LORA_A, 2 * LORA_B)})
     plan = plan_for(model, [(directory, 1.0)])
-    assert sorted(plan.matched) == [("dense", f"{call_scope}functional_1/dense_1/MatMul"),
-                                    ("dense_1", f"{call_scope}functional_1/dense_1_2/MatMul")]
+    assert sorted(plan.matched) == [
+        ("dense", f"{call_scope}functional_1/dense_1/MatMul"),
+        ("dense_1", f"{call_scope}functional_1/dense_1_2/MatMul"),
+    ]
 
 
-@pytest.mark.parametrize("adapter_path, graph_path", [
-    ("bert.encoder.layer.0.query", "encoder.layer.0.query"),  # adapter of a model with a head, graph of its body
-    ("encoder.layer.0.query", "wrapper.encoder.layer.0.query"),  # graph exported from a wrapper
-    ("encoder.layer.0.query", "base_model.model.encoder.layer.0.query.base_layer"),  # from a PEFT model
-])
+@pytest.mark.parametrize(
+    "adapter_path, graph_path",
+    [
+        ("bert.encoder.layer.0.query", "encoder.layer.0.query"),  # adapter of a model with a head, graph of its body
+        ("encoder.layer.0.query", "wrapper.encoder.layer.0.query"),  # graph exported from a wrapper
+        ("encoder.layer.0.query", "base_model.model.encoder.layer.0.query.base_layer"),  # from a PEFT model
+    ],
+)
 def test_module_paths_match_by_unique_dotted_suffix(tmp_path, adapter_path, graph_path):
     model = linear_model(WEIGHT, np.zeros(3), "matmul")
     model.graph.initializer[0].name = model.graph.node[0].input[1] = f"{graph_path}.weight"
@@ -283,22 +325,30 @@ def test_module_paths_match_by_unique_dotted_suffix(tmp_path, adapter_path, grap
 
 
 @pytest.mark.parametrize("prefix", ["", "model/"], ids=["lora_spec", "peft-wrapped"])
-def test_a_torchscript_module_run_twice_is_merged_at_both_calls_and_a_module_named_like_a_repeat_is_not(tmp_path,
-                                                                                                       prefix):
+def test_a_torchscript_module_run_twice_is_merged_at_both_calls_and_a_module_named_like_a_repeat_is_not(
+    tmp_path, prefix
+):
     """TorchScript names a second call `mlp.0_1`; its bias is still the kept `mlp.0.bias` (or PEFT's
     `base_model.model.mlp.0.bias`). A module really named `mlp.0_1` would read its own bias."""
     kept = "base_model.model." if prefix else ""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    nodes = [make_node("Gemm", ["x", f"{kept}mlp.0.weight", f"{kept}mlp.0.bias"], "y", f"/{prefix}mlp/mlp.0/Gemm",
-                       transB=1),
-             make_node("MatMul", ["x", "onnx::MatMul_9"], "h", f"/{prefix}mlp/mlp.0_1/MatMul"),
-             make_node("Add", [f"{kept}mlp.0.bias", "h"], "z", f"/{prefix}mlp/mlp.0_1/Add"),
-             make_node("MatMul", ["x", "onnx::MatMul_10"], "g", f"/{prefix}mlp/mlp.2_1/MatMul"),
-             make_node("Add", ["mlp.2_1.bias", "g"], "w", f"/{prefix}mlp/mlp.2_1/Add")]
-    initializers = [numpy_helper.from_array(value, name) for name, value in [
-        (f"{kept}mlp.0.weight", WEIGHT), (f"{kept}mlp.0.bias", np.zeros(3, np.float32)),
-        ("onnx::MatMul_9", WEIGHT.T.copy()), ("onnx::MatMul_10", WEIGHT.T.copy()),
-        ("mlp.2_1.bias", np.zeros(3, np.float32))]]
+    nodes = [
+        make_node("Gemm", ["x", f"{kept}mlp.0.weight", f"{kept}mlp.0.bias"], "y", f"/{prefix}mlp/mlp.0/Gemm", transB=1),
+        make_node("MatMul", ["x", "onnx::MatMul_9"], "h", f"/{prefix}mlp/mlp.0_1/MatMul"),
+        make_node("Add", [f"{kept}mlp.0.bias", "h"], "z", f"/{prefix}mlp/mlp.0_1/Add"),
+        make_node("MatMul", ["x", "onnx::MatMul_10"], "g", f"/{prefix}mlp/mlp.2_1/MatMul"),
+        make_node("Add", ["mlp.2_1.bias", "g"], "w", f"/{prefix}mlp/mlp.2_1/Add"),
+    ]
+    initializers = [
+        numpy_helper.from_array(value, name)
+        for name, value in [
+            (f"{kept}mlp.0.weight", WEIGHT),
+            (f"{kept}mlp.0.bias", np.zeros(3, np.float32)),
+            ("onnx::MatMul_9", WEIGHT.T.copy()),
+            ("onnx::MatMul_10", WEIGHT.T.copy()),
+            ("mlp.2_1.bias", np.zeros(3, np.float32)),
+        ]
+    ]
     model = make_model(nodes, initializers, [x])
     directory = write_adapter(tmp_path / "a", {"mlp.0": (LORA_A, LORA_B), "mlp.2": (LORA_A, LORA_B)})
     plan = plan_for(model, [(directory, 1.0)], allow_partial=True)
@@ -308,8 +358,9 @@ def test_a_torchscript_module_run_twice_is_merged_at_both_calls_and_a_module_nam
 
 def test_an_ambiguous_suffix_matches_nothing(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
-    nodes = [make_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}")
-             for number in (0, 1)]
+    nodes = [
+        make_node("MatMul", ["x", f"layer.{number}.query.weight"], f"y{number}", f"n{number}") for number in (0, 1)
+    ]
     initializers = [numpy_helper.from_array(WEIGHT.T.copy(), f"layer.{number}.query.weight") for number in (0, 1)]
     model = make_model(nodes, initializers, [x], "y0")
     directory = write_adapter(tmp_path / "a", {"query": (LORA_A, LORA_B), "layer.1.query": (LORA_A, LORA_B)})
@@ -334,14 +385,18 @@ def test_an_integer_table_is_never_taken_for_an_embedding(tmp_path):
 
 
 def test_allow_partial_merges_what_matches_and_lists_the_rest(tmp_path):
-    directory = write_adapter(tmp_path / "a", {PATH: (LORA_A, LORA_B), "missing.layer": (LORA_A, LORA_B)},
-                              extra={"missing.head.weight": WEIGHT})
+    directory = write_adapter(
+        tmp_path / "a",
+        {PATH: (LORA_A, LORA_B), "missing.layer": (LORA_A, LORA_B)},
+        extra={"missing.head.weight": WEIGHT},
+    )
     model = linear_model(WEIGHT, np.zeros(3), "matmul")
     plan = plan_for(model, [(directory, 1.0)], allow_partial=True)
     assert plan.unmatched == ["missing.layer", "missing.head.weight"] and len(plan.updates) == 1
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
+
 
 def test_unmatched_keys_raise_one_line_naming_them_and_the_graph_modules(tmp_path):
     directory = write_adapter(tmp_path / "a", {PATH: (LORA_A, LORA_B), "missing.layer": (LORA_A, LORA_B)})
@@ -364,26 +419,51 @@ def _corrupt(directory: Path, change) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "absent", "cannot read adapter .*absent: adapter directory .* does not exist"),
-    (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / WEIGHTS_NAME).unlink()),
-     f"has no {WEIGHTS_NAME}"),
-    (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}),
-                        lambda a: (a / WEIGHTS_NAME).write_bytes(b"\x00" * 3)), "not a valid safetensors file"),
-    (lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / CONFIG_NAME).write_text(
-        json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "layer_replication": [[0, 1]]}))),
-     "layer_replication=.* is not supported"),
-    (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :3], LORA_B)}),
-     r"module block.proj has lora_A \(2, 3\) and lora_B \(3, 2\), which do not fit the weight \(3, 4\)"),
-    (lambda d: write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}, r=2, rank_pattern={"proj": 4}),
-     "module block.proj has rank 2 in the file but 4 by its config"),
-    (lambda d: write_adapter(d / "a", {PATH: (LORA_A.astype(np.int32), LORA_B)}),
-     f"tensor {PATH}.lora_A has dtype int32, not a floating point type"),
-    (lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :, None], LORA_B)}),
-     "module block.proj has a 3-D lora_A, which is neither a linear"),
-    (lambda d: write_adapter(d / "a", {}, extra={f"{PATH}.weight": WEIGHT.T}, r=1),
-     rf"tensor {PATH}.weight has shape \(4, 3\) but the graph's tensor read by node 'n0' is \(3, 4\)"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "absent", "cannot read adapter .*absent: adapter directory .* does not exist"),
+        (
+            lambda d: _corrupt(write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / WEIGHTS_NAME).unlink()),
+            f"has no {WEIGHTS_NAME}",
+        ),
+        (
+            lambda d: _corrupt(
+                write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}), lambda a: (a / WEIGHTS_NAME).write_bytes(b"\x00" * 3)
+            ),
+            "not a valid safetensors file",
+        ),
+        (
+            lambda d: _corrupt(
+                write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}),
+                lambda a: (a / CONFIG_NAME).write_text(
+                    json.dumps({**json.loads((a / CONFIG_NAME).read_text()), "layer_replication": [[0, 1]]})
+                ),
+            ),
+            "layer_replication=.* is not supported",
+        ),
+        (
+            lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :3], LORA_B)}),
+            r"module block.proj has lora_A \(2, 3\) and lora_B \(3, 2\), which do not fit the weight \(3, 4\)",
+        ),
+        (
+            lambda d: write_adapter(d / "a", {PATH: (LORA_A, LORA_B)}, r=2, rank_pattern={"proj": 4}),
+            "module block.proj has rank 2 in the file but 4 by its config",
+        ),
+        (
+            lambda d: write_adapter(d / "a", {PATH: (LORA_A.astype(np.int32), LORA_B)}),
+            f"tensor {PATH}.lora_A has dtype int32, not a floating point type",
+        ),
+        (
+            lambda d: write_adapter(d / "a", {PATH: (LORA_A[:, :, None], LORA_B)}),
+            "module block.proj has a 3-D lora_A, which is neither a linear",
+        ),
+        (
+            lambda d: write_adapter(d / "a", {}, extra={f"{PATH}.weight": WEIGHT.T}, r=1),
+            rf"tensor {PATH}.weight has shape \(4, 3\) but the graph's tensor read by node 'n0' is \(3, 4\)",
+        ),
+    ],
+)
 def test_bad_adapters_raise_naming_the_file_or_key(tmp_path, make, message):
     model = linear_model(WEIGHT, np.zeros(3), "gemm_trans_b")
     with pytest.raises(AdapterMergeError, match=message) as error:
@@ -403,20 +483,26 @@ def test_non_finite_adapter_tensors_are_refused_by_name(tmp_path, bad):
         plan_for(linear_model(WEIGHT, np.zeros(3), "matmul"), [(directory, 1.0)])
 
 
-@pytest.mark.parametrize("model, reader, adapters, error, message", [
-    (b"onnx bytes", None, None, TypeError, "model is a bytes: pass an onnx.ModelProto"),
-    (None, "not callable", None, TypeError, "read_tensor='not callable' is not callable"),
-    (None, None, [], TypeError, r"adapters=\[\] is invalid: pass a non-empty list"),
-    (None, None, "adapter_dir", TypeError, "adapters='adapter_dir' is invalid"),
-    (None, None, [("a",)], TypeError, r"adapter entry \('a',\) is invalid: use a \(directory, weight\) pair"),
-    (None, None, [("a", float("nan"))], ValueError, "adapter a has weight nan: use a finite number"),
-    (None, None, [("a", True)], ValueError, "adapter a has weight True"),
-])
+@pytest.mark.parametrize(
+    "model, reader, adapters, error, message",
+    [
+        (b"onnx bytes", None, None, TypeError, "model is a bytes: pass an onnx.ModelProto"),
+        (None, "not callable", None, TypeError, "read_tensor='not callable' is not callable"),
+        (None, None, [], TypeError, r"adapters=\[\] is invalid: pass a non-empty list"),
+        (None, None, "adapter_dir", TypeError, "adapters='adapter_dir' is invalid"),
+        (None, None, [("a",)], TypeError, r"adapter entry \('a',\) is invalid: use a \(directory, weight\) pair"),
+        (None, None, [("a", float("nan"))], ValueError, "adapter a has weight nan: use a finite number"),
+        (None, None, [("a", True)], ValueError, "adapter a has weight True"),
+    ],
+)
 def test_bad_arguments_raise_one_clear_line(model, reader, adapters, error, message):
     default = linear_model(WEIGHT, np.zeros(3), "matmul")
     with pytest.raises(error, match=message):
-        plan_adapter_merge(default if model is None else model, reader or initializer_reader(default),
-                           adapters if adapters is not None else [("a", 1.0)])
+        plan_adapter_merge(
+            default if model is None else model,
+            reader or initializer_reader(default),
+            adapters if adapters is not None else [("a", 1.0)],
+        )
 
 
 def test_a_reader_returning_the_wrong_shape_is_named(adapter):

@@ -41,6 +41,7 @@ from tests.export.torch_models import (  # noqa: E402
     token_inputs,
 )
 
+
 def merged_output(path: Path, adapters, feeds: dict) -> np.ndarray:
     """Plan on the graph alone, as `lora-export` loads it, reading tensors from the complete model."""
     complete = onnx.load(str(path))
@@ -51,21 +52,36 @@ def merged_output(path: Path, adapters, feeds: dict) -> np.ndarray:
 
 # --- an MLP: Gemm (2-D) and MatMul with anonymous weights (3-D) --------------------------------------------
 
+
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5), torch.nn.ReLU(),
-                               torch.nn.Linear(5, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
+    )
 
 
 @pytest.fixture(scope="module")
 def mlp_case(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlp")
     base = mlp()
-    merged = peft_adapter(base, folder / "peft", r=2, lora_alpha=3, target_modules=["0", "2"], rank_pattern={"2": 3},
-                          alpha_pattern={"0": 5}, use_rslora=True, modules_to_save=["4"], bias="lora_only")
+    merged = peft_adapter(
+        base,
+        folder / "peft",
+        r=2,
+        lora_alpha=3,
+        target_modules=["0", "2"],
+        rank_pattern={"2": 3},
+        alpha_pattern={"0": 5},
+        use_rslora=True,
+        modules_to_save=["4"],
+        bias="lora_only",
+    )
     inputs = {"2d": torch.randn(3, 4), "3d": torch.randn(2, 3, 4)}
-    graphs = {(exporter, rank): export(base, (x,), folder / f"{exporter}_{rank}.onnx", dynamo, ["x"])
-              for exporter, dynamo in EXPORTERS.items() for rank, x in inputs.items()}
+    graphs = {
+        (exporter, rank): export(base, (x,), folder / f"{exporter}_{rank}.onnx", dynamo, ["x"])
+        for exporter, dynamo in EXPORTERS.items()
+        for rank, x in inputs.items()
+    }
     return folder, merged, inputs, graphs
 
 
@@ -88,13 +104,19 @@ def twin_graphs(tmp_path_factory):
     base[2].load_state_dict(base[0].state_dict())
     base[4] = torch.nn.Linear(4, 3)
     inputs = {"2d": torch.randn(3, 4), "3d": torch.randn(2, 3, 4)}
-    graphs = {(exporter, rank): export(base, (x,), folder / f"{exporter}_{rank}.onnx", dynamo, ["x"])
-              for exporter, dynamo in EXPORTERS.items() for rank, x in inputs.items()}
+    graphs = {
+        (exporter, rank): export(base, (x,), folder / f"{exporter}_{rank}.onnx", dynamo, ["x"])
+        for exporter, dynamo in EXPORTERS.items()
+        for rank, x in inputs.items()
+    }
     return base, inputs, graphs
 
 
-@pytest.mark.parametrize("config", [dict(target_modules=["0"]), dict(target_modules=["4"], modules_to_save=["2"])],
-                         ids=["lora_on_first_twin", "second_twin_saved"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(target_modules=["0"]), dict(target_modules=["4"], modules_to_save=["2"])],
+    ids=["lora_on_first_twin", "second_twin_saved"],
+)
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("rank", ["2d", "3d"])
 def test_layers_with_equal_base_weights_are_merged_separately(twin_graphs, tmp_path, config, exporter, rank):
@@ -109,14 +131,27 @@ def test_peft_conv2d_adapter_merges_into_exported_convolutions(tmp_path, exporte
     base, x = convolutions(batch_norm=False), torch.randn(2, 3, 6, 6)
     path = export(base, (x,), tmp_path / "conv.onnx", EXPORTERS[exporter], ["x"])
     merged = peft_adapter(base, tmp_path / "peft", r=2, lora_alpha=3, target_modules=["0", "2"])
-    assert_close(merged_output(path, [(tmp_path / "peft", 1.0)], {"x": x.numpy()}), merged(x).detach().numpy(),
-                 np.float32, factor=4)
+    assert_close(
+        merged_output(path, [(tmp_path / "peft", 1.0)], {"x": x.numpy()}),
+        merged(x).detach().numpy(),
+        np.float32,
+        factor=4,
+    )
 
 
-@pytest.mark.parametrize("exporter, message", [
-    ("torchscript", r"targets node '/0/Conv', whose weight onnx::Conv_\d+ the exporter folded.*do_constant_folding"),
-    ("dynamo", "matched no weight of the graph: 0 \\(0.weight is read by node '.*' of module 1: the exporter fused"),
-])
+@pytest.mark.parametrize(
+    "exporter, message",
+    [
+        (
+            "torchscript",
+            r"targets node '/0/Conv', whose weight onnx::Conv_\d+ the exporter folded.*do_constant_folding",
+        ),
+        (
+            "dynamo",
+            "matched no weight of the graph: 0 \\(0.weight is read by node '.*' of module 1: the exporter fused",
+        ),
+    ],
+)
 def test_a_conv_with_a_batch_norm_folded_into_it_is_never_merged(tmp_path, exporter, message):
     base, x = convolutions(batch_norm=True), torch.randn(2, 3, 6, 6)
     path = export(base, (x,), tmp_path / "conv.onnx", EXPORTERS[exporter], ["x"])
@@ -127,10 +162,12 @@ def test_a_conv_with_a_batch_norm_folded_into_it_is_never_merged(tmp_path, expor
 
 # --- a tiny BERT classifier: embeddings, attention, kept and anonymous weights --------------------------------
 
+
 def tiny_gpt2() -> Classifier:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=30, n_embd=8, n_layer=2, n_head=2, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=30, n_embd=8, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
     return Classifier(transformers.GPT2Model(config)).eval()
 
 
@@ -138,23 +175,32 @@ def tiny_gpt2() -> Classifier:
 def transformer_graphs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("transformers")
     models = {"bert": tiny_bert(), "gpt2": tiny_gpt2()}
-    graphs = {(name, exporter): export(model, token_inputs(), folder / f"{name}_{exporter}.onnx", dynamo,
-                                       ["input_ids", "attention_mask"])
-              for name, model in models.items() for exporter, dynamo in EXPORTERS.items()}
+    graphs = {
+        (name, exporter): export(
+            model, token_inputs(), folder / f"{name}_{exporter}.onnx", dynamo, ["input_ids", "attention_mask"]
+        )
+        for name, model in models.items()
+        for exporter, dynamo in EXPORTERS.items()
+    }
     return folder, models, graphs
 
 
 PEFT_CONFIGS = {
-    "bert": dict(r=2, lora_alpha=4, target_modules=["query", "value", "word_embeddings", "intermediate.dense"],
-                 modules_to_save=["classifier", "LayerNorm"]),
+    "bert": dict(
+        r=2,
+        lora_alpha=4,
+        target_modules=["query", "value", "word_embeddings", "intermediate.dense"],
+        modules_to_save=["classifier", "LayerNorm"],
+    ),
     "gpt2": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "wte"], fan_in_fan_out=True),
 }
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
-def test_peft_adapter_merges_into_exported_transformer_like_merge_and_unload(transformer_graphs, tmp_path, name,
-                                                                              exporter):
+def test_peft_adapter_merges_into_exported_transformer_like_merge_and_unload(
+    transformer_graphs, tmp_path, name, exporter
+):
     folder, models, graphs = transformer_graphs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's note that GPT-2's Conv1D needs fan_in_fan_out
@@ -196,8 +242,7 @@ def test_lora_spec_torch_adapter_merges_like_its_merge_and_unload(transformer_gr
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_weighted_adapters_merge_like_numpy_sum_of_their_deltas(transformer_graphs, lora_spec_bert_adapters,
-                                                                exporter):
+def test_weighted_adapters_merge_like_numpy_sum_of_their_deltas(transformer_graphs, lora_spec_bert_adapters, exporter):
     """`W + 0.7 * delta_1 - 0.4 * delta_2`, written into the PyTorch model from the files with NumPy."""
     _, models, graphs = transformer_graphs
     weights = (0.7, -0.4)
@@ -214,7 +259,8 @@ def test_weighted_adapters_merge_like_numpy_sum_of_their_deltas(transformer_grap
 
 
 def test_a_cat_combination_exported_and_folded_equals_merging_the_weighted_adapter_files(
-        transformer_graphs, lora_spec_bert_adapters, tmp_path):
+    transformer_graphs, lora_spec_bert_adapters, tmp_path
+):
     """`add_weighted_adapter(..., "cat")`, exported with its branches and folded by `lora-export --merge`,
     is `lora-export --merge base.onnx --adapter A:w1 --adapter B:w2`."""
     lora = pytest.importorskip("lora_spec.torch")
@@ -229,9 +275,16 @@ def test_a_cat_combination_exported_and_folded_equals_merging_the_weighted_adapt
     lora.set_adapter(model, "mixed")
     export(model, token_inputs(), tmp_path / "mixed.onnx", dynamo=False, names=["input_ids", "attention_mask"])
     folded = merge_onnx(tmp_path / "mixed.onnx", verify="full", progress=False).output
-    from_files = merge_onnx(graphs["bert", "torchscript"], tmp_path / "files.onnx", verify="off", progress=False,
-                            adapters=list(zip(lora_spec_bert_adapters, weights))).output
-    assert_close(run(onnx.load(str(folded)), **feeds()), run(onnx.load(str(from_files)), **feeds()), np.float32, factor=10)
+    from_files = merge_onnx(
+        graphs["bert", "torchscript"],
+        tmp_path / "files.onnx",
+        verify="off",
+        progress=False,
+        adapters=list(zip(lora_spec_bert_adapters, weights)),
+    ).output
+    assert_close(
+        run(onnx.load(str(folded)), **feeds()), run(onnx.load(str(from_files)), **feeds()), np.float32, factor=10
+    )
 
 
 # --- Keras: layer scopes with TensorFlow's uniquifier -----------------------------------------------------------
@@ -271,8 +324,9 @@ def keras_case(tmp_path_factory):
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf2onnx")
     folder = tmp_path_factory.mktemp("keras")
-    done = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, str(folder)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", KERAS_SCRIPT, str(folder)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
@@ -280,7 +334,13 @@ def keras_case(tmp_path_factory):
 def test_keras_adapter_merges_into_keras_exported_graph_like_merge_and_unload(keras_case):
     graph = onnx.load(str(keras_case / "base.onnx"))
     plan = plan_adapter_merge(graph, initializer_reader(graph), [(keras_case / "adapter", 1.0)])
-    assert sorted(path for path, _ in plan.matched) == ["attention.query", "attention.value", "block.hidden", "dense",
-                                                        "dense_1", "embed"]
+    assert sorted(path for path, _ in plan.matched) == [
+        "attention.query",
+        "attention.value",
+        "block.hidden",
+        "dense",
+        "dense_1",
+        "embed",
+    ]
     actual = run(apply_plan(graph, plan), **{graph.graph.input[0].name: np.load(keras_case / "x.npy")})
     assert_close(actual, np.load(keras_case / "expected.npy"), np.float32, factor=10)

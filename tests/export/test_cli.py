@@ -27,14 +27,23 @@ X = RNG.standard_normal((3, 4)).astype(np.float32)
 def _save(folder, lora: bool = True, external: bool = False, name: str = "model.onnx"):
     model = strategies.lora_graph(X, [(W, BIAS, A, B, 0.5)], strategies.PLAIN_LORA_LAYOUT, lora=lora)
     path = folder / name
-    onnx.save(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
-              location=f"{name}.data", size_threshold=0)
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{name}.data",
+        size_threshold=0,
+    )
     return path
 
 
 def _snapshot(folder) -> dict:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in folder.rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
 
 
 def _run(capsys, *argv):
@@ -118,13 +127,17 @@ def _short_data(folder):
     return path
 
 
-@pytest.mark.parametrize("make_model, message", [
-    (_corrupt, "is not a readable ONNX model"),
-    (_truncated, "is not a readable ONNX model"),
-    (_missing_data, "is missing"),
-    (_data_outside, "outside the model's folder"),
-    (_short_data, "truncated"),
-], ids=["not-onnx", "truncated", "external-data-missing", "external-data-outside-folder", "external-data-short"])
+@pytest.mark.parametrize(
+    "make_model, message",
+    [
+        (_corrupt, "is not a readable ONNX model"),
+        (_truncated, "is not a readable ONNX model"),
+        (_missing_data, "is missing"),
+        (_data_outside, "outside the model's folder"),
+        (_short_data, "truncated"),
+    ],
+    ids=["not-onnx", "truncated", "external-data-missing", "external-data-outside-folder", "external-data-short"],
+)
 def test_bad_model_files_fail_with_one_line_and_leave_nothing(tmp_path, capsys, make_model, message):
     model = make_model(tmp_path)
     before = _snapshot(tmp_path)
@@ -134,15 +147,25 @@ def test_bad_model_files_fail_with_one_line_and_leave_nothing(tmp_path, capsys, 
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["-o", "{folder}/model.onnx"], "is the input model"),
-    (["-o", "{folder}/missing/out.onnx"], "does not exist"),
-    (["--tolerance", "-1"], "tolerance must be a positive number"),
-    (["--input-shape", "nothere=1,4"], "not an input of the model"),
-    (["--input-shape", "x=1,2,4"], "does not fit"),
-    (["--merge", "{folder}/absent.onnx"], "does not exist"),
-], ids=["output-is-input", "output-folder-missing", "negative-tolerance", "unknown-input", "wrong-rank",
-        "model-missing"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["-o", "{folder}/model.onnx"], "is the input model"),
+        (["-o", "{folder}/missing/out.onnx"], "does not exist"),
+        (["--tolerance", "-1"], "tolerance must be a positive number"),
+        (["--input-shape", "nothere=1,4"], "not an input of the model"),
+        (["--input-shape", "x=1,2,4"], "does not fit"),
+        (["--merge", "{folder}/absent.onnx"], "does not exist"),
+    ],
+    ids=[
+        "output-is-input",
+        "output-folder-missing",
+        "negative-tolerance",
+        "unknown-input",
+        "wrong-rank",
+        "model-missing",
+    ],
+)
 def test_bad_arguments_fail_with_one_line_and_leave_nothing(tmp_path, capsys, extra, message):
     model = _save(tmp_path)
     before = _snapshot(tmp_path)
@@ -190,8 +213,12 @@ def test_malformed_input_shape_is_an_argument_error(tmp_path, capsys):
 
 def test_console_script_runs_without_a_traceback(tmp_path):
     model = _save(tmp_path, lora=False)
-    completed = subprocess.run([sys.executable, "-m", "lora_spec.export.cli", "--merge", str(model)],
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-m", "lora_spec.export.cli", "--merge", str(model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert completed.returncode == 3 and "Traceback" not in completed.stderr
 
 
@@ -220,8 +247,14 @@ def test_an_erfc_model_is_mended_reported_and_verified_against_the_mended_origin
     model.graph.node.append(onnx.helper.make_node("Erfc", [output], ["after"], name="gelu/Erfc"))
     model.graph.output[0].name = "after"
     (tmp_path / "model.onnx").unlink()
-    onnx.save(model, tmp_path / "model.onnx", save_as_external_data=external, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=0)
+    onnx.save(
+        model,
+        tmp_path / "model.onnx",
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     before = _snapshot(tmp_path)
     status, out, _ = _run(capsys, "--merge", tmp_path / "model.onnx", "--verify", "full")
     assert status == 0, out
@@ -237,15 +270,20 @@ def test_an_erfc_model_is_mended_reported_and_verified_against_the_mended_origin
 
 # --- --switchable and --pack ------------------------------------------------------------------------------------
 
+
 def _served_folder(folder):
     """A plain two-layer model, and adapter folders: `one` (rank 2 on `first`), `headed` (rank 1 on `second`
     and a trained `second.weight`), `twin` (the same), `wide` (for another model), `stray` (no such module),
     `dora`; `base.switchable.onnx` made from `one` and `headed`."""
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])
-    nodes = [onnx.helper.make_node("MatMul", ["x", "first.weight"], ["h"], name="/first/MatMul"),
-             onnx.helper.make_node("MatMul", ["h", "second.weight"], ["y"], name="/second/MatMul")]
-    weights = [onnx.numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
-               for name, shape in [("first.weight", (4, 5)), ("second.weight", (5, 3))]]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "first.weight"], ["h"], name="/first/MatMul"),
+        onnx.helper.make_node("MatMul", ["h", "second.weight"], ["y"], name="/second/MatMul"),
+    ]
+    weights = [
+        onnx.numpy_helper.from_array(RNG.standard_normal(shape).astype(np.float32), name)
+        for name, shape in [("first.weight", (4, 5)), ("second.weight", (5, 3))]
+    ]
     graph = onnx.helper.make_graph(nodes, "g", [x], [onnx.helper.make_tensor_value_info("y", 1, None)], weights)
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), folder / "base.onnx")
     head = RNG.standard_normal((5, 3)).astype(np.float32)
@@ -256,37 +294,83 @@ def _served_folder(folder):
     write_adapter(folder / "stray", {"third": (np.ones((2, 4)), np.ones((5, 2)))})
     dora = write_adapter(folder / "dora", {"first": (np.ones((2, 4)), np.ones((5, 2)))}) / "adapter_config.json"
     dora.write_text(json.dumps({**json.loads(dora.read_text()), "use_dora": True}))
-    assert cli.main(["--switchable", str(folder / "base.onnx"), "--adapter", str(folder / "one"), "--adapter",
-                     str(folder / "headed"), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "--switchable",
+                str(folder / "base.onnx"),
+                "--adapter",
+                str(folder / "one"),
+                "--adapter",
+                str(folder / "headed"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return folder / "base.switchable.onnx"
 
 
 def test_switchable_then_pack_then_switch_per_run_from_the_command_line(tmp_path, capsys):
     served = _served_folder(tmp_path)
     capsys.readouterr()
-    status, out, _ = _run(capsys, "--pack", served, "--adapter", f"{tmp_path / 'one'}:0.5", "--adapter",
-                          tmp_path / "headed", "-o", tmp_path / "mix.onnx_adapter")
+    status, out, _ = _run(
+        capsys,
+        "--pack",
+        served,
+        "--adapter",
+        f"{tmp_path / 'one'}:0.5",
+        "--adapter",
+        tmp_path / "headed",
+        "-o",
+        tmp_path / "mix.onnx_adapter",
+    )
     assert status == 0 and "verified switchable model with the adapter file" in out
     assert out.splitlines()[-1] == f"wrote {tmp_path / 'mix.onnx_adapter'}"
-    merged_status = cli.main(["--merge", str(tmp_path / "base.onnx"), "--adapter", f"{tmp_path / 'one'}:0.5",
-                              "--adapter", str(tmp_path / "headed"), "-o", str(tmp_path / "merged.onnx"), "-q"])
+    merged_status = cli.main(
+        [
+            "--merge",
+            str(tmp_path / "base.onnx"),
+            "--adapter",
+            f"{tmp_path / 'one'}:0.5",
+            "--adapter",
+            str(tmp_path / "headed"),
+            "-o",
+            str(tmp_path / "merged.onnx"),
+            "-q",
+        ]
+    )
     from lora_spec.export.pack import active_adapter
 
     options, _adapter = active_adapter(tmp_path / "mix.onnx_adapter")
     assert merged_status == 0
-    np.testing.assert_allclose(session(served).run(None, {"x": X[:, :4]}, options)[0],
-                               session(tmp_path / "merged.onnx").run(None, {"x": X[:, :4]})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        session(served).run(None, {"x": X[:, :4]}, options)[0],
+        session(tmp_path / "merged.onnx").run(None, {"x": X[:, :4]})[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--merge", "{model}", "--pack", "{served}"], "not allowed with argument"),
-    ([], "one of the arguments --merge --switchable --pack is required"),
-    (["--merge", "{model}", "--keep-default"], "--keep-default applies to --switchable only"),
-    (["--switchable", "{model}", "--verify", "layers"], "--verify layers applies to --merge only"),
-    (["--pack", "{served}", "--adapter", "{folder}/one"], "--pack needs -o NAME.onnx_adapter"),
-    (["--pack", "{served}", "-o", "{folder}/a.onnx_adapter"], "--pack needs at least one --adapter"),
-], ids=["two-modes", "no-mode", "keep-default-with-merge", "layers-with-switchable", "pack-without-output",
-        "pack-without-adapter"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--merge", "{model}", "--pack", "{served}"], "not allowed with argument"),
+        ([], "one of the arguments --merge --switchable --pack is required"),
+        (["--merge", "{model}", "--keep-default"], "--keep-default applies to --switchable only"),
+        (["--switchable", "{model}", "--verify", "layers"], "--verify layers applies to --merge only"),
+        (["--pack", "{served}", "--adapter", "{folder}/one"], "--pack needs -o NAME.onnx_adapter"),
+        (["--pack", "{served}", "-o", "{folder}/a.onnx_adapter"], "--pack needs at least one --adapter"),
+    ],
+    ids=[
+        "two-modes",
+        "no-mode",
+        "keep-default-with-merge",
+        "layers-with-switchable",
+        "pack-without-output",
+        "pack-without-adapter",
+    ],
+)
 def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, argv, message):
     served = _served_folder(tmp_path)
     before = _snapshot(tmp_path)
@@ -297,30 +381,86 @@ def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, ar
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("argv, status, message", [
-    (["--switchable", "{model}"], 3, "no LoRA branch found"),
-    (["--switchable", "{model}", "--adapter", "{folder}/wide"], 1, "module first has lora_A (2, 7) and lora_B (5, 2), "
-     "which do not fit the weight (5, 4)"),
-    (["--switchable", "{model}", "--adapter", "{folder}/one:0.5"], 1, "has a weight (0.5)"),
-    (["--switchable", "{model}", "--adapter", "{folder}/dora"], 1, "is a DoRA adapter (use_dora)"),
-    (["--pack", "{model}", "--adapter", "{folder}/one", "-o", "{folder}/a.onnx_adapter"], 1, "is not switchable"),
-    (["--pack", "{served}", "--adapter", "{folder}/wide", "-o", "{folder}/a.onnx_adapter"], 1,
-     "module first has lora_A (2, 7)"),
-    (["--pack", "{served}", "--adapter", "{folder}/stray", "-o", "{folder}/a.onnx_adapter"], 1,
-     "1 of 1 adapter keys matched no weight of the graph: third"),
-    (["--pack", "{served}", "--adapter", "{folder}/one", "--adapter", "{folder}/stray", "-o",
-      "{folder}/a.onnx_adapter"], 1, "or pass allow_partial=True (--allow-partial) to pack the keys that match"),
-    (["--pack", "{served}", "--adapter", "{folder}/headed", "--adapter", "{folder}/twin", "-o",
-      "{folder}/a.onnx_adapter"], 1, "two adapters carry the full tensor second.weight"),
-    (["--pack", "{served}", "--adapter", "{folder}/missing", "-o", "{folder}/a.onnx_adapter"], 1, "does not exist"),
-    (["--pack", "{served}", "--adapter", "{folder}/corrupt", "-o", "{folder}/a.onnx_adapter"], 1, "is not valid JSON"),
-    (["--pack", "{served}", "--adapter", "{folder}/dora", "-o", "{folder}/a.onnx_adapter"], 1,
-     "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, which is not an additive low-rank "
-     "input"),
-    (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the input model"),
-], ids=["switchable-nothing", "switchable-other-base", "switchable-weight", "switchable-dora", "pack-not-switchable",
-        "pack-other-base", "pack-unmatched", "pack-partly-unmatched", "pack-two-full-tensors", "pack-missing-adapter",
-        "pack-corrupt-adapter", "pack-dora", "pack-onto-the-model"])
+@pytest.mark.parametrize(
+    "argv, status, message",
+    [
+        (["--switchable", "{model}"], 3, "no LoRA branch found"),
+        (
+            ["--switchable", "{model}", "--adapter", "{folder}/wide"],
+            1,
+            "module first has lora_A (2, 7) and lora_B (5, 2), which do not fit the weight (5, 4)",
+        ),
+        (["--switchable", "{model}", "--adapter", "{folder}/one:0.5"], 1, "has a weight (0.5)"),
+        (["--switchable", "{model}", "--adapter", "{folder}/dora"], 1, "is a DoRA adapter (use_dora)"),
+        (["--pack", "{model}", "--adapter", "{folder}/one", "-o", "{folder}/a.onnx_adapter"], 1, "is not switchable"),
+        (
+            ["--pack", "{served}", "--adapter", "{folder}/wide", "-o", "{folder}/a.onnx_adapter"],
+            1,
+            "module first has lora_A (2, 7)",
+        ),
+        (
+            ["--pack", "{served}", "--adapter", "{folder}/stray", "-o", "{folder}/a.onnx_adapter"],
+            1,
+            "1 of 1 adapter keys matched no weight of the graph: third",
+        ),
+        (
+            [
+                "--pack",
+                "{served}",
+                "--adapter",
+                "{folder}/one",
+                "--adapter",
+                "{folder}/stray",
+                "-o",
+                "{folder}/a.onnx_adapter",
+            ],
+            1,
+            "or pass allow_partial=True (--allow-partial) to pack the keys that match",
+        ),
+        (
+            [
+                "--pack",
+                "{served}",
+                "--adapter",
+                "{folder}/headed",
+                "--adapter",
+                "{folder}/twin",
+                "-o",
+                "{folder}/a.onnx_adapter",
+            ],
+            1,
+            "two adapters carry the full tensor second.weight",
+        ),
+        (["--pack", "{served}", "--adapter", "{folder}/missing", "-o", "{folder}/a.onnx_adapter"], 1, "does not exist"),
+        (
+            ["--pack", "{served}", "--adapter", "{folder}/corrupt", "-o", "{folder}/a.onnx_adapter"],
+            1,
+            "is not valid JSON",
+        ),
+        (
+            ["--pack", "{served}", "--adapter", "{folder}/dora", "-o", "{folder}/a.onnx_adapter"],
+            1,
+            "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, which is not an additive low-rank "
+            "input",
+        ),
+        (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the input model"),
+    ],
+    ids=[
+        "switchable-nothing",
+        "switchable-other-base",
+        "switchable-weight",
+        "switchable-dora",
+        "pack-not-switchable",
+        "pack-other-base",
+        "pack-unmatched",
+        "pack-partly-unmatched",
+        "pack-two-full-tensors",
+        "pack-missing-adapter",
+        "pack-corrupt-adapter",
+        "pack-dora",
+        "pack-onto-the-model",
+    ],
+)
 def test_bad_switchable_and_pack_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys, argv, status, message):
     served = _served_folder(tmp_path)
     (tmp_path / "corrupt").mkdir()
@@ -328,8 +468,9 @@ def test_bad_switchable_and_pack_inputs_fail_with_one_line_and_write_nothing(tmp
     (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"")
     before = _snapshot(tmp_path)
     capsys.readouterr()
-    got, out, err = _run(capsys, *[item.format(model=tmp_path / "base.onnx", served=served, folder=tmp_path)
-                                   for item in argv])
+    got, out, err = _run(
+        capsys, *[item.format(model=tmp_path / "base.onnx", served=served, folder=tmp_path) for item in argv]
+    )
     assert (got, out) == (status, "") and err.count("\n") == 1 and message in err and "Traceback" not in err
     assert _snapshot(tmp_path) == before
 
@@ -337,8 +478,18 @@ def test_bad_switchable_and_pack_inputs_fail_with_one_line_and_write_nothing(tmp
 def test_allow_partial_packs_what_matches_and_lists_the_rest(tmp_path, capsys):
     served = _served_folder(tmp_path)
     capsys.readouterr()
-    status, out, _ = _run(capsys, "--pack", served, "--adapter", tmp_path / "one", "--adapter", tmp_path / "stray",
-                          "--allow-partial", "-o", tmp_path / "a.onnx_adapter")
+    status, out, _ = _run(
+        capsys,
+        "--pack",
+        served,
+        "--adapter",
+        tmp_path / "one",
+        "--adapter",
+        tmp_path / "stray",
+        "--allow-partial",
+        "-o",
+        tmp_path / "a.onnx_adapter",
+    )
     assert status == 0 and "not packed: third" in out and (tmp_path / "a.onnx_adapter").is_file()
 
 
@@ -349,9 +500,11 @@ def test_a_failed_switchable_or_pack_check_exits_4_and_writes_nothing(tmp_path, 
     served = _served_folder(tmp_path)
     before = _snapshot(tmp_path)
     monkeypatch.setattr(verify, "compare_outputs", lambda actual, expected: 0.5)
-    argv = (["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
-            if mode == "switchable" else
-            ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
+    argv = (
+        ["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
+        if mode == "switchable"
+        else ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"]
+    )
     capsys.readouterr()
     status, _, err = _run(capsys, *argv)
     assert status == 4 and "above the tolerance" in err and err.count("\n") == 1
@@ -364,9 +517,11 @@ def test_above_the_auto_limit_the_output_is_written_and_said_not_verified(tmp_pa
 
     served = _served_folder(tmp_path)
     monkeypatch.setattr(options, "FULL_VERIFY_LIMIT", 0)
-    argv = (["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
-            if mode == "switchable" else
-            ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"])
+    argv = (
+        ["--switchable", tmp_path / "base.onnx", "--adapter", tmp_path / "one", "-o", tmp_path / "again.onnx"]
+        if mode == "switchable"
+        else ["--pack", served, "--adapter", tmp_path / "one", "-o", tmp_path / "a.onnx_adapter"]
+    )
     capsys.readouterr()
     status, out, _ = _run(capsys, *argv)
     assert status == 0 and out.splitlines()[-2].startswith("not verified: the weights are above what --verify auto")

@@ -35,13 +35,18 @@ from tests.export.onnx_graphs import (  # noqa: E402
 def _plan(model, case: strategies.DoRACase, folder: Path, weight: float = 1.0, **options):
     """Plan the merge of the case's DoRA adapter (scaling `s` at alpha = s * r) into `model`."""
     lora = case.case
-    directory = write_adapter(folder, {PATH: (lora.A, lora.B)}, alpha=lora.s * lora.A.shape[0],
-                              magnitudes={PATH: case.magnitude}, **options)
+    directory = write_adapter(
+        folder, {PATH: (lora.A, lora.B)}, alpha=lora.s * lora.A.shape[0], magnitudes={PATH: case.magnitude}, **options
+    )
     return plan_adapter_merge(model, initializer_reader(model), [(directory, weight)])
 
 
-@given(case=strategies.dora_cases("linear", np.float32, dropout=False), layout=st.sampled_from(LINEAR_LAYOUTS),
-       naming=st.sampled_from(NAMINGS), alpha=st.sampled_from([1.0, 0.5]))
+@given(
+    case=strategies.dora_cases("linear", np.float32, dropout=False),
+    layout=st.sampled_from(LINEAR_LAYOUTS),
+    naming=st.sampled_from(NAMINGS),
+    alpha=st.sampled_from([1.0, 0.5]),
+)
 def test_dora_linear_adapter_merges_as_the_reference_in_every_layout_and_naming(case, layout, naming, alpha):
     lora = case.case
     x = lora.x.reshape(-1, lora.x.shape[-1])
@@ -58,8 +63,13 @@ def test_dora_embedding_adapter_merges_as_the_reference(case):
     lora = case.case
     model = embedding_model(lora.W)
     with tempfile.TemporaryDirectory() as folder:
-        directory = write_adapter(Path(folder), {PATH: (lora.A, lora.B)}, embeddings=[PATH],
-                                  alpha=lora.s * lora.A.shape[0], magnitudes={PATH: case.magnitude})
+        directory = write_adapter(
+            Path(folder),
+            {PATH: (lora.A, lora.B)},
+            embeddings=[PATH],
+            alpha=lora.s * lora.A.shape[0],
+            magnitudes={PATH: case.magnitude},
+        )
         plan = plan_adapter_merge(model, initializer_reader(model), [(directory, 1.0)])
     expected = dora.dora_embedding_forward(lora.ids, lora.W.astype(np.float64), lora.A, lora.B, lora.s, case.magnitude)
     assert_close(run(apply_plan(model, plan), ids=lora.ids.astype(np.int64)), expected, np.float32, factor=8)
@@ -71,26 +81,39 @@ def test_dora_conv_adapter_merges_as_the_reference(case):
     model = conv_model(lora)
     with tempfile.TemporaryDirectory() as folder:
         plan = _plan(model, case, Path(folder))
-    expected = dora.dora_conv2d_forward(lora.x.astype(np.float64), lora.W, lora.b, lora.A, lora.B, lora.s,
-                                        case.magnitude, **lora.geometry)
+    expected = dora.dora_conv2d_forward(
+        lora.x.astype(np.float64), lora.W, lora.b, lora.A, lora.B, lora.s, case.magnitude, **lora.geometry
+    )
     assert_close(run(apply_plan(model, plan), x=lora.x), expected, np.float32, factor=16)
 
 
 def _linear_case(seed: int = 0) -> strategies.DoRACase:
     rng = np.random.default_rng(seed)
-    case = strategies.LinearCase(x=rng.standard_normal((2, 4)).astype(np.float32), W=rng.standard_normal((3, 4)),
-                                 b=None, A=rng.standard_normal((2, 4)), B=rng.standard_normal((3, 2)), s=2.0,
-                                 dropout_mask=None)
+    case = strategies.LinearCase(
+        x=rng.standard_normal((2, 4)).astype(np.float32),
+        W=rng.standard_normal((3, 4)),
+        b=None,
+        A=rng.standard_normal((2, 4)),
+        B=rng.standard_normal((3, 2)),
+        s=2.0,
+        dropout_mask=None,
+    )
     return strategies.DoRACase("linear", case, rng.random(3) + 0.5)
 
 
 def test_a_dora_adapter_with_a_weight_other_than_one_is_refused_in_one_line(tmp_path):
     model = linear_model(_linear_case().case.W, np.zeros(3), "gemm_trans_b")
     onnx.save(model, tmp_path / "base.onnx")
-    directory = write_adapter(tmp_path / "dora", {PATH: (_linear_case().case.A, _linear_case().case.B)},
-                              magnitudes={PATH: _linear_case().magnitude})
-    with pytest.raises(ExportError, match=r"is a DoRA adapter \(use_dora=true\) and has weight 0.5: DoRA normalises "
-                                          "each output feature") as error:
+    directory = write_adapter(
+        tmp_path / "dora",
+        {PATH: (_linear_case().case.A, _linear_case().case.B)},
+        magnitudes={PATH: _linear_case().magnitude},
+    )
+    with pytest.raises(
+        ExportError,
+        match=r"is a DoRA adapter \(use_dora=true\) and has weight 0.5: DoRA normalises "
+        "each output feature",
+    ) as error:
         merge_onnx(tmp_path / "base.onnx", adapters=[(directory, 0.5)], progress=False)
     assert "\n" not in str(error.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["base.onnx", "dora"]
@@ -99,18 +122,31 @@ def test_a_dora_adapter_with_a_weight_other_than_one_is_refused_in_one_line(tmp_
 def test_a_dora_adapter_beside_another_on_the_same_weight_is_refused(tmp_path):
     case = _linear_case()
     model = linear_model(case.case.W, np.zeros(3), "matmul")
-    dora_adapter = write_adapter(tmp_path / "dora", {PATH: (case.case.A, case.case.B)}, magnitudes={PATH: case.magnitude})
+    dora_adapter = write_adapter(
+        tmp_path / "dora", {PATH: (case.case.A, case.case.B)}, magnitudes={PATH: case.magnitude}
+    )
     lora_adapter = write_adapter(tmp_path / "lora", {PATH: (case.case.A, case.case.B)})
     for adapters in ([(dora_adapter, 1.0), (lora_adapter, 0.5)], [(lora_adapter, 0.5), (dora_adapter, 1.0)]):
-        with pytest.raises(AdapterMergeError, match="is DoRA and .* changes the same weight .*merge one adapter per "
-                                                    "module there"):
+        with pytest.raises(
+            AdapterMergeError, match="is DoRA and .* changes the same weight .*merge one adapter per module there"
+        ):
             plan_adapter_merge(model, initializer_reader(model), adapters)
 
 
 def test_a_dora_adapter_of_a_grouped_conv_is_refused(tmp_path):
-    case = strategies.Conv2dCase(x=np.ones((1, 4, 3, 3), np.float32), W=np.ones((4, 2, 1, 1)), b=None,
-                                 A=np.ones((2, 2, 1, 1)), B=np.ones((4, 1, 1, 1)), s=1.0, dropout_mask=None,
-                                 stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=2)
+    case = strategies.Conv2dCase(
+        x=np.ones((1, 4, 3, 3), np.float32),
+        W=np.ones((4, 2, 1, 1)),
+        b=None,
+        A=np.ones((2, 2, 1, 1)),
+        B=np.ones((4, 1, 1, 1)),
+        s=1.0,
+        dropout_mask=None,
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups=2,
+    )
     directory = write_adapter(tmp_path / "dora", {PATH: (case.A, case.B)}, magnitudes={PATH: np.ones((1, 4, 1, 1))})
     model = conv_model(case)
     with pytest.raises(AdapterMergeError, match=r"module block.proj: DoRA on a grouped convolution \(groups=2\)"):

@@ -47,15 +47,26 @@ def test_a_scale_that_varies_along_the_batch_is_refused_not_folded(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    arrays = {"weight": rng.standard_normal((4, 3)), "lora_A": rng.standard_normal((4, 2)),
-              "lora_B": rng.standard_normal((2, 3)), "rows": rng.standard_normal((2, 1))}
-    nodes = [helper.make_node("MatMul", ["x", "weight"], ["base"]),
-             helper.make_node("Mul", ["base", "rows"], ["rescaled"]),
-             helper.make_node("MatMul", ["x", "lora_A"], ["low"]), helper.make_node("MatMul", ["low", "lora_B"], ["up"]),
-             helper.make_node("Add", ["rescaled", "up"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-                              [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()])
+    arrays = {
+        "weight": rng.standard_normal((4, 3)),
+        "lora_A": rng.standard_normal((4, 2)),
+        "lora_B": rng.standard_normal((2, 3)),
+        "rows": rng.standard_normal((2, 1)),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "weight"], ["base"]),
+        helper.make_node("Mul", ["base", "rows"], ["rescaled"]),
+        helper.make_node("MatMul", ["x", "lora_A"], ["low"]),
+        helper.make_node("MatMul", ["low", "lora_B"], ["up"]),
+        helper.make_node("Add", ["rescaled", "up"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
     with pytest.raises(NoLoRABranchError, match=r"a constant of shape \(2, 1\) does not act per output feature"):
         merge_onnx(tmp_path / "model.onnx", progress=False)
@@ -77,27 +88,53 @@ def _keras_like_graph(form: str):
     factor = {"untrained": np.ones(6), "per_head_only": rng.uniform(0.5, 2, (2, 1))}.get(form, rng.uniform(0.5, 2, 6))
     heads = form in ("heads", "per_head_only")
     shaped = factor.reshape(2, 3) if form == "heads" else factor
-    arrays = {"weight": rng.standard_normal((4, 6)), "lora_A": rng.standard_normal((4, 2)),
-              "lora_B": rng.standard_normal((2, 6)) * (1 if heads else factor), "factor": shaped,
-              "bias": rng.standard_normal((2, 3) if heads else 6), "heads": np.array([2, 2, 3])}
+    arrays = {
+        "weight": rng.standard_normal((4, 6)),
+        "lora_A": rng.standard_normal((4, 2)),
+        "lora_B": rng.standard_normal((2, 6)) * (1 if heads else factor),
+        "factor": shaped,
+        "bias": rng.standard_normal((2, 3) if heads else 6),
+        "heads": np.array([2, 2, 3]),
+    }
     node = helper.make_node
-    nodes = [node("MatMul", ["x", "weight"], ["base"]), node("MatMul", ["x", "lora_A"], ["low"]),
-             node("MatMul", ["low", "lora_B"], ["up"])]
+    nodes = [
+        node("MatMul", ["x", "weight"], ["base"]),
+        node("MatMul", ["x", "lora_A"], ["low"]),
+        node("MatMul", ["low", "lora_B"], ["up"]),
+    ]
     if heads:
-        nodes += [node("Reshape", ["base", "heads"], ["base_heads"]), node("Reshape", ["up", "heads"], ["up_heads"]),
-                  node("Mul", ["base_heads", "factor"], ["rescaled"]), node("Mul", ["up_heads", "factor"], ["update"]),
-                  node("Add", ["rescaled", "update"], ["sum"]), node("Add", ["sum", "bias"], ["y"])]
+        nodes += [
+            node("Reshape", ["base", "heads"], ["base_heads"]),
+            node("Reshape", ["up", "heads"], ["up_heads"]),
+            node("Mul", ["base_heads", "factor"], ["rescaled"]),
+            node("Mul", ["up_heads", "factor"], ["update"]),
+            node("Add", ["rescaled", "update"], ["sum"]),
+            node("Add", ["sum", "bias"], ["y"]),
+        ]
     elif form == "untrained":
-        nodes += [node("Mul", ["base", "factor"], ["rescaled"]), node("Add", ["rescaled", "up"], ["sum"]),
-                  node("Add", ["sum", "bias"], ["y"])]
+        nodes += [
+            node("Mul", ["base", "factor"], ["rescaled"]),
+            node("Add", ["rescaled", "up"], ["sum"]),
+            node("Add", ["sum", "bias"], ["y"]),
+        ]
     else:
-        nodes += [node("Mul", ["base", "factor"], ["rescaled"]), node("Add", ["up", "bias"], ["biased"]),
-                  node("Add", ["rescaled", "biased"], ["y"])]
+        nodes += [
+            node("Mul", ["base", "factor"], ["rescaled"]),
+            node("Add", ["up", "bias"], ["biased"]),
+            node("Add", ["rescaled", "biased"], ["y"]),
+        ]
     output_shape = [2, 2, 3] if heads else [2, 6]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
-                              [numpy_helper.from_array(value.astype(np.int64 if name == "heads" else np.float32), name)
-                               for name, value in arrays.items() if any(name in item.input for item in nodes)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+        [
+            numpy_helper.from_array(value.astype(np.int64 if name == "heads" else np.float32), name)
+            for name, value in arrays.items()
+            if any(name in item.input for item in nodes)
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -109,7 +146,8 @@ def test_tf2onnx_forms_of_keras_dora_layers_fold_to_a_product_and_a_bias_add(tmp
     result = merge_onnx(tmp_path / "model.onnx", verify="full", progress=False)
     assert len(result.folds) == 1
     assert sorted(node.op_type for node in onnx.load(result.output).graph.node) == (
-        ["Add", "MatMul", "Reshape"] if form == "heads" else ["Add", "MatMul"])
+        ["Add", "MatMul", "Reshape"] if form == "heads" else ["Add", "MatMul"]
+    )
     assert_close(session(result.output).run(None, {"x": x})[0], expected, np.float32, factor=10)
 
 
@@ -144,8 +182,11 @@ INPUT_NAMES = ["ids", "matrix", "image"]
 
 def _inputs():
     generator = torch.Generator().manual_seed(1)
-    return (torch.randint(0, 11, (2, 5), generator=generator), torch.randn(3, 4, generator=generator),
-            torch.randn(2, 3, 7, 7, generator=generator))
+    return (
+        torch.randint(0, 11, (2, 5), generator=generator),
+        torch.randn(3, 4, generator=generator),
+        torch.randn(2, 3, 7, 7, generator=generator),
+    )
 
 
 def _export(model, path, dynamo: bool, inputs=None) -> None:
@@ -153,15 +194,22 @@ def _export(model, path, dynamo: bool, inputs=None) -> None:
         pytest.importorskip("onnxscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), inputs or _inputs(), str(path), input_names=INPUT_NAMES,
-                          dynamo=dynamo, **({} if dynamo else {"opset_version": 17}))
+        torch.onnx.export(
+            model.eval(),
+            inputs or _inputs(),
+            str(path),
+            input_names=INPUT_NAMES,
+            dynamo=dynamo,
+            **({} if dynamo else {"opset_version": 17}),
+        )
 
 
 def peft_dora_model(base: torch.nn.Module, targets=("embed", "proj", "head", "conv")) -> torch.nn.Module:
     """PEFT's DoRA on `targets` of a copy of `base`, trained-looking: B (the embedding's A) non-zero and
     the magnitudes away from the norms they start at."""
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=2, lora_alpha=6, target_modules=list(targets), use_dora=True))
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=6, target_modules=list(targets), use_dora=True)
+    )
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -210,8 +258,14 @@ def test_peft_half_precision_dora_export_folds_casts_and_all(tmp_path, dynamo):
         pytest.importorskip("onnxscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(tmp_path / "half.onnx"), input_names=["matrix"], dynamo=dynamo,
-                          **({} if dynamo else {"opset_version": 17}))
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp_path / "half.onnx"),
+            input_names=["matrix"],
+            dynamo=dynamo,
+            **({} if dynamo else {"opset_version": 17}),
+        )
     result = merge_onnx(tmp_path / "half.onnx", progress=False)
     assert result.verification.tolerance == 1e-2 and result.verification.passed
     assert [node.op_type for node in onnx.load(result.output).graph.node] == ["Gemm", "Relu", "Gemm"]

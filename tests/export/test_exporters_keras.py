@@ -28,8 +28,11 @@ from tests.numerics import assert_close  # noqa: E402
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
 
 
-@pytest.fixture(scope="module", params=[(variant, case) for variant in ("lora", "dora") for case in sorted(CASES)],
-                ids=lambda param: "-".join(param))
+@pytest.fixture(
+    scope="module",
+    params=[(variant, case) for variant in ("lora", "dora") for case in sorted(CASES)],
+    ids=lambda param: "-".join(param),
+)
 def keras_export(request, tmp_path_factory):
     """Export a base model and a copy with adapters on the case's targets (`adapted`), and save its adapter;
     `(folder, feeds, expected output, targets)`.
@@ -73,8 +76,13 @@ def test_merged_keras_export_has_the_compute_nodes_of_the_base_export(keras_expo
 def test_keras_adapter_file_merges_into_the_base_export_like_the_adapted_model(keras_export):
     """The other way to deploy: the base model's export plus `--adapter`, matched by module path."""
     folder, feeds, expected, targets = keras_export
-    result = merge_onnx(folder / "base.onnx", folder / "base.merged.onnx", adapters=[(folder / "adapter", 1.0)],
-                        verify="layers", progress=False)
+    result = merge_onnx(
+        folder / "base.onnx",
+        folder / "base.merged.onnx",
+        adapters=[(folder / "adapter", 1.0)],
+        verify="layers",
+        progress=False,
+    )
     assert len(result.adapter_matches) == targets
     assert_close(session(result.output).run(None, feeds)[0], expected, np.float32, factor=10)
 
@@ -84,7 +92,9 @@ def test_an_erfc_from_gelu_is_mended_and_the_merge_verified_in_onnxruntime(keras
     folder, feeds, expected, _ = keras_export
     erfc_nodes = sum(node.op_type == "Erfc" for node in onnx.load(folder / "model.onnx").graph.node)
     result = merge_onnx(folder / "model.onnx", folder / "checked.onnx", verify="auto", progress=False)
-    mended_line = f"{erfc_nodes} Erfc node(s) as 1 - Erf: ONNX has no Erfc (tf2onnx leaves TensorFlow's, from its exact GELU)"
+    mended_line = (
+        f"{erfc_nodes} Erfc node(s) as 1 - Erf: ONNX has no Erfc (tf2onnx leaves TensorFlow's, from its exact GELU)"
+    )
     assert result.mended == ([mended_line] if erfc_nodes else [])
     assert result.verification.mode == "full" and result.verification.passed
     assert not any(node.op_type == "Erfc" for node in onnx.load(result.output).graph.node)

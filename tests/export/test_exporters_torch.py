@@ -25,8 +25,11 @@ torch = pytest.importorskip("torch")
 from tests.export.torch_models import MLP, adapted, export_torch  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=[(library, dynamo) for library in ("peft", "lora_spec") for dynamo in (False, True)],
-                ids=lambda p: f"{p[0]}-{'dynamo' if p[1] else 'torchscript'}")
+@pytest.fixture(
+    scope="module",
+    params=[(library, dynamo) for library in ("peft", "lora_spec") for dynamo in (False, True)],
+    ids=lambda p: f"{p[0]}-{'dynamo' if p[1] else 'torchscript'}",
+)
 def torch_export(request, tmp_path_factory):
     """The adapted model exported with its LoRA branches, and the base model (TorchScript: same compute nodes)."""
     library, dynamo = request.param
@@ -96,7 +99,9 @@ class _TokenClassifier(torch.nn.Module):
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_peft_embedding_lora_folds_into_the_table(tmp_path, dynamo):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(_TokenClassifier(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "proj"]))
+    model = peft.get_peft_model(
+        _TokenClassifier(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "proj"])
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name or "lora_embedding" in name:
@@ -148,8 +153,9 @@ def _peft_conv(groups: int):
 def test_peft_grouped_conv_lora_is_refused_with_the_reason(tmp_path):
     from lora_spec.export import NoLoRABranchError
 
-    export_torch(_peft_conv(groups=2), (torch.randn(1, 4, 8, 8),), tmp_path / "conv.onnx", dynamo=False,
-                  output_names=("y",))
+    export_torch(
+        _peft_conv(groups=2), (torch.randn(1, 4, 8, 8),), tmp_path / "conv.onnx", dynamo=False, output_names=("y",)
+    )
     with pytest.raises(NoLoRABranchError, match="A conv's group"):
         merge_onnx(tmp_path / "conv.onnx", progress=False)
     assert [path.name for path in tmp_path.iterdir()] == ["conv.onnx"]

@@ -80,19 +80,27 @@ def test_two_adapters_stacked_on_one_layer_both_fold_into_its_weight(tmp_path):
 
     rng = np.random.default_rng(0)
     weight, x = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
-    adapters = [(rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32), s)
-                for s in (0.5, 2.0)]
+    adapters = [
+        (rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32), s)
+        for s in (0.5, 2.0)
+    ]
     arrays, nodes, total = {"weight": weight.T}, [helper.make_node("MatMul", ["x", "weight"], ["sum0"])], "sum0"
     for index, (lora_a, lora_b, scale) in enumerate(adapters):
         arrays.update({f"a{index}": lora_a.T, f"b{index}": lora_b.T, f"s{index}": np.float32(scale)})
-        nodes += [helper.make_node("MatMul", ["x", f"a{index}"], [f"low{index}"]),
-                  helper.make_node("MatMul", [f"low{index}", f"b{index}"], [f"up{index}"]),
-                  helper.make_node("Mul", [f"up{index}", f"s{index}"], [f"scaled{index}"]),
-                  helper.make_node("Add", [total, f"scaled{index}"], [f"sum{index + 1}"])]
+        nodes += [
+            helper.make_node("MatMul", ["x", f"a{index}"], [f"low{index}"]),
+            helper.make_node("MatMul", [f"low{index}", f"b{index}"], [f"up{index}"]),
+            helper.make_node("Mul", [f"up{index}", f"s{index}"], [f"scaled{index}"]),
+            helper.make_node("Add", [total, f"scaled{index}"], [f"sum{index + 1}"]),
+        ]
         total = f"sum{index + 1}"
-    graph = helper.make_graph(nodes, "stacked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
-                              [helper.make_tensor_value_info(total, TensorProto.FLOAT, [3, 5])],
-                              [numpy_helper.from_array(np.ascontiguousarray(value), name) for name, value in arrays.items()])
+    graph = helper.make_graph(
+        nodes,
+        "stacked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info(total, TensorProto.FLOAT, [3, 5])],
+        [numpy_helper.from_array(np.ascontiguousarray(value), name) for name, value in arrays.items()],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
     result = merge_onnx(tmp_path / "m.onnx", verify="layers", progress=False)
     assert len(result.folds) == 2 and [node.op_type for node in onnx.load(result.output).graph.node] == ["MatMul"]
@@ -112,17 +120,28 @@ def test_a_branch_reshaped_like_its_base_folds_and_one_reshaped_otherwise_does_n
     rng = np.random.default_rng(0)
     weight, x = rng.standard_normal((10, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
     lora_a, lora_b = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((10, 2)).astype(np.float32)
-    arrays = {"weight": weight.T, "a": lora_a.T, "b": lora_b.T, "heads": np.array([3, 5, 2]),
-              "branch_heads": np.array(branch_target)}
-    nodes = [helper.make_node("MatMul", ["x", "weight"], ["base"]),
-             helper.make_node("Reshape", ["base", "heads"], ["base_heads"]),
-             helper.make_node("MatMul", ["x", "a"], ["low"]),
-             helper.make_node("MatMul", ["low", "b"], ["up"]),
-             helper.make_node("Reshape", ["up", "branch_heads"], ["up_heads"]),
-             helper.make_node("Add", ["base_heads", "up_heads"], ["y"])]
-    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, 2])],
-                              [numpy_helper.from_array(np.ascontiguousarray(value), name) for name, value in arrays.items()])
+    arrays = {
+        "weight": weight.T,
+        "a": lora_a.T,
+        "b": lora_b.T,
+        "heads": np.array([3, 5, 2]),
+        "branch_heads": np.array(branch_target),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "weight"], ["base"]),
+        helper.make_node("Reshape", ["base", "heads"], ["base_heads"]),
+        helper.make_node("MatMul", ["x", "a"], ["low"]),
+        helper.make_node("MatMul", ["low", "b"], ["up"]),
+        helper.make_node("Reshape", ["up", "branch_heads"], ["up_heads"]),
+        helper.make_node("Add", ["base_heads", "up_heads"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, 2])],
+        [numpy_helper.from_array(np.ascontiguousarray(value), name) for name, value in arrays.items()],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
     if branch_target != (3, 5, 2):
         with pytest.raises(ValueError, match="no LoRA branch"):
@@ -139,23 +158,39 @@ def _graph_with_a_sum_joined_branch(path, with_add_branch: bool):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    arrays = {name: rng.standard_normal(shape).astype(np.float32)
-              for name, shape in [("w1", (8, 8)), ("a1", (8, 2)), ("b1", (2, 8)), ("w2", (8, 8)), ("a2", (8, 2)),
-                                  ("b2", (2, 8))]}
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["base1"]),
-             helper.make_node("MatMul", ["x", "a1"], ["low1"]),
-             helper.make_node("MatMul", ["low1", "b1"], ["up1"], name="odd_join_b"),
-             helper.make_node("Sum", ["base1", "up1"], ["h"]),
-             helper.make_node("MatMul", ["h", "w2"], ["base2"])]
+    arrays = {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, shape in [
+            ("w1", (8, 8)),
+            ("a1", (8, 2)),
+            ("b1", (2, 8)),
+            ("w2", (8, 8)),
+            ("a2", (8, 2)),
+            ("b2", (2, 8)),
+        ]
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["base1"]),
+        helper.make_node("MatMul", ["x", "a1"], ["low1"]),
+        helper.make_node("MatMul", ["low1", "b1"], ["up1"], name="odd_join_b"),
+        helper.make_node("Sum", ["base1", "up1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["base2"]),
+    ]
     output = "base2"
     if with_add_branch:
-        nodes += [helper.make_node("MatMul", ["h", "a2"], ["low2"]),
-                  helper.make_node("MatMul", ["low2", "b2"], ["up2"]),
-                  helper.make_node("Add", ["base2", "up2"], ["y"])]
+        nodes += [
+            helper.make_node("MatMul", ["h", "a2"], ["low2"]),
+            helper.make_node("MatMul", ["low2", "b2"], ["up2"]),
+            helper.make_node("Add", ["base2", "up2"], ["y"]),
+        ]
         output = "y"
-    graph = helper.make_graph(nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
-                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, [3, 8])],
-                              [numpy_helper.from_array(value, name) for name, value in arrays.items()])
+    graph = helper.make_graph(
+        nodes,
+        "odd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, [3, 8])],
+        [numpy_helper.from_array(value, name) for name, value in arrays.items()],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
 
 
@@ -163,8 +198,10 @@ def test_a_low_rank_pair_left_unfolded_is_reported_not_passed_over(tmp_path):
     _graph_with_a_sum_joined_branch(tmp_path / "m.onnx", with_add_branch=True)
     result = merge_onnx(tmp_path / "m.onnx", verify="full", progress=False)
     assert len(result.folds) == 1
-    assert result.refused == ["odd_join_b: a rank-2 product pair (low1 then this) is not added to a base product in "
-                              "a form lora-export knows, so it stays unmerged"]
+    assert result.refused == [
+        "odd_join_b: a rank-2 product pair (low1 then this) is not added to a base product in "
+        "a form lora-export knows, so it stays unmerged"
+    ]
     assert "not folded: odd_join_b" in result.describe()
 
 

@@ -33,7 +33,8 @@ def _erfc_model(opset: int, element_type: int, in_subgraph: bool = False) -> onn
     value = lambda name: helper.make_tensor_value_info(name, element_type, ["n"])  # noqa: E731
     if in_subgraph:  # an If whose branches both compute erfc(x) from the outer x
         branch = lambda name: helper.make_graph(  # noqa: E731
-            [helper.make_node("Erfc", ["x"], [f"{name}_y"], name=f"{name}/Erfc")], name, [], [value(f"{name}_y")])
+            [helper.make_node("Erfc", ["x"], [f"{name}_y"], name=f"{name}/Erfc")], name, [], [value(f"{name}_y")]
+        )
         condition = helper.make_tensor("condition", TensorProto.BOOL, [], [True])
         erfc = helper.make_node("If", ["condition"], ["y"], then_branch=branch("then"), else_branch=branch("else"))
         graph = helper.make_graph([erfc], "g", [value("x")], [value("y")], initializer=[condition])
@@ -53,8 +54,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path) -> np.ndarray:
     return session(path).run(None, {"x": x})[0]
 
 
-@given(data=st.data(), dtype=strategies.float_dtypes, opset=st.sampled_from([13, 15, 17]),
-       in_subgraph=st.booleans())
+@given(data=st.data(), dtype=strategies.float_dtypes, opset=st.sampled_from([13, 15, 17]), in_subgraph=st.booleans())
 def test_erfc_becomes_one_minus_erf_within_one_unit_at_one(tmp_path_factory, data, dtype, opset, in_subgraph):
     x = data.draw(strategies.arrays((data.draw(st.integers(1, 16)),), dtype, scale=4.0))
     model = _erfc_model(opset, _ELEMENT_TYPES[np.dtype(dtype)], in_subgraph)

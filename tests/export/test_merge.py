@@ -21,13 +21,17 @@ W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(5,
 X = RNG.standard_normal((3, 4)).astype(np.float32)
 
 
-@pytest.mark.parametrize("spec, parsed", [
-    ("adapter", ("adapter", 1.0)),
-    ("adapter:0.5", ("adapter", 0.5)),
-    ("runs/a:b/adapter", ("runs/a:b/adapter", 1.0)),
-    ("/data/run:2/adapter:-1e-1", ("/data/run:2/adapter", -0.1)),
-    ("C:\\adapters\\one", ("C:\\adapters\\one", 1.0)),
-], ids=["no-weight", "weight", "colon-in-path", "colon-in-path-and-weight", "drive-letter"])
+@pytest.mark.parametrize(
+    "spec, parsed",
+    [
+        ("adapter", ("adapter", 1.0)),
+        ("adapter:0.5", ("adapter", 0.5)),
+        ("runs/a:b/adapter", ("runs/a:b/adapter", 1.0)),
+        ("/data/run:2/adapter:-1e-1", ("/data/run:2/adapter", -0.1)),
+        ("C:\\adapters\\one", ("C:\\adapters\\one", 1.0)),
+    ],
+    ids=["no-weight", "weight", "colon-in-path", "colon-in-path-and-weight", "drive-letter"],
+)
 def test_adapter_spec_splits_only_a_numeric_weight_suffix(spec, parsed):
     assert parse_adapter(spec) == parsed
 
@@ -46,9 +50,13 @@ def _base_model(folder, shared=None):
 
 def test_adapter_directory_merges_weighted_into_the_base_graph(tmp_path, capsys):
     config = LoRAConfig(r=2, alpha=4, target_modules=["layer0"])
-    save_adapter_dir(tmp_path / "adapter", config.to_peft_dict() if hasattr(config, "to_peft_dict") else
-                     {"r": 2, "lora_alpha": 4, "target_modules": ["layer0"], "peft_type": "LORA"},
-                     AdapterWeights(lora={"layer0": (A, B)}))
+    save_adapter_dir(
+        tmp_path / "adapter",
+        config.to_peft_dict()
+        if hasattr(config, "to_peft_dict")
+        else {"r": 2, "lora_alpha": 4, "target_modules": ["layer0"], "peft_type": "LORA"},
+        AdapterWeights(lora={"layer0": (A, B)}),
+    )
     status = cli.main(["--merge", str(_base_model(tmp_path)), "--adapter", f"{tmp_path / 'adapter'}:0.5", "-q"])
     assert status == 0, capsys.readouterr().err
     output = session(tmp_path / "base.merged.onnx").run(None, {"x": X})[0]
@@ -73,8 +81,12 @@ def stub_planner(monkeypatch):
 
 def test_adapter_update_of_a_shared_weight_goes_to_a_copy(tmp_path, stub_planner):
     stub_planner["value"] = (W.T * 2).astype(np.float32)
-    result = merge_onnx(_base_model(tmp_path, shared="identity"), adapters=["one:0.25", ("two", 2.0)],
-                        allow_partial=True, progress=False)
+    result = merge_onnx(
+        _base_model(tmp_path, shared="identity"),
+        adapters=["one:0.25", ("two", 2.0)],
+        allow_partial=True,
+        progress=False,
+    )
     assert stub_planner["adapters"] == [("one", 0.25), ("two", 2.0)] and stub_planner["allow_partial"]
     np.testing.assert_array_equal(stub_planner["weight"], W.T)
     assert result.adapter_matches == [("layer0", "layer0.base")]

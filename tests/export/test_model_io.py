@@ -27,8 +27,14 @@ def _external_model(folder, layout=None):
     layout = dict(strategies.PLAIN_LORA_LAYOUT, **(layout or {}))
     model = strategies.lora_graph(X, [(W, BIAS, A, B, SCALE), (W, BIAS, A, B, SCALE)], layout, lora=True)
     path = folder / "model.onnx"
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
-              size_threshold=0)
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     return path
 
 
@@ -44,10 +50,15 @@ def test_external_data_model_merges_into_its_own_data_file_and_leaves_the_input_
     assert result.verification.mode == verify and result.verification.passed
     assert {name: _digest(tmp_path / name) for name in digests} == digests
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model.merged.onnx", "model.merged.onnx.data", "model.onnx", "model.onnx.data"]
+        "model.merged.onnx",
+        "model.merged.onnx.data",
+        "model.onnx",
+        "model.onnx.data",
+    ]
     merged = onnx.load(result.output, load_external_data=False)
-    locations = {entry.value for tensor in merged.graph.initializer for entry in tensor.external_data
-                 if entry.key == "location"}
+    locations = {
+        entry.value for tensor in merged.graph.initializer for entry in tensor.external_data if entry.key == "location"
+    }
     assert locations == {"model.merged.onnx.data"}
     expected = X @ reference.merge(W, A, B, SCALE).T + BIAS
     for output in session(result.output).run(None, {"x": X}):
@@ -76,8 +87,16 @@ def test_only_changed_tensors_are_read(tmp_path, monkeypatch):
     monkeypatch.setattr(model_io.TensorSource, "read", recording_read)
     merge_onnx(path, verify="layers", progress=False)
     assert "layer0.bias" not in read and "layer1.bias" not in read
-    assert set(read) <= {"layer0.weight", "layer1.weight", "layer0.lora_A.weight", "layer0.lora_B.weight",
-                         "layer1.lora_A.weight", "layer1.lora_B.weight", "layer0.scale", "layer1.scale"}
+    assert set(read) <= {
+        "layer0.weight",
+        "layer1.weight",
+        "layer0.lora_A.weight",
+        "layer0.lora_B.weight",
+        "layer1.lora_A.weight",
+        "layer1.lora_B.weight",
+        "layer0.scale",
+        "layer1.scale",
+    }
 
 
 def test_float32_weights_are_merged_and_written_from_the_buffer_they_were_read_into(tmp_path, monkeypatch):
@@ -147,16 +166,21 @@ def test_external_weight_shared_by_two_layers_is_copied_not_changed_in_place(tmp
     path = _external_model(tmp_path, {"shared": "identity"})
     result = merge_onnx(path, verify="full", progress=False)
     merged = onnx.load(result.output)
-    weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in merged.graph.initializer
-               if tensor.name.startswith("base.weight")}
+    weights = {
+        tensor.name: numpy_helper.to_array(tensor)
+        for tensor in merged.graph.initializer
+        if tensor.name.startswith("base.weight")
+    }
     assert len(weights) == 2
     for value in weights.values():
         np.testing.assert_allclose(value, reference.merge(W, A, B, SCALE).T, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, data_type", [(np.float16, onnx.TensorProto.FLOAT16),
-                                              (ml_dtypes.bfloat16, onnx.TensorProto.BFLOAT16)],
-                         ids=["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype, data_type",
+    [(np.float16, onnx.TensorProto.FLOAT16), (ml_dtypes.bfloat16, onnx.TensorProto.BFLOAT16)],
+    ids=["float16", "bfloat16"],
+)
 def test_half_precision_weights_are_merged_in_float32_and_cast_once(tmp_path, dtype, data_type):
     model = strategies.lora_graph(X, [(W, BIAS, A, B, SCALE)], strategies.PLAIN_LORA_LAYOUT, lora=True)
     for tensor in model.graph.initializer:

@@ -27,10 +27,14 @@ def _two_layers(folder: Path, dtype=np.float32) -> Path:
     """`first` (4 -> 5) then `second` (5 -> 3), MatMuls in `dtype`."""
     element_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     x = helper.make_tensor_value_info("x", element_type, [None, 4])
-    nodes = [make_node("MatMul", ["x", "first.weight"], "h", "/first/MatMul"),
-             make_node("MatMul", ["h", "second.weight"], "y", "/second/MatMul")]
-    initializers = [numpy_helper.from_array(RNG.standard_normal(shape).astype(dtype), name)
-                    for name, shape in [("first.weight", (4, 5)), ("second.weight", (5, 3))]]
+    nodes = [
+        make_node("MatMul", ["x", "first.weight"], "h", "/first/MatMul"),
+        make_node("MatMul", ["h", "second.weight"], "y", "/second/MatMul"),
+    ]
+    initializers = [
+        numpy_helper.from_array(RNG.standard_normal(shape).astype(dtype), name)
+        for name, shape in [("first.weight", (4, 5)), ("second.weight", (5, 3))]
+    ]
     model = make_model(nodes, initializers, [x])
     model.graph.output[0].type.tensor_type.elem_type = element_type
     onnx.save(model, folder / "base.onnx")
@@ -40,11 +44,17 @@ def _two_layers(folder: Path, dtype=np.float32) -> Path:
 @pytest.fixture
 def served(tmp_path) -> tuple[Path, Path, Path]:
     """A switchable model of `first` and `second`, and two adapters: one on `first` (rank 2), one on both (rank 3)."""
-    one = write_adapter(tmp_path / "one", {"first": (RNG.standard_normal((2, 4)), RNG.standard_normal((5, 2)))},
-                        alpha=4.0)
-    both = write_adapter(tmp_path / "both", {"first": (RNG.standard_normal((3, 4)), RNG.standard_normal((5, 3))),
-                                             "second": (RNG.standard_normal((3, 5)), RNG.standard_normal((3, 3)))},
-                         alpha=1.5)
+    one = write_adapter(
+        tmp_path / "one", {"first": (RNG.standard_normal((2, 4)), RNG.standard_normal((5, 2)))}, alpha=4.0
+    )
+    both = write_adapter(
+        tmp_path / "both",
+        {
+            "first": (RNG.standard_normal((3, 4)), RNG.standard_normal((5, 3))),
+            "second": (RNG.standard_normal((3, 5)), RNG.standard_normal((3, 3))),
+        },
+        alpha=1.5,
+    )
     result = make_switchable(_two_layers(tmp_path), adapters=[one, both], progress=False)
     return result.output, one, both
 
@@ -58,9 +68,15 @@ def test_the_file_holds_every_factor_input_with_rank_zero_where_no_adapter_reach
     result = pack_adapter(model, [one], tmp_path / "one.onnx_adapter")
     parameters = _parameters(result.output)
     assert {name: value.shape for name, value in parameters.items()} == {
-        "first.lora_A": (4, 2), "first.lora_B": (2, 5), "second.lora_A": (5, 0), "second.lora_B": (0, 3)}
-    assert result.describe().splitlines()[:2] == [f"pack first: rank 2 from 1 x {one} (first)",
-                                                  "pack second: rank 0 from no adapter targets it"]
+        "first.lora_A": (4, 2),
+        "first.lora_B": (2, 5),
+        "second.lora_A": (5, 0),
+        "second.lora_B": (0, 3),
+    }
+    assert result.describe().splitlines()[:2] == [
+        f"pack first: rank 2 from 1 x {one} (first)",
+        "pack second: rank 0 from no adapter targets it",
+    ]
 
 
 def test_a_weighted_pack_equals_merging_the_same_weighted_adapters(served, tmp_path):
@@ -71,8 +87,12 @@ def test_a_weighted_pack_equals_merging_the_same_weighted_adapters(served, tmp_p
     assert _parameters(result.output)["first.lora_A"].shape == (4, 5)
     merged = merge_onnx(tmp_path / "base.onnx", tmp_path / "merged.onnx", adapters=adapters, progress=False)
     options, _adapter = active_adapter(result.output)
-    assert_close(session(model).run(None, {"x": X}, options)[0], session(merged.output).run(None, {"x": X})[0],
-                 np.float32, factor=4)
+    assert_close(
+        session(model).run(None, {"x": X}, options)[0],
+        session(merged.output).run(None, {"x": X})[0],
+        np.float32,
+        factor=4,
+    )
 
 
 def test_one_session_switches_adapters_per_run_and_runs_the_base_without_one(served, tmp_path):
@@ -80,8 +100,9 @@ def test_one_session_switches_adapters_per_run_and_runs_the_base_without_one(ser
     runner = session(model)
     outputs = {}
     for name, adapter in [("one", one), ("both", both), ("one again", one)]:
-        options, _adapter = active_adapter(pack_adapter(model, [adapter], tmp_path / f"{name}.onnx_adapter",
-                                                        verify="off").output)
+        options, _adapter = active_adapter(
+            pack_adapter(model, [adapter], tmp_path / f"{name}.onnx_adapter", verify="off").output
+        )
         outputs[name] = runner.run(None, {"x": X}, options)[0]
     base = session(tmp_path / "base.onnx").run(None, {"x": X})[0]
     for name, adapter in [("one", one), ("both", both)]:
@@ -95,8 +116,10 @@ def test_two_active_adapter_files_do_not_add_up(served, tmp_path):
     """What the README says: onnxruntime sets each active file's inputs in turn, and every file sets
     them all, so one file applies (onnxruntime 1.32: the one added first); a weighted pack adds up."""
     model, one, both = served
-    files = [pack_adapter(model, [adapter], tmp_path / f"{number}.onnx_adapter", verify="off").output
-             for number, adapter in enumerate((one, both))]
+    files = [
+        pack_adapter(model, [adapter], tmp_path / f"{number}.onnx_adapter", verify="off").output
+        for number, adapter in enumerate((one, both))
+    ]
     mixed = pack_adapter(model, [one, both], tmp_path / "mixed.onnx_adapter", verify="off").output
     runner, adapters = session(model), [ort.LoraAdapter() for _ in range(3)]
     outputs = []
@@ -116,8 +139,9 @@ def test_two_active_adapter_files_do_not_add_up(served, tmp_path):
 
 
 def test_a_float16_model_gets_a_float16_adapter(tmp_path):
-    one = write_adapter(tmp_path / "one", {"first": (RNG.standard_normal((2, 4)), RNG.standard_normal((5, 2)))},
-                        alpha=2.0)
+    one = write_adapter(
+        tmp_path / "one", {"first": (RNG.standard_normal((2, 4)), RNG.standard_normal((5, 2)))}, alpha=2.0
+    )
     model = make_switchable(_two_layers(tmp_path, np.float16), adapters=[one], progress=False).output
     result = pack_adapter(model, [one], tmp_path / "one.onnx_adapter")
     assert result.verification.tolerance == 1e-2 and result.verification.passed
@@ -129,5 +153,4 @@ def test_a_failed_check_raises_and_writes_no_file(served, tmp_path, monkeypatch)
     monkeypatch.setattr(pack_module.checks, "compare_outputs", lambda actual, expected: 0.5)
     with pytest.raises(VerificationError, match="differs from the base merged with the same adapters by 0.5"):
         pack_adapter(model, [one], tmp_path / "one.onnx_adapter")
-    assert not any(path.name.endswith(".onnx_adapter") or ".onnx_adapter." in path.name
-                   for path in tmp_path.iterdir())
+    assert not any(path.name.endswith(".onnx_adapter") or ".onnx_adapter." in path.name for path in tmp_path.iterdir())

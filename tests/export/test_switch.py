@@ -36,8 +36,11 @@ from tests.export.onnx_graphs import (  # noqa: E402
     write_adapter,
 )
 
-_DELTAS = {"linear": reference.delta_weight, "embedding": reference.embedding_delta_weight,
-           "conv2d": reference.conv2d_delta_weight}
+_DELTAS = {
+    "linear": reference.delta_weight,
+    "embedding": reference.embedding_delta_weight,
+    "conv2d": reference.conv2d_delta_weight,
+}
 
 
 def _base_graph(case: strategies.AdapterSetCase, layout: str):
@@ -47,8 +50,13 @@ def _base_graph(case: strategies.AdapterSetCase, layout: str):
         return embedding_model(layer.W), {"ids": layer.ids.astype(np.int64)}, lambda W: W[layer.ids]
     if case.layer == "conv2d":
         x = layer.x.astype(np.float32)
-        return conv_model(layer), {"x": x}, lambda W: reference.conv2d_forward(
-            x.astype(np.float64), W, layer.b, layer.A, np.zeros(layer.B.shape), 0.0, **layer.geometry)
+        return (
+            conv_model(layer),
+            {"x": x},
+            lambda W: reference.conv2d_forward(
+                x.astype(np.float64), W, layer.b, layer.A, np.zeros(layer.B.shape), 0.0, **layer.geometry
+            ),
+        )
     x = layer.x.reshape(-1, layer.x.shape[-1]).astype(np.float32)
     bias = layer.b if layer.b is not None else np.zeros(layer.W.shape[0])
     return linear_model(layer.W, bias, layout), {"x": x}, lambda W: x @ W.T + bias
@@ -58,15 +66,24 @@ def _base_graph(case: strategies.AdapterSetCase, layout: str):
 def test_packed_adapters_switched_per_run_equal_the_reference_weighted_merge(case, layout):
     model, feeds, forward = _base_graph(case, layout)
     base_weight = case.W
-    merged = base_weight + sum(weight * _DELTAS[case.layer](*adapter) for adapter, weight
-                               in zip(case.adapters, case.weights))
+    merged = base_weight + sum(
+        weight * _DELTAS[case.layer](*adapter) for adapter, weight in zip(case.adapters, case.weights)
+    )
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         onnx.save(model, folder / "base.onnx")
-        specs = [(write_adapter(folder / str(number), {PATH: (adapter.A, adapter.B)},
-                                embeddings=[PATH] if case.layer == "embedding" else (),
-                                alpha=adapter.s * adapter.A.shape[0]), weight)
-                 for number, (adapter, weight) in enumerate(zip(case.adapters, case.weights))]
+        specs = [
+            (
+                write_adapter(
+                    folder / str(number),
+                    {PATH: (adapter.A, adapter.B)},
+                    embeddings=[PATH] if case.layer == "embedding" else (),
+                    alpha=adapter.s * adapter.A.shape[0],
+                ),
+                weight,
+            )
+            for number, (adapter, weight) in enumerate(zip(case.adapters, case.weights))
+        ]
         served = make_switchable(folder / "base.onnx", adapters=[specs[0][0]], verify="off", progress=False).output
         packed = pack_adapter(served, specs, folder / "packed.onnx_adapter", verify="off").output
         runner = session(served)
@@ -87,16 +104,22 @@ def test_a_gemm_reading_its_input_transposed_gets_a_branch_reading_it_untranspos
     packed = pack_adapter(served, [adapter], tmp_path / "a.onnx_adapter").output
     x = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
     options, _adapter = active_adapter(packed)
-    assert_close(session(served).run(None, {"x": x}, options)[0],
-                 x.T @ reference.merge(weight, lora_a, lora_b, 1.0).T, np.float32)
+    assert_close(
+        session(served).run(None, {"x": x}, options)[0],
+        x.T @ reference.merge(weight, lora_a, lora_b, 1.0).T,
+        np.float32,
+    )
 
 
 def test_a_node_of_another_op_is_refused_by_name(tmp_path):
     """onnxruntime's FusedMatMul (a graph it optimized) is adapted by `--merge --adapter`, not switched."""
     onnx.save(linear_model(np.ones((3, 4)), np.zeros(3), "fused_matmul"), tmp_path / "base.onnx")
     adapter = write_adapter(tmp_path / "adapter", {PATH: (np.ones((2, 4)), np.ones((3, 2)))})
-    with pytest.raises(ExportError, match=r"module block\.proj runs at node 'n0', a FusedMatMul, which --switchable "
-                                          r"does not switch \(it switches Conv, Gather, Gemm, MatMul\)"):
+    with pytest.raises(
+        ExportError,
+        match=r"module block\.proj runs at node 'n0', a FusedMatMul, which --switchable "
+        r"does not switch \(it switches Conv, Gather, Gemm, MatMul\)",
+    ):
         make_switchable(tmp_path / "base.onnx", adapters=[adapter], progress=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "base.onnx"]
 
@@ -105,16 +128,19 @@ def test_a_node_of_another_op_is_refused_by_name(tmp_path):
 def served_linear(tmp_path):
     """`block.proj` as MatMul + bias Add, made switchable from a rank-2 adapter."""
     rng = np.random.default_rng(2)
-    onnx.save(linear_model(rng.standard_normal((3, 4)).astype(np.float32), np.ones(3), "matmul"),
-              tmp_path / "base.onnx")
+    onnx.save(
+        linear_model(rng.standard_normal((3, 4)).astype(np.float32), np.ones(3), "matmul"), tmp_path / "base.onnx"
+    )
     adapter = write_adapter(tmp_path / "adapter", {PATH: (np.ones((2, 4)), np.ones((3, 2)))})
     return make_switchable(tmp_path / "base.onnx", adapters=[adapter], progress=False).output
 
 
 def test_factors_are_rank_zero_initializers_that_the_graph_lists_as_inputs_with_a_symbolic_rank(served_linear):
     model = onnx.load(served_linear)
-    inputs = {value.name: [dim.dim_value or dim.dim_param for dim in value.type.tensor_type.shape.dim]
-              for value in model.graph.input}
+    inputs = {
+        value.name: [dim.dim_value or dim.dim_param for dim in value.type.tensor_type.shape.dim]
+        for value in model.graph.input
+    }
     initializers = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
     assert inputs[f"{PATH}.lora_A"] == [4, f"r_{PATH}"] and inputs[f"{PATH}.lora_B"] == [f"r_{PATH}", 3]
     assert initializers[f"{PATH}.lora_A"] == [4, 0] and initializers[f"{PATH}.lora_B"] == [0, 3]

@@ -42,6 +42,7 @@ def _assert_outputs(actual: list, expected: list, tolerance: float = 1e-4) -> No
 
 # --- PyTorch: an MLP run on a 2-D and a 3-D input (Gemm and MatMul), exported with one adapter's branches -------
 
+
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("library", ["lora_spec", "peft"])
 def test_torch_export_with_branches_plus_an_adapter_folder_switches_per_run(tmp_path, library, exporter):
@@ -58,14 +59,22 @@ def test_torch_export_with_branches_plus_an_adapter_folder_switches_per_run(tmp_
     export_torch(first, inputs, tmp_path / "model.onnx", exporter == "dynamo")
     result = make_switchable(tmp_path / "model.onnx", adapters=[tmp_path / "second"], progress=False)
     assert [line.split(":")[0] for line in result.modules] == ["mlp.0", "mlp.2"]
-    kept = make_switchable(tmp_path / "model.onnx", tmp_path / "kept.onnx", adapters=[tmp_path / "second"],
-                           keep_default=True, progress=False)
+    kept = make_switchable(
+        tmp_path / "model.onnx",
+        tmp_path / "kept.onnx",
+        adapters=[tmp_path / "second"],
+        keep_default=True,
+        progress=False,
+    )
     feeds = {"matrix": inputs[0].numpy(), "batch": inputs[1].numpy()}
-    outputs = _switching_runs(result.output, {"first": tmp_path / "first", "second": tmp_path / "second"}, feeds,
-                              tmp_path)
+    outputs = _switching_runs(
+        result.output, {"first": tmp_path / "first", "second": tmp_path / "second"}, feeds, tmp_path
+    )
     with torch.no_grad():
-        expected = {name: [output.numpy() for output in model(*inputs)]
-                    for name, model in [(None, base), ("first", first), ("second", second)]}
+        expected = {
+            name: [output.numpy() for output in model(*inputs)]
+            for name, model in [(None, base), ("first", first), ("second", second)]
+        }
     for name, want in expected.items():
         _assert_outputs(outputs[name], want)
     _assert_outputs(session(kept.output).run(None, feeds), expected["first"])
@@ -79,6 +88,7 @@ def _lora_spec_saver(model):
 
 # --- PyTorch: a BERT classifier exported without LoRA, PEFT adapters with embeddings, attention and a head -------
 
+
 @pytest.fixture(scope="module")
 def bert_case(tmp_path_factory):
     pytest.importorskip("torch")
@@ -88,10 +98,17 @@ def bert_case(tmp_path_factory):
     base = tiny_bert()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merged = {"head": peft_adapter(base, folder / "head", r=2, lora_alpha=4, modules_to_save=["classifier"],
-                                       target_modules=["query", "value", "word_embeddings"]),
-                  "ffn": peft_adapter(base, folder / "ffn", r=3, lora_alpha=5,
-                                      target_modules=["key", "intermediate.dense"])}
+        merged = {
+            "head": peft_adapter(
+                base,
+                folder / "head",
+                r=2,
+                lora_alpha=4,
+                modules_to_save=["classifier"],
+                target_modules=["query", "value", "word_embeddings"],
+            ),
+            "ffn": peft_adapter(base, folder / "ffn", r=3, lora_alpha=5, target_modules=["key", "intermediate.dense"]),
+        }
     export(base, token_inputs(), folder / "base.onnx", False, ["input_ids", "attention_mask"])
     expected = {name: [model(*token_inputs()).detach().numpy()] for name, model in merged.items()}
     expected[None] = [base(*token_inputs()).detach().numpy()]
@@ -117,16 +134,20 @@ def test_a_weighted_pack_equals_merge_with_the_same_weights(bert_case, tmp_path)
     packed = pack_adapter(served.output, adapters, tmp_path / "mix.onnx_adapter")
     merged = merge_onnx(folder / "base.onnx", tmp_path / "merged.onnx", adapters=adapters, progress=False)
     options, _adapter = active_adapter(packed.output)
-    _assert_outputs(session(served.output).run(None, feeds(), options),
-                    session(merged.output).run(None, feeds()))
+    _assert_outputs(session(served.output).run(None, feeds(), options), session(merged.output).run(None, feeds()))
 
 
 def test_a_model_with_external_data_is_made_switchable_and_packed(bert_case, tmp_path):
     from tests.export.torch_models import feeds
 
     folder, _, expected = bert_case
-    onnx.save(onnx.load(folder / "base.onnx"), tmp_path / "base.onnx", save_as_external_data=True,
-              location="base.onnx.data", size_threshold=0)
+    onnx.save(
+        onnx.load(folder / "base.onnx"),
+        tmp_path / "base.onnx",
+        save_as_external_data=True,
+        location="base.onnx.data",
+        size_threshold=0,
+    )
     served = make_switchable(tmp_path / "base.onnx", adapters=[folder / "head"], progress=False)
     assert (tmp_path / "base.switchable.onnx.data").stat().st_size > 0
     outputs = _switching_runs(served.output, {"head": folder / "head"}, feeds(), tmp_path)
@@ -173,6 +194,7 @@ def test_a_float16_export_gets_float16_factors_and_switches_within_half_precisio
 
 # --- Keras: exported with one adapter's branches (3-D products, attention heads, convolutions) -------------------
 
+
 @pytest.mark.parametrize("case", ["3d", "attention", "cnn"])
 def test_keras_export_with_branches_switches_per_run(tmp_path, case):
     keras = pytest.importorskip("keras")
@@ -186,15 +208,19 @@ def test_keras_export_with_branches_switches_per_run(tmp_path, case):
     keras.utils.set_random_seed(0)
     base = build(dims)
     x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
-    models = {None: base, "all": adapted(base, targets, r=2, alpha=6), "last": adapted(base, targets[-1:], r=3,
-                                                                                        alpha=4, seed=3)}
+    models = {
+        None: base,
+        "all": adapted(base, targets, r=2, alpha=6),
+        "last": adapted(base, targets[-1:], r=3, alpha=4, seed=3),
+    }
     expected = {name: [np.asarray(model(x))] for name, model in models.items()}
     for name in ("all", "last"):
         lora.save_adapter(models[name], tmp_path / name)
     models["all"].export(str(tmp_path / "model.onnx"), format="onnx", verbose=False)
     served = make_switchable(tmp_path / "model.onnx", progress=False)
     assert sorted(line.split(":")[0] for line in served.modules) == sorted(
-        f"attention.{target}" if case == "attention" else target for target in targets)
+        f"attention.{target}" if case == "attention" else target for target in targets
+    )
     feeds = {onnx.load(served.output).graph.input[0].name: x}
     outputs = _switching_runs(served.output, {"all": tmp_path / "all", "last": tmp_path / "last"}, feeds, tmp_path)
     for name, want in expected.items():

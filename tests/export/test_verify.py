@@ -17,8 +17,13 @@ RNG = np.random.default_rng(0)
 
 def _token_model() -> onnx.ModelProto:
     """ids -> embedding -> LoRA linear; `mask` (int) multiplies the output; `ids` reach Gather through a Cast."""
-    arrays = {"table": RNG.standard_normal((VOCABULARY, 4)), "weight": RNG.standard_normal((4, 3)),
-              "lora_a": RNG.standard_normal((4, 2)), "lora_b": RNG.standard_normal((2, 3)), "scale": np.array(2.0)}
+    arrays = {
+        "table": RNG.standard_normal((VOCABULARY, 4)),
+        "weight": RNG.standard_normal((4, 3)),
+        "lora_a": RNG.standard_normal((4, 2)),
+        "lora_b": RNG.standard_normal((2, 3)),
+        "scale": np.array(2.0),
+    }
     nodes = [
         helper.make_node("Cast", ["ids"], ["ids64"], to=TensorProto.INT64),
         helper.make_node("Gather", ["table", "ids64"], ["hidden"]),
@@ -31,11 +36,15 @@ def _token_model() -> onnx.ModelProto:
         helper.make_node("Mul", ["sum", "mask_float"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "tokens",
-        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["batch", "sequence"]),
-         helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "sequence", 1])],
+        nodes,
+        "tokens",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT32, ["batch", "sequence"]),
+            helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "sequence", 1]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 3])],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()])
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in arrays.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -57,18 +66,23 @@ def test_dynamic_dims_are_small_and_unindexed_integer_inputs_are_ones():
 
 def test_token_model_merges_with_full_verification_and_input_shape_override(tmp_path):
     onnx.save(_token_model(), tmp_path / "tokens.onnx")
-    result = merge_onnx(tmp_path / "tokens.onnx", verify="full", input_shapes={"ids": (2, 9), "mask": (2, 9, 1)},
-                        progress=False)
+    result = merge_onnx(
+        tmp_path / "tokens.onnx", verify="full", input_shapes={"ids": (2, 9), "mask": (2, 9, 1)}, progress=False
+    )
     assert result.verification.mode == "full" and result.verification.passed
     assert [node.op_type for node in onnx.load(result.output).graph.node].count("MatMul") == 1
 
 
-@pytest.mark.parametrize("actual, expected, difference", [
-    ([1.0, 2.0], [1.0, 2.0], 0.0),
-    ([1.0, 2.1], [1.0, 2.0], 0.05),
-    ([0.0, 0.0], [0.0, 0.0], 0.0),
-    ([np.nan, 1.0], [0.0, 1.0], np.inf),
-], ids=["equal", "relative-to-largest-output", "all-zero", "nan"])
+@pytest.mark.parametrize(
+    "actual, expected, difference",
+    [
+        ([1.0, 2.0], [1.0, 2.0], 0.0),
+        ([1.0, 2.1], [1.0, 2.0], 0.05),
+        ([0.0, 0.0], [0.0, 0.0], 0.0),
+        ([np.nan, 1.0], [0.0, 1.0], np.inf),
+    ],
+    ids=["equal", "relative-to-largest-output", "all-zero", "nan"],
+)
 def test_relative_difference_is_measured_against_the_largest_expected_output(actual, expected, difference):
     assert verify.relative_difference(np.array(actual), np.array(expected)) == pytest.approx(difference)
 

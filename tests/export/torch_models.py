@@ -25,8 +25,9 @@ class MLP(torch.nn.Module):
         return self.mlp(matrix), self.mlp(batch)
 
 
-def adapted(library: str, base: torch.nn.Module, targets=("mlp.0", "mlp.2"), r: int = 2,
-            alpha: float = 6) -> torch.nn.Module:
+def adapted(
+    library: str, base: torch.nn.Module, targets=("mlp.0", "mlp.2"), r: int = 2, alpha: float = 6
+) -> torch.nn.Module:
     """A copy of `base` adapted by PEFT or `lora_spec.torch`, in eval mode, B random (the branch shows)."""
     model = copy.deepcopy(base)
     if library == "peft":
@@ -49,8 +50,15 @@ def export_torch(model, inputs, path, dynamo: bool, output_names=("y2", "y3")) -
         pytest.importorskip("onnxscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(path), input_names=["matrix", "batch"][:len(inputs)],
-                          output_names=list(output_names), dynamo=dynamo, **({} if dynamo else {"opset_version": 17}))
+        torch.onnx.export(
+            model,
+            inputs,
+            str(path),
+            input_names=["matrix", "batch"][: len(inputs)],
+            output_names=list(output_names),
+            dynamo=dynamo,
+            **({} if dynamo else {"opset_version": 17}),
+        )
 
 
 def export(model: torch.nn.Module, args: tuple, path: Path, dynamo: bool, names: list[str]) -> Path:
@@ -84,8 +92,9 @@ def peft_adapter(base: torch.nn.Module, directory: Path, **config) -> torch.nn.M
 def convolutions(batch_norm: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     norm = [torch.nn.BatchNorm2d(4)] if batch_norm else []
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), *norm, torch.nn.ReLU(),
-                                torch.nn.Conv2d(4, 2, (1, 2), stride=2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), *norm, torch.nn.ReLU(), torch.nn.Conv2d(4, 2, (1, 2), stride=2)
+    )
     if batch_norm:
         with torch.no_grad():
             model[1].running_var.uniform_(0.5, 2.0)
@@ -109,8 +118,14 @@ class Classifier(torch.nn.Module):
 def tiny_bert() -> Classifier:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=16, max_position_embeddings=16)
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     return Classifier(transformers.BertModel(config)).eval()
 
 

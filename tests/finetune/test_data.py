@@ -11,10 +11,18 @@ from lora_spec.finetune import data
 from tests.finetune.tiny import write_csv, write_jsonl
 
 
-@pytest.mark.parametrize("mean_rating, expected", [
-    (-4.0, "negative"), (-1.0, "negative"), (-0.9, "neutral"), (0.0, "neutral"), (0.9, "neutral"),
-    (1.0, "positive"), (3.4, "positive"),
-])
+@pytest.mark.parametrize(
+    "mean_rating, expected",
+    [
+        (-4.0, "negative"),
+        (-1.0, "negative"),
+        (-0.9, "neutral"),
+        (0.0, "neutral"),
+        (0.9, "neutral"),
+        (1.0, "positive"),
+        (3.4, "positive"),
+    ],
+)
 def test_vader_class_follows_the_documented_thresholds(mean_rating, expected):
     assert data.vader_class(mean_rating) == expected
 
@@ -63,18 +71,25 @@ def test_given_labels_fix_the_order_and_the_columns_can_be_renamed(tmp_path):
     np.testing.assert_array_equal(dataset.labels, [0, 1])
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("rows.csv", "sentence,label\nhi,a\n", r"has columns 'sentence', 'label' but no 'text'"),
-    ("rows.csv", "text,label\n,a\nhi,b\n", r"rows.csv:2 has an empty or non-text 'text'"),
-    ("rows.csv", "text,label\nhi\nho,b\n", r"rows.csv:2 has label None"),
-    ("rows.csv", "text,label\n", r"has no rows"),
-    ("rows.csv", "text,label\nhi,a\nho,a\n", r"has only the label 'a'"),
-    ("rows.jsonl", '{"text": "hi", "label": "a"}\n{"text": "ho"\n', r"rows.jsonl:2 is not valid JSON"),
-    ("rows.jsonl", '{"text": "hi", "label": "a"}\n["ho", "b"]\n', r"rows.jsonl:2 is not a JSON object"),
-    ("rows.jsonl", '{"text": "hi", "label": "a"}\n{"txt": "ho", "label": "b"}\n', r"rows.jsonl:2 has keys 'txt', 'label' but no 'text'"),
-    ("rows.jsonl", '{"text": "hi", "label": true}\n', r"has label True"),
-    ("rows.txt", "hi,a\n", r"has suffix '.txt': use a .csv or .jsonl file"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("rows.csv", "sentence,label\nhi,a\n", r"has columns 'sentence', 'label' but no 'text'"),
+        ("rows.csv", "text,label\n,a\nhi,b\n", r"rows.csv:2 has an empty or non-text 'text'"),
+        ("rows.csv", "text,label\nhi\nho,b\n", r"rows.csv:2 has label None"),
+        ("rows.csv", "text,label\n", r"has no rows"),
+        ("rows.csv", "text,label\nhi,a\nho,a\n", r"has only the label 'a'"),
+        ("rows.jsonl", '{"text": "hi", "label": "a"}\n{"text": "ho"\n', r"rows.jsonl:2 is not valid JSON"),
+        ("rows.jsonl", '{"text": "hi", "label": "a"}\n["ho", "b"]\n', r"rows.jsonl:2 is not a JSON object"),
+        (
+            "rows.jsonl",
+            '{"text": "hi", "label": "a"}\n{"txt": "ho", "label": "b"}\n',
+            r"rows.jsonl:2 has keys 'txt', 'label' but no 'text'",
+        ),
+        ("rows.jsonl", '{"text": "hi", "label": true}\n', r"has label True"),
+        ("rows.txt", "hi,a\n", r"has suffix '.txt': use a .csv or .jsonl file"),
+    ],
+)
 def test_bad_data_file_fails_with_one_line_naming_the_problem(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -101,8 +116,11 @@ def test_missing_data_file_is_named(tmp_path):
         data.load_table(tmp_path / "missing.csv")
 
 
-label_arrays = st.lists(st.integers(0, 3), min_size=2, max_size=200).filter(
-    lambda labels: min(np.bincount(labels)[np.unique(labels)]) >= 2).map(lambda labels: np.array(labels))
+label_arrays = (
+    st.lists(st.integers(0, 3), min_size=2, max_size=200)
+    .filter(lambda labels: min(np.bincount(labels)[np.unique(labels)]) >= 2)
+    .map(lambda labels: np.array(labels))
+)
 
 
 @given(labels=label_arrays, fraction=st.floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))

@@ -18,7 +18,9 @@ def test_defaults_load_minilm_offline_adapt_query_and_value_and_sample_vader(mon
     prepared = pipeline.prepare(FinetuneOptions(max_examples=90, progress=False), seed=0)
     config = prepared.base.encoder.config
     assert (config.hidden_size, config.num_hidden_layers) == (384, 6)
-    adapted = sorted(name for name, module in prepared.lora_model.named_modules() if isinstance(module, lora_torch.LoRALayer))
+    adapted = sorted(
+        name for name, module in prepared.lora_model.named_modules() if isinstance(module, lora_torch.LoRALayer)
+    )
     assert len(adapted) == 12 and all(name.endswith((".query", ".value")) for name in adapted)
     assert prepared.dataset.label_names == ("negative", "neutral", "positive")
     assert prepared.sampled_from == 7520 and len(prepared.dataset) == 90

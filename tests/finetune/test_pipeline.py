@@ -26,7 +26,8 @@ pytest.importorskip("lora_spec.export")
 import torch  # noqa: E402
 
 from lora_spec import cli  # noqa: E402
-from lora_spec.finetune import deploy, model as model_module, pipeline, train  # noqa: E402
+from lora_spec.finetune import deploy, pipeline, train  # noqa: E402
+from lora_spec.finetune import model as model_module
 from lora_spec.finetune.options import FinetuneOptions  # noqa: E402
 from tests.finetune.tiny import rows, write_csv, write_tiny_bert  # noqa: E402
 
@@ -53,8 +54,16 @@ def finished_run(tmp_path_factory, tiny_bert):
 def test_run_writes_every_output_and_prints_the_summary_table(finished_run):
     output, stdout, status = finished_run
     assert status == 0
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer_config.json",
-                 "model.onnx", "model.merged.onnx", "loss_curve.png", "summary.md", "metrics.json"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "tokenizer/tokenizer_config.json",
+        "model.onnx",
+        "model.merged.onnx",
+        "loss_curve.png",
+        "summary.md",
+        "metrics.json",
+    ):
         assert (output / name).is_file(), name
     assert not (output / ".base.onnx").exists()
     assert "| validation accuracy, LoRA |" in stdout and "| merged ONNX predictions equal PyTorch's |" in stdout
@@ -74,6 +83,7 @@ def test_merged_graph_has_no_lora_branch_left(finished_run):
 
     def matmuls(name):
         return sum(node.op_type in ("MatMul", "Gemm") for node in onnx.load(str(finished_run[0] / name)).graph.node)
+
     # Two adapted projections per layer, two layers, two low-rank products each.
     assert matmuls("model.onnx") - matmuls("model.merged.onnx") == 2 * 2 * 2
 
@@ -106,13 +116,23 @@ def test_saved_adapter_reproduces_the_merged_onnx_logits(finished_run, tiny_bert
     with torch.no_grad():
         logits = adapted(input_ids, attention_mask).numpy()
     onnx_logits = deploy.session(output / "model.merged.onnx").run(
-        None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+        None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+    )[0]
     np.testing.assert_allclose(logits, onnx_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_the_same_seed_gives_the_same_losses_and_predictions(tmp_path, tiny_bert):
-    options = FinetuneOptions(model=tiny_bert, data=write_csv(tmp_path / "rows.csv", rows(repeat=2)), epochs=1,
-                              batch_size=16, learning_rate=1e-2, head_epochs=1, dropout=0.5, progress=False, seed=5)
+    options = FinetuneOptions(
+        model=tiny_bert,
+        data=write_csv(tmp_path / "rows.csv", rows(repeat=2)),
+        epochs=1,
+        batch_size=16,
+        learning_rate=1e-2,
+        head_epochs=1,
+        dropout=0.5,
+        progress=False,
+        seed=5,
+    )
     runs = []
     for _ in range(2):
         prepared = pipeline.prepare(options, options.seed)
@@ -138,8 +158,18 @@ def test_interrupted_run_leaves_the_previous_outputs_intact(finished_run, tiny_b
     output = finished_run[0]
     before = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
     monkeypatch.setattr(train, "train", interrupt)
-    status = cli.main(["finetune", "--model", str(tiny_bert), "--data", str(output.parent / "rows.csv"),
-                       "--output", str(output), *QUICK])
+    status = cli.main(
+        [
+            "finetune",
+            "--model",
+            str(tiny_bert),
+            "--data",
+            str(output.parent / "rows.csv"),
+            "--output",
+            str(output),
+            *QUICK,
+        ]
+    )
     assert status == cli.EXIT_INTERRUPTED
     assert "interrupted; the previous outputs are unchanged" in capsys.readouterr().err
     after = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
@@ -152,7 +182,11 @@ def test_compare_prints_one_row_per_seed_with_mean_spread_and_verdict(tmp_path, 
     status = cli.main(["compare", "--seeds", "0", "1", "--model", str(tiny_bert), "--data", str(data), *QUICK])
     out = capsys.readouterr().out
     assert status == 0
-    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:] == ["0", "1", "mean ± std"]
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")][1:] == [
+        "0",
+        "1",
+        "mean ± std",
+    ]
     assert "head-only by" in out and "the sum of both standard deviations" in out
     assert list(tmp_path.iterdir()) == [data]
 
@@ -160,8 +194,12 @@ def test_compare_prints_one_row_per_seed_with_mean_spread_and_verdict(tmp_path, 
 def test_threads_option_sets_the_threads_torch_and_onnxruntime_use(tmp_path, tiny_bert):
     threads = torch.get_num_threads()
     try:
-        pipeline.prepare(FinetuneOptions(model=tiny_bert, data=write_csv(tmp_path / "rows.csv", rows(repeat=2)),
-                                         threads=1, progress=False), seed=0)
+        pipeline.prepare(
+            FinetuneOptions(
+                model=tiny_bert, data=write_csv(tmp_path / "rows.csv", rows(repeat=2)), threads=1, progress=False
+            ),
+            seed=0,
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)

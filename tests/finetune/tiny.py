@@ -6,8 +6,23 @@ import csv
 import json
 from pathlib import Path
 
-WORDS = ("good", "great", "happy", "love", "nice", "bad", "awful", "sad", "hate", "poor",
-         "table", "chair", "door", "paper", "window")
+WORDS = (
+    "good",
+    "great",
+    "happy",
+    "love",
+    "nice",
+    "bad",
+    "awful",
+    "sad",
+    "hate",
+    "poor",
+    "table",
+    "chair",
+    "door",
+    "paper",
+    "window",
+)
 LABELS = ("positive",) * 5 + ("negative",) * 5 + ("neutral",) * 5
 
 
@@ -18,7 +33,9 @@ def rows(repeat: int = 4) -> list[tuple[str, str]]:
     return (single + pairs) * repeat
 
 
-def write_csv(path: Path, rows_: list[tuple[str, str]] | None = None, header: tuple[str, str] = ("text", "label")) -> Path:
+def write_csv(
+    path: Path, rows_: list[tuple[str, str]] | None = None, header: tuple[str, str] = ("text", "label")
+) -> Path:
     with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(header)
@@ -41,7 +58,13 @@ def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     transformers.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     transformers.BertModel(config).save_pretrained(folder)
     return folder
