@@ -39,7 +39,7 @@ def fold(columns: np.ndarray, x_shape, stride: Pair, padding: Pair, dilation: Pa
     """The adjoint of `unfold`: sums each column entry back into the input position it came from."""
     kernel = columns.shape[2:4]
     slices, _ = _windows(*x_shape[2:], kernel, stride, padding, dilation)
-    padded = np.zeros(x_shape[:2] + (x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1]), columns.dtype)
+    padded = np.zeros((*x_shape[:2], x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1]), columns.dtype)
     for (i, j), (rows, cols) in slices.items():
         padded[:, :, rows, cols] += columns[:, :, i, j]
     return padded[:, :, padding[0] : padding[0] + x_shape[2], padding[1] : padding[1] + x_shape[3]]

@@ -105,9 +105,9 @@ def combine(
     like = adapters[0]
     compute = np.promote_types(like.A.dtype, np.float32)
     grouped = [tuple(factor.astype(compute) for factor in _grouped(adapter, groups)) for adapter in adapters]
-    coefficients = [float(weight) * float(adapter.s) for weight, adapter in zip(weights, adapters)]
+    coefficients = [float(weight) * float(adapter.s) for weight, adapter in zip(weights, adapters, strict=True)]
     if combination_type == "cat":
-        grouped_a = np.concatenate([c * a for c, (a, _) in zip(coefficients, grouped)], axis=1)
+        grouped_a = np.concatenate([c * a for c, (a, _) in zip(coefficients, grouped, strict=True)], axis=1)
         grouped_b = np.concatenate([b for _, b in grouped], axis=2)
     elif combination_type == "linear":
         ranks = sorted({adapter.A.shape[0] for adapter in adapters})
@@ -116,8 +116,10 @@ def combine(
                 f"combination_type='linear' needs adapters of one rank, not ranks {ranks}: use 'cat' (exact) or 'svd'."
             )
         roots = [np.sqrt(abs(c)) for c in coefficients]
-        grouped_a = sum(np.sign(c or 1.0) * root * a for c, root, (a, _) in zip(coefficients, roots, grouped))
-        grouped_b = sum(root * b for root, (_, b) in zip(roots, grouped))
+        grouped_a = sum(
+            np.sign(c or 1.0) * root * a for c, root, (a, _) in zip(coefficients, roots, grouped, strict=True)
+        )
+        grouped_b = sum(root * b for root, (_, b) in zip(roots, grouped, strict=True))
     elif combination_type == "svd":
         rank = svd_rank if svd_rank is not None else max(adapter.A.shape[0] for adapter in adapters)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank % groups:
@@ -125,7 +127,7 @@ def combine(
                 f"svd_rank={svd_rank!r} is invalid: use an integer >= 1"
                 + (f" and a multiple of the conv's groups={groups}." if groups > 1 else ".")
             )
-        delta = sum(c * (b @ a) for c, (a, b) in zip(coefficients, grouped))
+        delta = sum(c * (b @ a) for c, (a, b) in zip(coefficients, grouped, strict=True))
         grouped_a, grouped_b = _truncated_svd(delta, rank // groups)
     else:
         raise ValueError(

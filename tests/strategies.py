@@ -343,10 +343,7 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
     for index, (W, b, A, B, s) in enumerate(layers):
         prefix = f"layer{index}"
         weight_name = "base.weight" if layout["shared"] else f"{prefix}.weight"
-        if layout["base"] == "MatMul":
-            stored = W.T
-        else:
-            stored = (W if layout["trans_b"] else W.T) / layout["alpha"]
+        stored = W.T if layout["base"] == "MatMul" else (W if layout["trans_b"] else W.T) / layout["alpha"]
         constant(weight_name, stored)
         weight_input = weight_name
         if layout["shared"] == "identity":
@@ -596,7 +593,9 @@ def dora_adapter_set_cases(draw, layer: str | None = None) -> AdapterSetCase:
     is_dora = draw(st.lists(st.booleans(), min_size=len(case.adapters), max_size=len(case.adapters)).filter(any))
     rng = np.random.default_rng(draw(seeds))
     norms = [dora.weight_norm(case.W, adapter.A, adapter.B, adapter.s, case.layer) for adapter in case.adapters]
-    case.magnitudes = [norm * rng.uniform(0.5, 2.0, norm.shape) if use else None for norm, use in zip(norms, is_dora)]
+    case.magnitudes = [
+        norm * rng.uniform(0.5, 2.0, norm.shape) if use else None for norm, use in zip(norms, is_dora, strict=True)
+    ]
     return case
 
 

@@ -91,7 +91,7 @@ def _onnx_merged_run(case, tmp_path):
 @settings(max_examples=15)
 @given(strategies.linear_cases(dtype=np.float32), strategies.seeds)
 def test_numpy_torch_keras_and_merged_onnx_agree(tmp_path_factory, case, seed):
-    grad_y = np.random.default_rng(seed).standard_normal(case.x.shape[:-1] + (case.W.shape[0],)).astype(np.float32)
+    grad_y = np.random.default_rng(seed).standard_normal((*case.x.shape[:-1], case.W.shape[0])).astype(np.float32)
     expected_y = reference.forward(case.x, case.W, case.b, case.A, case.B, case.s, case.dropout_mask)
     expected = reference.backward(case.x, case.W, case.A, case.B, case.s, grad_y, case.dropout_mask)._asdict()
     if case.b is None:

@@ -14,7 +14,7 @@ from tests.numerics import assert_close
 def _weighted_delta(case):
     return sum(
         w * reference.merge(np.zeros_like(case.W), a.A, a.B, a.s, case.layer)
-        for w, a in zip(case.weights, case.adapters)
+        for w, a in zip(case.weights, case.adapters, strict=True)
     )
 
 
@@ -62,9 +62,11 @@ def test_svd_covering_the_full_rank_is_exact_and_equals_cat(case):
 @given(strategies.adapter_set_cases(layer="linear", equal_ranks=True))
 def test_linear_is_peft_formula_and_exact_for_one_adapter(case):
     lora_a, lora_b = combine(case.adapters, case.weights, "linear")
-    roots = [np.sqrt(abs(w * a.s)) for w, a in zip(case.weights, case.adapters)]
-    expected_a = sum(np.sign(w * a.s) * root * a.A for w, a, root in zip(case.weights, case.adapters, roots))
-    expected_b = sum(root * a.B for a, root in zip(case.adapters, roots))
+    roots = [np.sqrt(abs(w * a.s)) for w, a in zip(case.weights, case.adapters, strict=True)]
+    expected_a = sum(
+        np.sign(w * a.s) * root * a.A for w, a, root in zip(case.weights, case.adapters, roots, strict=True)
+    )
+    expected_b = sum(root * a.B for a, root in zip(case.adapters, roots, strict=True))
     assert_close(lora_a, expected_a)
     assert_close(lora_b, expected_b)
     if len(case.adapters) == 1:
@@ -110,8 +112,8 @@ def routed_cases(draw):
     batch = draw(st.integers(1, 6))
     x = np.random.default_rng(draw(strategies.seeds)).standard_normal((batch, case.W.shape[1]))
     names = [f"adapter{index}" for index in range(len(case.adapters))]
-    routes = draw(st.lists(st.sampled_from(names + [None, BASE_MODEL]), min_size=batch, max_size=batch))
-    return case, dict(zip(names, case.adapters)), x, routes
+    routes = draw(st.lists(st.sampled_from([*names, None, BASE_MODEL]), min_size=batch, max_size=batch))
+    return case, dict(zip(names, case.adapters, strict=True)), x, routes
 
 
 @given(routed_cases(), st.booleans())

@@ -17,7 +17,7 @@ def _loss(forward, grad_y):
 
 @given(strategies.linear_cases(dtype=np.float64), strategies.seeds)
 def test_linear_gradients_equal_central_finite_differences(case, seed):
-    grad_y = np.random.default_rng(seed).standard_normal(case.x.shape[:-1] + (case.W.shape[0],))
+    grad_y = np.random.default_rng(seed).standard_normal((*case.x.shape[:-1], case.W.shape[0]))
     bias = case.b if case.b is not None else np.zeros(case.W.shape[0])
     forward = lambda: reference.forward(case.x, case.W, bias, case.A, case.B, case.s, case.dropout_mask)
     loss = _loss(forward, grad_y)
@@ -28,7 +28,7 @@ def test_linear_gradients_equal_central_finite_differences(case, seed):
 
 @given(strategies.embedding_cases(dtype=np.float64), strategies.seeds)
 def test_embedding_gradients_equal_central_finite_differences(case, seed):
-    grad_y = np.random.default_rng(seed).standard_normal(case.ids.shape + (case.W.shape[1],))
+    grad_y = np.random.default_rng(seed).standard_normal((*case.ids.shape, case.W.shape[1]))
     loss = _loss(lambda: reference.embedding_forward(case.ids, case.W, case.A, case.B, case.s), grad_y)
     grads = reference.embedding_backward(case.ids, case.A, case.B, case.s, grad_y)
     assert_close(grads.dA, numerical_gradient(lambda _: loss(), case.A), factor=1e4)

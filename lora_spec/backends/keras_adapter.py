@@ -228,7 +228,7 @@ def _resolve_extra(
     """The variable a file name points at; PEFT's wrapper names (`base_layer`, `modules_to_save`) are
     seen through, and `original_module` tensors (the untrained copy) are skipped by the caller."""
     name = name.replace(".modules_to_save.", ".").replace(".base_layer.", ".")
-    layer_path, _, parameter = name.rpartition(".")
+    layer_path, _, _ = name.rpartition(".")
     layer = by_path.get(layer_path)
     if layer is None:
         return None
@@ -254,7 +254,7 @@ def _check_lora(
             kind = "an embedding" if is_embedding else "not an embedding"
             raise ValueError(f"adapter key {_key(path + suffix)} does not fit: layer {path!r} is {kind}.")
         rank = config.rank_for(path)
-        for half, tensor, shape in zip("AB", (lora_a, lora_b), reference_shapes(layer, rank)):
+        for half, tensor, shape in zip("AB", (lora_a, lora_b), reference_shapes(layer, rank), strict=True):
             if tuple(tensor.shape) != shape:
                 raise ValueError(
                     f"adapter tensor {half} of {path!r} has shape {tuple(tensor.shape)}, but this model "

@@ -55,7 +55,7 @@ class EinsumPlan:
     def feature_shape(self, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape that lays one value per output feature (`feature_axes` order) along `feature_tail`, 1 on
         its other axes, so that it broadcasts against the output."""
-        size = dict(zip(self.kernel_axes, kernel_shape))
+        size = dict(zip(self.kernel_axes, kernel_shape, strict=True))
         return tuple(size.get(a, 1) for a in self.feature_tail)
 
     def features_from_reference(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -66,7 +66,7 @@ class EinsumPlan:
 
     def dims(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The kernel's input and output dimensions, in kernel order."""
-        size = dict(zip(self.kernel_axes, kernel_shape))
+        size = dict(zip(self.kernel_axes, kernel_shape, strict=True))
         return tuple(size[a] for a in self.input_axes), tuple(size[a] for a in self.output_axes)
 
     def _order(self) -> list[int]:

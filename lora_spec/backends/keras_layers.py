@@ -622,7 +622,7 @@ class LoRALayer:
         """Assign an adapter's (default: the one active) `A` and `B` given in the reference layout, and a DoRA
         adapter's magnitude in PEFT's shape (None: kept)."""
         adapter = self.adapter(adapter_name)
-        for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, adapter.r)):
+        for half, value, expected in zip("AB", (lora_a, lora_b), self.reference_shapes(self, adapter.r), strict=True):
             if tuple(np.shape(value)) != expected:
                 raise ValueError(
                     f"LoRA {half} for layer {self.name!r} has shape {tuple(np.shape(value))}, but the "

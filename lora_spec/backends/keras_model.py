@@ -443,7 +443,7 @@ def add_weighted_adapter(
     saved = SavedModules.of(model)
     copies = {}
     for path in saved.current:
-        holders = [name for name, weight in zip(names, weights) if weight and name in saved.owners(path)]
+        holders = [name for name, weight in zip(names, weights, strict=True) if weight and name in saved.owners(path)]
         if len(holders) > 1:
             raise ValueError(
                 f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "
@@ -453,7 +453,7 @@ def add_weighted_adapter(
             copies[path] = holders[0]
     combined = {}
     for path, layer in lora_layers(model):
-        present = [(name, weight) for name, weight in zip(names, weights) if name in layer.adapters]
+        present = [(name, weight) for name, weight in zip(names, weights, strict=True) if name in layer.adapters]
         if present:
             factors = [Factors(*layer.lora_weights(name), layer.adapter(name).scaling) for name, _ in present]
             try:

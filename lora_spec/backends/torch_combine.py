@@ -60,7 +60,11 @@ def add_weighted_adapter(
     copies = _copied_modules(inner, names, weights)
     combined = {}
     for path, layer in lora_layers(inner):
-        present = [(layer.adapters[name], weight) for name, weight in zip(names, weights) if name in layer.adapters]
+        present = [
+            (layer.adapters[name], weight)
+            for name, weight in zip(names, weights, strict=True)
+            if name in layer.adapters
+        ]
         if not present:
             continue
         factors = [Factors(*map(to_numpy, adapter.factors()), float(adapter.scaling)) for adapter, _ in present]
@@ -106,7 +110,9 @@ def _copied_modules(model: nn.Module, names: Sequence[str], weights: Sequence[fl
     """`module path -> adapter` whose trained copy of that module to save the combined adapter takes."""
     sources = {}
     for path, wrapper in modules_to_save(model):
-        holders = [name for name, weight in zip(names, weights) if weight and name in wrapper.modules_to_save]
+        holders = [
+            name for name, weight in zip(names, weights, strict=True) if weight and name in wrapper.modules_to_save
+        ]
         if len(holders) > 1:
             raise ValueError(
                 f"adapters {', '.join(map(repr, holders))} each train their own {path!r} (modules_to_save), "

@@ -10,8 +10,8 @@ paper's section 4.3; PEFT detaches it). Without dropout that is `f * D + b` with
   weight (out x in) rather than the gradient (rows x out), and `dh`, `dB` take it on their
   small factors.
 With dropout, `D` is the direction of `d(x)` and the output `x @ W.T + b + (f - 1) * (d(x) @ W.T) +
-(f * s) * (d(x) @ A.T) @ B.T`: one more product each way, as in PEFT. The mask is a `SeededMask` drawn again in backward, or an explicit
-`DropoutMask` kept for it, as in `torch_linear`. The base weight is frozen.
+(f * s) * (d(x) @ A.T) @ B.T`: one more product each way, as in PEFT. The mask is a `SeededMask`
+drawn again in backward, or an explicit `DropoutMask` kept for it, as in `torch_linear`. The base weight is frozen.
 """
 
 from __future__ import annotations

@@ -450,7 +450,7 @@ def _untie_adapted_weights(model: nn.Module) -> None:
             for other, module, name in holders.get(id(weight), ())
             if module is not layer.base_layer
         ]
-        for other, module, name in tied:
+        for _, module, name in tied:
             setattr(module, name, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
         if tied:
             config = getattr(model, "config", None)

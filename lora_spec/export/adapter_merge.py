@@ -23,8 +23,8 @@ then like the initializer behind any `Transpose`.
 Several adapters merge as `W' = W + sum_k weight_k * delta_k`, in at least float32, cast once to
 the initializer's dtype. A DoRA adapter (`use_dora`) merges as `lora_spec.dora.dora_merge`,
 `W' = (m/n) * (W + s * B @ A)` with the norm `n` of the graph's own weight: it takes weight 1 only
-(the normalisation leaves no meaning to another), and no other adapter may change the same weight. Full tensors stored in an adapter (`modules_to_save`, trained biases)
-replace the base tensor as they are: an adapter's weight scales only its low-rank deltas, a
+(the normalisation leaves no meaning to another), and no other adapter may change the same weight.
+Full tensors stored in an adapter (`modules_to_save`, trained biases) replace the base tensor as they are: an adapter's weight scales only its low-rank deltas, a
 full tensor may come from one adapter with a non-zero weight only, and deltas of other adapters
 are added on top of it. An adapter with weight 0 contributes nothing.
 """
@@ -324,7 +324,7 @@ def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:
     if len(body) <= len(parts):
         return None
     score = 0
-    for component, part in zip(body, parts):
+    for component, part in zip(body, parts, strict=True):
         if component == part:
             continue
         if not re.fullmatch(re.escape(part) + TF_UNIQUIFIER, component):

@@ -21,7 +21,8 @@ examples:
   lora-export --switchable base.onnx --adapter sentiment/adapter --adapter topic/adapter
                                                       # base.switchable.onnx: LoRA factors as inputs
   lora-export --pack base.switchable.onnx --adapter sentiment/adapter -o sentiment.onnx_adapter
-  lora-export --pack base.switchable.onnx --adapter sentiment/adapter:0.7 --adapter topic/adapter:0.3 -o mix.onnx_adapter
+  lora-export --pack base.switchable.onnx --adapter sentiment/adapter:0.7 \
+              --adapter topic/adapter:0.3 -o mix.onnx_adapter
 """
 
 

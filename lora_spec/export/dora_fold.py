@@ -88,7 +88,7 @@ class AffineExpression:
         self.terms = self._read(output, Term(output, 1.0, (), (), ()))
 
     def _read(self, tensor: str, term: Term) -> list[Term] | None:
-        term = dataclasses.replace(term, leaf=tensor, path=term.path + (tensor,))
+        term = dataclasses.replace(term, leaf=tensor, path=(*term.path, tensor))
         graph = self.graph
         node = graph.producer.get(tensor)
         if tensor in self.stops or graph.is_constant(tensor) or node is None or node.op_type in BASE_OPS:
@@ -112,9 +112,9 @@ class AffineExpression:
         if op == "Mul" and len(inputs) == 2:
             for constant, other in ((inputs[1], inputs[0]), (inputs[0], inputs[1])):
                 if graph.is_constant(constant):
-                    return self._read(other, dataclasses.replace(term, factors=term.factors + (constant,)))
+                    return self._read(other, dataclasses.replace(term, factors=(*term.factors, constant)))
         if op == "Div" and len(inputs) == 2 and graph.is_constant(inputs[1]):
-            return self._read(inputs[0], dataclasses.replace(term, divisors=term.divisors + (inputs[1],)))
+            return self._read(inputs[0], dataclasses.replace(term, divisors=(*term.divisors, inputs[1])))
         return None
 
 
@@ -123,8 +123,8 @@ class DoRABranch(LoRABranch):
     """A matched DoRA expression: a `LoRABranch` whose `add` is the expression's last node, plus the
     per-feature constants.
 
-    The base chain takes over `add`'s output; `scale` is the low-rank pair's own; `weight_scale` (C) and `delta_scale` (D, `scale` included)
-    are per output feature; `expression` holds the nodes that go; `bias` is the bias input to
+    The base chain takes over `add`'s output; `scale` is the low-rank pair's own; `weight_scale` (C) and `delta_scale`
+    (D, `scale` included) are per output feature; `expression` holds the nodes that go; `bias` is the bias input to
     change and its new value, or None. When the base chain has no bias but the expression adds one
     (TensorFlow's graph optimizer moves a bias onto the low-rank side of the sum: `f * base + (pair + b)`),
     `bias` is `(None, the initializer that held it, new value)`, and `add` stays to add it.
@@ -437,12 +437,11 @@ class DoRAFoldRule(FoldRule):
         self, branch: DoRABranch, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray
     ) -> np.ndarray:
         """`C * W + (D / alpha) * delta` per output feature, in the node's layout and dtype."""
+        # An (in, out) weight (MatMul, Gather's table) takes the update `(B @ A).T` and scales its
+        # columns: the reference's embedding layout.
+        layer = "linear" if self.weight_is_out_in(branch.base) else "embedding"
         if self.op_type == "Conv":
             layer = "conv2d"
-        else:
-            # An (in, out) weight (MatMul, Gather's table) takes the update `(B @ A).T` and scales its
-            # columns: the reference's embedding layout.
-            layer = "linear" if self.weight_is_out_in(branch.base) else "embedding"
         return dora.merge_with_feature_scales(
             weight,
             lora_a,

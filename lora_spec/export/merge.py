@@ -261,7 +261,7 @@ def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences:
     """`values` whose fold computations also check the folded layer against its branch."""
     # A generator per fold, drawn now: the folds run on several threads, in no fixed order.
     seeds = rng.integers(2**63, size=len(folds))
-    generators = {id(fold): np.random.default_rng(seed) for fold, seed in zip(folds, seeds)}
+    generators = {id(fold): np.random.default_rng(seed) for fold, seed in zip(folds, seeds, strict=True)}
 
     def check(fold, weight, lora_a, lora_b):
         difference = checks.layer_check(fold, weight, lora_a, lora_b, generators[id(fold)])

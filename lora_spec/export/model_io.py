@@ -235,7 +235,7 @@ def _write_data(
         _one_blas_thread(),
         concurrent.futures.ThreadPoolExecutor(max_workers=WORKERS) as workers,
     ):
-        jobs = [workers.submit(write, tensor, offset) for tensor, offset in zip(external, places)]
+        jobs = [workers.submit(write, tensor, offset) for tensor, offset in zip(external, places, strict=True)]
         try:
             for job in progress(
                 concurrent.futures.as_completed(jobs), total=len(jobs), desc="writing tensors", unit="tensor"

@@ -175,7 +175,7 @@ def _module_factors(
             values = module.rule.served_factors(lora_a, lora_b)
         else:
             values = module.rank_zero(graph)
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             tensors[name] = np.ascontiguousarray(value.astype(numpy_dtype_of(element_type)))
         sources = (
             " + ".join(

@@ -65,7 +65,8 @@ class SwitchRule:
             nodes.append(helper.make_node("Transpose", [node.input[0]], [features], name=features, perm=[1, 0]))
         rows = graph.fresh_name(f"{lora_a}/rows")
         update = graph.fresh_name(f"{lora_b}/update")
-        return nodes + [
+        return [
+            *nodes,
             helper.make_node("MatMul", [features, lora_a], [rows], name=rows),
             helper.make_node("MatMul", [rows, lora_b], [update], name=update),
         ], update
@@ -170,7 +171,7 @@ def switch_module(graph: Graph, module: SwitchableModule) -> None:
             f"{taken[0]!r}; rename it in the exported model."
         )
     values = module.default if module.default is not None else module.rank_zero()
-    for name, value, dims in zip(names, values, module.factor_shapes(f"r_{module.path}")):
+    for name, value, dims in zip(names, values, module.factor_shapes(f"r_{module.path}"), strict=True):
         stored = np.ascontiguousarray(np.asarray(value).astype(numpy_dtype_of(module.element_type)))
         graph.add_initializer(numpy_helper.from_array(stored, name))
         graph.add_input(name, module.element_type, dims)
@@ -212,7 +213,7 @@ class ServedModule:
     def rank_zero(self, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
         """Factors of rank 0 shaped like the module's inputs (float32: the caller casts them)."""
         shapes = [list(graph.initializers[name].dims) for name in input_names(self.path)]
-        for shape, axis in zip(shapes, self.rule.rank_axes):
+        for shape, axis in zip(shapes, self.rule.rank_axes, strict=True):
             shape[axis] = 0
         return tuple(np.zeros(shape, np.float32) for shape in shapes)
 

@@ -286,7 +286,7 @@ def _exported_modules(
 
 def _same_adapter(first: _Exported, other: _Exported) -> bool:
     return first.rule is other.rule and all(
-        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first.factors, other.factors)
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(first.factors, other.factors, strict=True)
     )
 
 
@@ -401,7 +401,9 @@ def _verification(
         factors = {}
         for branch in exported:
             dtype = numpy_dtype_of(branch.module.element_type)
-            factors.update(zip(input_names(branch.module.path), (value.astype(dtype) for value in branch.factors)))
+            factors.update(
+                zip(input_names(branch.module.path), (value.astype(dtype) for value in branch.factors), strict=True)
+            )
         adapted = checks.run_model(staged, {**feeds, **factors}, "the switchable model", _HINT)
         differences = [checks.compare_outputs(served, base), checks.compare_outputs(adapted, original)]
     verification = checks.Verification("served", max(differences), tolerance)

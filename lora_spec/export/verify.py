@@ -211,7 +211,9 @@ def run_model(
 def compare_outputs(actual: list, expected: list) -> float:
     """The largest relative difference over the float outputs of two runs."""
     differences = [
-        relative_difference(got, want) for got, want in zip(actual, expected) if np.asarray(want).dtype.kind == "f"
+        relative_difference(got, want)
+        for got, want in zip(actual, expected, strict=True)
+        if np.asarray(want).dtype.kind == "f"
     ]
     return max(differences, default=0.0)
 

@@ -45,7 +45,7 @@ class TextDataset:
     def class_counts(self) -> dict[str, int]:
         """Examples per label name, in label order."""
         counts = np.bincount(self.labels, minlength=len(self.label_names))
-        return {name: int(count) for name, count in zip(self.label_names, counts)}
+        return {name: int(count) for name, count in zip(self.label_names, counts, strict=True)}
 
 
 def vader_class(mean_rating: float) -> str:

@@ -73,7 +73,8 @@ def prepare(options: FinetuneOptions, seed: int) -> Prepared:
     for name, count in dataset.class_counts().items():
         if count < 2:
             raise ValueError(
-                f"label {name!r} has {count} example{'s' * (count != 1)} in {dataset.source}: every label needs at least 2 "
+                f"label {name!r} has {count} example{'s' * (count != 1)} in {dataset.source}: "
+                "every label needs at least 2 "
                 "(one to train on, one to validate); add examples or drop the label."
             )
     train_indices, validation_indices = data_module.stratified_split(dataset.labels, options.validation_fraction, seed)

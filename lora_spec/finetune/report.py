@@ -57,7 +57,8 @@ def summary_table(summary: Summary) -> str:
         ),
         (
             "trainable parameters, LoRA + head",
-            f"{s.trainable_parameters:,} of {s.total_parameters:,} ({100 * s.trainable_parameters / s.total_parameters:.2f}%)",
+            f"{s.trainable_parameters:,} of {s.total_parameters:,} "
+            f"({100 * s.trainable_parameters / s.total_parameters:.2f}%)",
         ),
         ("validation accuracy, head only (frozen base)", f"{100 * s.head_only_accuracy:.1f}%"),
         ("validation accuracy, LoRA", f"{100 * s.lora_accuracy:.1f}% ({gain:+.1f} points)"),
@@ -94,7 +95,7 @@ def plot_losses(curves: dict[str, Sequence[float]], steps_per_epoch: int, path: 
     from matplotlib import pyplot
 
     figure, panels = pyplot.subplots(1, len(curves), figsize=(5 * len(curves), 4), sharey=True, squeeze=False)
-    for axes, (name, losses) in zip(panels[0], curves.items()):
+    for axes, (name, losses) in zip(panels[0], curves.items(), strict=True):
         losses = np.asarray(losses, dtype=float)
         epochs = np.arange(1, len(losses) + 1) / steps_per_epoch
         window = max(1, min(len(losses) // 20, steps_per_epoch))
@@ -156,6 +157,7 @@ def seeds_table(results: Sequence[SeedResult]) -> tuple[str, bool]:
     beats = gain > spread
     verdict = (
         f"LoRA {'beats' if beats else 'does not beat'} head-only by {100 * gain:.1f} points on the mean, "
-        f"{'more' if beats else 'no more'} than the spread ({100 * spread:.1f} points, the sum of both standard deviations)."
+        f"{'more' if beats else 'no more'} than the spread "
+        f"({100 * spread:.1f} points, the sum of both standard deviations)."
     )
     return table + "\n\n" + verdict, beats

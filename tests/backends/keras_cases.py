@@ -57,7 +57,7 @@ def layer_output_and_gradients(
             tape.watch(x)
         y = layer(x, training=True, **kwargs)
         loss = tf.reduce_sum(y * grad_y)
-    gradients = dict(zip(["dx", *sources], tape.gradient(loss, [x] + [v.value for v in sources.values()])))
+    gradients = dict(zip(["dx", *sources], tape.gradient(loss, [x] + [v.value for v in sources.values()]), strict=True))
     gradients = {
         name: None if value is None else np.asarray(tf.convert_to_tensor(value)) for name, value in gradients.items()
     }

@@ -106,7 +106,7 @@ def test_layers_with_gelu_train_as_with_kerass_gelu_and_still_save_it_as_gelu(ma
 
     one_pass_gradients = gradients()
     layer.activation = lambda z: keras.activations.gelu(z)  # another function: the plain path
-    for actual, expected in zip(one_pass_gradients, gradients()):
+    for actual, expected in zip(one_pass_gradients, gradients(), strict=True):
         assert_close(actual, expected, np.float32, factor=4)
 
 
@@ -137,5 +137,5 @@ def test_gradients_are_the_same_under_xla():
             loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
         return tape.gradient(loss, [layer.lora_a.value, layer.lora_b.value])
 
-    for actual, expected in zip(tf.function(gradients, jit_compile=True)(), gradients()):
+    for actual, expected in zip(tf.function(gradients, jit_compile=True)(), gradients(), strict=True):
         assert_close(actual, expected, np.float32, factor=4)

@@ -114,7 +114,7 @@ def test_a_file_that_does_not_fit_is_refused_and_the_model_is_untouched(tmp_path
     before = _weights(model)
     with pytest.raises(ValueError, match=r"adapter key base_model.model.embed.lora_embedding_A names no LoRA target"):
         lora.load_adapter(model, tmp_path)
-    for old, new in zip(before, _weights(model)):
+    for old, new in zip(before, _weights(model), strict=True):
         np.testing.assert_array_equal(old, new)
     assert len(list(lora.lora_layers(model))) == (3 if target == "adapted" else 0)
 
@@ -392,5 +392,5 @@ def test_a_dora_file_whose_magnitude_does_not_fit_is_refused_and_the_model_is_un
     ) as error:
         lora.load_adapter(model, tmp_path)
     assert "\n" not in str(error.value)
-    for old, new in zip(before, _weights(model)):
+    for old, new in zip(before, _weights(model), strict=True):
         np.testing.assert_array_equal(old, new)

@@ -61,9 +61,9 @@ def _reference_output_and_gradients(dora_case, s, grad_y, dropout_mask):
 def _output_shape(dora_case):
     case = dora_case.case
     if dora_case.layer == "linear":
-        return case.x.shape[:-1] + (case.W.shape[0],)
+        return (*case.x.shape[:-1], case.W.shape[0])
     if dora_case.layer == "embedding":
-        return case.ids.shape + (case.W.shape[1],)
+        return (*case.ids.shape, case.W.shape[1])
     return None
 
 

@@ -22,7 +22,9 @@ def _placements(case):
 @given(strategies.fused_linear_cases())
 def test_fused_adapter_holds_each_layer_update_in_its_block_and_zero_elsewhere(case):
     placements = _placements(case)
-    lora_a, lora_b = fuse([(placement, A, B, s) for placement, (_, _, A, B, s) in zip(placements, case.layers)])
+    lora_a, lora_b = fuse(
+        [(placement, A, B, s) for placement, (_, _, A, B, s) in zip(placements, case.layers, strict=True)]
+    )
     assert lora_a.shape[0] == sum(A.shape[0] for _, _, A, _, _ in case.layers)
     delta = reference.delta_weight(lora_a, lora_b, case.layers[0][4])
     covered = np.zeros(delta.shape, bool)
@@ -37,9 +39,11 @@ def test_fused_adapter_holds_each_layer_update_in_its_block_and_zero_elsewhere(c
 @given(strategies.fused_linear_cases())
 def test_split_gives_each_layer_its_block_of_the_transformers_update(case):
     placements = _placements(case)
-    lora_a, lora_b = fuse([(placement, A, B, s) for placement, (_, _, A, B, s) in zip(placements, case.layers)])
+    lora_a, lora_b = fuse(
+        [(placement, A, B, s) for placement, (_, _, A, B, s) in zip(placements, case.layers, strict=True)]
+    )
     scaling = case.layers[0][4]
-    for placement, (_, _, A, B, s) in zip(placements, case.layers):
+    for placement, (_, _, A, B, s) in zip(placements, case.layers, strict=True):
         np.testing.assert_allclose(
             reference.delta_weight(*split(placement, lora_a, lora_b), scaling),
             reference.delta_weight(A, B, s),

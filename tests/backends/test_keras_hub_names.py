@@ -307,7 +307,7 @@ def assert_refused(model, action, *fragments, error=ValueError):
     message = str(raised.value)
     assert "\n" not in message and all(fragment in message for fragment in fragments), message
     assert not list(lora.lora_layers(model))
-    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model)))
+    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))
 
 
 def _edited_adapter(source: Path, target: Path, edit) -> Path:

@@ -51,7 +51,7 @@ def test_weight_inits_start_from_the_reference_init_with_the_kernel_as_its_resid
         assert_close(layer.base_weight() + layer.scaling * B @ A, W, np.float32, factor=10)
         if init != "pissa_niter_2":  # the randomized SVD draws its test matrix
             start = inits.init_from_weight(W, init, 3, layer.scaling)
-            for actual, want in zip((A, B, layer.base_weight()), start):
+            for actual, want in zip((A, B, layer.base_weight()), start, strict=True):
                 assert_close(actual, want, np.float32, factor=10)
         assert [v.name for v in layer.trainable_weights] == ["lora_a", "lora_b"] + (
             ["lora_magnitude_vector"] if init == "olora" else []
@@ -139,7 +139,7 @@ def test_weight_inits_are_refused_in_one_line_where_peft_has_none_and_the_model_
             lora.apply(model, init="pissa", **{"r": 2, **options})
         assert "\n" not in str(error.value)
         assert not list(lora.lora_layers(model))
-        for old, new in zip(before, _weights(model)):
+        for old, new in zip(before, _weights(model), strict=True):
             np.testing.assert_array_equal(old, new)
 
 
@@ -155,7 +155,7 @@ def test_a_weight_init_adapter_cannot_share_layers_with_another_adapter(first, s
         lora.apply(model, adapter_name="other", r=2, target_modules=["fc1", "fc2"], init=second)
     assert lora.adapter_names(model) == ["default"]
     assert [path for path, _ in lora.lora_layers(model)] == ["encoder.fc1"]
-    for old, new in zip(before, _weights(model)):
+    for old, new in zip(before, _weights(model), strict=True):
         np.testing.assert_array_equal(old, new)
     if first == "pissa":
         with pytest.raises(ValueError, match=r"adapter 'default' is initialised from the base weight \(init='pissa'\)"):

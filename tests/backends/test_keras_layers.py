@@ -35,7 +35,7 @@ def test_dense_forward_equals_reference_with_explicit_dropout_mask(case):
 
 @given(strategies.linear_cases(), strategies.seeds)
 def test_dense_gradients_equal_reference_backward(case, seed):
-    grad_y = np.random.default_rng(seed).standard_normal(case.x.shape[:-1] + (case.W.shape[0],)).astype(case.dtype)
+    grad_y = np.random.default_rng(seed).standard_normal((*case.x.shape[:-1], case.W.shape[0])).astype(case.dtype)
     _, grads = dense_output_and_gradients(lora_dense(case, train_bias=True), case, grad_y)
     expected = reference.backward(case.x, case.W, case.A, case.B, case.s, grad_y, case.dropout_mask)
     assert_close(grads["dx"], expected.dx, case.dtype, factor=10)
@@ -175,7 +175,7 @@ def test_embedding_gradients_equal_reference_backward(case, seed):
     layer.build()
     layer.embeddings.assign(case.W)
     layer.set_lora_weights(case.A, case.B)
-    grad_y = np.random.default_rng(seed).standard_normal(case.ids.shape + (dim,))
+    grad_y = np.random.default_rng(seed).standard_normal((*case.ids.shape, dim))
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(layer(case.ids) * grad_y)
     grad_a, grad_b = (tf.convert_to_tensor(g) for g in tape.gradient(loss, [layer.lora_a.value, layer.lora_b.value]))

@@ -231,7 +231,7 @@ def test_merge_is_all_or_nothing_when_an_adapter_diverged():
     with pytest.raises(ValueError, match="layer 'encoder.fc2': the merged weight would hold NaN or inf"):
         lora.merge(model)
     assert not any(layer.merged for _, layer in lora.lora_layers(model))
-    for kernel, (_, layer) in zip(kernels, lora.lora_layers(model)):
+    for kernel, (_, layer) in zip(kernels, lora.lora_layers(model), strict=True):
         np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
 
 

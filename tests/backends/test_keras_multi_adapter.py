@@ -94,7 +94,7 @@ def test_active_adapters_add_up_route_and_merge_as_the_reference(case, data):
     assert layer.merged_adapters == active
     assert_close(np.asarray(layer(x)), expected, factor=100)
     layer.unmerge()
-    routes = data.draw(st.lists(st.sampled_from(names + [BASE_MODEL]), min_size=len(x), max_size=len(x)))
+    routes = data.draw(st.lists(st.sampled_from([*names, BASE_MODEL]), min_size=len(x), max_size=len(x)))
     layer.route(
         np.asarray([names.index(name) if name in names else -1 for name in routes], np.int32),
         {name: index for index, name in enumerate(names)},
@@ -177,7 +177,7 @@ def test_set_adapter_takes_effect_in_a_model_compiled_for_predict_and_fit():
     model.fit(X, Y, epochs=2, verbose=0)
     assert not np.allclose(model.get_layer("fc2").adapter("other").lora_b.numpy(), other_b)
     for name, values in before.items():
-        for value, variable in zip(values, (fc1.adapter(name).lora_a, fc1.adapter(name).lora_b)):
+        for value, variable in zip(values, (fc1.adapter(name).lora_a, fc1.adapter(name).lora_b), strict=True):
             np.testing.assert_array_equal(variable.numpy(), value)
 
 
@@ -216,7 +216,7 @@ def test_add_weighted_adapter_combines_each_layer_by_the_reference():
     from lora_spec.multi_adapter import Factors
 
     expected = combine([Factors(*fc2.lora_weights(a.name), a.scaling) for a in factors], [0.5, -2.0], "cat")
-    for actual, wanted in zip(fc2.lora_weights("mixed"), expected):
+    for actual, wanted in zip(fc2.lora_weights("mixed"), expected, strict=True):
         np.testing.assert_allclose(actual, wanted, rtol=1e-6)
     assert set(model.get_layer("fc1").adapters) == {"default", "mixed"}
     with pytest.raises(ValueError, match="layer 'fc2'.*one rank"):

@@ -48,4 +48,4 @@ def test_export_in_training_mode_gives_the_standard_lora_branch():
     exported = torch.export.export(model, (torch.randn(5, 8),))
     operations = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
     branch = ["aten.linear.default", "aten.linear.default", "aten.linear.default", "aten.mul.Tensor", "aten.add.Tensor"]
-    assert operations == branch + ["aten.gelu.default"] + branch
+    assert operations == [*branch, "aten.gelu.default", *branch]

@@ -151,7 +151,7 @@ def _mixed_layer(case: strategies.AdapterSetCase):
     layer = lora_layer_for(_base_module(case))(
         _base_module(case), first.A.shape[0], 1.0, first.s, adapter_name="a0", use_dora=case.magnitudes[0] is not None
     )
-    for index, (adapter, magnitude) in enumerate(zip(case.adapters, case.magnitudes)):
+    for index, (adapter, magnitude) in enumerate(zip(case.adapters, case.magnitudes, strict=True)):
         name = f"a{index}"
         if name not in layer.adapters:
             layer.add_adapter(name, adapter.A.shape[0], 1.0, adapter.s, use_dora=magnitude is not None)

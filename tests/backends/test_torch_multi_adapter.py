@@ -103,7 +103,7 @@ def test_routed_rows_equal_their_own_adapters_forward(case, data, grad):
         layer = lora_layer(case).eval()
         names = [f"a{index}" for index in range(len(case.adapters))]
         rows = _layer_input(case).shape[0]
-        routes = data.draw(st.lists(st.sampled_from(names + [None, BASE_MODEL]), min_size=rows, max_size=rows))
+        routes = data.draw(st.lists(st.sampled_from([*names, None, BASE_MODEL]), min_size=rows, max_size=rows))
         layer.route(Routing.of(routes))
         actual = layer(_layer_input(case)).detach().numpy()
         zero = case.adapters[0]._replace(B=np.zeros_like(case.adapters[0].B))
@@ -111,7 +111,7 @@ def test_routed_rows_equal_their_own_adapters_forward(case, data, grad):
             adapter = zero if name in (None, BASE_MODEL) else case.adapters[names.index(name)]
             assert_close(actual[row], _reference_forward(case, adapter, slice(row, row + 1))[0], factor=100)
         if case.layer == "linear":
-            adapters = dict(zip(names, case.adapters))
+            adapters = dict(zip(names, case.adapters, strict=True))
             assert_close(actual, routed_forward(case.base.x, case.W, case.base.b, adapters, routes), factor=100)
 
 
@@ -260,7 +260,7 @@ def test_add_weighted_adapter_combines_each_layer_by_the_reference(combination_t
     assert lora.active_adapters(model) == ["default"]
     for path in ("attention.v_proj", "attention.o_proj", "embed", "conv"):
         layer = model.get_submodule(path)
-        present = [(layer.adapters[n], w) for n, w in zip(names, weights) if n in layer.adapters]
+        present = [(layer.adapters[n], w) for n, w in zip(names, weights, strict=True) if n in layer.adapters]
         factors = [reference_factors(adapter) for adapter, _ in present]
         expected_a, expected_b = combine(factors, [w for _, w in present], combination_type, svd_rank=4)
         mixed = layer.adapters["mixed"]
@@ -403,7 +403,7 @@ def test_save_writes_peft_layout_and_load_reads_every_adapter_back(tmp_path):
     with torch.no_grad():
         loaded.load_state_dict(
             {k: v for k, v in model.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k},
-            strict=False,
+            strict=True,
         )
     for name in ("default", "other"):
         lora.set_adapter(model, name)

@@ -249,12 +249,12 @@ def test_weighted_adapters_merge_like_numpy_sum_of_their_deltas(transformer_grap
     expected_model = copy.deepcopy(models["bert"])
     parameters = dict(expected_model.named_parameters())
     with torch.no_grad():
-        for directory, weight in zip(lora_spec_bert_adapters, weights):
+        for directory, weight in zip(lora_spec_bert_adapters, weights, strict=True):
             config, _, tensors = load_adapter_dir(directory)
             for path, (lora_a, lora_b) in tensors.lora.items():
                 delta = weight * reference.delta_weight(lora_a, lora_b, config.scaling_for(path))
                 parameters[f"{path}.weight"] += torch.from_numpy(delta.astype(np.float32))
-    actual = merged_output(graphs["bert", exporter], list(zip(lora_spec_bert_adapters, weights)), feeds())
+    actual = merged_output(graphs["bert", exporter], list(zip(lora_spec_bert_adapters, weights, strict=True)), feeds())
     assert_close(actual, expected_model(*token_inputs()).detach().numpy(), np.float32, factor=10)
 
 
@@ -269,7 +269,7 @@ def test_a_cat_combination_exported_and_folded_equals_merging_the_weighted_adapt
     _, models, graphs = transformer_graphs
     weights = (0.7, -0.4)
     model = copy.deepcopy(models["bert"])
-    for name, directory in zip(("first", "second"), lora_spec_bert_adapters):
+    for name, directory in zip(("first", "second"), lora_spec_bert_adapters, strict=True):
         lora.load_adapter(model, directory, adapter_name=name)
     lora.add_weighted_adapter(model, ["first", "second"], list(weights), "mixed", combination_type="cat")
     lora.set_adapter(model, "mixed")
@@ -280,7 +280,7 @@ def test_a_cat_combination_exported_and_folded_equals_merging_the_weighted_adapt
         tmp_path / "files.onnx",
         verify="off",
         progress=False,
-        adapters=list(zip(lora_spec_bert_adapters, weights)),
+        adapters=list(zip(lora_spec_bert_adapters, weights, strict=True)),
     ).output
     assert_close(
         run(onnx.load(str(folded)), **feeds()), run(onnx.load(str(from_files)), **feeds()), np.float32, factor=10

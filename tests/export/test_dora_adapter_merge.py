@@ -186,6 +186,6 @@ def test_a_peft_dora_adapter_merged_into_a_base_export_gives_pefts_merged_model(
     assert {path for path, _ in result.adapter_matches} == {"embed", "proj", "head", "tail", "conv"}
     with torch.no_grad():
         expected = [output.numpy() for output in model.merge_and_unload()(*_inputs())]
-    feeds = {name: value.numpy() for name, value in zip(INPUT_NAMES, _inputs())}
+    feeds = {name: value.numpy() for name, value in zip(INPUT_NAMES, _inputs(), strict=True)}
     for output, want in zip(session(result.output).run(None, feeds), expected, strict=True):
         assert_close(output, want, np.float32, factor=20)

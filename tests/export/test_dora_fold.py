@@ -237,7 +237,7 @@ def test_merged_peft_dora_export_reproduces_the_model_with_the_base_nodes(dora_e
     result = merge_onnx(folder / "model.onnx", verify="full", progress=False)
     # proj and head run twice: each call folds on its own (the weight copied for the second)
     assert len(result.folds) == 6 and all("DoRA" in fold for fold in result.folds)
-    feeds = {name: value.numpy() for name, value in zip(INPUT_NAMES, _inputs())}
+    feeds = {name: value.numpy() for name, value in zip(INPUT_NAMES, _inputs(), strict=True)}
     for output, want in zip(session(result.output).run(None, feeds), expected, strict=True):
         assert_close(output, want, np.float32, factor=20)
     # The base is exported by TorchScript, which writes some products as MatMul where dynamo writes Gemm.

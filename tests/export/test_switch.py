@@ -67,7 +67,7 @@ def test_packed_adapters_switched_per_run_equal_the_reference_weighted_merge(cas
     model, feeds, forward = _base_graph(case, layout)
     base_weight = case.W
     merged = base_weight + sum(
-        weight * _DELTAS[case.layer](*adapter) for adapter, weight in zip(case.adapters, case.weights)
+        weight * _DELTAS[case.layer](*adapter) for adapter, weight in zip(case.adapters, case.weights, strict=True)
     )
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -82,7 +82,7 @@ def test_packed_adapters_switched_per_run_equal_the_reference_weighted_merge(cas
                 ),
                 weight,
             )
-            for number, (adapter, weight) in enumerate(zip(case.adapters, case.weights))
+            for number, (adapter, weight) in enumerate(zip(case.adapters, case.weights, strict=True))
         ]
         served = make_switchable(folder / "base.onnx", adapters=[specs[0][0]], verify="off", progress=False).output
         packed = pack_adapter(served, specs, folder / "packed.onnx_adapter", verify="off").output

@@ -16,7 +16,7 @@ def test_every_epoch_visits_every_example_once_in_a_seeded_order():
     for order in epochs:
         assert sorted(order) == list(range(10))
     assert not np.array_equal(epochs[0], epochs[1])
-    assert all(np.array_equal(a, b) for a, b in zip(batches, train.epoch_batches(10, 4, epochs=3, seed=7)))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, train.epoch_batches(10, 4, epochs=3, seed=7), strict=True))
 
 
 def _separable_problem(seed: int) -> tuple[torch.nn.Linear, torch.Tensor, np.ndarray]:
@@ -99,7 +99,7 @@ def test_learning_rate_warms_up_over_six_percent_of_the_steps_then_decays_to_nea
         progress=False,
     )
     assert rates[0] == pytest.approx(1 / 6) and rates[5] == pytest.approx(1.0)
-    assert all(later <= earlier for earlier, later in zip(rates[5:], rates[6:]))
+    assert all(later <= earlier for earlier, later in zip(rates[5:], rates[6:], strict=True))
     assert rates[-1] < 0.02
 
 

@@ -28,7 +28,7 @@ LABELS = ("positive",) * 5 + ("negative",) * 5 + ("neutral",) * 5
 
 def rows(repeat: int = 4) -> list[tuple[str, str]]:
     """`(text, label)` rows: every word alone and with a neutral neighbour, `repeat` times over."""
-    single = list(zip(WORDS, LABELS))
+    single = list(zip(WORDS, LABELS, strict=True))
     pairs = [(f"{word} {WORDS[10 + i % 5]}", label) for i, (word, label) in enumerate(single)]
     return (single + pairs) * repeat
 
