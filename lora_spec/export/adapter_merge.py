@@ -24,9 +24,9 @@ Several adapters merge as `W' = W + sum_k weight_k * delta_k`, in at least float
 the initializer's dtype. A DoRA adapter (`use_dora`) merges as `lora_spec.dora.dora_merge`,
 `W' = (m/n) * (W + s * B @ A)` with the norm `n` of the graph's own weight: it takes weight 1 only
 (the normalisation leaves no meaning to another), and no other adapter may change the same weight.
-Full tensors stored in an adapter (`modules_to_save`, trained biases) replace the base tensor as they are: an adapter's weight scales only its low-rank deltas, a
-full tensor may come from one adapter with a non-zero weight only, and deltas of other adapters
-are added on top of it. An adapter with weight 0 contributes nothing.
+Full tensors stored in an adapter (`modules_to_save`, trained biases) replace the base tensor as
+they are: an adapter's weight scales only its low-rank deltas, a full tensor may come from one
+adapter with a non-zero weight only, and deltas of other adapters are added on top of it. An adapter with weight 0 contributes nothing.
 """
 
 from __future__ import annotations
