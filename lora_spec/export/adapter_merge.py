@@ -26,7 +26,8 @@ the initializer's dtype. A DoRA adapter (`use_dora`) merges as `lora_spec.dora.d
 (the normalisation leaves no meaning to another), and no other adapter may change the same weight.
 Full tensors stored in an adapter (`modules_to_save`, trained biases) replace the base tensor as
 they are: an adapter's weight scales only its low-rank deltas, a full tensor may come from one
-adapter with a non-zero weight only, and deltas of other adapters are added on top of it. An adapter with weight 0 contributes nothing.
+adapter with a non-zero weight only, and deltas of other adapters are added on top of it.
+An adapter with weight 0 contributes nothing.
 """
 
 from __future__ import annotations
