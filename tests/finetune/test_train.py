@@ -101,7 +101,7 @@ def test_learning_rate_warms_up_over_six_percent_of_the_steps_then_decays_to_nea
         progress=False,
     )
     assert rates[0] == pytest.approx(1 / 6) and rates[5] == pytest.approx(1.0)
-    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates[5:]))
     assert rates[-1] < 0.02
 
 
