@@ -405,7 +405,7 @@ def test_save_writes_peft_layout_and_load_reads_every_adapter_back(tmp_path):
     with torch.no_grad():
         loaded.load_state_dict(
             {k: v for k, v in model.state_dict().items() if ".lora_" not in k and ".modules_to_save." not in k},
-            strict=True,
+            strict=False,
         )
     for name in ("default", "other"):
         lora.set_adapter(model, name)
