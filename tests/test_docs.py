@@ -89,6 +89,13 @@ def test_every_skipped_block_gives_its_reason():
                 assert _NOT_RUN.search(match["before"]), f"{_name(page)}: write <!-- not run: the reason -->"
 
 
+def test_every_python_block_is_seen():
+    # A block indented in a list item would escape both the runner and the skip check.
+    for page in PAGES:
+        text = "\n" + page.read_text()
+        assert text.count("```python") == len(_BLOCK.findall(text)), f"{_name(page)}: a ```python block not at column 0"
+
+
 @pytest.mark.parametrize("page", RUNNABLE, ids=_name)
 def test_the_examples_of_a_page_run(page, outcomes):
     assert outcomes[_name(page)] is None, f"{_name(page)}:\n{outcomes[_name(page)]}"
