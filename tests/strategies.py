@@ -364,7 +364,7 @@ def lora_graph(x: np.ndarray, layers: list, layout: dict, lora: bool):
             scale = s if layout["scale_op"] == "Mul" else 1.0 / s
             scale_name = constant("lora.scale" if layout["shared"] else f"{prefix}.scale", scale)
 
-            def scaled(tensor, name):
+            def scaled(tensor, name, scale_name=scale_name):
                 pair = (
                     [scale_name, tensor]
                     if layout["scale_first"] and layout["scale_op"] == "Mul"
@@ -567,8 +567,12 @@ def adapter_set_cases(
         base = draw(conv2d_cases(dtype=np.float64, dropout=False, max_groups=max_groups))
         groups, kernel = base.groups, base.W.shape[2:]
         ranks = [groups * r for r in ranks]
-        a_shape = lambda r: (r, base.W.shape[1], *kernel)
-        b_shape = lambda r: (base.W.shape[0], r // groups, 1, 1)
+
+        def a_shape(r):
+            return (r, base.W.shape[1], *kernel)
+
+        def b_shape(r):
+            return (base.W.shape[0], r // groups, 1, 1)
     elif layer == "embedding":  # the table is (num_embeddings, dim): A reads its rows, B makes its columns
         base = draw(embedding_cases(dtype=np.float64))
         a_shape, b_shape = (lambda r: (r, base.W.shape[0])), (lambda r: (base.W.shape[1], r))

@@ -52,7 +52,7 @@ def test_saving_nan_writes_nothing(tmp_path):
 
 
 def test_a_pair_missing_its_b_half_is_named(tmp_path):
-    with pytest.raises(ValueError, match="adapter has no lora_B for module 'm.q'"):
+    with pytest.raises(ValueError, match=r"adapter has no lora_B for module 'm\.q'"):
         AdapterWeights.from_peft_tensors({"base_model.model.m.q.lora_A.weight": np.zeros((1, 1))})
 
 
@@ -106,8 +106,8 @@ def test_a_dora_adapter_saved_by_peft_loads_with_pefts_magnitude_shapes(tmp_path
     [
         (
             lambda t: t.update({"base_model.model.encoder.query.lora_magnitude_vector": np.ones(4)}),
-            r"encoder.query.lora_magnitude_vector has shape \(4,\), but the module's lora_B makes 3 output features, so "
-            r"PEFT's shape is \(3,\)",
+            r"encoder.query.lora_magnitude_vector has shape \(4,\), but the module's lora_B makes 3 output "
+            r"features, so PEFT's shape is \(3,\)",
         ),
         (
             lambda t: t.update({"base_model.model.features.conv.lora_magnitude_vector": np.ones(5)}),
@@ -137,7 +137,7 @@ def test_dora_files_whose_magnitudes_do_not_fit_are_refused_in_one_line(tmp_path
 
 def test_magnitudes_with_use_dora_false_are_refused(tmp_path):
     save_adapter_dir(tmp_path, LoRAConfig().to_peft_dict(), _dora_weights())
-    with pytest.raises(ValueError, match="holds DoRA magnitudes .* but its config has use_dora=false"):
+    with pytest.raises(ValueError, match=r"holds DoRA magnitudes .* but its config has use_dora=false"):
         load_adapter_dir(tmp_path)
 
 

@@ -226,7 +226,7 @@ def test_resolve_config_applies_overrides_and_defaults_alpha_to_the_given_r():
     assert resolve_config(LoRAConfig(r=2, alpha=8), {"dropout": 0.1}) == LoRAConfig(r=2, alpha=8, dropout=0.1)
     with pytest.raises(ValueError, match="unknown LoRAConfig field 'rank': use one of r, alpha"):
         resolve_config(None, {"rank": 4})
-    with pytest.raises(TypeError, match="config must be a lora_spec.LoRAConfig, not dict"):
+    with pytest.raises(TypeError, match=r"config must be a lora_spec\.LoRAConfig, not dict"):
         resolve_config({"r": 4}, {})
 
 

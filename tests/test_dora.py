@@ -63,7 +63,10 @@ def test_gradients_equal_finite_differences_with_the_norm_held_constant(dora_cas
     grad_y = np.random.default_rng(seed).standard_normal(_forward(dora_case).shape)
     bias = None if dora_case.layer == "embedding" else (case.b if case.b is not None else np.zeros(case.W.shape[0]))
     magnitude = dora_case.magnitude.copy()
-    loss = lambda _: float(np.sum(grad_y * _forward(dora_case, magnitude, norm, bias)))
+
+    def loss(_):
+        return float(np.sum(grad_y * _forward(dora_case, magnitude, norm, bias)))
+
     grads = _backward(dora_case, grad_y)
     wrt = {"dA": case.A, "dB": case.B, "dmagnitude": magnitude}
     if dora_case.layer != "embedding":
@@ -222,7 +225,9 @@ def _peft_dora_layer(layer: str, dropout: float):
 
 
 def _peft_tensors(module, layer: str):
-    arrays = lambda *tensors: [tensor.detach().numpy() for tensor in tensors]
+    def arrays(*tensors):
+        return [tensor.detach().numpy() for tensor in tensors]
+
     if layer == "embedding":
         factors = arrays(module.lora_embedding_A["default"], module.lora_embedding_B["default"])
     else:

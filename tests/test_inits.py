@@ -216,7 +216,7 @@ def test_pissa_of_a_transposed_conv1d_weight_equals_pefts():
 
 @pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
 def test_pefts_conversion_to_lora_is_ours(tmp_path):
-    model, W = _peft_layer("pissa")
+    model, _W = _peft_layer("pissa")
     model.save_pretrained(tmp_path / "initial")
     _, _, initial = load_adapter_dir(tmp_path / "initial")
     torch = pytest.importorskip("torch")

@@ -85,7 +85,7 @@ def test_combinations_refuse_bad_input_with_the_fix():
     rng = np.random.default_rng(0)
     two = Factors(rng.standard_normal((2, 5)), rng.standard_normal((4, 2)), 1.0)
     three = Factors(rng.standard_normal((3, 5)), rng.standard_normal((4, 3)), 1.0)
-    with pytest.raises(ValueError, match="one rank, not ranks \\[2, 3\\].*use 'cat'"):
+    with pytest.raises(ValueError, match=r"one rank, not ranks \[2, 3\].*use 'cat'"):
         combine([two, three], [1, 1], "linear")
     with pytest.raises(ValueError, match="one weight per adapter"):
         combine([two, three], [1], "cat")
@@ -144,5 +144,5 @@ def test_routing_list_must_match_the_batch():
 
 @pytest.mark.parametrize("name", ["", "a.b", "__base__", None, "x/y"])
 def test_adapter_names_that_cannot_name_parameters_are_refused(name):
-    with pytest.raises(ValueError, match="adapter name .* is invalid"):
+    with pytest.raises(ValueError, match=r"adapter name .* is invalid"):
         check_adapter_name(name)

@@ -19,7 +19,10 @@ def _loss(forward, grad_y):
 def test_linear_gradients_equal_central_finite_differences(case, seed):
     grad_y = np.random.default_rng(seed).standard_normal((*case.x.shape[:-1], case.W.shape[0]))
     bias = case.b if case.b is not None else np.zeros(case.W.shape[0])
-    forward = lambda: reference.forward(case.x, case.W, bias, case.A, case.B, case.s, case.dropout_mask)
+
+    def forward():
+        return reference.forward(case.x, case.W, bias, case.A, case.B, case.s, case.dropout_mask)
+
     loss = _loss(forward, grad_y)
     grads = reference.backward(case.x, case.W, case.A, case.B, case.s, grad_y, case.dropout_mask)
     for name, array in (("dx", case.x), ("dA", case.A), ("dB", case.B), ("db", bias)):

@@ -29,7 +29,7 @@ def test_default_targets_are_the_attention_query_and_value_projections():
 
 
 def test_default_without_attention_is_every_linear_but_the_output_head():
-    config, matches = select_targets(MLP, LoRAConfig())
+    _config, matches = select_targets(MLP, LoRAConfig())
     assert _paths(matches) == ["layers.0", "layers.1", "layers.2"]
 
 
@@ -61,7 +61,7 @@ def test_a_target_that_matches_nothing_lists_the_names_that_exist():
 
 def test_a_target_of_an_unsupported_kind_is_refused_with_its_type():
     with pytest.raises(
-        ValueError, match="'encoder.layer.0.attention.self' is a BertSelfAttention, which LoRA cannot wrap"
+        ValueError, match=r"'encoder\.layer\.0\.attention\.self' is a BertSelfAttention, which LoRA cannot wrap"
     ):
         select_targets(BERT_LIKE, LoRAConfig(target_modules=["self"]))
 
@@ -72,6 +72,6 @@ def test_modules_to_save_follow_the_suffix_rule_and_an_unmatched_entry_raises_un
         "classifier",
     ]
     config = LoRAConfig(modules_to_save=["score"])
-    with pytest.raises(ValueError, match="modules_to_save entry 'score' matched no module: .* such as classifier"):
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'score' matched no module: .* such as classifier"):
         modules_to_save_paths(BERT_LIKE, config)
     assert modules_to_save_paths(BERT_LIKE, config, require=False) == []

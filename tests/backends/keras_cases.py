@@ -15,7 +15,7 @@ DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
 def lora_dense(case, **kwargs) -> LoRADense:
     """A built LoRADense holding the case's weights (kernel = W.T, lora_a = A.T, lora_b = B.T)."""
-    out_features, in_features = case.W.shape
+    out_features, _in_features = case.W.shape
     r = case.A.shape[0]
     layer = LoRADense(
         out_features, r=r, alpha=case.s * r, use_bias=case.b is not None, dtype=DTYPE_NAMES[case.x.dtype], **kwargs

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from lora_spec.backends.keras_activations import activation_of  # noqa: E402
-from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from lora_spec.backends.keras_activations import activation_of
+from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense
+from tests import strategies
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 

@@ -9,8 +9,8 @@ import pytest
 keras = pytest.importorskip("keras")
 pytest.importorskip("tensorflow")
 
-import lora_spec.keras as lora  # noqa: E402
-from lora_spec import safetensors_io  # noqa: E402
+import lora_spec.keras as lora
+from lora_spec import safetensors_io
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
@@ -137,11 +137,11 @@ def test_a_shape_mismatch_names_the_tensor(tmp_path):
 
 
 def test_missing_directory_and_unadapted_model_raise_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="adapter directory .* does not exist"):
+    with pytest.raises(ValueError, match=r"adapter directory .* does not exist"):
         lora.load_adapter(keras_base(), tmp_path / "missing")
-    with pytest.raises(ValueError, match="this model has no LoRA adapter: call lora_spec.keras.apply"):
+    with pytest.raises(ValueError, match=r"this model has no LoRA adapter: call lora_spec\.keras\.apply"):
         lora.save_adapter(keras_base(), tmp_path)
-    with pytest.raises(TypeError, match="model must be a keras.Model or keras.layers.Layer, not str"):
+    with pytest.raises(TypeError, match=r"model must be a keras\.Model or keras\.layers\.Layer, not str"):
         lora.save_adapter("model.keras", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -266,7 +266,8 @@ def keras_cnn(groups: int) -> keras.Model:
 
 
 def torch_cnn(torch, model: keras.Model):
-    """The PyTorch twin of `keras_cnn` with `model`'s base weights (kernels `(kh, kw, in, out)` to `(out, in, kh, kw)`)."""
+    """The PyTorch twin of `keras_cnn` with `model`'s base weights (kernels `(kh, kw, in, out)` to
+    `(out, in, kh, kw)`)."""
     nn = torch.nn
     layers = dict(lora.named_layers(model))
     net = nn.Module()

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-import lora_spec.keras as lora  # noqa: E402
-from lora_spec import dora, reference  # noqa: E402
-from lora_spec.dropout import keep_probability  # noqa: E402
-from lora_spec.multi_adapter import Factors  # noqa: E402
-from tests import strategies  # noqa: E402
+import lora_spec.keras as lora
+from lora_spec import dora, reference
+from lora_spec.dropout import keep_probability
+from lora_spec.multi_adapter import Factors
+from tests import strategies
 from tests.backends.keras_cases import (
     dora_layer,
     keras_can_run,
@@ -22,7 +22,7 @@ from tests.backends.keras_cases import (
     nhwc,
     reference_padding,
 )
-from tests.numerics import assert_close  # noqa: E402
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
@@ -311,12 +311,16 @@ def test_dora_on_an_equation_with_an_ellipsis_among_the_output_features_is_refus
 def test_dora_adapters_are_refused_in_routed_batches_and_combinations():
     model = _model()
     lora.apply(model, adapter_name="plain", r=2, target_modules=["fc1", "head"])
-    with pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, which routed batches cannot run"):
-        with lora.routed(model, ["default", "plain", "plain", None]):
-            pass
-    with pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter"):
-        with lora.routed(model, np.array([1, 1, -1, 1], np.int32)):
-            pass
+    with (
+        pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, which routed batches cannot run"),
+        lora.routed(model, ["default", "plain", "plain", None]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter"),
+        lora.routed(model, np.array([1, 1, -1, 1], np.int32)),
+    ):
+        pass
     with lora.routed(model, ["plain", "plain", None, "plain"]):  # the DoRA adapter is not routed
         routed = model(X, training=False)
     lora.set_adapter(model, "plain")

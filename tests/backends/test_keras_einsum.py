@@ -34,7 +34,7 @@ def test_equations_that_are_not_one_linear_map_have_no_plan(equation):
 @given(sizes=st.lists(st.integers(1, 4), min_size=4, max_size=4), seed=strategies.seeds, rank=strategies.ranks)
 def test_low_rank_einsums_equal_the_reference_update_on_the_flattened_kernel(equation, sizes, seed, rank):
     plan = keras_einsum.plan(equation)
-    inputs, outputs = equation.split("->")[0].split(",")
+    inputs, _outputs = equation.split("->")[0].split(",")
     size = dict(zip(plan.kernel_axes, sizes, strict=True))
     kernel_shape = tuple(size[a] for a in plan.kernel_axes)
     rng = np.random.default_rng(seed)

@@ -22,11 +22,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import lora_spec.keras as lora  # noqa: E402
-from lora_spec import safetensors_io  # noqa: E402
-from lora_spec.backends.keras_hub_names import TransformersNames  # noqa: E402
-from lora_spec.backends.keras_hub_recording import is_kernel  # noqa: E402
-from tests.backends import keras_hub_models as hub  # noqa: E402
+import lora_spec.keras as lora
+from lora_spec import safetensors_io
+from lora_spec.backends.keras_hub_names import TransformersNames
+from lora_spec.backends.keras_hub_recording import is_kernel
+from tests.backends import keras_hub_models as hub
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 

@@ -9,8 +9,8 @@ import pytest
 keras = pytest.importorskip("keras")
 pytest.importorskip("tensorflow")
 
-import lora_spec.keras as lora  # noqa: E402
-from lora_spec import inits  # noqa: E402
+import lora_spec.keras as lora
+from lora_spec import inits
 from tests.backends.test_keras_adapter import (
     IDS,
     _torch_outputs,
@@ -18,8 +18,8 @@ from tests.backends.test_keras_adapter import (
     keras_cnn,
     torch_twin,
 )
-from tests.backends.test_keras_model import attention_model  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from tests.backends.test_keras_model import attention_model
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 

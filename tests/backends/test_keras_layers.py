@@ -7,10 +7,10 @@ from hypothesis import assume, given
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from lora_spec import LoRAConfig, reference  # noqa: E402
-from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense, LoRAEmbedding  # noqa: E402
-from lora_spec.dropout import keep_probability  # noqa: E402
-from tests import strategies  # noqa: E402
+from lora_spec import LoRAConfig, reference
+from lora_spec.backends.keras_layers import LoRAConv2D, LoRADense, LoRAEinsumDense, LoRAEmbedding
+from lora_spec.dropout import keep_probability
+from tests import strategies
 from tests.backends.keras_cases import (
     DTYPE_NAMES,
     dense_output_and_gradients,
@@ -20,7 +20,7 @@ from tests.backends.keras_cases import (
     nhwc,
     reference_padding,
 )
-from tests.numerics import assert_close  # noqa: E402
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
@@ -249,7 +249,7 @@ def test_bad_lora_arguments_raise_one_clear_error(kwargs, message):
 
 
 def test_keras_own_lora_arguments_are_refused():
-    with pytest.raises(TypeError, match="lora_rank=4.*use r= and alpha="):
+    with pytest.raises(TypeError, match=r"lora_rank=4.*use r= and alpha="):
         LoRADense(4, lora_rank=4)
 
 
@@ -261,7 +261,7 @@ def test_from_dense_keeps_the_base_weights_and_starts_with_a_zero_update():
     assert (adapted.r, adapted.alpha, adapted.name, adapted.activation) == (3, 4, "proj", dense.activation)
     np.testing.assert_array_equal(adapted.kernel.numpy(), dense.kernel.numpy())
     np.testing.assert_array_equal(adapted(x), expected)
-    with pytest.raises(TypeError, match="LoRADense adapts a keras.layers.Dense, not a Conv1D"):
+    with pytest.raises(TypeError, match=r"LoRADense adapts a keras\.layers\.Dense, not a Conv1D"):
         LoRADense.from_dense(keras.layers.Conv1D(2, 1))
 
 
@@ -328,7 +328,7 @@ def test_every_dense_argument_works_as_in_dense():
     dense, adapted = keras.layers.Dense(5, **arguments), LoRADense(5, r=2, train_bias=True, **arguments)
     np.testing.assert_array_equal(adapted(x), dense(x))
     # Keras regularizes trainable weights only: the frozen kernel's term is a constant and is left out.
-    activity, kernel, bias = (float(loss) for loss in dense.losses)
+    activity, _kernel, bias = (float(loss) for loss in dense.losses)
     np.testing.assert_allclose([float(loss) for loss in adapted.losses], [activity, bias], rtol=1e-6)
     config = adapted.get_config()
     assert {k: config[k] for k in arguments} == {k: dense.get_config()[k] for k in arguments}

@@ -6,8 +6,8 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-import lora_spec.keras as lora  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+import lora_spec.keras as lora
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
@@ -131,9 +131,9 @@ def test_bad_apply_arguments_raise_one_clear_error_and_change_nothing(overrides,
 
 
 def test_apply_refuses_what_is_not_a_built_keras_model():
-    with pytest.raises(TypeError, match="model must be a keras.Model or keras.layers.Layer, not list"):
+    with pytest.raises(TypeError, match=r"model must be a keras\.Model or keras\.layers\.Layer, not list"):
         lora.apply([])
-    with pytest.raises(TypeError, match="config must be a lora_spec.LoRAConfig, not dict"):
+    with pytest.raises(TypeError, match=r"config must be a lora_spec\.LoRAConfig, not dict"):
         lora.apply(mlp(), {"r": 4})
     unbuilt = keras.Sequential([keras.layers.Dense(4, name="fc"), keras.layers.Dense(2, name="out")])
     with pytest.raises(ValueError, match="layer 'fc' is not built: build the model"):
@@ -228,7 +228,7 @@ def test_merge_is_all_or_nothing_when_an_adapter_diverged():
     _randomize_adapters(model)
     kernels = [layer.kernel.numpy().copy() for _, layer in lora.lora_layers(model)]
     model.get_layer("encoder").get_layer("fc2").lora_b.assign(np.full((4, 16), np.inf))
-    with pytest.raises(ValueError, match="layer 'encoder.fc2': the merged weight would hold NaN or inf"):
+    with pytest.raises(ValueError, match=r"layer 'encoder\.fc2': the merged weight would hold NaN or inf"):
         lora.merge(model)
     assert not any(layer.merged for _, layer in lora.lora_layers(model))
     for kernel, (_, layer) in zip(kernels, lora.lora_layers(model), strict=True):
@@ -244,7 +244,7 @@ def test_merge_and_unload_leaves_plain_dense_layers_with_merged_weights():
     assert all("lora" not in v.path for v in model.weights)
     assert model.trainable_weights == []  # the merged kernels stay frozen, as PEFT leaves them
     assert_close(model(X), expected, np.float32, factor=20)
-    with pytest.raises(ValueError, match="this model has no LoRA adapter: call lora_spec.keras.apply"):
+    with pytest.raises(ValueError, match=r"this model has no LoRA adapter: call lora_spec\.keras\.apply"):
         lora.merge(model)
 
 
@@ -312,7 +312,7 @@ def test_a_weights_file_saved_before_lora_is_refused_with_what_to_do_instead(tmp
     model = lora.apply(mlp(), r=4, target_modules=["fc1", "fc2"])
     with pytest.raises(
         ValueError,
-        match="the file has no weights for LoRA layer 'fc1': it was saved without LoRA; "
+        match=r"the file has no weights for LoRA layer 'fc1': it was saved without LoRA; "
         "load base weights before lora_spec.keras.apply",
     ):
         model.load_weights(tmp_path / "base.weights.h5")

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-import lora_spec.keras as lora  # noqa: E402
-from lora_spec import reference  # noqa: E402
-from lora_spec.multi_adapter import BASE_MODEL, combine  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.backends.keras_cases import keras_can_run, lora_conv2d, nhwc  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+import lora_spec.keras as lora
+from lora_spec import reference
+from lora_spec.multi_adapter import BASE_MODEL, combine
+from tests import strategies
+from tests.backends.keras_cases import keras_can_run, lora_conv2d, nhwc
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
 
@@ -219,7 +219,7 @@ def test_add_weighted_adapter_combines_each_layer_by_the_reference():
     for actual, wanted in zip(fc2.lora_weights("mixed"), expected, strict=True):
         np.testing.assert_allclose(actual, wanted, rtol=1e-6)
     assert set(model.get_layer("fc1").adapters) == {"default", "mixed"}
-    with pytest.raises(ValueError, match="layer 'fc2'.*one rank"):
+    with pytest.raises(ValueError, match=r"layer 'fc2'.*one rank"):
         lora.add_weighted_adapter(model, ["default", "other"], [1, 1], "bad", combination_type="linear")
 
 
@@ -270,7 +270,7 @@ def test_routing_refuses_unknown_names_merged_models_copies_of_modules_to_save_a
         with pytest.raises(ValueError, match="for inference"):
             model(X[:3], training=True)
     lora.merge(model)
-    with pytest.raises(ValueError, match="merged.*unmerge"), lora.routed(model, ["default"] * 4):
+    with pytest.raises(ValueError, match=r"merged.*unmerge"), lora.routed(model, ["default"] * 4):
         pass
     model = two_adapters()
     with pytest.raises(ValueError, match="unknown adapter 'x'"), lora.routed(model, ["x"] * 4):

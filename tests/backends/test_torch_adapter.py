@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
-from lora_spec import safetensors_io  # noqa: E402
-from tests.backends.test_torch_model import TinyModel, adapted, inputs  # noqa: E402
+import lora_spec.torch as lora
+from lora_spec import safetensors_io
+from tests.backends.test_torch_model import TinyModel, adapted, inputs
 
 ALL_KINDS = ["q_proj", "v_proj", "embed", "conv"]
 
@@ -194,7 +194,7 @@ def test_an_unsupported_peft_field_is_refused_by_name(tmp_path):
     lora.save_adapter(adapted(target_modules=["q_proj"]), tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"layer_replication": [[0, 1]]}))
-    with pytest.raises(ValueError, match="layer_replication=.* is not supported"):
+    with pytest.raises(ValueError, match=r"layer_replication=.* is not supported"):
         lora.load_adapter(fresh_base(), tmp_path)
 
 

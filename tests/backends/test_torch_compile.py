@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import lora_spec.torch as lora  # noqa: E402
+import lora_spec.torch as lora
 
 
 def small_model():

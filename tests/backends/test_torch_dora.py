@@ -17,8 +17,8 @@ from tests.test_dora import _backward, _forward
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
-from lora_spec.backends.torch_layers import LoRALinear, lora_layer_for  # noqa: E402
+import lora_spec.torch as lora
+from lora_spec.backends.torch_layers import LoRALinear, lora_layer_for
 from tests.backends.test_torch_layers import (
     conv2d_layer,
     embedding_layer,
@@ -27,8 +27,8 @@ from tests.backends.test_torch_layers import (
     numpy,
     tensor,
 )
-from tests.backends.test_torch_model import TinyModel, inputs  # noqa: E402
-from tests.backends.test_torch_multi_adapter import _base_module, _layer_input, _reference_forward  # noqa: E402
+from tests.backends.test_torch_model import TinyModel, inputs
+from tests.backends.test_torch_multi_adapter import _base_module, _layer_input, _reference_forward
 
 LAYER_TYPES = ("linear", "conv1d", "embedding", "conv2d")
 
@@ -264,9 +264,11 @@ def _layers(model):
 
 def test_routed_batches_refuse_dora_adapters_in_one_line():
     model = _dora_model()
-    with pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, which routed batches do not support"):
-        with lora.routed(model, ["plain", "default"]):
-            pass
+    with (
+        pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, which routed batches do not support"),
+        lora.routed(model, ["plain", "default"]),
+    ):
+        pass
     assert all(layer._routes is None for layer in _layers(model))
     with lora.routed(model, ["plain", "__base__"]):
         model(*inputs())

@@ -10,7 +10,7 @@ peft = pytest.importorskip("peft")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
+import lora_spec.torch as lora
 
 TARGETS = ["embed", "linear", "conv1d", "conv"]
 

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
-from lora_spec.backends import torch_inits  # noqa: E402
+import lora_spec.torch as lora
+from lora_spec.backends import torch_inits
 
 
 def _torch_init(W: np.ndarray, init: str, r: int, s: float):

@@ -12,10 +12,10 @@ from tests.numerics import assert_close
 torch = pytest.importorskip("torch")
 transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
 
-from lora_spec.backends import torch_variants  # noqa: E402
-from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask  # noqa: E402
-from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALinear  # noqa: E402
-from lora_spec.dropout import keep_probability  # noqa: E402
+from lora_spec.backends import torch_variants
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, draw_mask
+from lora_spec.backends.torch_layers import LoRAConv2d, LoRAEmbedding, LoRALinear
+from lora_spec.dropout import keep_probability
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 

@@ -5,8 +5,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
-from lora_spec import LoRAConfig  # noqa: E402
+import lora_spec.torch as lora
+from lora_spec import LoRAConfig
 
 
 class Attention(nn.Module):
@@ -279,5 +279,5 @@ def test_multihead_attention_projections_are_never_wrapped():
     lora.apply(model)
     assert type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert isinstance(model[0], lora.LoRALinear) and isinstance(model[2], lora.LoRALinear)
-    with pytest.raises(ValueError, match="'0.out_proj' is a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
+    with pytest.raises(ValueError, match=r"'0\.out_proj' is a NonDynamicallyQuantizableLinear, which LoRA cannot wrap"):
         lora.apply(nn.Sequential(nn.MultiheadAttention(8, 2)), target_modules=["out_proj"])

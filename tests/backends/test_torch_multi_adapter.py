@@ -16,9 +16,9 @@ from tests.numerics import assert_close
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
-from lora_spec.backends.torch_layers import lora_layer_for  # noqa: E402
-from tests.backends.test_torch_model import TinyModel  # noqa: E402
+import lora_spec.torch as lora
+from lora_spec.backends.torch_layers import lora_layer_for
+from tests.backends.test_torch_model import TinyModel
 
 # --- one layer, several adapters, against the reference ---------------------------------------------------------
 
@@ -338,15 +338,17 @@ def test_routing_is_refused_in_training_on_merged_models_and_with_unknown_names(
     model = two_adapters()
     with pytest.raises(ValueError, match="unknown adapter 'x'"), lora.routed(model, ["x", None]):
         pass
-    with pytest.raises(ValueError, match="call model.eval"), lora.routed(model.train(), ["other", None]):
+    with pytest.raises(ValueError, match=r"call model\.eval"), lora.routed(model.train(), ["other", None]):
         pass
     lora.merge(model.eval())
-    with pytest.raises(ValueError, match="merged.*unmerge"), lora.routed(model, ["other", None]):
+    with pytest.raises(ValueError, match=r"merged.*unmerge"), lora.routed(model, ["other", None]):
         pass
     lora.unmerge(model)
-    with lora.routed(model, ["other", None, None]):
-        with pytest.raises(ValueError, match="one per row, but this batch has 4 rows"):
-            model(*batch())
+    with (
+        lora.routed(model, ["other", None, None]),
+        pytest.raises(ValueError, match="one per row, but this batch has 4 rows"),
+    ):
+        model(*batch())
 
 
 def test_inference_without_gradients_gives_the_same_outputs():
@@ -425,7 +427,7 @@ def test_saving_one_adapter_and_loading_it_under_a_name_replaces_that_adapter(tm
 
 
 def test_a_model_without_the_names_folders_is_refused_with_one_line(tmp_path):
-    with pytest.raises(ValueError, match="has no adapter_config.json, nor subfolders with one"):
+    with pytest.raises(ValueError, match=r"has no adapter_config\.json, nor subfolders with one"):
         lora.load_adapter(TinyModel(), tmp_path)
 
 
@@ -470,7 +472,7 @@ def test_hotswap_refuses_new_targets_and_ranks_above_the_prepared_one(tmp_path):
     model = lora.load_adapter(TinyModel(), tmp_path / "first")
     lora.prepare_model_for_compiled_hotswap(model, target_rank=4)
     state = {name: p.clone() for name, p in model.state_dict().items()}
-    with pytest.raises(ValueError, match="targets 'attention.k_proj', which adapter 'default' does not"):
+    with pytest.raises(ValueError, match=r"targets 'attention\.k_proj', which adapter 'default' does not"):
         lora.hotswap_adapter(model, tmp_path / "wider", "default")
     with pytest.raises(ValueError, match=r"rank 8 at 'attention.q_proj', above the 4 prepared.*target_rank=8"):
         lora.hotswap_adapter(model, tmp_path / "larger", "default")

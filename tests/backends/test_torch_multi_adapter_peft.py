@@ -6,9 +6,9 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 nn = torch.nn
 
-import lora_spec.torch as lora  # noqa: E402
-from tests.backends.test_torch_model import TinyModel  # noqa: E402
-from tests.backends.test_torch_multi_adapter import batch, two_adapters  # noqa: E402
+import lora_spec.torch as lora
+from tests.backends.test_torch_model import TinyModel
+from tests.backends.test_torch_multi_adapter import batch, two_adapters
 
 OTHER = dict(r=4, lora_alpha=3, target_modules=["v_proj", "k_proj", "embed", "conv"])
 

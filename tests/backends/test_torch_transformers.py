@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import lora_spec.torch as lora  # noqa: E402
+import lora_spec.torch as lora
 
 SIZES = dict(vocab_size=99, max_position_embeddings=32)
 

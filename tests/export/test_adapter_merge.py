@@ -23,10 +23,10 @@ from tests.numerics import assert_close
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from lora_spec.export.adapter_merge import AdapterMergeError, AdapterMergePlan, plan_adapter_merge  # noqa: E402
-from tests.export.onnx_graphs import (  # noqa: E402
+from lora_spec.export.adapter_merge import AdapterMergeError, AdapterMergePlan, plan_adapter_merge
+from tests.export.onnx_graphs import (
     LINEAR_LAYOUTS,
     NAMINGS,
     PATH,
@@ -267,7 +267,7 @@ def test_a_full_tensor_from_two_weighted_adapters_is_refused_unless_one_weighs_z
     first = write_adapter(tmp_path / "first", {}, extra={f"{PATH}.weight": WEIGHT * 2}, r=1)
     second = write_adapter(tmp_path / "second", {}, extra={f"{PATH}.weight": WEIGHT * 3}, r=1)
     model = linear_model(WEIGHT, np.zeros(3), "gemm_trans_b")
-    with pytest.raises(AdapterMergeError, match="two adapters replace the weight read by node 'n0'.*weight 0"):
+    with pytest.raises(AdapterMergeError, match=r"two adapters replace the weight read by node 'n0'.*weight 0"):
         plan_for(model, [(first, 1.0), (second, 1.0)])
     (update,) = plan_for(model, [(first, 0.0), (second, 0.5)]).updates
     np.testing.assert_array_equal(update.value, WEIGHT * 3)
@@ -508,7 +508,7 @@ def test_bad_arguments_raise_one_clear_line(model, reader, adapters, error, mess
 def test_a_reader_returning_the_wrong_shape_is_named(adapter):
     model = linear_model(WEIGHT, np.zeros(3), "matmul")
     with pytest.raises(AdapterMergeError, match=r"read_tensor\('block.proj.weight'\) returned shape \(2,\)"):
-        plan_adapter_merge(model, lambda name: np.zeros(2, np.float32), [(adapter, 1.0)]).updates[0].value
+        _ = plan_adapter_merge(model, lambda name: np.zeros(2, np.float32), [(adapter, 1.0)]).updates[0].value
 
 
 def test_a_plan_reads_each_weight_only_when_its_value_is_asked_for(adapter):
@@ -521,5 +521,5 @@ def test_a_plan_reads_each_weight_only_when_its_value_is_asked_for(adapter):
 
     plan = plan_adapter_merge(model, reader, [(adapter, 1.0)])
     assert reads == []
-    plan.updates[0].value
+    _ = plan.updates[0].value
     assert reads == ["block.proj.weight"]

@@ -27,9 +27,9 @@ transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge  # noqa: E402
-from tests.export.onnx_graphs import apply_plan, initializer_reader, run  # noqa: E402
-from tests.export.torch_models import (  # noqa: E402
+from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge
+from tests.export.onnx_graphs import apply_plan, initializer_reader, run
+from tests.export.torch_models import (
     EXPORTERS,
     Classifier,
     convolutions,
@@ -201,7 +201,7 @@ PEFT_CONFIGS = {
 def test_peft_adapter_merges_into_exported_transformer_like_merge_and_unload(
     transformer_graphs, tmp_path, name, exporter
 ):
-    folder, models, graphs = transformer_graphs
+    _folder, models, graphs = transformer_graphs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's note that GPT-2's Conv1D needs fan_in_fan_out
         merged = peft_adapter(models[name], tmp_path / "peft", **PEFT_CONFIGS[name])

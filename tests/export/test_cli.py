@@ -13,11 +13,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec import reference  # noqa: E402
-from lora_spec.export import cli, merge  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.export.onnx_graphs import write_adapter  # noqa: E402
+from lora_spec import reference
+from lora_spec.export import cli, merge
+from lora_spec.export.verify import session
+from tests import strategies
+from tests.export.onnx_graphs import write_adapter
 
 RNG = np.random.default_rng(0)
 W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(5, 4), (5,), (2, 4), (5, 2)])
@@ -66,7 +66,7 @@ def test_help_documents_every_flag(capsys):
 def test_merge_writes_model_merged_onnx_beside_the_input_and_reports_the_check(tmp_path, capsys):
     model = _save(tmp_path)
     before = _snapshot(tmp_path)
-    status, out, err = _run(capsys, "--merge", model, "-q")
+    status, out, _err = _run(capsys, "--merge", model, "-q")
     assert (status, out) == (0, "")
     assert _snapshot(tmp_path)["model.onnx"] == before["model.onnx"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.merged.onnx", "model.onnx"]
@@ -440,8 +440,8 @@ def test_flags_that_do_not_fit_the_mode_are_argument_errors(tmp_path, capsys, ar
         (
             ["--pack", "{served}", "--adapter", "{folder}/dora", "-o", "{folder}/a.onnx_adapter"],
             1,
-            "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, which is not an additive low-rank "
-            "input",
+            "is a DoRA adapter (use_dora): DoRA rescales each column of the adapted weight, "
+            "which is not an additive low-rank input",
         ),
         (["--pack", "{served}", "--adapter", "{folder}/one", "-o", "{served}"], 1, "is the input model"),
     ],

@@ -16,9 +16,9 @@ from tests.numerics import assert_close
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec.export import ExportError, merge_onnx  # noqa: E402
-from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge  # noqa: E402
-from tests.export.onnx_graphs import (  # noqa: E402
+from lora_spec.export import ExportError, merge_onnx
+from lora_spec.export.adapter_merge import AdapterMergeError, plan_adapter_merge
+from tests.export.onnx_graphs import (
     LINEAR_LAYOUTS,
     NAMINGS,
     PATH,
@@ -128,7 +128,7 @@ def test_a_dora_adapter_beside_another_on_the_same_weight_is_refused(tmp_path):
     lora_adapter = write_adapter(tmp_path / "lora", {PATH: (case.case.A, case.case.B)})
     for adapters in ([(dora_adapter, 1.0), (lora_adapter, 0.5)], [(lora_adapter, 0.5), (dora_adapter, 1.0)]):
         with pytest.raises(
-            AdapterMergeError, match="is DoRA and .* changes the same weight .*merge one adapter per module there"
+            AdapterMergeError, match=r"is DoRA and .* changes the same weight .*merge one adapter per module there"
         ):
             plan_adapter_merge(model, initializer_reader(model), adapters)
 

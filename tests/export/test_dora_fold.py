@@ -10,11 +10,11 @@ from hypothesis import given, settings
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec.export import NoLoRABranchError, merge_onnx  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.export.onnx_roundtrip import compute_ops  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from lora_spec.export import NoLoRABranchError, merge_onnx
+from lora_spec.export.verify import session
+from tests import strategies
+from tests.export.onnx_roundtrip import compute_ops
+from tests.numerics import assert_close
 
 
 def _merge(tmp_path_factory, case: strategies.DoRAGraphCase, verify):

@@ -15,15 +15,15 @@ pytest.importorskip("onnxruntime")
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
-from lora_spec.export import merge_onnx  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests.export.keras_models import CASES, adapted  # noqa: E402
-from tests.export.onnx_roundtrip import (  # noqa: E402
+from lora_spec.export import merge_onnx
+from lora_spec.export.verify import session
+from tests.export.keras_models import CASES, adapted
+from tests.export.onnx_roundtrip import (
     INPUT_SHAPES,
     assert_folds_to_the_base_compute_nodes,
     assert_merge_reproduces,
 )
-from tests.numerics import assert_close  # noqa: E402
+from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's ONNX export needs TensorFlow")
 

@@ -11,18 +11,18 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec.export import merge_onnx  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests.export.onnx_roundtrip import (  # noqa: E402
+from lora_spec.export import merge_onnx
+from lora_spec.export.verify import session
+from tests.export.onnx_roundtrip import (
     INPUT_SHAPES,
     assert_folds_to_the_base_compute_nodes,
     assert_merge_reproduces,
 )
-from tests.numerics import assert_close  # noqa: E402
+from tests.numerics import assert_close
 
 torch = pytest.importorskip("torch")
 
-from tests.export.torch_models import MLP, adapted, export_torch  # noqa: E402
+from tests.export.torch_models import MLP, adapted, export_torch
 
 
 @pytest.fixture(

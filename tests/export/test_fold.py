@@ -9,10 +9,10 @@ from hypothesis import given
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from lora_spec.export import merge_onnx  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from lora_spec.export import merge_onnx
+from lora_spec.export.verify import session
+from tests import strategies
+from tests.numerics import assert_close
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Mul", "Div", "Add")
 

@@ -9,12 +9,12 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec import AdapterWeights, LoRAConfig, reference, save_adapter_dir  # noqa: E402
-from lora_spec.export import ExportError, cli, merge_onnx  # noqa: E402
-from lora_spec.export.merge import parse_adapter  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from lora_spec import AdapterWeights, LoRAConfig, reference, save_adapter_dir
+from lora_spec.export import ExportError, cli, merge_onnx
+from lora_spec.export.merge import parse_adapter
+from lora_spec.export.verify import session
+from tests import strategies
+from tests.numerics import assert_close
 
 RNG = np.random.default_rng(0)
 W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(5, 4), (5,), (2, 4), (5, 2)])

@@ -9,13 +9,13 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from onnx import numpy_helper  # noqa: E402
+from onnx import numpy_helper
 
-from lora_spec import reference  # noqa: E402
-from lora_spec.export import merge_onnx, model_io  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests import strategies  # noqa: E402
-from tests.numerics import assert_close  # noqa: E402
+from lora_spec import reference
+from lora_spec.export import merge_onnx, model_io
+from lora_spec.export.verify import session
+from tests import strategies
+from tests.numerics import assert_close
 
 RNG = np.random.default_rng(0)
 W, BIAS, A, B = (RNG.standard_normal(shape).astype(np.float32) for shape in [(6, 8), (6,), (2, 8), (6, 2)])

@@ -4,7 +4,7 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from lora_spec.export.naming import layer_module, node_module  # noqa: E402
+from lora_spec.export.naming import layer_module, node_module
 
 
 def _node(name: str, **metadata) -> onnx.NodeProto:

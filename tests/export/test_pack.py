@@ -11,13 +11,13 @@ from tests.numerics import assert_close
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper
 
-from lora_spec.export import VerificationError, make_switchable, merge_onnx, pack_adapter  # noqa: E402
-from lora_spec.export import pack as pack_module  # noqa: E402
-from lora_spec.export.pack import active_adapter  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests.export.onnx_graphs import make_model, make_node, write_adapter  # noqa: E402
+from lora_spec.export import VerificationError, make_switchable, merge_onnx, pack_adapter
+from lora_spec.export import pack as pack_module
+from lora_spec.export.pack import active_adapter
+from lora_spec.export.verify import session
+from tests.export.onnx_graphs import make_model, make_node, write_adapter
 
 RNG = np.random.default_rng(11)
 X = RNG.standard_normal((3, 4)).astype(np.float32)
@@ -151,6 +151,6 @@ def test_a_float16_model_gets_a_float16_adapter(tmp_path):
 def test_a_failed_check_raises_and_writes_no_file(served, tmp_path, monkeypatch):
     model, one, _ = served
     monkeypatch.setattr(pack_module.checks, "compare_outputs", lambda actual, expected: 0.5)
-    with pytest.raises(VerificationError, match="differs from the base merged with the same adapters by 0.5"):
+    with pytest.raises(VerificationError, match=r"differs from the base merged with the same adapters by 0\.5"):
         pack_adapter(model, [one], tmp_path / "one.onnx_adapter")
     assert not any(path.name.endswith(".onnx_adapter") or ".onnx_adapter." in path.name for path in tmp_path.iterdir())

@@ -21,12 +21,12 @@ from tests.numerics import assert_close
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from lora_spec.export import ExportError, make_switchable, pack_adapter  # noqa: E402
-from lora_spec.export.pack import active_adapter  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests.export.onnx_graphs import (  # noqa: E402
+from lora_spec.export import ExportError, make_switchable, pack_adapter
+from lora_spec.export.pack import active_adapter
+from lora_spec.export.verify import session
+from tests.export.onnx_graphs import (
     PATH,
     conv_model,
     embedding_model,

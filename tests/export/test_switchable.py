@@ -15,12 +15,12 @@ from tests.numerics import assert_close
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from lora_spec.export import ExportError, NoLoRABranchError, make_switchable, pack_adapter  # noqa: E402
-from lora_spec.export.pack import active_adapter  # noqa: E402
-from lora_spec.export.verify import session  # noqa: E402
-from tests.export.onnx_graphs import PATH, make_model, make_node, write_adapter  # noqa: E402
+from lora_spec.export import ExportError, NoLoRABranchError, make_switchable, pack_adapter
+from lora_spec.export.pack import active_adapter
+from lora_spec.export.verify import session
+from tests.export.onnx_graphs import PATH, make_model, make_node, write_adapter
 
 
 def _factor_initializers(path: Path) -> dict[str, np.ndarray]:

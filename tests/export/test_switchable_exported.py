@@ -16,10 +16,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from lora_spec.export import make_switchable, merge_onnx, pack_adapter  # noqa: E402
-from lora_spec.export.pack import active_adapter  # noqa: E402
-from lora_spec.export.verify import relative_difference, session  # noqa: E402
-from tests.export.onnx_roundtrip import INPUT_SHAPES  # noqa: E402
+from lora_spec.export import make_switchable, merge_onnx, pack_adapter
+from lora_spec.export.pack import active_adapter
+from lora_spec.export.verify import relative_difference, session
+from tests.export.onnx_roundtrip import INPUT_SHAPES
 
 
 def _switching_runs(served, adapters: dict, feeds: dict, folder) -> dict:

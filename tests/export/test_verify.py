@@ -6,10 +6,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
-from lora_spec.export import merge_onnx, verify  # noqa: E402
-from lora_spec.export.graph import Graph  # noqa: E402
+from lora_spec.export import merge_onnx, verify
+from lora_spec.export.graph import Graph
 
 VOCABULARY = 7
 RNG = np.random.default_rng(0)

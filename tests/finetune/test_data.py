@@ -50,7 +50,9 @@ def test_installed_vader_lexicon_gives_the_documented_class_balance():
 def test_csv_and_jsonl_with_the_same_rows_load_the_same_dataset(tmp_path):
     rows = [("nice day", "pos"), ("awful", "neg"), ("a chair", "neu"), ("love it", "pos")]
     from_csv = data.load_table(write_csv(tmp_path / "rows.csv", rows))
-    from_jsonl = data.load_table(write_jsonl(tmp_path / "rows.jsonl", [{"text": t, "label": l} for t, l in rows]))
+    from_jsonl = data.load_table(
+        write_jsonl(tmp_path / "rows.jsonl", [{"text": text, "label": label} for text, label in rows])
+    )
     assert from_csv.texts == from_jsonl.texts == tuple(t for t, _ in rows)
     assert from_csv.label_names == from_jsonl.label_names == ("neg", "neu", "pos")
     np.testing.assert_array_equal(from_csv.labels, [2, 0, 1, 2])

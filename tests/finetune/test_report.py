@@ -62,7 +62,10 @@ def test_a_run_is_verified_only_when_every_merged_prediction_matches(matching, v
     ],
 )
 def test_seeds_table_says_whether_the_mean_gain_exceeds_the_summed_spread(head, lora, beats):
-    results = [report.SeedResult(seed, h, l) for seed, (h, l) in enumerate(zip(head, lora, strict=True))]
+    results = [
+        report.SeedResult(seed, head_only, with_lora)
+        for seed, (head_only, with_lora) in enumerate(zip(head, lora, strict=True))
+    ]
     text, verdict = report.seeds_table(results)
     assert verdict is beats
     assert ("LoRA beats head-only" in text) is beats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +101,7 @@ def test_learning_rate_warms_up_over_six_percent_of_the_steps_then_decays_to_nea
         progress=False,
     )
     assert rates[0] == pytest.approx(1 / 6) and rates[5] == pytest.approx(1.0)
-    assert all(later <= earlier for earlier, later in zip(rates[5:], rates[6:], strict=True))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates))
     assert rates[-1] < 0.02
 
 
