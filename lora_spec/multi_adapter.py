@@ -18,8 +18,8 @@ import numpy as np
 COMBINATION_TYPES = ("svd", "linear", "cat")
 # The name of an adapter nobody named (PEFT's); a multi-adapter folder keeps it at its root.
 DEFAULT_ADAPTER = "default"
-# PEFT's name for "no adapter" in a routed batch (`adapter_names=`); None means the same.
 BASE_MODEL = "__base__"
+"""PEFT's name for "no adapter" in a routed batch (`adapter_names=`); None means the same."""
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 

@@ -898,7 +898,12 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     Args:
         units: as `Dense`.
-        r, alpha, dropout, use_rslora, init, use_dora: the adapter's, as `lora_spec.LoRAConfig`.
+        r: the adapter's rank, as `lora_spec.LoRAConfig`.
+        alpha: the adapter's scaling numerator, as `lora_spec.LoRAConfig`.
+        dropout: the adapter's dropout probability, as `lora_spec.LoRAConfig`.
+        use_rslora: scale by `alpha / sqrt(r)`, as `lora_spec.LoRAConfig`.
+        init: the adapter's initialisation, as `lora_spec.LoRAConfig`.
+        use_dora: a DoRA adapter, as `lora_spec.LoRAConfig`.
         train_bias: whether the bias trains with the adapter (PEFT's `bias="lora_only"`).
         adapters: named adapters, `{name: {"r": ..., "alpha": ..., ...}}`, instead of one called
             "default" made of the arguments above (what `get_config` writes for several).
