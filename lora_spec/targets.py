@@ -46,11 +46,14 @@ def default_targets(modules: Sequence[ModuleInfo]) -> tuple[str, ...]:
     The output head is the last linear module in definition order: adapting it would let the
     adapter re-learn the classifier that `modules_to_save` usually covers.
     """
-    linear = [m.path for m in modules if m.kind == "linear"]
-    attention = sorted({_leaf(path) for path in linear} & set(ATTENTION_TARGETS))
+    attention = sorted({_leaf(m.path) for m in modules if m.kind == "linear"} & set(ATTENTION_TARGETS))
     if attention:
         return tuple(attention)
-    return tuple(linear[:-1])
+    return _linears_but_the_head(modules)
+
+
+def _linears_but_the_head(modules: Sequence[ModuleInfo]) -> tuple[str, ...]:
+    return tuple(m.path for m in modules if m.kind == "linear")[:-1]
 
 
 def select_targets(modules: Sequence[ModuleInfo], config: LoRAConfig) -> tuple[LoRAConfig, list[ModuleInfo]]:
@@ -59,10 +62,14 @@ def select_targets(modules: Sequence[ModuleInfo], config: LoRAConfig) -> tuple[L
     `target_modules=None` (or PEFT's "all-linear") becomes an explicit list. A target that
     matches nothing, or matches a module of a kind we cannot adapt, raises `ValueError`.
     """
-    if config.target_modules is None:
-        config = config.replace(target_modules=default_targets(modules))
-    elif config.target_modules == ALL_LINEAR:
-        config = config.replace(target_modules=tuple(m.path for m in modules if m.kind == "linear")[:-1])
+    if config.target_modules is None or config.target_modules == ALL_LINEAR:
+        found = default_targets(modules) if config.target_modules is None else _linears_but_the_head(modules)
+        if not found:
+            asked = "the default targets" if config.target_modules is None else f"target_modules={ALL_LINEAR!r}"
+            linear = [m.path for m in modules if m.kind == "linear"]
+            why = f"its only linear module, {linear[0]!r}, is taken for the output head" if linear else "no linear"
+            raise ValueError(f"{asked} found no module to adapt ({why}): name them with target_modules=[...].")
+        config = config.replace(target_modules=found)
     matches = [m for m in modules if m.path and config.is_target(m.path)]
     unsupported = [m for m in matches if m.kind not in ADAPTABLE_KINDS]
     if unsupported:

@@ -38,6 +38,20 @@ def test_all_linear_excludes_the_output_head_like_peft():
     assert "classifier" not in _paths(matches) and len(matches) == 4
 
 
+@pytest.mark.parametrize("target_modules, asked", [(None, "the default targets"), ("all-linear", "'all-linear'")])
+@pytest.mark.parametrize(
+    "modules, why",
+    [
+        (MLP[:1], "its only linear module, 'layers.0', is taken for the output head"),
+        ([ModuleInfo("embed", "embedding", "Embedding")], "no linear"),
+    ],
+)
+def test_default_targets_that_find_nothing_say_why_and_ask_for_target_modules(modules, why, target_modules, asked):
+    with pytest.raises(ValueError, match="target_modules=") as error:
+        select_targets(modules, LoRAConfig(target_modules=target_modules))
+    assert asked in str(error.value) and why in str(error.value) and "\n" not in str(error.value)
+
+
 def test_regex_targets_can_select_embeddings():
     _, matches = select_targets(BERT_LIKE, LoRAConfig(target_modules=r".*word_embeddings"))
     assert _paths(matches) == ["embeddings.word_embeddings"]
