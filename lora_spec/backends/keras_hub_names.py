@@ -8,6 +8,9 @@ KerasHub's own converter says which transformers tensor feeds each Keras variabl
 - a fused one (GPT-2's `c_attn`, the query, key and value kernels side by side) splits into its
   layers with the same `A`, and is written back at the sum of their ranks, `A` stacked and `B`
   block-diagonal, which is exact too;
+- DoRA's magnitude, one value per row of the adapted weight, follows `B`'s rows (`m_keras = m[rows]`):
+  each row of the adapted weight is a row of one layer's, so its norm is the same on both sides. A fused
+  `Linear`'s rows of layers without the adapter get their base rows' norms, where DoRA changes nothing;
 - fully trained tensors (biases, `modules_to_save`) are rearranged element by element.
 
 Names are those of the transformers class's state dict, as PEFT writes them: the `*ForCausalLM`
@@ -26,10 +29,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from lora_spec import dora
 from lora_spec.adapter_io import PREFIX, AdapterWeights
 from lora_spec.backends import keras_adapter
 from lora_spec.backends.keras_hub_architectures import backbone_of, is_keras_hub_model
 from lora_spec.backends.keras_hub_recording import LinearPlacement, Recording, is_kernel
+from lora_spec.backends.keras_layers import LoRALayer
 from lora_spec.backends.keras_model import named_layers
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.targets import ALL_LINEAR, ModuleInfo, modules_to_save_paths, select_targets
@@ -252,16 +257,14 @@ def keras_config(model: keras.layers.Layer, config: LoRAConfig, naming: str) -> 
     return _restated(resolved, settings, saved)
 
 
-def _check_plain_lora(config: LoRAConfig) -> None:
-    """Refuse what the mapping between KerasHub layers and transformers modules does not carry: DoRA's magnitudes
-    (one per output feature of a layer that may be fused or split) and PiSSA/OLoRA inits (computed on the
-    weight as each side holds it)."""
-    if config.use_dora or is_weight_init(config.init):
-        feature = "use_dora=True" if config.use_dora else f"init={config.init!r}"
+def _check_no_weight_init(config: LoRAConfig) -> None:
+    """Refuse PiSSA/OLoRA inits, which the mapping between KerasHub layers and transformers modules does not
+    carry: they are computed on the base weight as each side holds it (fused or split)."""
+    if is_weight_init(config.init):
         raise ValueError(
-            f"{feature} is not supported between KerasHub's and transformers' names yet: move this "
-            "adapter in Keras naming (save_adapter's default), or, for PiSSA/OLoRA, save it converted "
-            "to LoRA (convert_to_lora=True, the default)."
+            f"init={config.init!r} is not supported between KerasHub's and transformers' names yet: save "
+            "the adapter converted to LoRA (convert_to_lora=True, the default; PEFT's "
+            "path_initial_model_for_weight_conversion), or move it in Keras naming (save_adapter's default)."
         )
 
 
@@ -290,7 +293,7 @@ def to_keras_naming(
     and the file names transformers modules, which are then mapped to its layers (config and tensors)."""
     if not is_keras_hub_model(model) or _names_keras_layers(model, weights):
         return config, weights
-    _check_plain_lora(config)
+    _check_no_weight_init(config)
     names = TransformersNames(model)
     extras = {name: value for name, value in weights.extra.items() if ".original_module." not in name}
     unwrapped = {name: name.replace(".modules_to_save.", ".").replace(".base_layer.", ".") for name in extras}
@@ -302,7 +305,7 @@ def to_keras_naming(
                 f"{names.architecture.model_type} model as KerasHub converts it: load the adapter into "
                 "the model it was trained on."
             )
-    lora, settings = {}, {}
+    lora, magnitudes, settings = {}, {}, {}
     for path, (lora_a, lora_b) in weights.lora.items():
         for keras_path, placement in names.linears(bare[path]):
             for half, tensor, expected in (
@@ -315,6 +318,8 @@ def to_keras_naming(
                         f"model needs {expected}: the adapter was trained on another model size."
                     )
             lora[keras_path] = split(placement, lora_a, lora_b)
+            if path in weights.magnitudes:  # one value per row of the adapted weight, which is the layer's row
+                magnitudes[keras_path] = weights.magnitudes[path][placement.rows]
             settings[keras_path] = (config.rank_for(path), config.alpha_for(path))
     extra, saved = {}, []
     for name, value in extras.items():
@@ -338,7 +343,9 @@ def to_keras_naming(
             extra[_file_name(keras_path, layer, variable)] = keras_adapter._to_torch(
                 value.reshape(-1)[placement.index], variable, layer
             )
-    return _restated(config, settings, list(dict.fromkeys(saved))), AdapterWeights(lora=lora, extra=extra)
+    return _restated(config, settings, list(dict.fromkeys(saved))), AdapterWeights(
+        lora=lora, extra=extra, magnitudes=magnitudes
+    )
 
 
 def _file_name(path: str, layer: keras.layers.Layer, variable: keras.Variable) -> str:
@@ -356,7 +363,7 @@ def to_transformers_naming(
     (`config_dict` and `weights`, as `keras_adapter.adapter_file` gives them) under the names and layouts of
     its transformers class."""
     config = LoRAConfig.from_peft_dict(config_dict)
-    _check_plain_lora(config)
+    _check_no_weight_init(config)
     names = TransformersNames(model)
     class_name = names.class_name(transformers_class)
     by_module: dict[str, list[tuple[str, LinearPlacement]]] = {}
@@ -370,9 +377,14 @@ def to_transformers_naming(
         by_module.setdefault(names.class_path(_module(names.bare(placement.key)), class_name), []).append(
             (path, placement)
         )
-    lora, settings = {}, {}
+    lora, magnitudes, settings = {}, {}, {}
     for module, members in by_module.items():
         lora[module] = fuse([(placement, *weights.lora[path], config.scaling_for(path)) for path, placement in members])
+        if config.use_dora:
+            magnitudes[module] = fuse_magnitudes(
+                [(placement, weights.magnitudes[path]) for path, placement in members]
+                + _unadapted_magnitudes(names, members[0][1].key, set(weights.lora))
+            )
         rank, first = lora[module][0].shape[0], members[0][0]
         # Several layers in one: the rank is the sum and the scaling the first layer's (fuse folds the others in).
         settings[module] = (
@@ -402,7 +414,7 @@ def to_transformers_naming(
     hf_config = _restated(config, settings, saved)
     transposed = any(placement.transposed for members in by_module.values() for _, placement in members)
     return hf_config.to_peft_dict(list(_target_names(list(lora), linear)), fan_in_fan_out=transposed), AdapterWeights(
-        lora=lora, extra=extra
+        lora=lora, extra=extra, magnitudes=magnitudes
     )
 
 
@@ -424,6 +436,39 @@ def fuse(parts: list[tuple[LinearPlacement, np.ndarray, np.ndarray, float]]) -> 
         fused_b[np.ix_(placement.rows, block)] = lora_b * (scaling / first_scaling)
         offset += lora_a.shape[0]
     return fused_a, fused_b
+
+
+def fuse_magnitudes(parts: list[tuple[LinearPlacement, np.ndarray]]) -> np.ndarray:
+    """The DoRA magnitude of one transformers `Linear` from those `(placement, magnitude)` of the Keras layers
+    it feeds, which cover its rows: each layer's in its rows.
+
+    A magnitude is one value per row of the adapted weight, and `fuse` makes each row of the `Linear`'s
+    adapted weight exactly the row of its layer's, so the row's norm, and its magnitude, are the layer's.
+    """
+    magnitude = np.zeros(parts[0][0].out_features, np.result_type(*(values for _, values in parts)))
+    for placement, values in parts:
+        magnitude[placement.rows] = values
+    return magnitude
+
+
+def _unadapted_magnitudes(
+    names: TransformersNames, key: str, adapted: set[str]
+) -> list[tuple[LinearPlacement, np.ndarray]]:
+    """`(placement, magnitude)` for the Keras layers fed by the transformers weight `key` that the adapter
+    leaves out (a fused `c_attn` of which only the query is adapted): the norms of their base rows, computed
+    as DoRA computes them (`B = 0`, in float32), so that DoRA leaves their rows as they are (`m / n = 1`)."""
+    parts = []
+    for path, layer, _ in names.fed[names.bare(key)]:
+        if path not in adapted:
+            weight = (
+                layer.base_weight()
+                if isinstance(layer, LoRALayer)
+                else keras_adapter._to_torch(ops.convert_to_numpy(layer._kernel), layer._kernel, layer)
+            )
+            out_features, in_features = weight.shape
+            no_update = np.zeros((1, in_features)), np.zeros((out_features, 1))
+            parts.append((names.recording.linear(layer), dora.init_magnitude(weight, *no_update, 1.0)))
+    return parts
 
 
 def split(placement: LinearPlacement, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

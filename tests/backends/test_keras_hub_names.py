@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lora_spec.keras as lora
-from lora_spec import safetensors_io
+from lora_spec import dora, safetensors_io
 from lora_spec.backends.keras_hub_names import TransformersNames
 from lora_spec.backends.keras_hub_recording import is_kernel
 from tests.backends import keras_hub_models as hub
@@ -292,6 +292,61 @@ def test_heads_and_biases_cross_both_ways_with_equal_outputs(prepared, tmp_path,
     assert np.max(np.abs(hub.transformers_outputs(loaded.eval()) - hub.keras_outputs(name, trained))) <= limit
 
 
+# -- DoRA ---------------------------------------------------------------------------------------------------
+
+# What the Keras DoRA adapters are trained on: for GPT-2, the query and value layers but not the key, so that
+# c_attn is saved with rows the adapter leaves out.
+DORA_TARGETS = {
+    "llama": dict(naming="transformers", target_modules=list(hub.CASES["llama"].targets), **hub.CASES["llama"].options),
+    "gpt2": dict(target_modules=["query", "value", "feedforward_output_dense"]),
+}
+
+
+@pytest.mark.parametrize("name", DORA_TARGETS)
+def test_dora_adapters_cross_both_ways_with_equal_outputs(prepared, tmp_path, name):
+    checkpoint = prepared / name / "checkpoint"
+    base = np.load(prepared / name / "base_outputs.npy")
+    model = hub.keras_task(name, checkpoint)
+    limit = tolerance(np.max(np.abs(hub.keras_outputs(name, model) - base)))
+    # Random A, B and magnitudes, far from the norms at which DoRA would be LoRA.
+    peft_model = hub.peft_adapter(name, checkpoint, tmp_path / "peft", use_dora=True)
+    lora.load_adapter(model, tmp_path / "peft")
+    assert np.max(np.abs(hub.keras_outputs(name, model) - hub.transformers_outputs(peft_model))) <= limit
+    for _, layer in lora.lora_layers(model):
+        norm = dora.weight_norm(layer.base_weight(), *layer.lora_weights(), layer.adapter().scaling)
+        assert not np.allclose(layer.lora_magnitude(), norm, rtol=0.1)
+
+    trained = lora.apply(
+        hub.keras_task(name, checkpoint), r=hub.RANK, alpha=hub.ALPHA, use_dora=True, **DORA_TARGETS[name]
+    )
+    hub.train(name, trained, steps=1)
+    expected = hub.keras_outputs(name, trained)
+    assert np.max(np.abs(expected - base)) > 100 * limit
+    lora.save_adapter(trained, tmp_path / "keras", naming="transformers")
+    loaded = peft.PeftModel.from_pretrained(hub.transformers_model(name, checkpoint), str(tmp_path / "keras"))
+    assert np.max(np.abs(hub.transformers_outputs(loaded.eval()) - expected)) <= limit
+    reloaded = lora.load_adapter(hub.keras_task(name, checkpoint), tmp_path / "keras")
+    assert np.max(np.abs(hub.keras_outputs(name, reloaded) - expected)) <= 1e-5
+
+
+def test_dora_rows_of_layers_without_the_adapter_are_saved_at_their_base_norms(prepared, tmp_path):
+    checkpoint = prepared / "gpt2" / "checkpoint"
+    model = lora.apply(hub.keras_task("gpt2", checkpoint), target_modules=["query"], r=2, use_dora=True)
+    # Another adapter on the key, merged into its kernel: the norms are those of the base weight still.
+    lora.apply(model, adapter_name="other", target_modules=["key"], r=2)
+    lora.set_adapter(model, ["default", "other"])
+    hub.train("gpt2", model, steps=0)
+    lora.merge(model)
+    lora.save_adapter(model, tmp_path, adapter_name="default", naming="transformers")
+    tensors, _ = safetensors_io.load(tmp_path / "adapter_model.safetensors")
+    base, _ = safetensors_io.load(checkpoint / "model.safetensors")
+    c_attn = next(value for key, value in base.items() if key.endswith("h.0.attn.c_attn.weight"))  # Conv1D: (in, out)
+    magnitude = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"]
+    key_rows = np.s_[32:64]
+    np.testing.assert_allclose(magnitude[key_rows], np.linalg.norm(c_attn, axis=0)[key_rows], rtol=1e-6)
+    assert not np.allclose(magnitude[:32], np.linalg.norm(c_attn, axis=0)[:32], rtol=0.1)
+
+
 # -- bad input: one line, model unchanged -------------------------------------------------------------------
 
 
@@ -352,13 +407,16 @@ def test_adapter_of_another_size_is_refused_naming_the_tensor(prepared, tmp_path
     assert_refused(model, lambda: lora.load_adapter(model, deeper), "model.layers.5.", "names no module")
 
 
-def test_peft_feature_not_implemented_is_refused_by_name(prepared, tmp_path):
-    config = peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
-    peft.get_peft_model(hub.transformers_model("gemma", prepared / "gemma" / "checkpoint"), config).save_pretrained(
-        tmp_path
-    )
-    model = hub.keras_task("gemma", prepared / "gemma" / "checkpoint")
-    assert_refused(model, lambda: lora.load_adapter(model, tmp_path), "use_dora=True is not supported")
+def test_unconverted_pissa_adapters_are_refused_by_name(prepared, tmp_path):
+    checkpoint = prepared / "gemma" / "checkpoint"
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa")
+    peft.get_peft_model(hub.transformers_model("gemma", checkpoint), config).save_pretrained(tmp_path / "peft")
+    model = hub.keras_task("gemma", checkpoint)
+    assert_refused(model, lambda: lora.load_adapter(model, tmp_path / "peft"), "init='pissa' is not supported")
+    lora.apply(model, naming="transformers", target_modules=["q_proj"], r=2, init="pissa")
+    with pytest.raises(ValueError, match="init='pissa' is not supported"):
+        lora.save_adapter(model, tmp_path / "keras", naming="transformers", convert_to_lora=False)
+    assert not (tmp_path / "keras").exists()
 
 
 @pytest.mark.parametrize("target, fragment", [("lm_head", "computes the logits"), ("embed_tokens", "embed_tokens")])
