@@ -328,7 +328,7 @@ def _tf_match_score(scope: list[str], parts: list[str]) -> int | None:
     if len(body) <= len(parts):
         return None
     score = 0
-    for component, part in zip(body, parts, strict=True):
+    for component, part in zip(body, parts, strict=False):
         if component == part:
             continue
         if not re.fullmatch(re.escape(part) + TF_UNIQUIFIER, component):
