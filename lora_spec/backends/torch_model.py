@@ -11,7 +11,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from torch import nn
 
@@ -33,6 +33,8 @@ from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIGS_ATTRIBUTE = "lora_configs"
 ACTIVE_ATTRIBUTE = "lora_active_adapters"
+# The model's own type: `apply` adapts a model in place and returns it.
+ModelT = TypeVar("ModelT", bound=nn.Module)
 _KINDS = {"LoRALinear": "linear", "LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}
 
 
@@ -191,8 +193,8 @@ def plan(
 
 
 def apply(
-    model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **overrides: Any
-) -> nn.Module:
+    model: ModelT, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **overrides: Any
+) -> ModelT:
     """Add an adapter called `adapter_name` to the targeted modules of `model` in place; returns `model`.
 
     `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`). The first
@@ -240,12 +242,12 @@ def check_alone(model: nn.Module, config: LoRAConfig, target_paths: Sequence[str
 
 
 def wrap(
-    model: nn.Module,
+    model: ModelT,
     config: LoRAConfig,
     target_paths: list[str],
     save_paths: list[str],
     adapter_name: str = DEFAULT_ADAPTER,
-) -> nn.Module:
+) -> ModelT:
     """`apply` for targets already resolved by `plan`."""
     configs = dict(getattr(model, CONFIGS_ATTRIBUTE, None) or {})
     active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [adapter_name])
