@@ -10,7 +10,9 @@ import numpy as np
 Pair = tuple[int, int]
 
 
-def _windows(height: int, width: int, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair):
+def _windows(
+    height: int, width: int, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair
+) -> tuple[dict[Pair, tuple[slice, slice]], Pair]:
     """For each kernel offset (i, j): the slices of the padded input it reads, and the output size."""
     out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
@@ -25,9 +27,9 @@ def _windows(height: int, width: int, kernel: Pair, stride: Pair, padding: Pair,
     return slices, (out_h, out_w)
 
 
-def unfold(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair):
+def unfold(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> np.ndarray:
     """im2col: `(N, C, H, W)` to columns `(N, C, kh, kw, out_h, out_w)`."""
-    slices, out_size = _windows(*x.shape[2:], kernel, stride, padding, dilation)
+    slices, out_size = _windows(x.shape[2], x.shape[3], kernel, stride, padding, dilation)
     padded = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
     columns = np.empty(x.shape[:2] + kernel + out_size, dtype=x.dtype)
     for (i, j), (rows, cols) in slices.items():
@@ -35,17 +37,17 @@ def unfold(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, dilation: P
     return columns
 
 
-def fold(columns: np.ndarray, x_shape, stride: Pair, padding: Pair, dilation: Pair) -> np.ndarray:
+def fold(columns: np.ndarray, x_shape: tuple[int, ...], stride: Pair, padding: Pair, dilation: Pair) -> np.ndarray:
     """The adjoint of `unfold`: sums each column entry back into the input position it came from."""
     kernel = columns.shape[2:4]
-    slices, _ = _windows(*x_shape[2:], kernel, stride, padding, dilation)
+    slices, _ = _windows(x_shape[2], x_shape[3], kernel, stride, padding, dilation)
     padded = np.zeros((*x_shape[:2], x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1]), columns.dtype)
     for (i, j), (rows, cols) in slices.items():
         padded[:, :, rows, cols] += columns[:, :, i, j]
     return padded[:, :, padding[0] : padding[0] + x_shape[2], padding[1] : padding[1] + x_shape[3]]
 
 
-def _grouped(columns: np.ndarray, weight: np.ndarray, groups: int):
+def _grouped(columns: np.ndarray, weight: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Columns as `(N, groups, C/groups * kh * kw, L)` and weight as `(groups, out/groups, same)`."""
     n, _, _, _, out_h, out_w = columns.shape
     grouped_columns = columns.reshape(n, groups, -1, out_h * out_w)
@@ -76,7 +78,7 @@ def conv2d_grads(
     padding: Pair = (0, 0),
     dilation: Pair = (1, 1),
     groups: int = 1,
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Gradients `(dx, dweight)` of `sum(grad_y * conv2d(x, weight))`."""
     columns = unfold(x, weight.shape[2:], stride, padding, dilation)
     grouped_columns, grouped_weight = _grouped(columns, weight, groups)

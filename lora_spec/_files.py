@@ -26,14 +26,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     The temporary file lives in the target's folder so that the final rename stays on one
     file system, where it is atomic.
     """
-    target = Path(target)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    target_path = Path(target)
+    descriptor, temporary_name = tempfile.mkstemp(prefix=f".{target_path.name}.", suffix=".tmp", dir=target_path.parent)
     os.fchmod(descriptor, default_mode())
     os.close(descriptor)
-    temporary = Path(temporary)
+    temporary = Path(temporary_name)
     try:
         yield temporary
-        os.replace(temporary, target)
+        os.replace(temporary, target_path)
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -85,7 +85,8 @@ class AdapterWeights:
     def from_peft_tensors(cls, tensors: Mapping[str, np.ndarray]) -> AdapterWeights:
         """Split a PEFT state dict into LoRA pairs, magnitudes and extra tensors; a pair missing a half,
         or a magnitude without a pair or of a shape that does not fit it, raises."""
-        weights, halves = cls(), {}
+        weights = cls()
+        halves: dict[str, dict[str, np.ndarray]] = {}
         for key, value in tensors.items():
             name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             magnitude_suffix = next((suffix for suffix in _MAGNITUDE_SUFFIXES if name.endswith(suffix)), None)

@@ -172,6 +172,7 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA: the factor applied to `B @ A`."""
+        assert self.alpha is not None  # __post_init__ defaults it to r
         return scaling(self.alpha, self.r, self.use_rslora)
 
     def rank_for(self, module_path: str) -> int:
@@ -182,7 +183,10 @@ class LoRAConfig:
     def alpha_for(self, module_path: str) -> float:
         """The alpha of the module at `module_path`, after `alpha_pattern`."""
         key = _pattern_key(self.alpha_pattern, module_path)
-        return self.alpha if key is None else float(self.alpha_pattern[key])
+        if key is not None:
+            return float(self.alpha_pattern[key])
+        assert self.alpha is not None  # __post_init__ defaults it to r
+        return self.alpha
 
     def scaling_for(self, module_path: str) -> float:
         """The scaling of the module at `module_path`, after both patterns."""
@@ -213,7 +217,9 @@ class LoRAConfig:
 
     def is_module_to_save(self, module_path: str) -> bool:
         """Whether `module_path` is one of `modules_to_save` (PEFT's suffix rule)."""
-        return bool(self.modules_to_save) and matches_module(module_path, self.modules_to_save)
+        if not self.modules_to_save:
+            return False
+        return matches_module(module_path, self.modules_to_save)
 
     def replace(self, **changes: Any) -> LoRAConfig:
         """A copy with `changes` applied; unknown names raise `ValueError` listing the fields."""

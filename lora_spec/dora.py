@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lora_spec import _conv, reference
-from lora_spec.reference import _dropped, _rows
+from lora_spec.reference import Scaling, _dropped, _rows
 
 LAYERS = ("linear", "embedding", "conv2d")
 # The axis of the weight that indexes output features (the embedding's table is (num, dim)).
@@ -70,7 +70,7 @@ def check_supported(layer: str, A: np.ndarray, B: np.ndarray) -> None:
         _check_groups(A.shape[0] // B.shape[1])
 
 
-def _adapted(W, A, B, s, layer: str) -> np.ndarray:
+def _adapted(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, layer: str) -> np.ndarray:
     """`W + s * delta` in at least float32, in W's layout."""
     compute = np.promote_types(W.dtype, np.float32)
     return reference.merge(W.astype(compute), A.astype(compute), B.astype(compute), s, layer, overwrite_w=True)
@@ -83,18 +83,26 @@ def _feature_norms(adapted: np.ndarray, layer: str) -> np.ndarray:
     return np.sqrt(np.sum(np.square(adapted), axis=others)).reshape(magnitude_shape(layer, adapted.shape[axis]))
 
 
-def weight_norm(W, A, B, s, layer: str = "linear") -> np.ndarray:
+def weight_norm(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, layer: str = "linear") -> np.ndarray:
     """`n = ||W + s * delta||` per output feature, in PEFT's magnitude shape, computed in at least float32."""
     check_supported(layer, A, B)
     return _feature_norms(_adapted(W, A, B, s, layer), layer)
 
 
-def init_magnitude(W, A, B, s, layer: str = "linear") -> np.ndarray:
+def init_magnitude(W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, layer: str = "linear") -> np.ndarray:
     """The magnitude a DoRA adapter starts with: `weight_norm` of the initial adapter, so DoRA starts as LoRA."""
     return weight_norm(W, A, B, s, layer)
 
 
-def _factor(W, A, B, s, magnitude, layer: str, norm) -> np.ndarray:
+def _factor(
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    layer: str,
+    norm: np.ndarray | None,
+) -> np.ndarray:
     """`m / n` in the magnitude's shape; `norm` None computes n from the adapter."""
     check_supported(layer, A, B)
     features = W.shape[_FEATURE_AXIS[layer]]
@@ -117,7 +125,17 @@ def _feature_column(vector: np.ndarray, layer: str, ndim: int) -> np.ndarray:
 # --- linear -----------------------------------------------------------------------------------------------------
 
 
-def dora_forward(x, W, b, A, B, s, magnitude, dropout_mask=None, norm=None) -> np.ndarray:
+def dora_forward(
+    x: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray | None,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    dropout_mask: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
+) -> np.ndarray:
     """`y = x @ W.T + b + (m/n - 1) * (d(x) @ W.T) + (m/n) * s * (d(x) @ A.T) @ B.T`, d the dropout mask.
 
     `norm` is `n` when the caller has it (a backend caches it; the gradient test holds it fixed),
@@ -129,7 +147,17 @@ def dora_forward(x, W, b, A, B, s, magnitude, dropout_mask=None, norm=None) -> n
     return y + (factor - 1) * (x_dropped @ W.T) + factor * s * ((x_dropped @ A.T) @ B.T)
 
 
-def dora_backward(x, W, A, B, s, magnitude, grad_y, dropout_mask=None, norm=None) -> DoRAGradients:
+def dora_backward(
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    grad_y: np.ndarray,
+    dropout_mask: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
+) -> DoRAGradients:
     """Hand-written gradients of `sum(grad_y * dora_forward(...))`, with `n` held constant.
 
     With `f = m/n`, `h = d(x) @ A.T` and `g = grad_y`: `dm = sum(g * (d(x) @ W.T + s * h @ B.T)) / n`,
@@ -155,13 +183,30 @@ def dora_backward(x, W, A, B, s, magnitude, grad_y, dropout_mask=None, norm=None
 # --- embedding --------------------------------------------------------------------------------------------------
 
 
-def dora_embedding_forward(ids, W, A, B, s, magnitude, norm=None) -> np.ndarray:
+def dora_embedding_forward(
+    ids: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    norm: np.ndarray | None = None,
+) -> np.ndarray:
     """`y = (m/n) * (W[ids] + s * A.T[ids] @ B.T)` for a table `W (num, dim)`; no dropout."""
     factor = _factor(W, A, B, s, magnitude, "embedding", norm)
     return factor * reference.embedding_forward(ids, W, A, B, s)
 
 
-def dora_embedding_backward(ids, W, A, B, s, magnitude, grad_y, norm=None) -> DoRAGradients:
+def dora_embedding_backward(
+    ids: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    grad_y: np.ndarray,
+    norm: np.ndarray | None = None,
+) -> DoRAGradients:
     """Gradients of `sum(grad_y * dora_embedding_forward(...))`, `n` held constant: the LoRA
     embedding's gradients of `grad_y * m/n`, and `dm = sum(grad_y * (W + s * delta)[ids]) / n`."""
     norm = weight_norm(W, A, B, s, "embedding") if norm is None else norm
@@ -177,7 +222,19 @@ def dora_embedding_backward(ids, W, A, B, s, magnitude, grad_y, norm=None) -> Do
 
 
 def dora_conv2d_forward(
-    x, W, b, A, B, s, magnitude, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, dropout_mask=None, norm=None
+    x: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray | None,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    stride: _conv.Pair = (1, 1),
+    padding: _conv.Pair = (0, 0),
+    dilation: _conv.Pair = (1, 1),
+    groups: int = 1,
+    dropout_mask: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
 ) -> np.ndarray:
     """`y = conv(x, W) + b + (m/n - 1) * conv(d(x), W) + (m/n) * s * conv1x1(conv(d(x), A), B)`.
 
@@ -195,19 +252,19 @@ def dora_conv2d_forward(
 
 
 def dora_conv2d_backward(
-    x,
-    W,
-    A,
-    B,
-    s,
-    magnitude,
-    grad_y,
-    stride=(1, 1),
-    padding=(0, 0),
-    dilation=(1, 1),
-    groups=1,
-    dropout_mask=None,
-    norm=None,
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    grad_y: np.ndarray,
+    stride: _conv.Pair = (1, 1),
+    padding: _conv.Pair = (0, 0),
+    dilation: _conv.Pair = (1, 1),
+    groups: int = 1,
+    dropout_mask: np.ndarray | None = None,
+    norm: np.ndarray | None = None,
 ) -> DoRAGradients:
     """Gradients of `sum(grad_y * dora_conv2d_forward(...))`, `n` held constant, by the chain rule
     through the convolutions (as `dora_backward`, with channels for features)."""
@@ -234,7 +291,9 @@ def dora_conv2d_backward(
 # --- merge ------------------------------------------------------------------------------------------------------
 
 
-def dora_merge(W, A, B, s, magnitude, layer: str = "linear") -> np.ndarray:
+def dora_merge(
+    W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, magnitude: np.ndarray, layer: str = "linear"
+) -> np.ndarray:
     """`(m/n) * (W + s * delta)` per output feature, computed in at least float32 and cast back to
     W's dtype once: the weight whose plain layer computes the DoRA layer in evaluation.
 
@@ -248,7 +307,15 @@ def dora_merge(W, A, B, s, magnitude, layer: str = "linear") -> np.ndarray:
     return adapted.astype(W.dtype, copy=False)
 
 
-def dora_unmerge(W_merged, A, B, s, magnitude, norm, layer: str = "linear") -> np.ndarray:
+def dora_unmerge(
+    W_merged: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    magnitude: np.ndarray,
+    norm: np.ndarray,
+    layer: str = "linear",
+) -> np.ndarray:
     """`W_merged / (m/n) - s * delta`, `n` the norm at merge time; exact only up to rounding, so
     backends keep the base weight instead, as for LoRA."""
     compute = np.promote_types(W_merged.dtype, np.float32)
@@ -260,7 +327,7 @@ def dora_unmerge(W_merged, A, B, s, magnitude, norm, layer: str = "linear") -> n
 
 
 def merge_adapters(
-    W,
+    W: np.ndarray,
     adapters: Sequence[tuple[np.ndarray, np.ndarray, float]],
     magnitudes: Sequence[np.ndarray | None],
     layer: str = "linear",
@@ -293,7 +360,14 @@ def merge_adapters(
 
 
 def merge_with_feature_scales(
-    W, A, B, weight_scale, delta_scale, layer: str = "linear", *, overwrite_w: bool = False
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    weight_scale: Scaling,
+    delta_scale: Scaling,
+    layer: str = "linear",
+    *,
+    overwrite_w: bool = False,
 ) -> np.ndarray:
     """`weight_scale * W + delta_scale * delta(A, B)` per output feature, in W's layout and dtype.
 

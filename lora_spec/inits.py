@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from lora_spec.config import LoRAConfig, is_weight_init, pissa_iterations
 
@@ -55,7 +56,7 @@ def _compute_weight(W: np.ndarray, method: str, r: int) -> np.ndarray:
     return W.astype(np.promote_types(W.dtype, np.float32), copy=False)
 
 
-def _residual(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, s: float, dtype) -> np.ndarray:
+def _residual(weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, s: float, dtype: DTypeLike) -> np.ndarray:
     """`weight - s * B @ A`, computed in the product's memory (one full-size array), cast to `dtype` once."""
     residual = lora_b @ lora_a
     residual *= -s
@@ -158,6 +159,7 @@ def converted_config(config: LoRAConfig) -> LoRAConfig:
             "converting to LoRA is not supported with use_rslora=True and rank_pattern or alpha_pattern, "
             "as in PEFT: their scaling cannot be kept at twice the rank."
         )
+    assert config.alpha is not None  # LoRAConfig defaults it to r
     return config.replace(
         r=2 * config.r,
         alpha=config.alpha * (2**0.5 if config.use_rslora else 2),

@@ -9,7 +9,8 @@ from typing import Protocol
 class Mergeable(Protocol):
     """A backend's LoRA layer: a merged flag and the two transitions."""
 
-    merged: bool
+    @property
+    def merged(self) -> bool: ...
 
     def merge(self) -> None: ...
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from lora_spec import _conv
 from lora_spec.config import LoRAConfig, is_weight_init
+
+# A scaling is a number, or an array that broadcasts against the update (one value per output feature).
+Scaling = float | np.ndarray
 
 
 class Gradients(NamedTuple):
@@ -35,7 +39,7 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def init_lora_a(
-    shape: tuple[int, ...], fan_in: int, config: LoRAConfig, rng: np.random.Generator, dtype=np.float32
+    shape: tuple[int, ...], fan_in: int, config: LoRAConfig, rng: np.random.Generator, dtype: DTypeLike = np.float32
 ) -> np.ndarray:
     """A by kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), or N(0, 1/r)."""
     if is_weight_init(config.init):
@@ -55,20 +59,36 @@ def init(
     config: LoRAConfig,
     rng: np.random.Generator,
     rank: int | None = None,
-    dtype=np.float32,
+    dtype: DTypeLike = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` for a linear layer: A `(r, in)` from `init_lora_a`, B `(out, r)` zeros, so delta_W = 0."""
     r = rank or config.r
     return init_lora_a((r, in_features), in_features, config, rng, dtype), np.zeros((out_features, r), dtype)
 
 
-def forward(x, W, b, A, B, s, dropout_mask=None) -> np.ndarray:
+def forward(
+    x: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray | None,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    dropout_mask: np.ndarray | None = None,
+) -> np.ndarray:
     """`y = x @ W.T + b + s * ((x * mask) @ A.T) @ B.T`."""
     y = x @ W.T if b is None else x @ W.T + b
     return y + s * ((_dropped(x, dropout_mask) @ A.T) @ B.T)
 
 
-def backward(x, W, A, B, s, grad_y, dropout_mask=None) -> Gradients:
+def backward(
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    grad_y: np.ndarray,
+    dropout_mask: np.ndarray | None = None,
+) -> Gradients:
     """Hand-written gradients of `sum(grad_y * forward(...))`.
 
     With `h = (x * mask) @ A.T`: `dB = s * grad_y.T @ h`, `dh = s * grad_y @ B`,
@@ -85,7 +105,7 @@ def backward(x, W, A, B, s, grad_y, dropout_mask=None) -> Gradients:
     )
 
 
-def _scaled(product: np.ndarray, s) -> np.ndarray:
+def _scaled(product: np.ndarray, s: Scaling) -> np.ndarray:
     # In place when a scalar `s` keeps the product's dtype: the same values as `s * product`,
     # without a second full-size array (a merged weight can be gigabytes).
     if np.ndim(s) or np.result_type(product, s) != product.dtype:
@@ -94,7 +114,7 @@ def _scaled(product: np.ndarray, s) -> np.ndarray:
     return product
 
 
-def delta_weight(A, B, s) -> np.ndarray:
+def delta_weight(A: np.ndarray, B: np.ndarray, s: Scaling) -> np.ndarray:
     """`delta_W = s * B @ A`, `(out, in)`."""
     return _scaled(B @ A, s)
 
@@ -105,19 +125,19 @@ def embedding_init(
     config: LoRAConfig,
     rng: np.random.Generator,
     rank: int | None = None,
-    dtype=np.float32,
+    dtype: DTypeLike = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` for an embedding, as PEFT: A `(r, num_embeddings)` zeros, B `(dim, r)` ~ N(0, 1)."""
     r = rank or config.r
     return np.zeros((r, num_embeddings), dtype), rng.standard_normal((embedding_dim, r)).astype(dtype)
 
 
-def embedding_forward(ids, W, A, B, s) -> np.ndarray:
+def embedding_forward(ids: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling) -> np.ndarray:
     """`y = W[ids] + s * A.T[ids] @ B.T` for a table `W (num_embeddings, dim)`; no dropout."""
     return W[ids] + s * (A.T[ids] @ B.T)
 
 
-def embedding_backward(ids, A, B, s, grad_y) -> Gradients:
+def embedding_backward(ids: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, grad_y: np.ndarray) -> Gradients:
     """`dB = s * grad_y.T @ A.T[ids]`; dA scatters `s * grad_y @ B` back to the rows that were read."""
     grad_rows = s * (_rows(grad_y) @ B)
     dA_transposed = np.zeros((A.shape[1], A.shape[0]), grad_rows.dtype)
@@ -125,7 +145,7 @@ def embedding_backward(ids, A, B, s, grad_y) -> Gradients:
     return Gradients(dx=None, dA=dA_transposed.T, dB=s * (_rows(grad_y).T @ A.T[np.ravel(ids)]), db=None)
 
 
-def embedding_delta_weight(A, B, s) -> np.ndarray:
+def embedding_delta_weight(A: np.ndarray, B: np.ndarray, s: Scaling) -> np.ndarray:
     """`delta_W = s * (B @ A).T`, `(num_embeddings, dim)` like the table."""
     return s * (B @ A).T
 
@@ -138,7 +158,7 @@ def conv2d_init(
     rng: np.random.Generator,
     groups: int = 1,
     rank: int | None = None,
-    dtype=np.float32,
+    dtype: DTypeLike = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` for a conv: A `(r, in/groups, kh, kw)`, B `(out, r/groups, 1, 1)` zeros.
 
@@ -154,7 +174,17 @@ def conv2d_init(
 
 
 def conv2d_forward(
-    x, W, b, A, B, s, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, dropout_mask=None
+    x: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray | None,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    stride: _conv.Pair = (1, 1),
+    padding: _conv.Pair = (0, 0),
+    dilation: _conv.Pair = (1, 1),
+    groups: int = 1,
+    dropout_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """`y = conv(x, W) + b + s * conv1x1(conv(x * mask, A), B)`; A takes the base's geometry."""
     y = _conv.conv2d(x, W, stride, padding, dilation, groups)
@@ -165,7 +195,17 @@ def conv2d_forward(
 
 
 def conv2d_backward(
-    x, W, A, B, s, grad_y, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, dropout_mask=None
+    x: np.ndarray,
+    W: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    grad_y: np.ndarray,
+    stride: _conv.Pair = (1, 1),
+    padding: _conv.Pair = (0, 0),
+    dilation: _conv.Pair = (1, 1),
+    groups: int = 1,
+    dropout_mask: np.ndarray | None = None,
 ) -> Gradients:
     """Gradients of `sum(grad_y * conv2d_forward(...))`, by the chain rule through the three convs."""
     geometry = (stride, padding, dilation, groups)
@@ -179,7 +219,7 @@ def conv2d_backward(
     )
 
 
-def conv2d_delta_weight(A, B, s) -> np.ndarray:
+def conv2d_delta_weight(A: np.ndarray, B: np.ndarray, s: Scaling) -> np.ndarray:
     """`delta_W = s * B_g @ A_g` per group g, reshaped like `W (out, in/groups, kh, kw)`."""
     groups = A.shape[0] // B.shape[1]
     grouped_a = A.reshape(groups, A.shape[0] // groups, -1)
@@ -190,7 +230,9 @@ def conv2d_delta_weight(A, B, s) -> np.ndarray:
 _DELTAS = {"linear": delta_weight, "embedding": embedding_delta_weight, "conv2d": conv2d_delta_weight}
 
 
-def _add_delta(W, A, B, s, layer: str, sign: int, overwrite_w: bool) -> np.ndarray:
+def _add_delta(
+    W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, layer: str, sign: int, overwrite_w: bool
+) -> np.ndarray:
     # At least float32, so half-precision weights are not rounded before the sum; cast back once.
     compute = np.promote_types(W.dtype, np.float32)
     delta = _DELTAS[layer](A.astype(compute), B.astype(compute), s)
@@ -205,7 +247,9 @@ def _add_delta(W, A, B, s, layer: str, sign: int, overwrite_w: bool) -> np.ndarr
     return merged.astype(W.dtype, copy=False)
 
 
-def merge(W, A, B, s, layer: str = "linear", *, overwrite_w: bool = False) -> np.ndarray:
+def merge(
+    W: np.ndarray, A: np.ndarray, B: np.ndarray, s: Scaling, layer: str = "linear", *, overwrite_w: bool = False
+) -> np.ndarray:
     """`W + delta_W`, computed in at least float32 and cast back to W's dtype once.
 
     `layer` picks the update's formula: "linear", "embedding" or "conv2d". With `overwrite_w`
@@ -216,7 +260,15 @@ def merge(W, A, B, s, layer: str = "linear", *, overwrite_w: bool = False) -> np
     return _add_delta(W, A, B, s, layer, +1, overwrite_w)
 
 
-def unmerge(W_merged, A, B, s, layer: str = "linear", *, overwrite_w: bool = False) -> np.ndarray:
+def unmerge(
+    W_merged: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    s: Scaling,
+    layer: str = "linear",
+    *,
+    overwrite_w: bool = False,
+) -> np.ndarray:
     """`W_merged - delta_W`; exact only up to rounding, so backends keep the base weight instead.
 
     `overwrite_w` as in `merge`.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import keras
 from keras import ops
@@ -28,11 +29,11 @@ _KERAS_GELU_IS_EXACT = inspect.signature(keras.activations.gelu).parameters["app
 
 
 @keras.ops.custom_gradient
-def _gelu_exact(z):
+def _gelu_exact(z: Any) -> tuple[Any, Callable[[Any], Any]]:
     computed = z if z.dtype == "float64" else ops.cast(z, "float32")
     cdf = 0.5 * (1.0 + ops.erf(computed / math.sqrt(2)))
 
-    def gradient(upstream):
+    def gradient(upstream: Any) -> Any:
         pdf = ops.exp(ops.square(computed) * -0.5) * _INV_SQRT_2PI
         return upstream * ops.cast(cdf + computed * pdf, upstream.dtype)
 

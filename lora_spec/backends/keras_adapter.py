@@ -57,11 +57,11 @@ def _transposed(axes: tuple[int, ...]) -> tuple[Layout, Layout]:
 
 
 def _einsum_kernel_to_torch(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
-    return keras_einsum.plan(layer.equation).to_reference(value)
+    return keras_einsum.linear_plan(layer.equation).to_reference(value)
 
 
 def _einsum_kernel_from_torch(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
-    return keras_einsum.plan(layer.equation).from_reference(value, tuple(layer._kernel.shape))
+    return keras_einsum.linear_plan(layer.equation).from_reference(value, tuple(layer._kernel.shape))
 
 
 def _flattened(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
@@ -74,7 +74,7 @@ def _as_bias(value: np.ndarray, layer: keras.layers.Layer) -> np.ndarray:
 
 _AS_IS = (None, _same, _same)
 _MATRIX = _transposed((1, 0))
-_NORMALIZATION = {
+_NORMALIZATION: dict[str, tuple[str, Layout, Layout]] = {
     "gamma": ("weight", _same, _same),
     "beta": ("bias", _same, _same),
     "moving_mean": ("running_mean", _same, _same),
@@ -296,7 +296,7 @@ def _checked_extras(
     return assignments
 
 
-def _planned(model: keras.layers.Layer, name: str, folder) -> tuple:
+def _planned(model: keras.layers.Layer, name: str, folder: str | os.PathLike) -> tuple:
     """Read one adapter folder and check it against `model`, which stays untouched."""
     from lora_spec.backends import keras_hub_names  # imports KerasHub only for KerasHub models
 

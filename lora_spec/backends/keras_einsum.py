@@ -55,8 +55,10 @@ class EinsumPlan:
     def feature_shape(self, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape that lays one value per output feature (`feature_axes` order) along `feature_tail`, 1 on
         its other axes, so that it broadcasts against the output."""
+        tail = self.feature_tail
+        assert tail is not None  # DoRA, which needs these shapes, refuses equations without one
         size = dict(zip(self.kernel_axes, kernel_shape, strict=True))
-        return tuple(size.get(a, 1) for a in self.feature_tail)
+        return tuple(size.get(a, 1) for a in tail)
 
     def features_from_reference(self, kernel_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """`(shape, permutation)`: a vector over the flattened output features (the reference's order, the
@@ -107,3 +109,10 @@ def plan(equation: str) -> EinsumPlan | None:
         from_hidden=f"{hidden},{rank}{output_axes}->{output}",
         output=output,
     )
+
+
+def linear_plan(equation: str) -> EinsumPlan:
+    """`plan(equation)` of an equation known to be linear: the LoRA layers and targets refuse the others."""
+    found = plan(equation)
+    assert found is not None, f"equation {equation!r} is not a linear map"
+    return found

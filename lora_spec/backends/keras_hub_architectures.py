@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import keras
@@ -80,7 +81,7 @@ _ARCHITECTURES: dict[str, Callable[[keras.Model], Architecture]] = {
 SUPPORTED_BACKBONES = tuple(_ARCHITECTURES)
 
 
-def keras_hub_module():
+def keras_hub_module() -> ModuleType:
     """`keras_hub`, checked to be a tested version; another fails with one line naming the tested ones."""
     keras_hub = require("keras_hub", "hub")
     minor = ".".join(keras_hub.__version__.split(".")[:2])

@@ -87,7 +87,7 @@ class TransformersNames:
             if id(variable) in owners:
                 self.fed.setdefault(self.bare(key), []).append((*owners[id(variable)], variable))
         # bare module path -> the Keras layer holding its weight, or its first tensor's
-        self.modules = {}
+        self.modules: dict[str, tuple[str, keras.layers.Layer, keras.Variable]] = {}
         for key, members in self.fed.items():
             if key.endswith(".weight") or _module(key) not in self.modules:
                 self.modules[_module(key)] = members[0]
@@ -184,7 +184,7 @@ class TransformersNames:
 
     def keras_paths_under(self, bare_modules: list[str]) -> list[str]:
         """The Keras layers holding the variables that the tensors of these transformers modules feed."""
-        paths = {}
+        paths: dict[str, None] = {}  # ordered, without repeats
         for key, members in self.fed.items():
             if any(_module(key) == module or key.startswith(module + ".") for module in bare_modules):
                 for path, layer, _ in members:
@@ -199,13 +199,14 @@ class TransformersNames:
     def values(self, bare_key: str, given: dict[int, np.ndarray]) -> np.ndarray:
         """The transformers tensor `bare_key`, rebuilt from the Keras variables it feeds: their values in
         `given` (by variable id, Keras layout), the model's own for the others."""
-        tensor = None
+        tensor: np.ndarray | None = None
         for _, layer, variable in self.fed[bare_key]:
             placement = self.recording.placement(layer, variable)
             value = given[id(variable)] if id(variable) in given else ops.convert_to_numpy(variable)
             if tensor is None:
                 tensor = np.zeros(math.prod(placement.shape), dtype=value.dtype)
             tensor[placement.index.ravel()] = np.asarray(value).ravel()
+        assert tensor is not None  # every key in `fed` feeds at least one variable
         return tensor.reshape(placement.shape)
 
 
@@ -307,7 +308,9 @@ def to_keras_naming(
             )
     lora, magnitudes, settings = {}, {}, {}
     for path, (lora_a, lora_b) in weights.lora.items():
-        for keras_path, placement in names.linears(bare[path]):
+        bare_path = bare[path]
+        assert bare_path is not None  # refused above
+        for keras_path, placement in names.linears(bare_path):
             for half, tensor, expected in (
                 ("A", lora_a, (lora_a.shape[0], placement.in_features)),
                 ("B", lora_b, (placement.out_features, lora_b.shape[1])),
@@ -324,24 +327,24 @@ def to_keras_naming(
     extra, saved = {}, []
     for name, value in extras.items():
         module = _module(unwrapped[name])
-        key = None if bare[module] is None else f"{bare[module]}.{unwrapped[name].rpartition('.')[2]}"
-        if key not in names.fed:
+        bare_module = bare[module]
+        if bare_module is None or (key := f"{bare_module}.{unwrapped[name].rpartition('.')[2]}") not in names.fed:
             raise ValueError(
                 f"adapter key {PREFIX + name} names no weight of transformers' "
                 f"{names.architecture.model_type} model as KerasHub converts it: load the adapter into "
                 "the model it was trained on."
             )
         if _saved_under(config, module):
-            saved += names.keras_paths_under([bare[module]])
+            saved += names.keras_paths_under([bare_module])
         for keras_path, layer, variable in names.fed[key]:
-            placement = names.recording.placement(layer, variable)
-            if tuple(value.shape) != placement.shape:
+            port = names.recording.placement(layer, variable)
+            if tuple(value.shape) != port.shape:
                 raise ValueError(
                     f"adapter key {PREFIX + name} has shape {tuple(value.shape)}, but this model's is "
-                    f"{placement.shape}: the adapter was trained on another model size."
+                    f"{port.shape}: the adapter was trained on another model size."
                 )
             extra[_file_name(keras_path, layer, variable)] = keras_adapter._to_torch(
-                value.reshape(-1)[placement.index], variable, layer
+                value.reshape(-1)[port.index], variable, layer
             )
     return _restated(config, settings, list(dict.fromkeys(saved))), AdapterWeights(
         lora=lora, extra=extra, magnitudes=magnitudes
@@ -396,7 +399,9 @@ def to_transformers_naming(
     saved = _modules_to_save(names, config, class_name)
     file_keys, given = {}, {}
     for name, value in weights.extra.items():
-        variable, layer = keras_adapter._resolve_extra(names.layers, name)
+        resolved = keras_adapter._resolve_extra(names.layers, name)
+        assert resolved is not None  # the tensors are this model's own (keras_adapter.adapter_file)
+        variable, layer = resolved
         key = names.recording.key_of(variable)
         if key is None:
             raise ValueError(
@@ -478,7 +483,7 @@ def split(placement: LinearPlacement, lora_a: np.ndarray, lora_b: np.ndarray) ->
 
 def _modules_to_save(names: TransformersNames, config: LoRAConfig, class_name: str) -> list[str]:
     """The transformers modules whose tensors feed the Keras `modules_to_save` layers."""
-    modules = {}
+    modules: dict[str, None] = {}  # ordered, without repeats
     for path, layer in names.layers.items():
         if not config.is_module_to_save(path):
             continue

@@ -71,7 +71,7 @@ class _Probe(np.ndarray):
     """Element indices that survive the converter's casts (Mistral's casts every weight to float16, which
     would round the indices): a cast changes values, never where they go."""
 
-    def astype(self, dtype, *args, **kwargs) -> _Probe:
+    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> _Probe:
         return self
 
 
@@ -84,7 +84,7 @@ def is_kernel(layer: keras.layers.Layer, variable: keras.Variable) -> bool:
 def _kernel_to_reference(layer: keras.layers.Layer, kernel: np.ndarray) -> np.ndarray:
     """A kernel-shaped array in the reference layout `(out, in)`, as `LoRALayer.base_weight` lays out the kernel."""
     if hasattr(layer, "equation"):
-        return keras_einsum.plan(layer.equation).to_reference(kernel)
+        return keras_einsum.linear_plan(layer.equation).to_reference(kernel)
     return kernel.T
 
 
@@ -144,26 +144,27 @@ class Recording:
             return self._probed[cache_key]
         size = math.prod(shape)
         probe = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64).reshape(shape).view(_Probe)
-        indices = []
+        indices: list[np.ndarray] = []
+        every_hook_fits = True
         for variable, hook in members:
+            index: np.ndarray | None
             try:
                 index = np.asarray(probe if hook is None else hook(probe, list(variable.shape))).view(np.ndarray)
             except (ValueError, IndexError, TypeError):
                 index = None
             if index is None or index.shape != tuple(variable.shape):
-                indices = None
+                every_hook_fits = False
                 break
             indices.append(index)
-        if indices is not None and sum(index.size for index in indices) == size:
+        found: list[np.ndarray] | None = None
+        if every_hook_fits and sum(index.size for index in indices) == size:
             seen = np.zeros(size, bool)
             for index in indices:
                 seen[index.ravel()] = True
-            indices = indices if seen.all() else None
-        else:
-            indices = None
+            found = indices if seen.all() else None
         if cache_key is not None:
-            self._probed[cache_key] = indices
-        return indices
+            self._probed[cache_key] = found
+        return found
 
     def _candidate_shapes(self, key: str, layer: keras.layers.Layer, variable: keras.Variable) -> list[tuple[int, ...]]:
         """The shapes the tensor `key` may have: a transformers weight is a matrix (out, in) or, for GPT-2's
@@ -185,6 +186,7 @@ class Recording:
 
     def _place(self, layer: keras.layers.Layer, variable: keras.Variable) -> Placement:
         key = self.key_of(variable)
+        assert key is not None  # callers place only variables the converter ports
         members = [member for member, _ in self.members[key]]
         position = next(i for i, member in enumerate(members) if member is variable)
         for shape in self._candidate_shapes(key, layer, variable):
@@ -212,7 +214,9 @@ class Recording:
         """Where the kernel of the linear `layer` sits in its transformers layer's weight."""
         if id(layer) not in self._linears:
             placement = self.placement(layer, layer._kernel)
-            rows, columns, transposed = self._separation(layer, placement.index, placement.shape)
+            separation = self._separation(layer, placement.index, placement.shape)
+            assert separation is not None  # a kernel is placed only where its rows and columns separate
+            rows, columns, transposed = separation
             out_features, in_features = placement.shape[::-1] if transposed else placement.shape
             self._linears[id(layer)] = LinearPlacement(
                 placement.key, out_features, in_features, rows, columns, transposed

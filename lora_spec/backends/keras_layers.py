@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -39,6 +40,22 @@ PACKAGE = "lora_spec"
 # Keras's own LoRA arguments: accepting them would stack a second, merged-on-save adapter.
 _KERAS_LORA_ARGUMENTS = ("lora_rank", "lora_alpha")
 _MERGED_KEY = "merged"
+
+# Keras ships no types: a backend tensor (a KerasTensor, a NumPy array, a torch, TensorFlow or JAX tensor),
+# and the store `save_own_variables` writes to (a dict or an HDF5 group).
+Tensor = Any
+VariableStore = Any
+# A factor on lora_b: a float, or one value per output feature shaped by `_lora_b_view`.
+Scale = Any
+
+if TYPE_CHECKING:
+
+    class _KerasLayer(keras.layers.Layer):
+        """The mixin is always combined with the Keras layer it extends (`base_class`): the checker sees its
+        attributes."""
+
+else:
+    _KerasLayer = object
 
 
 def _refuse_keras_lora(kwargs: dict[str, Any], layer: str) -> None:
@@ -80,6 +97,7 @@ class LoRAAdapter:
     ) -> None:
         checked = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init)
         self.name = check_adapter_name(name)
+        assert checked.alpha is not None  # LoRAConfig defaults it to r
         self.r, self.alpha, self.dropout = checked.r, checked.alpha, checked.dropout
         self.use_rslora, self.init = checked.use_rslora, checked.init
         self.lora_a: keras.Variable | None = None
@@ -92,6 +110,11 @@ class LoRAAdapter:
     def scaling(self) -> float:
         """`alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
         return scaling(self.alpha, self.r, self.use_rslora)
+
+    def _built_factors(self) -> tuple[keras.Variable, keras.Variable]:
+        """`(lora_a, lora_b)`, which the layer creates when it builds the adapter."""
+        assert self.lora_a is not None and self.lora_b is not None, "the layer has not built this adapter yet"
+        return self.lora_a, self.lora_b
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this adapter."""
@@ -123,7 +146,9 @@ class LoRAAdapter:
     def build(self, layer: LoRALayer) -> None:
         """Create what the variant adds to `lora_a` and `lora_b`, from the adapter as initialised on `layer`."""
 
-    def output(self, layer: LoRALayer, inputs, lora_inputs, keep_scale: float, rows):
+    def output(
+        self, layer: LoRALayer, inputs: Tensor, lora_inputs: Tensor, keep_scale: float, rows: Tensor | None
+    ) -> tuple[Tensor | None, Tensor]:
         """`(factor, update)`: what the adapter adds to the layer's base output for `inputs`, from the inputs of
         its low-rank path (`lora_inputs`, dropped out and to be scaled by `keep_scale`), and the per-feature
         factor it puts on the base output (None: none)."""
@@ -156,7 +181,9 @@ class DoRAAdapter(LoRAAdapter):
         )
         self.magnitude.assign(norm.reshape(-1))
 
-    def output(self, layer: LoRALayer, inputs, lora_inputs, keep_scale: float, rows):
+    def output(
+        self, layer: LoRALayer, inputs: Tensor, lora_inputs: Tensor, keep_scale: float, rows: Tensor | None
+    ) -> tuple[Tensor | None, Tensor]:
         factor = layer._dora_factor(self)
         # m/n rides on lora_b, a pass over the small factor instead of the update.
         update = layer._update(self, lora_inputs, layer._lora_b_view(factor * (self.scaling * keep_scale)), rows)
@@ -185,16 +212,16 @@ def new_adapter(
 def _single(attribute: str) -> property:
     """A layer attribute that is the one active adapter's (as when a layer held one adapter)."""
 
-    def read(layer):
+    def read(layer: LoRALayer) -> Any:
         return getattr(layer.adapter(), attribute)
 
-    def write(layer, value):
+    def write(layer: LoRALayer, value: Any) -> None:
         setattr(layer.adapter(), attribute, value)
 
     return property(read, write, doc=f"The `{attribute}` of the layer's one active adapter.")
 
 
-class LoRALayer:
+class LoRALayer(_KerasLayer):
     """What the LoRA layers share: named adapters, which are active, dropout, merge state, routing, saving.
 
     A subclass names the Keras layer it extends (`base_class`), the variable LoRA updates
@@ -239,8 +266,8 @@ class LoRALayer:
         self.active_adapters = list(active_adapters) if active_adapters is not None else [next(iter(specs))]
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
-        self._unmerged_weight = None
-        self._routes = None
+        self._unmerged_weight: np.ndarray | None = None
+        self._routes: tuple[Tensor, dict[str, int]] | None = None
         for adapter in self._lora_adapters.values():
             if adapter.dropout:
                 adapter.seed_generator = keras.random.SeedGenerator()
@@ -447,7 +474,7 @@ class LoRALayer:
                 "init='kaiming'."
             )
 
-    def build(self, input_shape=None) -> None:
+    def build(self, input_shape: tuple[int | None, ...] | None = None) -> None:
         super().build(input_shape)
         self._build_lora()
 
@@ -500,7 +527,7 @@ class LoRALayer:
                 initializer="zeros",
                 trainable=False,
             )
-            for half, variable in (("lora_a", adapter.lora_a), ("lora_b", adapter.lora_b))
+            for half, variable in zip(("lora_a", "lora_b"), adapter._built_factors(), strict=True)
         )
         adapter.initial_lora_a.assign(adapter.lora_a)
         adapter.initial_lora_b.assign(adapter.lora_b)
@@ -555,7 +582,7 @@ class LoRALayer:
     def _own_weights(self) -> dict[str, keras.Variable]:
         return {variable.name: variable for variable in self._trainable_variables + self._non_trainable_variables}
 
-    def save_own_variables(self, store) -> None:
+    def save_own_variables(self, store: VariableStore) -> None:
         """Saves the unmerged base weight and the adapters separately, with the merge state."""
         if not self.built:
             return
@@ -564,7 +591,7 @@ class LoRALayer:
             store[name] = self._unmerged_weight if merged_base else _snapshot(variable)
         store[_MERGED_KEY] = np.array(int(self.merged))
 
-    def load_own_variables(self, store) -> None:
+    def load_own_variables(self, store: VariableStore) -> None:
         if not self.built:
             return
         weights = self._own_weights()
@@ -607,7 +634,7 @@ class LoRALayer:
         """The DoRA magnitude of an adapter (default: the one active) in PEFT's shape (`lora_spec.dora`), or None
         for a plain LoRA adapter."""
         adapter = self.adapter(adapter_name)
-        if not adapter.use_dora:
+        if not isinstance(adapter, DoRAAdapter):
             return None
         magnitude = _snapshot(adapter.magnitude)
         return magnitude.reshape(dora.magnitude_shape(self.lora_kind, magnitude.size))
@@ -631,9 +658,12 @@ class LoRALayer:
         if magnitude is not None:
             self._check_magnitude(adapter, magnitude)
         lora_a, lora_b = self._factors_from_reference(adapter, np.asarray(lora_a), np.asarray(lora_b))
-        adapter.lora_a.assign(lora_a.astype(adapter.lora_a.dtype))
-        adapter.lora_b.assign(lora_b.astype(adapter.lora_b.dtype))
+        variable_a, variable_b = adapter._built_factors()
+        variable_a.assign(lora_a.astype(variable_a.dtype))
+        variable_b.assign(lora_b.astype(variable_b.dtype))
         if magnitude is not None:
+            # _check_magnitude refused a magnitude for a plain LoRA adapter.
+            assert isinstance(adapter, DoRAAdapter) and adapter.magnitude is not None
             adapter.magnitude.assign(np.asarray(magnitude, adapter.magnitude.dtype).reshape(-1))
 
     def _check_magnitude(self, adapter: LoRAAdapter, magnitude: np.ndarray) -> None:
@@ -653,8 +683,10 @@ class LoRALayer:
 
     def base_weight(self) -> np.ndarray:
         """The unmerged base weight in the reference layout (`W (out, in)`; an embedding's table)."""
-        value = self._unmerged_weight.copy() if self.merged else _snapshot(self._base_weight)
-        return self._to_reference(value)
+        if not self.merged:
+            return self._to_reference(_snapshot(self._base_weight))
+        assert self._unmerged_weight is not None  # merge keeps it beside the merged adapters' names
+        return self._to_reference(self._unmerged_weight.copy())
 
     @property
     def merged(self) -> bool:
@@ -697,15 +729,22 @@ class LoRALayer:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def route(self, route_ids, adapter_indices: dict[str, int] | None = None) -> None:
+    def route(self, route_ids: Tensor | None, adapter_indices: dict[str, int] | None = None) -> None:
         """Send row `i` of the next batches through the adapter whose index (in `adapter_indices`) is
         `route_ids[i]` (an int tensor; any other index: the base alone); None ends routing. A tensor
         given inside a traced function stays data of that function. DoRA adapters are refused, as in PEFT."""
-        if route_ids is not None:
-            self.check_routable(adapter_indices)
-        self._routes = None if route_ids is None else (route_ids, dict(adapter_indices))
+        if route_ids is None:
+            self._routes = None
+            return
+        if adapter_indices is None:
+            raise ValueError(
+                "route() got route_ids without adapter_indices: give the index of each adapter name, "
+                "e.g. {'default': 0}."
+            )
+        self.check_routable(adapter_indices)
+        self._routes = (route_ids, dict(adapter_indices))
 
-    def check_routable(self, names) -> None:
+    def check_routable(self, names: Iterable[str]) -> None:
         """Raise when one of the adapters `names` that this layer holds cannot take part in a routed batch."""
         for name in names:
             if name in self._lora_adapters and self._lora_adapters[name].use_dora:
@@ -714,7 +753,7 @@ class LoRALayer:
                     "refuses it too): run its rows as a batch of their own with set_adapter."
                 )
 
-    def _running(self, inputs, training) -> list[tuple[LoRAAdapter, Any]]:
+    def _running(self, inputs: Tensor, training: bool | None) -> list[tuple[LoRAAdapter, Any]]:
         """`(adapter, row mask or None)` for every adapter whose update the call adds."""
         if not self.adapter_enabled or self.merged:
             return []
@@ -735,7 +774,9 @@ class LoRALayer:
             if name in indices
         ]
 
-    def _lora_update(self, inputs, training, dropout_mask):
+    def _lora_update(
+        self, inputs: Tensor, training: bool | None, dropout_mask: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """`(factor, update)`: the sum of the running adapters' updates (None when none runs), and the factor per
         output feature that DoRA adapters put on the base output (None when none does): `1 + sum(m/n - 1)`."""
         factor = total = None
@@ -748,19 +789,19 @@ class LoRALayer:
         return factor, total
 
     @staticmethod
-    def _updated(outputs, factor, update):
+    def _updated(outputs: Tensor, factor: Tensor | None, update: Tensor | None) -> Tensor:
         """`outputs * factor + update`, leaving out what is None."""
         if factor is not None:
             outputs = ops.multiply(outputs, factor)
         return outputs if update is None else ops.add(outputs, update)
 
-    def _dora_factor(self, adapter: DoRAAdapter):
+    def _dora_factor(self, adapter: DoRAAdapter) -> Tensor:
         """`m / n` per output feature (the reference's order) in the compute dtype; the norm is a constant for
         the gradient (the DoRA paper's section 4.3, PEFT's `detach`)."""
         factor = ops.divide(adapter.magnitude, ops.stop_gradient(self._weight_norm(adapter)))
         return ops.cast(factor, self.compute_dtype)
 
-    def _weight_norm(self, adapter: LoRAAdapter):
+    def _weight_norm(self, adapter: LoRAAdapter) -> Tensor:
         """`||W + s * delta||` per output feature (the reference's order), from the variables, in at least float32.
 
         Under a mixed policy the kernel is read as the layer computes with it, in the compute dtype."""
@@ -770,25 +811,27 @@ class LoRALayer:
         delta = self._delta(ops.multiply(lora_a, adapter.scaling), lora_b)
         return ops.sqrt(self._feature_sums(ops.square(ops.add(ops.cast(self._base_weight, dtype), delta))))
 
-    def _update(self, adapter: LoRAAdapter, lora_inputs, scale, rows):
+    def _update(self, adapter: LoRAAdapter, lora_inputs: Tensor, scale: Scale, rows: Tensor | None) -> Tensor:
         """One adapter's update for its (dropped-out) inputs, with `lora_b` times `scale` (a float, or one value
         per output feature shaped by `_lora_b_view`); `rows` (a boolean per batch row, or None) keeps the rows
         routed to it."""
         raise NotImplementedError
 
     @staticmethod
-    def _masked(hidden, rows):
+    def _masked(hidden: Tensor, rows: Tensor | None) -> Tensor:
         """`hidden` with the rows not routed to the adapter zeroed (rows lie on the first axis)."""
         if rows is None:
             return hidden
         mask = ops.cast(rows, hidden.dtype)
         return hidden * ops.reshape(mask, (-1,) + (1,) * (len(hidden.shape) - 1))
 
-    def _activate(self, outputs, training):
+    def _activate(self, outputs: Tensor, training: bool | None) -> Tensor:
         activation = activation_of(self, training)
         return outputs if activation is None else activation(outputs)
 
-    def _lora_inputs(self, adapter: LoRAAdapter, inputs, training, dropout_mask):
+    def _lora_inputs(
+        self, adapter: LoRAAdapter, inputs: Tensor, training: bool | None, dropout_mask: Tensor | None
+    ) -> tuple[Tensor, float]:
         """The input of an adapter's low-rank path (`inputs` itself when nothing is dropped) and the factor on its
         output, which takes the dropout scaling (`1 / keep probability`) so that no pass over the inputs is spent
         on it: masked explicitly, by a drawn dropout mask when training, or as is."""
@@ -800,7 +843,7 @@ class LoRALayer:
         return inputs, 1.0
 
     @staticmethod
-    def _keep(adapter: LoRAAdapter, inputs):
+    def _keep(adapter: LoRAAdapter, inputs: Tensor) -> Tensor:
         """Which inputs dropout keeps, from 16-bit draws (`lora_spec.dropout`), two per 32-bit word:
         drawing half as many random numbers as exact Bernoulli dropout is what makes it cheap."""
         *leading, features = ops.shape(inputs)
@@ -812,7 +855,7 @@ class LoRALayer:
             halves = halves[..., :features]
         return ops.greater_equal(halves, keep_threshold(adapter.dropout))
 
-    def _compute(self, variable):
+    def _compute(self, variable: keras.Variable) -> Tensor:
         return ops.cast(variable, self.compute_dtype)
 
     # -- per layer ----------------------------------------------------------------------------
@@ -825,23 +868,23 @@ class LoRALayer:
         """Input and output dimensions of the update: `lora_a` is `(*input, r)`, `lora_b` `(r, *output)`."""
         raise NotImplementedError
 
-    def _base_product(self, inputs):
+    def _base_product(self, inputs: Tensor) -> Tensor:
         """The base weight applied to `inputs`, without the bias."""
         raise NotImplementedError
 
-    def _delta(self, lora_a, lora_b):
+    def _delta(self, lora_a: Tensor, lora_b: Tensor) -> Tensor:
         """`lora_a` times `lora_b` in the base weight's layout (the update without its scaling)."""
         return ops.matmul(lora_a, lora_b)
 
-    def _feature_sums(self, value):
+    def _feature_sums(self, value: Tensor) -> Tensor:
         """A tensor of the base weight's layout summed per output feature, flat in the reference's order."""
         return ops.sum(value, axis=tuple(range(len(value.shape) - 1)))
 
-    def _feature_view(self, vector):
+    def _feature_view(self, vector: Tensor) -> Tensor:
         """A vector over the output features (the reference's order) shaped to broadcast against the output."""
         return vector
 
-    def _lora_b_view(self, vector):
+    def _lora_b_view(self, vector: Tensor) -> Tensor:
         """A vector over the output features (the reference's order) shaped to broadcast against `lora_b`."""
         return vector
 
@@ -865,7 +908,8 @@ class LoRALayer:
     def _factors_from_reference(
         self, adapter: LoRAAdapter, lora_a: np.ndarray, lora_b: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        return lora_a.T.reshape(adapter.lora_a.shape), lora_b.T.reshape(adapter.lora_b.shape)
+        variable_a, variable_b = adapter._built_factors()
+        return lora_a.T.reshape(variable_a.shape), lora_b.T.reshape(variable_b.shape)
 
     def _to_reference(self, value: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -940,7 +984,7 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         """A `LoRADense` with `dense`'s arguments and weights and a fresh adapter from `config`."""
         return cls.from_layer(dense, config)
 
-    def call(self, inputs, training=None, dropout_mask=None):
+    def call(self, inputs: Tensor, training: bool | None = None, dropout_mask: Tensor | None = None) -> Tensor:
         outputs = self._base_product(inputs)
         factor, low_rank = self._lora_update(inputs, training, dropout_mask)
         if low_rank is None:
@@ -948,23 +992,23 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         # The bias rides on the low-rank product: one full-size pass fewer than on the base output.
         return self._activate(self._updated(outputs, factor, self._biased(low_rank)), training)
 
-    def _biased(self, outputs):
+    def _biased(self, outputs: Tensor) -> Tensor:
         return outputs if self.bias is None else ops.add(outputs, self.bias)
 
-    def _update(self, adapter, lora_inputs, scale, rows):
+    def _update(self, adapter: LoRAAdapter, lora_inputs: Tensor, scale: Scale, rows: Tensor | None) -> Tensor:
         hidden = self._masked(ops.matmul(lora_inputs, self._compute(adapter.lora_a)), rows)
         return ops.matmul(hidden, self._compute(adapter.lora_b) * scale)
 
-    def _base_product(self, inputs):
+    def _base_product(self, inputs: Tensor) -> Tensor:
         return ops.matmul(inputs, self._kernel)
 
-    def _lora_dims(self):
+    def _lora_dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self._kernel.shape[0],), (self.units,)
 
-    def _to_reference(self, value):
+    def _to_reference(self, value: np.ndarray) -> np.ndarray:
         return value.T
 
-    def _from_reference(self, weight, shape):
+    def _from_reference(self, weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return weight.T
 
 
@@ -981,7 +1025,7 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
     def __init__(
         self,
         equation: str,
-        output_shape,
+        output_shape: int | tuple[int | None, ...],
         r: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
@@ -1006,48 +1050,48 @@ class LoRAEinsumDense(LoRALayer, keras.layers.EinsumDense):
 
     @property
     def _plan(self) -> keras_einsum.EinsumPlan:
-        return keras_einsum.plan(self.equation)
+        return keras_einsum.linear_plan(self.equation)
 
     @classmethod
-    def check_adapter(cls, layer, r, init="kaiming", use_dora=False):
+    def check_adapter(cls, layer: keras.layers.Layer, r: int, init: str = "kaiming", use_dora: bool = False) -> None:
         super().check_adapter(layer, r, init, use_dora)
         _check_dora_equation(layer, use_dora)
 
-    def call(self, inputs, training=None, dropout_mask=None):
+    def call(self, inputs: Tensor, training: bool | None = None, dropout_mask: Tensor | None = None) -> Tensor:
         outputs = self._updated(self._base_product(inputs), *self._lora_update(inputs, training, dropout_mask))
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self._activate(outputs, training)
 
-    def _update(self, adapter, lora_inputs, scale, rows):
+    def _update(self, adapter: LoRAAdapter, lora_inputs: Tensor, scale: Scale, rows: Tensor | None) -> Tensor:
         plan = self._plan
         hidden = self._masked(ops.einsum(plan.to_hidden, lora_inputs, self._compute(adapter.lora_a)), rows)
         return ops.einsum(plan.from_hidden, hidden, self._compute(adapter.lora_b) * scale)
 
-    def _base_product(self, inputs):
+    def _base_product(self, inputs: Tensor) -> Tensor:
         return ops.einsum(self.equation, inputs, self._kernel)
 
-    def _delta(self, lora_a, lora_b):
+    def _delta(self, lora_a: Tensor, lora_b: Tensor) -> Tensor:
         return ops.einsum(self._plan.delta, lora_a, lora_b)
 
-    def _feature_sums(self, value):
+    def _feature_sums(self, value: Tensor) -> Tensor:
         return ops.reshape(ops.einsum(self._plan.feature_sums, value), (-1,))
 
-    def _feature_view(self, vector):
+    def _feature_view(self, vector: Tensor) -> Tensor:
         plan, kernel_shape = self._plan, tuple(self._kernel.shape)
         shape, permutation = plan.features_from_reference(kernel_shape)
         return ops.reshape(ops.transpose(ops.reshape(vector, shape), permutation), plan.feature_shape(kernel_shape))
 
-    def _lora_b_view(self, vector):
+    def _lora_b_view(self, vector: Tensor) -> Tensor:
         return ops.reshape(vector, self._lora_dims()[1])
 
-    def _lora_dims(self):
-        return keras_einsum.plan(self.equation).dims(tuple(self._kernel.shape))
+    def _lora_dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return keras_einsum.linear_plan(self.equation).dims(tuple(self._kernel.shape))
 
-    def _to_reference(self, value):
+    def _to_reference(self, value: np.ndarray) -> np.ndarray:
         return self._plan.to_reference(value)
 
-    def _from_reference(self, weight, shape):
+    def _from_reference(self, weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return self._plan.from_reference(weight, shape)
 
 
@@ -1086,7 +1130,7 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
     def _base_weight(self) -> keras.Variable:
         return self._embeddings
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
         if inputs.dtype not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.take(self._embeddings, inputs, axis=0)
@@ -1097,26 +1141,28 @@ class LoRAEmbedding(LoRALayer, keras.layers.Embedding):
             outputs = ops.add(outputs, ops.cast(total, outputs.dtype))
         return ops.cast(outputs, self.compute_dtype)
 
-    def _lora_inputs(self, adapter, inputs, training, dropout_mask):
+    def _lora_inputs(
+        self, adapter: LoRAAdapter, inputs: Tensor, training: bool | None, dropout_mask: Tensor | None
+    ) -> tuple[Tensor, float]:
         return inputs, 1.0
 
-    def _update(self, adapter, ids, scale, rows):
+    def _update(self, adapter: LoRAAdapter, ids: Tensor, scale: Scale, rows: Tensor | None) -> Tensor:
         hidden = self._masked(ops.take(adapter.lora_a, ids, axis=0), rows)
         return ops.matmul(hidden, adapter.lora_b * scale)
 
-    def _lora_a_initializer(self, adapter, fan_in):
+    def _lora_a_initializer(self, adapter: LoRAAdapter, fan_in: int) -> keras.initializers.Initializer:
         return keras.initializers.Zeros()
 
-    def _lora_b_initializer(self):
+    def _lora_b_initializer(self) -> keras.initializers.Initializer:
         return keras.initializers.RandomNormal(stddev=1.0)
 
-    def _lora_dims(self):
+    def _lora_dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.input_dim,), (self.output_dim,)
 
-    def _to_reference(self, value):
+    def _to_reference(self, value: np.ndarray) -> np.ndarray:
         return value
 
-    def _from_reference(self, weight, shape):
+    def _from_reference(self, weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return weight
 
 
@@ -1136,7 +1182,7 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
     def __init__(
         self,
         filters: int,
-        kernel_size,
+        kernel_size: int | tuple[int, int],
         r: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
@@ -1155,25 +1201,25 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         self._set_lora(r, alpha, dropout, use_rslora, init, use_dora, train_bias, adapters, active_adapters)
 
     @classmethod
-    def check_adapter(cls, layer, r, init="kaiming", use_dora=False):
+    def check_adapter(cls, layer: keras.layers.Layer, r: int, init: str = "kaiming", use_dora: bool = False) -> None:
         super().check_adapter(layer, r, init, use_dora)
         _check_groups(layer, r, use_dora)
 
-    def _update(self, adapter, lora_inputs, scale, rows):
+    def _update(self, adapter: LoRAAdapter, lora_inputs: Tensor, scale: Scale, rows: Tensor | None) -> Tensor:
         hidden = self._masked(self.convolution_op(lora_inputs, self._compute(adapter.lora_a)), rows)
         return ops.conv(hidden, self._compute(adapter.lora_b) * scale, data_format=self.data_format)
 
-    def _base_product(self, inputs):
+    def _base_product(self, inputs: Tensor) -> Tensor:
         return self.convolution_op(inputs, self._kernel)
 
-    def _delta(self, lora_a, lora_b):
+    def _delta(self, lora_a: Tensor, lora_b: Tensor) -> Tensor:
         # DoRA's convolutions are ungrouped: lora_b (1, 1, r, out) is one (r, out) matrix.
         return ops.matmul(lora_a, lora_b[0, 0])
 
-    def _feature_view(self, vector):
+    def _feature_view(self, vector: Tensor) -> Tensor:
         return vector if self.data_format == "channels_last" else ops.reshape(vector, (-1, 1, 1))
 
-    def call(self, inputs, training=None, dropout_mask=None):
+    def call(self, inputs: Tensor, training: bool | None = None, dropout_mask: Tensor | None = None) -> Tensor:
         outputs = self._updated(self._base_product(inputs), *self._lora_update(inputs, training, dropout_mask))
         if self.use_bias:
             channels_last = self.data_format == "channels_last"
@@ -1181,24 +1227,28 @@ class LoRAConv2D(LoRALayer, keras.layers.Conv2D):
         return self._activate(outputs, training)
 
     @classmethod
-    def reference_shapes(cls, layer, r):
+    def reference_shapes(cls, layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         height, width, in_per_group, out = layer._kernel.shape
         return (r, in_per_group, height, width), (out, r // layer.groups, 1, 1)
 
-    def _lora_shapes(self, r):
+    def _lora_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         height, width, in_per_group, out = self._kernel.shape
         return (height, width, in_per_group, r), (1, 1, r // self.groups, out)
 
-    def _factors_to_reference(self, adapter, lora_a, lora_b):
+    def _factors_to_reference(
+        self, adapter: LoRAAdapter, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         return lora_a.transpose(3, 2, 0, 1), lora_b.transpose(3, 2, 0, 1)
 
-    def _factors_from_reference(self, adapter, lora_a, lora_b):
+    def _factors_from_reference(
+        self, adapter: LoRAAdapter, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         return lora_a.transpose(2, 3, 1, 0), lora_b.transpose(2, 3, 1, 0)
 
-    def _to_reference(self, value):
+    def _to_reference(self, value: np.ndarray) -> np.ndarray:
         return value.transpose(3, 2, 0, 1)
 
-    def _from_reference(self, weight, shape):
+    def _from_reference(self, weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return weight.transpose(2, 3, 1, 0)
 
 
@@ -1217,7 +1267,7 @@ def _check_groups(layer: keras.layers.Layer, r: int, use_dora: bool = False) -> 
 
 
 def _check_dora_equation(layer: keras.layers.Layer, use_dora: bool) -> None:
-    if use_dora and keras_einsum.plan(layer.equation).feature_tail is None:
+    if use_dora and keras_einsum.linear_plan(layer.equation).feature_tail is None:
         raise ValueError(
             f"DoRA on EinsumDense {layer.name!r} is not supported: its equation {layer.equation!r} puts "
             "an ellipsis among the output features, so their magnitudes cannot be laid along the output; "

@@ -31,6 +31,8 @@ from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIGS_ATTRIBUTE = "_lora_spec_configs"
 ACTIVE_ATTRIBUTE = "_lora_spec_active"
+# Adapter names per row (None or "__base__": the base), or an integer tensor of indices into `adapter_names`.
+AdapterPerRow = Sequence[str | None] | Any
 
 
 def named_layers(model: keras.layers.Layer) -> Iterator[tuple[str, keras.layers.Layer]]:
@@ -482,7 +484,7 @@ def add_weighted_adapter(
     return model
 
 
-def _route_ids(model: keras.layers.Layer, adapter_per_row) -> tuple[Any, dict[str, int]]:
+def _route_ids(model: keras.layers.Layer, adapter_per_row: AdapterPerRow) -> tuple[Any, dict[str, int]]:
     """An int tensor of adapter indices per row (-1: the base) and the index of each adapter name."""
     names = adapter_names(model)
     indices = {name: index for index, name in enumerate(names)}
@@ -493,7 +495,7 @@ def _route_ids(model: keras.layers.Layer, adapter_per_row) -> tuple[Any, dict[st
 
 
 @contextlib.contextmanager
-def routed(model: keras.layers.Layer, adapter_per_row) -> Iterator[keras.layers.Layer]:
+def routed(model: keras.layers.Layer, adapter_per_row: AdapterPerRow) -> Iterator[keras.layers.Layer]:
     """Inside the block, row `i` of each batch runs through adapter `adapter_per_row[i]` (None or
     `"__base__"`: the base model), as PEFT's `adapter_names=` argument does.
 
@@ -545,7 +547,7 @@ class RoutedModel(keras.Model):
         super().__init__(**kwargs)
         self.routed_model = model
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Sequence[Any], training: bool | None = None) -> Any:
         inputs, adapter_ids = inputs
         with routed(self.routed_model, adapter_ids):
             return self.routed_model(inputs, training=False)

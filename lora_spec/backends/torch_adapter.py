@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from lora_spec.backends.torch_model import (
     uses_fan_in_fan_out,
     wrap,
 )
+from lora_spec.backends.torch_variants import DoRAAdapter, LoRAAdapter
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 from lora_spec.inits import convert_to_lora, converted_config
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, check_adapter_name
@@ -73,18 +75,18 @@ def _trained_extras(model: nn.Module, config: LoRAConfig, adapter_name: str) -> 
             yield name, parameter
 
 
-def _file_factors(path: str, adapter_name: str, adapter: nn.Module, convert: bool) -> tuple[np.ndarray, np.ndarray]:
+def _file_factors(path: str, adapter_name: str, adapter: LoRAAdapter, convert: bool) -> tuple[np.ndarray, np.ndarray]:
     """An adapter's `(A, B)` as its file holds them: as trained, or converted to LoRA of the original base."""
-    factors = tuple(to_numpy(factor) for factor in adapter.factors())
+    lora_a, lora_b = map(to_numpy, adapter.factors())
     if not convert:
-        return factors
+        return lora_a, lora_b
     initial = adapter.initial_factors()
     if initial is None:
         raise ValueError(
             f"adapter {adapter_name!r} at {path!r} has no initial factors to convert against (its weights "
             "were replaced after the init): save it with convert_to_lora=False."
         )
-    return convert_to_lora(*factors, *map(to_numpy, initial))
+    return convert_to_lora(lora_a, lora_b, *map(to_numpy, initial))
 
 
 def adapter_file(model: nn.Module, adapter_name: str, convert_to_lora: bool = True) -> tuple[dict, AdapterWeights]:
@@ -95,7 +97,7 @@ def adapter_file(model: nn.Module, adapter_name: str, convert_to_lora: bool = Tr
     weights, ranks = AdapterWeights(), {}
     for module_path, layer in lora_layers(model):
         if adapter_name in layer.adapters:
-            adapter = layer.adapters[adapter_name]
+            adapter = layer.adapter(adapter_name)
             weights.lora[module_path] = _file_factors(module_path, adapter_name, adapter, convert)
             ranks[module_path] = (adapter.r, adapter.alpha)
             if isinstance(layer, LoRAEmbedding):
@@ -172,7 +174,7 @@ def extra_tensor(model: nn.Module, name: str, save_paths: list[str], adapter_nam
             return None
     if isinstance(module, LoRALayer):
         module = module.base_layer
-    tensors = dict(module.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     return tensors.get(rest)
 
@@ -184,6 +186,7 @@ def _expected_lora_shapes(model: nn.Module, config: LoRAConfig, target_paths: li
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, LoRALayer) else module
         layer = lora_layer_for(base)
+        assert layer is not None  # plan() selects only layers that lora_layer_for wraps
         a_shape, b_shape = layer.lora_shapes(base, config.rank_for(path))
         shapes[path] = (tuple(a_shape), tuple(b_shape), layer is LoRAEmbedding)
     return shapes
@@ -298,11 +301,15 @@ def _check_weight_inits_alone(planned: list[tuple]) -> None:
 def _fill(model: nn.Module, name: str, weights: AdapterWeights, save_paths: list[str]) -> None:
     layers = dict(lora_layers(model))
     for module_path, (lora_a, lora_b) in weights.lora.items():
-        adapter = layers[module_path].adapters[name]
+        adapter = layers[module_path].adapter(name)
         adapter.assign(torch.from_numpy(lora_a), torch.from_numpy(lora_b))
         if module_path in weights.magnitudes:
             with torch.no_grad():
-                adapter.lora_magnitude_vector.copy_(torch.from_numpy(weights.magnitudes[module_path]))
+                cast(DoRAAdapter, adapter).lora_magnitude_vector.copy_(
+                    torch.from_numpy(weights.magnitudes[module_path])
+                )
     with torch.no_grad():
         for key, value in weights.extra.items():
-            extra_tensor(model, key, save_paths, name).copy_(torch.from_numpy(value))
+            tensor = extra_tensor(model, key, save_paths, name)
+            assert tensor is not None  # check_extras_fit refused extras the model does not hold
+            tensor.copy_(torch.from_numpy(value))

@@ -61,13 +61,14 @@ def add_weighted_adapter(
     combined = {}
     for path, layer in lora_layers(inner):
         present = [
-            (layer.adapters[name], weight)
-            for name, weight in zip(names, weights, strict=True)
-            if name in layer.adapters
+            (layer.adapter(name), weight) for name, weight in zip(names, weights, strict=True) if name in layer.adapters
         ]
         if not present:
             continue
-        factors = [Factors(*map(to_numpy, adapter.factors()), float(adapter.scaling)) for adapter, _ in present]
+        factors = []
+        for adapter, _ in present:
+            factor_a, factor_b = adapter.factors()
+            factors.append(Factors(to_numpy(factor_a), to_numpy(factor_b), float(adapter.scaling)))
         try:
             combined[path] = combine(factors, [weight for _, weight in present], combination, svd_rank)
         except ValueError as error:

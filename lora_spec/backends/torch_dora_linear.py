@@ -16,6 +16,8 @@ drawn again in backward, or an explicit `DropoutMask` kept for it, as in `torch_
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
@@ -30,7 +32,18 @@ class LinearDoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, magnitude, norm, mask):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        magnitude: torch.Tensor,
+        norm: torch.Tensor,
+        mask: DropoutMask | SeededMask | None,
+    ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         dropout = _mask_rows(mask, rows)
         factor = magnitude / norm
@@ -56,13 +69,13 @@ class LinearDoRAFunction(torch.autograd.Function):
             out_rows.addcmul_(direction, factor - 1)
             out_rows.addmm_(hidden, (lora_b * factor[:, None]).T, alpha=scaling)
             direction.addmm_(hidden, lora_b.T, alpha=scaling)
-        stored_keep = dropout.keep if isinstance(mask, DropoutMask) else None
+        stored_keep = dropout.keep if dropout is not None and isinstance(mask, DropoutMask) else None
         ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, direction, factor, norm, stored_keep)
         ctx.scaling, ctx.mask = scaling, mask
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b, hidden, direction, factor, norm, stored_keep = ctx.saved_tensors
         needs_x, _, needs_bias, needs_a, needs_b, _, needs_magnitude = ctx.needs_input_grad[:7]
         rows = x.reshape(-1, x.shape[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import cast
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from lora_spec.backends.torch_model import (
     modules_to_save,
     unwrap,
 )
+from lora_spec.backends.torch_variants import DoRAAdapter
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
 
 _CHECK_COMPILED = ("error", "warn", "ignore")
@@ -54,7 +56,9 @@ def prepare_model_for_compiled_hotswap(
         if check_compiled == "warn":
             warnings.warn(message, stacklevel=2)
     configs_of(model)
-    adapters = [(path, adapter) for path, layer in lora_layers(unwrap(model)) for adapter in layer.adapters.values()]
+    adapters = [
+        (path, adapter) for path, layer in lora_layers(unwrap(model)) for adapter in map(layer.adapter, layer.adapters)
+    ]
     capacity = max(adapter.lora_A.shape[0] for _, adapter in adapters)
     rank = capacity if target_rank is None else target_rank
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < capacity:
@@ -120,14 +124,16 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
     ]
     check_extras_fit(inner, weights, save_paths, adapter_name)
     for module_path, layer in layers.items():
-        adapter = layer.adapters[adapter_name]
+        adapter = layer.adapter(adapter_name)
         if module_path in weights.lora:
             adapter.assign(*(torch.from_numpy(factor).to(adapter.lora_A) for factor in weights.lora[module_path]))
             _set_scaling(adapter, config.scaling_for(module_path))
             adapter.alpha = config.alpha_for(module_path)
             if module_path in weights.magnitudes:
                 with torch.no_grad():
-                    adapter.lora_magnitude_vector.copy_(torch.from_numpy(weights.magnitudes[module_path]))
+                    cast(DoRAAdapter, adapter).lora_magnitude_vector.copy_(
+                        torch.from_numpy(weights.magnitudes[module_path])
+                    )
         else:
             with torch.no_grad():
                 adapter.lora_A.zero_()
@@ -135,9 +141,11 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str
             adapter.initialise(layer)
     with torch.no_grad():
         for key, value in weights.extra.items():
-            extra_tensor(inner, key, save_paths, adapter_name).copy_(torch.from_numpy(value))
+            tensor = extra_tensor(inner, key, save_paths, adapter_name)
+            assert tensor is not None  # check_extras_fit refused extras the model does not hold
+            tensor.copy_(torch.from_numpy(value))
     ranks = {
-        module_path: (layer.adapters[adapter_name].r, layer.adapters[adapter_name].alpha)
+        module_path: (layer.adapter(adapter_name).r, layer.adapter(adapter_name).alpha)
         for module_path, layer in layers.items()
     }
     getattr(inner, CONFIGS_ATTRIBUTE)[adapter_name] = config_for_layers(config, ranks)
@@ -174,7 +182,7 @@ def _check_fits(
             f"keeps the compiled graph, so it may target only {', '.join(map(repr, layers))}."
         )
     layer = layers[module_path]
-    adapter = layer.adapters[adapter_name]
+    adapter = layer.adapter(adapter_name)
     rank, capacity = a_shape[0], adapter.lora_A.shape[0]
     if rank > capacity:
         raise ValueError(

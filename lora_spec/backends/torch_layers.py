@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from lora_spec import dora
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_inits import check_weight, init_from_weight, method_name
-from lora_spec.backends.torch_variants import DoRAAdapter, LoRAAdapter, cast_to
+from lora_spec.backends.torch_variants import DoRAAdapter, LoRAAdapter, base_weight, cast_to
 from lora_spec.config import LoRAConfig, is_weight_init
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Routing, check_adapter_name
 
@@ -48,9 +49,9 @@ def _plain_ops_required() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting() or torch.onnx.is_in_onnx_export()
 
 
-def _rename_single_adapter_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+def _rename_single_adapter_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: object) -> None:
     """Read state dicts saved when a layer held one adapter (`<layer>.lora_A`) into its first adapter."""
-    first = next(iter(module.adapters), None)
+    first = next(iter(cast(LoRALayer, module).adapters), None)
     for half in ("lora_A", "lora_B"):
         if prefix + half in state_dict and first is not None:
             state_dict[f"{prefix}adapters.{first}.{half}"] = state_dict.pop(prefix + half)
@@ -92,7 +93,7 @@ class LoRALayer(nn.Module):
         self.add_adapter(adapter_name, r, alpha, scaling, dropout, use_dora=use_dora)
         self.register_load_state_dict_pre_hook(_rename_single_adapter_keys)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -102,7 +103,7 @@ class LoRALayer(nn.Module):
                 return getattr(self.adapter(), name)
             return getattr(self.base_layer, name)
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
         if name in _SINGLE_ADAPTER_ATTRIBUTES and "adapters" in self._modules:
             setattr(self.adapter(), name, value)
         else:
@@ -158,7 +159,7 @@ class LoRALayer(nn.Module):
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter {name!r}: delete it first or choose another name.")
-        weight = self.base_layer.weight
+        weight = base_weight(self.base_layer)
         factory = dict(device=weight.device, dtype=_adapter_dtype(weight))
         shapes = self.lora_shapes(self.base_layer, r)
         if use_dora:
@@ -169,7 +170,7 @@ class LoRALayer(nn.Module):
             self.adapters[name] = LoRAAdapter(*shapes, r, alpha, scaling, dropout, factory)
         if init is not None:
             self.reset_lora_parameters(init, name)
-        return self.adapters[name]
+        return self.adapter(name)
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter called `name` (unmerged), and its name from the active ones.
@@ -179,12 +180,12 @@ class LoRALayer(nn.Module):
         """
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into this layer: unmerge before deleting it.")
-        initial = self.adapters[name].initial_factors()
+        initial = self.adapter(name).initial_factors()
         if initial is not None:
-            weight = self.base_layer.weight
+            weight = base_weight(self.base_layer)
             with torch.no_grad():
                 restored = weight.to(torch.promote_types(weight.dtype, torch.float32))
-                restored = restored + self.adapter_delta(self.adapters[name], restored.dtype, initial)
+                restored = restored + self.adapter_delta(self.adapter(name), restored.dtype, initial)
                 weight.copy_(restored)
         del self.adapters[name]
         self.active_adapters = [active for active in self.active_adapters if active != name]
@@ -192,14 +193,15 @@ class LoRALayer(nn.Module):
     def adapter(self, name: str | None = None) -> LoRAAdapter:
         """The adapter called `name`, or, by default, the one active adapter of this layer."""
         if name is not None:
-            return self.adapters[name]
+            # The layer only ever stores adapters in `adapters` (add_adapter).
+            return cast(LoRAAdapter, self.adapters[name])
         active = [active for active in self.active_adapters if active in self.adapters]
         if len(active) != 1:
             raise ValueError(
                 f"this layer has {len(active)} active adapters ({', '.join(active) or 'none'}) of "
                 f"{', '.join(self.adapters) or 'none'}: name one, layer.adapters[name]."
             )
-        return self.adapters[active[0]]
+        return self.adapter(active[0])
 
     def reset_lora_parameters(self, init: str, adapter_name: str | None = None) -> None:
         """Initialise an adapter's factors by `init` (`LoRAConfig.init`), then what its variant derives from
@@ -229,7 +231,7 @@ class LoRALayer(nn.Module):
         """The adapters whose updates the forward pass adds: the active ones, unless disabled or merged."""
         if not self.adapter_enabled or self.merged_adapters:
             return []
-        return [self.adapters[name] for name in self.active_adapters if name in self.adapters]
+        return [self.adapter(name) for name in self.active_adapters if name in self.adapters]
 
     # -- the kind of layer ----------------------------------------------------------------------
 
@@ -246,7 +248,7 @@ class LoRALayer(nn.Module):
 
     def feature_column(self, vector: torch.Tensor) -> torch.Tensor:
         """A per-feature vector shaped to broadcast along the output features of the base weight."""
-        shape = [1] * self.base_layer.weight.dim()
+        shape = [1] * base_weight(self.base_layer).dim()
         shape[self.feature_axis] = -1
         return vector.reshape(shape)
 
@@ -277,10 +279,11 @@ class LoRALayer(nn.Module):
         names = [
             name for name in (self.active_adapters if adapter_names is None else adapter_names) if name in self.adapters
         ]
-        compute = dtype or _adapter_dtype(self.base_layer.weight)
-        delta = torch.zeros_like(self.base_layer.weight, dtype=compute)
+        weight = base_weight(self.base_layer)
+        compute = dtype or _adapter_dtype(weight)
+        delta = torch.zeros_like(weight, dtype=compute)
         for name in names:
-            delta += self.adapter_delta(self.adapters[name], compute)
+            delta += self.adapter_delta(self.adapter(name), compute)
         return delta
 
     def merged_weight(self) -> torch.Tensor:
@@ -289,13 +292,13 @@ class LoRALayer(nn.Module):
 
         Raises ValueError when the result holds NaN or inf; touches nothing.
         """
-        weight = self.base_layer.weight
+        weight = base_weight(self.base_layer)
         with torch.no_grad():
             base = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
             merged = base
             for name in self.active_adapters:
                 if name in self.adapters:
-                    merged = self.adapters[name].merge_into(self, merged, base)
+                    merged = self.adapter(name).merge_into(self, merged, base)
             merged = merged.to(weight.dtype)
         if not bool(torch.isfinite(merged).all()):
             raise ValueError(
@@ -319,9 +322,9 @@ class LoRALayer(nn.Module):
             return
         merged = self.merged_weight()
         if keep_original:
-            self._weight_before_merge = self.base_layer.weight.detach().clone()
+            self._weight_before_merge = base_weight(self.base_layer).detach().clone()
         with torch.no_grad():
-            self.base_layer.weight.copy_(merged)
+            base_weight(self.base_layer).copy_(merged)
         self.merged_adapters = names
 
     def unmerge(self) -> None:
@@ -333,7 +336,7 @@ class LoRALayer(nn.Module):
                 "this layer was merged for good (keep_original=False): its base weight cannot be restored."
             )
         with torch.no_grad():
-            self.base_layer.weight.copy_(self._weight_before_merge)
+            base_weight(self.base_layer).copy_(self._weight_before_merge)
         self._weight_before_merge = None
         self.merged_adapters = []
 
@@ -366,7 +369,7 @@ class LoRALayer(nn.Module):
     def check_routable(self, names: Sequence[Hashable | None]) -> None:
         """Raise when one of `names` is an adapter of this layer that routed batches cannot run (DoRA, as in PEFT)."""
         for name in names:
-            if name in self.adapters and not self.adapters[name].supports_routing:
+            if isinstance(name, str) and name in self.adapters and not self.adapter(name).supports_routing:
                 raise ValueError(
                     f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
                     "PEFT): run its rows as a batch of their own after set_adapter."
@@ -400,6 +403,7 @@ class LoRALayer(nn.Module):
                 "routed batches are for inference on an unmerged model: call model.eval() and "
                 "unmerge(model) before running them."
             )
+        assert self._routes is not None  # forward routes only when routing is set
         rows_expected, groups = self._routes
         if x.shape[0] != rows_expected:
             raise ValueError(
@@ -407,9 +411,9 @@ class LoRALayer(nn.Module):
                 f"{x.shape[0]} rows: give routed() one adapter name per row of the batch."
             )
         for name, rows in groups:
-            if name not in self.adapters:
+            if not isinstance(name, str) or name not in self.adapters:
                 continue
-            adapter = self.adapters[name]
+            adapter = self.adapter(name)
             if isinstance(rows, slice):  # a view: the update goes straight into the batch's output
                 target = result[rows]
                 updated = self.add_update(target, adapter, x[rows])
@@ -448,7 +452,7 @@ class LoRALinear(LoRALayer):
     @staticmethod
     def features(base_layer: nn.Module) -> tuple[int, int]:
         """`(in, out)` of a Linear or Conv1D."""
-        rows, columns = base_layer.weight.shape
+        rows, columns = base_weight(base_layer).shape
         return (rows, columns) if is_conv1d(base_layer) else (columns, rows)
 
     @classmethod
@@ -458,7 +462,8 @@ class LoRALinear(LoRALayer):
 
     @classmethod
     def check_weight_init(cls, base_layer: nn.Module, init: str, r: int) -> None:
-        check_weight(base_layer.weight.T if is_conv1d(base_layer) else base_layer.weight, init, r)
+        weight = base_weight(base_layer)
+        check_weight(weight.T if is_conv1d(base_layer) else weight, init, r)
 
     @property
     def feature_axis(self) -> int:
@@ -466,7 +471,7 @@ class LoRALinear(LoRALayer):
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as `(out, in)`: a transposed view for Conv1D."""
-        weight = self.base_layer.weight
+        weight = base_weight(self.base_layer)
         return weight.T if self.fan_in_fan_out else weight
 
     def init_from_weight(self, adapter: LoRAAdapter, init: str) -> None:
@@ -479,7 +484,7 @@ class LoRALinear(LoRALayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def _fused_path_applies(self, x: torch.Tensor, adapter: LoRAAdapter) -> bool:
-        weight = self.base_layer.weight
+        weight = base_weight(self.base_layer)
         return (
             self.training
             and torch.is_grad_enabled()
@@ -509,12 +514,11 @@ class LoRALinear(LoRALayer):
     ) -> torch.Tensor:
         """In inference (nothing needs a gradient), the update is one `addmm_` into `result`: no full-size
         temporary. Otherwise, and under tracing, export or compilation, the plain sum."""
-        if not self._adds_in_place(result, adapter, x, dropout_mask):
+        scaling = adapter.scaling
+        if not (isinstance(scaling, float) and self._adds_in_place(result, adapter, x, dropout_mask)):
             return super().add_update(result, adapter, x, dropout_mask)
         hidden = F.linear(x, adapter.lora_A)
-        result.view(-1, result.shape[-1]).addmm_(
-            hidden.reshape(-1, hidden.shape[-1]), adapter.lora_B.T, alpha=adapter.scaling
-        )
+        result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), adapter.lora_B.T, alpha=scaling)
         return result
 
     def _adds_in_place(
@@ -527,7 +531,6 @@ class LoRALinear(LoRALayer):
         return (
             not needs_graph
             and not dropping
-            and isinstance(adapter.scaling, float)
             and result.is_contiguous()
             and result.dtype == x.dtype == adapter.lora_A.dtype
             and not _plain_ops_required()
@@ -539,10 +542,11 @@ class LoRAEmbedding(LoRALayer):
 
     kind = "embedding"
     feature_axis = 1
+    base_layer: nn.Embedding
 
     @staticmethod
     def lora_shapes(base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        num_embeddings, dim = base_layer.weight.shape
+        num_embeddings, dim = base_weight(base_layer).shape
         return (r, num_embeddings), (dim, r)
 
     def init_factors(self, adapter: LoRAAdapter, init: str) -> None:
@@ -574,11 +578,12 @@ class LoRAConv2d(LoRALayer):
 
     kind = "conv2d"
     feature_axis = 0
+    base_layer: nn.Conv2d
 
     @staticmethod
     def lora_shapes(base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        out_channels, in_per_group, kernel_h, kernel_w = base_layer.weight.shape
-        groups = base_layer.groups
+        out_channels, in_per_group, kernel_h, kernel_w = base_weight(base_layer).shape
+        groups = cast(nn.Conv2d, base_layer).groups
         if r % groups:
             raise ValueError(
                 f"rank {r} is not a multiple of the conv's groups={groups}: "
@@ -588,7 +593,7 @@ class LoRAConv2d(LoRALayer):
 
     @classmethod
     def check_dora(cls, base_layer: nn.Module) -> None:
-        a_shape, b_shape = cls.lora_shapes(base_layer, base_layer.groups)
+        a_shape, b_shape = cls.lora_shapes(base_layer, cast(nn.Conv2d, base_layer).groups)
         dora.check_supported(cls.kind, np.broadcast_to(np.float32(0), a_shape), np.broadcast_to(np.float32(0), b_shape))
 
     def delta_layout(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
@@ -617,7 +622,7 @@ def lora_layer_for(module: nn.Module) -> type[LoRALayer] | None:
     return None
 
 
-def adapter_arguments(config: LoRAConfig, path: str) -> dict:
+def adapter_arguments(config: LoRAConfig, path: str) -> dict[str, Any]:
     """The rank, alpha, scaling, dropout and variant `config` gives the module at `path`."""
     return dict(
         r=config.rank_for(path),
@@ -631,6 +636,8 @@ def adapter_arguments(config: LoRAConfig, path: str) -> dict:
 def make_lora_layer(module: nn.Module, path: str, config: LoRAConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoRALayer:
     """Wrap `module` (found at `path`) with an adapter `adapter_name` of the rank, alpha, variant and init
     `config` gives that path."""
-    layer = lora_layer_for(module)(module, adapter_name=adapter_name, **adapter_arguments(config, path))
+    layer_class = lora_layer_for(module)
+    assert layer_class is not None  # plan() selects only layers that lora_layer_for wraps
+    layer = layer_class(module, adapter_name=adapter_name, **adapter_arguments(config, path))
     layer.reset_lora_parameters(config.init, adapter_name)
     return layer

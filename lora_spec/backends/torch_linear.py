@@ -14,6 +14,8 @@ it only in eager training; tracing, export and `torch.compile` see plain ops.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
@@ -35,7 +37,16 @@ class LinearLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, mask):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        mask: DropoutMask | SeededMask | None,
+    ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         dropout = _mask_rows(mask, rows)
         hidden = (rows if dropout is None else rows * dropout.keep) @ lora_a.T
@@ -50,13 +61,13 @@ class LinearLoRAFunction(torch.autograd.Function):
         else:
             torch.addmm(bias, rows, weight.T, out=out_rows)
         out_rows.addmm_(hidden, lora_b.T, alpha=scaling)
-        stored_keep = dropout.keep if isinstance(mask, DropoutMask) else None
+        stored_keep = dropout.keep if dropout is not None and isinstance(mask, DropoutMask) else None
         ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, stored_keep)
         ctx.scaling, ctx.mask = scaling, mask
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b, hidden, stored_keep = ctx.saved_tensors
         needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         rows = x.reshape(-1, x.shape[-1])

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from torch import nn
 
@@ -24,6 +24,7 @@ from lora_spec.backends.torch_layers import (
     lora_layer_for,
     make_lora_layer,
 )
+from lora_spec.backends.torch_variants import base_weight
 from lora_spec.config import LoRAConfig, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
 from lora_spec.multi_adapter import BASE_MODEL, Routing, check_adapter_name
@@ -32,12 +33,14 @@ from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
 CONFIGS_ATTRIBUTE = "lora_configs"
 ACTIVE_ATTRIBUTE = "lora_active_adapters"
+# The model's own type: `apply` adapts a model in place and returns it.
+ModelT = TypeVar("ModelT", bound=nn.Module)
 _KINDS = {"LoRALinear": "linear", "LoRAEmbedding": "embedding", "LoRAConv2d": "conv2d"}
 
 
-def _rename_single_copy_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+def _rename_single_copy_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: object) -> None:
     """Read state dicts saved when a module to save had one copy (`<path>.trained_module.*`) into its first copy."""
-    first = next(iter(module.modules_to_save), None)
+    first = next(iter(cast(ModulesToSave, module).modules_to_save), None)
     old = prefix + "trained_module."
     for key in [key for key in state_dict if key.startswith(old)]:
         if first is not None:
@@ -91,6 +94,7 @@ class ModulesToSave(nn.Module):
         return (self.trained_module or self.original_module)(*args, **kwargs)
 
     def _routed(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._routes is not None  # forward routes only when routing is set
         rows_expected, groups = self._routes
         if len(args) != 1 or kwargs or args[0].shape[0] != rows_expected:
             raise ValueError(
@@ -100,7 +104,7 @@ class ModulesToSave(nn.Module):
         (x,) = args
         result = self.original_module(x)
         for name, rows in groups:
-            if name in self.modules_to_save:
+            if isinstance(name, str) and name in self.modules_to_save:
                 result[rows] = self.modules_to_save[name](x[rows])
         return result
 
@@ -118,7 +122,9 @@ def describe_modules(model: nn.Module) -> list[ModuleInfo]:
     The projections of `nn.MultiheadAttention` count as "other": it reads their weights directly,
     so a wrapper around them would be silently bypassed.
     """
-    infos, hidden, weight_readers = [], (), ()
+    infos: list[ModuleInfo] = []
+    hidden: tuple[str, ...] = ()
+    weight_readers: tuple[str, ...] = ()
     for path, module in model.named_modules():
         if hidden and path.startswith(hidden):
             continue
@@ -174,19 +180,21 @@ def plan(
     save_paths = modules_to_save_paths(modules, config, require_modules_to_save)
     for match in matches:
         module = model.get_submodule(match.path)
-        if isinstance(module, LoRALayer) and adapter_name in module.adapters:
+        if isinstance(module, LoRALayer) and adapter_name is not None and adapter_name in module.adapters:
             continue
         base = module.base_layer if isinstance(module, LoRALayer) else module
+        layer_class = lora_layer_for(base)
+        assert layer_class is not None  # select_targets matches only layers that lora_layer_for wraps
         try:
-            lora_layer_for(base).check_adapter(base, config.rank_for(match.path), config.use_dora, config.init)
+            layer_class.check_adapter(base, config.rank_for(match.path), config.use_dora, config.init)
         except ValueError as error:
             raise ValueError(f"module {match.path!r}: {error}") from None
     return config, [m.path for m in matches], save_paths
 
 
 def apply(
-    model: nn.Module, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **overrides: Any
-) -> nn.Module:
+    model: ModelT, config: LoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **overrides: Any
+) -> ModelT:
     """Add an adapter called `adapter_name` to the targeted modules of `model` in place; returns `model`.
 
     `overrides` are `LoRAConfig` fields (`r=16, alpha=32, target_modules=[...]`). The first
@@ -217,7 +225,7 @@ def check_alone(model: nn.Module, config: LoRAConfig, target_paths: Sequence[str
         module = model.get_submodule(path)
         if not isinstance(module, LoRALayer):
             continue
-        others = {name: module.adapters[name] for name in module.adapters if name != adapter_name}
+        others = {name: module.adapter(name) for name in module.adapters if name != adapter_name}
         on_residual = [name for name, adapter in others.items() if adapter.initial_factors() is not None]
         if on_residual:
             raise ValueError(
@@ -234,12 +242,12 @@ def check_alone(model: nn.Module, config: LoRAConfig, target_paths: Sequence[str
 
 
 def wrap(
-    model: nn.Module,
+    model: ModelT,
     config: LoRAConfig,
     target_paths: list[str],
     save_paths: list[str],
     adapter_name: str = DEFAULT_ADAPTER,
-) -> nn.Module:
+) -> ModelT:
     """`apply` for targets already resolved by `plan`."""
     configs = dict(getattr(model, CONFIGS_ATTRIBUTE, None) or {})
     active = list(getattr(model, ACTIVE_ATTRIBUTE, None) or [adapter_name])
@@ -291,8 +299,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), nn.Module):
+            model = compiled
         else:
             return model
 
@@ -444,7 +452,7 @@ def _untie_adapted_weights(model: nn.Module) -> None:
     for path, layer in lora_layers(model):
         if layer.merged:
             continue
-        weight = layer.base_layer.weight
+        weight = base_weight(layer.base_layer)
         tied = [
             (other, module, name)
             for other, module, name in holders.get(id(weight), ())
@@ -454,7 +462,7 @@ def _untie_adapted_weights(model: nn.Module) -> None:
             setattr(module, name, nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
         if tied:
             config = getattr(model, "config", None)
-            if getattr(config, "tie_word_embeddings", False):
+            if config is not None and getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
             warnings.warn(
                 f"the base weight of {path!r} is tied to {', '.join(repr(t[0]) for t in tied)}: each now "

@@ -14,7 +14,7 @@ is the same composition, so merging keeps the evaluation outputs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,17 @@ from lora_spec.backends.torch_linear import linear_lora
 
 if TYPE_CHECKING:
     from lora_spec.backends.torch_layers import LoRALayer, LoRALinear
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The `weight` of a layer LoRA wraps (Linear, Conv1D, Embedding, Conv2d): always a tensor, which
+    `nn.Module.__getattr__` cannot tell the type checker."""
+    return cast(torch.Tensor, module.weight)
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """The `bias` of a linear layer LoRA wraps, None when it has none."""
+    return cast("torch.Tensor | None", module.bias)
 
 
 def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,12 +63,13 @@ class LoRAAdapter(nn.Module):
         alpha: float,
         scaling: float,
         dropout: float,
-        factory: dict,
+        factory: dict[str, Any],
     ) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(torch.zeros(a_shape, **factory))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **factory))
-        self.r, self.alpha, self.scaling, self.dropout = r, alpha, scaling, dropout
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.scaling: float | torch.Tensor = scaling
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={float(self.scaling):g}, dropout={self.dropout}"
@@ -107,8 +119,8 @@ class LoRAAdapter(nn.Module):
 
     def initial_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The factors an init from the base weight gave (the base weight holds the residual), else None."""
-        initial = (getattr(self, "initial_lora_A", None), getattr(self, "initial_lora_B", None))
-        return None if initial[0] is None else initial
+        lora_a, lora_b = getattr(self, "initial_lora_A", None), getattr(self, "initial_lora_B", None)
+        return None if lora_a is None or lora_b is None else (lora_a, lora_b)
 
     # -- what the adapter computes; a variant overrides these --------------------------------------------------
 
@@ -127,8 +139,10 @@ class LoRAAdapter(nn.Module):
 
     def train_linear(self, layer: LoRALinear, x: torch.Tensor, mask: DropoutMask | SeededMask | None) -> torch.Tensor:
         """A linear layer's output in eager training, this adapter alone active: one fused Function."""
+        scaling = self.scaling
+        assert isinstance(scaling, float)  # the layer takes the fused path only with a float scaling
         return linear_lora(
-            x, layer.weight_out_in(), layer.base_layer.bias, self.lora_A, self.lora_B, self.scaling, mask
+            x, layer.weight_out_in(), base_bias(layer.base_layer), self.lora_A, self.lora_B, scaling, mask
         )
 
 
@@ -150,7 +164,7 @@ class DoRAAdapter(LoRAAdapter):
         alpha: float,
         scaling: float,
         dropout: float,
-        factory: dict,
+        factory: dict[str, Any],
         magnitude_shape: tuple[int, ...],
     ) -> None:
         super().__init__(a_shape, b_shape, r, alpha, scaling, dropout, factory)
@@ -164,7 +178,7 @@ class DoRAAdapter(LoRAAdapter):
     def weight_norm(self, layer: LoRALayer, base: torch.Tensor | None = None) -> torch.Tensor:
         """`||W + s * B @ A||` per output feature in the magnitude's shape, detached, in at least float32;
         `base` is the base weight in that dtype (default: the layer's)."""
-        weight = layer.base_layer.weight
+        weight = base_weight(layer.base_layer)
         compute = torch.promote_types(weight.dtype, torch.float32)
         with torch.no_grad():
             adapted = layer.adapter_delta(self, compute)
@@ -198,14 +212,16 @@ class DoRAAdapter(LoRAAdapter):
 
     def train_linear(self, layer: LoRALinear, x: torch.Tensor, mask: DropoutMask | SeededMask | None) -> torch.Tensor:
         weight = layer.weight_out_in()
-        norm = linear_weight_norm(weight, self.lora_A, self.lora_B, self.scaling)
+        scaling = self.scaling
+        assert isinstance(scaling, float)  # the layer takes the fused path only with a float scaling
+        norm = linear_weight_norm(weight, self.lora_A, self.lora_B, scaling)
         return linear_dora(
             x,
             weight,
-            layer.base_layer.bias,
+            base_bias(layer.base_layer),
             self.lora_A,
             self.lora_B,
-            self.scaling,
+            scaling,
             self.lora_magnitude_vector,
             norm,
             mask,

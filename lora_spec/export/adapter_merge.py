@@ -59,6 +59,8 @@ _DELTAS = {
     "embedding": reference.embedding_delta_weight,
     "conv2d": reference.conv2d_delta_weight,
 }
+# Transpose perms met walking from a consumer back to its initializer, innermost last: `(perm, outer)`.
+_Perms = tuple[tuple[int, ...] | None, "_Perms"] | None
 # Nodes a weight may pass through on its way from the initializer to the node that reads it.
 _FORWARDING_OPS = ("Identity", "Cast", "Transpose")
 # Inputs of normalization nodes holding a module's parameters, by PyTorch's parameter names.
@@ -196,7 +198,8 @@ class _Graph:
 
     def trace(self, node: onnx.NodeProto, index: int) -> TensorLocation | None:
         """The initializer behind `node.input[index]`, through Identity, Cast and Transpose nodes."""
-        consumer, consumer_index, name, perm, element_type = node, index, node.input[index], None, None
+        consumer, consumer_index, name, element_type = node, index, node.input[index], None
+        perm: _Perms = None
         while name not in self.initializers:
             producer = self.producers.get(name)
             if producer is None or producer.op_type not in _FORWARDING_OPS or not producer.input:
@@ -232,7 +235,7 @@ class _Graph:
         return found
 
 
-def _compose(perms, rank: int) -> tuple[int, ...]:
+def _compose(perms: _Perms, rank: int) -> tuple[int, ...]:
     """Fold the nested `(inner, outer)` Transpose perms collected by `_Graph.trace` into one."""
     total = tuple(range(rank))
     while perms is not None:
@@ -407,7 +410,7 @@ def load_adapter(directory: str | os.PathLike, weight: float) -> LoadedAdapter:
     return LoadedAdapter(os.fspath(directory), float(weight), config, bool(raw.get("fan_in_fan_out")), tensors)
 
 
-def _check_arguments(model, read_tensor) -> None:
+def _check_arguments(model: onnx.ModelProto, read_tensor: Callable[[str], np.ndarray]) -> None:
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(
             f"model is a {type(model).__name__}: pass an onnx.ModelProto (onnx.load(path, load_external_data=False))."
@@ -418,10 +421,10 @@ def _check_arguments(model, read_tensor) -> None:
         )
 
 
-def _checked_adapters(adapters) -> list[tuple[str | os.PathLike, float]]:
+def _checked_adapters(adapters: Sequence[tuple[str | os.PathLike, float]]) -> list[tuple[str | os.PathLike, float]]:
     if isinstance(adapters, (str, os.PathLike)) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError(f"adapters={adapters!r} is invalid: pass a non-empty list of (directory, weight) pairs.")
-    checked = []
+    checked: list[tuple[str | os.PathLike, float]] = []
     for entry in adapters:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))):
             raise TypeError(f"adapter entry {entry!r} is invalid: use a (directory, weight) pair.")
@@ -443,7 +446,7 @@ class _Accumulator:
         self.read_tensor = read_tensor
         self.locations: dict[tuple[str, int], TensorLocation] = {}
         self.replacements: dict[tuple[str, int], tuple[np.ndarray, str]] = {}
-        self.deltas: dict[tuple[str, int], list[Callable[[], np.ndarray]]] = {}
+        self.deltas: dict[tuple[str, int], list[tuple[Callable[[], np.ndarray], str]]] = {}
         self.dora_merges: dict[tuple[str, int], tuple[Callable[[np.ndarray], np.ndarray], str]] = {}
 
     def replace(self, location: TensorLocation, value: np.ndarray, source: str) -> None:
@@ -856,8 +859,8 @@ def plan_adapter_merge(
                 accumulator.add_dora(site.weight, _dora_merge(target.adapter, target.path, site), source)
             elif target.adapter.weight:
                 accumulator.add(site.weight, _delta(target.adapter, target.path, site), source)
-    for target in targets.full:
-        if target.adapter.weight:
-            for location, full, _ in target.locations:
-                accumulator.replace(location, full, f"{target.adapter.directory} ({target.key})")
+    for full_target in targets.full:
+        if full_target.adapter.weight:
+            for location, full, _ in full_target.locations:
+                accumulator.replace(location, full, f"{full_target.adapter.directory} ({full_target.key})")
     return AdapterMergePlan(updates=accumulator.updates(), matched=targets.matched, unmatched=targets.unmatched)

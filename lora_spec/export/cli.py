@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lora_spec.export.merge import MergeResult
+    from lora_spec.export.pack import PackResult
+    from lora_spec.export.switchable import SwitchableResult
 
 EPILOG = """\
 exit status: 0 done, 1 bad input, 2 bad arguments, 3 no LoRA branch found, 4 verification failed.
@@ -147,7 +153,7 @@ def _mode_error(arguments: argparse.Namespace) -> str | None:
     return None
 
 
-def _run(arguments: argparse.Namespace):
+def _run(arguments: argparse.Namespace) -> MergeResult | SwitchableResult | PackResult:
     from lora_spec.export import make_switchable, merge_onnx, pack_adapter
 
     common = dict(

@@ -48,6 +48,7 @@ from lora_spec.export.patterns import (
     BASE_OPS,
     WEIGHT_INPUT,
     WEIGHT_RANK,
+    Factor,
     LoRABranch,
     base_chain_to,
     base_dims,
@@ -118,6 +119,11 @@ class AffineExpression:
         return None
 
 
+# A bias to change and its new value: `(the node holding it, its input index, value)`, or, when the
+# expression's last node adds it, `(None, the initializer that held it, value)`.
+BiasUpdate = tuple[onnx.NodeProto, int, np.ndarray] | tuple[None, str, np.ndarray]
+
+
 @dataclasses.dataclass
 class DoRABranch(LoRABranch):
     """A matched DoRA expression: a `LoRABranch` whose `add` is the expression's last node, plus the
@@ -133,7 +139,7 @@ class DoRABranch(LoRABranch):
     weight_scale: np.ndarray
     delta_scale: np.ndarray
     expression: list[onnx.NodeProto]
-    bias: tuple[onnx.NodeProto | None, int | str, np.ndarray] | None
+    bias: BiasUpdate | None
 
 
 def find_dora_branches(graph: Graph) -> tuple[list[DoRABranch], list[str]]:
@@ -145,7 +151,9 @@ def find_dora_branches(graph: Graph) -> tuple[list[DoRABranch], list[str]]:
     last node back, so a layer's outermost one is found first and its nodes are not read again as
     parts of smaller ones.
     """
-    branches, refusals, taken = [], [], set()
+    branches: list[DoRABranch] = []
+    refusals: list[str] = []
+    taken: set[int] = set()
     for node in reversed(graph.nodes):
         if (
             node.op_type not in ("Add", "Sub")
@@ -224,7 +232,9 @@ def match(graph: Graph, node: onnx.NodeProto) -> DoRABranch | tuple[str, set[int
     )
 
 
-def _base_and_pair(graph: Graph, leaves: list[str]):
+def _base_and_pair(
+    graph: Graph, leaves: list[str]
+) -> tuple[onnx.NodeProto, str, str, tuple[list[Factor], float, str, bool]] | None:
     """`(base product, its weight, the pair's output, low_rank_chain(...))` when the two computed
     leaves are one base product on an initializer and one low-rank pair, else None."""
     if len(leaves) != 2:
@@ -246,17 +256,19 @@ def _base_and_pair(graph: Graph, leaves: list[str]):
     return None
 
 
-def _base_output_chain(graph: Graph, paths: list[tuple[str, ...]], base: onnx.NodeProto):
+def _base_output_chain(graph: Graph, paths: list[tuple[str, ...]], base: onnx.NodeProto) -> list[onnx.NodeProto] | None:
     """The nodes from the base product to the tensor every path to it goes through, nearest the
     expression's output, that is a base chain (bias `Add`s, `Cast`s, `Identity`, `Reshape`s that keep
     the last dim), possibly ending with a `Reshape` that splits the features (into heads)."""
     for tensor in paths[0]:
         if all(tensor in path for path in paths[1:]):
             last = graph.producer.get(tensor)
-            split = last is not None and last.op_type == "Reshape" and passthrough_input(graph, last) is None
-            found = base_chain_to(graph, last.input[0], last) if split else base_chain_to(graph, tensor, None)
+            if last is not None and last.op_type == "Reshape" and passthrough_input(graph, last) is None:
+                found, split = base_chain_to(graph, last.input[0], last), [last]
+            else:
+                found, split = base_chain_to(graph, tensor, None), []
             if isinstance(found, tuple) and found[0][0] is base:
-                return found[0] + ([last] if split else [])
+                return found[0] + split
     return None
 
 
@@ -291,7 +303,7 @@ def _per_feature(value: np.ndarray, features: int, convolution: bool) -> np.ndar
 
 def _coefficient_sums(
     graph: Graph, terms: list[Term], base_output: str, pair_output: str, features: int, convolution: bool
-):
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool] | str:
     """`(C, D, K, whether the base or the pair is scaled by a vector)` per output feature, or the reason they
     cannot be read."""
     sums = {"base": np.zeros(features), "pair": np.zeros(features), "constant": np.zeros(features)}
@@ -321,18 +333,19 @@ def _coefficient_sums(
 def _evaluated(graph: Graph, names: tuple[str, ...]) -> dict[str, np.ndarray] | str:
     """The values of constants `names`, ancestors first (the graph keeps them: `f - 1` starts from `f`)."""
     order = {id(node): index for index, node in enumerate(graph.nodes)}
-    values = {}
+    values: dict[str, np.ndarray] = {}
     for name in sorted(set(names), key=lambda item: order.get(id(graph.producer.get(item)), -1)):
-        values[name] = graph.evaluate_constant(name)
-        if values[name] is None:
+        value = graph.evaluate_constant(name)
+        if value is None:
             return f"its constant {name} cannot be evaluated"
+        values[name] = value
     return values
 
 
 def _bias_holders(graph: Graph, chain: list[onnx.NodeProto]) -> list[tuple[onnx.NodeProto, int, float]]:
     """`(node, input index, factor)` of each bias the base chain adds (Gemm's C times beta, a Conv's
     bias, the constant of a bias `Add`)."""
-    holders = []
+    holders: list[tuple[onnx.NodeProto, int, float]] = []
     base = chain[0]
     if base.op_type in ("Gemm", "Conv") and len(base.input) > 2 and base.input[2]:
         holders.append((base, 2, float(attribute(base, "beta", 1.0)) if base.op_type == "Gemm" else 1.0))
@@ -349,7 +362,7 @@ def _bias_update(
     constant: np.ndarray,
     features: int,
     terms: list[Term],
-):
+) -> BiasUpdate | str | None:
     """The bias the base chain adds, with `C * b + K`: `(holder node, input index, new value)`, None when
     it stays as it is, `(None, initializer, K)` when the chain has none and the expression adds one
     initializer of a value per feature (the last node will add it), or the reason it cannot hold the
@@ -379,7 +392,7 @@ def _bias_update(
             stored * factor, features, convolution=chain[0].op_type == "Conv" and holder.op_type != "Conv"
         )
     )
-    if old is None:
+    if stored is None or old is None:
         return "the base product's bias does not act per output feature"
     new = ((weight_scale * old + constant) / factor).astype(stored.dtype)
     if stored.size == new.size:
@@ -395,10 +408,10 @@ def _bias_update(
     return holder, index, new
 
 
-class DoRAFoldRule(FoldRule):
+class DoRAFoldRule(FoldRule[DoRABranch]):
     """Folds a `DoRABranch`: the base op's layout from its LoRA rule, the weight and bias per feature."""
 
-    def __init__(self, lora_rule: FoldRule) -> None:
+    def __init__(self, lora_rule: FoldRule[LoRABranch]) -> None:
         self.lora_rule = lora_rule
         self.op_type = lora_rule.op_type
 
@@ -417,9 +430,11 @@ class DoRAFoldRule(FoldRule):
     def output_scales(self, branch: DoRABranch) -> tuple[np.ndarray, np.ndarray]:
         return branch.weight_scale, branch.delta_scale
 
-    def describe(self, fold: Fold) -> str:
+    def describe(self, fold: Fold[DoRABranch]) -> str:
         branch = fold.branch
-        bias = f"; bias {branch.bias[0].input[branch.bias[1]]} rescaled" if branch.bias else ""
+        # After rewrite, a bias to change always has a node holding it.
+        held = branch.bias
+        bias = f"; bias {held[0].input[held[1]]} rescaled" if held is not None and held[0] is not None else ""
         return (
             f"{fold.name}: {branch.weight} scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to "
             f"{branch.weight_scale.max():.4g}) += {branch.lora_a.initializer} @ {branch.lora_b.initializer}"
@@ -428,9 +443,11 @@ class DoRAFoldRule(FoldRule):
         )
 
     def other_values(self, branch: DoRABranch) -> dict[str, np.ndarray]:
-        if branch.bias is None:
+        bias = branch.bias
+        if bias is None:
             return {}
-        holder, index, value = branch.bias
+        assert bias[0] is not None  # rewrite gave the bias a node to hold it
+        holder, index, value = bias
         return {holder.input[index]: value}
 
     def merged_weight(
@@ -459,15 +476,17 @@ class DoRAFoldRule(FoldRule):
             original = branch.base_chain
             branch.base_chain, branch.base_output = graph.duplicate_chain(original, before=branch.add)
             branch.base = branch.base_chain[0]
-            if branch.bias is not None and branch.bias[0] is not None:
-                holder, index, value = branch.bias
+            bias = branch.bias
+            if bias is not None and bias[0] is not None:
+                holder, index, value = bias
                 position = next(place for place, node in enumerate(original) if node is holder)
                 branch.bias = (branch.base_chain[position], index, value)
         # The last node reads the base output first, so that deleting the rest keeps the base chain.
         graph.replace_input(branch.add, 0, branch.base_output)
-        if branch.bias is not None and branch.bias[0] is None:
+        bias = branch.bias
+        if bias is not None and bias[0] is None:
             # It stays, as the bias Add of the merged layer, reading its own copy of the bias.
-            _, held_by, value = branch.bias
+            _, held_by, value = bias
             graph.replace_input(branch.add, 1, graph.copy_initializer(held_by, f"{held_by}.merged"))
             branch.bias = (branch.add, 1, -value if branch.add.op_type == "Sub" else value)
             graph.remove([node for node in branch.expression if node is not branch.add])
@@ -475,9 +494,13 @@ class DoRAFoldRule(FoldRule):
             graph.remove([node for node in branch.expression if node is not branch.add])
             graph.bypass(branch.add, branch.base_output)
         target = _own_initializer(graph, branch.base, WEIGHT_INPUT[self.op_type], branch.weight)
-        if branch.bias is not None:
-            holder, index, _ = branch.bias
-            _own_initializer(graph, holder, index, graph.initializer_behind(holder.input[index]))
+        bias = branch.bias
+        if bias is not None:
+            assert bias[0] is not None  # given a node above
+            holder, index, _ = bias
+            held = graph.initializer_behind(holder.input[index])
+            assert held is not None  # _bias_update changes only a bias held by an initializer
+            _own_initializer(graph, holder, index, held)
         drop_no_op_casts(graph, branch.add.output[0], branch.base_chain, graph.initializers[target].data_type)
         return target
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import onnx
@@ -17,8 +18,10 @@ from lora_spec.export.graph import Graph, attribute
 from lora_spec.export.patterns import WEIGHT_INPUT, Factor, LoRABranch
 
 ReadTensor = Callable[[str], np.ndarray]
+# The kind of branch a rule folds (a DoRA rule takes DoRA branches only).
+BranchT = TypeVar("BranchT", bound=LoRABranch)
 # (fold, weight, lora_a, lora_b) -> a function of the merged weight.
-LayerCheck = Callable[["Fold", np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], None]]
+LayerCheck = Callable[["Fold[Any]", np.ndarray, np.ndarray, np.ndarray], Callable[[np.ndarray], None]]
 _FLOAT, _DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
 # (from, to) casts that every value survives, so casting back restores it bit for bit.
 _EXACT_UPCASTS = {
@@ -30,12 +33,12 @@ _EXACT_UPCASTS = {
 }
 
 
-class FoldRule:
+class FoldRule(Generic[BranchT]):
     """Folding shared by the MatMul and Gemm rules; subclasses say how their node stores the weight."""
 
     op_type: str
 
-    def check(self, graph: Graph, branch: LoRABranch) -> str | None:
+    def check(self, graph: Graph, branch: BranchT) -> str | None:
         """The reason this branch cannot be folded, or None."""
         if graph.initializers[branch.weight].data_type not in (
             onnx.TensorProto.FLOAT,
@@ -57,29 +60,27 @@ class FoldRule:
     def to_reference(self, node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
         return weight if self.weight_is_out_in(node) else weight.T
 
-    def reference_factors(self, branch: LoRABranch, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
+    def reference_factors(self, branch: BranchT, read_tensor: ReadTensor) -> tuple[np.ndarray, np.ndarray]:
         """A `(r, in)` and B `(out, r)` in the reference layout, from how the products read them."""
         return reference_factors(branch.lora_a, branch.lora_b, read_tensor)
 
-    def output_scales(self, branch: LoRABranch) -> tuple[float | np.ndarray, float | np.ndarray]:
+    def output_scales(self, branch: BranchT) -> tuple[float | np.ndarray, float | np.ndarray]:
         """What the layer multiplies the base product and the low-rank product by (per output feature
         or for all): `branch.scale` on the branch, 1 on the base."""
         return 1.0, branch.scale
 
-    def describe(self, fold: Fold) -> str:
+    def describe(self, fold: Fold[BranchT]) -> str:
         branch = fold.branch
         return (
             f"{fold.name}: {branch.weight} += {branch.scale:g} * {branch.lora_a.initializer} @ "
             f"{branch.lora_b.initializer}" + ("" if fold.target == branch.weight else f" (copied to {fold.target})")
         )
 
-    def other_values(self, branch: LoRABranch) -> dict[str, np.ndarray]:
+    def other_values(self, branch: BranchT) -> dict[str, np.ndarray]:
         """New values of tensors other than the weight (a rescaled bias), by initializer name."""
         return {}
 
-    def merged_weight(
-        self, branch: LoRABranch, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray
-    ) -> np.ndarray:
+    def merged_weight(self, branch: BranchT, weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray) -> np.ndarray:
         """The node's new weight, in its layout and dtype: `W + (scale / alpha) * B @ A`.
 
         Computed in `weight`'s own memory when it can be (a float32 array the caller owns).
@@ -91,7 +92,7 @@ class FoldRule:
         # layout, so the weight is never copied through a transpose.
         return reference.merge(weight, lora_b.T, lora_a.T, scale, overwrite_w=True)
 
-    def rewrite(self, graph: Graph, branch: LoRABranch) -> str:
+    def rewrite(self, graph: Graph, branch: BranchT) -> str:
         """Point the base at the initializer that will hold the merged weight and delete the branch.
 
         Returns that initializer's name: a copy when anything else reads the original weight.
@@ -137,7 +138,7 @@ def drop_no_op_casts(graph: Graph, output: str, base_chain: list[onnx.NodeProto]
         graph.bypass(last, last.input[0])
 
 
-class MatMulFold(FoldRule):
+class MatMulFold(FoldRule[LoRABranch]):
     """`x @ W` with `W (in, out)`."""
 
     op_type = "MatMul"
@@ -146,7 +147,7 @@ class MatMulFold(FoldRule):
         return False
 
 
-class GemmFold(FoldRule):
+class GemmFold(FoldRule[LoRABranch]):
     """`alpha * x @ op(W) + beta * C`, `op(W) = W.T` when `transB=1` (then `W (out, in)`)."""
 
     op_type = "Gemm"
@@ -173,7 +174,7 @@ class GatherFold(MatMulFold):
     op_type = "Gather"
 
 
-class ConvFold(FoldRule):
+class ConvFold(FoldRule[LoRABranch]):
     """A 2-D convolution: ONNX stores `W (out, in/groups, kh, kw)`, A and B as the reference does."""
 
     op_type = "Conv"
@@ -200,17 +201,17 @@ def reference_factors(lora_a: Factor, lora_b: Factor, read_tensor: ReadTensor) -
 
 
 @dataclasses.dataclass
-class Fold:
+class Fold(Generic[BranchT]):
     """A branch folded in the graph; `target` receives `merged_weight()` when the model is written.
 
     `previous` is the fold that already merged another branch into the same base weight (two
     adapters active at once): this one then starts from that merged value.
     """
 
-    branch: LoRABranch
-    rule: FoldRule
+    branch: BranchT
+    rule: FoldRule[BranchT]
     target: str
-    previous: Fold | None = None
+    previous: Fold[Any] | None = None
 
     @property
     def name(self) -> str:
@@ -240,11 +241,13 @@ class Fold:
 Finder = Callable[[Graph], tuple[list, list[str]]]
 
 
-def fold_all(graph: Graph, patterns: Sequence[tuple[Finder, Mapping[str, FoldRule]]]) -> tuple[list[Fold], list[str]]:
+def fold_all(
+    graph: Graph, patterns: Sequence[tuple[Finder, Mapping[str, FoldRule[Any]]]]
+) -> tuple[list[Fold[Any]], list[str]]:
     """Fold every branch a rule accepts, pattern after pattern, again until none is left (stacked
     adapters fold one per pass); returns the folds and the reasons for the branches refused in the
     last pass."""
-    folds: list[Fold] = []
+    folds: list[Fold[Any]] = []
     while True:
         folded, refusals = False, []
         for find_branches, rules in patterns:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
-def attribute(node: onnx.NodeProto, name: str, default=None):
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """The value of `node`'s attribute `name`, or `default` when it is not set."""
     for item in node.attribute:
         if item.name == name:
@@ -154,18 +155,20 @@ class Graph:
             return np.asarray(self.read_tensor(name))
         if tensor in self._constant_values:
             return self._constant_values[tensor]
-        nodes, feeds, pending, seen = [], {}, [tensor], set()
+        nodes: list[onnx.NodeProto] = []
+        stored: dict[str, np.ndarray | None] = {}  # None: an initializer, read below
+        pending, seen = [tensor], set()
         while pending:
             name = pending.pop()
             if name in seen or not name:
                 continue
             seen.add(name)
             if name in self.initializers or (name in self._constant_values and name != tensor):
-                feeds[name] = self._constant_values.get(name)
+                stored[name] = self._constant_values.get(name)
             else:
                 nodes.append(self.producer[name])
                 pending.extend(self.producer[name].input)
-        feeds = {name: np.asarray(self.read_tensor(name)) if value is None else value for name, value in feeds.items()}
+        feeds = {name: np.asarray(self.read_tensor(name)) if value is None else value for name, value in stored.items()}
         order = {id(node): index for index, node in enumerate(self.nodes)}
         nodes = sorted({id(node): node for node in nodes}.values(), key=lambda node: order[id(node)])
         from onnx.reference import ReferenceEvaluator
@@ -181,7 +184,9 @@ class Graph:
             graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version
         )
         try:
-            value = np.asarray(ReferenceEvaluator(model).run([tensor], feeds)[0])
+            # A list of the outputs asked for (the annotation also covers intermediate=True's dict).
+            outputs = cast("list[Any]", ReferenceEvaluator(model).run([tensor], feeds))
+            value = np.asarray(outputs[0])
         except Exception:
             return None
         self._constant_values[tensor] = value

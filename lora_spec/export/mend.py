@@ -10,6 +10,8 @@ scales by |x|.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -21,7 +23,7 @@ def _opset(model: onnx.ModelProto) -> int:
     return max((entry.version for entry in model.opset_import if entry.domain in _DEFAULT_DOMAINS), default=1)
 
 
-def _graphs(graph: onnx.GraphProto):
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """`graph` and every subgraph below it (If, Loop and Scan bodies)."""
     yield graph
     for node in graph.node:

@@ -7,13 +7,14 @@ import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from lora_spec.export import verify as checks
 from lora_spec.export.dora_fold import DORA_RULES, find_dora_branches
-from lora_spec.export.fold import RULES, Fold, fold_all
+from lora_spec.export.fold import RULES, Fold, ReadTensor, fold_all
 from lora_spec.export.graph import Graph
 from lora_spec.export.model_io import (
     ExportError,
@@ -36,6 +37,9 @@ from lora_spec.export.options import (
 )
 from lora_spec.export.patterns import find_branches, unrecognised_low_rank_products
 from lora_spec.export.verify import RunnableModel
+
+if TYPE_CHECKING:
+    from lora_spec.export.adapter_merge import AdapterMergePlan, WeightUpdate
 
 __all__ = ["MergeResult", "VerificationError", "default_output", "merge_onnx", "parse_adapter"]
 
@@ -148,7 +152,7 @@ def merge_onnx(
         values,
         target,
         progress_bar(progress),
-        runnable_original if mended else source_path,
+        runnable_original if runnable_original is not None else source_path,
         "merged",
     ) as staged:
         if mode != "off":
@@ -165,8 +169,8 @@ def _verification(
     original: RunnableModel,
     staged: Path,
     graph: Graph,
-    shapes,
-    rng,
+    shapes: Mapping[str, tuple[int, ...]],
+    rng: np.random.Generator,
     layer_differences: list[float],
     tolerance: float,
 ) -> checks.Verification:
@@ -190,7 +194,12 @@ def _verification(
     return verification
 
 
-def _plan_adapters(model: onnx.ModelProto, source: TensorSource, adapters, allow_partial: bool):
+def _plan_adapters(
+    model: onnx.ModelProto,
+    source: TensorSource,
+    adapters: Sequence[tuple[str | os.PathLike, float] | str],
+    allow_partial: bool,
+) -> AdapterMergePlan | None:
     if not adapters:
         return None
     specs = adapter_specs(adapters)
@@ -209,22 +218,26 @@ def _plan_adapters(model: onnx.ModelProto, source: TensorSource, adapters, allow
         raise ExportError(str(error).splitlines()[0]) from None
 
 
-def _fold_values(folds: list[Fold], read_tensor) -> dict[str, Callable[[], np.ndarray]]:
-    values = {}
+def _fold_values(folds: list[Fold[Any]], read_tensor: ReadTensor) -> dict[str, Callable[[], np.ndarray]]:
+    values: dict[str, Callable[[], np.ndarray]] = {}
     for fold in folds:
-        values[fold.target] = lambda fold=fold: fold.merged_weight(read_tensor)
-        values.update(
-            {name: (lambda value=value: value) for name, value in fold.rule.other_values(fold.branch).items()}
-        )
+        values[fold.target] = functools.partial(fold.merged_weight, read_tensor)
+        values.update({name: _constant(value) for name, value in fold.rule.other_values(fold.branch).items()})
     return values
 
 
-def _adapter_values(graph: Graph, plan, folded_nodes: set[str]) -> dict[str, Callable[[], np.ndarray]]:
+def _constant(value: np.ndarray) -> Callable[[], np.ndarray]:
+    return lambda: value
+
+
+def _adapter_values(
+    graph: Graph, plan: AdapterMergePlan | None, folded_nodes: set[str]
+) -> dict[str, Callable[[], np.ndarray]]:
     """Point each updated node at its own weight (copied when shared) and return the new values."""
     if plan is None:
         return {}
     nodes = {node.name: node for node in graph.nodes if node.name}
-    values = {}
+    values: dict[str, Callable[[], np.ndarray]] = {}
     for update in plan.updates:
         node = nodes.get(update.node_name)
         if node is None or update.input_index >= len(node.input):
@@ -250,24 +263,32 @@ def _adapter_values(graph: Graph, plan, folded_nodes: set[str]) -> dict[str, Cal
     return values
 
 
-def _finite_value(update) -> np.ndarray:
+def _finite_value(update: WeightUpdate) -> np.ndarray:
     value = np.asarray(update.value)
     if value.dtype.kind == "f" and not np.isfinite(value.astype(np.float32)).all():
         raise ExportError(f"the adapter update of {update.node_name!r} has NaN or inf values: fix the adapter.")
     return value
 
 
-def _with_layer_checks(values, folds: list[Fold], read_tensor, rng, differences: list[float]):
+def _with_layer_checks(
+    values: Mapping[str, Callable[[], np.ndarray]],
+    folds: list[Fold[Any]],
+    read_tensor: ReadTensor,
+    rng: np.random.Generator,
+    differences: list[float],
+) -> dict[str, Callable[[], np.ndarray]]:
     """`values` whose fold computations also check the folded layer against its branch."""
     # A generator per fold, drawn now: the folds run on several threads, in no fixed order.
     seeds = rng.integers(2**63, size=len(folds))
     generators = {id(fold): np.random.default_rng(seed) for fold, seed in zip(folds, seeds, strict=True)}
 
-    def check(fold, weight, lora_a, lora_b):
+    def check(
+        fold: Fold[Any], weight: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray
+    ) -> Callable[[np.ndarray], None]:
         difference = checks.layer_check(fold, weight, lora_a, lora_b, generators[id(fold)])
         return lambda merged: differences.append(difference(merged))
 
     checked = dict(values)
     for fold in folds:
-        checked[fold.target] = lambda fold=fold: fold.merged_weight(read_tensor, check)
+        checked[fold.target] = functools.partial(fold.merged_weight, read_tensor, check)
     return checked

@@ -11,8 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,6 +21,9 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from lora_spec._files import atomic_path
+
+# A `tqdm`-like wrapper of an iterable (`progress_bar`): the items, given options such as `desc`.
+Progress = Callable[..., Iterable[Any]]
 
 ALIGNMENT = 4096
 COPY_CHUNK = 64 * 2**20
@@ -170,7 +174,7 @@ def _copy_range(source: Path, offset: int, length: int, target: int, target_offs
 
 
 def _write_at(target: int, value: np.ndarray, offset: int) -> None:
-    data = memoryview(value.reshape(-1).view(np.uint8))
+    data = value.reshape(-1).view(np.uint8).data
     while data:
         written = os.pwrite(target, data, offset)
         data, offset = data[written:], offset + written
@@ -204,7 +208,7 @@ def _write_data(
     source: TensorSource,
     values: Mapping[str, Callable[[], np.ndarray]],
     data_path: Path,
-    progress,
+    progress: Progress,
 ) -> None:
     """Write every external (or new external) tensor of `model` into `data_path`, in input order.
 
@@ -261,7 +265,7 @@ def _one_blas_thread() -> contextlib.AbstractContextManager:
     return threadpool_limits(1, user_api="blas")
 
 
-def _write_inline(model: onnx.ModelProto, values: Mapping[str, Callable[[], np.ndarray]], progress) -> None:
+def _write_inline(model: onnx.ModelProto, values: Mapping[str, Callable[[], np.ndarray]], progress: Progress) -> None:
     inline = {tensor.name: tensor for tensor in model.graph.initializer if not is_external(tensor)}
     # Every new value first: a value may be computed from a tensor that another one replaces.
     computed = {
@@ -275,7 +279,11 @@ def _write_inline(model: onnx.ModelProto, values: Mapping[str, Callable[[], np.n
 
 @contextlib.contextmanager
 def staged_model(
-    model: onnx.ModelProto, source: TensorSource, values: Mapping[str, Callable[[], np.ndarray]], target: Path, progress
+    model: onnx.ModelProto,
+    source: TensorSource,
+    values: Mapping[str, Callable[[], np.ndarray]],
+    target: Path,
+    progress: Progress,
 ) -> Iterator[Path]:
     """Write `model` with the new tensor `values` to temporary files beside `target`; yield the .onnx.
 
@@ -288,7 +296,7 @@ def staged_model(
         atomic_path(target) as staged_onnx,
         atomic_path(data_path_for(target)) if external else contextlib.nullcontext() as staged_data,
     ):
-        if external:
+        if staged_data is not None:  # external data
             _write_data(model, source, values, staged_data, progress)
         _write_inline(model, values, progress)
         staged_onnx.write_bytes(model.SerializeToString())
@@ -315,7 +323,7 @@ def checked_staged_model(
     source: TensorSource,
     values: Mapping[str, Callable[[], np.ndarray]],
     target: Path,
-    progress,
+    progress: Progress,
     runnable_input: Path | onnx.ModelProto,
     what: str,
 ) -> Iterator[Path]:
@@ -338,10 +346,10 @@ def data_path_for(target: Path) -> Path:
     return target.with_name(target.name + ".data")
 
 
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Progress:
     """A `tqdm`-like wrapper of iterables: a bar on a terminal when `enabled`, else the iterable itself."""
 
-    def bar(items, **options):
+    def bar(items: Iterable[Any], **options: Any) -> Iterable[Any]:
         if not enabled:
             return items
         from tqdm import tqdm

@@ -126,7 +126,12 @@ def pack_adapter(
     return result
 
 
-def _resolve(model: onnx.ModelProto, modules: dict[str, ServedModule], specs, allow_partial: bool) -> AdapterTargets:
+def _resolve(
+    model: onnx.ModelProto,
+    modules: dict[str, ServedModule],
+    specs: list[tuple[str | os.PathLike, float]],
+    allow_partial: bool,
+) -> AdapterTargets:
     """The adapters' keys matched on the served model's compute nodes (not its branches), each base node of
     a module also known by the module's path."""
     lora_inputs = {name for module in modules.values() for name in input_names(module.path)}
@@ -190,7 +195,9 @@ def _module_factors(
 def _full_tensors(graph: Graph, targets: AdapterTargets, served_path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """The full tensors of the adapters with a non-zero weight, by the served input they override."""
     overridable = {value.name for value in graph.graph.input if value.name in graph.initializers}
-    tensors, sources, lines = {}, {}, []
+    tensors: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    lines: list[str] = []
     for target in targets.full:
         if not target.adapter.weight:
             continue
@@ -256,9 +263,9 @@ def _verification(
     served_path: Path,
     source: TensorSource,
     staged: Path,
-    specs,
+    specs: list[tuple[str | os.PathLike, float]],
     allow_partial: bool,
-    shapes,
+    shapes: Mapping[str, tuple[int, ...]],
     seed: int,
     tolerance: float,
     progress: bool,
@@ -280,6 +287,7 @@ def _verification(
             verify="off",
             progress=progress,
         )
+        assert merged.output is not None  # merge_onnx writes the model it returns when not a dry run
         expected = checks.run_model(merged.output, feeds, "the base merged with the adapters", _HINT)
     options, _adapter = active_adapter(staged)
     actual = checks.run_model(served_path, feeds, "the switchable model with the adapter file", _HINT, options)

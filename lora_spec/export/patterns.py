@@ -67,11 +67,12 @@ class LoRABranch:
 
 def find_branches(graph: Graph) -> tuple[list[LoRABranch], list[str]]:
     """Every LoRA branch of `graph`, and the reasons near-matches were refused (for the user)."""
-    branches, refusals = [], []
+    branches: list[LoRABranch] = []
+    refusals: list[str] = []
     for node in graph.nodes:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        reasons = []
+        reasons: list[str] = []
         for base_side in (0, 1):
             found = match(graph, node, node.input[base_side], node.input[1 - base_side])
             if isinstance(found, LoRABranch):
@@ -96,8 +97,9 @@ def unrecognised_low_rank_products(graph: Graph) -> list[str]:
         if second is None or graph.producer.get(node.output[0]) is not node:
             continue
         first = graph.producer.get(_before_scalings(graph, second[2]))
-        is_product = first is not None and first.op_type in ("MatMul", "Gemm")
-        found = _product(graph, first, lora_a=False) if is_product else None
+        if first is None or first.op_type not in ("MatMul", "Gemm"):
+            continue
+        found = _product(graph, first, lora_a=False)
         if found is None:
             continue
         (features_in, rank), (_, features_out) = matrix_dims(graph, found[0]), matrix_dims(graph, second[0])
@@ -149,17 +151,18 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     if chain is None:
         return None
     factors, scale, branch_input, reshaped = chain
-    base_chain = base_chain_to(graph, base_start, base_reader)
-    if base_chain is None:
+    found_chain = base_chain_to(graph, base_start, base_reader)
+    if found_chain is None:
         return "the other input of the Add is not a MatMul/Gemm on an initializer"
-    if isinstance(base_chain, str):
-        return base_chain
-    base_chain, base_shared = base_chain
+    if isinstance(found_chain, str):
+        return found_chain
+    base_chain, base_shared = found_chain
     if paired:
         base_chain.append(paired[0])
         base_shared = base_shared or graph.only_reader(base_side) is not add
     base = base_chain[0]
     weight = graph.initializer_behind(base.input[WEIGHT_INPUT[base.op_type]])
+    assert weight is not None  # base_chain_to ends a chain only at a product on an initializer
     reason = pair_mismatch(graph, base, weight, factors, branch_input, reshaped)
     if reason:
         return reason
@@ -226,13 +229,13 @@ def _paired_reshapes(
     if not source_shape or None in source_shape or source_shape != graph.shape(branch.input[0]):
         return None
     if base.input[1] != branch.input[1]:
-        targets = graph.constant(base.input[1]), graph.constant(branch.input[1])
-        if targets[0] is None or targets[1] is None or not np.array_equal(*targets):
+        base_target, branch_target = graph.constant(base.input[1]), graph.constant(branch.input[1])
+        if base_target is None or branch_target is None or not np.array_equal(base_target, branch_target):
             return None
     return base, branch
 
 
-def low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
+def low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto) -> tuple[list[Factor], float, str, bool] | None:
     """Walk back from `tensor` over two products on initializers: `(factors, scale, input)` or None."""
     factors: list[Factor] = []
     scale, reshaped = 1.0, False
@@ -245,9 +248,9 @@ def low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
         step = passthrough_input(graph, node)
         reshaped = reshaped or (step is not None and node.op_type == "Reshape")
         if step is None:
-            step = _scaling(graph, node)
-            if step is not None:
-                factor_scale, step = step
+            scaling = _scaling(graph, node)
+            if scaling is not None:
+                factor_scale, step = scaling
                 scale *= factor_scale
         if step is None:
             product = _product(graph, node, lora_a=len(factors) == 1)
@@ -268,10 +271,13 @@ def low_rank_chain(graph: Graph, tensor: str, reader: onnx.NodeProto):
     return factors, scale, tensor, reshaped
 
 
-def base_chain_to(graph: Graph, tensor: str, reader: onnx.NodeProto):
+def base_chain_to(
+    graph: Graph, tensor: str, reader: onnx.NodeProto | None
+) -> tuple[list[onnx.NodeProto], bool] | str | None:
     """`(nodes from the base product to tensor, read elsewhere?)`, through bias `Add`, `Identity`, `Reshape`,
     and `Cast` (PEFT adds a half-precision base output to the float32 branch after casting it up)."""
-    chain, shared = [], False
+    chain: list[onnx.NodeProto] = []
+    shared = False
     while True:
         shared = shared or graph.only_reader(tensor) is not reader
         node = graph.producer.get(tensor)
@@ -413,19 +419,21 @@ def _conv_mismatch(graph: Graph, base: onnx.NodeProto, weight: str, lora_a: Fact
     A must see exactly what the base sees (same strides, pads, dilations, groups) and B must be
     a grouped 1x1 conv: then the update is block-diagonal per group, as the base's weight is.
     """
+    conv_a, conv_b = lora_a.conv, lora_b.conv
+    assert conv_a is not None and conv_b is not None  # the factors of a conv base are read by Convs
     for name, default in _CONV_GEOMETRY:
-        if attribute(lora_a.conv, name, default) != attribute(base, name, default):
+        if attribute(conv_a, name, default) != attribute(base, name, default):
             return (
-                f"the LoRA A conv's {name} ({attribute(lora_a.conv, name, default)}) differs from the base conv's "
+                f"the LoRA A conv's {name} ({attribute(conv_a, name, default)}) differs from the base conv's "
                 f"({attribute(base, name, default)}): its update cannot be merged"
             )
     groups = attribute(base, "group", 1)
     pointwise = (
         list(graph.initializers[lora_b.initializer].dims[2:]) == [1, 1]
-        and set(attribute(lora_b.conv, "strides", [1, 1])) == {1}
-        and not any(attribute(lora_b.conv, "pads", []))
-        and set(attribute(lora_b.conv, "dilations", [1, 1])) == {1}
-        and attribute(lora_b.conv, "group", 1) == groups
+        and set(attribute(conv_b, "strides", [1, 1])) == {1}
+        and not any(attribute(conv_b, "pads", []))
+        and set(attribute(conv_b, "dilations", [1, 1])) == {1}
+        and attribute(conv_b, "group", 1) == groups
     )
     if not pointwise:
         return "the LoRA B conv is not a plain 1x1 conv grouped like the base"

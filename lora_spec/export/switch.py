@@ -143,7 +143,8 @@ class SwitchableModule:
     def rank_zero(self) -> tuple[np.ndarray, np.ndarray]:
         """Factors of rank 0 in the weights' dtype: the branch adds nothing."""
         dtype = numpy_dtype_of(self.element_type)
-        return tuple(np.zeros(shape, dtype) for shape in self.factor_shapes(0))
+        a_shape, b_shape = self.factor_shapes(0)
+        return np.zeros(a_shape, dtype), np.zeros(b_shape, dtype)
 
     def describe(self) -> str:
         lora_a, lora_b = input_names(self.path)
@@ -215,7 +216,8 @@ class ServedModule:
         shapes = [list(graph.initializers[name].dims) for name in input_names(self.path)]
         for shape, axis in zip(shapes, self.rule.rank_axes, strict=True):
             shape[axis] = 0
-        return tuple(np.zeros(shape, np.float32) for shape in shapes)
+        a_shape, b_shape = shapes
+        return np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
 
 
 def served_modules(graph: Graph) -> dict[str, ServedModule]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from lora_spec.export import verify as checks
 from lora_spec.export.adapter_merge import AdapterMergeError, AdapterTargets, WeightSite, resolve_adapters, weight_sites
 from lora_spec.export.dora_fold import find_dora_branches
 from lora_spec.export.fold import RULES as FOLD_RULES
-from lora_spec.export.fold import detach_branch
+from lora_spec.export.fold import ReadTensor, detach_branch
 from lora_spec.export.graph import Graph
 from lora_spec.export.model_io import (
     ExportError,
@@ -176,7 +176,13 @@ def make_switchable(
 
     tolerance = tolerance or default_tolerance(module.element_type for module in modules.values())
     with checked_staged_model(
-        onnx_model, source, copies, target, progress_bar(progress), original if mended else source_path, "switchable"
+        onnx_model,
+        source,
+        copies,
+        target,
+        progress_bar(progress),
+        original if original is not None else source_path,
+        "switchable",
     ) as staged:
         if mode == "off" and verify in ("auto", True):
             result.verification = checks.Verification("skipped", 0.0, tolerance)
@@ -202,7 +208,7 @@ def _unweighted(adapter: str | os.PathLike) -> str | os.PathLike:
     return adapter
 
 
-def _detach_exported(graph: Graph, read_tensor) -> tuple[list[_Exported], list[str]]:
+def _detach_exported(graph: Graph, read_tensor: ReadTensor) -> tuple[list[_Exported], list[str]]:
     """Detach every LoRA branch the exporter left, keeping what it was; refuse a module with two (stacked),
     and a DoRA layer."""
     dora_layers, _ = find_dora_branches(graph)
@@ -349,7 +355,9 @@ def _check_module(module: SwitchableModule) -> None:
             )
 
 
-def _full_tensor_inputs(graph: Graph, targets: AdapterTargets | None, read_tensor) -> tuple[list[str], dict]:
+def _full_tensor_inputs(
+    graph: Graph, targets: AdapterTargets | None, read_tensor: ReadTensor
+) -> tuple[list[str], dict[str, Callable[[], np.ndarray]]]:
     """List the tensors the adapters replace as a whole among the graph inputs; one that other nodes
     also read (exporters store equal tensors once) is first copied for the adapter's readers.
 
@@ -358,7 +366,8 @@ def _full_tensor_inputs(graph: Graph, targets: AdapterTargets | None, read_tenso
     if targets is None:
         return [], {}
     nodes = {node.name: node for node in graph.nodes if node.name}
-    exposed, copies = [], {}
+    exposed: list[str] = []
+    copies: dict[str, Callable[[], np.ndarray]] = {}
     for target in targets.full:
         readers: dict[str, list] = {}
         for location, _, _ in target.locations:
@@ -379,7 +388,7 @@ def _full_tensor_inputs(graph: Graph, targets: AdapterTargets | None, read_tenso
 
 def _verification(
     graph: Graph,
-    shapes,
+    shapes: Mapping[str, tuple[int, ...]],
     seed: int,
     staged: Path,
     runnable: checks.RunnableModel,
@@ -398,11 +407,13 @@ def _verification(
     else:
         with expected.path(beside=staged) as base_path:
             base = checks.run_model(base_path, feeds, "the base model", _HINT)
-        factors = {}
+        factors: dict[str, np.ndarray] = {}
         for branch in exported:
-            dtype = numpy_dtype_of(branch.module.element_type)
+            module = branch.module
+            assert module is not None  # every exported branch was given its module when switched
+            dtype = numpy_dtype_of(module.element_type)
             factors.update(
-                zip(input_names(branch.module.path), (value.astype(dtype) for value in branch.factors), strict=True)
+                zip(input_names(module.path), (value.astype(dtype) for value in branch.factors), strict=True)
             )
         adapted = checks.run_model(staged, {**feeds, **factors}, "the switchable model", _HINT)
         differences = [checks.compare_outputs(served, base), checks.compare_outputs(adapted, original)]

@@ -11,6 +11,7 @@ import dataclasses
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -19,6 +20,9 @@ from lora_spec import reference
 from lora_spec.export.fold import Fold
 from lora_spec.export.graph import Graph, attribute
 from lora_spec.export.model_io import ExportError, TensorSource, progress_bar, staged_model
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 DEFAULT_DYNAMIC_SIZE = 2
 # Integer inputs reach an embedding's indices through these without changing values.
@@ -109,7 +113,14 @@ def layer_check(
     return lambda merged: relative_difference(alpha * (x @ picked_inputs(merged)), expected)
 
 
-def _conv_layer_check(fold: Fold, weight, lora_a, lora_b, rng, compute) -> Callable[[np.ndarray], float]:
+def _conv_layer_check(
+    fold: Fold,
+    weight: np.ndarray,
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    rng: np.random.Generator,
+    compute: np.dtype,
+) -> Callable[[np.ndarray], float]:
     """The merged conv against base conv + LoRA convs on one small random image (no padding: the
     update does not depend on it)."""
     node = fold.branch.base
@@ -175,7 +186,7 @@ def random_inputs(
     return feeds
 
 
-def session(path: Path):
+def session(path: Path) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session that does not busy-wait between runs."""
     import onnxruntime
 
@@ -189,8 +200,12 @@ _LAYERS_HINT = "or check each folded layer in NumPy instead with --verify layers
 
 
 def run_model(
-    path: Path, feeds: Mapping[str, np.ndarray], label: str, hint: str = _LAYERS_HINT, run_options=None
-) -> list:
+    path: Path,
+    feeds: Mapping[str, np.ndarray],
+    label: str,
+    hint: str = _LAYERS_HINT,
+    run_options: onnxruntime.RunOptions | None = None,
+) -> list[Any]:
     """The outputs of the model at `path` (`label` names it to the user) on `feeds`, in onnxruntime.
 
     ExportError in one line when onnxruntime cannot load or run it (an op it lacks, an input

@@ -7,11 +7,17 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lora_spec.finetune.model import pad_batch
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from lora_spec.export.merge import MergeResult
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OPSET = 17
@@ -39,7 +45,7 @@ def export_onnx(model: torch.nn.Module, path: Path, example_ids: Sequence[Sequen
         )
 
 
-def merge_onnx_file(source: Path, target: Path, progress: bool = True):
+def merge_onnx_file(source: Path, target: Path, progress: bool = True) -> MergeResult:
     """Fold the LoRA branches of `source` into its base weights (`lora-export --merge`), writing `target`.
 
     lora-export checks the merged graph against the original in onnxruntime before writing it;
@@ -50,7 +56,7 @@ def merge_onnx_file(source: Path, target: Path, progress: bool = True):
     return merge_onnx(source, output=target, progress=progress)
 
 
-def session(path: Path):
+def session(path: Path) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session using the process's threads, without busy-waiting between runs."""
     import onnxruntime
 

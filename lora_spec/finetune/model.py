@@ -42,7 +42,8 @@ class SentenceClassifier(torch.nn.Module):
             raise ValueError(f"pooling={pooling!r} is invalid: use one of {', '.join(POOLINGS)}.")
         self.encoder = encoder
         self.pooling = pooling
-        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+        config: Any = encoder.config  # a transformers encoder's PretrainedConfig
+        self.classifier = torch.nn.Linear(config.hidden_size, num_labels)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The pooled sentence vectors `(batch, hidden)` that the head reads."""

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class Prepared:
     sampled_from: int | None
     train_indices: np.ndarray
     validation_indices: np.ndarray
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer
     base: SentenceClassifier
     lora_model: SentenceClassifier
     token_ids: list[list[int]]
@@ -230,6 +231,7 @@ def deploy_onnx(prepared: Prepared, options: FinetuneOptions, staging: Path, lor
     unmerged, merged, base = staging / "model.onnx", staging / "model.merged.onnx", staging / ".base.onnx"
     deploy.export_onnx(prepared.lora_model, unmerged, example, prepared.pad_id)
     result = deploy.merge_onnx_file(unmerged, merged, options.progress)
+    assert result.verification is not None  # verify="auto" always checks: the whole model or layer by layer
     log(f"lora-export folded {len(result.folds)} LoRA branches; {result.verification.describe()}")
     deploy.export_onnx(prepared.base, base, example, prepared.pad_id)
     merged_logits = deploy.onnx_logits(

@@ -95,8 +95,8 @@ def plot_losses(curves: dict[str, Sequence[float]], steps_per_epoch: int, path: 
     from matplotlib import pyplot
 
     figure, panels = pyplot.subplots(1, len(curves), figsize=(5 * len(curves), 4), sharey=True, squeeze=False)
-    for axes, (name, losses) in zip(panels[0], curves.items(), strict=True):
-        losses = np.asarray(losses, dtype=float)
+    for axes, (name, curve) in zip(panels[0], curves.items(), strict=True):
+        losses = np.asarray(curve, dtype=float)
         epochs = np.arange(1, len(losses) + 1) / steps_per_epoch
         window = max(1, min(len(losses) // 20, steps_per_epoch))
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")

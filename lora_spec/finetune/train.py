@@ -17,7 +17,7 @@ WARMUP_FRACTION = 0.06  # the BERT fine-tuning recipe's warm-up share of the ste
 def epoch_batches(num_examples: int, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
     """The index batches of every epoch, each epoch in its own seeded shuffle; the order depends on `seed` alone."""
     rng = np.random.default_rng(seed)
-    batches = []
+    batches: list[np.ndarray] = []
     for _ in range(epochs):
         order = rng.permutation(num_examples)
         batches.extend(order[start : start + batch_size] for start in range(0, num_examples, batch_size))

@@ -105,6 +105,12 @@ def test_active_adapters_add_up_route_and_merge_as_the_reference(case, data):
         assert_close(routed[row], _reference(case, adapter, slice(row, row + 1))[0], factor=100)
 
 
+def test_a_layer_routed_without_adapter_indices_names_the_missing_argument():
+    layer = lora.LoRADense(4, adapters={"a": dict(r=2)})
+    with pytest.raises(ValueError, match="without adapter_indices"):
+        layer.route(np.zeros(3, np.int32))
+
+
 def test_a_layer_config_keeps_every_adapter_and_the_active_ones():
     layer = lora.LoRADense(4, adapters={"a": dict(r=2, alpha=4), "b": dict(r=3, dropout=0.1)}, active_adapters=["b"])
     config = layer.get_config()
