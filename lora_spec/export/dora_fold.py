@@ -374,11 +374,13 @@ def _bias_update(
         added = [graph.initializer_behind(term.leaf) for term in terms if graph.is_constant(term.leaf)]
         if len(added) != 1 or added[0] is None or math.prod(graph.initializers[added[0]].dims) != features:
             return "it adds a constant, and the base product has no bias to hold it"
-        stored = graph.initializers[added[0]]
+        initializer = graph.initializers[added[0]]
         return (
             None,
             added[0],
-            constant.reshape(tuple(stored.dims)).astype(onnx.helper.tensor_dtype_to_np_dtype(stored.data_type)),
+            constant.reshape(tuple(initializer.dims)).astype(
+                onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)
+            ),
         )
     if len(holders) > 1:
         return "the base chain adds two biases"

@@ -365,7 +365,7 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 
 def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
     """Names the subgraphs of `node` (If, Loop, Scan) read, so that their producers count as read."""
-    names = []
+    names: list[str] = []
     for item in node.attribute:
         for graph in (*([item.g] if item.type == onnx.AttributeProto.GRAPH else []), *item.graphs):
             for inner in graph.node:
