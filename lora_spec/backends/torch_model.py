@@ -27,7 +27,7 @@ from lora_spec.backends.torch_layers import (
 from lora_spec.backends.torch_variants import base_weight
 from lora_spec.config import LoRAConfig, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
-from lora_spec.multi_adapter import BASE_MODEL, Routing, check_adapter_name
+from lora_spec.multi_adapter import Routing, check_adapter_name
 from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
@@ -551,8 +551,10 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
     together (a contiguous run of rows as one view, no copy), not one at a time. `disable_adapters`
     inside the block runs the base for every row.
     """
-    routes = list(adapter_per_row)
-    check_names(model, [name for name in routes if name is not None and name != BASE_MODEL])
+    routing = Routing.of(list(adapter_per_row))
+    # The adapters the batch uses, once each: a per-row check would cost a pass over the rows in every layer.
+    used = [name for name, _ in routing.groups]
+    check_names(model, used)
     inner = unwrap(model)
     if inner.training:
         raise ValueError("routed() is for inference, and the model is in training mode: call model.eval() first.")
@@ -561,9 +563,9 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
             "the model's adapters are merged, so rows cannot take different adapters: call "
             "unmerge(model) before routed()."
         )
-    switches, routing = _switches(inner), Routing.of(routes)
+    switches = _switches(inner)
     for _, layer in lora_layers(inner):
-        layer.check_routable(routes)
+        layer.check_routable(used)
     for module in switches:
         module.route(routing)
     try:
