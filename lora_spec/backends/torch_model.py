@@ -553,7 +553,7 @@ def routed(model: nn.Module, adapter_per_row: Sequence[str | None]) -> Iterator[
     """
     routing = Routing.of(list(adapter_per_row))
     # The adapters the batch uses, once each: a per-row check would cost a pass over the rows in every layer.
-    used = [name for name, _ in routing.groups]
+    used = cast("list[str]", [name for name, _ in routing.groups])  # the names as given: str or None, None left out
     check_names(model, used)
     inner = unwrap(model)
     if inner.training:
