@@ -10,7 +10,7 @@ block-diagonal and mergeable.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -39,6 +39,24 @@ def check_adapter_name(name: object) -> str:
             f"parameter and folder names), and not {BASE_MODEL!r}, which means the base model."
         )
     return name
+
+
+def weighted_combination(
+    names: Sequence[str], weights: Sequence[float], adapter_name: str, combination_type: str, existing: Collection[str]
+) -> str:
+    """The combination `add_weighted_adapter` runs for adapters `names` with `weights` into a new adapter
+    `adapter_name` beside the `existing` ones: `combination_type`, or "linear" for one adapter as in PEFT.
+    Raises ValueError, naming the fix, for a bad name, a taken name, a weight count or an unknown type."""
+    check_adapter_name(adapter_name)
+    if adapter_name in existing:
+        raise ValueError(f"the model already has an adapter {adapter_name!r}: delete it first or choose another name.")
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter.")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(
+            f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
+        )
+    return "linear" if len(names) == 1 else combination_type
 
 
 def _groups(adapter: Factors) -> int:

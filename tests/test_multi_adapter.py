@@ -1,12 +1,22 @@
 """The reference's multi-adapter math: weighted combinations and routed batches."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_spec import reference
-from lora_spec.multi_adapter import BASE_MODEL, Factors, check_adapter_name, combine, routed_forward, row_groups
+from lora_spec.multi_adapter import (
+    BASE_MODEL,
+    Factors,
+    check_adapter_name,
+    combine,
+    routed_forward,
+    row_groups,
+    weighted_combination,
+)
 from tests import strategies
 from tests.numerics import assert_close
 
@@ -146,3 +156,25 @@ def test_routing_list_must_match_the_batch():
 def test_adapter_names_that_cannot_name_parameters_are_refused(name):
     with pytest.raises(ValueError, match=r"adapter name .* is invalid"):
         check_adapter_name(name)
+
+
+@pytest.mark.parametrize(
+    "names, weights, adapter_name, combination_type, fragment",
+    [
+        (["a", "b"], [1.0, 1.0], "a", "cat", "already has an adapter 'a'"),
+        (["a", "b"], [1.0], "mix", "cat", "1 weights for 2 adapters"),
+        (["a", "b"], [1.0, 1.0], "mix", "sum", "combination_type='sum' is invalid"),
+        (["a", "b"], [1.0, 1.0], "__base__", "cat", "adapter name '__base__' is invalid"),
+    ],
+)
+def test_weighted_combination_refuses_bad_arguments_in_one_line(
+    names, weights, adapter_name, combination_type, fragment
+):
+    with pytest.raises(ValueError, match=re.escape(fragment)) as error:
+        weighted_combination(names, weights, adapter_name, combination_type, existing=["a", "b"])
+    assert "\n" not in str(error.value)
+
+
+def test_weighted_combination_of_one_adapter_is_linear_as_in_peft():
+    assert weighted_combination(["a"], [0.5], "mix", "svd", existing=["a"]) == "linear"
+    assert weighted_combination(["a", "b"], [0.5, 0.5], "mix", "svd", existing=["a", "b"]) == "svd"

@@ -25,7 +25,14 @@ from lora_spec.backends.keras_layers import LORA_LAYERS, LoRALayer, adapter_argu
 from lora_spec.backends.keras_saved_modules import ORIGINAL, SavedModules
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init, resolve_config
 from lora_spec.merging import merge_all_or_none
-from lora_spec.multi_adapter import BASE_MODEL, COMBINATION_TYPES, DEFAULT_ADAPTER, Factors, check_adapter_name, combine
+from lora_spec.multi_adapter import (
+    BASE_MODEL,
+    DEFAULT_ADAPTER,
+    Factors,
+    check_adapter_name,
+    combine,
+    weighted_combination,
+)
 from lora_spec.parameter_counts import TrainableParameters
 from lora_spec.targets import ModuleInfo, modules_to_save_paths, select_targets
 
@@ -421,15 +428,7 @@ def add_weighted_adapter(
     names = _adapter_list(adapters)
     check_names(model, names)
     configs = configs_of(model)
-    check_adapter_name(adapter_name)
-    if adapter_name in configs:
-        raise ValueError(f"the model already has an adapter {adapter_name!r}: delete it first or choose another name.")
-    if len(weights) != len(names):
-        raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter.")
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(
-            f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
-        )
+    combination = weighted_combination(names, weights, adapter_name, combination_type, configs)
     for name in names:
         if configs[name].use_dora or is_weight_init(configs[name].init):
             variant = (
@@ -441,7 +440,6 @@ def add_weighted_adapter(
                 f"adapter {name!r} is {variant}: add_weighted_adapter combines plain LoRA adapters; "
                 "save it and merge it on its own instead."
             )
-    combination = "linear" if len(names) == 1 else combination_type
     saved = SavedModules.of(model)
     copies = {}
     for path in saved.current:

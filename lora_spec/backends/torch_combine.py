@@ -18,7 +18,7 @@ from lora_spec.backends.torch_model import (
     unwrap,
 )
 from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
-from lora_spec.multi_adapter import COMBINATION_TYPES, Factors, check_adapter_name, combine
+from lora_spec.multi_adapter import Factors, combine, weighted_combination
 
 
 def add_weighted_adapter(
@@ -44,18 +44,9 @@ def add_weighted_adapter(
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     check_names(model, names)
     configs = configs_of(model)
-    check_adapter_name(adapter_name)
-    if adapter_name in configs:
-        raise ValueError(f"the model already has an adapter {adapter_name!r}: delete it first or choose another name.")
-    if len(weights) != len(names):
-        raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter.")
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(
-            f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
-        )
+    combination = weighted_combination(names, weights, adapter_name, combination_type, configs)
     for name in names:
         _check_combinable(name, configs[name])
-    combination = "linear" if len(names) == 1 else combination_type
     inner = unwrap(model)
     copies = _copied_modules(inner, names, weights)
     combined = {}
