@@ -20,7 +20,9 @@ from lora_spec.backends import torch_inits
 
 
 def _torch_init(W: np.ndarray, init: str, r: int, s: float):
-    """Ours on a copy of W: `(A, B, residual)` as NumPy arrays."""
+    """Ours on a copy of W: `(A, B, residual)` as NumPy arrays; torch seeded, so the fast PiSSA's random
+    projection (torch's global generator, as in PEFT) is the same on every run."""
+    torch.manual_seed(0)
     weight = torch.from_numpy(W.copy())
     lora_a, lora_b = torch_inits.init_from_weight(weight, init, r, s)
     return lora_a.numpy(), lora_b.numpy(), weight.numpy()
@@ -47,8 +49,13 @@ def test_the_update_equals_the_references_on_a_weight_with_a_spectral_gap(case):
     W, r, s, init = case
     lora_a, lora_b, residual = _torch_init(W, init, r, s)
     expected = inits.init_from_weight(W, init, r, s, np.random.default_rng(0))
-    assert_close(lora_b @ lora_a, expected.lora_b @ expected.lora_a, np.float64, factor=1e4)
-    assert_close(residual, expected.residual, np.float64, factor=1e4 * np.abs(W).max() / np.abs(residual).max())
+    # Without a power iteration the fast PiSSA's range finder carries the weight's noise (1e-6) amplified by
+    # the conditioning of a random r x r projection (up to 2e-3 of the weight over 300 draws); one iteration
+    # makes it exact, as the SVD and QR are.
+    relative = 1e-2 if init == "pissa_niter_0" else 1e-6
+    assert_close(lora_b @ lora_a, expected.lora_b @ expected.lora_a, np.float64, factor=relative / 1e-10)
+    # The residual is W minus the update: its rounding error scales with W, even where it is exactly zero.
+    np.testing.assert_allclose(residual, expected.residual, rtol=0, atol=relative * np.abs(W).max())
 
 
 def test_half_precision_weights_are_decomposed_in_float32_and_the_residual_cast_once():
