@@ -10,10 +10,12 @@ block-diagonal and mergeable.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from lora_spec.config import LoRAConfig, is_weight_init
 
 COMBINATION_TYPES = ("svd", "linear", "cat")
 # The name of an adapter nobody named (PEFT's); a multi-adapter folder keeps it at its root.
@@ -42,13 +44,18 @@ def check_adapter_name(name: object) -> str:
 
 
 def weighted_combination(
-    names: Sequence[str], weights: Sequence[float], adapter_name: str, combination_type: str, existing: Collection[str]
+    names: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str,
+    configs: Mapping[str, LoRAConfig],
 ) -> str:
     """The combination `add_weighted_adapter` runs for adapters `names` with `weights` into a new adapter
-    `adapter_name` beside the `existing` ones: `combination_type`, or "linear" for one adapter as in PEFT.
-    Raises ValueError, naming the fix, for a bad name, a taken name, a weight count or an unknown type."""
+    `adapter_name`, `configs` being the model's adapters: `combination_type`, or "linear" for one adapter as
+    in PEFT. Raises ValueError, naming the fix, for a bad name, a taken name, a weight count, an unknown type
+    or an adapter that does not combine (`check_combinable`)."""
     check_adapter_name(adapter_name)
-    if adapter_name in existing:
+    if adapter_name in configs:
         raise ValueError(f"the model already has an adapter {adapter_name!r}: delete it first or choose another name.")
     if len(weights) != len(names):
         raise ValueError(f"{len(weights)} weights for {len(names)} adapters: give one weight per adapter.")
@@ -56,7 +63,35 @@ def weighted_combination(
         raise ValueError(
             f"combination_type={combination_type!r} is invalid: use one of {', '.join(map(repr, COMBINATION_TYPES))}."
         )
+    for name in names:
+        check_combinable(name, configs[name])
     return "linear" if len(names) == 1 else combination_type
+
+
+def check_combinable(name: str, config: LoRAConfig) -> None:
+    """Raise ValueError when adapter `name` cannot enter a weighted combination: a DoRA adapter (its magnitude
+    belongs to its own update) or one initialised from the base weight (PiSSA, OLoRA: the base is its residual)."""
+    if config.use_dora:
+        raise ValueError(
+            f"adapter {name!r} is a DoRA adapter: each DoRA adapter rescales its own adapted weight per "
+            "feature, so a weighted sum of updates has no magnitude that means it (PEFT keeps one that "
+            "means nothing); combine plain LoRA adapters, or run DoRA adapters with set_adapter."
+        )
+    if is_weight_init(config.init):
+        raise ValueError(
+            f"adapter {name!r} has init={config.init!r}, so its layers' base weights are residuals that a "
+            "combined adapter beside it would see: save it with convert_to_lora=True, load the converted "
+            "file into the original model and combine that."
+        )
+
+
+def check_routable(name: str, use_dora: bool) -> None:
+    """Raise ValueError when adapter `name` cannot run in a routed batch: a DoRA adapter (PEFT refuses it too)."""
+    if use_dora:
+        raise ValueError(
+            f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
+            "PEFT): run its rows as a batch of their own after set_adapter."
+        )
 
 
 def _groups(adapter: Factors) -> int:

@@ -8,10 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lora_spec import reference
+from lora_spec.config import LoRAConfig
 from lora_spec.multi_adapter import (
     BASE_MODEL,
     Factors,
     check_adapter_name,
+    check_combinable,
+    check_routable,
     combine,
     routed_forward,
     row_groups,
@@ -171,10 +174,34 @@ def test_weighted_combination_refuses_bad_arguments_in_one_line(
     names, weights, adapter_name, combination_type, fragment
 ):
     with pytest.raises(ValueError, match=re.escape(fragment)) as error:
-        weighted_combination(names, weights, adapter_name, combination_type, existing=["a", "b"])
+        weighted_combination(names, weights, adapter_name, combination_type, {"a": LoRAConfig(), "b": LoRAConfig()})
     assert "\n" not in str(error.value)
 
 
 def test_weighted_combination_of_one_adapter_is_linear_as_in_peft():
-    assert weighted_combination(["a"], [0.5], "mix", "svd", existing=["a"]) == "linear"
-    assert weighted_combination(["a", "b"], [0.5, 0.5], "mix", "svd", existing=["a", "b"]) == "svd"
+    plain = LoRAConfig()
+    assert weighted_combination(["a"], [0.5], "mix", "svd", {"a": plain}) == "linear"
+    assert weighted_combination(["a", "b"], [0.5, 0.5], "mix", "svd", {"a": plain, "b": plain}) == "svd"
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        (LoRAConfig(use_dora=True), "adapter 'b' is a DoRA adapter: each DoRA adapter rescales its own"),
+        (LoRAConfig(init="pissa_niter_4"), "adapter 'b' has init='pissa_niter_4', so its layers' base weights"),
+        (LoRAConfig(init="olora"), "adapter 'b' has init='olora', so its layers' base weights are residuals"),
+    ],
+)
+def test_weighted_combination_refuses_dora_and_weight_inits_as_peft_does(config, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)) as error:
+        weighted_combination(["a", "b"], [1.0, 1.0], "mix", "cat", {"a": LoRAConfig(), "b": config})
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        check_combinable("b", config)
+    check_combinable("a", LoRAConfig(init="gaussian"))
+
+
+def test_only_dora_adapters_are_refused_in_routed_batches():
+    with pytest.raises(ValueError, match="adapter 'd' is a DoRA adapter, which routed batches do not support"):
+        check_routable("d", use_dora=True)
+    check_routable("plain", use_dora=False)

@@ -34,7 +34,7 @@ from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
 from lora_spec.config import LoRAConfig, is_weight_init, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
-from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, combine
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, check_routable, combine
 
 PACKAGE = "lora_spec"
 # Keras's own LoRA arguments: accepting them would stack a second, merged-on-save adapter.
@@ -747,11 +747,8 @@ class LoRALayer(_KerasLayer):
     def check_routable(self, names: Iterable[str]) -> None:
         """Raise when one of the adapters `names` that this layer holds cannot take part in a routed batch."""
         for name in names:
-            if name in self._lora_adapters and self._lora_adapters[name].use_dora:
-                raise ValueError(
-                    f"adapter {name!r} is a DoRA adapter, which routed batches cannot run (PEFT "
-                    "refuses it too): run its rows as a batch of their own with set_adapter."
-                )
+            if name in self._lora_adapters:
+                check_routable(name, self._lora_adapters[name].use_dora)
 
     def _running(self, inputs: Tensor, training: bool | None) -> list[tuple[LoRAAdapter, Any]]:
         """`(adapter, row mask or None)` for every adapter whose update the call adds."""

@@ -23,7 +23,7 @@ from keras import ops
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_layers import LORA_LAYERS, LoRALayer, adapter_arguments, lora_arguments
 from lora_spec.backends.keras_saved_modules import ORIGINAL, SavedModules
-from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init, resolve_config
+from lora_spec.config import LoRAConfig, config_for_layers, resolve_config
 from lora_spec.merging import merge_all_or_none
 from lora_spec.multi_adapter import (
     BASE_MODEL,
@@ -429,17 +429,6 @@ def add_weighted_adapter(
     check_names(model, names)
     configs = configs_of(model)
     combination = weighted_combination(names, weights, adapter_name, combination_type, configs)
-    for name in names:
-        if configs[name].use_dora or is_weight_init(configs[name].init):
-            variant = (
-                "a DoRA adapter, whose magnitudes do not combine"
-                if configs[name].use_dora
-                else (f"initialised from the base weight (init={configs[name].init!r}), which is its residual now")
-            )
-            raise ValueError(
-                f"adapter {name!r} is {variant}: add_weighted_adapter combines plain LoRA adapters; "
-                "save it and merge it on its own instead."
-            )
     saved = SavedModules.of(model)
     copies = {}
     for path in saved.current:

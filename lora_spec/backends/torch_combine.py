@@ -17,7 +17,7 @@ from lora_spec.backends.torch_model import (
     modules_to_save,
     unwrap,
 )
-from lora_spec.config import LoRAConfig, config_for_layers, is_weight_init
+from lora_spec.config import config_for_layers
 from lora_spec.multi_adapter import Factors, combine, weighted_combination
 
 
@@ -45,8 +45,6 @@ def add_weighted_adapter(
     check_names(model, names)
     configs = configs_of(model)
     combination = weighted_combination(names, weights, adapter_name, combination_type, configs)
-    for name in names:
-        _check_combinable(name, configs[name])
     inner = unwrap(model)
     copies = _copied_modules(inner, names, weights)
     combined = {}
@@ -81,21 +79,6 @@ def add_weighted_adapter(
     ranks = {path: (lora_a.shape[0], float(lora_a.shape[0])) for path, (lora_a, _) in combined.items()}
     getattr(inner, CONFIGS_ATTRIBUTE)[adapter_name] = config_for_layers(first, ranks)
     return model
-
-
-def _check_combinable(name: str, config: LoRAConfig) -> None:
-    if config.use_dora:
-        raise ValueError(
-            f"adapter {name!r} is a DoRA adapter: each DoRA adapter rescales its own adapted weight per "
-            "feature, so a weighted sum of updates has no magnitude that means it (PEFT keeps one that "
-            "means nothing); combine plain LoRA adapters, or run DoRA adapters with set_adapter."
-        )
-    if is_weight_init(config.init):
-        raise ValueError(
-            f"adapter {name!r} has init={config.init!r}, so its layers' base weights are residuals that a "
-            "combined adapter beside it would see: save it with convert_to_lora=True, load the converted "
-            "file into the original model and combine that."
-        )
 
 
 def _copied_modules(model: nn.Module, names: Sequence[str], weights: Sequence[float]) -> dict[str, str]:

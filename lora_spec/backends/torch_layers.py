@@ -26,7 +26,7 @@ from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
 from lora_spec.backends.torch_inits import check_weight, init_from_weight, method_name
 from lora_spec.backends.torch_variants import DoRAAdapter, LoRAAdapter, base_weight, cast_to
 from lora_spec.config import LoRAConfig, is_weight_init
-from lora_spec.multi_adapter import DEFAULT_ADAPTER, Routing, check_adapter_name
+from lora_spec.multi_adapter import DEFAULT_ADAPTER, Routing, check_adapter_name, check_routable
 
 # Attributes of the one active adapter that a layer shows as its own, as it did with one adapter.
 _SINGLE_ADAPTER_ATTRIBUTES = ("lora_A", "lora_B", "r", "alpha", "scaling", "dropout", "lora_magnitude_vector")
@@ -369,11 +369,8 @@ class LoRALayer(nn.Module):
     def check_routable(self, names: Sequence[Hashable | None]) -> None:
         """Raise when one of `names` is an adapter of this layer that routed batches cannot run (DoRA, as in PEFT)."""
         for name in names:
-            if isinstance(name, str) and name in self.adapters and not self.adapter(name).supports_routing:
-                raise ValueError(
-                    f"adapter {name!r} is a DoRA adapter, which routed batches do not support (nor does "
-                    "PEFT): run its rows as a batch of their own after set_adapter."
-                )
+            if isinstance(name, str) and name in self.adapters:
+                check_routable(name, self.adapter(name).use_dora)
 
     def route(self, routing: Routing | None) -> None:
         """Send the rows of the next batches through the adapters `routing` gives them (rows of no adapter

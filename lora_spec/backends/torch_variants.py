@@ -52,8 +52,7 @@ class LoRAAdapter(nn.Module):
     weight (PiSSA, OLoRA) keeps its initial factors as buffers `initial_lora_A`, `initial_lora_B`.
     """
 
-    # Whether a routed batch (PEFT's `adapter_names=`) may send rows through this adapter.
-    supports_routing = True
+    use_dora = False
 
     def __init__(
         self,
@@ -154,7 +153,7 @@ class DoRAAdapter(LoRAAdapter):
     in at least float32 and held constant in the backward pass, as PEFT does.
     """
 
-    supports_routing = False
+    use_dora = True
 
     def __init__(
         self,

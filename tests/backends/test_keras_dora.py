@@ -312,7 +312,7 @@ def test_dora_adapters_are_refused_in_routed_batches_and_combinations():
     model = _model()
     lora.apply(model, adapter_name="plain", r=2, target_modules=["fc1", "head"])
     with (
-        pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, which routed batches cannot run"),
+        pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, which routed batches do not support"),
         lora.routed(model, ["default", "plain", "plain", None]),
     ):
         pass
@@ -326,7 +326,7 @@ def test_dora_adapters_are_refused_in_routed_batches_and_combinations():
     lora.set_adapter(model, "plain")
     np.testing.assert_allclose(np.asarray(routed)[[0, 1, 3]], np.asarray(model(X))[[0, 1, 3]], rtol=1e-6, atol=1e-6)
     assert all(layer._routes is None for _, layer in lora.lora_layers(model))
-    with pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter, whose magnitudes do not combine"):
+    with pytest.raises(ValueError, match="adapter 'default' is a DoRA adapter: each DoRA adapter rescales"):
         lora.add_weighted_adapter(model, ["default", "plain"], [0.5, 0.5], "mix")
     assert lora.adapter_names(model) == ["default", "plain"]
 

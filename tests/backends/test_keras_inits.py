@@ -158,5 +158,5 @@ def test_a_weight_init_adapter_cannot_share_layers_with_another_adapter(first, s
     for old, new in zip(before, _weights(model), strict=True):
         np.testing.assert_array_equal(old, new)
     if first == "pissa":
-        with pytest.raises(ValueError, match=r"adapter 'default' is initialised from the base weight \(init='pissa'\)"):
+        with pytest.raises(ValueError, match=r"adapter 'default' has init='pissa', so its layers' base weights"):
             lora.add_weighted_adapter(model, ["default"], [1.0], "copy")
