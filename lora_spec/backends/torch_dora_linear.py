@@ -10,8 +10,8 @@ paper's section 4.3; PEFT detaches it). Without dropout that is `f * D + b` with
   weight (out x in) rather than the gradient (rows x out), and `dh`, `dB` take it on their
   small factors.
 With dropout, `D` is the direction of `d(x)` and the output `x @ W.T + b + (f - 1) * (d(x) @ W.T) +
-(f * s) * (d(x) @ A.T) @ B.T`: one more product each way, as in PEFT. The mask is a `SeededMask`
-drawn again in backward, or an explicit `DropoutMask` kept for it, as in `torch_linear`. The base weight is frozen.
+(f * s) * (d(x) @ A.T) @ B.T`: one more product each way, as in PEFT. The mask is kept for backward
+as in `torch_linear` (a `SeededMask`'s 16-bit draws, or an explicit `DropoutMask`). The base weight is frozen.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
-from lora_spec.backends.torch_linear import _mask_rows
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, mask_rows, saved_mask
 
 
 class LinearDoRAFunction(torch.autograd.Function):
@@ -45,7 +44,7 @@ class LinearDoRAFunction(torch.autograd.Function):
         mask: DropoutMask | SeededMask | None,
     ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        dropout = _mask_rows(mask, rows)
+        dropout, mask_state = mask_rows(mask, rows)
         factor = magnitude / norm
         out = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=rows.dtype, device=x.device)
         out_rows = out.view(-1, weight.shape[0])
@@ -69,19 +68,17 @@ class LinearDoRAFunction(torch.autograd.Function):
             out_rows.addcmul_(direction, factor - 1)
             out_rows.addmm_(hidden, (lora_b * factor[:, None]).T, alpha=scaling)
             direction.addmm_(hidden, lora_b.T, alpha=scaling)
-        stored_keep = dropout.keep if dropout is not None and isinstance(mask, DropoutMask) else None
-        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, direction, factor, norm, stored_keep)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, direction, factor, norm, mask_state)
         ctx.scaling, ctx.mask = scaling, mask
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, lora_b, hidden, direction, factor, norm, stored_keep = ctx.saved_tensors
+        x, weight, lora_a, lora_b, hidden, direction, factor, norm, mask_state = ctx.saved_tensors
         needs_x, _, needs_bias, needs_a, needs_b, _, needs_magnitude = ctx.needs_input_grad[:7]
         rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        mask = ctx.mask if stored_keep is None else DropoutMask(stored_keep, ctx.mask.scale)
-        dropout = _mask_rows(mask, rows)
+        dropout = saved_mask(ctx.mask, mask_state, rows.dtype)
         scale = 1.0 if dropout is None else dropout.scale
         grad_hidden = grad_rows @ (lora_b * factor[:, None])
         grad_hidden.mul_(ctx.scaling * scale)

@@ -3,9 +3,8 @@
 `y = x @ W.T + b + s * ((x * mask) @ A.T) @ B.T`, as `lora_spec.reference.forward`, with:
 - the scaling and the addition folded into one in-place `addmm` on the base output, so no
   full-size temporary holds the low-rank branch on its own;
-- only `x` (which the caller keeps alive anyway) and the small `(x * mask) @ A.T` saved for
-  backward: a `SeededMask` is drawn again there rather than stored, and the masked input is
-  recomputed;
+- only `x` (which the caller keeps alive anyway), the small `(x * mask) @ A.T` and, with dropout,
+  the mask's 16-bit draws saved for backward: the masked input is recomputed there;
 - the base weight frozen: its gradient is never computed.
 
 A custom Function has no ONNX symbolic and hides the branch from compilers, so the layer uses
@@ -18,22 +17,14 @@ from typing import Any
 
 import torch
 
-from lora_spec.backends.torch_dropout import DropoutMask, SeededMask
-
-
-def _mask_rows(mask: DropoutMask | SeededMask | None, rows: torch.Tensor) -> DropoutMask | None:
-    if mask is None:
-        return None
-    if isinstance(mask, SeededMask):
-        return mask.draw(rows.shape, rows.device, rows.dtype)
-    return DropoutMask(mask.keep.reshape(rows.shape), mask.scale)
+from lora_spec.backends.torch_dropout import DropoutMask, SeededMask, mask_rows, saved_mask
 
 
 class LinearLoRAFunction(torch.autograd.Function):
     """`forward(x, weight (out, in), bias, lora_a, lora_b, scaling, mask)`.
 
-    `mask` is None, an explicit `DropoutMask` (kept for backward) or a `SeededMask` (drawn again
-    in backward). `weight` may be a transposed view (Conv1D's layout) and must not require grad.
+    `mask` is None, an explicit `DropoutMask` or a `SeededMask` (its draws kept for backward).
+    `weight` may be a transposed view (Conv1D's layout) and must not require grad.
     """
 
     @staticmethod
@@ -48,7 +39,7 @@ class LinearLoRAFunction(torch.autograd.Function):
         mask: DropoutMask | SeededMask | None,
     ) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        dropout = _mask_rows(mask, rows)
+        dropout, mask_state = mask_rows(mask, rows)
         hidden = (rows if dropout is None else rows * dropout.keep) @ lora_a.T
         if dropout is not None:
             hidden.mul_(dropout.scale)
@@ -61,19 +52,17 @@ class LinearLoRAFunction(torch.autograd.Function):
         else:
             torch.addmm(bias, rows, weight.T, out=out_rows)
         out_rows.addmm_(hidden, lora_b.T, alpha=scaling)
-        stored_keep = dropout.keep if dropout is not None and isinstance(mask, DropoutMask) else None
-        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, stored_keep)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, hidden, mask_state)
         ctx.scaling, ctx.mask = scaling, mask
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, lora_b, hidden, stored_keep = ctx.saved_tensors
+        x, weight, lora_a, lora_b, hidden, mask_state = ctx.saved_tensors
         needs_x, _, needs_bias, needs_a, needs_b = ctx.needs_input_grad[:5]
         rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        mask = ctx.mask if stored_keep is None else DropoutMask(stored_keep, ctx.mask.scale)
-        dropout = _mask_rows(mask, rows)
+        dropout = saved_mask(ctx.mask, mask_state, rows.dtype)
         grad_hidden = grad_rows @ lora_b
         grad_hidden.mul_(ctx.scaling * (1.0 if dropout is None else dropout.scale))
         grad_x = grad_a = grad_b = grad_bias = None

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lora_spec import reference
+from lora_spec import dora, reference
 from tests import strategies
 from tests.numerics import assert_close
 
@@ -112,8 +112,9 @@ def test_fused_path_is_used_in_training_and_plain_ops_in_eval(monkeypatch, use_d
     assert calls == [1]
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep_probability(p):
+def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep_probability(p, use_dora):
     case = strategies.LinearCase(
         x=np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32),
         W=np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32),
@@ -123,8 +124,12 @@ def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep
         s=1.5,
         dropout_mask=None,
     )
-    layer = linear_layer(case, "linear").train()
+    layer = linear_layer(case, "linear", use_dora).train()
     layer.dropout = p
+    magnitude = np.random.default_rng(5).uniform(0.5, 2.0, 3).astype(np.float32)
+    if use_dora:
+        with torch.no_grad():
+            layer.adapters["default"].lora_magnitude_vector.copy_(tensor(magnitude))
     x = tensor(case.x, requires_grad=True)
     torch.manual_seed(7)
     y = layer(x)
@@ -132,17 +137,19 @@ def test_training_dropout_draws_the_documented_mask_and_scales_by_its_exact_keep
     mask = draw_mask(x.shape, p, x.device)
     reference_mask = numpy(mask.keep) * np.float32(1 / keep_probability(p))
     assert mask.scale == 1 / keep_probability(p)
-    assert_close(
-        numpy(y), reference.forward(case.x, case.W, None, case.A, case.B, case.s, reference_mask), np.float32, factor=10
-    )
-    # Backward draws the same mask again from its seed, after other draws moved the default generator.
+    factors = (case.W, case.A, case.B, case.s) + ((magnitude,) if use_dora else ())
+    forward, backward = (dora.dora_forward, dora.dora_backward) if use_dora else (reference.forward, reference.backward)
+    assert_close(numpy(y), forward(case.x, case.W, None, *factors[1:], reference_mask), np.float32, factor=10)
+    # Backward uses the same mask (the draws kept), after other draws moved the default generator.
     torch.rand(100)
     grad_y = np.random.default_rng(4).standard_normal(y.shape).astype(np.float32)
     y.backward(tensor(grad_y))
-    expected = reference.backward(case.x, case.W, case.A, case.B, case.s, grad_y, reference_mask)
+    expected = backward(case.x, *factors, grad_y, reference_mask)
     assert_close(numpy(x.grad), expected.dx, np.float32, factor=10)
     assert_close(numpy(layer.lora_A.grad), expected.dA, np.float32, factor=10)
     assert_close(numpy(layer.lora_B.grad), expected.dB, np.float32, factor=10)
+    if use_dora:
+        assert_close(numpy(layer.adapters["default"].lora_magnitude_vector.grad), expected.dmagnitude, np.float32, 10)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
