@@ -243,3 +243,32 @@ def test_a_peft_dora_file_of_a_conv1d_is_refused_for_the_layer_lora_spec_cannot_
     with pytest.raises(ValueError, match="target module 'conv' is a Conv1d, which LoRA cannot wrap") as error:
         lora.load_adapter(model, tmp_path)
     assert "\n" not in str(error.value) and _unchanged(model, before)
+
+
+# --- a DoRA adapter beside a LoRA adapter -----------------------------------------------------------------------
+
+
+def test_a_dora_and_a_lora_adapter_switch_and_disable_as_in_peft_both_ways(tmp_path):
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    theirs.add_adapter("plain", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj"]))
+    _moved(theirs).save_pretrained(tmp_path / "peft")
+    ours = lora.load_adapter(llama(), tmp_path / "peft").eval()
+    lora.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(llama(), tmp_path / "ours")
+    back.load_adapter(tmp_path / "ours" / "plain", adapter_name="plain")
+    theirs.eval()
+    back.eval()
+    base = _logits(llama())
+    for name in ("plain", "default"):
+        lora.set_adapter(ours, name)
+        theirs.set_adapter(name)
+        back.set_adapter(name)
+        torch.testing.assert_close(_logits(ours), _logits(theirs), msg=name)
+        torch.testing.assert_close(_logits(back), _logits(ours), msg=name)
+        with lora.disable_adapters(ours), theirs.disable_adapter():
+            torch.testing.assert_close(_logits(ours), base)
+            torch.testing.assert_close(_logits(theirs), base)
+    lora.merge(ours)
+    with lora.disable_adapters(ours):
+        torch.testing.assert_close(_logits(ours), base)
+    torch.testing.assert_close(_logits(ours), _logits(theirs))
