@@ -117,8 +117,12 @@ class AdapterWeights:
                 f"adapter has a DoRA magnitude for module {path!r} but no lora_A/lora_B: the file is "
                 "incomplete, re-save it."
             )
-        features = self.lora[path][1].shape[0]
-        expected = magnitude_shape(self.layer(path), features)
+        lora_a, lora_b = self.lora[path]
+        features = lora_b.shape[0]
+        if lora_a.ndim in (2, 4):
+            expected = magnitude_shape(self.layer(path), features)
+        else:  # PEFT's shape for a Conv1d or Conv3d: whether the model can hold it is the backend's to say
+            expected = (1, features) + (1,) * (lora_a.ndim - 2)
         if tuple(magnitude.shape) != expected:
             raise ValueError(
                 f"adapter tensor {path}{MAGNITUDE_SUFFIX} has shape {tuple(magnitude.shape)}, but the "
@@ -176,6 +180,13 @@ def _check_dora(config: LoRAConfig, weights: AdapterWeights, path: Path) -> None
     silently keep a missing magnitude at its initial value, or drop an unexpected one)."""
     if config.use_dora:
         missing = [module for module in weights.lora if module not in weights.magnitudes]
+        if missing and not weights.magnitudes:
+            raise ValueError(
+                f"{path} is a DoRA adapter (use_dora=true) without any lora_magnitude_vector: PEFT's "
+                "save_pretrained(path_initial_model_for_weight_conversion=...) drops the magnitudes of a "
+                "PiSSA/OLoRA DoRA adapter, so the trained model is lost; save it unconverted in PEFT, or "
+                "with lora_spec's save_adapter, which keeps them."
+            )
         if missing:
             raise ValueError(
                 f"{path} is a DoRA adapter (use_dora=true) without a lora_magnitude_vector for module "

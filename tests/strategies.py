@@ -626,12 +626,12 @@ def low_rank_weight(shape: tuple[int, int], rank: int, seed: int = 0, gap: float
 
 
 @st.composite
-def spectral_gap_weight_init_cases(draw, dtype=np.float64) -> tuple[np.ndarray, int, float, str]:
+def spectral_gap_weight_init_cases(draw, dtype=np.float64, noise=1e-6) -> tuple[np.ndarray, int, float, str]:
     """As `weight_init_cases`, on a weight whose top r singular values are distinct and far above the others
-    (noise of 1e-6), so that every init's A and B are unique up to the sign of each rank component."""
+    (`noise` times Gaussian noise), so that every init's A and B are unique up to the sign of each rank component."""
     shape = (draw(out_features), draw(in_features))
     r = draw(st.integers(1, min(shape)))
-    W = low_rank_weight(shape, r, draw(seeds), gap=1e-6).astype(dtype)
+    W = low_rank_weight(shape, r, draw(seeds), gap=noise).astype(dtype)
     return W, r, draw(scales), draw(st.sampled_from(WEIGHT_INITS))
 
 

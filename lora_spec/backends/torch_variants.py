@@ -194,11 +194,11 @@ class DoRAAdapter(LoRAAdapter):
         """PEFT's DoRA forward: `result + (f - 1) * base + f * s * B A d(x)` with `f = m / n` and `base`
         the output so far without the bias or, when the input is dropped, the base product of `d(x)`."""
         factor = self.factor(layer)
+        # In the adapter's dtype: a half-precision base's input meets float32 factors (as in LoRA's update).
+        dropped = layer.dropped(x, self, dropout_mask)
         if layer.drops_input(self, dropout_mask):
-            dropped = layer.dropped(x, self, dropout_mask)
             base = layer.base_product(dropped)
         else:
-            dropped = x
             bias = getattr(layer.base_layer, "bias", None)
             base = result if bias is None else result - bias.reshape(factor.shape)
         return cast_to(result + ((factor - 1) * base + factor * layer.low_rank(self, dropped)), result.dtype)

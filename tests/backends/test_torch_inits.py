@@ -9,7 +9,7 @@ from hypothesis import given
 
 from lora_spec import inits
 from tests import strategies
-from tests.numerics import assert_close
+from tests.numerics import TOLERANCE, assert_close
 
 torch = pytest.importorskip("torch")
 pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
@@ -43,19 +43,20 @@ def test_the_residual_plus_the_scaled_update_is_the_weight_and_the_factors_have_
         )
 
 
-@given(strategies.spectral_gap_weight_init_cases())
+# pissa_niter_0 finds the range from one random projection, off by about noise / |cos| of the projection's angle
+# to it; torch (seeded in _torch_init) and the reference draw different projections, so the noise stays far below
+# the tolerance.
+@given(strategies.spectral_gap_weight_init_cases(noise=1e-12))
 def test_the_update_equals_the_references_on_a_weight_with_a_spectral_gap(case):
     """A and B are unique up to the sign of each rank component there, so their product is the reference's."""
     W, r, s, init = case
     lora_a, lora_b, residual = _torch_init(W, init, r, s)
     expected = inits.init_from_weight(W, init, r, s, np.random.default_rng(0))
-    # Without a power iteration the fast PiSSA's range finder carries the weight's noise (1e-6) amplified by
-    # the conditioning of a random r x r projection (up to 2e-3 of the weight over 300 draws); one iteration
-    # makes it exact, as the SVD and QR are.
-    relative = 1e-2 if init == "pissa_niter_0" else 1e-6
-    assert_close(lora_b @ lora_a, expected.lora_b @ expected.lora_a, np.float64, factor=relative / 1e-10)
-    # The residual is W minus the update: its rounding error scales with W, even where it is exactly zero.
-    np.testing.assert_allclose(residual, expected.residual, rtol=0, atol=relative * np.abs(W).max())
+    assert_close(lora_b @ lora_a, expected.lora_b @ expected.lora_a, np.float64, factor=1e4)
+    # The residual's rounding is W's: a full-rank init leaves an exact 0 in the reference and ~1e-16 here.
+    np.testing.assert_allclose(
+        residual, expected.residual, rtol=0, atol=1e4 * TOLERANCE[np.dtype(np.float64)] * np.abs(W).max()
+    )
 
 
 def test_half_precision_weights_are_decomposed_in_float32_and_the_residual_cast_once():
