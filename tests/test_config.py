@@ -129,7 +129,6 @@ def test_peft_dict_writes_the_resolved_target_list():
         ("init_lora_weights", "corda"),
         ("init_lora_weights", "pissa_niter_"),
         ("init_lora_weights", "PiSSA"),
-        ("init_lora_weights", False),
         ("lora_bias", True),
         ("layer_replication", [[0, 2]]),
         ("peft_type", "IA3"),
@@ -144,6 +143,12 @@ def test_unsupported_peft_features_are_refused_by_name(field, value):
 def test_lora_bias_with_dora_is_refused_as_peft_refuses_it():
     with pytest.raises(ValueError, match="lora_bias=true with use_dora=true, which PEFT refuses too"):
         LoRAConfig.from_peft_dict({"r": 4, "use_dora": True, "lora_bias": True})
+
+
+@pytest.mark.parametrize("value", [False, "eva", "orthogonal"])
+def test_peft_inits_that_leave_the_base_weight_alone_load_as_the_default(value):
+    """A file's weights replace whatever these inits started from, and none of them changed the base weight."""
+    assert LoRAConfig.from_peft_dict({"r": 4, "init_lora_weights": value}).init == "kaiming"
 
 
 def test_olora_is_read_in_any_case_as_peft_matches_it():

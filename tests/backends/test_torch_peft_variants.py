@@ -272,3 +272,24 @@ def test_a_dora_and_a_lora_adapter_switch_and_disable_as_in_peft_both_ways(tmp_p
     with lora.disable_adapters(ours):
         torch.testing.assert_close(_logits(ours), base)
     torch.testing.assert_close(_logits(ours), _logits(theirs))
+
+
+# --- PEFT inits that only pick starting values -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", [False, "orthogonal"])
+def test_a_peft_adapter_whose_init_left_the_base_alone_loads_with_pefts_outputs(tmp_path, init):
+    """Our config reads these inits as the default one, whose starting values the file's factors replace (here
+    moved as training would)."""
+    config = peft.LoraConfig(r=2, target_modules=["linear"], init_lora_weights=init)
+    theirs = peft.get_peft_model(half_model(torch.float32), config).eval()
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn_like(parameter), alpha=0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = lora.load_adapter(half_model(torch.float32), tmp_path).eval()
+    with theirs.disable_adapter():
+        base = theirs(IDS)
+    assert not torch.allclose(theirs(IDS), base)
+    torch.testing.assert_close(ours(IDS), theirs(IDS))
