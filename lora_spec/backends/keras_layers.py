@@ -342,6 +342,12 @@ class LoRALayer(_KerasLayer):
             raise ValueError(
                 f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA to the float model."
             )
+        if not keras.backend.is_float_dtype(layer.variable_dtype):
+            # Checked before the layer changes class: PiSSA/OLoRA would refuse the weight halfway through.
+            raise ValueError(
+                f"layer {layer.name!r} holds {layer.variable_dtype} weights: LoRA, DoRA and their inits adapt "
+                "floating-point layers; add LoRA to the float model (quantise afterwards)."
+            )
         if r is not None:
             cls.check_adapter(layer, r, init, use_dora)
 
