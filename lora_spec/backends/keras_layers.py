@@ -20,7 +20,9 @@ base.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,8 @@ PACKAGE = "lora_spec"
 # Keras's own LoRA arguments: accepting them would stack a second, merged-on-save adapter.
 _KERAS_LORA_ARGUMENTS = ("lora_rank", "lora_alpha")
 _MERGED_KEY = "merged"
+# The layer's LoRA arguments (`lora_config()`, JSON as bytes) beside its variables in a weights file.
+_CONFIG_KEY = "lora_spec_config"
 
 # Keras ships no types: a backend tensor (a KerasTensor, a NumPy array, a torch, TensorFlow or JAX tensor),
 # and the store `save_own_variables` writes to (a dict or an HDF5 group).
@@ -302,6 +306,19 @@ class LoRALayer(_KerasLayer):
             layer._tracker.lock()
 
     @classmethod
+    def restore_in_place(cls, layer: keras.layers.Layer, lora_config: dict[str, Any]) -> None:
+        """Turn a built `base_class` layer back into the LoRA layer whose variables a file holds, with the
+        adapters of its `lora_config()`; loading the variables comes next (as `adapt_in_place`, unchecked: the
+        layer was valid when saved)."""
+        _switch_class(layer, cls)
+        layer._tracker.unlock()
+        try:
+            layer._set_lora(**lora_config)
+            layer._build_lora()
+        finally:
+            layer._tracker.lock()
+
+    @classmethod
     def check_adaptable(
         cls, layer: keras.layers.Layer, r: int | None = None, init: str = "kaiming", use_dora: bool = False
     ) -> None:
@@ -324,6 +341,12 @@ class LoRALayer(_KerasLayer):
         if layer.quantization_mode is not None:
             raise ValueError(
                 f"layer {layer.name!r} is quantized ({layer.quantization_mode}): add LoRA to the float model."
+            )
+        if not keras.backend.is_float_dtype(layer.variable_dtype):
+            # Checked before the layer changes class: PiSSA/OLoRA would refuse the weight halfway through.
+            raise ValueError(
+                f"layer {layer.name!r} holds {layer.variable_dtype} weights: LoRA, DoRA and their inits adapt "
+                "floating-point layers; add LoRA to the float model (quantise afterwards)."
             )
         if r is not None:
             cls.check_adapter(layer, r, init, use_dora)
@@ -590,12 +613,16 @@ class LoRALayer(_KerasLayer):
             merged_base = self.merged and variable is self._base_weight
             store[name] = self._unmerged_weight if merged_base else _snapshot(variable)
         store[_MERGED_KEY] = np.array(int(self.merged))
+        # A parent that creates this layer in its own build (MultiHeadAttention, KerasHub's attention and MLP
+        # blocks) rebuilds it on load as the plain Keras layer, from its own config: the LoRA arguments let that
+        # layer turn back into this one (`_restoring_lora`).
+        store[_CONFIG_KEY] = np.frombuffer(json.dumps(self.lora_config()).encode(), np.uint8)
 
     def load_own_variables(self, store: VariableStore) -> None:
         if not self.built:
             return
         weights = self._own_weights()
-        stored = sorted(set(store.keys()) - {_MERGED_KEY})
+        stored = sorted(set(store.keys()) - {_MERGED_KEY, _CONFIG_KEY})
         if not stored:
             # Keras keys a weights file by layer class, so a LoRA layer finds nothing in a file
             # saved before LoRA was added.
@@ -1282,3 +1309,28 @@ def reference_shapes(layer: keras.layers.Layer, r: int) -> tuple[tuple[int, ...]
 LORA_LAYERS: dict[type[keras.layers.Layer], type[LoRALayer]] = {
     layer.base_class: layer for layer in (LoRADense, LoRAEinsumDense, LoRAEmbedding, LoRAConv2D)
 }
+
+
+def _restoring_lora(load: Any) -> Any:
+    """`load_own_variables` of a Keras layer class, which first turns a layer whose stored variables are a LoRA
+    layer's back into that LoRA layer: a parent that builds its sublayers itself (MultiHeadAttention, KerasHub's
+    blocks) recreates them as plain layers when a `.keras` file loads, and their adapters would not load."""
+
+    @functools.wraps(load)
+    def load_own_variables(layer: keras.layers.Layer, store: VariableStore) -> None:
+        lora_class = LORA_LAYERS.get(type(layer))
+        # keys(): a sharded HDF5 store's `in` looks in its current shard only.
+        if lora_class is not None and layer.built and _CONFIG_KEY in set(store.keys()):
+            lora_config = json.loads(np.asarray(store[_CONFIG_KEY], np.uint8).tobytes())
+            lora_class.restore_in_place(layer, lora_config)
+            layer.load_own_variables(store)
+            return
+        load(layer, store)
+
+    load_own_variables.restores_lora = True  # type: ignore[attr-defined]
+    return load_own_variables
+
+
+for _base_class in LORA_LAYERS:
+    if not getattr(_base_class.load_own_variables, "restores_lora", False):
+        _base_class.load_own_variables = _restoring_lora(_base_class.load_own_variables)

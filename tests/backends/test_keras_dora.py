@@ -344,3 +344,47 @@ def test_mixed_precision_keeps_the_magnitude_in_float32_and_computes_in_half():
         x, layer.base_weight(), layer.bias.numpy(), A, B, layer.scaling, layer.lora_magnitude()
     )
     np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=0.02, atol=0.02)
+
+
+def _half_precision_dora_layer(kind, policy):
+    """A built DoRA layer of `kind` under `policy` with random A, B and magnitude, and an input for it."""
+    rng = np.random.default_rng(0)
+    layer, x = {
+        "einsum": lambda: (
+            lora.LoRAEinsumDense("abc,cde->abde", (None, 2, 4), r=2, use_dora=True, bias_axes="de", dtype=policy),
+            rng.standard_normal((2, 3, 6)).astype(np.float32),
+        ),
+        "embedding": lambda: (lora.LoRAEmbedding(10, 8, r=2, use_dora=True, dtype=policy), rng.integers(0, 10, (3, 4))),
+        "conv2d": lambda: (
+            lora.LoRAConv2D(4, 3, r=2, use_dora=True, padding="same", dtype=policy),
+            rng.standard_normal((2, 5, 5, 3)).astype(np.float32),
+        ),
+    }[kind]()
+    layer.build(x.shape)
+    adapter = layer.adapter()
+    for variable in (adapter.lora_a, adapter.lora_b):
+        variable.assign(rng.standard_normal(variable.shape) * 0.5)
+    adapter.magnitude.assign(adapter.magnitude.numpy() * rng.uniform(0.5, 2.0, adapter.magnitude.shape))
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["einsum", "embedding", "conv2d"])
+def test_mixed_bfloat16_dora_layers_compute_the_float32_layer_in_half_and_merge_reversibly(kind):
+    layer, x = _half_precision_dora_layer(kind, "mixed_bfloat16")
+    assert layer.adapter().magnitude.dtype == "float32"
+    config = {**layer.get_config(), "dtype": "float32"}
+    twin = type(layer).from_config(config)
+    twin.build(x.shape)
+    for variable, value in zip(twin.weights, layer.weights, strict=True):
+        variable.assign(value)
+    expected = np.asarray(twin(x))
+    y = layer(x)
+    assert y.dtype == "bfloat16"
+    np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
+    before = layer._base_weight.numpy().copy()
+    layer.merge()
+    np.testing.assert_allclose(
+        np.asarray(layer(x), np.float32), expected, rtol=0.02, atol=0.02 * np.abs(expected).max()
+    )
+    layer.unmerge()
+    np.testing.assert_array_equal(layer._base_weight.numpy(), before)

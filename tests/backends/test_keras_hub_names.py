@@ -329,6 +329,24 @@ def test_dora_adapters_cross_both_ways_with_equal_outputs(prepared, tmp_path, na
     assert np.max(np.abs(hub.keras_outputs(name, reloaded) - expected)) <= 1e-5
 
 
+def test_a_keras_file_of_an_adapted_keras_hub_model_reloads_its_adapters(prepared, tmp_path):
+    """KerasHub's blocks create their projections in their own build, so loading rebuilds them as plain
+    layers: each turns back into the LoRA layer the file holds."""
+    checkpoint = prepared / "llama" / "checkpoint"
+    model = lora.apply(hub.keras_task("llama", checkpoint), r=2, use_dora=True, **DORA_TARGETS["llama"])
+    hub.train("llama", model, steps=0)
+    expected = hub.keras_outputs("llama", model)
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    assert np.max(np.abs(hub.keras_outputs("llama", restored) - expected)) == 0
+    assert [path.partition(".")[2] for path, _ in lora.lora_layers(restored)] == [
+        path.partition(".")[2] for path, _ in lora.lora_layers(model)
+    ]
+    lora.save_adapter(restored, tmp_path / "adapter", naming="transformers")
+    loaded = peft.PeftModel.from_pretrained(hub.transformers_model("llama", checkpoint), str(tmp_path / "adapter"))
+    assert np.max(np.abs(hub.transformers_outputs(loaded.eval()) - expected)) <= 1e-5
+
+
 def test_dora_rows_of_layers_without_the_adapter_are_saved_at_their_base_norms(prepared, tmp_path):
     checkpoint = prepared / "gpt2" / "checkpoint"
     model = lora.apply(hub.keras_task("gpt2", checkpoint), target_modules=["query"], r=2, use_dora=True)

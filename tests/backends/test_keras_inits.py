@@ -133,6 +133,10 @@ def test_weight_inits_are_refused_in_one_line_where_peft_has_none_and_the_model_
     quantized = keras_base()
     quantized.get_layer("encoder").get_layer("fc1").quantize("int8")
     cases.append((quantized, dict(target_modules=["fc1"]), r"layer 'fc1' is quantized \(int8\)"))
+    integer = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4, dtype="int32", kernel_initializer="ones", name="counts")]
+    )
+    cases.append((integer, dict(target_modules=["counts"]), r"layer 'counts' holds int32 weights: LoRA, DoRA"))
     for model, options, message in cases:
         before = _weights(model)
         with pytest.raises(ValueError, match=message) as error:

@@ -283,6 +283,64 @@ def test_keras_file_round_trip_keeps_the_adapter_separate_and_trainable(tmp_path
     np.testing.assert_array_equal(restored(X), lora.unload(model)(X))
 
 
+def functional_attention_model() -> keras.Model:
+    """A functional model whose `MultiHeadAttention` creates its projections (`attention.query`...) in its own
+    build: a `.keras` file rebuilds them from the attention layer's config, as plain `EinsumDense` layers."""
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((5,), dtype="int32")
+    hidden = keras.layers.Embedding(10, 8, name="embed")(ids)
+    hidden = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="attention")(hidden, hidden)
+    return keras.Model(ids, keras.layers.Dense(3, name="head")(hidden))
+
+
+@pytest.mark.parametrize(
+    ("options", "merged"),
+    [
+        (dict(use_dora=True), False),
+        (dict(use_dora=True), True),
+        (dict(init="olora"), False),
+        (dict(init="pissa", use_dora=True), False),
+    ],
+)
+def test_a_keras_file_restores_the_adapters_of_layers_that_a_parent_layer_builds(tmp_path, options, merged):
+    targets = ["query", "value", "attention_output"]
+    model = lora.apply(functional_attention_model(), r=2, alpha=4, target_modules=targets, **options)
+    _randomize_adapters(model)
+    if not options.get("init"):  # a second adapter on the query; weight inits take no other adapter
+        lora.apply(model, adapter_name="other", r=3, target_modules=["query"])
+        lora.set_adapter(model, ["default", "other"])
+    if merged:
+        lora.merge(model)
+    expected = model(IDS)
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_array_equal(restored(IDS), expected)
+    layers, restored_layers = dict(lora.lora_layers(model)), dict(lora.lora_layers(restored))
+    assert sorted(restored_layers) == ["attention.attention_output", "attention.query", "attention.value"]
+    for path, layer in restored_layers.items():
+        assert (type(layer), layer.get_config(), layer.merged) == (
+            lora.LoRAEinsumDense,
+            layers[path].get_config(),
+            merged,
+        )
+        for saved, loaded in zip(layers[path].weights, layer.weights, strict=True):
+            np.testing.assert_array_equal(loaded.numpy(), saved.numpy())
+    lora.unmerge(restored)
+    # The attention layer's config does not say its key and output layers were frozen: set_adapter freezes again.
+    lora.set_adapter(restored, lora.active_adapters(model))
+    assert _trained(restored) == _trained(model)
+
+
+def test_a_weights_file_with_lora_inside_a_parent_layer_gives_an_unadapted_model_its_adapters(tmp_path):
+    model = lora.apply(functional_attention_model(), r=2, target_modules=["query", "value"], use_dora=True)
+    _randomize_adapters(model)
+    model.save_weights(tmp_path / "model.weights.h5")
+    base = functional_attention_model()
+    base.load_weights(tmp_path / "model.weights.h5")
+    np.testing.assert_array_equal(base(IDS), model(IDS))
+    assert [path for path, _ in lora.lora_layers(base)] == ["attention.query", "attention.value"]
+
+
 def test_mixed_precision_training_keeps_float32_lora_weights():
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
