@@ -1311,6 +1311,10 @@ LORA_LAYERS: dict[type[keras.layers.Layer], type[LoRALayer]] = {
 }
 
 
+# Marks the wrapped loaders, so that importing this module again (a reload) does not wrap them twice.
+_RESTORES_LORA = "restores_lora"
+
+
 def _restoring_lora(load: Any) -> Any:
     """`load_own_variables` of a Keras layer class, which first turns a layer whose stored variables are a LoRA
     layer's back into that LoRA layer: a parent that builds its sublayers itself (MultiHeadAttention, KerasHub's
@@ -1327,10 +1331,10 @@ def _restoring_lora(load: Any) -> Any:
             return
         load(layer, store)
 
-    load_own_variables.restores_lora = True  # type: ignore[attr-defined]
+    setattr(load_own_variables, _RESTORES_LORA, True)
     return load_own_variables
 
 
 for _base_class in LORA_LAYERS:
-    if not getattr(_base_class.load_own_variables, "restores_lora", False):
+    if not getattr(_base_class.load_own_variables, _RESTORES_LORA, False):
         _base_class.load_own_variables = _restoring_lora(_base_class.load_own_variables)
