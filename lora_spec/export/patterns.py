@@ -148,7 +148,9 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     base_start, base_reader = (paired[0].input[0], paired[0]) if paired else (base_side, add)
     branch_start, branch_reader = (paired[1].input[0], paired[1]) if paired else (branch_side, add)
     chain = low_rank_chain(graph, branch_start, branch_reader)
-    if chain is None:
+    if chain is None or graph.is_constant(base_start):
+        # A product pair plus a constant is a layer's bias, not a near-miss: an embedding read by a
+        # linear layer is a Gather then a MatMul, and its bias Add must not be reported as refused.
         return None
     factors, scale, branch_input, reshaped = chain
     found_chain = base_chain_to(graph, base_start, base_reader)
