@@ -237,6 +237,39 @@ class Fold(Generic[BranchT]):
         return merged
 
 
+def shared_reshape_outputs(graph: Graph) -> set[str]:
+    """Outputs of `Reshape`s that a `Reshape` and other nodes read: `rejoin_reshapes` candidates, noted
+    before folding."""
+    return {
+        node.output[0]
+        for node in graph.nodes
+        if node.op_type == "Reshape"
+        and len(graph.consumers.get(node.output[0], ())) > 1
+        and any(reader.op_type == "Reshape" for reader in graph.consumers[node.output[0]])
+    }
+
+
+def rejoin_reshapes(graph: Graph, shared: set[str]) -> None:
+    """Reshape straight from the source where folding left a `Reshape` read by a `Reshape` alone.
+
+    A LoRA branch that reads a reshaped activation (GPT-2's `Conv1D` views its 3-D input as rows)
+    keeps the exporter from merging the two reshapes, as it does in the base model's export; once
+    the branch is gone, `Reshape(Reshape(x, s1), s2)` is `Reshape(x, s2)` for a constant `s2`
+    without 0s (which copy a dim of the input; always, with `allowzero`).
+    """
+    for tensor in shared:
+        first = graph.producer.get(tensor)
+        readers = graph.consumers.get(tensor, [])
+        if first is None or len(readers) != 1 or tensor in graph.graph_outputs:
+            continue
+        (second,) = readers
+        target_shape = graph.constant(second.input[1]) if second.op_type == "Reshape" else None
+        if second.input[0] != tensor or target_shape is None:
+            continue
+        if attribute(second, "allowzero", 0) or not np.any(target_shape == 0):
+            graph.replace_input(second, 0, first.input[0])
+
+
 # A pattern: its branches and the reasons near-matches were refused; and its rules by base op.
 Finder = Callable[[Graph], tuple[list, list[str]]]
 

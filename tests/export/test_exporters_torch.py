@@ -185,3 +185,42 @@ def test_peft_half_precision_export_folds_casts_and_all(tmp_path, dynamo):
     output = session(result.output).run(None, {"matrix": x.numpy()})[0]
     assert output.dtype == np.float16
     assert_close(output, expected, np.float16, factor=2)
+
+
+class _MergedHeadsProjection(torch.nn.Module):
+    """GPT-2's attention output projection: heads merged by a reshape, then a `Conv1D`, which views its input
+    as rows (a second reshape). The dynamo exporter merges the two reshapes in the base model, not in an adapted
+    one, whose LoRA branch reads the merged heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        self.proj = transformers.pytorch_utils.Conv1D(6, 8)
+
+    def forward(self, heads):
+        return self.proj(heads.reshape(heads.shape[0], heads.shape[1], 8))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_reshapes_kept_apart_by_a_branch_are_rejoined_as_in_the_base_export(tmp_path, use_dora):
+    pytest.importorskip("onnxscript")
+    peft = pytest.importorskip("peft")
+    from tests.export.torch_models import export, randomize
+
+    base = _MergedHeadsProjection().eval()
+    model = peft.get_peft_model(
+        _MergedHeadsProjection(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], use_dora=use_dora, fan_in_fan_out=True),
+    )
+    randomize(model, ("lora_B", "lora_magnitude_vector"))
+    heads = torch.randn(2, 3, 2, 4, generator=torch.Generator().manual_seed(1))
+    export(model.get_base_model(), (heads,), tmp_path / "model.onnx", dynamo=True, names=["heads"])
+    export(base, (heads,), tmp_path / "base.onnx", dynamo=True, names=["heads"])
+    result = merge_onnx(tmp_path / "model.onnx", verify="full", progress=False)
+    merged_nodes = sorted(node.op_type for node in onnx.load(result.output).graph.node)
+    assert merged_nodes == sorted(node.op_type for node in onnx.load(tmp_path / "base.onnx").graph.node)
+    assert merged_nodes.count("Reshape") == 2
+    with torch.no_grad():
+        expected = model(heads).numpy()
+    assert_close(session(result.output).run(None, {"heads": heads.numpy()})[0], expected, np.float32, factor=5)
