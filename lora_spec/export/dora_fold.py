@@ -140,6 +140,7 @@ class DoRABranch(LoRABranch):
     delta_scale: np.ndarray
     expression: list[onnx.NodeProto]
     bias: BiasUpdate | None
+    rescaled: bool = True  # False: plain LoRA whose bias the expression adds, no DoRA layer
 
 
 def find_dora_branches(graph: Graph) -> tuple[list[DoRABranch], list[str]]:
@@ -207,9 +208,11 @@ def match(graph: Graph, node: onnx.NodeProto) -> DoRABranch | tuple[str, set[int
     if isinstance(sums, str):
         return refused(sums)
     weight_scale, delta_scale, constant, by_vector = sums
-    if np.all(weight_scale == 1) and np.all(delta_scale == delta_scale[0]) and not by_vector:
-        # Plain LoRA, scaled by scalars only: the LoRA rule's. Not a DoRA factor that happens to be 1 (a
-        # DoRA layer exported untrained), which the LoRA rule does not read.
+    # Plain LoRA, scaled by scalars only: the LoRA rule's. Not a DoRA factor that happens to be 1 (a DoRA
+    # layer exported untrained), which the LoRA rule does not read, nor plain LoRA plus a bias that TensorFlow's
+    # graph optimizer moved onto the low-rank side (`x W + (x A B + b)`, Keras's LoRA layers): this rule's.
+    rescaled = not np.all(weight_scale == 1) or not np.all(delta_scale == delta_scale[0]) or by_vector
+    if not rescaled and not constant.any():
         return None
     bias = _bias_update(graph, chain, weight_scale, constant, features, expression.terms)
     if isinstance(bias, str):
@@ -229,6 +232,7 @@ def match(graph: Graph, node: onnx.NodeProto) -> DoRABranch | tuple[str, set[int
         delta_scale=delta_scale * pair_scale,
         expression=list(expression.nodes.values()),
         bias=bias,
+        rescaled=rescaled,
     )
 
 
@@ -436,10 +440,17 @@ class DoRAFoldRule(FoldRule[DoRABranch]):
         branch = fold.branch
         # After rewrite, a bias to change always has a node holding it.
         held = branch.bias
-        bias = f"; bias {held[0].input[held[1]]} rescaled" if held is not None and held[0] is not None else ""
+        change = "rescaled" if branch.rescaled else "added after the product"
+        bias = f"; bias {held[0].input[held[1]]} {change}" if held is not None and held[0] is not None else ""
+        scaled = (
+            f" scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to {branch.weight_scale.max():.4g})"
+            if branch.rescaled
+            else f" += {branch.delta_scale[0]:g} *"
+        )
         return (
-            f"{fold.name}: {branch.weight} scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to "
-            f"{branch.weight_scale.max():.4g}) += {branch.lora_a.initializer} @ {branch.lora_b.initializer}"
+            f"{fold.name}: {branch.weight}{scaled}"
+            + (" +=" if branch.rescaled else "")
+            + f" {branch.lora_a.initializer} @ {branch.lora_b.initializer}"
             + ("" if fold.target == branch.weight else f" (copied to {fold.target})")
             + bias
         )

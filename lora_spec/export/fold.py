@@ -7,6 +7,7 @@ One rule per base product. The rules only translate layouts; the merge itself is
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +19,7 @@ from lora_spec.export.graph import Graph, attribute
 from lora_spec.export.patterns import WEIGHT_INPUT, Factor, LoRABranch
 
 ReadTensor = Callable[[str], np.ndarray]
+ReadValue = Callable[[], np.ndarray]
 # The kind of branch a rule folds (a DoRA rule takes DoRA branches only).
 BranchT = TypeVar("BranchT", bound=LoRABranch)
 # (fold, weight, lora_a, lora_b) -> a function of the merged weight.
@@ -235,6 +237,74 @@ class Fold(Generic[BranchT]):
         if compare is not None:
             compare(merged)
         return merged
+
+
+def shared_reshape_outputs(graph: Graph) -> set[str]:
+    """Outputs of `Reshape`s that a `Reshape` and other nodes read: `rejoin_reshapes` candidates, noted
+    before folding."""
+    return {
+        node.output[0]
+        for node in graph.nodes
+        if node.op_type == "Reshape"
+        and len(graph.consumers.get(node.output[0], ())) > 1
+        and any(reader.op_type == "Reshape" for reader in graph.consumers[node.output[0]])
+    }
+
+
+def rejoin_reshapes(graph: Graph, shared: set[str]) -> None:
+    """Reshape straight from the source where folding left a `Reshape` read by a `Reshape` alone.
+
+    A LoRA branch that reads a reshaped activation (GPT-2's `Conv1D` views its 3-D input as rows)
+    keeps the exporter from merging the two reshapes, as it does in the base model's export; once
+    the branch is gone, `Reshape(Reshape(x, s1), s2)` is `Reshape(x, s2)` for a constant `s2`
+    without 0s (which copy a dim of the input; always, with `allowzero`).
+    """
+    for tensor in shared:
+        first = graph.producer.get(tensor)
+        readers = graph.consumers.get(tensor, [])
+        if first is None or len(readers) != 1 or tensor in graph.graph_outputs:
+            continue
+        (second,) = readers
+        target_shape = graph.constant(second.input[1]) if second.op_type == "Reshape" else None
+        if second.input[0] != tensor or target_shape is None:
+            continue
+        if attribute(second, "allowzero", 0) or not np.any(target_shape == 0):
+            graph.replace_input(second, 0, first.input[0])
+
+
+def fuse_conv_bias_adds(graph: Graph, folds: Sequence[Fold[Any]], values: Mapping[str, object]) -> dict[str, ReadValue]:
+    """Move the bias `Add` after each folded bias-free `Conv` into the `Conv`; the new biases' values by name.
+
+    tf2onnx fuses a Keras `Conv2D`'s bias into the `Conv` of a base model, but not into one whose output
+    a LoRA branch joins first, so the merged graph would keep one `Add` per layer that the base export lacks.
+    A constant that another fold rewrites (in `values`) stays where it is.
+    """
+    biases: dict[str, ReadValue] = {}
+    for fold in folds:
+        conv = fold.branch.base
+        output = conv.output[0]
+        readers = graph.consumers.get(output, [])
+        if conv.op_type != "Conv" or (len(conv.input) > 2 and conv.input[2]) or len(readers) != 1:
+            continue
+        (add,) = readers
+        if add.op_type != "Add" or len(add.input) != 2 or output in graph.graph_outputs:
+            continue
+        stored = graph.initializer_behind(add.input[1] if add.input[0] == output else add.input[0])
+        if stored is None or stored in values:
+            continue
+        weight, bias = graph.initializers[fold.target], graph.initializers[stored]
+        channels, spatial = weight.dims[0], len(weight.dims) - 2
+        shape = list(bias.dims)
+        per_channel = len(shape) <= spatial + 2 and shape[-spatial - 1 :] == [channels] + [1] * spatial
+        if not per_channel or set(shape[: -spatial - 1]) - {1} or bias.data_type != weight.data_type:
+            continue
+        value = np.asarray(graph.read_tensor(stored)).reshape(channels)
+        fused = graph.copy_initializer(stored, f"{stored}.conv_bias")
+        graph.initializers[fused].dims[:] = [channels]
+        graph.append_input(conv, fused)
+        graph.bypass(add, output)
+        biases[fused] = functools.partial(np.asarray, value)
+    return biases
 
 
 # A pattern: its branches and the reasons near-matches were refused; and its rules by base op.

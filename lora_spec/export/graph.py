@@ -278,6 +278,11 @@ class Graph:
         self.consumers[tensor].append(node)
         self._remove_orphans([old])
 
+    def append_input(self, node: onnx.NodeProto, tensor: str) -> None:
+        """Give `node` one more input, `tensor` (a Conv's bias)."""
+        node.input.append(tensor)
+        self.consumers[tensor].append(node)
+
     def rename_output(self, node: onnx.NodeProto, index: int, tensor: str) -> None:
         """Let `node` produce `tensor` (a name whose old producer has been removed)."""
         del self.producer[node.output[index]]

@@ -14,7 +14,15 @@ import onnx
 
 from lora_spec.export import verify as checks
 from lora_spec.export.dora_fold import DORA_RULES, find_dora_branches
-from lora_spec.export.fold import RULES, Fold, ReadTensor, fold_all
+from lora_spec.export.fold import (
+    RULES,
+    Fold,
+    ReadTensor,
+    fold_all,
+    fuse_conv_bias_adds,
+    rejoin_reshapes,
+    shared_reshape_outputs,
+)
 from lora_spec.export.graph import Graph
 from lora_spec.export.model_io import (
     ExportError,
@@ -112,9 +120,12 @@ def merge_onnx(
     adapter_plan = _plan_adapters(onnx_model, source, adapters, allow_partial)
 
     graph = Graph(onnx_model, source.read)
+    reshaped = shared_reshape_outputs(graph)
     folds, refused = fold_all(graph, [(find_dora_branches, DORA_RULES), (find_branches, RULES)])
+    rejoin_reshapes(graph, reshaped)
     refused += unrecognised_low_rank_products(graph)
     values = _fold_values(folds, source.read)
+    values.update(fuse_conv_bias_adds(graph, folds, values))
     values.update(_adapter_values(graph, adapter_plan, {fold.branch.base.name for fold in folds}))
     if not values:
         reason = f" ({refused[0]})" if refused else ""

@@ -15,6 +15,7 @@ no other reader, or deleting the branch (or changing the base weight) would chan
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import onnx
@@ -93,6 +94,10 @@ def unrecognised_low_rank_products(graph: Graph) -> list[str]:
     """
     notes = []
     for node in graph.nodes:
+        if node.op_type == "Conv":
+            note = _unfolded_conv_pair(graph, node)
+            notes += [note] if note else []
+            continue
         second = _product(graph, node, lora_a=False) if node.op_type in ("MatMul", "Gemm") else None
         if second is None or graph.producer.get(node.output[0]) is not node:
             continue
@@ -110,6 +115,35 @@ def unrecognised_low_rank_products(graph: Graph) -> list[str]:
             "then this) is not added to a base product in a form lora-export knows, so it stays unmerged"
         )
     return notes
+
+
+def _unfolded_conv_pair(graph: Graph, node: onnx.NodeProto) -> str | None:
+    """A note on `node` when it is a LoRA B convolution (1x1, no bias) of a LoRA A convolution through a low rank
+    that no branch took, else None. PEFT adapts 1-D and 3-D convolutions too, which lora-export does not fold."""
+    second = _conv_weight(graph, node)
+    first = graph.producer.get(_before_scalings(graph, node.input[0]))
+    if second is None or first is None or graph.producer.get(node.output[0]) is not node:
+        return None
+    lora_a = _conv_weight(graph, first) if first.op_type == "Conv" else None
+    if lora_a is None or len(lora_a) != len(second) or set(second[2:]) != {1}:
+        return None
+    rank, in_per_group, *kernel = lora_a
+    if 2 * rank > min(in_per_group * math.prod(kernel), second[0]) or _joins_a_refused_add(graph, node):
+        return None
+    first_name = first.name or first.output[0]
+    pair = f"{node.name or node.output[0]}: a rank-{rank} pair of {len(kernel)}-D convolutions ({first_name} then this)"
+    if len(kernel) != 2:
+        return f"{pair} stays unmerged: lora-export folds LoRA on 2-D convolutions only"
+    return f"{pair} is not added to a base convolution in a form lora-export knows, so it stays unmerged"
+
+
+def _conv_weight(graph: Graph, node: onnx.NodeProto) -> list[int] | None:
+    """The dims of the initializer a bias-free `Conv` applies, else None."""
+    weight = graph.initializer_behind(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or (len(node.input) > 2 and node.input[2]):
+        return None
+    dims = list(graph.initializers[weight].dims)
+    return dims if len(dims) >= 3 else None
 
 
 def _before_scalings(graph: Graph, tensor: str) -> str:
@@ -148,7 +182,9 @@ def match(graph: Graph, add: onnx.NodeProto, base_side: str, branch_side: str) -
     base_start, base_reader = (paired[0].input[0], paired[0]) if paired else (base_side, add)
     branch_start, branch_reader = (paired[1].input[0], paired[1]) if paired else (branch_side, add)
     chain = low_rank_chain(graph, branch_start, branch_reader)
-    if chain is None:
+    if chain is None or graph.is_constant(base_start):
+        # A product pair plus a constant is a layer's bias, not a near-miss: an embedding read by a
+        # linear layer is a Gather then a MatMul, and its bias Add must not be reported as refused.
         return None
     factors, scale, branch_input, reshaped = chain
     found_chain = base_chain_to(graph, base_start, base_reader)

@@ -211,7 +211,7 @@ def _unweighted(adapter: str | os.PathLike) -> str | os.PathLike:
 def _detach_exported(graph: Graph, read_tensor: ReadTensor) -> tuple[list[_Exported], list[str]]:
     """Detach every LoRA branch the exporter left, keeping what it was; refuse a module with two (stacked),
     and a DoRA layer."""
-    dora_layers, _ = find_dora_branches(graph)
+    dora_layers = [layer for layer in find_dora_branches(graph)[0] if layer.rescaled]
     if dora_layers:
         raise ExportError(
             f"node {dora_layers[0].name} is a DoRA layer: DoRA rescales each column of the adapted "

@@ -37,10 +37,10 @@ def keras_export(request, tmp_path_factory):
     """Export a base model and a copy with adapters on the case's targets (`adapted`), and save its adapter;
     `(folder, feeds, expected output, targets)`.
 
-    DoRA's base models have biases that are not zero (tf2onnx drops a zero bias), so folding must keep them
-    after the rescaled sum, where TensorFlow's graph optimizer moves them onto the low-rank side
-    (`f * base + (pair + b)`). Not for the convolutions: tf2onnx fuses a bias into the base export's `Conv`,
-    not into an adapted one's, whose merged graph then keeps one bias `Add` per convolution.
+    The base models have biases that are not zero (tf2onnx drops a zero bias), so folding must keep them:
+    for DoRA after the rescaled sum, where TensorFlow's graph optimizer moves them onto the low-rank side
+    (`f * base + (pair + b)`); for the convolutions, tf2onnx fuses a bias into the base export's `Conv` but
+    not into an adapted one's, whose bias `Add` the merge moves into the folded `Conv`.
     """
     import lora_spec.keras as lora
 
@@ -52,7 +52,7 @@ def keras_export(request, tmp_path_factory):
     base(x)
     rng = np.random.default_rng(3)
     for variable in base.weights:
-        if variable.name == "bias" and variant == "dora" and case != "cnn":
+        if variable.name == "bias":
             variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
     folder = tmp_path_factory.mktemp(variant)
     base.export(str(folder / "base.onnx"), format="onnx", verbose=False)

@@ -5,13 +5,15 @@ the output equals the framework's, and the merged graph has the compute nodes of
 exported without LoRA. The models and exports are shared (`torch_models.py`).
 """
 
+import re
+
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from lora_spec.export import merge_onnx
+from lora_spec.export import NoLoRABranchError, merge_onnx
 from lora_spec.export.verify import session
 from tests.export.onnx_roundtrip import (
     INPUT_SHAPES,
@@ -111,6 +113,8 @@ def test_peft_embedding_lora_folds_into_the_table(tmp_path, dynamo):
     export_torch(model, (ids,), tmp_path / "tokens.onnx", dynamo, output_names=("logits",))
     result = merge_onnx(tmp_path / "tokens.onnx", verify="full", progress=False)
     assert len(result.folds) == 2 and result.verification.passed
+    # The table read by proj's base MatMul looks like a product pair; proj's bias Add is no refused branch.
+    assert result.refused == []
     nodes = [node.op_type for node in onnx.load(result.output).graph.node]
     assert nodes.count("Gather") == 1 and "Mul" not in nodes
     with torch.no_grad():
@@ -183,3 +187,82 @@ def test_peft_half_precision_export_folds_casts_and_all(tmp_path, dynamo):
     output = session(result.output).run(None, {"matrix": x.numpy()})[0]
     assert output.dtype == np.float16
     assert_close(output, expected, np.float16, factor=2)
+
+
+class _MergedHeadsProjection(torch.nn.Module):
+    """GPT-2's attention output projection: heads merged by a reshape, then a `Conv1D`, which views its input
+    as rows (a second reshape). The dynamo exporter merges the two reshapes in the base model, not in an adapted
+    one, whose LoRA branch reads the merged heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        self.proj = transformers.pytorch_utils.Conv1D(6, 8)
+
+    def forward(self, heads):
+        return self.proj(heads.reshape(heads.shape[0], heads.shape[1], 8))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_reshapes_kept_apart_by_a_branch_are_rejoined_as_in_the_base_export(tmp_path, use_dora):
+    pytest.importorskip("onnxscript")
+    peft = pytest.importorskip("peft")
+    from tests.export.torch_models import export, randomize
+
+    base = _MergedHeadsProjection().eval()
+    model = peft.get_peft_model(
+        _MergedHeadsProjection(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], use_dora=use_dora, fan_in_fan_out=True),
+    )
+    randomize(model, ("lora_B", "lora_magnitude_vector"))
+    heads = torch.randn(2, 3, 2, 4, generator=torch.Generator().manual_seed(1))
+    export(model.get_base_model(), (heads,), tmp_path / "model.onnx", dynamo=True, names=["heads"])
+    export(base, (heads,), tmp_path / "base.onnx", dynamo=True, names=["heads"])
+    result = merge_onnx(tmp_path / "model.onnx", verify="full", progress=False)
+    merged_nodes = sorted(node.op_type for node in onnx.load(result.output).graph.node)
+    assert merged_nodes == sorted(node.op_type for node in onnx.load(tmp_path / "base.onnx").graph.node)
+    assert merged_nodes.count("Reshape") == 2
+    with torch.no_grad():
+        expected = model(heads).numpy()
+    assert_close(session(result.output).run(None, {"heads": heads.numpy()})[0], expected, np.float32, factor=5)
+
+
+class _Signal(torch.nn.Module):
+    """A 1-D convolution (PEFT adapts `Conv1d`, lora-export folds 2-D convolutions only) and, optionally, a head."""
+
+    def __init__(self, head: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(3, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6, 2) if head else None
+
+    def forward(self, signal):
+        features = self.conv(signal)
+        return features if self.head is None else self.head(features.mean(-1))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_a_1d_convolution_branch_is_named_as_not_folded_never_passed_over(tmp_path, dynamo, use_dora):
+    peft = pytest.importorskip("peft")
+    from tests.export.torch_models import randomize
+
+    signal = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(1))
+    for head in (True, False):
+        targets = ["conv", "head"] if head else ["conv"]
+        model = peft.get_peft_model(
+            _Signal(head), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=use_dora)
+        )
+        randomize(model, ("lora_B",))
+        export_torch(model.get_base_model().eval(), (signal,), tmp_path / f"head_{head}.onnx", dynamo, ("y",))
+    unfolded = (
+        r"a rank-2 pair of 1-D convolutions \(.+ then this\) stays unmerged: "
+        + "lora-export folds LoRA on 2-D convolutions only"
+    )
+    result = merge_onnx(tmp_path / "head_True.onnx", verify="full", progress=False)
+    assert len(result.folds) == 1 and len(result.refused) == 1
+    assert re.fullmatch(r".+: " + unfolded, result.refused[0])
+    with pytest.raises(NoLoRABranchError, match=unfolded):
+        merge_onnx(tmp_path / "head_False.onnx", verify="full", progress=False)
+    assert not (tmp_path / "head_False.merged.onnx").exists()

@@ -209,3 +209,45 @@ def test_a_graph_whose_only_pair_is_not_recognised_names_it_in_the_error(tmp_pat
     _graph_with_a_sum_joined_branch(tmp_path / "m.onnx", with_add_branch=False)
     with pytest.raises(ValueError, match=r"no LoRA branch found in .*\(odd_join_b: a rank-2 product pair"):
         merge_onnx(tmp_path / "m.onnx", verify="full", progress=False)
+
+
+@pytest.mark.parametrize(("target", "rejoined"), [([-1, 8], True), ([0, -1, 8], False)])
+def test_a_reshape_of_a_reshape_is_rejoined_only_when_its_shape_copies_no_input_dim(tmp_path, target, rejoined):
+    """A branch read the first reshape's output; once folded, `Reshape(Reshape(x, s1), s2)` becomes `Reshape(x, s2)`,
+    unless s2 has a 0, which copies a dim of its input: here the 2 of `(2, 3, 8)`, where x has 6."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "heads": np.array([2, 3, 8]),
+        "rows": np.array(target),
+        "out_rows": np.array([*target[:-1], 5]),
+        "weight": rng.standard_normal((8, 5)).astype(np.float32),
+        "lora_A": rng.standard_normal((8, 2)).astype(np.float32),
+        "lora_B": rng.standard_normal((2, 5)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Reshape", ["x", "heads"], ["merged_heads"]),
+        helper.make_node("Reshape", ["merged_heads", "rows"], ["as_rows"]),
+        helper.make_node("MatMul", ["as_rows", "weight"], ["base"]),
+        helper.make_node("MatMul", ["merged_heads", "lora_A"], ["low"]),
+        helper.make_node("MatMul", ["low", "lora_B"], ["up"]),
+        helper.make_node("Reshape", ["up", "out_rows"], ["up_rows"]),
+        helper.make_node("Add", ["base", "up_rows"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in arrays.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    (expected,) = session(tmp_path / "model.onnx").run(None, {"x": x})
+    result = merge_onnx(tmp_path / "model.onnx", verify="full", progress=False)
+    nodes = [node.op_type for node in onnx.load(result.output).graph.node]
+    assert nodes == ["Reshape", "MatMul"] if rejoined else ["Reshape", "Reshape", "MatMul"]
+    (output,) = session(result.output).run(None, {"x": x})
+    assert output.shape == expected.shape
+    assert_close(output, expected, np.float32, factor=10)
