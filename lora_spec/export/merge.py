@@ -43,7 +43,7 @@ from lora_spec.export.options import (
 from lora_spec.export.options import (
     verify_mode as checked_verify_mode,
 )
-from lora_spec.export.patterns import find_branches, unrecognised_low_rank_products
+from lora_spec.export.patterns import find_branches, no_branch_reason, unrecognised_low_rank_products
 from lora_spec.export.verify import RunnableModel
 
 if TYPE_CHECKING:
@@ -128,10 +128,9 @@ def merge_onnx(
     values.update(fuse_conv_bias_adds(graph, folds, values))
     values.update(_adapter_values(graph, adapter_plan, {fold.branch.base.name for fold in folds}))
     if not values:
-        reason = f" ({refused[0]})" if refused else ""
         raise NoLoRABranchError(
-            f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
-            "unmerged, or pass --adapter DIR to merge adapter files."
+            f"no LoRA branch found in {source_path}{no_branch_reason(graph, refused)}: export the model with its "
+            "adapter unmerged, or pass --adapter DIR to merge adapter files."
         )
     result = MergeResult(
         None,

@@ -86,6 +86,24 @@ def find_branches(graph: Graph) -> tuple[list[LoRABranch], list[str]]:
     return branches, refusals
 
 
+def no_branch_reason(graph: Graph, refused: list[str]) -> str:
+    """Why `graph` gave no branch to fold, as " (reason)" for the user's one line, or "": how the model was
+    exported when that rules every branch out (no weights, dropout in training mode), else the first refusal."""
+    if not graph.initializers:
+        return " (it holds no weights: export the model with its parameters, torch.onnx.export's export_params=True)"
+    if any(_drops_in_training(graph, node) for node in graph.nodes):
+        return " (its Dropout runs in training mode: export the model after model.eval())"
+    return f" ({refused[0]})" if refused else ""
+
+
+def _drops_in_training(graph: Graph, node: onnx.NodeProto) -> bool:
+    """Whether `node` is a Dropout whose training_mode input is constant true (a training-mode export)."""
+    if node.op_type != "Dropout" or len(node.input) < 3 or not node.input[2]:
+        return False
+    training_mode = graph.constant(node.input[2])
+    return training_mode is not None and bool(np.all(training_mode))
+
+
 def unrecognised_low_rank_products(graph: Graph) -> list[str]:
     """Notes on product pairs through a low rank (LoRA-like) that no branch took, for the user.
 

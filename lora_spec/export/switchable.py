@@ -43,7 +43,7 @@ from lora_spec.export.options import (
 from lora_spec.export.options import (
     verify_mode as checked_verify_mode,
 )
-from lora_spec.export.patterns import LoRABranch, find_branches, unrecognised_low_rank_products
+from lora_spec.export.patterns import LoRABranch, find_branches, no_branch_reason, unrecognised_low_rank_products
 from lora_spec.export.switch import RULES, SwitchableModule, SwitchRule, input_names, numpy_dtype_of, switch_module
 
 SERVE_VERIFY_MODES = ("auto", "full", "off")
@@ -143,10 +143,9 @@ def make_switchable(
     exported, refused = _detach_exported(graph, source.read)
     refused += unrecognised_low_rank_products(graph)
     if not exported and not directories:
-        reason = f" ({refused[0]})" if refused else ""
         raise NoLoRABranchError(
-            f"no LoRA branch found in {source_path}{reason}: export the model with its adapter "
-            "unmerged, or pass --adapter DIR to make the adapters' target modules switchable."
+            f"no LoRA branch found in {source_path}{no_branch_reason(graph, refused)}: export the model with its "
+            "adapter unmerged, or pass --adapter DIR to make the adapters' target modules switchable."
         )
     if keep_default and not exported:
         raise ExportError(

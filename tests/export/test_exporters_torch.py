@@ -6,6 +6,7 @@ exported without LoRA. The models and exports are shared (`torch_models.py`).
 """
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -266,3 +267,27 @@ def test_a_1d_convolution_branch_is_named_as_not_folded_never_passed_over(tmp_pa
     with pytest.raises(NoLoRABranchError, match=unfolded):
         merge_onnx(tmp_path / "head_False.onnx", verify="full", progress=False)
     assert not (tmp_path / "head_False.merged.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(training=torch.onnx.TrainingMode.TRAINING), "its Dropout runs in training mode: export the model after"),
+        (dict(export_params=False), "it holds no weights: export the model with its parameters"),
+    ],
+    ids=["training-mode", "no-parameters"],
+)
+def test_an_export_that_rules_out_every_branch_says_how_it_was_exported(tmp_path, options, reason):
+    """A training-mode export keeps the adapter's dropout in the branch, and one without parameters has no weight to
+    fold into: the one line names that, not a missing adapter."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["mlp.0", "mlp.2"])
+    model = peft.get_peft_model(MLP(), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 4), torch.randn(2, 3, 4)), str(tmp_path / "model.onnx"), **options)
+    before = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(NoLoRABranchError, match=re.escape(reason)) as error:
+        merge_onnx(tmp_path / "model.onnx")
+    assert "\n" not in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
