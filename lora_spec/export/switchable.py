@@ -19,7 +19,7 @@ import onnx
 
 from lora_spec.export import verify as checks
 from lora_spec.export.adapter_merge import AdapterMergeError, AdapterTargets, WeightSite, resolve_adapters, weight_sites
-from lora_spec.export.dora_fold import find_dora_branches
+from lora_spec.export.dora_fold import DoRABranch, find_dora_branches
 from lora_spec.export.fold import RULES as FOLD_RULES
 from lora_spec.export.fold import ReadTensor, detach_branch
 from lora_spec.export.graph import Graph
@@ -210,13 +210,16 @@ def _unweighted(adapter: str | os.PathLike) -> str | os.PathLike:
 def _detach_exported(graph: Graph, read_tensor: ReadTensor) -> tuple[list[_Exported], list[str]]:
     """Detach every LoRA branch the exporter left, keeping what it was; refuse a module with two (stacked),
     and a DoRA layer."""
-    dora_layers = [layer for layer in find_dora_branches(graph)[0] if layer.rescaled]
+    expressions = find_dora_branches(graph)[0]
+    dora_layers = [layer for layer in expressions if layer.rescaled]
     if dora_layers:
         raise ExportError(
             f"node {dora_layers[0].name} is a DoRA layer: DoRA rescales each column of the adapted "
             "weight, which is not an additive low-rank input, so it cannot be switched per run: merge "
             "it (lora-export --merge), or serve LoRA adapters on the base model's export."
         )
+    for expression in expressions:
+        _move_bias_after_the_branch(graph, expression)
     branches, refused = find_branches(graph)
     exported = []
     for branch in branches:
@@ -233,6 +236,27 @@ def _detach_exported(graph: Graph, read_tensor: ReadTensor) -> tuple[list[_Expor
             "module has one pair of factors: merge one of them first (lora-export --merge)."
         )
     return exported, refused
+
+
+def _move_bias_after_the_branch(graph: Graph, branch: DoRABranch) -> None:
+    """Rewrite `base + (pair + b)` as `(base + pair) + b`: TensorFlow's graph optimizer moves a Keras layer's bias
+    onto the low-rank side, and a switchable branch must be the pair alone. Other forms are left to be refused."""
+    outer = branch.add
+    if outer.op_type != "Add" or branch.base_output not in outer.input:
+        return
+    inner = graph.producer.get(outer.input[1 - list(outer.input).index(branch.base_output)])
+    if inner is None or inner.op_type != "Add" or graph.readers(inner.output[0]) != 1:
+        return
+    constants = [index for index, tensor in enumerate(inner.input) if graph.is_constant(tensor)]
+    if len(constants) != 1:
+        return
+    bias, pair = inner.input[constants[0]], inner.input[1 - constants[0]]
+    summed = outer.output[0]
+    graph.rename_output(outer, 0, graph.fresh_name(f"{summed}.without_bias"))
+    name = graph.fresh_name(f"{outer.name}.bias")
+    # Indexed before the inner Add goes, so that the bias keeps a reader throughout.
+    graph.insert_after(outer, [onnx.helper.make_node("Add", [outer.output[0], bias], [summed], name=name)])
+    graph.replace_input(outer, list(outer.input).index(inner.output[0]), pair)
 
 
 def _exported_path(graph: Graph, branch: LoRABranch) -> str:

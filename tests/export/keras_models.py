@@ -33,6 +33,16 @@ CASES = {
 }
 
 
+def with_biases(base: keras.Model, x: np.ndarray) -> keras.Model:
+    """`base` built on `x`, its biases set off zero: tf2onnx drops a zero bias, and a trained model has none."""
+    base(x)
+    rng = np.random.default_rng(3)
+    for variable in base.weights:
+        if variable.name == "bias":
+            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+    return base
+
+
 def adapted(base: keras.Model, targets, r: int = 2, alpha: float = 6, seed: int = 2, **options) -> keras.Model:
     """A copy of `base` with `lora_spec.keras` LoRA on `targets` (`options`: more `LoRAConfig` fields), B random
     (the branch shows) and DoRA magnitudes off their initial norms."""

@@ -17,7 +17,7 @@ pytest.importorskip("tf2onnx")
 
 from lora_spec.export import merge_onnx
 from lora_spec.export.verify import session
-from tests.export.keras_models import CASES, adapted
+from tests.export.keras_models import CASES, adapted, with_biases
 from tests.export.onnx_roundtrip import (
     INPUT_SHAPES,
     assert_folds_to_the_base_compute_nodes,
@@ -47,13 +47,8 @@ def keras_export(request, tmp_path_factory):
     variant, case = request.param
     build, dims, targets = CASES[case]
     keras.utils.set_random_seed(0)
-    base = build(dims)
     x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
-    base(x)
-    rng = np.random.default_rng(3)
-    for variable in base.weights:
-        if variable.name == "bias":
-            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+    base = with_biases(build(dims), x)
     folder = tmp_path_factory.mktemp(variant)
     base.export(str(folder / "base.onnx"), format="onnx", verbose=False)
     model = adapted(base, targets, use_dora=variant == "dora")

@@ -202,12 +202,12 @@ def test_keras_export_with_branches_switches_per_run(tmp_path, case):
     if keras.backend.backend() != "tensorflow":
         pytest.skip("Keras's ONNX export needs TensorFlow")
     import lora_spec.keras as lora
-    from tests.export.keras_models import CASES, adapted
+    from tests.export.keras_models import CASES, adapted, with_biases
 
     build, dims, targets = CASES[case]
     keras.utils.set_random_seed(0)
-    base = build(dims)
     x = np.random.default_rng(1).standard_normal(INPUT_SHAPES[dims]).astype(np.float32)
+    base = with_biases(build(dims), x)
     models = {
         None: base,
         "all": adapted(base, targets, r=2, alpha=6),
