@@ -235,6 +235,8 @@ class LoRALayer(_KerasLayer):
 
     base_class: type[keras.layers.Layer]
     lora_kind = "linear"
+    # False while Keras builds the layer from a config (`build_from_config`).
+    _decomposes = True
 
     r = _single("r")
     alpha = _single("alpha")
@@ -314,7 +316,7 @@ class LoRALayer(_KerasLayer):
         layer._tracker.unlock()
         try:
             layer._set_lora(**lora_config)
-            layer._build_lora()
+            layer._build_lora(decompose=False)
         finally:
             layer._tracker.lock()
 
@@ -501,10 +503,23 @@ class LoRALayer(_KerasLayer):
         super().build(input_shape)
         self._build_lora()
 
-    def _build_lora(self) -> None:
+    def build_from_config(self, config: dict[str, Any]) -> None:
+        # Keras builds from a config to load a file or to rebuild a model from its config: the base weight is
+        # new, so PiSSA/OLoRA would decompose a random weight (minutes for a large model) that loading then
+        # overwrites (`_build_lora(decompose=False)`).
+        self._decomposes = False
+        try:
+            super().build_from_config(config)
+        finally:
+            self._decomposes = True
+
+    def _build_lora(self, decompose: bool | None = None) -> None:
+        """Create the variables of the adapters that have none; `decompose` (default: unless building from a
+        config) runs PiSSA/OLoRA on the base weight, else they start as the default init, the base untouched."""
+        decompose = self._decomposes if decompose is None else decompose
         for adapter in self._lora_adapters.values():
             if adapter.lora_a is None:
-                self._build_adapter(adapter)
+                self._build_adapter(adapter, decompose)
         self._freeze_base()
 
     @property
@@ -512,7 +527,7 @@ class LoRALayer(_KerasLayer):
         # At least float32 whatever the policy: half-precision updates of A and B would underflow.
         return "float64" if self.variable_dtype == "float64" else "float32"
 
-    def _build_adapter(self, adapter: LoRAAdapter) -> None:
+    def _build_adapter(self, adapter: LoRAAdapter, decompose: bool = True) -> None:
         a_shape, b_shape = self._lora_shapes(adapter.r)
         # A maps everything but its last axis (the rank) to the rank: that is its fan-in.
         fan_in = math.prod(a_shape[:-1])
@@ -527,21 +542,23 @@ class LoRALayer(_KerasLayer):
             name=adapter.variable_name("lora_b"), shape=b_shape, dtype=dtype, initializer=self._lora_b_initializer()
         )
         if is_weight_init(adapter.init):
-            self._initialise_from_weight(adapter)
+            self._initialise_from_weight(adapter, decompose)
         adapter.build(self)
         self._freeze_base()
 
-    def _initialise_from_weight(self, adapter: LoRAAdapter) -> None:
+    def _initialise_from_weight(self, adapter: LoRAAdapter, decompose: bool = True) -> None:
         """PiSSA or OLoRA: A and B from the base weight, which becomes the residual; the initial A and B are kept
-        (not trained) for `save_adapter`'s conversion to LoRA of the original base."""
-        weight = self.base_weight()
-        # PEFT's randomized SVD draws from torch's global generator; this one from NumPy's, which
-        # keras.utils.set_random_seed seeds.
-        start = inits.init_from_weight(
-            weight, adapter.init, adapter.r, adapter.scaling, rng=np.random.default_rng(np.random.randint(2**31))
-        )
-        self._base_weight.assign(self._from_reference(start.residual, tuple(self._base_weight.shape)))
-        self.set_lora_weights(start.lora_a, start.lora_b, adapter.name)
+        (not trained) for `save_adapter`'s conversion to LoRA of the original base. Without `decompose`, only
+        the variables a file fills (the initial A and B zero: with the base untouched, the conversion holds)."""
+        if decompose:
+            weight = self.base_weight()
+            # PEFT's randomized SVD draws from torch's global generator; this one from NumPy's, which
+            # keras.utils.set_random_seed seeds.
+            start = inits.init_from_weight(
+                weight, adapter.init, adapter.r, adapter.scaling, rng=np.random.default_rng(np.random.randint(2**31))
+            )
+            self._base_weight.assign(self._from_reference(start.residual, tuple(self._base_weight.shape)))
+            self.set_lora_weights(start.lora_a, start.lora_b, adapter.name)
         adapter.initial_lora_a, adapter.initial_lora_b = (
             self.add_weight(
                 name=f"initial_{adapter.variable_name(half)}",
@@ -552,8 +569,9 @@ class LoRALayer(_KerasLayer):
             )
             for half, variable in zip(("lora_a", "lora_b"), adapter._built_factors(), strict=True)
         )
-        adapter.initial_lora_a.assign(adapter.lora_a)
-        adapter.initial_lora_b.assign(adapter.lora_b)
+        if decompose:
+            adapter.initial_lora_a.assign(adapter.lora_a)
+            adapter.initial_lora_b.assign(adapter.lora_b)
 
     def _freeze_base(self) -> None:
         """The base weight never trains, the bias only with `train_bias`, and only active adapters train."""

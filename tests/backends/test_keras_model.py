@@ -7,6 +7,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 import lora_spec.keras as lora
+from lora_spec import inits
 from tests.numerics import assert_close
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="needs Keras's TensorFlow backend")
@@ -283,6 +284,10 @@ def test_keras_file_round_trip_keeps_the_adapter_separate_and_trainable(tmp_path
     np.testing.assert_array_equal(restored(X), lora.unload(model)(X))
 
 
+def _no_decomposition(*args, **kwargs):
+    raise AssertionError("loading a file decomposed a base weight")
+
+
 def functional_attention_model() -> keras.Model:
     """A functional model whose `MultiHeadAttention` creates its projections (`attention.query`...) in its own
     build: a `.keras` file rebuilds them from the attention layer's config, as plain `EinsumDense` layers."""
@@ -302,7 +307,9 @@ def functional_attention_model() -> keras.Model:
         (dict(init="pissa", use_dora=True), False),
     ],
 )
-def test_a_keras_file_restores_the_adapters_of_layers_that_a_parent_layer_builds(tmp_path, options, merged):
+def test_a_keras_file_restores_the_adapters_of_layers_that_a_parent_layer_builds(
+    tmp_path, monkeypatch, options, merged
+):
     targets = ["query", "value", "attention_output"]
     model = lora.apply(functional_attention_model(), r=2, alpha=4, target_modules=targets, **options)
     _randomize_adapters(model)
@@ -313,7 +320,10 @@ def test_a_keras_file_restores_the_adapters_of_layers_that_a_parent_layer_builds
         lora.merge(model)
     expected = model(IDS)
     model.save(tmp_path / "model.keras")
+    # PiSSA/OLoRA layers take their residual and factors from the file, without decomposing a new weight first.
+    monkeypatch.setattr(inits, "init_from_weight", _no_decomposition)
     restored = keras.models.load_model(tmp_path / "model.keras")
+    monkeypatch.undo()
     np.testing.assert_array_equal(restored(IDS), expected)
     layers, restored_layers = dict(lora.lora_layers(model)), dict(lora.lora_layers(restored))
     assert sorted(restored_layers) == ["attention.attention_output", "attention.query", "attention.value"]
