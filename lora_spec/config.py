@@ -324,7 +324,7 @@ def _init_from_peft(value: Any) -> str:
     """Our `init` for PEFT's `init_lora_weights` (PEFT matches "olora" in any case). PEFT's inits that only
     choose the factors' starting values and leave the base weight alone (false: A and B both random; "eva";
     "orthogonal") read as "kaiming": a file's weights replace those values, so the loaded adapter is the same."""
-    if value is True or value is False or value in ("eva", "orthogonal"):
+    if isinstance(value, bool) or value in ("eva", "orthogonal"):
         return "kaiming"
     if isinstance(value, str) and value.lower() == "olora":
         return "olora"

@@ -442,18 +442,15 @@ class DoRAFoldRule(FoldRule[DoRABranch]):
         held = branch.bias
         change = "rescaled" if branch.rescaled else "added after the product"
         bias = f"; bias {held[0].input[held[1]]} {change}" if held is not None and held[0] is not None else ""
-        scaled = (
-            f" scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to {branch.weight_scale.max():.4g})"
+        pair = f"{branch.lora_a.initializer} @ {branch.lora_b.initializer}"
+        update = (
+            f"scaled per output feature (DoRA, {branch.weight_scale.min():.4g} to {branch.weight_scale.max():.4g}) "
+            f"+= {pair}"
             if branch.rescaled
-            else f" += {branch.delta_scale[0]:g} *"
+            else f"+= {branch.delta_scale[0]:g} * {pair}"
         )
-        return (
-            f"{fold.name}: {branch.weight}{scaled}"
-            + (" +=" if branch.rescaled else "")
-            + f" {branch.lora_a.initializer} @ {branch.lora_b.initializer}"
-            + ("" if fold.target == branch.weight else f" (copied to {fold.target})")
-            + bias
-        )
+        copied = "" if fold.target == branch.weight else f" (copied to {fold.target})"
+        return f"{fold.name}: {branch.weight} {update}{copied}{bias}"
 
     def other_values(self, branch: DoRABranch) -> dict[str, np.ndarray]:
         bias = branch.bias
