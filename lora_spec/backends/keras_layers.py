@@ -34,6 +34,7 @@ from keras import ops
 from lora_spec import dora, inits, reference
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
+from lora_spec.backends.keras_dora_dense import dora_dense_product
 from lora_spec.config import LoRAConfig, is_weight_init, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, check_routable, combine
@@ -1027,12 +1028,40 @@ class LoRADense(LoRALayer, keras.layers.Dense):
         return cls.from_layer(dense, config)
 
     def call(self, inputs: Tensor, training: bool | None = None, dropout_mask: Tensor | None = None) -> Tensor:
+        adapter = self._merged_dora(inputs, training, dropout_mask)
+        if adapter is not None:
+            return self._activate(self._biased(self._merged_dora_product(inputs, adapter)), training)
         outputs = self._base_product(inputs)
         factor, low_rank = self._lora_update(inputs, training, dropout_mask)
         if low_rank is None:
             return self._activate(self._biased(outputs), training)
         # The bias rides on the low-rank product: one full-size pass fewer than on the base output.
         return self._activate(self._updated(outputs, factor, self._biased(low_rank)), training)
+
+    def _merged_dora(self, inputs: Tensor, training: bool | None, dropout_mask: Tensor | None) -> DoRAAdapter | None:
+        """The adapter when the call is `keras_dora_dense`'s case, else None: training on TensorFlow without
+        dropout, one DoRA adapter running on every row, the kernel frozen, one float32 or float64 dtype.
+        Inference keeps the general path, and so every export its graph."""
+        if not training or keras.backend.backend() != "tensorflow" or dropout_mask is not None:
+            return None
+        if self._base_weight.trainable:
+            return None
+        if self.compute_dtype != self.variable_dtype or self.compute_dtype not in ("float32", "float64"):
+            return None
+        running = self._running(inputs, training)
+        if len(running) != 1:
+            return None
+        adapter, rows = running[0]
+        if rows is not None or not isinstance(adapter, DoRAAdapter) or adapter.dropout:
+            return None
+        return adapter
+
+    def _merged_dora_product(self, inputs: Tensor, adapter: DoRAAdapter) -> Tensor:
+        # Tensors, not variables: a custom gradient is for its arguments and must not capture variables.
+        kernel, lora_a, lora_b, magnitude = map(
+            ops.copy, (self._kernel, adapter.lora_a, adapter.lora_b, adapter.magnitude)
+        )
+        return dora_dense_product(inputs, kernel, lora_a, lora_b, adapter.scaling, magnitude)
 
     def _biased(self, outputs: Tensor) -> Tensor:
         return outputs if self.bias is None else ops.add(outputs, self.bias)

@@ -87,6 +87,67 @@ def test_dora_layers_compute_the_reference_forward_and_gradients_with_the_norm_d
             assert_close(grads[name], want, dtype, factor=200)
 
 
+def _dense_dora_layer(rng, dtype, features=5, units=6, r=3):
+    """A built `LoRADense` DoRA layer with a random adapter, a bias and a magnitude of 0.5 to 2 per feature."""
+    layer = lora.LoRADense(units, r=r, alpha=6, use_dora=True, dtype=dtype)
+    layer.build((None, features))
+    magnitude = rng.uniform(0.5, 2.0, units)
+    layer.set_lora_weights(rng.standard_normal((r, features)), rng.standard_normal((units, r)), magnitude=magnitude)
+    layer.bias.assign(rng.standard_normal(units))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("zero_magnitude", [False, True])
+def test_a_traced_training_step_without_dropout_gives_the_reference_output_and_gradients(dtype, zero_magnitude):
+    # Training on TensorFlow without dropout runs `keras_dora_dense`: one product with the merged weight and a
+    # hand-written gradient, here in a tf.function on rows with a sequence axis; a zero magnitude takes its
+    # gradient's other branch (the direction computed again).
+    rng = np.random.default_rng(3)
+    layer = _dense_dora_layer(rng, dtype)
+    adapter = layer.adapter()
+    if zero_magnitude:
+        adapter.magnitude.assign(np.where(np.arange(6) == 2, 0.0, adapter.magnitude.numpy()))
+    x = rng.standard_normal((2, 4, 5)).astype(dtype)
+    grad_y = rng.standard_normal((2, 4, 6)).astype(dtype)
+    sources = [adapter.lora_a, adapter.lora_b, adapter.magnitude]
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * grad_y)
+        return y, tape.gradient(loss, [x] + [variable.value for variable in sources])
+
+    y, (dx, da, db, dmagnitude) = step(tf.constant(x))
+    A, B = layer.lora_weights()
+    m, rows = adapter.magnitude.numpy(), x.reshape(-1, 5)
+    W, bias = layer.base_weight(), layer.bias.numpy()
+    expected_y = dora.dora_forward(rows, W, bias, A, B, layer.scaling, m)
+    expected = dora.dora_backward(rows, W, A, B, layer.scaling, m, grad_y.reshape(-1, 6))
+    assert_close(y.numpy().reshape(-1, 6), expected_y, np.dtype(dtype), factor=50)
+    grad_a, grad_b = layer._factors_to_reference(adapter, da.numpy(), db.numpy())
+    for actual, want in [(dx.numpy().reshape(-1, 5), expected.dx), (grad_a, expected.dA), (grad_b, expected.dB)]:
+        assert_close(actual, want, np.dtype(dtype), factor=200)
+    assert_close(dmagnitude.numpy(), expected.dmagnitude, np.dtype(dtype), factor=200)
+    assert np.all(np.isfinite(dmagnitude.numpy()))
+
+
+def test_a_kernel_made_trainable_by_hand_gets_its_gradient():
+    # The merged-weight training product has no kernel gradient, so a trainable kernel takes the general path.
+    rng = np.random.default_rng(4)
+    layer = _dense_dora_layer(rng, "float64")
+    layer.kernel.trainable = True
+    x = rng.standard_normal((7, 5))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x, training=True))
+    A, B = layer.lora_weights()
+    factor = layer.adapter().magnitude.numpy() / dora.weight_norm(layer.base_weight(), A, B, layer.scaling, "linear")
+    # d/dW of sum((m/n) * (x @ W.T)) with n a constant, in Keras's (in, out) layout.
+    assert_close(tape.gradient(loss, layer.kernel.value), x.T @ np.tile(factor, (7, 1)), np.float64)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exact_keep_probability(p):
     rng = np.random.default_rng(0)
