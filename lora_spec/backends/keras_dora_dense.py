@@ -30,6 +30,13 @@ from keras import ops
 Tensor = Any
 
 
+def is_dense(inputs: Tensor) -> bool:
+    """Whether `inputs` is a dense TensorFlow tensor, which this product takes (not sparse or ragged)."""
+    import tensorflow as tf
+
+    return isinstance(inputs, tf.Tensor)
+
+
 def dora_dense_product(
     inputs: Tensor, kernel: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, magnitude: Tensor
 ) -> Tensor:

@@ -34,7 +34,7 @@ from keras import ops
 from lora_spec import dora, inits, reference
 from lora_spec.backends import keras_einsum
 from lora_spec.backends.keras_activations import activation_of
-from lora_spec.backends.keras_dora_dense import dora_dense_product
+from lora_spec.backends.keras_dora_dense import dora_dense_product, is_dense
 from lora_spec.config import LoRAConfig, is_weight_init, scaling
 from lora_spec.dropout import keep_probability, keep_threshold
 from lora_spec.multi_adapter import DEFAULT_ADAPTER, Factors, check_adapter_name, check_routable, combine
@@ -1040,9 +1040,11 @@ class LoRADense(LoRALayer, keras.layers.Dense):
 
     def _merged_dora(self, inputs: Tensor, training: bool | None, dropout_mask: Tensor | None) -> DoRAAdapter | None:
         """The adapter when the call is `keras_dora_dense`'s case, else None: training on TensorFlow without
-        dropout, one DoRA adapter running on every row, the kernel frozen, one float32 or float64 dtype.
+        dropout, dense inputs, one DoRA adapter running on every row, the kernel frozen, one float32 or float64 dtype.
         Inference keeps the general path, and so every export its graph."""
         if not training or keras.backend.backend() != "tensorflow" or dropout_mask is not None:
+            return None
+        if not is_dense(inputs):
             return None
         if self._base_weight.trainable:
             return None

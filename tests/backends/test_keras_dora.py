@@ -148,6 +148,22 @@ def test_a_kernel_made_trainable_by_hand_gets_its_gradient():
     assert_close(tape.gradient(loss, layer.kernel.value), x.T @ np.tile(factor, (7, 1)), np.float64)
 
 
+def test_sparse_inputs_train_as_their_dense_values():
+    # Sparse inputs keep the general path (the merged-weight product takes dense tensors); both give one result.
+    rng = np.random.default_rng(5)
+    layer = _dense_dora_layer(rng, "float64")
+    x = np.where(rng.random((7, 5)) < 0.5, rng.standard_normal((7, 5)), 0.0)
+    results = []
+    for inputs in (tf.constant(x), tf.sparse.from_dense(x)):
+        with tf.GradientTape() as tape:
+            y = layer(inputs, training=True)
+            loss = tf.reduce_sum(y * y)
+        gradients = tape.gradient(loss, [variable.value for variable in layer.trainable_weights])
+        results.append([y, *map(tf.convert_to_tensor, gradients)])  # the sparse product's may be IndexedSlices
+    for dense, sparse in zip(*results, strict=True):
+        assert_close(sparse, dense, np.float64)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_training_dropout_is_the_reference_with_the_drawn_mask_scaled_by_its_exact_keep_probability(p):
     rng = np.random.default_rng(0)
