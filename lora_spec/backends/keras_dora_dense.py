@@ -8,7 +8,8 @@ the `(in, out)` weight replace passes over the `(rows, out)` activations. Automa
 of that product would form `x.T @ g` for the weight (full fine-tuning's most expensive product);
 the gradient here keeps LoRA's low-rank products instead:
 
-- `dx = g @ weight.T`, the one full-size product backward, as the base product's own;
+- `dx = g @ weight.T`, the one full-size product backward, as the base product's own, with the weight
+  formed again (keeping it from the forward pass would hold a copy of every layer's weight in memory);
 - `dA = s * x.T @ (g @ (f * B).T)`, `dB = s * f * ((x @ A).T @ g)`, both through rank-`r` products;
 - `dm = sum(g * (x @ weight)) / m` per output feature: the saved output is `D * m / n` with `D` the
   direction `x @ (K + s * A @ B)`, so this is `sum(g * D) / n`, PEFT's magnitude gradient. Where a
@@ -43,24 +44,30 @@ def dora_dense_product(
     """`inputs @ ((kernel + scaling * lora_a @ lora_b) * magnitude / n)`, `n` the norm of each column of
     the sum; every operand in one float32 or float64 dtype (mixed policies keep the general path)."""
 
+    def adapted(lora_a: Tensor, lora_b: Tensor) -> Tensor:
+        return ops.add(kernel, ops.matmul(lora_a * scaling, lora_b))
+
     @ops.custom_gradient
     def product(inputs: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor) -> tuple[Tensor, Any]:
         rows = ops.reshape(inputs, (-1, inputs.shape[-1]))
-        adapted = ops.add(kernel, ops.matmul(lora_a * scaling, lora_b))
-        norm = ops.sqrt(ops.sum(ops.square(adapted), axis=0))
+        forward_adapted = adapted(lora_a, lora_b)
+        norm = ops.sqrt(ops.sum(ops.square(forward_adapted), axis=0))
         factor = ops.divide(magnitude, norm)
-        weight = adapted * factor
-        outputs = ops.matmul(rows, weight)
+        outputs = ops.matmul(rows, forward_adapted * factor)
 
         def gradient(upstream: Tensor) -> tuple[Tensor, ...]:
+            # The weight is formed again rather than kept: a full-size copy of every layer's weight would
+            # otherwise stay in memory from the forward pass to the backward pass.
+            backward_adapted = adapted(lora_a, lora_b)
             grads = ops.reshape(upstream, (-1, upstream.shape[-1]))
-            grad_inputs = ops.reshape(ops.matmul(grads, ops.transpose(weight)), ops.shape(inputs))
+            grad_inputs = ops.matmul(grads, ops.transpose(backward_adapted * factor))
             grad_hidden = ops.matmul(grads, ops.transpose(lora_b * (factor * scaling)))
             grad_a = ops.matmul(ops.transpose(rows), grad_hidden)
             grad_b = ops.matmul(ops.transpose(ops.matmul(rows, lora_a)), grads) * (factor * scaling)
-            return grad_inputs, grad_a, grad_b, _magnitude_gradient(grads, outputs, rows, adapted, norm, magnitude)
+            grad_magnitude = _magnitude_gradient(grads, outputs, rows, backward_adapted, norm, magnitude)
+            return ops.reshape(grad_inputs, ops.shape(inputs)), grad_a, grad_b, grad_magnitude
 
-        return ops.reshape(outputs, (*ops.shape(inputs)[:-1], weight.shape[-1])), gradient
+        return ops.reshape(outputs, (*ops.shape(inputs)[:-1], kernel.shape[-1])), gradient
 
     return product(inputs, lora_a, lora_b, magnitude)
 
