@@ -13,7 +13,7 @@ the gradient here keeps LoRA's low-rank products instead:
 - `dA = s * x.T @ (g @ (f * B).T)`, `dB = s * f * ((x @ A).T @ g)`, both through rank-`r` products;
 - `dm = sum(g * (x @ weight)) / m` per output feature: the saved output is `D * m / n` with `D` the
   direction `x @ (K + s * A @ B)`, so this is `sum(g * D) / n`, PEFT's magnitude gradient. Where a
-  magnitude is so small that the division would lose precision, the direction is computed again.
+  factor `m / n` is so small that the division would lose precision, the direction is computed again.
 
 The base kernel is frozen (no gradient); the norm is a constant for the gradient (the DoRA paper's
 section 4.3, PEFT's `detach`). Only training on TensorFlow uses it (`LoRADense._merged_dora` names the
@@ -75,7 +75,7 @@ def dora_dense_product(
 def _magnitude_gradient(
     grads: Tensor, outputs: Tensor, rows: Tensor, adapted: Tensor, norm: Tensor, magnitude: Tensor
 ) -> Tensor:
-    """`sum(g * D) / n` per output feature, from the saved outputs `D * m / n` while every magnitude `m`
+    """`sum(g * D) / n` per output feature, from the saved outputs `D * m / n` while every factor `m / n`
     is far from zero, else from the direction `D` computed again."""
     # Below this the saved outputs may have lost D's low bits to underflow (subnormals).
     smallest = float(np.sqrt(np.finfo(keras.backend.standardize_dtype(outputs.dtype)).tiny))
