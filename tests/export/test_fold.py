@@ -217,6 +217,8 @@ def test_a_reshape_of_a_reshape_is_rejoined_only_when_its_shape_copies_no_input_
     unless s2 has a 0, which copies a dim of its input: here the 2 of `(2, 3, 8)`, where x has 6."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from tests.export.onnx_graphs import make_model
+
     rng = np.random.default_rng(0)
     arrays = {
         "heads": np.array([2, 3, 8]),
@@ -235,14 +237,9 @@ def test_a_reshape_of_a_reshape_is_rejoined_only_when_its_shape_copies_no_input_
         helper.make_node("Reshape", ["up", "out_rows"], ["up_rows"]),
         helper.make_node("Add", ["base", "up_rows"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value, name) for name, value in arrays.items()],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    initializers = [numpy_helper.from_array(value, name) for name, value in arrays.items()]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 8])]
+    onnx.save(make_model(nodes, initializers, inputs), tmp_path / "model.onnx")
     x = rng.standard_normal((6, 8)).astype(np.float32)
     (expected,) = session(tmp_path / "model.onnx").run(None, {"x": x})
     result = merge_onnx(tmp_path / "model.onnx", verify="full", progress=False)
